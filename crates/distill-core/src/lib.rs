@@ -1,0 +1,65 @@
+//! mtkd-distill-core: the shared vocabulary of multi-teacher distillation.
+//!
+//! - [`ModelOutput`] and the [`Teacher`] trait: what every network (teacher or student) gives.
+//! - [`loss`]: cross-entropy, temperature KL and feature MSE, all per sample.
+//! - [`signals`]: the detached per-sample, per-teacher signals a weighting strategy sees.
+//! - [`weighting`]: the [`weighting::WeightingStrategy`] trait and the simple strategies.
+//! - [`adapter`]: the trainable projector from the student's feature map to a teacher's.
+//!
+//! Every other library crate depends on this one and on no other workspace crate.
+
+pub mod adapter;
+pub mod error;
+pub mod loss;
+pub mod signals;
+pub mod weighting;
+
+pub use error::{Error, Result};
+
+use tch::Tensor;
+
+/// What a network returns for a batch.
+///
+/// # Shapes
+/// - `logits`: `[B, K]` for classification.
+/// - `features`: the last convolutional feature map `[B, C, H, W]`, when the network exposes it.
+#[derive(Debug)]
+pub struct ModelOutput {
+    pub logits: Tensor,
+    pub features: Option<Tensor>,
+}
+
+impl ModelOutput {
+    /// The global-average-pooled embedding `[B, C]` of the feature map.
+    pub fn embedding(&self) -> Option<Tensor> {
+        self.features
+            .as_ref()
+            .map(|f| f.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
+    }
+
+    /// A copy detached from the autograd graph.
+    pub fn detach(&self) -> ModelOutput {
+        ModelOutput {
+            logits: self.logits.detach(),
+            features: self.features.as_ref().map(Tensor::detach),
+        }
+    }
+}
+
+/// Shape of a feature map without the batch dimension: `(C, H, W)`.
+pub type FeatureShape = (i64, i64, i64);
+
+/// A frozen network whose outputs the student learns from.
+///
+/// Implementations run in evaluation mode and without gradient tracking; they are used through
+/// this trait whatever their origin (a user's TorchScript file or a network trained by mtkd).
+pub trait Teacher {
+    /// A short name used in logs, errors and metrics.
+    fn name(&self) -> &str;
+    /// Number of classes of the logits.
+    fn num_classes(&self) -> i64;
+    /// Shape of the feature map, `None` for logits-only teachers.
+    fn feature_shape(&self) -> Option<FeatureShape>;
+    /// Forward a batch on the teacher's device; the result carries no gradient.
+    fn forward(&self, images: &Tensor) -> Result<ModelOutput>;
+}

@@ -1,0 +1,110 @@
+//! Per-sample, per-teacher signals of METHOD.md section 2, computed once per batch and detached.
+//! Weighting strategies read them; the agent builds its state from them.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::{loss, ModelOutput};
+
+/// The detached signals of one batch for M teachers (fixed teacher order).
+///
+/// # Shapes
+/// Matrices are `[B, M]`; `teacher_logits[m]` is `[B, K]`, `teacher_embeddings[m]` `[B, C_m]`.
+#[derive(Debug)]
+pub struct BatchSignals {
+    /// Cross-entropy of each teacher's logits against the labels (teacher performance).
+    pub ce: Tensor,
+    /// `T^2 KL(p_m || q)` between teacher and student at temperature T (student-teacher gap).
+    pub kl: Tensor,
+    /// Cosine similarity of the pooled projected student map and the teacher embedding;
+    /// `None` when some teacher has no feature map or no projection was given.
+    pub cos: Option<Tensor>,
+    /// Entropy of each teacher's softmax at T = 1.
+    pub entropy: Tensor,
+    /// Each teacher's logits.
+    pub teacher_logits: Vec<Tensor>,
+    /// Each teacher's pooled embedding, when it has a feature map.
+    pub teacher_embeddings: Vec<Option<Tensor>>,
+    /// The student's logits (detached).
+    pub student_logits: Tensor,
+    /// Integer labels `[B]`.
+    pub labels: Tensor,
+    /// The KD temperature the KL was computed at.
+    pub temperature: f64,
+}
+
+impl BatchSignals {
+    /// Compute all signals without gradient.
+    ///
+    /// `projected[m]` is adapter m's output for the student's map (`None` when feature KD is off).
+    pub fn compute(
+        student_logits: &Tensor,
+        projected: &[Option<Tensor>],
+        teachers: &[ModelOutput],
+        labels: &Tensor,
+        temperature: f64,
+    ) -> Result<BatchSignals> {
+        if teachers.is_empty() {
+            return Err(Error::Invalid {
+                what: "teachers".into(),
+                reason: "signals need at least one teacher".into(),
+            });
+        }
+        tch::no_grad(|| {
+            let s = student_logits.detach();
+            let mut ce = Vec::with_capacity(teachers.len());
+            let mut kl = Vec::with_capacity(teachers.len());
+            let mut ent = Vec::with_capacity(teachers.len());
+            let mut cos = Vec::with_capacity(teachers.len());
+            let mut embeddings = Vec::with_capacity(teachers.len());
+            for (m, t) in teachers.iter().enumerate() {
+                ce.push(loss::cross_entropy(&t.logits, labels)?);
+                kl.push(loss::kd_kl(&s, &t.logits, temperature)?);
+                ent.push(loss::entropy(&t.logits)?);
+                let emb = t.embedding();
+                let proj = projected.get(m).and_then(Option::as_ref);
+                match (proj, emb.as_ref()) {
+                    (Some(p), Some(e)) => {
+                        let pooled = p.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+                        cos.push(Some(loss::cosine(&pooled, e)?));
+                    }
+                    _ => cos.push(None),
+                }
+                embeddings.push(emb);
+            }
+            let cos = if cos.iter().all(Option::is_some) {
+                let cols: Vec<Tensor> = cos.into_iter().flatten().collect();
+                Some(Tensor::f_stack(&cols, 1)?)
+            } else {
+                None
+            };
+            Ok(BatchSignals {
+                ce: Tensor::f_stack(&ce, 1)?,
+                kl: Tensor::f_stack(&kl, 1)?,
+                cos,
+                entropy: Tensor::f_stack(&ent, 1)?,
+                teacher_logits: teachers.iter().map(|t| t.logits.detach()).collect(),
+                teacher_embeddings: embeddings,
+                student_logits: s,
+                labels: labels.shallow_clone(),
+                temperature,
+            })
+        })
+    }
+
+    /// Number of samples B.
+    pub fn batch_size(&self) -> i64 {
+        self.ce.size()[0]
+    }
+
+    /// Number of teachers M.
+    pub fn num_teachers(&self) -> i64 {
+        self.ce.size()[1]
+    }
+
+    /// Per-teacher mean of a `[B, M]` matrix as plain numbers (for metrics).
+    pub fn column_means(t: &Tensor) -> Vec<f64> {
+        let means = t.mean_dim(0, false, Kind::Double);
+        Vec::<f64>::try_from(&means).unwrap_or_default()
+    }
+}

@@ -1,0 +1,141 @@
+//! The weighting-strategy interface: per batch, a strategy turns the teachers' signals into
+//! per-sample, per-teacher weights for the logit (KD) and feature losses. The simple strategies
+//! live here; the MTKD-RL agent (mtkd-rl-weighting) implements the same trait.
+
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::signals::BatchSignals;
+
+/// Weights for one batch.
+///
+/// # Shapes
+/// `logit` and `feature` are `[B, M]`; a row usually sums to 1 (a strategy may say otherwise).
+#[derive(Debug)]
+pub struct TeacherWeights {
+    pub logit: Tensor,
+    pub feature: Tensor,
+}
+
+impl TeacherWeights {
+    /// The same weights for every sample: `row` has M entries.
+    pub fn broadcast(row: &[f64], batch: i64, device: tch::Device) -> TeacherWeights {
+        let w = Tensor::from_slice(row)
+            .to_kind(Kind::Float)
+            .to_device(device)
+            .unsqueeze(0)
+            .expand([batch, row.len() as i64], true)
+            .contiguous();
+        TeacherWeights {
+            feature: w.copy(),
+            logit: w,
+        }
+    }
+}
+
+/// A rule that weights the teachers, per sample.
+pub trait WeightingStrategy {
+    /// Name used in metrics, summaries and the comparison table.
+    fn name(&self) -> &str;
+
+    /// Whether the student learns from teachers at all (false only for "no distillation").
+    fn uses_teachers(&self) -> bool {
+        true
+    }
+
+    /// Weights for the batch whose signals are given; no gradient flows through them.
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights>;
+
+    /// Feedback after the student's loss is known: `per_sample_loss` is `[B]`, detached.
+    /// Learning strategies (the agent) use it; the default ignores it.
+    fn observe(
+        &mut self,
+        _signals: &BatchSignals,
+        _weights: &TeacherWeights,
+        _per_sample_loss: &Tensor,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once at the end of every epoch (`epoch` counts from 0).
+    fn end_epoch(&mut self, _epoch: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No distillation: the student trains on labels alone.
+#[derive(Debug, Default)]
+pub struct NoKd;
+
+impl WeightingStrategy for NoKd {
+    fn name(&self) -> &str {
+        "no-kd"
+    }
+    fn uses_teachers(&self) -> bool {
+        false
+    }
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let m = signals.num_teachers() as usize;
+        Ok(TeacherWeights::broadcast(
+            &vec![0.0; m],
+            signals.batch_size(),
+            signals.ce.device(),
+        ))
+    }
+}
+
+/// Equal weights 1/M for every teacher and sample ("AVER").
+#[derive(Debug, Default)]
+pub struct Equal;
+
+impl WeightingStrategy for Equal {
+    fn name(&self) -> &str {
+        "equal"
+    }
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let m = signals.num_teachers() as usize;
+        Ok(TeacherWeights::broadcast(
+            &vec![1.0 / m as f64; m],
+            signals.batch_size(),
+            signals.ce.device(),
+        ))
+    }
+}
+
+/// Only teacher `index` teaches (single-teacher KD inside a multi-teacher pool).
+#[derive(Debug)]
+pub struct Single {
+    pub index: usize,
+    name: String,
+}
+
+impl Single {
+    pub fn new(index: usize) -> Single {
+        Single {
+            index,
+            name: format!("single-{index}"),
+        }
+    }
+}
+
+impl WeightingStrategy for Single {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let m = signals.num_teachers() as usize;
+        if self.index >= m {
+            return Err(Error::Invalid {
+                what: "single-teacher index".into(),
+                reason: format!("teacher {} requested but the pool has {m}", self.index),
+            });
+        }
+        let mut row = vec![0.0; m];
+        row[self.index] = 1.0;
+        Ok(TeacherWeights::broadcast(
+            &row,
+            signals.batch_size(),
+            signals.ce.device(),
+        ))
+    }
+}

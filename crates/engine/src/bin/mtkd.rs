@@ -1,0 +1,211 @@
+//! The `mtkd` command line: `mtkd train`, `mtkd doctor`.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, EnvFilter, Layer};
+
+use mtkd_engine::record::EpochRecord;
+use mtkd_engine::trainer::{self, Interrupted};
+use mtkd_engine::{Config, Observer, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "mtkd",
+    version,
+    about = "Multi-teacher knowledge distillation on libtorch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a student (distilling from the configured teachers) and write a run folder.
+    Train {
+        /// The run configuration (TOML). Presets are in configs/.
+        #[arg(long, conflicts_with = "resume")]
+        config: Option<PathBuf>,
+        /// Continue the run in this folder from its last checkpoint (uses its config.toml).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Override a config value, e.g. --set train.epochs=1 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Run folder to create (default: <run.out_dir>/<run.name>-NNN).
+        #[arg(long, conflicts_with = "resume")]
+        out: Option<PathBuf>,
+        /// Stop after this many optimizer steps, as if killed (for resume tests).
+        #[arg(long, hide = true)]
+        halt_after_steps: Option<u64>,
+    },
+    /// Print the tch and libtorch versions, threads and CUDA devices.
+    Doctor,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Doctor => doctor(),
+        Cmd::Train {
+            config,
+            resume,
+            overrides,
+            out,
+            halt_after_steps,
+        } => train(config, resume, overrides, out, halt_after_steps),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if e.root_cause().downcast_ref::<Interrupted>().is_some() {
+                eprintln!("mtkd: {e:#}");
+                return std::process::ExitCode::from(3);
+            }
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn doctor() -> Result<()> {
+    for (k, v) in mtkd_engine::doctor::report() {
+        println!("{k:>18}: {v}");
+    }
+    Ok(())
+}
+
+fn init_logging(log_file: Option<File>) {
+    let stderr_filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let stderr = fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(stderr_filter);
+    let file = log_file.map(|f| {
+        fmt::layer()
+            .with_ansi(false)
+            .with_writer(Mutex::new(f))
+            .with_filter(EnvFilter::new("info"))
+    });
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
+        .try_init();
+}
+
+fn train(
+    config: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    overrides: Vec<String>,
+    out: Option<PathBuf>,
+    halt_after_steps: Option<u64>,
+) -> Result<()> {
+    // Check the whole config before any work.
+    let (cfg, dir) = match (&config, &resume) {
+        (_, Some(dir)) => {
+            let path = dir.join("config.toml");
+            if !path.is_file() {
+                anyhow::bail!(
+                    "{} is not a run folder: it has no config.toml",
+                    dir.display()
+                );
+            }
+            (Config::load(&path, &overrides)?, dir.clone())
+        }
+        (Some(path), None) => {
+            let cfg = Config::load(path, &overrides)?;
+            let dir = match out {
+                Some(d) => {
+                    std::fs::create_dir_all(&d)
+                        .with_context(|| format!("cannot create {}", d.display()))?;
+                    d
+                }
+                None => trainer::new_run_dir(&cfg)?,
+            };
+            (cfg, dir)
+        }
+        (None, None) => {
+            anyhow::bail!("give --config FILE (presets are in configs/) or --resume RUN_DIR")
+        }
+    };
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("mtkd.log"))
+        .with_context(|| format!("cannot open {}", dir.join("mtkd.log").display()))?;
+    init_logging(Some(log));
+    eprintln!("mtkd: run folder {}", dir.display());
+    let mut obs = Bars::default();
+    let opts = RunOptions { halt_after_steps };
+    let outcome = mtkd_engine::run(&cfg, &dir, &opts, &mut obs)?;
+    let s = &outcome.summary;
+    println!();
+    for t in &s.teachers {
+        if let Some(a) = t.test_top1 {
+            println!(
+                "teacher {:<14} test top-1 {:6.2}%   ({})",
+                t.name, a, t.source
+            );
+        }
+    }
+    println!(
+        "student {} ({} parameters, strategy {}): test top-1 {:.2}% (best {:.2}% at epoch {}), top-5 {:.2}%, {:.0} s",
+        s.student, s.student_parameters, s.strategy, s.final_value, s.best_value, s.best_epoch, s.final_top5, s.wall_seconds
+    );
+    println!("results: {}", outcome.dir.display());
+    println!("  summary.json, metrics.jsonl, plots/*.png, student.safetensors, student.pt (TorchScript), checkpoints/, mtkd.log");
+    Ok(())
+}
+
+/// Progress bars with rate and ETA, one per epoch.
+#[derive(Default)]
+struct Bars {
+    bar: Option<ProgressBar>,
+}
+
+impl Observer for Bars {
+    fn phase(&mut self, message: &str) {
+        eprintln!("mtkd: {message}");
+    }
+
+    fn epoch_start(&mut self, label: &str, epoch: usize, epochs: usize, batches: usize) {
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} batches, {per_sec}, ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("{label} epoch {epoch}/{epochs}"));
+        self.bar = Some(bar);
+    }
+
+    fn batch(&mut self, loss: Option<f64>) {
+        if let Some(b) = &self.bar {
+            b.inc(1);
+            if let Some(l) = loss {
+                let msg = b.message();
+                let base = msg.split(" loss").next().unwrap_or(&msg).to_owned();
+                b.set_message(format!("{base} loss {l:.3}"));
+            }
+        }
+    }
+
+    fn epoch_end(&mut self, r: &EpochRecord) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+        eprintln!(
+            "  epoch {:>3}: loss {:.4} (ce {:.4}, kd {:.4}, feat {:.4}) train top-1 {:.2}%  test top-1 {:.2}%  top-5 {:.2}%  lr {:.4}  {:.1}s",
+            r.epoch, r.train_loss, r.train_ce, r.train_kd, r.train_feature, r.train_top1, r.test_top1, r.test_top5, r.lr, r.seconds
+        );
+    }
+}

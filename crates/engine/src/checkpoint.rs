@@ -1,0 +1,112 @@
+//! Checkpoints: one folder per completed epoch (`checkpoints/epoch-NNNN/`) holding every tensor
+//! of the run's state (`state.safetensors`) and its bookkeeping (`meta.json`). A checkpoint is
+//! written into a temporary folder and renamed, so a kill never leaves a half checkpoint, and
+//! non-finite tensors are refused so a NaN never replaces a good checkpoint.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::record::EpochRecord;
+
+/// Bookkeeping stored beside the tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// Number of completed epochs.
+    pub epoch: usize,
+    /// Global optimizer steps taken.
+    pub step: u64,
+    pub history: Vec<EpochRecord>,
+    /// Wall seconds spent in training so far (over all sessions of this run).
+    pub elapsed_seconds: f64,
+    /// Hash of the resolved config: a resume with another config is refused.
+    pub config_hash: String,
+}
+
+fn epoch_dir(root: &Path, epoch: usize) -> PathBuf {
+    root.join(format!("epoch-{epoch:04}"))
+}
+
+/// Write the checkpoint of `meta.epoch` atomically; keep only the newest `keep` (0 = all).
+pub fn save(
+    root: &Path,
+    tensors: &[(String, Tensor)],
+    meta: &Meta,
+    keep: usize,
+) -> Result<PathBuf> {
+    for (name, t) in tensors {
+        if t.is_floating_point() {
+            let ok = t.isfinite().all().int64_value(&[]) != 0;
+            if !ok {
+                bail!(
+                    "refusing to checkpoint epoch {}: tensor `{name}` holds NaN or infinity",
+                    meta.epoch
+                );
+            }
+        }
+    }
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let final_dir = epoch_dir(root, meta.epoch);
+    let tmp = root.join(format!(".tmp-epoch-{:04}", meta.epoch));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu)))
+        .collect();
+    Tensor::write_safetensors(&cpu, tmp.join("state.safetensors"))
+        .with_context(|| format!("writing {}", tmp.join("state.safetensors").display()))?;
+    std::fs::write(tmp.join("meta.json"), serde_json::to_vec_pretty(meta)?)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), final_dir.display()))?;
+    if keep > 0 {
+        let mut all = list(root)?;
+        all.sort();
+        while all.len() > keep {
+            let (_, dir) = all.remove(0);
+            std::fs::remove_dir_all(&dir).ok();
+        }
+    }
+    Ok(final_dir)
+}
+
+fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    if !root.exists() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(root)? {
+        let p = e?.path();
+        let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(n) = name
+            .strip_prefix("epoch-")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if p.join("meta.json").is_file() && p.join("state.safetensors").is_file() {
+                out.push((n, p));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The newest complete checkpoint: its tensors and meta.
+pub fn load_latest(root: &Path) -> Result<Option<(Vec<(String, Tensor)>, Meta)>> {
+    let Some((_, dir)) = list(root)?.into_iter().max_by_key(|(n, _)| *n) else {
+        return Ok(None);
+    };
+    let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
+        .with_context(|| format!("reading {}", dir.join("meta.json").display()))?;
+    let tensors = Tensor::read_safetensors(dir.join("state.safetensors"))
+        .with_context(|| format!("reading {}", dir.join("state.safetensors").display()))?;
+    Ok(Some((tensors, meta)))
+}

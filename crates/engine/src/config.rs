@@ -1,0 +1,432 @@
+//! The run configuration: serde structs read from TOML with unknown keys rejected, checked
+//! without IO ([`Config::check`]) before anything is loaded. Presets live in `configs/`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use mtkd_student::Arch;
+use mtkd_vision_tasks::transform::{Augment, EvalResize, Normalize};
+
+/// A whole run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub student: StudentConfig,
+    pub train: TrainConfig,
+    /// Absent: the student trains on labels only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
+    /// The teacher pool, in a fixed order (weights and metrics are reported in this order).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teachers: Vec<TeacherConfig>,
+    /// How teachers given by `arch` are trained (once, then cached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_training: Option<TrainConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Name of the run; the run folder is `<out_dir>/<name>-<timestamp>` unless `--out` is given.
+    pub name: String,
+    #[serde(default = "default_out_dir")]
+    pub out_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// libtorch intra-op threads; 0 keeps libtorch's default (one per core).
+    #[serde(default)]
+    pub threads: usize,
+    /// Where trained teachers are cached (relative paths: to the data directory's parent cache).
+    #[serde(default = "default_teacher_cache")]
+    pub teacher_cache: PathBuf,
+}
+
+fn default_out_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_teacher_cache() -> PathBuf {
+    PathBuf::from("runs/teachers")
+}
+
+/// Dataset formats that mtkd reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// MNIST layout (Fashion-MNIST, MNIST): IDX files, gzip or not.
+    Mnist,
+    /// CIFAR-10 binary version.
+    Cifar10,
+    /// CIFAR-100 binary version.
+    Cifar100,
+    /// `root/train/<class>/*.png|jpg` and `root/val/<class>/...` (or `test/`).
+    ImageFolder,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub kind: DatasetKind,
+    /// Folder of the dataset. A relative path is looked up under `$MTKD_DATA_DIR` first (where
+    /// `cargo xtask data` puts downloads), then relative to the working directory.
+    pub root: PathBuf,
+    /// Use only the first N training samples (0 = all).
+    #[serde(default)]
+    pub train_subset: usize,
+    /// Use only the first N test samples (0 = all).
+    #[serde(default)]
+    pub test_subset: usize,
+    pub normalize: Normalize,
+    #[serde(default)]
+    pub augment: Augment,
+    /// ImageFolder: resize every image to this square size when reading (default 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size: Option<u32>,
+    /// ImageFolder: 1 (grey) or 3 (RGB) channels (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// Evaluation geometry (ImageNet-style resize + centre crop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_resize: Option<EvalResize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    pub arch: Arch,
+}
+
+/// What to do when a loss becomes NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NonFinitePolicy {
+    /// Stop the run with the step (and teacher) named; the last good checkpoint stays.
+    #[default]
+    Stop,
+    /// Skip the batch (no optimizer step) and count it in the epoch's metrics.
+    Skip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default = "default_momentum")]
+    pub momentum: f64,
+    #[serde(default = "default_true")]
+    pub nesterov: bool,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    /// Epochs (0-based, at their start) where the learning rate is multiplied by `gamma`.
+    #[serde(default)]
+    pub milestones: Vec<usize>,
+    #[serde(default = "default_gamma")]
+    pub gamma: f64,
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+    #[serde(default)]
+    pub on_nonfinite: NonFinitePolicy,
+}
+
+fn default_momentum() -> f64 {
+    0.9
+}
+fn default_true() -> bool {
+    true
+}
+fn default_wd() -> f64 {
+    5e-4
+}
+fn default_gamma() -> f64 {
+    0.1
+}
+fn default_eval_batch() -> usize {
+    500
+}
+
+/// Teacher weighting strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// No distillation (labels only), teachers are not run.
+    None,
+    /// Equal weights 1/M ("AVER").
+    Equal,
+    /// One teacher only: `distill.teacher` names it.
+    Single,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    pub strategy: StrategyKind,
+    /// For `single`: the teacher's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<String>,
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the cross-entropy term.
+    #[serde(default = "default_one")]
+    pub ce_weight: f64,
+    /// Weight of the (teacher-weighted) KD term.
+    #[serde(default = "default_one")]
+    pub kd_weight: f64,
+    /// beta: weight of the (teacher-weighted) feature MSE term; 0 turns feature KD off.
+    #[serde(default)]
+    pub feature_weight: f64,
+}
+
+fn default_temperature() -> f64 {
+    4.0
+}
+fn default_one() -> f64 {
+    1.0
+}
+
+/// One teacher: either an architecture that mtkd trains (and caches), or a TorchScript file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    pub name: String,
+    /// Train this architecture on the run's dataset (cached by config hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<Arch>,
+    /// A TorchScript file following the teacher contract (see mtkd-teachers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torchscript: Option<PathBuf>,
+    /// Seed for training an `arch` teacher (default: the run seed + 1000 + index).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {field}: {reason}")]
+    Field {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("override `{0}` must look like section.key=value")]
+    Override(String),
+}
+
+impl Config {
+    /// Read, apply `key=value` overrides (TOML values; bare words are strings), parse, check.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path, overrides)
+    }
+
+    /// Parse from text (`path` only names the source in errors).
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let perr = |message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| perr(e.to_string()))?;
+        for o in overrides {
+            apply_override(&mut value, o)?;
+        }
+        let cfg: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| perr(e.to_string()))?;
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks that need no IO: ranges, names, cross-field rules.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field: &str, reason: String| {
+            Err(ConfigError::Field {
+                path: path.to_path_buf(),
+                field: field.into(),
+                reason,
+            })
+        };
+        let tcs = std::iter::once(("train", &self.train)).chain(
+            self.teacher_training
+                .as_ref()
+                .map(|t| ("teacher_training", t)),
+        );
+        for (sec, t) in tcs {
+            if t.epochs == 0 {
+                return bad(&format!("{sec}.epochs"), "must be at least 1".into());
+            }
+            if t.batch_size == 0 || t.eval_batch_size == 0 {
+                return bad(&format!("{sec}.batch_size"), "must be at least 1".into());
+            }
+            if !(t.lr > 0.0 && t.lr.is_finite()) {
+                return bad(
+                    &format!("{sec}.lr"),
+                    format!("must be positive, got {}", t.lr),
+                );
+            }
+            if !(0.0..1.0).contains(&t.momentum) {
+                return bad(
+                    &format!("{sec}.momentum"),
+                    format!("must be in [0, 1), got {}", t.momentum),
+                );
+            }
+            if t.nesterov && t.momentum == 0.0 {
+                return bad(
+                    &format!("{sec}.nesterov"),
+                    "nesterov needs momentum > 0".into(),
+                );
+            }
+            if t.weight_decay < 0.0 {
+                return bad(
+                    &format!("{sec}.weight_decay"),
+                    "must not be negative".into(),
+                );
+            }
+            if t.milestones.windows(2).any(|w| w[0] >= w[1]) {
+                return bad(
+                    &format!("{sec}.milestones"),
+                    "must be strictly increasing".into(),
+                );
+            }
+        }
+        if self.run.name.trim().is_empty() || self.run.name.contains('/') {
+            return bad("run.name", "must be a non-empty name without '/'".into());
+        }
+        let dev = self.run.device.as_str();
+        let dev_ok = matches!(dev, "cpu" | "cuda" | "auto")
+            || dev
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !dev_ok {
+            return bad(
+                "run.device",
+                format!("`{dev}` is not one of cpu, cuda, cuda:N, auto"),
+            );
+        }
+        if let Some(c) = self.data.channels {
+            if c != 1 && c != 3 {
+                return bad("data.channels", format!("must be 1 or 3, got {c}"));
+            }
+        }
+        if let Some(d) = &self.distill {
+            if !(d.temperature > 0.0 && d.temperature.is_finite()) {
+                return bad(
+                    "distill.temperature",
+                    format!("must be positive, got {}", d.temperature),
+                );
+            }
+            for (f, v) in [
+                ("ce_weight", d.ce_weight),
+                ("kd_weight", d.kd_weight),
+                ("feature_weight", d.feature_weight),
+            ] {
+                if !(v >= 0.0 && v.is_finite()) {
+                    return bad(&format!("distill.{f}"), format!("must be >= 0, got {v}"));
+                }
+            }
+            if d.strategy != StrategyKind::None && self.teachers.is_empty() {
+                return bad(
+                    "teachers",
+                    format!(
+                        "strategy `{:?}` needs at least one [[teachers]] entry",
+                        d.strategy
+                    ),
+                );
+            }
+            if d.strategy == StrategyKind::Single {
+                match &d.teacher {
+                    None => {
+                        return bad(
+                            "distill.teacher",
+                            "strategy `single` needs the teacher's name".into(),
+                        )
+                    }
+                    Some(n) if !self.teachers.iter().any(|t| &t.name == n) => {
+                        let names: Vec<&str> =
+                            self.teachers.iter().map(|t| t.name.as_str()).collect();
+                        return bad(
+                            "distill.teacher",
+                            format!("no teacher named `{n}`; teachers are {names:?}"),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.teachers.iter().enumerate() {
+            let field = format!("teachers[{i}]");
+            if !seen.insert(t.name.as_str()) {
+                return bad(
+                    &format!("{field}.name"),
+                    format!("`{}` is used twice", t.name),
+                );
+            }
+            match (&t.arch, &t.torchscript) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return bad(&field, format!("teacher `{}` needs exactly one of `arch` or `torchscript`", t.name))
+                }
+                (Some(_), None) if self.teacher_training.is_none() => {
+                    return bad(
+                        "teacher_training",
+                        format!("teacher `{}` is given by `arch`, so a [teacher_training] section must say how to train it", t.name),
+                    )
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the student learns from teachers in this run.
+    pub fn uses_teachers(&self) -> bool {
+        self.distill
+            .as_ref()
+            .is_some_and(|d| d.strategy != StrategyKind::None)
+    }
+}
+
+fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
+    let (key, raw) = o
+        .split_once('=')
+        .ok_or_else(|| ConfigError::Override(o.into()))?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::Override(o.into()));
+    }
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_owned()));
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry((*p).to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Override(o.into()))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_owned(), value);
+    Ok(())
+}

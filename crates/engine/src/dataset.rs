@@ -1,0 +1,149 @@
+//! Turning the `[data]` section into loaded train and test sets and their loaders.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::config::{DataConfig, DatasetKind};
+use mtkd_vision_tasks::data::{self, ImageSet, Split};
+use mtkd_vision_tasks::loader::{BatchLoader, LoaderConfig};
+
+/// Resolve a dataset root: absolute as given; relative under `$MTKD_DATA_DIR` when it exists
+/// there, else relative to the working directory.
+pub fn resolve_root(root: &Path) -> PathBuf {
+    if root.is_absolute() {
+        return root.to_path_buf();
+    }
+    if let Some(dir) = std::env::var_os("MTKD_DATA_DIR") {
+        let cand = PathBuf::from(dir).join(root);
+        if cand.exists() {
+            return cand;
+        }
+    }
+    root.to_path_buf()
+}
+
+/// The train and test sets of a config.
+#[derive(Debug, Clone)]
+pub struct Datasets {
+    pub train: Arc<ImageSet>,
+    pub test: Arc<ImageSet>,
+    pub root: PathBuf,
+}
+
+impl Datasets {
+    pub fn load(cfg: &DataConfig) -> Result<Datasets> {
+        let root = resolve_root(&cfg.root);
+        let hint = match cfg.kind {
+            DatasetKind::Mnist if cfg.root == Path::new("fashion-mnist") => {
+                "; run `cargo xtask data` to fetch Fashion-MNIST (Debian package dataset-fashion-mnist)"
+            }
+            _ => "",
+        };
+        let read = |split: Split| -> Result<ImageSet> {
+            let set = match cfg.kind {
+                DatasetKind::Mnist => data::read_mnist_dir(&root, split)?,
+                DatasetKind::Cifar10 => data::read_cifar_dir(&root, split, false)?,
+                DatasetKind::Cifar100 => data::read_cifar_dir(&root, split, true)?,
+                DatasetKind::ImageFolder => {
+                    let sub = match split {
+                        Split::Train => root.join("train"),
+                        Split::Test => ["val", "test"]
+                            .iter()
+                            .map(|s| root.join(s))
+                            .find(|p| p.is_dir())
+                            .unwrap_or_else(|| root.join("val")),
+                    };
+                    data::read_image_folder(
+                        &sub,
+                        cfg.image_size.unwrap_or(32),
+                        cfg.channels.unwrap_or(3),
+                    )?
+                }
+            };
+            Ok(set)
+        };
+        let train = read(Split::Train)
+            .with_context(|| format!("loading the training split of {}{hint}", root.display()))?;
+        let test = read(Split::Test)
+            .with_context(|| format!("loading the test split of {}{hint}", root.display()))?;
+        if train.image_shape() != test.image_shape() || train.num_classes != test.num_classes {
+            anyhow::bail!(
+                "dataset {}: train images {:?} ({} classes) and test images {:?} ({} classes) disagree",
+                root.display(),
+                train.image_shape(),
+                train.num_classes,
+                test.image_shape(),
+                test.num_classes
+            );
+        }
+        let train = if cfg.train_subset > 0 {
+            train.take(cfg.train_subset)
+        } else {
+            train
+        };
+        let test = if cfg.test_subset > 0 {
+            test.take(cfg.test_subset)
+        } else {
+            test
+        };
+        tracing::info!(root = %root.display(), train = train.len(), test = test.len(),
+            shape = ?train.image_shape(), classes = train.num_classes, "dataset loaded");
+        Ok(Datasets {
+            train: Arc::new(train),
+            test: Arc::new(test),
+            root,
+        })
+    }
+
+    /// Input `(C, H, W)` of the networks (after the training transforms).
+    pub fn input_shape(&self, cfg: &DataConfig) -> (i64, i64, i64) {
+        let l = self
+            .train_loader(cfg, 1, 0)
+            .expect("a loaded dataset always makes a loader");
+        let (c, h, w) = l.output_shape();
+        (c as i64, h as i64, w as i64)
+    }
+
+    pub fn num_classes(&self) -> i64 {
+        self.train.num_classes as i64
+    }
+
+    pub fn train_loader(
+        &self,
+        cfg: &DataConfig,
+        batch_size: usize,
+        seed: u64,
+    ) -> Result<BatchLoader> {
+        Ok(BatchLoader::new(
+            Arc::clone(&self.train),
+            LoaderConfig {
+                batch_size,
+                shuffle: true,
+                drop_last: false,
+                augment: Some(cfg.augment.clone()),
+                eval_resize: None,
+                normalize: cfg.normalize.clone(),
+                seed,
+            },
+        )
+        .context("data.normalize / data.augment")?)
+    }
+
+    pub fn test_loader(&self, cfg: &DataConfig, batch_size: usize) -> Result<BatchLoader> {
+        Ok(BatchLoader::new(
+            Arc::clone(&self.test),
+            LoaderConfig {
+                batch_size,
+                shuffle: false,
+                drop_last: false,
+                augment: None,
+                eval_resize: cfg.eval_resize.clone(),
+                normalize: cfg.normalize.clone(),
+                seed: 0,
+            },
+        )
+        .context("data.normalize")?)
+    }
+}

@@ -1,0 +1,100 @@
+//! What a run records: one [`EpochRecord`] per epoch (a line of `metrics.jsonl`) and the
+//! [`Summary`] written to `summary.json` at the end.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// One epoch's numbers. Losses are means over the epoch's samples; accuracies in percent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// 1-based epoch number.
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_ce: f64,
+    pub train_kd: f64,
+    pub train_feature: f64,
+    pub train_top1: f64,
+    pub test_loss: f64,
+    pub test_top1: f64,
+    pub test_top5: f64,
+    /// Mean logit weight per teacher over the epoch (pool order); empty without teachers.
+    #[serde(default)]
+    pub teacher_weights: Vec<f64>,
+    /// Batches skipped because their loss was not finite (`on_nonfinite = "skip"`).
+    pub skipped_batches: usize,
+    /// Wall seconds of the epoch (training and evaluation).
+    pub seconds: f64,
+}
+
+/// A teacher's figures in the summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherSummary {
+    pub name: String,
+    pub source: String,
+    pub test_top1: Option<f64>,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub run: String,
+    pub strategy: String,
+    pub student: String,
+    pub student_parameters: i64,
+    pub seed: u64,
+    pub metric: String,
+    pub final_value: f64,
+    pub best_value: f64,
+    pub best_epoch: usize,
+    pub final_top5: f64,
+    pub per_class_top1: Vec<f64>,
+    pub epochs: usize,
+    pub wall_seconds: f64,
+    pub teachers: Vec<TeacherSummary>,
+    pub mtkd_version: String,
+    pub device: String,
+}
+
+/// The `metrics.jsonl` sink: rewritten from the history on resume, appended to after each epoch.
+#[derive(Debug)]
+pub struct MetricsSink {
+    path: std::path::PathBuf,
+}
+
+impl MetricsSink {
+    pub fn create(path: &Path, history: &[EpochRecord]) -> Result<MetricsSink> {
+        let mut text = String::new();
+        for r in history {
+            text.push_str(&serde_json::to_string(r)?);
+            text.push('\n');
+        }
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(MetricsSink {
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn append(&mut self, r: &EpochRecord) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("opening {}", self.path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(r)?)?;
+        Ok(())
+    }
+}
+
+/// Write JSON through a temporary file.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

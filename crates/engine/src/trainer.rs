@@ -1,0 +1,906 @@
+//! The training loop shared by every task and strategy: data -> student (+ teachers, adapters,
+//! weighting strategy) -> loss -> SGD step, evaluation every epoch, an atomic checkpoint per
+//! epoch, exact resume, and the run folder's records (metrics.jsonl, summary.json, plots,
+//! exported student).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, Meta};
+use crate::config::{Config, DistillConfig, NonFinitePolicy, StrategyKind, TeacherConfig};
+use crate::dataset::Datasets;
+use crate::optim::{multistep_lr, Sgd};
+use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, TeacherSummary};
+use mtkd_distill_core::adapter::Adapter;
+use mtkd_distill_core::loss;
+use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::weighting::{Equal, NoKd, Single, WeightingStrategy};
+use mtkd_distill_core::{ModelOutput, Teacher};
+use mtkd_student::{NativeTeacher, Network};
+use mtkd_teachers::{Expectation, TorchScriptTeacher};
+use mtkd_vision_tasks::classification::{Accuracy, AccuracyReport};
+use mtkd_vision_tasks::loader::BatchLoader;
+
+/// Hooks through which a binary shows progress; the library itself prints nothing.
+pub trait Observer {
+    /// A phase begins (loading data, training a teacher, ...).
+    fn phase(&mut self, _message: &str) {}
+    /// An epoch begins: `label` names what trains, `start` is the first batch (non-zero only
+    /// when resuming inside an epoch is supported).
+    fn epoch_start(&mut self, _label: &str, _epoch: usize, _epochs: usize, _batches: usize) {}
+    /// A batch finished; `loss` is given every few batches.
+    fn batch(&mut self, _loss: Option<f64>) {}
+    /// An epoch finished.
+    fn epoch_end(&mut self, _record: &EpochRecord) {}
+}
+
+/// An observer that does nothing (tests, library use).
+#[derive(Debug, Default)]
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Options that are not part of the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop with [`Interrupted`] after this many optimizer steps in this session: simulates a
+    /// kill at a precise point (for resume tests).
+    pub halt_after_steps: Option<u64>,
+}
+
+/// Returned (as the error's root cause) when `halt_after_steps` stopped the run.
+#[derive(Debug, thiserror::Error)]
+#[error("run interrupted on request after {0} steps")]
+pub struct Interrupted(pub u64);
+
+/// What a finished run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub dir: PathBuf,
+    pub summary: Summary,
+}
+
+/// Pick the device named in the config.
+pub fn device_of(name: &str) -> Result<Device> {
+    Ok(match name {
+        "cpu" => Device::Cpu,
+        "auto" => Device::cuda_if_available(),
+        "cuda" => Device::Cuda(0),
+        other => {
+            let n: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| anyhow!("run.device: `{other}` is not cpu, cuda, cuda:N or auto"))?;
+            Device::Cuda(n)
+        }
+    })
+    .and_then(|d: Device| {
+        if let Device::Cuda(n) = d {
+            let count = tch::Cuda::device_count() as usize;
+            if n >= count {
+                bail!("run.device asks for CUDA device {n}, but libtorch sees {count} CUDA device(s); use device = \"cpu\" or \"auto\"");
+            }
+        }
+        Ok(d)
+    })
+}
+
+/// A fresh run folder `<out_dir>/<name>-NNN` (the first free number).
+pub fn new_run_dir(cfg: &Config) -> Result<PathBuf> {
+    std::fs::create_dir_all(&cfg.run.out_dir)
+        .with_context(|| format!("cannot create {}", cfg.run.out_dir.display()))?;
+    for n in 1..100_000 {
+        let dir = cfg.run.out_dir.join(format!("{}-{n:03}", cfg.run.name));
+        if std::fs::create_dir(&dir).is_ok() {
+            return Ok(dir);
+        }
+    }
+    bail!(
+        "no free run folder name under {}",
+        cfg.run.out_dir.display()
+    )
+}
+
+/// Stable 64-bit FNV-1a hash, hex (config identity for caches and resume checks).
+pub fn stable_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Write the resolved config into the run folder (before the first step).
+pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
+    let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
+    let path = dir.join("config.toml");
+    if path.exists() {
+        let old = std::fs::read_to_string(&path)?;
+        if old != text {
+            bail!(
+                "{} was made with another configuration; resume it with its own config (mtkd train --resume {}) or start a new run",
+                dir.display(),
+                dir.display()
+            );
+        }
+    } else {
+        let tmp = dir.join("config.toml.tmp");
+        std::fs::write(&tmp, &text)?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(stable_hash(text.as_bytes()))
+}
+
+/// One teacher of the pool and where it came from.
+struct PoolMember {
+    teacher: Box<dyn Teacher>,
+    source: String,
+    test_top1: Option<f64>,
+}
+
+/// Run (or resume) the run whose folder is `dir`.
+pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Outcome> {
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let device = device_of(&cfg.run.device)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_hash = write_resolved_config(dir, cfg)?;
+    obs.phase("loading data");
+    let data = Datasets::load(&cfg.data)?;
+    let pool = build_pool(cfg, &data, device, obs)?;
+    Trainer::new(cfg, data, pool, device, dir.to_path_buf(), config_hash)?.fit(opts, obs)
+}
+
+fn build_pool(
+    cfg: &Config,
+    data: &Datasets,
+    device: Device,
+    obs: &mut dyn Observer,
+) -> Result<Vec<PoolMember>> {
+    if !cfg.uses_teachers() {
+        return Ok(Vec::new());
+    }
+    let in_shape = data.input_shape(&cfg.data);
+    let needs_features = cfg.distill.as_ref().is_some_and(|d| d.feature_weight > 0.0);
+    let mut pool = Vec::new();
+    for (i, t) in cfg.teachers.iter().enumerate() {
+        let member = if let Some(arch) = t.arch {
+            let (weights, top1) = ensure_native_teacher(cfg, i, t, obs)?;
+            let teacher = NativeTeacher::load(
+                &t.name,
+                arch,
+                &weights,
+                in_shape,
+                data.num_classes(),
+                device,
+            )
+            .with_context(|| format!("loading teacher `{}` from {}", t.name, weights.display()))?;
+            PoolMember {
+                teacher: Box::new(teacher),
+                source: format!("mtkd {arch} ({})", weights.display()),
+                test_top1: Some(top1),
+            }
+        } else {
+            let path = t
+                .torchscript
+                .as_ref()
+                .ok_or_else(|| anyhow!("teacher `{}` has no source", t.name))?;
+            let expect = Expectation {
+                input: in_shape,
+                num_classes: data.num_classes(),
+                needs_features,
+            };
+            let teacher = TorchScriptTeacher::load(&t.name, path, device, &expect)
+                .with_context(|| format!("loading teacher `{}`", t.name))?;
+            obs.phase(&format!("evaluating teacher `{}`", t.name));
+            let loader = data.test_loader(&cfg.data, cfg.train.eval_batch_size)?;
+            let (report, _) = evaluate(
+                &|x| teacher.forward(x).map_err(Into::into),
+                &loader,
+                device,
+                data.test.num_classes,
+            )?;
+            PoolMember {
+                teacher: Box::new(teacher),
+                source: format!("TorchScript {}", path.display()),
+                test_top1: Some(report.top1),
+            }
+        };
+        pool.push(member);
+    }
+    Ok(pool)
+}
+
+/// The config that trains teacher `t` (an `arch` teacher) on the run's data.
+pub fn teacher_config(cfg: &Config, index: usize, t: &TeacherConfig) -> Result<Config> {
+    let arch = t
+        .arch
+        .ok_or_else(|| anyhow!("teacher `{}` is not an arch teacher", t.name))?;
+    let train = cfg
+        .teacher_training
+        .clone()
+        .ok_or_else(|| anyhow!("[teacher_training] is missing"))?;
+    let mut run = cfg.run.clone();
+    run.name = t.name.clone();
+    run.out_dir = cfg.run.teacher_cache.clone();
+    run.seed = t.seed.unwrap_or(cfg.run.seed + 1000 + index as u64);
+    Ok(Config {
+        run,
+        data: cfg.data.clone(),
+        student: crate::config::StudentConfig { arch },
+        train,
+        distill: None,
+        teachers: Vec::new(),
+        teacher_training: None,
+    })
+}
+
+/// Train (or find in the cache) an `arch` teacher: returns its weights and test top-1.
+fn ensure_native_teacher(
+    cfg: &Config,
+    index: usize,
+    t: &TeacherConfig,
+    obs: &mut dyn Observer,
+) -> Result<(PathBuf, f64)> {
+    let tcfg = teacher_config(cfg, index, t)?;
+    // The cache key covers everything that changes the teacher, not where it is run.
+    let mut key_cfg = tcfg.clone();
+    key_cfg.run.device = String::new();
+    key_cfg.run.threads = 0;
+    let key = stable_hash(toml::to_string(&key_cfg)?.as_bytes());
+    let dir =
+        cfg.run
+            .teacher_cache
+            .join(format!("{}-{}-{}", t.name, tcfg.student.arch, &key[..12]));
+    let summary_path = dir.join("summary.json");
+    if summary_path.is_file() && dir.join("student.safetensors").is_file() {
+        let s: Summary = serde_json::from_slice(&std::fs::read(&summary_path)?)
+            .with_context(|| format!("reading {}", summary_path.display()))?;
+        tracing::info!(teacher = %t.name, dir = %dir.display(), top1 = s.final_value, "teacher found in cache");
+        obs.phase(&format!(
+            "teacher `{}` ({}) from cache: test top-1 {:.2}%",
+            t.name, tcfg.student.arch, s.final_value
+        ));
+        return Ok((dir.join("student.safetensors"), s.final_value));
+    }
+    obs.phase(&format!(
+        "training teacher `{}` ({}) into {}",
+        t.name,
+        tcfg.student.arch,
+        dir.display()
+    ));
+    let hash = write_resolved_config_create(&dir, &tcfg)?;
+    let data = Datasets::load(&tcfg.data)?;
+    let device = device_of(&tcfg.run.device)?;
+    let out = Trainer::new(&tcfg, data, Vec::new(), device, dir.clone(), hash)?
+        .with_label(format!("teacher {}", t.name))
+        .fit(&RunOptions::default(), obs)?;
+    Ok((dir.join("student.safetensors"), out.summary.final_value))
+}
+
+fn write_resolved_config_create(dir: &Path, cfg: &Config) -> Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    write_resolved_config(dir, cfg)
+}
+
+/// Evaluate a forward function over a loader: accuracy report and mean cross-entropy.
+pub fn evaluate(
+    forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
+    loader: &BatchLoader,
+    device: Device,
+    num_classes: usize,
+) -> Result<(AccuracyReport, f64)> {
+    let mut acc = Accuracy::new(num_classes);
+    let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
+    let mut n = 0usize;
+    tch::no_grad(|| -> Result<()> {
+        for batch in loader.epoch(0, 0, device) {
+            let out = forward(&batch.images)?;
+            acc.update(&out.logits, &batch.labels)?;
+            ce_sum += loss::cross_entropy(&out.logits, &batch.labels)?.sum(Kind::Double);
+            n += batch.indices.len();
+        }
+        Ok(())
+    })?;
+    Ok((acc.report(), ce_sum.double_value(&[]) / n.max(1) as f64))
+}
+
+struct Trainer<'a> {
+    cfg: &'a Config,
+    data: Datasets,
+    pool: Vec<PoolMember>,
+    device: Device,
+    dir: PathBuf,
+    config_hash: String,
+    label: String,
+    student_vs: VarStore,
+    student: Network,
+    adapter_vs: VarStore,
+    adapters: Vec<Adapter>,
+    strategy: Box<dyn WeightingStrategy>,
+    opt: Sgd,
+}
+
+impl<'a> Trainer<'a> {
+    fn new(
+        cfg: &'a Config,
+        data: Datasets,
+        pool: Vec<PoolMember>,
+        device: Device,
+        dir: PathBuf,
+        config_hash: String,
+    ) -> Result<Self> {
+        tch::manual_seed(cfg.run.seed as i64);
+        let in_shape = data.input_shape(&cfg.data);
+        let student_vs = VarStore::new(device);
+        let student = Network::new(
+            &student_vs.root(),
+            cfg.student.arch,
+            in_shape,
+            data.num_classes(),
+        )
+        .with_context(|| format!("building student {}", cfg.student.arch))?;
+        let adapter_vs = VarStore::new(device);
+        let mut adapters = Vec::new();
+        let distill = cfg.distill.clone();
+        if let Some(d) = distill
+            .as_ref()
+            .filter(|d| d.feature_weight > 0.0 && d.strategy != StrategyKind::None)
+        {
+            let _ = d;
+            for (m, member) in pool.iter().enumerate() {
+                let shape = member.teacher.feature_shape().ok_or_else(|| {
+                    anyhow!(
+                        "teacher `{}` gives logits only, but distill.feature_weight > 0 asks for feature KD; \
+                         set distill.feature_weight = 0 or use a teacher that returns its feature map",
+                        member.teacher.name()
+                    )
+                })?;
+                adapters.push(Adapter::new(
+                    &(adapter_vs.root() / m),
+                    student.feature_shape(),
+                    shape,
+                ));
+            }
+        }
+        let strategy: Box<dyn WeightingStrategy> = match distill.as_ref().map(|d| d.strategy) {
+            None | Some(StrategyKind::None) => Box::new(NoKd),
+            Some(StrategyKind::Equal) => Box::new(Equal),
+            Some(StrategyKind::Single) => {
+                let name = distill
+                    .as_ref()
+                    .and_then(|d| d.teacher.clone())
+                    .unwrap_or_default();
+                let idx = pool
+                    .iter()
+                    .position(|p| p.teacher.name() == name)
+                    .ok_or_else(|| anyhow!("distill.teacher: no teacher named `{name}`"))?;
+                Box::new(Single::new(idx))
+            }
+        };
+        let mut params = Vec::new();
+        for (name, t) in trainable(&student_vs) {
+            params.push((format!("student.{name}"), t));
+        }
+        for (name, t) in trainable(&adapter_vs) {
+            params.push((format!("adapter.{name}"), t));
+        }
+        let t = &cfg.train;
+        let opt = Sgd::new(params, t.lr, t.momentum, t.nesterov, t.weight_decay);
+        let label = if pool.is_empty() {
+            format!("{}", cfg.student.arch)
+        } else {
+            format!("{} <- {} teachers", cfg.student.arch, pool.len())
+        };
+        Ok(Trainer {
+            cfg,
+            data,
+            pool,
+            device,
+            dir,
+            config_hash,
+            label,
+            student_vs,
+            student,
+            adapter_vs,
+            adapters,
+            strategy,
+            opt,
+        })
+    }
+
+    fn with_label(mut self, label: String) -> Self {
+        self.label = label;
+        self
+    }
+
+    fn distill(&self) -> Option<&DistillConfig> {
+        self.cfg
+            .distill
+            .as_ref()
+            .filter(|d| d.strategy != StrategyKind::None && !self.pool.is_empty())
+    }
+
+    /// Every tensor of the run's state, by checkpoint name.
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (n, t) in sorted_vars(&self.student_vs) {
+            out.push((format!("student.{n}"), t));
+        }
+        for (n, t) in sorted_vars(&self.adapter_vs) {
+            out.push((format!("adapter.{n}"), t));
+        }
+        for (n, t) in self.opt.state() {
+            out.push((format!("optim.{n}"), t));
+        }
+        out
+    }
+
+    fn restore(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        let student = self.student_vs.variables();
+        let adapter = self.adapter_vs.variables();
+        let mut optim = Vec::new();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in tensors {
+                let (store, key) = if let Some(k) = name.strip_prefix("student.") {
+                    (&student, k)
+                } else if let Some(k) = name.strip_prefix("adapter.") {
+                    (&adapter, k)
+                } else if let Some(k) = name.strip_prefix("optim.") {
+                    optim.push((k.to_owned(), t));
+                    continue;
+                } else {
+                    bail!("checkpoint holds an unknown tensor `{name}`");
+                };
+                let mut var = store
+                    .get(key)
+                    .ok_or_else(|| {
+                        anyhow!("checkpoint tensor `{name}` has no matching variable in this model")
+                    })?
+                    .shallow_clone();
+                if var.size() != t.size() {
+                    bail!(
+                        "checkpoint tensor `{name}` has shape {:?}, the model {:?}",
+                        t.size(),
+                        var.size()
+                    );
+                }
+                var.copy_(&t);
+            }
+            Ok(())
+        })?;
+        self.opt
+            .load_state(&optim)
+            .map_err(|e| anyhow!("checkpoint optimizer state: {e}"))?;
+        Ok(())
+    }
+
+    fn fit(mut self, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Outcome> {
+        let cfg = self.cfg;
+        let tc = &cfg.train;
+        let ckpt_dir = self.dir.join("checkpoints");
+        let (mut meta, resumed) = match checkpoint::load_latest(&ckpt_dir)? {
+            Some((tensors, meta)) => {
+                if meta.config_hash != self.config_hash {
+                    bail!(
+                        "the checkpoints in {} belong to another configuration",
+                        ckpt_dir.display()
+                    );
+                }
+                self.restore(tensors)?;
+                tracing::info!(dir = %self.dir.display(), epoch = meta.epoch, "resuming from checkpoint");
+                obs.phase(&format!(
+                    "resuming {} after epoch {}",
+                    self.dir.display(),
+                    meta.epoch
+                ));
+                (meta, true)
+            }
+            None => (
+                Meta {
+                    epoch: 0,
+                    step: 0,
+                    history: Vec::new(),
+                    elapsed_seconds: 0.0,
+                    config_hash: self.config_hash.clone(),
+                },
+                false,
+            ),
+        };
+        let _ = resumed;
+        let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
+        let train_loader = self
+            .data
+            .train_loader(&cfg.data, tc.batch_size, cfg.run.seed)?;
+        let test_loader = self.data.test_loader(&cfg.data, tc.eval_batch_size)?;
+        let num_classes = self.data.train.num_classes;
+        let session_start = Instant::now();
+        let elapsed_before = meta.elapsed_seconds;
+        let mut session_steps = 0u64;
+        let mut last_report: Option<AccuracyReport> = None;
+        for epoch in meta.epoch..tc.epochs {
+            let t0 = Instant::now();
+            let lr = multistep_lr(tc.lr, &tc.milestones, tc.gamma, epoch);
+            self.opt.lr = lr;
+            obs.epoch_start(
+                &self.label,
+                epoch + 1,
+                tc.epochs,
+                train_loader.num_batches(),
+            );
+            let mut sums = Sums::new(self.device, self.pool.len());
+            for batch in train_loader.epoch(epoch as u64, 0, self.device) {
+                if let Some(limit) = opts.halt_after_steps {
+                    if session_steps >= limit {
+                        return Err(anyhow::Error::new(Interrupted(session_steps)));
+                    }
+                }
+                let step_ok =
+                    self.step(&batch.images, &batch.labels, &mut sums, epoch, meta.step)?;
+                if step_ok {
+                    meta.step += 1;
+                    session_steps += 1;
+                }
+                let show = sums.batches % 20 == 0;
+                obs.batch(show.then(|| sums.last_loss));
+            }
+            self.strategy.end_epoch(epoch)?;
+            let (report, test_loss) = evaluate(
+                &|x| Ok(self.student.forward_t(x, false)),
+                &test_loader,
+                self.device,
+                num_classes,
+            )?;
+            let rec = sums.record(
+                epoch + 1,
+                lr,
+                &report,
+                test_loss,
+                t0.elapsed().as_secs_f64(),
+            );
+            meta.epoch = epoch + 1;
+            meta.history.push(rec.clone());
+            meta.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
+            checkpoint::save(&ckpt_dir, &self.state_tensors(), &meta, 0)
+                .with_context(|| format!("checkpointing epoch {}", epoch + 1))?;
+            sink.append(&rec)?;
+            tracing::info!(
+                epoch = epoch + 1,
+                test_top1 = rec.test_top1,
+                train_loss = rec.train_loss,
+                "epoch done"
+            );
+            obs.epoch_end(&rec);
+            last_report = Some(report);
+        }
+        // A run resumed after its last epoch re-evaluates to fill the summary.
+        let report = match last_report {
+            Some(r) => r,
+            None => {
+                evaluate(
+                    &|x| Ok(self.student.forward_t(x, false)),
+                    &test_loader,
+                    self.device,
+                    num_classes,
+                )?
+                .0
+            }
+        };
+        self.finish(&meta, &report)
+    }
+
+    /// One optimizer step on a batch. Returns false when the batch was skipped (non-finite loss
+    /// under the `skip` policy).
+    fn step(
+        &mut self,
+        images: &Tensor,
+        labels: &Tensor,
+        sums: &mut Sums,
+        epoch: usize,
+        step: u64,
+    ) -> Result<bool> {
+        let out = self.student.forward_t(images, true);
+        let ce = loss::cross_entropy(&out.logits, labels)?;
+        let b = labels.size()[0];
+        let distill = self.distill().cloned();
+        let (per_sample, kd, feat, weights_mean) = match &distill {
+            None => (&ce * 1.0, None, None, None),
+            Some(d) => {
+                let t_outs: Vec<ModelOutput> = self
+                    .pool
+                    .iter()
+                    .map(|p| {
+                        p.teacher
+                            .forward(images)
+                            .with_context(|| format!("teacher `{}`", p.teacher.name()))
+                    })
+                    .collect::<Result<_>>()?;
+                for (p, t) in self.pool.iter().zip(&t_outs) {
+                    if loss::ensure_finite("teacher logits", &t.logits).is_err() {
+                        return self.non_finite(
+                            epoch,
+                            step,
+                            &format!("the logits of teacher `{}`", p.teacher.name()),
+                            sums,
+                        );
+                    }
+                }
+                let features = out
+                    .features
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("the student gives no feature map"))?;
+                let projected: Vec<Option<Tensor>> = if self.adapters.is_empty() {
+                    (0..t_outs.len()).map(|_| None).collect()
+                } else {
+                    self.adapters
+                        .iter()
+                        .map(|a| a.forward(features, true).map(Some))
+                        .collect::<std::result::Result<_, _>>()?
+                };
+                let signals =
+                    BatchSignals::compute(&out.logits, &projected, &t_outs, labels, d.temperature)?;
+                let w = self.strategy.weights(&signals)?;
+                let mut kd = Tensor::zeros([b], (Kind::Float, self.device));
+                let mut feat = Tensor::zeros([b], (Kind::Float, self.device));
+                for (m, t) in t_outs.iter().enumerate() {
+                    let term = loss::kd_kl(&out.logits, &t.logits, d.temperature)?;
+                    kd += w.logit.select(1, m as i64) * term;
+                    if let (Some(p), Some(tf)) = (&projected[m], &t.features) {
+                        feat += w.feature.select(1, m as i64) * loss::feature_mse(p, tf)?;
+                    }
+                }
+                let total = &ce * d.ce_weight + &kd * d.kd_weight + &feat * d.feature_weight;
+                let wm = w.logit.detach().mean_dim(0, false, Kind::Float);
+                (total, Some(kd), Some(feat), Some((wm, signals, w)))
+            }
+        };
+        let loss = per_sample.mean(Kind::Float);
+        if loss::ensure_finite("loss", &loss).is_err() {
+            let what = if loss::ensure_finite("ce", &ce).is_err() {
+                "the cross-entropy term".to_owned()
+            } else if kd
+                .as_ref()
+                .is_some_and(|k| loss::ensure_finite("kd", k).is_err())
+            {
+                "the KD term".to_owned()
+            } else {
+                "the feature term".to_owned()
+            };
+            return self.non_finite(epoch, step, &what, sums);
+        }
+        self.opt.zero_grad();
+        loss.backward();
+        self.opt.step();
+        let correct = loss::topk_correct(&out.logits.detach(), labels, 1)?.sum(Kind::Double);
+        sums.add(
+            b,
+            &loss.detach(),
+            &ce.detach(),
+            kd.as_ref(),
+            feat.as_ref(),
+            &correct,
+            weights_mean.as_ref().map(|x| &x.0),
+        );
+        if let Some((_, signals, w)) = weights_mean {
+            self.strategy.observe(&signals, &w, &per_sample.detach())?;
+        }
+        Ok(true)
+    }
+
+    fn non_finite(&self, epoch: usize, step: u64, what: &str, sums: &mut Sums) -> Result<bool> {
+        match self.cfg.train.on_nonfinite {
+            NonFinitePolicy::Stop => bail!(
+                "non-finite loss at epoch {} (global step {}): {what} is NaN or infinite. The last good \
+                 checkpoint is kept in {}; lower train.lr or set train.on_nonfinite = \"skip\"",
+                epoch + 1,
+                step,
+                self.dir.join("checkpoints").display()
+            ),
+            NonFinitePolicy::Skip => {
+                tracing::warn!(epoch = epoch + 1, step, what, "non-finite loss: batch skipped");
+                sums.skipped += 1;
+                sums.batches += 1;
+                Ok(false)
+            }
+        }
+    }
+
+    fn finish(self, meta: &Meta, report: &AccuracyReport) -> Result<Outcome> {
+        let dir = &self.dir;
+        let weights = dir.join("student.safetensors");
+        self.student_vs
+            .save(&weights)
+            .with_context(|| format!("writing {}", weights.display()))?;
+        export_torchscript(&self.student, &self.student_vs, dir.join("student.pt"))?;
+        let names: Vec<String> = self
+            .pool
+            .iter()
+            .map(|p| p.teacher.name().to_owned())
+            .collect();
+        crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
+        let (best_epoch, best) = meta
+            .history
+            .iter()
+            .map(|r| (r.epoch, r.test_top1))
+            .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+        let summary = Summary {
+            run: dir.display().to_string(),
+            strategy: if self.distill().is_some() {
+                self.strategy.name().to_owned()
+            } else {
+                "no-kd".into()
+            },
+            student: self.cfg.student.arch.to_string(),
+            student_parameters: mtkd_student::arch::parameter_count(&self.student_vs),
+            seed: self.cfg.run.seed,
+            metric: "test_top1".into(),
+            final_value: report.top1,
+            best_value: best,
+            best_epoch,
+            final_top5: report.top5,
+            per_class_top1: report.per_class.clone(),
+            epochs: meta.epoch,
+            wall_seconds: meta.elapsed_seconds,
+            teachers: self
+                .pool
+                .iter()
+                .map(|p| TeacherSummary {
+                    name: p.teacher.name().to_owned(),
+                    source: p.source.clone(),
+                    test_top1: p.test_top1,
+                })
+                .collect(),
+            mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
+            device: format!("{:?}", self.device),
+        };
+        write_json_atomic(&dir.join("summary.json"), &summary)?;
+        Ok(Outcome {
+            dir: dir.clone(),
+            summary,
+        })
+    }
+}
+
+/// Export the student as TorchScript (logits output: tracing supports a single return value).
+/// The weights are copied into a frozen CPU copy of the network, so the file is portable and
+/// the traced graph holds constants, not trainable parameters.
+pub fn export_torchscript(net: &Network, vs: &VarStore, path: PathBuf) -> Result<()> {
+    let (c, h, w) = net.in_shape();
+    let mut frozen = VarStore::new(Device::Cpu);
+    let copy = Network::new(&frozen.root(), net.arch, net.in_shape(), net.num_classes())?;
+    frozen
+        .copy(vs)
+        .context("copying the student's weights for export")?;
+    frozen.freeze();
+    let example = Tensor::zeros([1, c, h, w], (Kind::Float, Device::Cpu));
+    let module = tch::no_grad(|| {
+        tch::CModule::create_by_tracing("MtkdStudent", "forward", &[example], &mut |xs| {
+            vec![copy.forward_t(&xs[0], false).logits]
+        })
+    })
+    .context("tracing the student for TorchScript export")?;
+    module
+        .save(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn trainable(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let vars = vs.variables();
+    let mut v: Vec<(String, Tensor)> = vars
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Running sums of an epoch, kept as tensors (no device sync per batch).
+struct Sums {
+    n: i64,
+    batches: usize,
+    skipped: usize,
+    loss: Tensor,
+    ce: Tensor,
+    kd: Tensor,
+    feat: Tensor,
+    correct: Tensor,
+    weights: Tensor,
+    weight_batches: i64,
+    last_loss: f64,
+}
+
+impl Sums {
+    fn new(device: Device, m: usize) -> Sums {
+        let z = || Tensor::zeros([], (Kind::Double, device));
+        Sums {
+            n: 0,
+            batches: 0,
+            skipped: 0,
+            loss: z(),
+            ce: z(),
+            kd: z(),
+            feat: z(),
+            correct: z(),
+            weights: Tensor::zeros([m as i64], (Kind::Double, device)),
+            weight_batches: 0,
+            last_loss: f64::NAN,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        b: i64,
+        loss: &Tensor,
+        ce: &Tensor,
+        kd: Option<&Tensor>,
+        feat: Option<&Tensor>,
+        correct: &Tensor,
+        w: Option<&Tensor>,
+    ) {
+        self.n += b;
+        self.batches += 1;
+        self.loss += loss.to_kind(Kind::Double) * b as f64;
+        self.ce += ce.sum(Kind::Double);
+        if let Some(k) = kd {
+            self.kd += k.detach().sum(Kind::Double);
+        }
+        if let Some(f) = feat {
+            self.feat += f.detach().sum(Kind::Double);
+        }
+        self.correct += correct;
+        if let Some(w) = w {
+            self.weights += w.to_kind(Kind::Double);
+            self.weight_batches += 1;
+        }
+        if self.batches % 20 == 0 {
+            self.last_loss = loss.double_value(&[]);
+        }
+    }
+
+    fn record(
+        &self,
+        epoch: usize,
+        lr: f64,
+        report: &AccuracyReport,
+        test_loss: f64,
+        seconds: f64,
+    ) -> EpochRecord {
+        let n = self.n.max(1) as f64;
+        let weights = if self.weight_batches > 0 {
+            Vec::<f64>::try_from(
+                &(&self.weights / self.weight_batches as f64).to_device(Device::Cpu),
+            )
+            .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        EpochRecord {
+            epoch,
+            lr,
+            train_loss: self.loss.double_value(&[]) / n,
+            train_ce: self.ce.double_value(&[]) / n,
+            train_kd: self.kd.double_value(&[]) / n,
+            train_feature: self.feat.double_value(&[]) / n,
+            train_top1: 100.0 * self.correct.double_value(&[]) / n,
+            test_loss,
+            test_top1: report.top1,
+            test_top5: report.top5,
+            teacher_weights: weights,
+            skipped_batches: self.skipped,
+            seconds,
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The architecture catalogue and the [`Network`] type every architecture builds.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use crate::{resnet, small, wrn, Error, Result};
+use mtkd_distill_core::{FeatureShape, ModelOutput};
+
+/// Supported architectures (CIFAR-style: they work for any input size and channel count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Arch {
+    /// Two conv blocks and a linear head: the smallest useful student.
+    CnnSmall,
+    Resnet8,
+    Resnet14,
+    Resnet20,
+    Resnet32,
+    Resnet56,
+    Resnet8x4,
+    Resnet32x4,
+    Wrn16x1,
+    Wrn16x2,
+    Wrn28x4,
+    Wrn40x2,
+}
+
+const NAMES: &[(&str, Arch)] = &[
+    ("cnn-small", Arch::CnnSmall),
+    ("resnet8", Arch::Resnet8),
+    ("resnet14", Arch::Resnet14),
+    ("resnet20", Arch::Resnet20),
+    ("resnet32", Arch::Resnet32),
+    ("resnet56", Arch::Resnet56),
+    ("resnet8x4", Arch::Resnet8x4),
+    ("resnet32x4", Arch::Resnet32x4),
+    ("wrn-16-1", Arch::Wrn16x1),
+    ("wrn-16-2", Arch::Wrn16x2),
+    ("wrn-28-4", Arch::Wrn28x4),
+    ("wrn-40-2", Arch::Wrn40x2),
+];
+
+impl Arch {
+    pub fn all() -> impl Iterator<Item = Arch> {
+        NAMES.iter().map(|(_, a)| *a)
+    }
+    pub fn name(self) -> &'static str {
+        NAMES
+            .iter()
+            .find(|(_, a)| *a == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
+    }
+    pub fn known() -> String {
+        NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Arch {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Arch> {
+        NAMES
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| Error::UnknownArch {
+                name: s.to_owned(),
+                known: Arch::known(),
+            })
+    }
+}
+
+impl TryFrom<String> for Arch {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Arch> {
+        s.parse()
+    }
+}
+
+impl From<Arch> for String {
+    fn from(a: Arch) -> String {
+        a.name().to_owned()
+    }
+}
+
+/// A classification network: a backbone producing the last feature map, global average
+/// pooling, and a linear classifier named `fc` (PyTorch names throughout).
+#[derive(Debug)]
+pub struct Network {
+    pub arch: Arch,
+    backbone: nn::FuncT<'static>,
+    fc: nn::Linear,
+    in_shape: (i64, i64, i64),
+    feature_shape: FeatureShape,
+    num_classes: i64,
+}
+
+impl Network {
+    /// Build `arch` under `path` for images `(C, H, W)` and `num_classes` classes.
+    pub fn new(
+        path: &nn::Path,
+        arch: Arch,
+        in_shape: (i64, i64, i64),
+        num_classes: i64,
+    ) -> Result<Network> {
+        let c = in_shape.0;
+        let (backbone, channels) = match arch {
+            Arch::CnnSmall => small::cnn_small(path, c),
+            Arch::Resnet8 => resnet::cifar_resnet(path, c, 8, [16, 16, 32, 64]),
+            Arch::Resnet14 => resnet::cifar_resnet(path, c, 14, [16, 16, 32, 64]),
+            Arch::Resnet20 => resnet::cifar_resnet(path, c, 20, [16, 16, 32, 64]),
+            Arch::Resnet32 => resnet::cifar_resnet(path, c, 32, [16, 16, 32, 64]),
+            Arch::Resnet56 => resnet::cifar_resnet(path, c, 56, [16, 16, 32, 64]),
+            Arch::Resnet8x4 => resnet::cifar_resnet(path, c, 8, [32, 64, 128, 256]),
+            Arch::Resnet32x4 => resnet::cifar_resnet(path, c, 32, [32, 64, 128, 256]),
+            Arch::Wrn16x1 => wrn::wrn(path, c, 16, 1),
+            Arch::Wrn16x2 => wrn::wrn(path, c, 16, 2),
+            Arch::Wrn28x4 => wrn::wrn(path, c, 28, 4),
+            Arch::Wrn40x2 => wrn::wrn(path, c, 40, 2),
+        };
+        let fc = nn::linear(path / "fc", channels, num_classes, Default::default());
+        // Probe the feature map's spatial size once with a zero image (no BN statistics change
+        // in eval mode, no gradient).
+        let device = path.device();
+        let probe = tch::no_grad(|| {
+            Tensor::f_zeros(
+                [1, in_shape.0, in_shape.1, in_shape.2],
+                (Kind::Float, device),
+            )
+            .and_then(|z| Ok(backbone.forward_t(&z, false).size()))
+        })?;
+        let feature_shape = (probe[1], probe[2], probe[3]);
+        Ok(Network {
+            arch,
+            backbone,
+            fc,
+            in_shape,
+            feature_shape,
+            num_classes,
+        })
+    }
+
+    /// Forward a batch, keeping the feature map.
+    ///
+    /// # Shapes
+    /// `images [B, C, H, W]` -> logits `[B, K]`, features `[B, C', H', W']`
+    pub fn forward_t(&self, images: &Tensor, train: bool) -> ModelOutput {
+        let features = self.backbone.forward_t(images, train);
+        let logits = self
+            .fc
+            .forward(&features.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
+        ModelOutput {
+            logits,
+            features: Some(features),
+        }
+    }
+
+    /// Fallible forward that checks the input shape first (for user-provided data).
+    pub fn f_forward_t(&self, images: &Tensor, train: bool) -> Result<ModelOutput> {
+        let (c, h, w) = self.in_shape;
+        mtkd_distill_core::error::check_shape("network input", images, &[-1, c, h, w])?;
+        Ok(self.forward_t(images, train))
+    }
+
+    pub fn feature_shape(&self) -> FeatureShape {
+        self.feature_shape
+    }
+    pub fn in_shape(&self) -> (i64, i64, i64) {
+        self.in_shape
+    }
+    pub fn num_classes(&self) -> i64 {
+        self.num_classes
+    }
+}
+
+/// Number of trainable parameters in a var store.
+pub fn parameter_count(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables()
+        .iter()
+        .map(Tensor::numel)
+        .map(|n| n as i64)
+        .sum()
+}
+
+/// The device a var store lives on (re-exported for convenience).
+pub fn device_of(vs: &nn::VarStore) -> Device {
+    vs.device()
+}

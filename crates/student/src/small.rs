@@ -1,0 +1,28 @@
+//! `cnn-small`: conv(32)-BN-ReLU-pool, conv(64)-BN-ReLU-pool, conv(64)-BN-ReLU. About 60k
+//! parameters; the feature map is the last conv block's output.
+
+use tch::nn::{self, ModuleT};
+
+fn block(p: &nn::Path, cin: i64, cout: i64) -> nn::SequentialT {
+    let conv = nn::ConvConfig {
+        padding: 1,
+        bias: false,
+        ..Default::default()
+    };
+    nn::seq_t()
+        .add(nn::conv2d(p / "conv", cin, cout, 3, conv))
+        .add(nn::batch_norm2d(p / "bn", cout, Default::default()))
+        .add_fn(|x| x.relu())
+}
+
+pub(crate) fn cnn_small(p: &nn::Path, in_channels: i64) -> (nn::FuncT<'static>, i64) {
+    let b1 = block(&(p / "block1"), in_channels, 32);
+    let b2 = block(&(p / "block2"), 32, 64);
+    let b3 = block(&(p / "block3"), 64, 64);
+    let f = nn::func_t(move |x, train| {
+        let x = b1.forward_t(x, train).max_pool2d_default(2);
+        let x = b2.forward_t(&x, train).max_pool2d_default(2);
+        b3.forward_t(&x, train)
+    });
+    (f, 64)
+}

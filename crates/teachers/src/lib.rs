@@ -1,0 +1,257 @@
+//! mtkd-teachers: TorchScript teachers loaded with libtorch (`tch::CModule`), checked against the
+//! output contract at load time, run frozen in eval mode without gradient tracking.
+//!
+//! # The output contract
+//! A teacher file is a TorchScript module whose `forward(x)` takes a float batch `[B, C, H, W]`
+//! (already normalised as the dataset config says) and returns either
+//! - a tuple `(logits [B, K], feature_map [B, C', H', W'])`, the feature map being the last
+//!   convolutional map from which the embedding is pooled (logit and feature KD), or
+//! - a single tensor `logits [B, K]` (logit-only KD).
+//!
+//! `scripts/export_teacher.py` wraps a PyTorch model into this contract.
+
+use std::path::{Path, PathBuf};
+
+use tch::{CModule, Device, IValue, Kind, Tensor};
+
+use mtkd_distill_core::{FeatureShape, ModelOutput, Teacher};
+
+/// Errors of teacher loading and running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("teacher file {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("teacher file {path} is not a loadable TorchScript module: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("teacher {path} breaks the output contract: {reason}")]
+    TeacherContract { path: PathBuf, reason: String },
+    #[error("teacher `{name}` failed on a batch: {source}")]
+    Forward {
+        name: String,
+        #[source]
+        source: tch::TchError,
+    },
+    #[error(transparent)]
+    Core(#[from] mtkd_distill_core::Error),
+}
+
+/// Result alias of the teachers crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What the caller expects of a teacher, checked with a probe batch at load time.
+#[derive(Debug, Clone)]
+pub struct Expectation {
+    /// Input `(C, H, W)` the dataset produces.
+    pub input: (i64, i64, i64),
+    /// Class count of the dataset.
+    pub num_classes: i64,
+    /// Whether feature KD is configured (then the teacher must return a feature map).
+    pub needs_features: bool,
+}
+
+/// A frozen TorchScript teacher.
+#[derive(Debug)]
+pub struct TorchScriptTeacher {
+    name: String,
+    path: PathBuf,
+    module: CModule,
+    num_classes: i64,
+    feature_shape: Option<FeatureShape>,
+    device: Device,
+}
+
+impl TorchScriptTeacher {
+    /// Load `path` onto `device`, put it in eval mode and validate it with a probe batch.
+    pub fn load(name: &str, path: &Path, device: Device, expect: &Expectation) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut module = CModule::load_on_device(path, device).map_err(|e| Error::Corrupt {
+            path: path.to_path_buf(),
+            reason: first_line(&e.to_string()),
+        })?;
+        module.set_eval();
+        let mut t = TorchScriptTeacher {
+            name: name.to_owned(),
+            path: path.to_path_buf(),
+            module,
+            num_classes: 0,
+            feature_shape: None,
+            device,
+        };
+        t.validate(expect)?;
+        tracing::info!(teacher = name, path = %path.display(), classes = t.num_classes,
+            features = ?t.feature_shape, "loaded TorchScript teacher");
+        Ok(t)
+    }
+
+    fn contract(&self, reason: impl Into<String>) -> Error {
+        Error::TeacherContract {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn validate(&mut self, expect: &Expectation) -> Result<()> {
+        let (c, h, w) = expect.input;
+        // A fixed pseudo-random probe (not zeros: a constant input can hide NaN paths).
+        let probe = tch::no_grad(|| {
+            Tensor::arange(2 * c * h * w, (Kind::Float, self.device))
+                .view([2, c, h, w])
+                .sin()
+        });
+        let out = self.raw_forward(&probe).map_err(|e| match e {
+            Error::Forward { source, .. } => self.contract(format!(
+                "forward failed on a probe batch of shape [2, {c}, {h}, {w}] (the dataset's input): {}",
+                first_line(&source.to_string())
+            )),
+            other => other,
+        })?;
+        let ls = out.logits.size();
+        if ls.len() != 2 || ls[0] != 2 {
+            return Err(self.contract(format!("logits must be [B, K], got shape {ls:?}")));
+        }
+        if ls[1] != expect.num_classes {
+            return Err(self.contract(format!(
+                "it predicts {} classes but the dataset has {}",
+                ls[1], expect.num_classes
+            )));
+        }
+        if !matches!(
+            out.logits.kind(),
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        ) {
+            return Err(self.contract(format!(
+                "logits must be floating point, got {:?}",
+                out.logits.kind()
+            )));
+        }
+        self.num_classes = ls[1];
+        match &out.features {
+            Some(f) => {
+                let fs = f.size();
+                if fs.len() != 4 || fs[0] != 2 {
+                    return Err(self.contract(format!(
+                        "the second output must be the feature map [B, C, H, W], got shape {fs:?}"
+                    )));
+                }
+                self.feature_shape = Some((fs[1], fs[2], fs[3]));
+            }
+            None if expect.needs_features => {
+                return Err(self.contract(
+                    "feature distillation is configured but this teacher returns logits only; \
+                     export it with its feature layer (scripts/export_teacher.py --feature-layer) \
+                     or set feature_weight = 0",
+                ));
+            }
+            None => {}
+        }
+        for (what, t) in [
+            ("logits", Some(&out.logits)),
+            ("feature map", out.features.as_ref()),
+        ] {
+            if let Some(t) = t {
+                if mtkd_distill_core::loss::ensure_finite(what, t).is_err() {
+                    return Err(
+                        self.contract(format!("its {what} on the probe batch are not finite"))
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn raw_forward(&self, images: &Tensor) -> Result<ModelOutput> {
+        let fwd = |source| Error::Forward {
+            name: self.name.clone(),
+            source,
+        };
+        let out = tch::no_grad(|| {
+            self.module
+                .forward_is(&[IValue::Tensor(images.shallow_clone())])
+        })
+        .map_err(fwd)?;
+        let as_float = |t: Tensor| {
+            if t.kind() == Kind::Float {
+                t
+            } else {
+                t.to_kind(Kind::Float)
+            }
+        };
+        match out {
+            IValue::Tensor(logits) => Ok(ModelOutput {
+                logits: as_float(logits),
+                features: None,
+            }),
+            IValue::Tuple(mut items) | IValue::GenericList(mut items) if items.len() == 2 => {
+                let f = items.pop();
+                let l = items.pop();
+                match (l, f) {
+                    (Some(IValue::Tensor(l)), Some(IValue::Tensor(f))) => Ok(ModelOutput {
+                        logits: as_float(l),
+                        features: Some(as_float(f)),
+                    }),
+                    _ => Err(self.contract("forward must return (logits, feature_map) tensors")),
+                }
+            }
+            IValue::TensorList(mut ts) if ts.len() == 2 => {
+                let f = ts.pop().map(as_float);
+                let l = ts
+                    .pop()
+                    .map(as_float)
+                    .unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU));
+                Ok(ModelOutput {
+                    logits: l,
+                    features: f,
+                })
+            }
+            other => Err(self.contract(format!(
+                "forward must return a tensor (logits) or a pair (logits, feature_map), got {}",
+                describe(&other)
+            ))),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Teacher for TorchScriptTeacher {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn num_classes(&self) -> i64 {
+        self.num_classes
+    }
+    fn feature_shape(&self) -> Option<FeatureShape> {
+        self.feature_shape
+    }
+    fn forward(&self, images: &Tensor) -> mtkd_distill_core::Result<ModelOutput> {
+        self.raw_forward(images)
+            .map_err(|e| mtkd_distill_core::Error::Invalid {
+                what: format!("teacher `{}` ({})", self.name, self.path.display()),
+                reason: e.to_string(),
+            })
+    }
+}
+
+fn describe(v: &IValue) -> String {
+    match v {
+        IValue::Tuple(items) => format!("a tuple of {} items", items.len()),
+        IValue::GenericList(items) => format!("a list of {} items", items.len()),
+        IValue::TensorList(items) => format!("a list of {} tensors", items.len()),
+        IValue::None => "None".into(),
+        _ => "a non-tensor value".into(),
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(s)
+        .trim()
+        .to_owned()
+}

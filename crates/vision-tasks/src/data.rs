@@ -1,0 +1,326 @@
+//! In-memory image datasets and their readers: IDX (MNIST / Fashion-MNIST, gzip or not),
+//! CIFAR-10/100 binary, and ImageFolder trees (PNG, JPEG).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use ndarray::{s, Array4};
+
+use crate::error::{io_err, Error, Result};
+
+/// Images as `u8` `[N, C, H, W]` with integer labels, fully in memory.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    pub images: Array4<u8>,
+    pub labels: Vec<i64>,
+    pub num_classes: usize,
+    /// Class names in label order (numbers when the format has none).
+    pub class_names: Vec<String>,
+}
+
+impl ImageSet {
+    /// Build a set, checking that labels and images agree.
+    pub fn new(images: Array4<u8>, labels: Vec<i64>, num_classes: usize) -> Result<ImageSet> {
+        if images.shape()[0] != labels.len() {
+            return Err(Error::Invalid {
+                what: "images/labels".into(),
+                reason: format!("{} images but {} labels", images.shape()[0], labels.len()),
+            });
+        }
+        if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as usize >= num_classes) {
+            return Err(Error::Invalid {
+                what: "labels".into(),
+                reason: format!("label {bad} outside 0..{num_classes}"),
+            });
+        }
+        let class_names = (0..num_classes).map(|c| c.to_string()).collect();
+        Ok(ImageSet {
+            images,
+            labels,
+            num_classes,
+            class_names,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// `(C, H, W)` of every image.
+    pub fn image_shape(&self) -> (usize, usize, usize) {
+        let s = self.images.shape();
+        (s[1], s[2], s[3])
+    }
+
+    /// The first `n` samples (or all of them), e.g. for quick runs.
+    pub fn take(&self, n: usize) -> ImageSet {
+        let n = n.min(self.len());
+        ImageSet {
+            images: self.images.slice(s![..n, .., .., ..]).to_owned(),
+            labels: self.labels[..n].to_vec(),
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+        }
+    }
+
+    /// Split off the last `n` samples as a second set: `(first, last)`.
+    pub fn split_tail(&self, n: usize) -> (ImageSet, ImageSet) {
+        let k = self.len().saturating_sub(n);
+        let part = |a: usize, b: usize| ImageSet {
+            images: self.images.slice(s![a..b, .., .., ..]).to_owned(),
+            labels: self.labels[a..b].to_vec(),
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+        };
+        (part(0, k), part(k, self.len()))
+    }
+}
+
+fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(io_err(path))?;
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_end(&mut out)
+            .map_err(|e| Error::Format {
+                path: path.to_path_buf(),
+                format: "gzip",
+                reason: format!("truncated or corrupt ({e})"),
+            })?;
+        Ok(out)
+    } else {
+        Ok(raw)
+    }
+}
+
+/// Parse one IDX file (unsigned byte data): returns the dimensions and the payload.
+pub fn read_idx(path: &Path) -> Result<(Vec<usize>, Vec<u8>)> {
+    let bytes = read_maybe_gz(path)?;
+    let bad = |reason: String| Error::Format {
+        path: path.to_path_buf(),
+        format: "IDX",
+        reason,
+    };
+    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
+        return Err(bad("missing the 0x0000 magic prefix".into()));
+    }
+    if bytes[2] != 0x08 {
+        return Err(bad(format!(
+            "data type 0x{:02x} is not unsigned byte (0x08)",
+            bytes[2]
+        )));
+    }
+    let ndim = bytes[3] as usize;
+    let header = 4 + 4 * ndim;
+    if bytes.len() < header {
+        return Err(bad("header is truncated".into()));
+    }
+    let dims: Vec<usize> = (0..ndim)
+        .map(|i| {
+            let b = &bytes[4 + 4 * i..8 + 4 * i];
+            u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+        })
+        .collect();
+    let expected: usize = dims.iter().product();
+    let payload = bytes.len() - header;
+    if payload != expected {
+        return Err(bad(format!(
+            "dimensions {dims:?} need {expected} bytes of data, the file has {payload} (truncated?)"
+        )));
+    }
+    Ok((dims, bytes[header..].to_vec()))
+}
+
+/// Read an IDX image file `[N, H, W]` and its label file `[N]` into a single-channel set.
+pub fn read_idx_pair(images: &Path, labels: &Path, num_classes: usize) -> Result<ImageSet> {
+    let (idims, ibytes) = read_idx(images)?;
+    let (ldims, lbytes) = read_idx(labels)?;
+    if idims.len() != 3 {
+        return Err(Error::Format {
+            path: images.to_path_buf(),
+            format: "IDX images",
+            reason: format!("expected 3 dimensions [N, H, W], got {idims:?}"),
+        });
+    }
+    if ldims.len() != 1 || ldims[0] != idims[0] {
+        return Err(Error::Format {
+            path: labels.to_path_buf(),
+            format: "IDX labels",
+            reason: format!(
+                "expected [{}] labels to match {}, got {ldims:?}",
+                idims[0],
+                images.display()
+            ),
+        });
+    }
+    let arr = Array4::from_shape_vec((idims[0], 1, idims[1], idims[2]), ibytes).map_err(|e| {
+        Error::Invalid {
+            what: images.display().to_string(),
+            reason: e.to_string(),
+        }
+    })?;
+    ImageSet::new(
+        arr,
+        lbytes.into_iter().map(i64::from).collect(),
+        num_classes,
+    )
+}
+
+/// Split of a standard dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+/// MNIST-layout folder (`train-images-idx3-ubyte[.gz]`, `t10k-...`), 10 classes.
+pub fn read_mnist_dir(root: &Path, split: Split) -> Result<ImageSet> {
+    let prefix = match split {
+        Split::Train => "train",
+        Split::Test => "t10k",
+    };
+    let find = |stem: String| -> Result<PathBuf> {
+        for cand in [format!("{stem}.gz"), stem.clone()] {
+            let p = root.join(&cand);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        Err(Error::Io {
+            path: root.join(format!("{stem}.gz")),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "file not found (nor without .gz)",
+            ),
+        })
+    };
+    let images = find(format!("{prefix}-images-idx3-ubyte"))?;
+    let labels = find(format!("{prefix}-labels-idx1-ubyte"))?;
+    read_idx_pair(&images, &labels, 10)
+}
+
+/// CIFAR binary batches. `label_bytes` is 1 for CIFAR-10 and 2 for CIFAR-100 (coarse, fine:
+/// the fine label is used).
+pub fn read_cifar_files(
+    files: &[PathBuf],
+    label_bytes: usize,
+    num_classes: usize,
+) -> Result<ImageSet> {
+    const PIXELS: usize = 3 * 32 * 32;
+    let record = label_bytes + PIXELS;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for path in files {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        if bytes.is_empty() || bytes.len() % record != 0 {
+            return Err(Error::Format {
+                path: path.clone(),
+                format: "CIFAR binary",
+                reason: format!(
+                    "{} bytes is not a multiple of the {record}-byte record",
+                    bytes.len()
+                ),
+            });
+        }
+        for rec in bytes.chunks_exact(record) {
+            labels.push(i64::from(rec[label_bytes - 1]));
+            images.extend_from_slice(&rec[label_bytes..]);
+        }
+    }
+    let n = labels.len();
+    let arr = Array4::from_shape_vec((n, 3, 32, 32), images).map_err(|e| Error::Invalid {
+        what: "CIFAR".into(),
+        reason: e.to_string(),
+    })?;
+    ImageSet::new(arr, labels, num_classes)
+}
+
+/// CIFAR-10 (`data_batch_{1..5}.bin`, `test_batch.bin`) or CIFAR-100 (`train.bin`, `test.bin`).
+pub fn read_cifar_dir(root: &Path, split: Split, hundred: bool) -> Result<ImageSet> {
+    if hundred {
+        let f = match split {
+            Split::Train => "train.bin",
+            Split::Test => "test.bin",
+        };
+        read_cifar_files(&[root.join(f)], 2, 100)
+    } else {
+        let files: Vec<PathBuf> = match split {
+            Split::Train => (1..=5)
+                .map(|i| root.join(format!("data_batch_{i}.bin")))
+                .collect(),
+            Split::Test => vec![root.join("test_batch.bin")],
+        };
+        read_cifar_files(&files, 1, 10)
+    }
+}
+
+/// An ImageFolder tree (`root/<class>/<image>`), classes sorted by name. Every image is resized
+/// (bilinear) to `size x size` and converted to `channels` (1 or 3).
+pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<ImageSet> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
+        .map_err(io_err(root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        return Err(Error::Invalid {
+            what: root.display().to_string(),
+            reason: "an ImageFolder root needs one sub-folder per class".into(),
+        });
+    }
+    let (h, w) = (size as usize, size as usize);
+    let mut pixels = Vec::new();
+    let mut labels = Vec::new();
+    for (label, dir) in classes.iter().enumerate() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                    matches!(x.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg")
+                })
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let img = image::open(&f).map_err(|e| Error::Format {
+                path: f.clone(),
+                format: "image",
+                reason: e.to_string(),
+            })?;
+            let img = img.resize_exact(size, size, image::imageops::FilterType::Triangle);
+            if channels == 1 {
+                let g = img.to_luma8();
+                pixels.extend_from_slice(g.as_raw());
+            } else {
+                let rgb = img.to_rgb8();
+                // HWC -> CHW
+                let raw = rgb.as_raw();
+                for c in 0..3 {
+                    pixels.extend((0..h * w).map(|i| raw[i * 3 + c]));
+                }
+            }
+            labels.push(label as i64);
+        }
+    }
+    let n = labels.len();
+    let arr = Array4::from_shape_vec((n, channels, h, w), pixels).map_err(|e| Error::Invalid {
+        what: root.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut set = ImageSet::new(arr, labels, classes.len())?;
+    set.class_names = classes
+        .iter()
+        .map(|c| {
+            c.file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    Ok(set)
+}

@@ -1,0 +1,213 @@
+//! A seeded, shuffling batch loader. A producer thread decodes, augments and normalises the next
+//! batches while libtorch trains on the current one, so both cores stay busy.
+//!
+//! Randomness is counter-based: the epoch's order comes from `(seed, epoch)` and each sample's
+//! augmentation from `(seed, epoch, sample index)`. Any batch of any epoch can therefore be
+//! reproduced without stored RNG state, which is what makes an interrupted run resume exactly.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::ImageSet;
+use crate::error::{Error, Result};
+use crate::transform::{self, Augment, EvalResize, Normalize};
+
+/// How batches are made.
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub drop_last: bool,
+    pub augment: Option<Augment>,
+    pub eval_resize: Option<EvalResize>,
+    pub normalize: Normalize,
+    pub seed: u64,
+}
+
+/// One batch, on the requested device.
+///
+/// # Shapes
+/// `images [B, C, H, W]` float, `labels [B]` int64.
+#[derive(Debug)]
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+    /// Dataset indices of the samples, in batch order.
+    pub indices: Vec<usize>,
+}
+
+struct CpuBatch {
+    pixels: Vec<f32>,
+    labels: Vec<i64>,
+    indices: Vec<usize>,
+}
+
+/// Splits a dataset into batches, epoch after epoch.
+#[derive(Debug, Clone)]
+pub struct BatchLoader {
+    set: Arc<ImageSet>,
+    cfg: LoaderConfig,
+    out_hw: (usize, usize),
+}
+
+/// SplitMix64 finaliser: decorrelates the counters that seed per-sample generators.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl BatchLoader {
+    pub fn new(set: Arc<ImageSet>, cfg: LoaderConfig) -> Result<BatchLoader> {
+        if cfg.batch_size == 0 {
+            return Err(Error::Invalid {
+                what: "batch_size".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if set.is_empty() {
+            return Err(Error::Invalid {
+                what: "dataset".into(),
+                reason: "has no samples".into(),
+            });
+        }
+        let (c, h, w) = set.image_shape();
+        cfg.normalize.check(c).map_err(|reason| Error::Invalid {
+            what: "normalisation".into(),
+            reason,
+        })?;
+        let out_hw = transform::output_size((h, w), cfg.augment.as_ref(), cfg.eval_resize.as_ref());
+        Ok(BatchLoader { set, cfg, out_hw })
+    }
+
+    pub fn dataset(&self) -> &ImageSet {
+        &self.set
+    }
+
+    /// Batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let n = self.set.len();
+        if self.cfg.drop_last {
+            n / self.cfg.batch_size
+        } else {
+            n.div_ceil(self.cfg.batch_size)
+        }
+    }
+
+    /// `(C, H, W)` of the batches' images.
+    pub fn output_shape(&self) -> (usize, usize, usize) {
+        (self.set.image_shape().0, self.out_hw.0, self.out_hw.1)
+    }
+
+    /// The sample order of an epoch.
+    pub fn order(&self, epoch: u64) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.set.len()).collect();
+        if self.cfg.shuffle {
+            let mut rng = ChaCha8Rng::seed_from_u64(mix(self.cfg.seed ^ mix(epoch)));
+            idx.shuffle(&mut rng);
+        }
+        idx
+    }
+
+    /// Iterate over the batches of `epoch`, starting at batch `start` (for resuming).
+    pub fn epoch(&self, epoch: u64, start: usize, device: Device) -> EpochIter {
+        let order = self.order(epoch);
+        let bs = self.cfg.batch_size;
+        let total = self.num_batches();
+        let (tx, rx) = sync_channel::<CpuBatch>(3);
+        let set = Arc::clone(&self.set);
+        let cfg = self.cfg.clone();
+        let (oh, ow) = self.out_hw;
+        let handle = std::thread::spawn(move || {
+            let c = set.image_shape().0;
+            let per = c * oh * ow;
+            for b in start..total {
+                let idx: Vec<usize> = order[b * bs..((b + 1) * bs).min(order.len())].to_vec();
+                let mut pixels = vec![0f32; idx.len() * per];
+                let mut labels = Vec::with_capacity(idx.len());
+                for (k, &i) in idx.iter().enumerate() {
+                    let mut rng =
+                        ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ mix(epoch ^ mix(i as u64))));
+                    let dst = &mut pixels[k * per..(k + 1) * per];
+                    transform::apply(
+                        set.images.index_axis(ndarray::Axis(0), i),
+                        cfg.augment.as_ref(),
+                        cfg.eval_resize.as_ref(),
+                        &mut rng,
+                        dst,
+                    );
+                    transform::normalize(dst, &cfg.normalize, oh * ow);
+                    labels.push(set.labels[i]);
+                }
+                if tx
+                    .send(CpuBatch {
+                        pixels,
+                        labels,
+                        indices: idx,
+                    })
+                    .is_err()
+                {
+                    return; // the consumer stopped early
+                }
+            }
+        });
+        EpochIter {
+            rx: Some(rx),
+            handle: Some(handle),
+            shape: (self.set.image_shape().0 as i64, oh as i64, ow as i64),
+            device,
+        }
+    }
+}
+
+/// Batches of one epoch; dropping it stops the producer.
+pub struct EpochIter {
+    rx: Option<Receiver<CpuBatch>>,
+    handle: Option<JoinHandle<()>>,
+    shape: (i64, i64, i64),
+    device: Device,
+}
+
+impl std::fmt::Debug for EpochIter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochIter")
+            .field("shape", &self.shape)
+            .finish()
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        let cpu = self.rx.as_ref()?.recv().ok()?;
+        let b = cpu.labels.len() as i64;
+        let (c, h, w) = self.shape;
+        let images = Tensor::from_slice(&cpu.pixels)
+            .view([b, c, h, w])
+            .to_device(self.device);
+        let labels = Tensor::from_slice(&cpu.labels)
+            .to_kind(Kind::Int64)
+            .to_device(self.device);
+        Some(Batch {
+            images,
+            labels,
+            indices: cpu.indices,
+        })
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `cargo xtask`: set-up and orchestration for mtkd (libtorch, data, training, tests, CI).
+//!
+//! xtask never links libtorch: it installs it, then runs cargo with the environment that
+//! `torch-sys` needs. Every command that builds Rust code runs the libtorch set-up first.
+
+mod data;
+mod torch;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{bail, Context, Result};
+
+const HELP: &str = "\
+cargo xtask <COMMAND> [ARGS]
+
+Commands:
+  setup              install (or find) libtorch 2.13.0 for tch 0.26 and print where it is
+  env                print shell exports so that plain `cargo build` / `cargo test` work too
+  data               fetch the full Fashion-MNIST (Debian package dataset-fashion-mnist) into the cache
+  train [ARGS]       build mtkd in release and run `mtkd train`; ARGS go to it
+                     (default: --config configs/default.toml)
+  doctor             build mtkd and print libtorch, thread and CUDA information
+  test [ARGS]        run the whole test suite (release build); ARGS go to `cargo test`
+  ci                 cargo fmt --check, clippy with warnings denied, then the test suite
+  mtkd [ARGS]        build and run the mtkd binary with ARGS
+
+Environment:
+  MTKD_CACHE_DIR     where libtorch and datasets are cached (default: $XDG_CACHE_HOME/mtkd or ~/.cache/mtkd)
+  LIBTORCH           use this libtorch instead of installing one (must be version 2.13.0)
+  MTKD_PYTHON        the Python 3 used to create the torch virtual environment (default: python3)
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next().unwrap_or_else(|| "help".to_owned());
+    let rest: Vec<String> = args.collect();
+    let root = project_root()?;
+    std::env::set_current_dir(&root)
+        .with_context(|| format!("cannot enter the project root {}", root.display()))?;
+    match cmd.as_str() {
+        "setup" => {
+            let torch = torch::ensure()?;
+            println!("{}", torch.describe());
+            Ok(())
+        }
+        "env" => {
+            let torch = torch::ensure()?;
+            for (k, v) in torch.cargo_env() {
+                println!("export {k}={}", shell_quote(&v));
+            }
+            println!(
+                "export MTKD_DATA_DIR={}",
+                shell_quote(&data::data_dir()?.display().to_string())
+            );
+            Ok(())
+        }
+        "data" => {
+            let dir = data::ensure_fashion_mnist()?;
+            println!("Fashion-MNIST is in {}", dir.display());
+            Ok(())
+        }
+        "train" => {
+            let torch = torch::ensure()?;
+            let mut train_args = vec!["train".to_owned()];
+            if !rest
+                .iter()
+                .any(|a| a == "--config" || a.starts_with("--config=") || a == "--resume")
+            {
+                train_args.push("--config".into());
+                train_args.push("configs/default.toml".into());
+            }
+            train_args.extend(rest);
+            data::ensure_for_config(&config_path(&train_args))?;
+            run_mtkd(&torch, &train_args)
+        }
+        "doctor" => {
+            let torch = torch::ensure()?;
+            run_mtkd(&torch, &["doctor".to_owned()])
+        }
+        "mtkd" => {
+            let torch = torch::ensure()?;
+            run_mtkd(&torch, &rest)
+        }
+        "test" => {
+            let torch = torch::ensure()?;
+            test(&torch, &rest)
+        }
+        "ci" => {
+            let torch = torch::ensure()?;
+            step(
+                "cargo fmt --check",
+                cargo(&torch).args(["fmt", "--all", "--", "--check"]),
+            )?;
+            step(
+                "cargo clippy",
+                cargo(&torch).args([
+                    "clippy",
+                    "--release",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+            )?;
+            test(&torch, &rest)
+        }
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown command `{other}`\n\n{HELP}"),
+    }
+}
+
+/// The whole test suite: every workspace crate (xtask's tidy tests included), in release.
+fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
+    step(
+        "cargo test",
+        cargo(torch)
+            .args(["test", "--release", "--workspace"])
+            .args(extra),
+    )
+}
+
+fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
+    let mut cmd = cargo(torch);
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "mtkd-engine",
+        "--bin",
+        "mtkd",
+        "--",
+    ]);
+    cmd.args(args);
+    step("mtkd", &mut cmd)
+}
+
+/// The `--config` value of an argument list, if any.
+fn config_path(args: &[String]) -> Option<PathBuf> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().map(PathBuf::from);
+        }
+        if let Some(v) = a.strip_prefix("--config=") {
+            return Some(PathBuf::from(v));
+        }
+    }
+    None
+}
+
+/// `$CARGO` (the cargo that runs xtask) with the libtorch environment and the data directory.
+fn cargo(torch: &torch::Torch) -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for (k, v) in torch.cargo_env() {
+        cmd.env(k, v);
+    }
+    if std::env::var_os("MTKD_DATA_DIR").is_none() {
+        if let Ok(dir) = data::data_dir() {
+            cmd.env("MTKD_DATA_DIR", dir);
+        }
+    }
+    cmd
+}
+
+fn step(what: &str, cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn project_root() -> Result<PathBuf> {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    Ok(dir.parent().map(Path::to_path_buf).unwrap_or(dir))
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The cache directory shared by libtorch and datasets.
+pub(crate) fn cache_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("MTKD_CACHE_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Ok(PathBuf::from(dir).join("mtkd"));
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => Ok(PathBuf::from(home).join(".cache").join("mtkd")),
+        None => bail!("neither MTKD_CACHE_DIR, XDG_CACHE_HOME nor HOME is set: set MTKD_CACHE_DIR to a folder where mtkd may keep libtorch and datasets"),
+    }
+}
+
+#[cfg(test)]
+mod tidy;
