@@ -24,6 +24,11 @@ Commands:
   test [ARGS]        run the whole test suite (release build); ARGS go to `cargo test`
   ci                 cargo fmt --check, clippy with warnings denied, then the test suite
   mtkd [ARGS]        build and run the mtkd binary with ARGS
+  teachers [ARGS]    train (or take from the cache) and evaluate a config's teacher pool
+                     (default: --config configs/default.toml)
+  export-teacher ARGS  wrap a PyTorch model as a TorchScript teacher (scripts/export_teacher.py)
+  golden             regenerate the golden files of the tests with PyTorch (scripts/golden.py,
+                     scripts/student_zoo.py)
 
 Environment:
   MTKD_CACHE_DIR     where libtorch and datasets are cached (default: $XDG_CACHE_HOME/mtkd or ~/.cache/mtkd)
@@ -88,6 +93,25 @@ fn run() -> Result<()> {
             let torch = torch::ensure()?;
             run_mtkd(&torch, &["doctor".to_owned()])
         }
+        "teachers" => {
+            let torch = torch::ensure()?;
+            let mut args = vec!["teachers".to_owned()];
+            if config_path(&rest).is_none() {
+                args.extend(["--config".to_owned(), "configs/default.toml".to_owned()]);
+            }
+            args.extend(rest);
+            data::ensure_for_config(&config_path(&args))?;
+            run_mtkd(&torch, &args)
+        }
+        "export-teacher" => {
+            let torch = torch::ensure()?;
+            python(&torch, "scripts/export_teacher.py", &rest)
+        }
+        "golden" => {
+            let torch = torch::ensure()?;
+            python(&torch, "scripts/golden.py", &[])?;
+            python(&torch, "scripts/student_zoo.py", &[])
+        }
         "mtkd" => {
             let torch = torch::ensure()?;
             run_mtkd(&torch, &rest)
@@ -148,6 +172,21 @@ fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
     ]);
     cmd.args(args);
     step("mtkd", &mut cmd)
+}
+
+/// Run a project script with the Python that provides libtorch (the same torch as the build).
+fn python(torch: &torch::Torch, script: &str, args: &[String]) -> Result<()> {
+    let py = torch
+        .cargo_env()
+        .into_iter()
+        .find(|(k, _)| k == "MTKD_TORCH_PYTHON")
+        .map(|(_, v)| v)
+        .or_else(|| std::env::var("MTKD_TORCH_PYTHON").ok())
+        .context(
+            "LIBTORCH is set to your own libtorch, so xtask has no Python with torch: set MTKD_TORCH_PYTHON \
+             to a python that has torch 2.13.0 (and torchvision) installed",
+        )?;
+    step(script, Command::new(py).arg(script).args(args))
 }
 
 /// The `--config` value of an argument list, if any.

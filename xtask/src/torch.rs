@@ -11,6 +11,9 @@ use anyhow::{bail, Context, Result};
 pub const TORCH_VERSION: &str = "2.13.0";
 /// The `tch` version this file was written for.
 pub const TCH_VERSION: &str = "0.26.0";
+/// The torchvision release built against `TORCH_VERSION` (its wheel requires `torch==2.13.0`);
+/// `scripts/export_teacher.py` builds teachers from it.
+pub const TORCHVISION_VERSION: &str = "0.28.0";
 
 /// Free space asked for before installing the wheel and its CUDA dependencies (~5 GB installed).
 const NEEDED_BYTES: u64 = 7 * 1024 * 1024 * 1024;
@@ -83,6 +86,7 @@ pub fn ensure() -> Result<Torch> {
     if python.exists() {
         if let Ok((version, dir)) = probe(&python) {
             if version == TORCH_VERSION {
+                ensure_torchvision(&venv)?;
                 return Ok(Torch::Venv {
                     venv,
                     torch_dir: dir,
@@ -107,6 +111,46 @@ pub fn ensure() -> Result<Torch> {
             venv.display()
         ))),
     }
+}
+
+/// Add torchvision to a venv that has the right torch but predates the torchvision pin. torch is
+/// left alone (`--no-deps`); numpy and pillow are named because `import torchvision` needs them.
+fn ensure_torchvision(venv: &Path) -> Result<()> {
+    let python = venv.join("bin").join("python");
+    let ok = Command::new(&python)
+        .args(["-c", "import torchvision"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: {} has torch {TORCH_VERSION} but no working torchvision; installing torchvision=={TORCHVISION_VERSION}",
+        venv.display()
+    );
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-deps",
+        ])
+        .arg(format!("torchvision=={TORCHVISION_VERSION}"))
+        .args(["numpy", "pillow"])
+        .status()
+        .with_context(|| format!("cannot run {} -m pip", python.display()))?;
+    if !status.success() {
+        bail!(
+            "pip could not install torchvision=={TORCHVISION_VERSION} into {} (see pip's message above). \
+             Check that PyPI is reachable and the disk is not full, then run `cargo xtask setup` again, \
+             or remove that folder so that setup reinstalls torch and torchvision together.",
+            venv.display()
+        );
+    }
+    Ok(())
 }
 
 /// `(version without local suffix, torch package dir)` as the venv's Python reports them.
@@ -163,7 +207,8 @@ fn install(venv: &Path) -> Result<()> {
         }
     }
     eprintln!(
-        "xtask: installing torch=={TORCH_VERSION} (libtorch for tch {TCH_VERSION}) into {}\n\
+        "xtask: installing torch=={TORCH_VERSION} (libtorch for tch {TCH_VERSION}) and \
+         torchvision=={TORCHVISION_VERSION} into {}\n\
          xtask: this downloads about 3 GB once and takes a few minutes; later runs reuse it",
         venv.display()
     );
@@ -198,11 +243,13 @@ fn install(venv: &Path) -> Result<()> {
             "on",
         ])
         .arg(format!("torch=={TORCH_VERSION}"))
+        .arg(format!("torchvision=={TORCHVISION_VERSION}"))
         .status()
         .with_context(|| format!("cannot run {}", pip.display()))?;
     if !status.success() {
         bail!(
-            "pip could not install torch=={TORCH_VERSION} into {} (see pip's message above). \
+            "pip could not install torch=={TORCH_VERSION} and torchvision=={TORCHVISION_VERSION} into {} \
+             (see pip's message above). \
              Check that PyPI is reachable (or that pip is configured for your mirror) and that the \
              disk is not full, then run `cargo xtask setup` again. Alternatively point LIBTORCH \
              at an existing libtorch {TORCH_VERSION}.",

@@ -99,8 +99,11 @@ fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// Named tensors of a checkpoint.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// The newest complete checkpoint: its tensors and meta.
-pub fn load_latest(root: &Path) -> Result<Option<(Vec<(String, Tensor)>, Meta)>> {
+pub fn load_latest(root: &Path) -> Result<Option<(NamedTensors, Meta)>> {
     let Some((_, dir)) = list(root)?.into_iter().max_by_key(|(n, _)| *n) else {
         return Ok(None);
     };

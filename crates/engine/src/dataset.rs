@@ -116,7 +116,7 @@ impl Datasets {
         batch_size: usize,
         seed: u64,
     ) -> Result<BatchLoader> {
-        Ok(BatchLoader::new(
+        BatchLoader::new(
             Arc::clone(&self.train),
             LoaderConfig {
                 batch_size,
@@ -128,11 +128,11 @@ impl Datasets {
                 seed,
             },
         )
-        .context("data.normalize / data.augment")?)
+        .context("data.normalize / data.augment")
     }
 
     pub fn test_loader(&self, cfg: &DataConfig, batch_size: usize) -> Result<BatchLoader> {
-        Ok(BatchLoader::new(
+        BatchLoader::new(
             Arc::clone(&self.test),
             LoaderConfig {
                 batch_size,
@@ -144,6 +144,6 @@ impl Datasets {
                 seed: 0,
             },
         )
-        .context("data.normalize")?)
+        .context("data.normalize")
     }
 }

@@ -152,8 +152,32 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     let config_hash = write_resolved_config(dir, cfg)?;
     obs.phase("loading data");
     let data = Datasets::load(&cfg.data)?;
-    let pool = build_pool(cfg, &data, device, obs)?;
+    let pool = if cfg.uses_teachers() {
+        build_pool(cfg, &data, device, obs)?
+    } else {
+        Vec::new()
+    };
     Trainer::new(cfg, data, pool, device, dir.to_path_buf(), config_hash)?.fit(opts, obs)
+}
+
+/// Train (or find in the cache) and evaluate the teacher pool of a config, without training a
+/// student: what `mtkd teachers` prints.
+pub fn prepare_teachers(cfg: &Config, obs: &mut dyn Observer) -> Result<Vec<TeacherSummary>> {
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let device = device_of(&cfg.run.device)?;
+    obs.phase("loading data");
+    let data = Datasets::load(&cfg.data)?;
+    let pool = build_pool(cfg, &data, device, obs)?;
+    Ok(pool
+        .iter()
+        .map(|p| TeacherSummary {
+            name: p.teacher.name().to_owned(),
+            source: p.source.clone(),
+            test_top1: p.test_top1,
+        })
+        .collect())
 }
 
 fn build_pool(
@@ -162,9 +186,6 @@ fn build_pool(
     device: Device,
     obs: &mut dyn Observer,
 ) -> Result<Vec<PoolMember>> {
-    if !cfg.uses_teachers() {
-        return Ok(Vec::new());
-    }
     let in_shape = data.input_shape(&cfg.data);
     let needs_features = cfg.distill.as_ref().is_some_and(|d| d.feature_weight > 0.0);
     let mut pool = Vec::new();
@@ -546,8 +567,8 @@ impl<'a> Trainer<'a> {
                     meta.step += 1;
                     session_steps += 1;
                 }
-                let show = sums.batches % 20 == 0;
-                obs.batch(show.then(|| sums.last_loss));
+                let show = sums.batches.is_multiple_of(20);
+                obs.batch(show.then_some(sums.last_loss));
             }
             self.strategy.end_epoch(epoch)?;
             let (report, test_loss) = evaluate(
@@ -865,7 +886,7 @@ impl Sums {
             self.weights += w.to_kind(Kind::Double);
             self.weight_batches += 1;
         }
-        if self.batches % 20 == 0 {
+        if self.batches.is_multiple_of(20) {
             self.last_loss = loss.double_value(&[]);
         }
     }

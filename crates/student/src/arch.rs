@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::{resnet, small, wrn, Error, Result};
+use crate::{mobilenetv2, resnet, shufflenetv2, small, wrn, Error, Result};
 use mtkd_distill_core::{FeatureShape, ModelOutput};
 
 /// Supported architectures (CIFAR-style: they work for any input size and channel count).
@@ -27,6 +27,12 @@ pub enum Arch {
     Wrn16x2,
     Wrn28x4,
     Wrn40x2,
+    /// CIFAR MobileNetV2 (RepDistiller), width 1.0.
+    MobileNetV2,
+    /// CIFAR MobileNetV2 at width 0.5 (RepDistiller's `mobile_half`).
+    MobileNetV2Half,
+    /// CIFAR ShuffleNetV2 (RepDistiller's `ShuffleV2`), net size 1.
+    ShuffleNetV2,
 }
 
 const NAMES: &[(&str, Arch)] = &[
@@ -42,6 +48,9 @@ const NAMES: &[(&str, Arch)] = &[
     ("wrn-16-2", Arch::Wrn16x2),
     ("wrn-28-4", Arch::Wrn28x4),
     ("wrn-40-2", Arch::Wrn40x2),
+    ("mobilenetv2", Arch::MobileNetV2),
+    ("mobilenetv2-half", Arch::MobileNetV2Half),
+    ("shufflenetv2", Arch::ShuffleNetV2),
 ];
 
 impl Arch {
@@ -127,6 +136,9 @@ impl Network {
             Arch::Wrn16x2 => wrn::wrn(path, c, 16, 2),
             Arch::Wrn28x4 => wrn::wrn(path, c, 28, 4),
             Arch::Wrn40x2 => wrn::wrn(path, c, 40, 2),
+            Arch::MobileNetV2 => mobilenetv2::mobilenetv2(path, c, 1.0),
+            Arch::MobileNetV2Half => mobilenetv2::mobilenetv2(path, c, 0.5),
+            Arch::ShuffleNetV2 => shufflenetv2::shufflenetv2(path, c, 1.0),
         };
         let fc = nn::linear(path / "fc", channels, num_classes, Default::default());
         // Probe the feature map's spatial size once with a zero image (no BN statistics change
@@ -137,7 +149,7 @@ impl Network {
                 [1, in_shape.0, in_shape.1, in_shape.2],
                 (Kind::Float, device),
             )
-            .and_then(|z| Ok(backbone.forward_t(&z, false).size()))
+            .map(|z| backbone.forward_t(&z, false).size())
         })?;
         let feature_shape = (probe[1], probe[2], probe[3]);
         Ok(Network {

@@ -3,7 +3,9 @@
 //! and the frozen-network [`NativeTeacher`] wrapper that lets a network trained by mtkd teach.
 
 pub mod arch;
+mod mobilenetv2;
 mod resnet;
+mod shufflenetv2;
 mod small;
 mod teacher;
 mod wrn;

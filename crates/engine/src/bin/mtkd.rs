@@ -46,6 +46,13 @@ enum Cmd {
         #[arg(long, hide = true)]
         halt_after_steps: Option<u64>,
     },
+    /// Train (or take from the cache) and evaluate the teacher pool of a config.
+    Teachers {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
 }
@@ -54,6 +61,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Doctor => doctor(),
+        Cmd::Teachers { config, overrides } => teachers(config, overrides),
         Cmd::Train {
             config,
             resume,
@@ -78,6 +86,24 @@ fn main() -> std::process::ExitCode {
 fn doctor() -> Result<()> {
     for (k, v) in mtkd_engine::doctor::report() {
         println!("{k:>18}: {v}");
+    }
+    Ok(())
+}
+
+fn teachers(config: PathBuf, overrides: Vec<String>) -> Result<()> {
+    let cfg = Config::load(&config, &overrides)?;
+    init_logging(None);
+    let pool = trainer::prepare_teachers(&cfg, &mut Bars::default())?;
+    if pool.is_empty() {
+        anyhow::bail!("{} has no [[teachers]]", config.display());
+    }
+    for t in pool {
+        println!(
+            "teacher {:<14} test top-1 {:>6.2}%   ({})",
+            t.name,
+            t.test_top1.unwrap_or(f64::NAN),
+            t.source
+        );
     }
     Ok(())
 }

@@ -1,0 +1,475 @@
+//! End-to-end tests of the engine on the committed Fashion-MNIST subset: config checking, a
+//! distillation run with teachers trained and cached by mtkd, exact resume after an interruption,
+//! bad teachers and non-finite losses, and the TorchScript export read back by PyTorch.
+
+use std::path::{Path, PathBuf};
+
+use mtkd_engine::config::Config;
+use mtkd_engine::record::{EpochRecord, Summary};
+use mtkd_engine::trainer::{self, Interrupted, RunOptions, Silent};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mtkd-engine-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny config on the committed subset: 256 training and 200 test images.
+fn tiny(extra: &str, scratch_dir: &Path) -> String {
+    format!(
+        r#"
+[run]
+name = "tiny"
+out_dir = "{out}"
+teacher_cache = "{cache}"
+seed = 3
+threads = 1
+
+[data]
+kind = "mnist"
+root = "{data}"
+train_subset = 256
+test_subset = 200
+normalize = {{ mean = [0.2860], std = [0.3530] }}
+augment = {{ crop_padding = 2, hflip = true }}
+
+[student]
+arch = "cnn-small"
+
+[train]
+epochs = 2
+batch_size = 32
+lr = 0.05
+milestones = [1]
+{extra}
+"#,
+        out = scratch_dir.join("runs").display(),
+        cache = scratch_dir.join("teachers").display(),
+        data = root().join("data/fashion-mnist-mini").display(),
+    )
+}
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(text, Path::new("test.toml"), &[]).map_err(|e| e.to_string())
+}
+
+fn run_in(cfg: &Config, dir: &Path, opts: &RunOptions) -> anyhow::Result<trainer::Outcome> {
+    trainer::run(cfg, dir, opts, &mut Silent)
+}
+
+fn history(dir: &Path) -> Vec<EpochRecord> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let s = scratch("cfg");
+    let ok = tiny("", &s);
+    parse(&ok).unwrap();
+    let err = parse(&ok.replace("epochs = 2", "epochz = 2")).unwrap_err();
+    assert!(
+        err.contains("unknown field `epochz`")
+            && err.contains("`epochs`")
+            && err.contains("test.toml"),
+        "{err}"
+    );
+    let err = parse(&ok.replace("epochs = 2", "epochs = 0")).unwrap_err();
+    assert!(
+        err.contains("train.epochs") && err.contains("at least 1"),
+        "{err}"
+    );
+    let err = parse(&ok.replace("lr = 0.05", "lr = -1.0")).unwrap_err();
+    assert!(err.contains("train.lr"), "{err}");
+    let err = parse(&ok.replace("arch = \"cnn-small\"", "arch = \"resnet9000\"")).unwrap_err();
+    assert!(
+        err.contains("resnet9000") && err.contains("resnet8x4"),
+        "{err}"
+    );
+    let err = parse(&ok.replace("kind = \"mnist\"", "kind = \"mnits\"")).unwrap_err();
+    assert!(err.contains("mnits") && err.contains("cifar10"), "{err}");
+    let err = parse(&tiny("[distill]\nstrategy = \"equal\"", &s)).unwrap_err();
+    assert!(
+        err.contains("teachers") && err.contains("at least one"),
+        "{err}"
+    );
+    let err = parse(&tiny("[distill]\nstrategy = \"single\"\nteacher = \"x\"\n[[teachers]]\nname = \"a\"\ntorchscript = \"a.pt\"", &s))
+        .unwrap_err();
+    assert!(
+        err.contains("distill.teacher") && err.contains("no teacher named `x`"),
+        "{err}"
+    );
+    let err = parse(&tiny(
+        "[[teachers]]\nname = \"a\"\narch = \"resnet8\"\ntorchscript = \"a.pt\"",
+        &s,
+    ))
+    .unwrap_err();
+    assert!(
+        err.contains("teachers[0]") && err.contains("exactly one"),
+        "{err}"
+    );
+    let err = Config::parse(&ok, Path::new("x.toml"), &["train.batch_size=0".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("train.batch_size"), "{err}");
+    let cfg = Config::parse(
+        &ok,
+        Path::new("x.toml"),
+        &["train.epochs=5".into(), "run.device=auto".into()],
+    )
+    .unwrap();
+    assert_eq!((cfg.train.epochs, cfg.run.device.as_str()), (5, "auto"));
+    let err = Config::load(Path::new("/nonexistent/mtkd.toml"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/nonexistent/mtkd.toml"), "{err}");
+}
+
+#[test]
+fn missing_dataset_is_named() {
+    let s = scratch("nodata");
+    let cfg = parse(&tiny("", &s).replace("fashion-mnist-mini", "no-such-dataset")).unwrap();
+    let err = format!(
+        "{:#}",
+        run_in(&cfg, &s.join("run"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("no-such-dataset") && err.contains("train-images-idx3-ubyte"),
+        "{err}"
+    );
+    assert!(!s.join("run/checkpoints").exists(), "nothing half-written");
+}
+
+fn strip_time(h: &[EpochRecord]) -> Vec<EpochRecord> {
+    h.iter()
+        .map(|r| EpochRecord {
+            seconds: 0.0,
+            ..r.clone()
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
+    let s = scratch("resume");
+    let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 5.0\n\
+                 [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+                 [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+                 [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = parse(&tiny(extra, &s)).unwrap();
+
+    // Uninterrupted run; trains and caches both teachers.
+    let a = s.join("a");
+    let out_a = run_in(&cfg, &a, &RunOptions::default()).unwrap();
+    let ha = history(&a);
+    assert_eq!(ha.len(), 2);
+    assert!(
+        ha.iter().all(|r| r.train_kd > 0.0 && r.train_feature > 0.0),
+        "KD and feature terms are active: {ha:?}"
+    );
+    assert!(
+        ha.iter().all(|r| r.teacher_weights == vec![0.5, 0.5]),
+        "equal weights recorded: {ha:?}"
+    );
+    let teachers: Vec<_> = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(teachers.len(), 2, "two cached teachers");
+    assert!(
+        out_a
+            .summary
+            .teachers
+            .iter()
+            .all(|t| t.test_top1.unwrap() > 20.0),
+        "{:?}",
+        out_a.summary.teachers
+    );
+    for f in [
+        "config.toml",
+        "summary.json",
+        "student.safetensors",
+        "student.pt",
+        "plots/loss.png",
+        "plots/accuracy.png",
+        "plots/teacher_weights.png",
+    ] {
+        assert!(a.join(f).is_file(), "{f} written");
+    }
+
+    // Interrupted after 11 steps (epoch 1 has 8 batches: the stop is inside epoch 2), resumed.
+    let b = s.join("b");
+    let err = run_in(
+        &cfg,
+        &b,
+        &RunOptions {
+            halt_after_steps: Some(11),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.root_cause().downcast_ref::<Interrupted>().is_some(),
+        "{err:#}"
+    );
+    assert_eq!(
+        history(&b).len(),
+        1,
+        "one completed epoch before the interruption"
+    );
+    let cached_before: Vec<_> = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let out_b = run_in(&cfg, &b, &RunOptions::default()).unwrap();
+    let hb = history(&b);
+    assert_eq!(
+        strip_time(&ha),
+        strip_time(&hb),
+        "resumed metrics equal the uninterrupted run's"
+    );
+    assert_eq!(out_a.summary.final_value, out_b.summary.final_value);
+    assert_eq!(out_a.summary.per_class_top1, out_b.summary.per_class_top1);
+    let cached_after: Vec<_> = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(
+        cached_before, cached_after,
+        "teachers came from the cache, not retrained"
+    );
+
+    // The summary is what a user reads.
+    let summary: Summary =
+        serde_json::from_slice(&std::fs::read(b.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.strategy, "equal");
+    assert_eq!(summary.epochs, 2);
+    assert_eq!(summary.seed, 3);
+    assert!(summary.best_value >= summary.final_value);
+
+    // A different config cannot resume this folder.
+    let other =
+        parse(&tiny(extra, &s).replace("lr = 0.05\nmilestones", "lr = 0.01\nmilestones")).unwrap();
+    let err = format!(
+        "{:#}",
+        run_in(&other, &b, &RunOptions::default()).unwrap_err()
+    );
+    assert!(err.contains("another configuration"), "{err}");
+}
+
+#[test]
+fn non_finite_loss_stops_the_run_or_skips_the_batch() {
+    let s = scratch("nan");
+    let mut cfg = parse(&tiny("", &s)).unwrap();
+    cfg.train.lr = 1e30;
+    let err = format!(
+        "{:#}",
+        run_in(&cfg, &s.join("stop"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("non-finite loss at epoch 1") && err.contains("global step"),
+        "{err}"
+    );
+    assert!(
+        !s.join("stop/checkpoints/epoch-0001").exists(),
+        "no checkpoint of the poisoned epoch"
+    );
+    // With `skip` the bad batches are counted, and a checkpoint is still never poisoned.
+    cfg.train.on_nonfinite = mtkd_engine::config::NonFinitePolicy::Skip;
+    cfg.train.epochs = 1;
+    match run_in(&cfg, &s.join("skip"), &RunOptions::default()) {
+        Ok(_) => {
+            let h = history(&s.join("skip"));
+            assert!(h[0].skipped_batches > 0, "{h:?}");
+        }
+        // Weights can overflow to inf while some loss stays finite: the checkpoint guard refuses.
+        Err(e) => assert!(format!("{e:#}").contains("refusing to checkpoint"), "{e:#}"),
+    }
+}
+
+#[test]
+fn a_nan_checkpoint_never_replaces_a_good_one() {
+    use mtkd_engine::checkpoint::{self, Meta};
+    let s = scratch("ckpt");
+    let meta = |epoch| Meta {
+        epoch,
+        step: 10,
+        history: Vec::new(),
+        elapsed_seconds: 1.0,
+        config_hash: "h".into(),
+    };
+    let good = vec![(
+        "student.w".to_owned(),
+        tch::Tensor::from_slice(&[1.0f32, 2.0]),
+    )];
+    checkpoint::save(&s, &good, &meta(1), 0).unwrap();
+    let bad = vec![(
+        "student.w".to_owned(),
+        tch::Tensor::from_slice(&[1.0f32, f32::NAN]),
+    )];
+    let err = checkpoint::save(&s, &bad, &meta(2), 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("student.w") && err.contains("epoch 2"),
+        "{err}"
+    );
+    let (tensors, m) = checkpoint::load_latest(&s).unwrap().unwrap();
+    assert_eq!(m.epoch, 1);
+    assert!(tensors[0].1.equal(&good[0].1));
+    // An interrupted write (a leftover temporary folder) is ignored.
+    std::fs::create_dir_all(s.join(".tmp-epoch-0003")).unwrap();
+    assert_eq!(checkpoint::load_latest(&s).unwrap().unwrap().1.epoch, 1);
+}
+
+/// Export a freshly initialised cnn-small with `classes` outputs as a logits-only TorchScript.
+fn export_logits_teacher(path: &Path, classes: i64) {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = mtkd_student::Network::new(
+        &vs.root(),
+        mtkd_student::Arch::CnnSmall,
+        (1, 28, 28),
+        classes,
+    )
+    .unwrap();
+    trainer::export_torchscript(&net, &vs, path.to_path_buf()).unwrap();
+}
+
+#[test]
+fn bad_teachers_are_reported_with_their_file() {
+    let s = scratch("badteacher");
+    let with_teacher = |path: &Path, feature_weight: f64| {
+        parse(&tiny(
+            &format!(
+                "[distill]\nstrategy = \"equal\"\nfeature_weight = {feature_weight}\n[[teachers]]\nname = \"ts\"\ntorchscript = \"{}\"\n",
+                path.display()
+            ),
+            &s,
+        ))
+        .unwrap()
+    };
+    // Corrupt file.
+    let corrupt = s.join("corrupt.pt");
+    std::fs::write(&corrupt, b"this is not a TorchScript archive").unwrap();
+    let err = format!(
+        "{:#}",
+        run_in(
+            &with_teacher(&corrupt, 0.0),
+            &s.join("r1"),
+            &RunOptions::default()
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("corrupt.pt") && err.contains("not a loadable TorchScript"),
+        "{err}"
+    );
+    // Missing file.
+    let err = format!(
+        "{:#}",
+        run_in(
+            &with_teacher(&s.join("gone.pt"), 0.0),
+            &s.join("r2"),
+            &RunOptions::default()
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("gone.pt") && err.contains("does not exist"),
+        "{err}"
+    );
+    // Wrong class count.
+    let seven = s.join("seven.pt");
+    export_logits_teacher(&seven, 7);
+    let err = format!(
+        "{:#}",
+        run_in(
+            &with_teacher(&seven, 0.0),
+            &s.join("r3"),
+            &RunOptions::default()
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("seven.pt") && err.contains("7 classes") && err.contains("has 10"),
+        "{err}"
+    );
+    // Logits-only teacher with feature KD configured.
+    let ten = s.join("ten.pt");
+    export_logits_teacher(&ten, 10);
+    let err = format!(
+        "{:#}",
+        run_in(
+            &with_teacher(&ten, 5.0),
+            &s.join("r4"),
+            &RunOptions::default()
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("ten.pt") && err.contains("logits only"),
+        "{err}"
+    );
+    // The same teacher works for logit-only KD.
+    let out = run_in(
+        &with_teacher(&ten, 0.0),
+        &s.join("r5"),
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(out.summary.teachers.len(), 1);
+    assert!(out.summary.teachers[0].source.contains("TorchScript"));
+}
+
+#[test]
+fn exported_student_runs_in_pytorch_with_the_same_logits() {
+    let python = std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
+    let s = scratch("export");
+    let cfg = parse(&tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let dir = s.join("run");
+    run_in(&cfg, &dir, &RunOptions::default()).unwrap();
+    // Logits from Rust for a fixed input, from the saved weights.
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = mtkd_student::Network::new(&vs.root(), mtkd_student::Arch::CnnSmall, (1, 28, 28), 10)
+        .unwrap();
+    vs.load(dir.join("student.safetensors")).unwrap();
+    let x = tch::Tensor::arange(2 * 28 * 28, (tch::Kind::Float, tch::Device::Cpu))
+        .view([2, 1, 28, 28])
+        .sin();
+    let rust = tch::no_grad(|| net.forward_t(&x, false).logits);
+    let rust: Vec<f32> = Vec::try_from(&rust.flatten(0, -1)).unwrap();
+    let script = format!(
+        "import torch\nm = torch.jit.load(r'{}')\nx = torch.arange(2*28*28, dtype=torch.float32).reshape(2,1,28,28).sin()\nprint(' '.join(repr(v) for v in m(x).flatten().tolist()))",
+        dir.join("student.pt").display()
+    );
+    let out = std::process::Command::new(&python)
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: Vec<f32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(py.len(), 20);
+    for (r, p) in rust.iter().zip(&py) {
+        assert!((r - p).abs() < 1e-4, "rust {r} vs torch {p}");
+    }
+}

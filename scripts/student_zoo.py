@@ -1,0 +1,403 @@
+"""PyTorch twins of mtkd's student architectures (crates/student/src), and their golden file.
+
+    $MTKD_TORCH_PYTHON scripts/student_zoo.py
+
+Writes crates/student/tests/golden/state_dicts.json, which crates/student/tests/zoo.rs compares
+with the Rust networks: for every architecture of crates/student/src/arch.rs and for two inputs,
+(1, 28, 28) with 10 classes and (3, 32, 32) with 100 classes, the ordered state_dict keys with
+their shapes (BatchNorm running statistics included, `num_batches_tracked` excluded: tch has no
+such buffer), the feature-map shape [C, H, W] and the number of trainable parameters.
+
+The modules here are written to match the Rust ones name for name, so a state_dict saved from
+them loads into mtkd (and back). Every model's forward(x) returns (logits, feature_map): the
+feature map is the backbone's last map, the logits come from global average pooling and a linear
+layer named `fc`. MobileNetV2 and ShuffleNetV2 follow HobbitLong/RepDistiller
+(models/mobilenetv2.py, models/ShuffleNetv2.py) except that the classifier is `fc` (RepDistiller:
+`classifier.0`, `linear`), the input channel count is a parameter, and pooling is global.
+"""
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "crates/student/tests/golden/state_dicts.json"
+CASES = [((1, 28, 28), 10), ((3, 32, 32), 100)]
+
+
+class Classifier(nn.Module):
+    """A backbone returning its last feature map, global average pooling and `fc`."""
+
+    def __init__(self, channels, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def backbone(self, x):
+        raise NotImplementedError
+
+    def forward(self, x):
+        f = self.backbone(x)
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+
+
+# ---------------------------------------------------------------------------------- cnn-small
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class CnnSmall(nn.Module):
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.block1 = ConvBlock(in_channels, 32)
+        self.block2 = ConvBlock(32, 64)
+        self.block3 = ConvBlock(64, 64)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.block1(x), 2)
+        x = F.max_pool2d(self.block2(x), 2)
+        f = self.block3(x)
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+
+
+# ------------------------------------------------------------------------------- CIFAR ResNet
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        res = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + res)
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, in_channels, num_classes, depth, filters):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, filters[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(filters[0])
+        cin = filters[0]
+        for i, (planes, stride) in enumerate(zip(filters[1:], [1, 2, 2])):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(cin, planes, stride if b == 0 else 1))
+                cin = planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(filters[3], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        f = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+
+
+# ---------------------------------------------------------------------------------- Wide ResNet
+
+class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.equal = cin == cout
+        self.convShortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return out + (x if self.equal else self.convShortcut(a))
+
+
+class NetworkBlock(nn.Module):
+    def __init__(self, n, cin, cout, stride):
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[WideBlock(cin if j == 0 else cout, cout, stride if j == 0 else 1) for j in range(n)]
+        )
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, in_channels, num_classes, depth, k):
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = [16, 16 * k, 32 * k, 64 * k]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.block1 = NetworkBlock(n, widths[0], widths[1], 1)
+        self.block2 = NetworkBlock(n, widths[1], widths[2], 2)
+        self.block3 = NetworkBlock(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        f = F.relu(self.bn1(x))
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+
+
+# ------------------------------------------------------------------------ MobileNetV2 (CIFAR)
+
+MBV2_EXPANSION = 6
+MBV2_STEM_STRIDE = 2  # RepDistiller: conv_bn(3, input_channel, 2)
+
+
+def conv_bn_relu(cin, cout, kernel, stride):
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res_connect = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, cout, 1, 1, 0, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x):
+        out = self.conv(x)
+        return x + out if self.use_res_connect else out
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, in_channels, num_classes, width_mult, expansion=MBV2_EXPANSION):
+        super().__init__()
+        t = expansion
+        setting = [
+            # t, c, n, s
+            [1, 16, 1, 1],
+            [t, 24, 2, 1],
+            [t, 32, 3, 2],
+            [t, 64, 4, 2],
+            [t, 96, 3, 1],
+            [t, 160, 3, 2],
+            [t, 320, 1, 1],
+        ]
+        cin = int(32 * width_mult)
+        self.conv1 = conv_bn_relu(in_channels, cin, 3, MBV2_STEM_STRIDE)
+        self.blocks = nn.ModuleList()
+        for t_, c, n, s in setting:
+            cout = int(c * width_mult)
+            layers = []
+            for j in range(n):
+                layers.append(InvertedResidual(cin, cout, s if j == 0 else 1, t_))
+                cin = cout
+            self.blocks.append(nn.Sequential(*layers))
+        self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
+        self.conv2 = conv_bn_relu(cin, self.last_channel, 1, 1)
+        self.fc = nn.Linear(self.last_channel, num_classes)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        for b in self.blocks:
+            x = b(x)
+        f = self.conv2(x)
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+
+
+# ----------------------------------------------------------------------- ShuffleNetV2 (CIFAR)
+
+SHUFFLENETV2_CONFIGS = {
+    0.2: ((40, 80, 160, 512), (3, 3, 3)),
+    0.3: ((40, 80, 160, 512), (3, 7, 3)),
+    0.5: ((48, 96, 192, 1024), (3, 7, 3)),
+    1: ((116, 232, 464, 1024), (3, 7, 3)),
+    1.5: ((176, 352, 704, 1024), (3, 7, 3)),
+    2: ((224, 488, 976, 2048), (3, 7, 3)),
+}
+
+
+def channel_shuffle(x, groups=2):
+    n, c, h, w = x.size()
+    return x.view(n, groups, c // groups, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+class ShuffleBasicBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        half = int(channels * 0.5)
+        self.half = half
+        self.conv1 = nn.Conv2d(half, half, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(half)
+        self.conv2 = nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False)
+        self.bn2 = nn.BatchNorm2d(half)
+        self.conv3 = nn.Conv2d(half, half, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(half)
+
+    def forward(self, x):
+        x1, x2 = x[:, : self.half], x[:, self.half:]
+        out = F.relu(self.bn1(self.conv1(x2)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return channel_shuffle(torch.cat([x1, out], 1))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        # left
+        self.conv1 = nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv2 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        # right
+        self.conv3 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = F.relu(self.bn3(self.conv3(x)))
+        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(right)))))
+        return channel_shuffle(torch.cat([left, right], 1))
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, in_channels, num_classes, net_size):
+        super().__init__()
+        out_channels, num_blocks = SHUFFLENETV2_CONFIGS[net_size]
+        # RepDistiller's stem is a 1x1 convolution (its 3x3 variant is commented out).
+        self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        cin = 24
+        for i in range(3):
+            layers = [DownBlock(cin, out_channels[i])]
+            layers += [ShuffleBasicBlock(out_channels[i]) for _ in range(num_blocks[i])]
+            cin = out_channels[i]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.conv2 = nn.Conv2d(cin, out_channels[3], 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels[3])
+        self.fc = nn.Linear(out_channels[3], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        f = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+
+
+# ---------------------------------------------------------------------------------- catalogue
+
+RESNET = [16, 16, 32, 64]
+RESNET_X4 = [32, 64, 128, 256]
+
+# The order and the names of crates/student/src/arch.rs (NAMES).
+ZOO = {
+    "cnn-small": lambda c, k: CnnSmall(c, k),
+    "resnet8": lambda c, k: CifarResNet(c, k, 8, RESNET),
+    "resnet14": lambda c, k: CifarResNet(c, k, 14, RESNET),
+    "resnet20": lambda c, k: CifarResNet(c, k, 20, RESNET),
+    "resnet32": lambda c, k: CifarResNet(c, k, 32, RESNET),
+    "resnet56": lambda c, k: CifarResNet(c, k, 56, RESNET),
+    "resnet8x4": lambda c, k: CifarResNet(c, k, 8, RESNET_X4),
+    "resnet32x4": lambda c, k: CifarResNet(c, k, 32, RESNET_X4),
+    "wrn-16-1": lambda c, k: WideResNet(c, k, 16, 1),
+    "wrn-16-2": lambda c, k: WideResNet(c, k, 16, 2),
+    "wrn-28-4": lambda c, k: WideResNet(c, k, 28, 4),
+    "wrn-40-2": lambda c, k: WideResNet(c, k, 40, 2),
+    "mobilenetv2": lambda c, k: MobileNetV2(c, k, 1.0),
+    "mobilenetv2-half": lambda c, k: MobileNetV2(c, k, 0.5),
+    "shufflenetv2": lambda c, k: ShuffleNetV2(c, k, 1),
+}
+
+
+def build(name, in_channels, num_classes):
+    """The PyTorch twin of mtkd's `name` (an arch.rs name)."""
+    return ZOO[name](in_channels, num_classes)
+
+
+def case(name, in_shape, num_classes):
+    torch.manual_seed(0)
+    model = build(name, in_shape[0], num_classes).eval()
+    state = [
+        [k, list(v.shape)]
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    ]
+    with torch.no_grad():
+        logits, f = model(torch.zeros(2, *in_shape))
+    assert list(logits.shape) == [2, num_classes], (name, logits.shape)
+    return {
+        "arch": name,
+        "in_shape": list(in_shape),
+        "num_classes": num_classes,
+        "feature_shape": list(f.shape[1:]),
+        "parameter_count": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "state_dict": state,
+    }
+
+
+def dump(cases):
+    """JSON with one state_dict entry per line (readable diffs, moderate size)."""
+    out = ["{", '"generator": "scripts/student_zoo.py",', '"cases": [']
+    for i, c in enumerate(cases):
+        head = {k: v for k, v in c.items() if k != "state_dict"}
+        out.append("{")
+        for k, v in head.items():
+            out.append(f"{json.dumps(k)}: {json.dumps(v)},")
+        out.append('"state_dict": [')
+        entries = [json.dumps(e, separators=(", ", ": ")) for e in c["state_dict"]]
+        out.append(",\n".join(entries))
+        out.append("]")
+        out.append("}," if i + 1 < len(cases) else "}")
+    out.append("]")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    cases = [case(name, s, k) for name in ZOO for s, k in CASES]
+    text = dump(cases)
+    json.loads(text)  # well-formed
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".json.tmp")
+    tmp.write_text(text)
+    tmp.replace(OUT)
+    for c in cases:
+        print(
+            f"{c['arch']:>17} {str(tuple(c['in_shape'])):>12} -> features {c['feature_shape']}, "
+            f"{c['parameter_count']} parameters, {len(c['state_dict'])} tensors"
+        )
+    print(f"wrote {OUT.relative_to(ROOT)} ({OUT.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
