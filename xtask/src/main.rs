@@ -24,10 +24,12 @@ Commands:
   test [ARGS]        run the whole test suite (release build); ARGS go to `cargo test`
   ci                 cargo fmt --check, clippy with warnings denied, then the test suite
   mtkd [ARGS]        build and run the mtkd binary with ARGS
+  compare [ARGS]     run every weighting strategy with identical settings and seeds and write a
+                     markdown table (default: --config configs/default.toml --seeds 3)
   teachers [ARGS]    train (or take from the cache) and evaluate a config's teacher pool
                      (default: --config configs/default.toml)
   export-teacher ARGS  wrap a PyTorch model as a TorchScript teacher (scripts/export_teacher.py)
-  golden             regenerate the golden files of the tests with PyTorch (scripts/golden.py,
+  golden             regenerate the golden files of the tests with PyTorch (scripts/golden*.py,
                      scripts/student_zoo.py)
 
 Environment:
@@ -93,6 +95,16 @@ fn run() -> Result<()> {
             let torch = torch::ensure()?;
             run_mtkd(&torch, &["doctor".to_owned()])
         }
+        "compare" => {
+            let torch = torch::ensure()?;
+            let mut args = vec!["compare".to_owned()];
+            if config_path(&rest).is_none() {
+                args.extend(["--config".to_owned(), "configs/default.toml".to_owned()]);
+            }
+            args.extend(rest);
+            data::ensure_for_config(&config_path(&args))?;
+            run_mtkd(&torch, &args)
+        }
         "teachers" => {
             let torch = torch::ensure()?;
             let mut args = vec!["teachers".to_owned()];
@@ -109,8 +121,15 @@ fn run() -> Result<()> {
         }
         "golden" => {
             let torch = torch::ensure()?;
-            python(&torch, "scripts/golden.py", &[])?;
-            python(&torch, "scripts/student_zoo.py", &[])
+            for script in [
+                "scripts/golden.py",
+                "scripts/golden_agent.py",
+                "scripts/golden_baselines.py",
+                "scripts/student_zoo.py",
+            ] {
+                python(&torch, script, &[])?;
+            }
+            Ok(())
         }
         "mtkd" => {
             let torch = torch::ensure()?;

@@ -9,6 +9,7 @@
 //! Every other library crate depends on this one and on no other workspace crate.
 
 pub mod adapter;
+pub mod baselines;
 pub mod error;
 pub mod loss;
 pub mod signals;

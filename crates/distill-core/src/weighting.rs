@@ -46,21 +46,72 @@ pub trait WeightingStrategy {
     /// Weights for the batch whose signals are given; no gradient flows through them.
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights>;
 
-    /// Feedback after the student's loss is known: `per_sample_loss` is `[B]`, detached.
-    /// Learning strategies (the agent) use it; the default ignores it.
+    /// Whether [`Feedback::post_step_ce`] is wanted (costs one extra student forward per step).
+    fn wants_post_step_ce(&self) -> bool {
+        false
+    }
+
+    /// Feedback after the optimizer step: what the weights led to. Learning strategies (the
+    /// agent) use it; the default ignores it.
     fn observe(
         &mut self,
         _signals: &BatchSignals,
         _weights: &TeacherWeights,
-        _per_sample_loss: &Tensor,
+        _feedback: &Feedback,
     ) -> Result<()> {
         Ok(())
     }
 
-    /// Called once at the end of every epoch (`epoch` counts from 0).
+    /// Called once at the end of every epoch (`epoch` counts from 0), before the checkpoint.
     fn end_epoch(&mut self, _epoch: usize) -> Result<()> {
         Ok(())
     }
+
+    /// Called at the start of every epoch (`epoch` counts from 0; also after a resume).
+    fn start_epoch(&mut self, _epoch: usize) -> Result<()> {
+        Ok(())
+    }
+
+    /// Scalar diagnostics accumulated since the last call (for the epoch's metrics line),
+    /// e.g. agent loss, reward statistics, mix coefficients. Draining: the strategy resets them.
+    fn take_epoch_metrics(&mut self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
+
+    /// The strategy's learnable and bookkeeping state, for checkpoints.
+    fn save_state(&self) -> Result<StrategyState> {
+        Ok(StrategyState::default())
+    }
+
+    /// Restore what [`WeightingStrategy::save_state`] returned.
+    fn load_state(&mut self, _state: &StrategyState) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What a step's weights led to.
+///
+/// # Shapes
+/// all `[B]`, detached
+#[derive(Debug)]
+pub struct Feedback {
+    /// The student's per-sample training loss of the step (before the update).
+    pub per_sample_loss: Tensor,
+    /// The student's per-sample cross-entropy before the update.
+    pub pre_step_ce: Tensor,
+    /// The student's per-sample cross-entropy on the same batch after the update, when the
+    /// strategy asked for it.
+    pub post_step_ce: Option<Tensor>,
+    /// Global optimizer step (0-based) of this batch.
+    pub step: u64,
+}
+
+/// A strategy's checkpointed state: named tensors and a JSON string for the rest (counters,
+/// RNG positions, settings).
+#[derive(Debug, Default)]
+pub struct StrategyState {
+    pub tensors: Vec<(String, Tensor)>,
+    pub json: String,
 }
 
 /// No distillation: the student trains on labels alone.

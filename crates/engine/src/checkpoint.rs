@@ -23,6 +23,9 @@ pub struct Meta {
     pub elapsed_seconds: f64,
     /// Hash of the resolved config: a resume with another config is refused.
     pub config_hash: String,
+    /// The weighting strategy's bookkeeping (JSON; its tensors are in the safetensors file).
+    #[serde(default)]
+    pub strategy_json: String,
 }
 
 fn epoch_dir(root: &Path, epoch: usize) -> PathBuf {

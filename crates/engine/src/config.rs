@@ -45,6 +45,9 @@ pub struct RunConfig {
     /// Where trained teachers are cached (relative paths: to the data directory's parent cache).
     #[serde(default = "default_teacher_cache")]
     pub teacher_cache: PathBuf,
+    /// Write every training sample's teacher weights to `weights.csv` (for audits; large).
+    #[serde(default)]
+    pub weight_log: bool,
 }
 
 fn default_out_dir() -> PathBuf {
@@ -164,6 +167,14 @@ pub enum StrategyKind {
     Equal,
     /// One teacher only: `distill.teacher` names it.
     Single,
+    /// The MTKD-RL agent (`[distill.agent]`: parity or clean mode, fixed or dynamic mix).
+    MtkdRl,
+    /// Entropy-based weights (EBKD).
+    Ebkd,
+    /// Confidence-aware weights (CA-MKD; logit weights also used for features).
+    CaMkd,
+    /// Minimum-norm point of the teachers' KD gradients on the capped simplex (AEKD).
+    Aekd,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +195,16 @@ pub struct DistillConfig {
     /// beta: weight of the (teacher-weighted) feature MSE term; 0 turns feature KD off.
     #[serde(default)]
     pub feature_weight: f64,
+    /// The MTKD-RL agent's settings (strategy `mtkd-rl`); defaults to parity mode, fixed mix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<mtkd_rl_weighting::agent::AgentConfig>,
+    /// AEKD's cap C on each teacher's weight.
+    #[serde(default = "default_aekd_cap")]
+    pub aekd_cap: f64,
+}
+
+fn default_aekd_cap() -> f64 {
+    0.6
 }
 
 fn default_temperature() -> f64 {
@@ -343,6 +364,17 @@ impl Config {
                 if !(v >= 0.0 && v.is_finite()) {
                     return bad(&format!("distill.{f}"), format!("must be >= 0, got {v}"));
                 }
+            }
+            if let Some(a) = &d.agent {
+                if let Err((f, r)) = a.check() {
+                    return bad(&format!("distill.agent.{f}"), r);
+                }
+            }
+            if d.strategy == StrategyKind::Aekd && !(d.aekd_cap > 0.0 && d.aekd_cap <= 1.0) {
+                return bad(
+                    "distill.aekd_cap",
+                    format!("must be in (0, 1], got {}", d.aekd_cap),
+                );
             }
             if d.strategy != StrategyKind::None && self.teachers.is_empty() {
                 return bad(

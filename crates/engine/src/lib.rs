@@ -3,6 +3,7 @@
 //! and an optimizer, and runs the loop in [`trainer`].
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod dataset;
 pub mod doctor;

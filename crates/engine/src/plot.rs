@@ -157,3 +157,73 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
     }
     Ok(())
 }
+
+/// A heatmap of `values[row][col]` (rows: classes, columns: teachers) with the value in each cell.
+pub fn heatmap(
+    path: &Path,
+    title: &str,
+    rows: &[String],
+    cols: &[String],
+    values: &[Vec<f64>],
+) -> Result<()> {
+    ensure_font();
+    if values.is_empty() || cols.is_empty() {
+        return Ok(());
+    }
+    let (lo, hi) = values
+        .iter()
+        .flatten()
+        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    let span = (hi - lo).max(1e-9);
+    let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+    let height = 120 + 36 * values.len() as u32;
+    let root =
+        BitMapBackend::new(path, (220 + 150 * cols.len() as u32, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(140)
+        .build_cartesian_2d(0..cols.len() as i32, 0..values.len() as i32)
+        .map_err(|x| e(&x))?;
+    let col_names = cols.to_vec();
+    let row_names = rows.to_vec();
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(cols.len())
+        .y_labels(values.len())
+        .x_label_formatter(&|x| col_names.get(*x as usize).cloned().unwrap_or_default())
+        .y_label_formatter(&|y| {
+            row_names
+                .get(*y as usize)
+                .cloned()
+                .unwrap_or_else(|| y.to_string())
+        })
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|x| e(&x))?;
+    for (r, row) in values.iter().enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            let t = (v - lo) / span;
+            let color = RGBColor((255.0 - 200.0 * t) as u8, (255.0 - 120.0 * t) as u8, 255);
+            let (x, y) = (c as i32, r as i32);
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(x, y), (x + 1, y + 1)],
+                    color.filled(),
+                )))
+                .map_err(|x| e(&x))?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{v:.3}"),
+                    (x, y),
+                    ("sans-serif", 13),
+                )))
+                .map_err(|x| e(&x))?;
+        }
+    }
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
+}

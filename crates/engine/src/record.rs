@@ -24,6 +24,10 @@ pub struct EpochRecord {
     /// Mean logit weight per teacher over the epoch (pool order); empty without teachers.
     #[serde(default)]
     pub teacher_weights: Vec<f64>,
+    /// The weighting strategy's diagnostics (agent loss, reward statistics, weight entropy,
+    /// mix coefficients, mean feature weight per teacher, ...).
+    #[serde(default)]
+    pub strategy_metrics: std::collections::BTreeMap<String, f64>,
     /// Batches skipped because their loss was not finite (`on_nonfinite = "skip"`).
     pub skipped_batches: usize,
     /// Wall seconds of the epoch (training and evaluation).
@@ -57,6 +61,17 @@ pub struct Summary {
     pub teachers: Vec<TeacherSummary>,
     pub mtkd_version: String,
     pub device: String,
+    /// Peak resident memory of the process (Linux `VmHWM`), in MB.
+    #[serde(default)]
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Peak resident set size of this process in MB (Linux; `None` elsewhere).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 /// The `metrics.jsonl` sink: rewritten from the history on resume, appended to after each epoch.

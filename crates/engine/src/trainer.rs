@@ -3,6 +3,7 @@
 //! epoch, exact resume, and the run folder's records (metrics.jsonl, summary.json, plots,
 //! exported student).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,7 +19,9 @@ use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, Teache
 use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::loss;
 use mtkd_distill_core::signals::BatchSignals;
-use mtkd_distill_core::weighting::{Equal, NoKd, Single, WeightingStrategy};
+use mtkd_distill_core::weighting::{
+    Equal, Feedback, NoKd, Single, StrategyState, TeacherWeights, WeightingStrategy,
+};
 use mtkd_distill_core::{ModelOutput, Teacher};
 use mtkd_student::{NativeTeacher, Network};
 use mtkd_teachers::{Expectation, TorchScriptTeacher};
@@ -269,11 +272,22 @@ fn ensure_native_teacher(
     obs: &mut dyn Observer,
 ) -> Result<(PathBuf, f64)> {
     let tcfg = teacher_config(cfg, index, t)?;
-    // The cache key covers everything that changes the teacher, not where it is run.
-    let mut key_cfg = tcfg.clone();
-    key_cfg.run.device = String::new();
-    key_cfg.run.threads = 0;
-    let key = stable_hash(toml::to_string(&key_cfg)?.as_bytes());
+    // The cache key covers exactly what changes the teacher: data, architecture, training
+    // settings and seed (not the device, threads, names or folders).
+    #[derive(serde::Serialize)]
+    struct Key<'k> {
+        data: &'k crate::config::DataConfig,
+        arch: String,
+        train: &'k crate::config::TrainConfig,
+        seed: u64,
+    }
+    let key = Key {
+        data: &tcfg.data,
+        arch: tcfg.student.arch.to_string(),
+        train: &tcfg.train,
+        seed: tcfg.run.seed,
+    };
+    let key = stable_hash(toml::to_string(&key)?.as_bytes());
     let dir =
         cfg.run
             .teacher_cache
@@ -345,6 +359,10 @@ struct Trainer<'a> {
     adapters: Vec<Adapter>,
     strategy: Box<dyn WeightingStrategy>,
     opt: Sgd,
+    /// Sum of logit weights `[K, M]` and sample counts `[K]` per class over the current epoch.
+    per_class: Option<(Tensor, Tensor)>,
+    /// `weights.csv` when `run.weight_log` is on.
+    weight_log: Option<std::io::BufWriter<std::fs::File>>,
 }
 
 impl<'a> Trainer<'a> {
@@ -392,6 +410,31 @@ impl<'a> Trainer<'a> {
         let strategy: Box<dyn WeightingStrategy> = match distill.as_ref().map(|d| d.strategy) {
             None | Some(StrategyKind::None) => Box::new(NoKd),
             Some(StrategyKind::Equal) => Box::new(Equal),
+            Some(StrategyKind::MtkdRl) => {
+                let d = distill
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("distill section missing"))?;
+                let dims: Vec<i64> = pool
+                    .iter()
+                    .map(|p| p.teacher.feature_shape().map(|f| f.0).unwrap_or(0))
+                    .collect();
+                let agent_cfg = d.agent.clone().unwrap_or_default();
+                Box::new(
+                    mtkd_rl_weighting::agent::MtkdAgent::new(
+                        agent_cfg,
+                        &dims,
+                        data.num_classes(),
+                        device,
+                    )
+                    .context("building the MTKD-RL agent (distill.agent)")?,
+                )
+            }
+            Some(StrategyKind::Ebkd) => Box::new(mtkd_distill_core::baselines::Ebkd),
+            Some(StrategyKind::CaMkd) => Box::new(mtkd_distill_core::baselines::CaMkd),
+            Some(StrategyKind::Aekd) => {
+                let cap = distill.as_ref().map(|d| d.aekd_cap).unwrap_or(0.6);
+                Box::new(mtkd_distill_core::baselines::Aekd::new(cap))
+            }
             Some(StrategyKind::Single) => {
                 let name = distill
                     .as_ref()
@@ -418,7 +461,31 @@ impl<'a> Trainer<'a> {
         } else {
             format!("{} <- {} teachers", cfg.student.arch, pool.len())
         };
+        let weight_log = if cfg.run.weight_log && !pool.is_empty() {
+            let path = dir.join("weights.csv");
+            let fresh = !path.exists();
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            if fresh {
+                let mut header = "epoch,step,index,label".to_owned();
+                for kind in ["logit", "feature"] {
+                    for p in &pool {
+                        header.push_str(&format!(",{kind}:{}", p.teacher.name()));
+                    }
+                }
+                writeln!(w, "{header}")?;
+            }
+            Some(w)
+        } else {
+            None
+        };
         Ok(Trainer {
+            per_class: None,
+            weight_log,
             cfg,
             data,
             pool,
@@ -462,7 +529,34 @@ impl<'a> Trainer<'a> {
         out
     }
 
-    fn restore(&mut self, tensors: Vec<(String, Tensor)>) -> Result<()> {
+    /// The strategy's state: tensors prefixed `strategy.` and its JSON bookkeeping.
+    fn strategy_state(&self) -> Result<(Vec<(String, Tensor)>, String)> {
+        let st = self.strategy.save_state()?;
+        Ok((
+            st.tensors
+                .into_iter()
+                .map(|(n, t)| (format!("strategy.{n}"), t))
+                .collect(),
+            st.json,
+        ))
+    }
+
+    fn restore(&mut self, tensors: Vec<(String, Tensor)>, strategy_json: &str) -> Result<()> {
+        let (strategy, tensors): (Vec<_>, Vec<_>) = tensors
+            .into_iter()
+            .partition(|(n, _)| n.starts_with("strategy."));
+        let st = StrategyState {
+            tensors: strategy
+                .into_iter()
+                .map(|(n, t)| (n["strategy.".len()..].to_owned(), t))
+                .collect(),
+            json: strategy_json.to_owned(),
+        };
+        if !st.tensors.is_empty() || !st.json.is_empty() {
+            self.strategy
+                .load_state(&st)
+                .context("restoring the weighting strategy from the checkpoint")?;
+        }
         let student = self.student_vs.variables();
         let adapter = self.adapter_vs.variables();
         let mut optim = Vec::new();
@@ -513,7 +607,7 @@ impl<'a> Trainer<'a> {
                         ckpt_dir.display()
                     );
                 }
-                self.restore(tensors)?;
+                self.restore(tensors, &meta.strategy_json)?;
                 tracing::info!(dir = %self.dir.display(), epoch = meta.epoch, "resuming from checkpoint");
                 obs.phase(&format!(
                     "resuming {} after epoch {}",
@@ -529,6 +623,7 @@ impl<'a> Trainer<'a> {
                     history: Vec::new(),
                     elapsed_seconds: 0.0,
                     config_hash: self.config_hash.clone(),
+                    strategy_json: String::new(),
                 },
                 false,
             ),
@@ -554,6 +649,8 @@ impl<'a> Trainer<'a> {
                 tc.epochs,
                 train_loader.num_batches(),
             );
+            self.strategy.start_epoch(epoch)?;
+            self.per_class = None;
             let mut sums = Sums::new(self.device, self.pool.len());
             for batch in train_loader.epoch(epoch as u64, 0, self.device) {
                 if let Some(limit) = opts.halt_after_steps {
@@ -561,8 +658,14 @@ impl<'a> Trainer<'a> {
                         return Err(anyhow::Error::new(Interrupted(session_steps)));
                     }
                 }
-                let step_ok =
-                    self.step(&batch.images, &batch.labels, &mut sums, epoch, meta.step)?;
+                let step_ok = self.step(
+                    &batch.images,
+                    &batch.labels,
+                    &batch.indices,
+                    &mut sums,
+                    epoch,
+                    meta.step,
+                )?;
                 if step_ok {
                     meta.step += 1;
                     session_steps += 1;
@@ -577,17 +680,22 @@ impl<'a> Trainer<'a> {
                 self.device,
                 num_classes,
             )?;
-            let rec = sums.record(
+            let mut rec = sums.record(
                 epoch + 1,
                 lr,
                 &report,
                 test_loss,
                 t0.elapsed().as_secs_f64(),
             );
+            rec.strategy_metrics = self.strategy.take_epoch_metrics().into_iter().collect();
             meta.epoch = epoch + 1;
             meta.history.push(rec.clone());
             meta.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
-            checkpoint::save(&ckpt_dir, &self.state_tensors(), &meta, 0)
+            let (strategy_tensors, strategy_json) = self.strategy_state()?;
+            meta.strategy_json = strategy_json;
+            let mut tensors = self.state_tensors();
+            tensors.extend(strategy_tensors);
+            checkpoint::save(&ckpt_dir, &tensors, &meta, 0)
                 .with_context(|| format!("checkpointing epoch {}", epoch + 1))?;
             sink.append(&rec)?;
             tracing::info!(
@@ -621,6 +729,7 @@ impl<'a> Trainer<'a> {
         &mut self,
         images: &Tensor,
         labels: &Tensor,
+        indices: &[usize],
         sums: &mut Sums,
         epoch: usize,
         step: u64,
@@ -708,9 +817,60 @@ impl<'a> Trainer<'a> {
             weights_mean.as_ref().map(|x| &x.0),
         );
         if let Some((_, signals, w)) = weights_mean {
-            self.strategy.observe(&signals, &w, &per_sample.detach())?;
+            self.record_weights(&w, labels, indices, epoch, step)?;
+            let post_step_ce = if self.strategy.wants_post_step_ce() {
+                let after = tch::no_grad(|| self.student.forward_t(images, false));
+                Some(loss::cross_entropy(&after.logits, labels)?)
+            } else {
+                None
+            };
+            let feedback = Feedback {
+                per_sample_loss: per_sample.detach(),
+                pre_step_ce: ce.detach(),
+                post_step_ce,
+                step,
+            };
+            self.strategy.observe(&signals, &w, &feedback)?;
         }
         Ok(true)
+    }
+
+    /// Per-class mean logit weights (for the heatmap) and the optional per-sample CSV log.
+    fn record_weights(
+        &mut self,
+        w: &TeacherWeights,
+        labels: &Tensor,
+        indices: &[usize],
+        epoch: usize,
+        step: u64,
+    ) -> Result<()> {
+        let k = self.data.num_classes();
+        let onehot = labels.onehot(k).to_kind(Kind::Double); // [B, K]
+        let sums = onehot
+            .transpose(0, 1)
+            .matmul(&w.logit.to_kind(Kind::Double)); // [K, M]
+        let counts = onehot.sum_dim_intlist(0, false, Kind::Double); // [K]
+        match &mut self.per_class {
+            Some((s, c)) => {
+                *s += sums;
+                *c += counts;
+            }
+            None => self.per_class = Some((sums, counts)),
+        }
+        if let Some(log) = &mut self.weight_log {
+            let m = w.logit.size()[1] as usize;
+            let wl = Vec::<f32>::try_from(&w.logit.to_device(Device::Cpu).flatten(0, -1))?;
+            let wf = Vec::<f32>::try_from(&w.feature.to_device(Device::Cpu).flatten(0, -1))?;
+            let lab = Vec::<i64>::try_from(&labels.to_device(Device::Cpu))?;
+            for (b, idx) in indices.iter().enumerate() {
+                let mut line = format!("{},{step},{idx},{}", epoch + 1, lab[b]);
+                for v in wl[b * m..(b + 1) * m].iter().chain(&wf[b * m..(b + 1) * m]) {
+                    line.push_str(&format!(",{v:.6}"));
+                }
+                writeln!(log, "{line}").context("writing weights.csv")?;
+            }
+        }
+        Ok(())
     }
 
     fn non_finite(&self, epoch: usize, step: u64, what: &str, sums: &mut Sums) -> Result<bool> {
@@ -731,7 +891,7 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn finish(self, meta: &Meta, report: &AccuracyReport) -> Result<Outcome> {
+    fn finish(mut self, meta: &Meta, report: &AccuracyReport) -> Result<Outcome> {
         let dir = &self.dir;
         let weights = dir.join("student.safetensors");
         self.student_vs
@@ -744,6 +904,21 @@ impl<'a> Trainer<'a> {
             .map(|p| p.teacher.name().to_owned())
             .collect();
         crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
+        if let Some((sums, counts)) = &self.per_class {
+            let mean = sums / counts.clamp_min(1.0).unsqueeze(1);
+            let grid: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
+            let grid: Vec<Vec<f64>> = grid.chunks(names.len()).map(<[f64]>::to_vec).collect();
+            crate::plot::heatmap(
+                &dir.join("plots/teacher_weights_per_class.png"),
+                "Mean logit weight per class (last epoch)",
+                &self.data.train.class_names,
+                &names,
+                &grid,
+            )?;
+        }
+        if let Some(log) = &mut self.weight_log {
+            log.flush().context("writing weights.csv")?;
+        }
         let (best_epoch, best) = meta
             .history
             .iter()
@@ -778,6 +953,7 @@ impl<'a> Trainer<'a> {
                 .collect(),
             mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
             device: format!("{:?}", self.device),
+            peak_rss_mb: crate::record::peak_rss_mb(),
         };
         write_json_atomic(&dir.join("summary.json"), &summary)?;
         Ok(Outcome {
@@ -920,6 +1096,7 @@ impl Sums {
             test_top1: report.top1,
             test_top5: report.top5,
             teacher_weights: weights,
+            strategy_metrics: Default::default(),
             skipped_batches: self.skipped,
             seconds,
         }

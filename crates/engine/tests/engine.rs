@@ -269,6 +269,63 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
     assert!(err.contains("another configuration"), "{err}");
 }
 
+/// The agent's parameters, normaliser and counters are in the checkpoint: for each agent mode, a
+/// run interrupted mid-epoch and resumed ends with the metrics of an uninterrupted one.
+#[test]
+fn agent_runs_resume_exactly() {
+    let s = scratch("agent");
+    for (mode, mix) in [("parity", "dynamic"), ("clean", "fixed")] {
+        let extra = format!(
+            "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 5.0\n\
+             [distill.agent]\nmode = \"{mode}\"\nmix = \"{mix}\"\nagent_step = 3\nbuffer_steps = 3\nwarmup_epochs = 1\n\
+             [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+             [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+             [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"
+        );
+        let cfg = parse(&tiny(&extra, &s).replace("epochs = 2", "epochs = 3")).unwrap();
+        let a = s.join(format!("{mode}-a"));
+        let out = run_in(&cfg, &a, &RunOptions::default()).unwrap();
+        assert_eq!(
+            out.summary.strategy,
+            format!(
+                "mtkd-rl-{mode}{}",
+                if mix == "dynamic" { "-dynamic" } else { "" }
+            )
+        );
+        let ha = history(&a);
+        let last = &ha[2].strategy_metrics;
+        assert!(
+            last["agent_updates"] > 0.0 && last.contains_key("agent_loss"),
+            "{mode}: the agent trained: {last:?}"
+        );
+        assert!(last["weight_entropy_logit"] > 0.0, "{last:?}");
+        if mix == "dynamic" {
+            assert!(last.contains_key("mix_logit_agent"), "{last:?}");
+        }
+        assert!(a.join("plots/teacher_weights_per_class.png").is_file());
+        let b = s.join(format!("{mode}-b"));
+        // 8 batches per epoch: stop inside epoch 3, after the agent has updated mid-epoch.
+        let err = run_in(
+            &cfg,
+            &b,
+            &RunOptions {
+                halt_after_steps: Some(21),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.root_cause().downcast_ref::<Interrupted>().is_some(),
+            "{err:#}"
+        );
+        run_in(&cfg, &b, &RunOptions::default()).unwrap();
+        assert_eq!(
+            strip_time(&ha),
+            strip_time(&history(&b)),
+            "{mode}: resumed agent run equals the uninterrupted one"
+        );
+    }
+}
+
 #[test]
 fn non_finite_loss_stops_the_run_or_skips_the_batch() {
     let s = scratch("nan");
@@ -309,6 +366,7 @@ fn a_nan_checkpoint_never_replaces_a_good_one() {
         history: Vec::new(),
         elapsed_seconds: 1.0,
         config_hash: "h".into(),
+        strategy_json: String::new(),
     };
     let good = vec![(
         "student.w".to_owned(),

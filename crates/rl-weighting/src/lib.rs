@@ -1,8 +1,10 @@
 //! mtkd-rl-weighting: the MTKD-RL agent's weight components (METHOD.md section 3).
 //!
-//! Today: the hand-crafted per-sample components — teacher confidence, logit gap and feature
-//! gap — and the fixed mix. The policy network, reward and update (step 3 of the roadmap) build
-//! on these and implement `mtkd_distill_core::weighting::WeightingStrategy`.
+//! The hand-crafted per-sample components — teacher confidence, logit gap and feature gap — and
+//! the fixed mix are here; [`agent::MtkdAgent`] (policy, reward, buffer, update; parity and clean
+//! modes) builds on them and implements `mtkd_distill_core::weighting::WeightingStrategy`.
+
+pub mod agent;
 
 use tch::{Kind, Tensor};
 

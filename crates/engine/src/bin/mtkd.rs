@@ -53,6 +53,23 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Run every weighting strategy under identical settings and seeds; write a markdown table.
+    Compare {
+        /// The base config (its [distill] section gives temperature and loss weights).
+        #[arg(long)]
+        config: PathBuf,
+        /// Seeds per strategy (run.seed, run.seed + 1, ...).
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Comparison folder (default: <run.out_dir>/compare-<run.name>); finished runs in it are reused.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Only strategies whose label starts with one of these (comma-separated), e.g. equal,mtkd-rl.
+        #[arg(long, value_delimiter = ',')]
+        only: Option<Vec<String>>,
+    },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
 }
@@ -61,6 +78,13 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Doctor => doctor(),
+        Cmd::Compare {
+            config,
+            seeds,
+            overrides,
+            out,
+            only,
+        } => compare(config, seeds, overrides, out, only),
         Cmd::Teachers { config, overrides } => teachers(config, overrides),
         Cmd::Train {
             config,
@@ -105,6 +129,92 @@ fn teachers(config: PathBuf, overrides: Vec<String>) -> Result<()> {
             t.source
         );
     }
+    Ok(())
+}
+
+fn compare(
+    config: PathBuf,
+    seeds: u64,
+    overrides: Vec<String>,
+    out: Option<PathBuf>,
+    only: Option<Vec<String>>,
+) -> Result<()> {
+    use mtkd_engine::compare;
+    let cfg = Config::load(&config, &overrides)?;
+    let plan = compare::plan(&cfg, seeds.max(1), only.as_deref())?;
+    let out = out.unwrap_or_else(|| cfg.run.out_dir.join(format!("compare-{}", cfg.run.name)));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    init_logging(None);
+    eprintln!(
+        "mtkd: comparison of {} runs in {}",
+        plan.len(),
+        out.display()
+    );
+    // Teachers first (trained once, cached), so no run pays for them.
+    let teachers = trainer::prepare_teachers(&cfg, &mut Bars::default())?;
+    let exe = std::env::current_exe().context("locating the mtkd binary")?;
+    let mut results = Vec::new();
+    for (i, p) in plan.iter().enumerate() {
+        let dir = out.join(&p.dir_name);
+        if !dir.join("summary.json").is_file() {
+            let cfg_path = out.join(format!("{}.toml", p.dir_name));
+            std::fs::write(&cfg_path, toml::to_string_pretty(&p.config)?)?;
+            eprintln!(
+                "mtkd: [{}/{}] {} (seed {})",
+                i + 1,
+                plan.len(),
+                p.strategy,
+                p.seed
+            );
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("train").arg("--config").arg(&cfg_path);
+            if dir.join("config.toml").is_file() {
+                cmd = std::process::Command::new(&exe);
+                cmd.arg("train").arg("--resume").arg(&dir);
+            } else {
+                cmd.arg("--out").arg(&dir);
+            }
+            let status = cmd
+                .stdout(std::process::Stdio::null())
+                .status()
+                .context("starting mtkd train")?;
+            if !status.success() {
+                anyhow::bail!(
+                    "run {} failed ({status}); its folder is {}",
+                    p.dir_name,
+                    dir.display()
+                );
+            }
+        }
+        results.push(compare::read_run(&p.strategy, &dir)?);
+    }
+    let mut md = String::new();
+    md.push_str(&format!("# Strategy comparison: {}\n\n", cfg.run.name));
+    md.push_str(&format!(
+        "Command: `mtkd compare --config {} --seeds {}{}`  \nStudent: {}; {} epochs; data: {:?} {}\n\n",
+        config.display(),
+        seeds,
+        overrides.iter().map(|o| format!(" --set {o}")).collect::<String>(),
+        cfg.student.arch,
+        cfg.train.epochs,
+        cfg.data.kind,
+        cfg.data.root.display()
+    ));
+    md.push_str("Teachers (test top-1):\n\n");
+    for t in &teachers {
+        md.push_str(&format!(
+            "- {}: {:.2}% ({})\n",
+            t.name,
+            t.test_top1.unwrap_or(f64::NAN),
+            t.source
+        ));
+    }
+    md.push_str("\nMean ± sample standard deviation over seeds. Final = after the last epoch; best = best test epoch (reported for comparison with the paper's practice; select on a validation split).\n\n");
+    md.push_str(&compare::table(&results));
+    let path = out.join("comparison.md");
+    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    println!("{md}");
+    println!("table: {}", path.display());
     Ok(())
 }
 

@@ -1,0 +1,379 @@
+//! The baseline weighting strategies (EBKD, CA-MKD, AEKD) against values computed by PyTorch
+//! (`scripts/golden_baselines.py`; AEKD's lambda there by an exact active-set solve).
+
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use mtkd_distill_core::baselines::{
+    aekd_gradients, confidence_weights, min_norm_capped_simplex, Aekd, CaMkd, Ebkd,
+};
+use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::weighting::WeightingStrategy;
+use mtkd_distill_core::ModelOutput;
+
+fn golden() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/baselines.json"
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn tensor(v: &Value) -> Tensor {
+    let shape: Vec<i64> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    let data: Vec<f32> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    Tensor::from_slice(&data).view(shape.as_slice())
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+fn assert_close_f64(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs() / (1.0 + w.abs());
+        assert!(err < tol, "{what}[{i}]: got {g}, PyTorch {w}");
+    }
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
+    assert_close_f64(what, &values(got), want, tol);
+}
+
+struct Case {
+    name: String,
+    t: f64,
+    cap: f64,
+    zs: Tensor,
+    zt: Vec<Tensor>,
+    y: Tensor,
+    raw: Value,
+}
+
+impl Case {
+    fn m(&self) -> i64 {
+        self.zt.len() as i64
+    }
+
+    fn b(&self) -> i64 {
+        self.zs.size()[0]
+    }
+
+    /// Signals for the given teachers (logits only: no feature maps, no projections).
+    fn signals_for(&self, zt: &[Tensor]) -> BatchSignals {
+        let teachers: Vec<ModelOutput> = zt
+            .iter()
+            .map(|z| ModelOutput {
+                logits: z.shallow_clone(),
+                features: None,
+            })
+            .collect();
+        let projected: Vec<Option<Tensor>> = zt.iter().map(|_| None).collect();
+        BatchSignals::compute(&self.zs, &projected, &teachers, &self.y, self.t).unwrap()
+    }
+
+    fn signals(&self) -> BatchSignals {
+        self.signals_for(&self.zt)
+    }
+}
+
+fn cases() -> Vec<Case> {
+    golden()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| Case {
+            name: c["name"].as_str().unwrap().to_owned(),
+            t: c["temperature"].as_f64().unwrap(),
+            cap: c["cap"].as_f64().unwrap(),
+            zs: tensor(&c["student_logits"]),
+            zt: c["teacher_logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(tensor)
+                .collect(),
+            y: Tensor::from_slice(
+                &c["labels"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap())
+                    .collect::<Vec<_>>(),
+            ),
+            raw: c.clone(),
+        })
+        .collect()
+}
+
+/// Row sums of a `[B, M]` matrix.
+fn row_sums(t: &Tensor) -> Vec<f64> {
+    values(&t.sum_dim_intlist(1i64, false, Kind::Double))
+}
+
+#[test]
+fn ebkd_matches_pytorch() {
+    for c in cases() {
+        let s = c.signals();
+        let mut strategy = Ebkd;
+        assert_eq!(strategy.name(), "ebkd");
+        let w = strategy.weights(&s).unwrap();
+        assert_eq!(w.logit.size(), vec![c.b(), c.m()], "{}: ebkd shape", c.name);
+        assert_eq!(w.logit.kind(), Kind::Float, "{}: ebkd kind", c.name);
+        assert!(
+            !w.logit.requires_grad(),
+            "{}: ebkd weights carry no gradient",
+            c.name
+        );
+        let want = floats(&c.raw["expected"]["ebkd"]);
+        assert_close(&format!("{}: ebkd logit", c.name), &w.logit, &want, 1e-5);
+        assert_close(
+            &format!("{}: ebkd feature", c.name),
+            &w.feature,
+            &want,
+            1e-5,
+        );
+        // METHOD.md: the EBKD weights of a sample sum to M - 1.
+        let m1 = (c.m() - 1) as f64;
+        assert_close(
+            &format!("{}: ebkd row sums", c.name),
+            &w.logit.sum_dim_intlist(1i64, false, Kind::Double),
+            &vec![m1; c.b() as usize],
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn ca_mkd_matches_pytorch() {
+    for c in cases() {
+        let s = c.signals();
+        let mut strategy = CaMkd;
+        assert_eq!(strategy.name(), "ca-mkd");
+        let w = strategy.weights(&s).unwrap();
+        assert_eq!(
+            w.logit.size(),
+            vec![c.b(), c.m()],
+            "{}: ca-mkd shape",
+            c.name
+        );
+        assert_eq!(w.feature.kind(), Kind::Float, "{}: ca-mkd kind", c.name);
+        let want = floats(&c.raw["expected"]["ca_mkd"]);
+        assert_close(&format!("{}: ca-mkd logit", c.name), &w.logit, &want, 1e-5);
+        // The feature weight falls back to the logit weight (no teacher heads in the contract).
+        assert_close(
+            &format!("{}: ca-mkd feature", c.name),
+            &w.feature,
+            &want,
+            1e-5,
+        );
+        assert_close(
+            &format!("{}: confidence_weights", c.name),
+            &confidence_weights(&s.ce).unwrap(),
+            &want,
+            1e-5,
+        );
+        for (b, total) in row_sums(&w.logit).iter().enumerate() {
+            assert!(
+                (total - 1.0).abs() < 1e-5,
+                "{}: ca-mkd row {b} sums to {total}",
+                c.name
+            );
+        }
+    }
+}
+
+#[test]
+fn aekd_matches_pytorch() {
+    let mut binding = 0;
+    for c in cases() {
+        let e = &c.raw["expected"];
+        let want = floats(&e["aekd_lambda"]);
+        let vectors: Vec<Vec<f64>> = e["aekd_vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+
+        // The closed-form gradients, then the solver on PyTorch's gradients, then the strategy.
+        let s = c.signals();
+        let g = aekd_gradients(&s.student_logits, &s.teacher_logits, s.temperature).unwrap();
+        assert_eq!(g.len(), vectors.len(), "{}: aekd gradient count", c.name);
+        for (m, (got, v)) in g.iter().zip(&vectors).enumerate() {
+            assert_close_f64(&format!("{}: aekd g_{m}", c.name), got, v, 1e-9);
+        }
+        let lambda = min_norm_capped_simplex(&vectors, c.cap).unwrap();
+        assert_close_f64(&format!("{}: aekd solver", c.name), &lambda, &want, 1e-8);
+        let total: f64 = lambda.iter().sum();
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "{}: lambda sums to {total}",
+            c.name
+        );
+        for (m, l) in lambda.iter().enumerate() {
+            assert!(
+                (-1e-9..=c.cap + 1e-9).contains(l),
+                "{}: lambda_{m} = {l} outside [0, {}]",
+                c.name,
+                c.cap
+            );
+        }
+        if e["aekd_cap_binds"].as_bool().unwrap() {
+            binding += 1;
+            let top = lambda.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            assert!(
+                (top - c.cap).abs() < 1e-9,
+                "{}: the cap should bind: {lambda:?}",
+                c.name
+            );
+        }
+
+        let mut strategy = Aekd::new(c.cap);
+        assert_eq!(strategy.name(), "aekd");
+        let w = strategy.weights(&s).unwrap();
+        assert_eq!(w.logit.size(), vec![c.b(), c.m()], "{}: aekd shape", c.name);
+        assert_eq!(w.logit.kind(), Kind::Float, "{}: aekd kind", c.name);
+        // The same lambda for every sample, for logits and features.
+        let rows: Vec<f64> = (0..c.b()).flat_map(|_| want.iter().copied()).collect();
+        assert_close(&format!("{}: aekd logit", c.name), &w.logit, &rows, 1e-4);
+        assert_close(
+            &format!("{}: aekd feature", c.name),
+            &w.feature,
+            &rows,
+            1e-4,
+        );
+        for (b, total) in row_sums(&w.feature).iter().enumerate() {
+            assert!(
+                (total - 1.0).abs() < 1e-6,
+                "{}: aekd row {b} sums to {total}",
+                c.name
+            );
+        }
+    }
+    assert!(binding >= 2, "the golden file should exercise the cap");
+}
+
+#[test]
+fn aekd_infeasible_cap_is_an_error() {
+    let all = cases();
+    for c in &all {
+        let s = c.signals();
+        // Below 1/M no weights can sum to 1.
+        let cap = 0.9 / c.m() as f64;
+        let err = Aekd::new(cap).weights(&s).unwrap_err().to_string();
+        assert!(err.contains("aekd cap"), "{}: {err}", c.name);
+        assert!(
+            Aekd::new(-1.0).weights(&s).is_err(),
+            "{}: a negative cap",
+            c.name
+        );
+        // Exactly 1/M: the only feasible point is uniform.
+        let w = Aekd::new(1.0 / c.m() as f64).weights(&s).unwrap();
+        let uniform = vec![1.0 / c.m() as f64; (c.b() * c.m()) as usize];
+        assert_close(
+            &format!("{}: aekd cap 1/M", c.name),
+            &w.logit,
+            &uniform,
+            1e-6,
+        );
+    }
+    assert!(
+        (Aekd::default().cap - 0.6).abs() < 1e-15,
+        "the AEKD paper's cap"
+    );
+    assert!(min_norm_capped_simplex(&[vec![1.0], vec![2.0]], 0.4).is_err());
+}
+
+#[test]
+fn one_teacher_and_identical_teachers() {
+    let c = &cases()[0];
+    let b = c.b() as usize;
+    // One teacher: EBKD and CA-MKD give weight 1; AEKD needs a cap of at least 1.
+    let s = c.signals_for(&c.zt[..1]);
+    let ones = vec![1.0; b];
+    assert_close(
+        "ebkd, one teacher",
+        &Ebkd.weights(&s).unwrap().logit,
+        &ones,
+        1e-9,
+    );
+    assert_close(
+        "ca-mkd, one teacher",
+        &CaMkd.weights(&s).unwrap().logit,
+        &ones,
+        1e-9,
+    );
+    assert_close(
+        "aekd, one teacher",
+        &Aekd::new(1.0).weights(&s).unwrap().logit,
+        &ones,
+        1e-9,
+    );
+    assert!(
+        Aekd::default().weights(&s).is_err(),
+        "cap 0.6 with one teacher is infeasible"
+    );
+
+    // Three copies of one teacher: EBKD gives 2/3 each, CA-MKD 1/3, AEKD 1/3 (every point of
+    // the simplex is optimal; the solver stays at the uniform start).
+    let same = [
+        c.zt[0].shallow_clone(),
+        c.zt[0].shallow_clone(),
+        c.zt[0].shallow_clone(),
+    ];
+    let s = c.signals_for(&same);
+    let third = vec![1.0 / 3.0; 3 * b];
+    assert_close(
+        "ebkd, identical teachers",
+        &Ebkd.weights(&s).unwrap().logit,
+        &vec![2.0 / 3.0; 3 * b],
+        1e-6,
+    );
+    assert_close(
+        "ca-mkd, identical teachers",
+        &CaMkd.weights(&s).unwrap().logit,
+        &third,
+        1e-6,
+    );
+    assert_close(
+        "aekd, identical teachers",
+        &Aekd::default().weights(&s).unwrap().logit,
+        &third,
+        1e-6,
+    );
+
+    // The student equal to every teacher: all gradients vanish (G = 0): uniform.
+    let student = [
+        c.zs.shallow_clone(),
+        c.zs.shallow_clone(),
+        c.zs.shallow_clone(),
+    ];
+    let s = c.signals_for(&student);
+    assert_close(
+        "aekd, G = 0",
+        &Aekd::default().weights(&s).unwrap().logit,
+        &third,
+        1e-6,
+    );
+}

@@ -1,0 +1,210 @@
+//! The strategy comparison: one base config, every weighting strategy under identical settings
+//! and seeds, and a markdown table of the results. The binary runs each planned config as its own
+//! `mtkd train` process (so peak memory is per run); this module plans and tabulates.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::{Config, DistillConfig, StrategyKind};
+use crate::record::{EpochRecord, Summary};
+use mtkd_rl_weighting::agent::{AgentConfig, Mix, Mode};
+
+/// One planned run.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// Row label in the table (e.g. `mtkd-rl parity dynamic`).
+    pub strategy: String,
+    pub seed: u64,
+    pub config: Config,
+    /// Folder name of the run inside the comparison folder.
+    pub dir_name: String,
+}
+
+/// The strategies of the comparison table, in order, for a config's teacher pool.
+pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
+    let mut d = base
+        .distill
+        .clone()
+        .context("the base config needs a [distill] section (temperature, weights)")?;
+    if base.teachers.is_empty() {
+        bail!("the base config has no [[teachers]] to compare strategies over");
+    }
+    d.teacher = None;
+    let with = |strategy: StrategyKind| DistillConfig {
+        strategy,
+        ..d.clone()
+    };
+    let mut out = vec![("no-kd".to_owned(), with(StrategyKind::None))];
+    for t in &base.teachers {
+        out.push((
+            format!("single {}", t.name),
+            DistillConfig {
+                teacher: Some(t.name.clone()),
+                ..with(StrategyKind::Single)
+            },
+        ));
+    }
+    out.push(("equal (AVER)".to_owned(), with(StrategyKind::Equal)));
+    out.push(("ebkd".to_owned(), with(StrategyKind::Ebkd)));
+    out.push((
+        "ca-mkd (logit weights)".to_owned(),
+        with(StrategyKind::CaMkd),
+    ));
+    out.push(("aekd".to_owned(), with(StrategyKind::Aekd)));
+    let agent = d.agent.clone().unwrap_or_default();
+    for (label, mode, mix) in [
+        ("mtkd-rl parity fixed", Mode::Parity, Mix::Fixed),
+        ("mtkd-rl parity dynamic", Mode::Parity, Mix::Dynamic),
+        ("mtkd-rl clean", Mode::Clean, Mix::Fixed),
+    ] {
+        let a = AgentConfig {
+            mode,
+            mix,
+            ..agent.clone()
+        };
+        out.push((
+            label.to_owned(),
+            DistillConfig {
+                agent: Some(a),
+                ..with(StrategyKind::MtkdRl)
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Every (strategy, seed) run: seeds `base.run.seed .. base.run.seed + seeds`.
+pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Planned>> {
+    let mut out = Vec::new();
+    for (label, distill) in strategies(base)? {
+        if let Some(only) = only {
+            if !only.iter().any(|o| label.starts_with(o.as_str())) {
+                continue;
+            }
+        }
+        for s in 0..seeds {
+            let mut c = base.clone();
+            c.distill = Some(distill.clone());
+            c.run.seed = base.run.seed + s;
+            // Teachers stay the same across seeds: pin their seeds to the base run's defaults.
+            for (i, t) in c.teachers.iter_mut().enumerate() {
+                if t.arch.is_some() && t.seed.is_none() {
+                    t.seed = Some(base.run.seed + 1000 + i as u64);
+                }
+            }
+            c.run.name = format!("{}-{}", base.run.name, slug(&label));
+            let dir_name = format!("{}-seed{}", slug(&label), c.run.seed);
+            out.push(Planned {
+                strategy: label.clone(),
+                seed: c.run.seed,
+                config: c,
+                dir_name,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn slug(s: &str) -> String {
+    let mut out = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_alphanumeric() {
+            out.push(ch.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_owned()
+}
+
+/// A finished run as the table needs it.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub strategy: String,
+    pub summary: Summary,
+    pub history: Vec<EpochRecord>,
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Read a finished run folder.
+pub fn read_run(strategy: &str, dir: &Path) -> Result<RunResult> {
+    let summary: Summary = serde_json::from_slice(&std::fs::read(dir.join("summary.json"))?)
+        .with_context(|| format!("reading {}", dir.join("summary.json").display()))?;
+    let history = std::fs::read_to_string(dir.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<Vec<EpochRecord>, _>>()?;
+    let peak_rss_mb = summary.peak_rss_mb;
+    Ok(RunResult {
+        strategy: strategy.to_owned(),
+        summary,
+        history,
+        peak_rss_mb,
+    })
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n.max(1.0);
+    let s = if v.len() > 1 {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (m, s)
+}
+
+/// The markdown table: per strategy, mean ± sample std over seeds of the final and best test
+/// top-1, seconds per epoch, and peak resident memory.
+pub fn table(results: &[RunResult]) -> String {
+    let mut by: BTreeMap<usize, (String, Vec<&RunResult>)> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    for r in results {
+        let idx = match order.iter().position(|s| *s == r.strategy) {
+            Some(i) => i,
+            None => {
+                order.push(r.strategy.clone());
+                order.len() - 1
+            }
+        };
+        by.entry(idx)
+            .or_insert_with(|| (r.strategy.clone(), Vec::new()))
+            .1
+            .push(r);
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "| strategy | seeds | final top-1 (%) | best top-1 (%) | s / epoch | peak RSS (MB) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (_, (name, runs)) in by {
+        let finals: Vec<f64> = runs.iter().map(|r| r.summary.final_value).collect();
+        let bests: Vec<f64> = runs.iter().map(|r| r.summary.best_value).collect();
+        let secs: Vec<f64> = runs
+            .iter()
+            .map(|r| {
+                r.history.iter().map(|h| h.seconds).sum::<f64>() / r.history.len().max(1) as f64
+            })
+            .collect();
+        let mem: Vec<f64> = runs.iter().filter_map(|r| r.peak_rss_mb).collect();
+        let (fm, fs) = mean_std(&finals);
+        let (bm, bs) = mean_std(&bests);
+        let (sm, ss) = mean_std(&secs);
+        let mem = if mem.is_empty() {
+            "n/a".to_owned()
+        } else {
+            let (mm, ms) = mean_std(&mem);
+            format!("{mm:.0} ± {ms:.0}")
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} | {sm:.1} ± {ss:.1} | {mem} |",
+            runs.len()
+        );
+    }
+    out
+}

@@ -1,0 +1,414 @@
+//! The parity agent against a PyTorch reference of the published computation
+//! (`scripts/golden_agent.py`): state, policy, fixed and dynamic weights, reward, agent loss and
+//! the parameters after one update pass; and the clean mode's guards.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::weighting::{Feedback, WeightingStrategy};
+use mtkd_distill_core::ModelOutput;
+use mtkd_rl_weighting::agent::{build_state, parity_reward, AgentConfig, Mix, Mode, MtkdAgent};
+
+fn golden() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/agent.json"
+    ))
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn tensor(v: &Value) -> Tensor {
+    let shape: Vec<i64> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    let data: Vec<f32> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().map(|f| f as f32).unwrap_or(f32::NAN))
+        .collect();
+    Tensor::from_slice(&data).view(shape.as_slice())
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.size(), want.size(), "{what}: shape");
+    let g = Vec::<f64>::try_from(&got.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+    let w = Vec::<f64>::try_from(&want.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        assert!(
+            (a - b).abs() <= tol * (1.0 + b.abs()),
+            "{what}[{i}]: got {a}, PyTorch {b}"
+        );
+    }
+}
+
+/// Signals of a stored batch, built the way the engine builds them (from teacher outputs), with
+/// the CE/KL/COS matrices replaced by the stored ones.
+fn signals(b: &Value) -> (BatchSignals, Tensor) {
+    let logits: Vec<Tensor> = b["teacher_logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor)
+        .collect();
+    let embs: Vec<Tensor> = b["teacher_embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor)
+        .collect();
+    let n = logits[0].size()[0];
+    let outs: Vec<ModelOutput> = logits
+        .iter()
+        .zip(&embs)
+        .map(|(l, e)| ModelOutput {
+            logits: l.shallow_clone(),
+            features: Some(e.unsqueeze(-1).unsqueeze(-1)),
+        })
+        .collect();
+    let labels = Tensor::zeros([n], (Kind::Int64, Device::Cpu));
+    let mut s = BatchSignals::compute(&logits[0], &[], &outs, &labels, 4.0).unwrap();
+    s.ce = tensor(&b["ce"]);
+    s.kl = tensor(&b["kl"]);
+    s.cos = Some(tensor(&b["cos"]));
+    (s, tensor(&b["loss"]))
+}
+
+fn agent(g: &Value, mix: Mix) -> MtkdAgent {
+    let dims: Vec<i64> = g["C"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    let cfg = AgentConfig {
+        mode: Mode::Parity,
+        mix,
+        hidden: g["hidden"].as_i64().unwrap(),
+        lr: g["lr"].as_f64().unwrap(),
+        ..Default::default()
+    };
+    let a = MtkdAgent::new(cfg, &dims, g["K"].as_i64().unwrap(), Device::Cpu).unwrap();
+    let vars = a.var_store().variables();
+    tch::no_grad(|| {
+        for (name, v) in g["initial_params"].as_object().unwrap() {
+            if let Some(var) = vars.get(name) {
+                var.shallow_clone().copy_(&tensor(v));
+            } else {
+                assert!(
+                    mix == Mix::Fixed && name.starts_with("theta"),
+                    "agent lacks parameter {name}"
+                );
+            }
+        }
+    });
+    a
+}
+
+#[test]
+fn parity_agent_matches_pytorch() {
+    let g = golden();
+    let e = &g["expected"];
+    let batches: Vec<(BatchSignals, Tensor)> = g["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(signals)
+        .collect();
+    for (i, (s, loss)) in batches.iter().enumerate() {
+        assert_close(
+            &format!("state {i}"),
+            &build_state(s).unwrap(),
+            &tensor(&e["state"][i]),
+            1e-6,
+        );
+        assert_close(
+            &format!("r_hat {i}"),
+            &parity_reward(loss),
+            &tensor(&e["r_hat"][i]),
+            1e-5,
+        );
+    }
+    for (mix, key) in [(Mix::Fixed, "fixed"), (Mix::Dynamic, "dynamic")] {
+        let mut a = agent(&g, mix);
+        let (s0, loss0) = &batches[0];
+        let state = build_state(s0).unwrap();
+        let ((a_l, a_f), _) = a.policy(&state);
+        assert_close("a_l", &a_l, &tensor(&e["a_l"]), 1e-5);
+        assert_close("a_f", &a_f, &tensor(&e["a_f"]), 1e-5);
+        assert_close(
+            "confidence",
+            &mtkd_rl_weighting::confidence(&s0.ce).unwrap(),
+            &tensor(&e["confidence"]),
+            1e-6,
+        );
+        assert_close(
+            "logit gap",
+            &mtkd_rl_weighting::logit_gap(&s0.kl).unwrap(),
+            &tensor(&e["logit_gap"]),
+            1e-6,
+        );
+        assert_close(
+            "feature gap",
+            &mtkd_rl_weighting::feature_gap(s0.cos.as_ref().unwrap()).unwrap(),
+            &tensor(&e["feature_gap"]),
+            1e-6,
+        );
+        // Epoch 0: the published all-ones weights.
+        a.start_epoch(0).unwrap();
+        let w0 = a.weights(s0).unwrap();
+        assert_close(
+            "epoch-0 weights",
+            &w0.logit,
+            &Tensor::ones([6, 3], (Kind::Float, Device::Cpu)),
+            0.0,
+        );
+        // From epoch 1 the mix.
+        a.start_epoch(1).unwrap();
+        let w = a.weights(s0).unwrap();
+        assert_close(
+            &format!("{key} w_l"),
+            &w.logit,
+            &tensor(&e[key]["w_l"]),
+            1e-5,
+        );
+        assert_close(
+            &format!("{key} w_f"),
+            &w.feature,
+            &tensor(&e[key]["w_f"]),
+            1e-5,
+        );
+        let l = a
+            .parity_loss(
+                &state,
+                &s0.ce,
+                &s0.kl,
+                s0.cos.as_ref().unwrap(),
+                &parity_reward(loss0),
+            )
+            .unwrap();
+        let want = e[key]["agent_loss"].as_f64().unwrap();
+        assert!(
+            (l.double_value(&[]) - want).abs() < 1e-5,
+            "{key} agent loss {} vs {want}",
+            l.double_value(&[])
+        );
+
+        // One update pass over both batches, through the strategy interface (observe buffers the
+        // step; end_epoch runs the pass). The weights() call above left batch 0 pending.
+        let fb = |loss: &Tensor, step| Feedback {
+            per_sample_loss: loss.shallow_clone(),
+            pre_step_ce: loss.zeros_like(),
+            post_step_ce: None,
+            step,
+        };
+        a.observe(s0, &w, &fb(loss0, 0)).unwrap();
+        let (s1, loss1) = &batches[1];
+        let w1 = a.weights(s1).unwrap();
+        a.observe(s1, &w1, &fb(loss1, 1)).unwrap();
+        a.end_epoch(1).unwrap();
+        let metrics: HashMap<String, f64> = a.take_epoch_metrics().into_iter().collect();
+        assert_eq!(metrics["agent_updates"], 2.0);
+        for (name, want) in e[key]["params_after_update"].as_object().unwrap() {
+            let got = &a.var_store().variables()[name];
+            let init = tensor(&g["initial_params"][name]);
+            // Compare the change (about 1e-3), relative to its size: a wrong gradient cannot hide.
+            let dg = got - &init;
+            let dw = tensor(want) - &init;
+            let scale = dw.abs().max().double_value(&[]).max(1e-12);
+            let err = (&dg - &dw).abs().max().double_value(&[]);
+            assert!(
+                err / scale < 1e-3,
+                "{key}: {name} update differs from PyTorch: max err {err}, change scale {scale}"
+            );
+        }
+    }
+}
+
+#[test]
+fn reward_is_undefined_for_tiny_or_flat_batches_and_the_agent_skips_them() {
+    let g = golden();
+    for key in ["r_hat_batch_of_one", "r_hat_equal_losses"] {
+        let case = &g[key];
+        let loss = tensor(&case["loss"]);
+        let r = parity_reward(&loss);
+        assert!(
+            r.isnan().all().int64_value(&[]) != 0,
+            "{key}: PyTorch gives NaN, so do we"
+        );
+    }
+    // The agent does not train on them (METHOD.md 7.2) and says so in its metrics.
+    let mut a = agent(&g, Mix::Fixed);
+    let (s, _) = signals(&g["batches"][0]);
+    a.start_epoch(1).unwrap();
+    let w = a.weights(&s).unwrap();
+    let flat = Tensor::full([6], 2.5, (Kind::Float, Device::Cpu));
+    a.observe(
+        &s,
+        &w,
+        &Feedback {
+            per_sample_loss: flat.shallow_clone(),
+            pre_step_ce: flat,
+            post_step_ce: None,
+            step: 0,
+        },
+    )
+    .unwrap();
+    a.end_epoch(1).unwrap();
+    let m: HashMap<String, f64> = a.take_epoch_metrics().into_iter().collect();
+    assert_eq!((m["agent_skipped_samples"], m["agent_updates"]), (1.0, 0.0));
+}
+
+fn clean(m: usize, buffer_steps: usize) -> MtkdAgent {
+    let cfg = AgentConfig {
+        mode: Mode::Clean,
+        buffer_steps,
+        warmup_epochs: 1,
+        lr: 0.05,
+        seed: 9,
+        ..Default::default()
+    };
+    MtkdAgent::new(cfg, &vec![2; m], 4, Device::Cpu).unwrap()
+}
+
+fn random_signals(m: i64, b: i64, seed: i64) -> BatchSignals {
+    tch::manual_seed(seed);
+    let outs: Vec<ModelOutput> = (0..m)
+        .map(|_| ModelOutput {
+            logits: Tensor::randn([b, 4], (Kind::Float, Device::Cpu)),
+            features: Some(Tensor::randn([b, 2, 1, 1], (Kind::Float, Device::Cpu))),
+        })
+        .collect();
+    let s = Tensor::randn([b, 4], (Kind::Float, Device::Cpu));
+    let y = Tensor::randint(4, [b], (Kind::Int64, Device::Cpu));
+    let proj: Vec<Option<Tensor>> = (0..m)
+        .map(|_| Some(Tensor::randn([b, 2, 1, 1], (Kind::Float, Device::Cpu))))
+        .collect();
+    BatchSignals::compute(&s, &proj, &outs, &y, 4.0).unwrap()
+}
+
+#[test]
+fn clean_mode_warms_up_handles_one_teacher_and_bounds_its_buffer() {
+    // One teacher: weight 1, no division by zero.
+    let mut one = clean(1, 4);
+    one.start_epoch(3).unwrap();
+    let w = one.weights(&random_signals(1, 5, 1)).unwrap();
+    assert_close(
+        "one teacher",
+        &w.logit,
+        &Tensor::ones([5, 1], (Kind::Float, Device::Cpu)),
+        0.0,
+    );
+
+    let mut a = clean(3, 4);
+    a.start_epoch(0).unwrap();
+    let w = a.weights(&random_signals(3, 5, 2)).unwrap();
+    assert_close(
+        "warm-up weights",
+        &w.logit,
+        &Tensor::full([5, 3], 1.0 / 3.0, (Kind::Float, Device::Cpu)),
+        1e-6,
+    );
+    a.start_epoch(1).unwrap();
+    let mut updates = 0.0;
+    for step in 0..10u64 {
+        let s = random_signals(3, 8, 10 + step as i64);
+        let w = a.weights(&s).unwrap();
+        let rows = w.logit.sum_dim_intlist(1, false, Kind::Double);
+        assert_close(
+            "rows sum to 1",
+            &rows,
+            &Tensor::ones([8], (Kind::Double, Device::Cpu)),
+            1e-5,
+        );
+        let pre = Tensor::rand([8], (Kind::Float, Device::Cpu)) + 1.0;
+        let post = &pre - Tensor::rand([8], (Kind::Float, Device::Cpu)) * 0.1;
+        a.observe(
+            &s,
+            &w,
+            &Feedback {
+                per_sample_loss: pre.shallow_clone(),
+                pre_step_ce: pre,
+                post_step_ce: Some(post),
+                step,
+            },
+        )
+        .unwrap();
+        let m: HashMap<String, f64> = a.take_epoch_metrics().into_iter().collect();
+        updates += m["agent_updates"];
+    }
+    assert_eq!(
+        updates, 8.0,
+        "a buffer of 4 steps updates after steps 4 and 8 (one SGD step per stored batch)"
+    );
+    // A batch of one is not used to train the agent.
+    let s = random_signals(3, 1, 99);
+    let w = a.weights(&s).unwrap();
+    let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
+    a.observe(
+        &s,
+        &w,
+        &Feedback {
+            per_sample_loss: one.shallow_clone(),
+            pre_step_ce: one.shallow_clone(),
+            post_step_ce: Some(one),
+            step: 10,
+        },
+    )
+    .unwrap();
+    let m: HashMap<String, f64> = a.take_epoch_metrics().into_iter().collect();
+    assert_eq!(m["agent_skipped_samples"], 1.0);
+    // Dynamic mix is parity-only.
+    let bad = AgentConfig {
+        mode: Mode::Clean,
+        mix: Mix::Dynamic,
+        ..Default::default()
+    };
+    assert!(MtkdAgent::new(bad, &[2, 2], 4, Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("dynamic"));
+}
+
+#[test]
+fn agent_state_round_trips_through_a_checkpoint() {
+    let mut a = clean(3, 2);
+    a.start_epoch(1).unwrap();
+    for step in 0..3u64 {
+        let s = random_signals(3, 6, 40 + step as i64);
+        let w = a.weights(&s).unwrap();
+        let pre = Tensor::rand([6], (Kind::Float, Device::Cpu)) + 1.0;
+        let post = &pre * 0.9;
+        a.observe(
+            &s,
+            &w,
+            &Feedback {
+                per_sample_loss: pre.shallow_clone(),
+                pre_step_ce: pre,
+                post_step_ce: Some(post),
+                step,
+            },
+        )
+        .unwrap();
+    }
+    a.end_epoch(1).unwrap();
+    let saved = a.save_state().unwrap();
+    let mut b = clean(3, 2);
+    b.load_state(&saved).unwrap();
+    b.start_epoch(2).unwrap();
+    a.start_epoch(2).unwrap();
+    let s = random_signals(3, 6, 77);
+    let wa = a.weights(&s).unwrap();
+    let wb = b.weights(&s).unwrap();
+    assert!(
+        wa.logit.equal(&wb.logit),
+        "a restored agent (parameters, normaliser, noise counter) acts identically"
+    );
+}

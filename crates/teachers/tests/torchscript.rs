@@ -1,0 +1,198 @@
+//! TorchScript teachers exported from PyTorch by `scripts/export_teacher.py` (randomly initialised
+//! torchvision resnet18 and mobilenet_v2): the Rust loader must give the logits and feature maps
+//! that Python gives for the same input, and contract violations must be reported with the file.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::Teacher;
+use mtkd_teachers::{Expectation, TorchScriptTeacher};
+
+fn python() -> String {
+    std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python with torch 2.13.0 and torchvision; run the tests through `cargo xtask test`")
+}
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mtkd-teachers-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn py(args: &[&str]) {
+    let out = Command::new(python()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn export(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let out = dir.join(format!("{name}.pt"));
+    let script = scripts().join("export_teacher.py");
+    let mut args = vec![
+        script.to_str().unwrap(),
+        "--torchvision",
+        name,
+        "--num-classes",
+        "10",
+        "--input-shape",
+        "3,32,32",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    py(&args);
+    out
+}
+
+fn python_outputs(model: &Path, json: &Path) -> Value {
+    let script = scripts().join("teacher_logits.py");
+    py(&[
+        script.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--shape",
+        "3,3,32,32",
+        "--out",
+        json.to_str().unwrap(),
+    ]);
+    serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap()
+}
+
+fn expectation(needs_features: bool) -> Expectation {
+    Expectation {
+        input: (3, 32, 32),
+        num_classes: 10,
+        needs_features,
+    }
+}
+
+fn input() -> Tensor {
+    Tensor::arange(3 * 3 * 32 * 32, (Kind::Float, Device::Cpu))
+        .view([3, 3, 32, 32])
+        .sin()
+}
+
+#[test]
+fn torchvision_teachers_give_pythons_logits_in_rust() {
+    let dir = scratch("tv");
+    for (name, feature_channels) in [("resnet18", 512), ("mobilenet_v2", 1280)] {
+        let path = export(&dir, name, &[]);
+        let want = python_outputs(&path, &dir.join(format!("{name}.json")));
+        let t = TorchScriptTeacher::load(name, &path, Device::Cpu, &expectation(true)).unwrap();
+        assert_eq!(t.num_classes(), 10);
+        assert_eq!(
+            t.feature_shape().map(|s| s.0),
+            Some(feature_channels),
+            "{name}"
+        );
+        let out = t.forward(&input()).unwrap();
+        assert!(!out.logits.requires_grad(), "teachers run without gradient");
+        let got: Vec<f64> =
+            Vec::try_from(&out.logits.to_kind(Kind::Double).flatten(0, -1)).unwrap();
+        let py: Vec<f64> = want["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), 30, "{name}");
+        for (g, p) in got.iter().zip(&py) {
+            assert!(
+                (g - p).abs() < 1e-4 * (1.0 + p.abs()),
+                "{name}: rust {g} vs python {p}"
+            );
+        }
+        let fsum = out
+            .features
+            .as_ref()
+            .unwrap()
+            .sum(Kind::Double)
+            .double_value(&[]);
+        let pysum = want["features_sum"].as_f64().unwrap();
+        assert!(
+            (fsum - pysum).abs() < 1e-3 * (1.0 + pysum.abs()),
+            "{name}: feature sum {fsum} vs {pysum}"
+        );
+        let fshape: Vec<i64> = want["features_shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
+        assert_eq!(out.features.as_ref().unwrap().size(), fshape, "{name}");
+    }
+}
+
+#[test]
+fn contract_violations_name_the_file() {
+    let dir = scratch("contract");
+    let logits_only = export(&dir, "resnet18", &["--logits-only"]);
+    // Logit-only KD accepts it...
+    let t =
+        TorchScriptTeacher::load("r18", &logits_only, Device::Cpu, &expectation(false)).unwrap();
+    assert_eq!(t.feature_shape(), None);
+    // ...feature KD does not.
+    let err = TorchScriptTeacher::load("r18", &logits_only, Device::Cpu, &expectation(true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("resnet18.pt") && err.contains("logits only"),
+        "{err}"
+    );
+    // Class count.
+    let err = TorchScriptTeacher::load(
+        "r18",
+        &logits_only,
+        Device::Cpu,
+        &Expectation {
+            input: (3, 32, 32),
+            num_classes: 100,
+            needs_features: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("10 classes") && err.contains("has 100"),
+        "{err}"
+    );
+    // Input channels that the network cannot take.
+    let err = TorchScriptTeacher::load(
+        "r18",
+        &logits_only,
+        Device::Cpu,
+        &Expectation {
+            input: (1, 28, 28),
+            num_classes: 10,
+            needs_features: false,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("resnet18.pt") && err.contains("[2, 1, 28, 28]"),
+        "{err}"
+    );
+    // A truncated archive.
+    let bytes = std::fs::read(&logits_only).unwrap();
+    let cut = dir.join("cut.pt");
+    std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+    let err = TorchScriptTeacher::load("cut", &cut, Device::Cpu, &expectation(false))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cut.pt") && err.contains("not a loadable TorchScript"),
+        "{err}"
+    );
+}
