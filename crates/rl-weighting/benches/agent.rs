@@ -1,0 +1,70 @@
+//! Criterion benchmarks of the MTKD-RL agent's per-step cost (batch 64, three teachers with
+//! 64-channel embeddings, 10 classes): building weights, and one update step per buffered batch.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::weighting::{Feedback, WeightingStrategy};
+use mtkd_distill_core::ModelOutput;
+use mtkd_rl_weighting::agent::{AgentConfig, Mode, MtkdAgent};
+
+fn signals() -> BatchSignals {
+    tch::manual_seed(0);
+    let o = (Kind::Float, Device::Cpu);
+    let t: Vec<ModelOutput> = (0..3)
+        .map(|_| ModelOutput {
+            logits: Tensor::randn([64, 10], o),
+            features: Some(Tensor::randn([64, 64, 7, 7], o)),
+        })
+        .collect();
+    let p: Vec<Option<Tensor>> = (0..3)
+        .map(|_| Some(Tensor::randn([64, 64, 7, 7], o)))
+        .collect();
+    BatchSignals::compute(
+        &Tensor::randn([64, 10], o),
+        &p,
+        &t,
+        &Tensor::randint(10, [64], (Kind::Int64, Device::Cpu)),
+        4.0,
+    )
+    .unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    tch::set_num_threads(1);
+    let s = signals();
+    let mut g = c.benchmark_group("agent");
+    for mode in [Mode::Parity, Mode::Clean] {
+        let cfg = AgentConfig {
+            mode,
+            warmup_epochs: 0,
+            agent_step: usize::MAX,
+            buffer_steps: usize::MAX,
+            ..Default::default()
+        };
+        let mut a = MtkdAgent::new(cfg, &[64, 64, 64], 10, Device::Cpu).unwrap();
+        a.start_epoch(1).unwrap();
+        g.bench_function(format!("{mode:?} weights"), |b| {
+            b.iter(|| a.weights(&s).unwrap())
+        });
+        let loss = Tensor::rand([64], (Kind::Float, Device::Cpu));
+        g.bench_function(format!("{mode:?} observe + update of one batch"), |b| {
+            b.iter(|| {
+                let w = a.weights(&s).unwrap();
+                let fb = Feedback {
+                    per_sample_loss: loss.shallow_clone(),
+                    pre_step_ce: loss.shallow_clone(),
+                    post_step_ce: Some(&loss * 0.9),
+                    step: 0,
+                };
+                a.observe(&s, &w, &fb).unwrap();
+                a.update().unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
