@@ -82,7 +82,7 @@ fn run() -> Result<()> {
             let mut train_args = vec!["train".to_owned()];
             if !rest
                 .iter()
-                .any(|a| a == "--config" || a.starts_with("--config=") || a == "--resume")
+                .any(|a| a.starts_with("--config") || a.starts_with("--resume"))
             {
                 train_args.push("--config".into());
                 train_args.push("configs/default.toml".into());

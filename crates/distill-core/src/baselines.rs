@@ -136,6 +136,14 @@ impl WeightingStrategy for Aekd {
     }
 
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        if signals.num_teachers() == 1 {
+            // One teacher: the capped simplex is just {1} whatever the cap.
+            return Ok(TeacherWeights::broadcast(
+                &[1.0],
+                signals.batch_size(),
+                signals.ce.device(),
+            ));
+        }
         check_cap(self.cap, signals.num_teachers() as usize)?;
         let g = aekd_gradients(
             &signals.student_logits,

@@ -44,6 +44,34 @@ impl BatchSignals {
         labels: &Tensor,
         temperature: f64,
     ) -> Result<BatchSignals> {
+        Self::compute_with_kl(
+            student_logits,
+            projected,
+            teachers,
+            labels,
+            temperature,
+            None,
+        )
+    }
+
+    /// As [`BatchSignals::compute`], reusing per-teacher KL terms `[B]` that the caller already
+    /// computed (the training step computes them with gradient; they are detached here).
+    pub fn compute_with_kl(
+        student_logits: &Tensor,
+        projected: &[Option<Tensor>],
+        teachers: &[ModelOutput],
+        labels: &Tensor,
+        temperature: f64,
+        kl_terms: Option<&[Tensor]>,
+    ) -> Result<BatchSignals> {
+        if let Some(k) = kl_terms {
+            if k.len() != teachers.len() {
+                return Err(Error::Invalid {
+                    what: "precomputed KL terms".into(),
+                    reason: format!("{} terms for {} teachers", k.len(), teachers.len()),
+                });
+            }
+        }
         if teachers.is_empty() {
             return Err(Error::Invalid {
                 what: "teachers".into(),
@@ -59,7 +87,10 @@ impl BatchSignals {
             let mut embeddings = Vec::with_capacity(teachers.len());
             for (m, t) in teachers.iter().enumerate() {
                 ce.push(loss::cross_entropy(&t.logits, labels)?);
-                kl.push(loss::kd_kl(&s, &t.logits, temperature)?);
+                kl.push(match kl_terms {
+                    Some(k) => k[m].detach(),
+                    None => loss::kd_kl(&s, &t.logits, temperature)?,
+                });
                 ent.push(loss::entropy(&t.logits)?);
                 let emb = t.embedding();
                 let proj = projected.get(m).and_then(Option::as_ref);

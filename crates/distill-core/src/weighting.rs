@@ -46,8 +46,8 @@ pub trait WeightingStrategy {
     /// Weights for the batch whose signals are given; no gradient flows through them.
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights>;
 
-    /// Whether [`Feedback::post_step_ce`] is wanted (costs one extra student forward per step).
-    fn wants_post_step_ce(&self) -> bool {
+    /// Whether [`Feedback::eval_ce`] is wanted now (costs two extra student forwards per step).
+    fn wants_eval_ce(&self) -> bool {
         false
     }
 
@@ -97,11 +97,12 @@ pub trait WeightingStrategy {
 pub struct Feedback {
     /// The student's per-sample training loss of the step (before the update).
     pub per_sample_loss: Tensor,
-    /// The student's per-sample cross-entropy before the update.
+    /// The student's per-sample cross-entropy before the update (training-mode forward).
     pub pre_step_ce: Tensor,
-    /// The student's per-sample cross-entropy on the same batch after the update, when the
-    /// strategy asked for it.
-    pub post_step_ce: Option<Tensor>,
+    /// `(before, after)`: the student's per-sample cross-entropy on the same batch just before
+    /// and just after the update, both from eval-mode forwards (so BatchNorm's mode does not
+    /// differ between them), when the strategy asked for it.
+    pub eval_ce: Option<(Tensor, Tensor)>,
     /// Global optimizer step (0-based) of this batch.
     pub step: u64,
 }

@@ -79,13 +79,15 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
 /// Every (strategy, seed) run: seeds `base.run.seed .. base.run.seed + seeds`.
 pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Planned>> {
     let mut out = Vec::new();
-    for (label, distill) in strategies(base)? {
-        if let Some(only) = only {
-            if !only.iter().any(|o| label.starts_with(o.as_str())) {
-                continue;
+    let strategies = strategies(base)?;
+    // Seed-major: an interrupted comparison still has every strategy for its first seeds.
+    for s in 0..seeds {
+        for (label, distill) in &strategies {
+            if let Some(only) = only {
+                if !only.iter().any(|o| label.starts_with(o.as_str())) {
+                    continue;
+                }
             }
-        }
-        for s in 0..seeds {
             let mut c = base.clone();
             c.distill = Some(distill.clone());
             c.run.seed = base.run.seed + s;
@@ -95,8 +97,8 @@ pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Pl
                     t.seed = Some(base.run.seed + 1000 + i as u64);
                 }
             }
-            c.run.name = format!("{}-{}", base.run.name, slug(&label));
-            let dir_name = format!("{}-seed{}", slug(&label), c.run.seed);
+            c.run.name = format!("{}-{}", base.run.name, slug(label));
+            let dir_name = format!("{}-seed{}", slug(label), c.run.seed);
             out.push(Planned {
                 strategy: label.clone(),
                 seed: c.run.seed,

@@ -30,7 +30,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
-    /// Name of the run; the run folder is `<out_dir>/<name>-<timestamp>` unless `--out` is given.
+    /// Name of the run; the run folder is `<out_dir>/<name>-NNN` unless `--out` is given.
     pub name: String,
     #[serde(default = "default_out_dir")]
     pub out_dir: PathBuf,
@@ -42,7 +42,8 @@ pub struct RunConfig {
     /// libtorch intra-op threads; 0 keeps libtorch's default (one per core).
     #[serde(default)]
     pub threads: usize,
-    /// Where trained teachers are cached (relative paths: to the data directory's parent cache).
+    /// Where teachers trained by mtkd are cached (relative to the working directory; shared by
+    /// runs; keyed by a hash of data, architecture, training settings and seed).
     #[serde(default = "default_teacher_cache")]
     pub teacher_cache: PathBuf,
     /// Write every training sample's teacher weights to `weights.csv` (for audits; large).
@@ -374,6 +375,16 @@ impl Config {
                 return bad(
                     "distill.aekd_cap",
                     format!("must be in (0, 1], got {}", d.aekd_cap),
+                );
+            }
+            let m = self.teachers.len();
+            if d.strategy == StrategyKind::Aekd && m > 1 && d.aekd_cap * (m as f64) < 1.0 {
+                return bad(
+                    "distill.aekd_cap",
+                    format!(
+                        "{} x {m} teachers < 1: no weights on the simplex respect the cap",
+                        d.aekd_cap
+                    ),
                 );
             }
             if d.strategy != StrategyKind::None && self.teachers.is_empty() {

@@ -32,8 +32,7 @@ use mtkd_vision_tasks::loader::BatchLoader;
 pub trait Observer {
     /// A phase begins (loading data, training a teacher, ...).
     fn phase(&mut self, _message: &str) {}
-    /// An epoch begins: `label` names what trains, `start` is the first batch (non-zero only
-    /// when resuming inside an epoch is supported).
+    /// An epoch begins: `label` names what trains, `batches` is the epoch's batch count.
     fn epoch_start(&mut self, _label: &str, _epoch: usize, _epochs: usize, _batches: usize) {}
     /// A batch finished; `loss` is given every few batches.
     fn batch(&mut self, _loss: Option<f64>) {}
@@ -97,8 +96,13 @@ pub fn new_run_dir(cfg: &Config) -> Result<PathBuf> {
         .with_context(|| format!("cannot create {}", cfg.run.out_dir.display()))?;
     for n in 1..100_000 {
         let dir = cfg.run.out_dir.join(format!("{}-{n:03}", cfg.run.name));
-        if std::fs::create_dir(&dir).is_ok() {
-            return Ok(dir);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("cannot create the run folder {}", dir.display())))
+            }
         }
     }
     bail!(
@@ -309,18 +313,18 @@ fn ensure_native_teacher(
         tcfg.student.arch,
         dir.display()
     ));
-    let hash = write_resolved_config_create(&dir, &tcfg)?;
+    // A cache folder is keyed by what defines the teacher: its config file is informative and
+    // rewritten, and its checkpoints are bound to the key (not to threads or device).
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("config.toml"), toml::to_string_pretty(&tcfg)?)
+        .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    let hash = key.clone();
     let data = Datasets::load(&tcfg.data)?;
     let device = device_of(&tcfg.run.device)?;
     let out = Trainer::new(&tcfg, data, Vec::new(), device, dir.clone(), hash)?
         .with_label(format!("teacher {}", t.name))
         .fit(&RunOptions::default(), obs)?;
     Ok((dir.join("student.safetensors"), out.summary.final_value))
-}
-
-fn write_resolved_config_create(dir: &Path, cfg: &Config) -> Result<String> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_resolved_config(dir, cfg)
 }
 
 /// Evaluate a forward function over a loader: accuracy report and mean cross-entropy.
@@ -418,7 +422,9 @@ impl<'a> Trainer<'a> {
                     .iter()
                     .map(|p| p.teacher.feature_shape().map(|f| f.0).unwrap_or(0))
                     .collect();
-                let agent_cfg = d.agent.clone().unwrap_or_default();
+                let mut agent_cfg = d.agent.clone().unwrap_or_default();
+                // Exploration noise differs between seeds of a comparison.
+                agent_cfg.seed = agent_cfg.seed.wrapping_add(cfg.run.seed);
                 Box::new(
                     mtkd_rl_weighting::agent::MtkdAgent::new(
                         agent_cfg,
@@ -461,31 +467,9 @@ impl<'a> Trainer<'a> {
         } else {
             format!("{} <- {} teachers", cfg.student.arch, pool.len())
         };
-        let weight_log = if cfg.run.weight_log && !pool.is_empty() {
-            let path = dir.join("weights.csv");
-            let fresh = !path.exists();
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            let mut w = std::io::BufWriter::new(f);
-            if fresh {
-                let mut header = "epoch,step,index,label".to_owned();
-                for kind in ["logit", "feature"] {
-                    for p in &pool {
-                        header.push_str(&format!(",{kind}:{}", p.teacher.name()));
-                    }
-                }
-                writeln!(w, "{header}")?;
-            }
-            Some(w)
-        } else {
-            None
-        };
         Ok(Trainer {
             per_class: None,
-            weight_log,
+            weight_log: None,
             cfg,
             data,
             pool,
@@ -560,6 +544,7 @@ impl<'a> Trainer<'a> {
         let student = self.student_vs.variables();
         let adapter = self.adapter_vs.variables();
         let mut optim = Vec::new();
+        let mut restored = std::collections::HashSet::new();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in tensors {
                 let (store, key) = if let Some(k) = name.strip_prefix("student.") {
@@ -586,9 +571,23 @@ impl<'a> Trainer<'a> {
                     );
                 }
                 var.copy_(&t);
+                restored.insert(name);
             }
             Ok(())
         })?;
+        let missing: Vec<String> = student
+            .keys()
+            .map(|k| format!("student.{k}"))
+            .chain(adapter.keys().map(|k| format!("adapter.{k}")))
+            .filter(|k| !restored.contains(k))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the checkpoint lacks {} variable(s) of this model, e.g. `{}`",
+                missing.len(),
+                missing[0]
+            );
+        }
         self.opt
             .load_state(&optim)
             .map_err(|e| anyhow!("checkpoint optimizer state: {e}"))?;
@@ -630,6 +629,9 @@ impl<'a> Trainer<'a> {
         };
         let _ = resumed;
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
+        if cfg.run.weight_log && !self.pool.is_empty() {
+            self.weight_log = Some(self.open_weight_log(meta.epoch)?);
+        }
         let train_loader = self
             .data
             .train_loader(&cfg.data, tc.batch_size, cfg.run.seed)?;
@@ -691,6 +693,9 @@ impl<'a> Trainer<'a> {
             meta.epoch = epoch + 1;
             meta.history.push(rec.clone());
             meta.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
+            if let Some(log) = &mut self.weight_log {
+                log.flush().context("writing weights.csv")?;
+            }
             let (strategy_tensors, strategy_json) = self.strategy_state()?;
             meta.strategy_json = strategy_json;
             let mut tensors = self.state_tensors();
@@ -750,16 +755,6 @@ impl<'a> Trainer<'a> {
                             .with_context(|| format!("teacher `{}`", p.teacher.name()))
                     })
                     .collect::<Result<_>>()?;
-                for (p, t) in self.pool.iter().zip(&t_outs) {
-                    if loss::ensure_finite("teacher logits", &t.logits).is_err() {
-                        return self.non_finite(
-                            epoch,
-                            step,
-                            &format!("the logits of teacher `{}`", p.teacher.name()),
-                            sums,
-                        );
-                    }
-                }
                 let features = out
                     .features
                     .as_ref()
@@ -772,13 +767,29 @@ impl<'a> Trainer<'a> {
                         .map(|a| a.forward(features, true).map(Some))
                         .collect::<std::result::Result<_, _>>()?
                 };
-                let signals =
-                    BatchSignals::compute(&out.logits, &projected, &t_outs, labels, d.temperature)?;
-                let w = self.strategy.weights(&signals)?;
+                // The KL terms with gradient, once; the signals get them detached.
+                let kl_terms: Vec<Tensor> = t_outs
+                    .iter()
+                    .map(|t| loss::kd_kl(&out.logits, &t.logits, d.temperature))
+                    .collect::<std::result::Result<_, _>>()?;
+                let signals = BatchSignals::compute_with_kl(
+                    &out.logits,
+                    &projected,
+                    &t_outs,
+                    labels,
+                    d.temperature,
+                    Some(&kl_terms),
+                )?;
+                let w = self.strategy.weights(&signals).with_context(|| {
+                    format!(
+                        "strategy `{}` at epoch {} step {step}",
+                        self.strategy.name(),
+                        epoch + 1
+                    )
+                })?;
                 let mut kd = Tensor::zeros([b], (Kind::Float, self.device));
                 let mut feat = Tensor::zeros([b], (Kind::Float, self.device));
-                for (m, t) in t_outs.iter().enumerate() {
-                    let term = loss::kd_kl(&out.logits, &t.logits, d.temperature)?;
+                for (m, (t, term)) in t_outs.iter().zip(&kl_terms).enumerate() {
                     kd += w.logit.select(1, m as i64) * term;
                     if let (Some(p), Some(tf)) = (&projected[m], &t.features) {
                         feat += w.feature.select(1, m as i64) * loss::feature_mse(p, tf)?;
@@ -786,23 +797,44 @@ impl<'a> Trainer<'a> {
                 }
                 let total = &ce * d.ce_weight + &kd * d.kd_weight + &feat * d.feature_weight;
                 let wm = w.logit.detach().mean_dim(0, false, Kind::Float);
-                (total, Some(kd), Some(feat), Some((wm, signals, w)))
+                (total, Some(kd), Some(feat), Some((wm, signals, w, t_outs)))
             }
         };
         let loss = per_sample.mean(Kind::Float);
+        // One check per step; the diagnosis below runs only when it fails.
         if loss::ensure_finite("loss", &loss).is_err() {
-            let what = if loss::ensure_finite("ce", &ce).is_err() {
-                "the cross-entropy term".to_owned()
-            } else if kd
-                .as_ref()
-                .is_some_and(|k| loss::ensure_finite("kd", k).is_err())
-            {
-                "the KD term".to_owned()
-            } else {
-                "the feature term".to_owned()
-            };
+            let bad = |t: &Tensor| loss::ensure_finite("", t).is_err();
+            let mut what = None;
+            if let Some((_, _, w, t_outs)) = &weights_mean {
+                for (p, t) in self.pool.iter().zip(t_outs) {
+                    if what.is_none() && bad(&t.logits) {
+                        what = Some(format!("the logits of teacher `{}`", p.teacher.name()));
+                    }
+                }
+                if what.is_none() && (bad(&w.logit) || bad(&w.feature)) {
+                    what = Some(format!(
+                        "the weights of strategy `{}`",
+                        self.strategy.name()
+                    ));
+                }
+            }
+            let what = what.unwrap_or_else(|| {
+                if bad(&ce) {
+                    "the cross-entropy term".to_owned()
+                } else if kd.as_ref().is_some_and(bad) {
+                    "the KD term".to_owned()
+                } else {
+                    "the feature term".to_owned()
+                }
+            });
             return self.non_finite(epoch, step, &what, sums);
         }
+        let eval_before = if weights_mean.is_some() && self.strategy.wants_eval_ce() {
+            let before = tch::no_grad(|| self.student.forward_t(images, false));
+            Some(loss::cross_entropy(&before.logits, labels)?)
+        } else {
+            None
+        };
         self.opt.zero_grad();
         loss.backward();
         self.opt.step();
@@ -816,23 +848,66 @@ impl<'a> Trainer<'a> {
             &correct,
             weights_mean.as_ref().map(|x| &x.0),
         );
-        if let Some((_, signals, w)) = weights_mean {
+        if let Some((_, signals, w, _)) = weights_mean {
             self.record_weights(&w, labels, indices, epoch, step)?;
-            let post_step_ce = if self.strategy.wants_post_step_ce() {
-                let after = tch::no_grad(|| self.student.forward_t(images, false));
-                Some(loss::cross_entropy(&after.logits, labels)?)
-            } else {
-                None
+            let eval_ce = match eval_before {
+                Some(before) => {
+                    let after = tch::no_grad(|| self.student.forward_t(images, false));
+                    Some((before, loss::cross_entropy(&after.logits, labels)?))
+                }
+                None => None,
             };
             let feedback = Feedback {
                 per_sample_loss: per_sample.detach(),
                 pre_step_ce: ce.detach(),
-                post_step_ce,
+                eval_ce,
                 step,
             };
-            self.strategy.observe(&signals, &w, &feedback)?;
+            self.strategy
+                .observe(&signals, &w, &feedback)
+                .with_context(|| {
+                    format!(
+                        "strategy `{}` at epoch {} step {step}",
+                        self.strategy.name(),
+                        epoch + 1
+                    )
+                })?;
         }
         Ok(true)
+    }
+
+    /// Open `weights.csv` for appending, keeping only the lines of the `done` completed epochs
+    /// (a resumed run replays the interrupted epoch, so its partial lines go).
+    fn open_weight_log(&self, done: usize) -> Result<std::io::BufWriter<std::fs::File>> {
+        let path = self.dir.join("weights.csv");
+        let mut header = "epoch,step,index,label".to_owned();
+        for kind in ["logit", "feature"] {
+            for p in &self.pool {
+                header.push_str(&format!(",{kind}:{}", p.teacher.name()));
+            }
+        }
+        let mut kept = header + "\n";
+        if let Ok(old) = std::fs::read_to_string(&path) {
+            for line in old.lines().skip(1) {
+                let epoch: usize = line
+                    .split(',')
+                    .next()
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(usize::MAX);
+                if epoch <= done {
+                    kept.push_str(line);
+                    kept.push('\n');
+                }
+            }
+        }
+        let tmp = path.with_extension("csv.tmp");
+        std::fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(std::io::BufWriter::new(f))
     }
 
     /// Per-class mean logit weights (for the heatmap) and the optional per-sample CSV log.

@@ -282,7 +282,8 @@ fn agent_runs_resume_exactly() {
              [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
              [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"
         );
-        let cfg = parse(&tiny(&extra, &s).replace("epochs = 2", "epochs = 3")).unwrap();
+        let mut cfg = parse(&tiny(&extra, &s).replace("epochs = 2", "epochs = 3")).unwrap();
+        cfg.run.weight_log = true;
         let a = s.join(format!("{mode}-a"));
         let out = run_in(&cfg, &a, &RunOptions::default()).unwrap();
         assert_eq!(
@@ -323,6 +324,18 @@ fn agent_runs_resume_exactly() {
             strip_time(&history(&b)),
             "{mode}: resumed agent run equals the uninterrupted one"
         );
+        // The per-sample weight log: a header and one line per sample and epoch, identical
+        // after the resume (the interrupted epoch's partial lines are dropped and replayed).
+        let csv_a = std::fs::read_to_string(a.join("weights.csv")).unwrap();
+        let csv_b = std::fs::read_to_string(b.join("weights.csv")).unwrap();
+        let header = "epoch,step,index,label,logit:t1,logit:t2,feature:t1,feature:t2\n";
+        assert!(
+            csv_a.starts_with(header),
+            "{}",
+            &csv_a[..80.min(csv_a.len())]
+        );
+        assert_eq!(csv_a.lines().count(), 1 + 3 * 256);
+        assert_eq!(csv_a, csv_b);
     }
 }
 
@@ -529,5 +542,29 @@ fn exported_student_runs_in_pytorch_with_the_same_logits() {
     assert_eq!(py.len(), 20);
     for (r, p) in rust.iter().zip(&py) {
         assert!((r - p).abs() < 1e-4, "rust {r} vs torch {p}");
+    }
+}
+
+#[test]
+fn every_architecture_exports_to_torchscript_for_any_batch_size() {
+    let s = scratch("zoo-export");
+    let x = tch::Tensor::arange(3 * 28 * 28, (tch::Kind::Float, tch::Device::Cpu))
+        .view([3, 1, 28, 28])
+        .sin();
+    for arch in mtkd_student::Arch::all() {
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let net = mtkd_student::Network::new(&vs.root(), arch, (1, 28, 28), 10).unwrap();
+        let path = s.join(format!("{arch}.pt"));
+        trainer::export_torchscript(&net, &vs, path.clone()).unwrap();
+        let module = tch::CModule::load(&path).unwrap();
+        // Traced with a batch of 1; must run a batch of 3 with the same logits as Rust.
+        let script = module.forward_ts(&[&x]).unwrap();
+        let rust = tch::no_grad(|| net.forward_t(&x, false).logits);
+        assert_eq!(script.size(), vec![3, 10], "{arch}");
+        let diff = (&script - &rust).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-4,
+            "{arch}: TorchScript and Rust logits differ by {diff}"
+        );
     }
 }

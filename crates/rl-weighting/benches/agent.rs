@@ -55,7 +55,7 @@ fn bench(c: &mut Criterion) {
                 let fb = Feedback {
                     per_sample_loss: loss.shallow_clone(),
                     pre_step_ce: loss.shallow_clone(),
-                    post_step_ce: Some(&loss * 0.9),
+                    eval_ce: Some((loss.shallow_clone(), &loss * 0.9)),
                     step: 0,
                 };
                 a.observe(&s, &w, &fb).unwrap();

@@ -524,8 +524,10 @@ impl WeightingStrategy for MtkdAgent {
         &self.name
     }
 
-    fn wants_post_step_ce(&self) -> bool {
+    fn wants_eval_ce(&self) -> bool {
         self.cfg.mode == Mode::Clean
+            && self.num_teachers > 1
+            && self.epoch >= self.cfg.warmup_epochs
     }
 
     fn start_epoch(&mut self, epoch: usize) -> Result<()> {
@@ -612,15 +614,14 @@ impl WeightingStrategy for MtkdAgent {
         let b = signals.batch_size();
         let signal = tch::no_grad(|| match self.cfg.mode {
             Mode::Parity => parity_reward(&feedback.per_sample_loss),
-            Mode::Clean => {
-                let post = feedback
-                    .post_step_ce
-                    .as_ref()
-                    .map(Tensor::shallow_clone)
-                    .unwrap_or_else(|| feedback.pre_step_ce.shallow_clone());
-                let r = (&feedback.pre_step_ce - post).to_kind(Kind::Float);
-                (&r - r.mean(Kind::Float)) / (r.std(true) + 1e-8)
-            }
+            Mode::Clean => match &feedback.eval_ce {
+                Some((before, after)) => {
+                    let r = (before - after).to_kind(Kind::Float);
+                    // Zero spread: every sample improved equally, nothing to learn (skipped below).
+                    (&r - r.mean(Kind::Float)) / r.std(true)
+                }
+                None => Tensor::full([b], f64::NAN, (Kind::Float, signals.ce.device())),
+            },
         });
         let finite = b >= 2 && signal.isfinite().all().int64_value(&[]) != 0;
         if !finite {

@@ -206,7 +206,7 @@ fn parity_agent_matches_pytorch() {
         let fb = |loss: &Tensor, step| Feedback {
             per_sample_loss: loss.shallow_clone(),
             pre_step_ce: loss.zeros_like(),
-            post_step_ce: None,
+            eval_ce: None,
             step,
         };
         a.observe(s0, &w, &fb(loss0, 0)).unwrap();
@@ -256,7 +256,7 @@ fn reward_is_undefined_for_tiny_or_flat_batches_and_the_agent_skips_them() {
         &Feedback {
             per_sample_loss: flat.shallow_clone(),
             pre_step_ce: flat,
-            post_step_ce: None,
+            eval_ce: None,
             step: 0,
         },
     )
@@ -335,8 +335,8 @@ fn clean_mode_warms_up_handles_one_teacher_and_bounds_its_buffer() {
             &w,
             &Feedback {
                 per_sample_loss: pre.shallow_clone(),
-                pre_step_ce: pre,
-                post_step_ce: Some(post),
+                pre_step_ce: pre.shallow_clone(),
+                eval_ce: Some((pre, post)),
                 step,
             },
         )
@@ -358,7 +358,7 @@ fn clean_mode_warms_up_handles_one_teacher_and_bounds_its_buffer() {
         &Feedback {
             per_sample_loss: one.shallow_clone(),
             pre_step_ce: one.shallow_clone(),
-            post_step_ce: Some(one),
+            eval_ce: Some((one.shallow_clone(), one)),
             step: 10,
         },
     )
@@ -391,8 +391,8 @@ fn agent_state_round_trips_through_a_checkpoint() {
             &w,
             &Feedback {
                 per_sample_loss: pre.shallow_clone(),
-                pre_step_ce: pre,
-                post_step_ce: Some(post),
+                pre_step_ce: pre.shallow_clone(),
+                eval_ce: Some((pre, post)),
                 step,
             },
         )

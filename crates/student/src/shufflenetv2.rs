@@ -46,10 +46,11 @@ fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
 fn shuffle(x: &Tensor) -> Tensor {
     const GROUPS: i64 = 2;
     let s = x.size();
-    let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-    x.view([n, GROUPS, c / GROUPS, h, w])
+    let (c, h, w) = (s[1], s[2], s[3]);
+    // -1 for the batch: a traced export must not freeze the example's batch size.
+    x.view([-1, GROUPS, c / GROUPS, h, w])
         .permute([0i64, 2, 1, 3, 4])
-        .reshape([n, c, h, w])
+        .reshape([-1, c, h, w])
 }
 
 /// `BasicBlock`: split the channels in halves, transform the second half (1x1, 3x3 depthwise,

@@ -156,9 +156,20 @@ fn compare(
     let mut results = Vec::new();
     for (i, p) in plan.iter().enumerate() {
         let dir = out.join(&p.dir_name);
+        let planned = toml::to_string_pretty(&p.config)?;
+        if let Ok(existing) = std::fs::read_to_string(dir.join("config.toml")) {
+            if existing != planned {
+                anyhow::bail!(
+                    "{} was made with other settings than this comparison plans (another base config, \
+                     --set or mtkd version); use another --out folder or delete that run",
+                    dir.display()
+                );
+            }
+        }
         if !dir.join("summary.json").is_file() {
             let cfg_path = out.join(format!("{}.toml", p.dir_name));
-            std::fs::write(&cfg_path, toml::to_string_pretty(&p.config)?)?;
+            std::fs::write(&cfg_path, &planned)
+                .with_context(|| format!("writing {}", cfg_path.display()))?;
             eprintln!(
                 "mtkd: [{}/{}] {} (seed {})",
                 i + 1,
