@@ -61,6 +61,17 @@ fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("test.toml"), &[]).map_err(|e| e.to_string())
 }
 
+/// libtorch's random generator (used to initialise networks after `manual_seed`) is global to
+/// the process, and the tests of this binary run on parallel threads: every test holds this lock
+/// so that each run's initialisation is reproducible.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn run_in(cfg: &Config, dir: &Path, opts: &RunOptions) -> anyhow::Result<trainer::Outcome> {
     trainer::run(cfg, dir, opts, &mut Silent)
 }
@@ -75,6 +86,7 @@ fn history(dir: &Path) -> Vec<EpochRecord> {
 
 #[test]
 fn config_errors_name_the_field() {
+    let _serial = serial();
     let s = scratch("cfg");
     let ok = tiny("", &s);
     parse(&ok).unwrap();
@@ -138,6 +150,7 @@ fn config_errors_name_the_field() {
 
 #[test]
 fn missing_dataset_is_named() {
+    let _serial = serial();
     let s = scratch("nodata");
     let cfg = parse(&tiny("", &s).replace("fashion-mnist-mini", "no-such-dataset")).unwrap();
     let err = format!(
@@ -162,6 +175,7 @@ fn strip_time(h: &[EpochRecord]) -> Vec<EpochRecord> {
 
 #[test]
 fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
+    let _serial = serial();
     let s = scratch("resume");
     let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 5.0\n\
                  [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
@@ -273,6 +287,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
 /// run interrupted mid-epoch and resumed ends with the metrics of an uninterrupted one.
 #[test]
 fn agent_runs_resume_exactly() {
+    let _serial = serial();
     let s = scratch("agent");
     for (mode, mix) in [("parity", "dynamic"), ("clean", "fixed")] {
         let extra = format!(
@@ -341,6 +356,7 @@ fn agent_runs_resume_exactly() {
 
 #[test]
 fn non_finite_loss_stops_the_run_or_skips_the_batch() {
+    let _serial = serial();
     let s = scratch("nan");
     let mut cfg = parse(&tiny("", &s)).unwrap();
     cfg.train.lr = 1e30;
@@ -371,6 +387,7 @@ fn non_finite_loss_stops_the_run_or_skips_the_batch() {
 
 #[test]
 fn a_nan_checkpoint_never_replaces_a_good_one() {
+    let _serial = serial();
     use mtkd_engine::checkpoint::{self, Meta};
     let s = scratch("ckpt");
     let meta = |epoch| Meta {
@@ -420,6 +437,7 @@ fn export_logits_teacher(path: &Path, classes: i64) {
 
 #[test]
 fn bad_teachers_are_reported_with_their_file() {
+    let _serial = serial();
     let s = scratch("badteacher");
     let with_teacher = |path: &Path, feature_weight: f64| {
         parse(&tiny(
@@ -506,6 +524,7 @@ fn bad_teachers_are_reported_with_their_file() {
 
 #[test]
 fn exported_student_runs_in_pytorch_with_the_same_logits() {
+    let _serial = serial();
     let python = std::env::var("MTKD_TORCH_PYTHON")
         .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
     let s = scratch("export");
@@ -547,6 +566,7 @@ fn exported_student_runs_in_pytorch_with_the_same_logits() {
 
 #[test]
 fn every_architecture_exports_to_torchscript_for_any_batch_size() {
+    let _serial = serial();
     let s = scratch("zoo-export");
     let x = tch::Tensor::arange(3 * 28 * 28, (tch::Kind::Float, tch::Device::Cpu))
         .view([3, 1, 28, 28])

@@ -181,14 +181,13 @@ impl RunningNorm {
 struct EpochStats {
     agent_loss: f64,
     updates: usize,
-    reward_sum: f64,
-    reward_sq: f64,
+    /// `[sum r, sum r^2]` over used samples, on the device (read once per epoch).
+    reward: Option<Tensor>,
     reward_n: f64,
     skipped: usize,
-    entropy_l: f64,
-    entropy_f: f64,
+    /// `[entropy_l, entropy_f, feature weight per teacher...]` summed over batches, on the device.
+    weights: Option<Tensor>,
     weight_batches: usize,
-    feature_weights: Vec<f64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -495,26 +494,25 @@ impl MtkdAgent {
     }
 
     fn record_weights(&mut self, w: &TeacherWeights) {
+        // Accumulated on the device: no host sync per step.
         let ent = |t: &Tensor| {
             let p = t.clamp_min(1e-12);
             (-(&p * p.log()).sum_dim_intlist(1, false, Kind::Double))
                 .mean(Kind::Double)
-                .double_value(&[])
+                .unsqueeze(0)
         };
-        self.stats.entropy_l += ent(&w.logit);
-        self.stats.entropy_f += ent(&w.feature);
-        let fw = Vec::<f64>::try_from(
-            &w.feature
-                .mean_dim(0, false, Kind::Double)
-                .to_device(Device::Cpu),
-        )
-        .unwrap_or_default();
-        if self.stats.feature_weights.len() != fw.len() {
-            self.stats.feature_weights = vec![0.0; fw.len()];
-        }
-        for (a, b) in self.stats.feature_weights.iter_mut().zip(fw) {
-            *a += b;
-        }
+        let row = Tensor::cat(
+            &[
+                ent(&w.logit),
+                ent(&w.feature),
+                w.feature.mean_dim(0, false, Kind::Double),
+            ],
+            0,
+        );
+        self.stats.weights = Some(match self.stats.weights.take() {
+            Some(acc) => acc + row,
+            None => row,
+        });
         self.stats.weight_batches += 1;
     }
 }
@@ -630,8 +628,11 @@ impl WeightingStrategy for MtkdAgent {
             tracing::warn!(agent = %self.name, batch = b, step = feedback.step, "agent sample skipped: reward undefined (batch under 2 samples or equal losses)");
         } else {
             let rs = signal.to_kind(Kind::Double);
-            self.stats.reward_sum += rs.sum(Kind::Double).double_value(&[]);
-            self.stats.reward_sq += rs.square().sum(Kind::Double).double_value(&[]);
+            let row = Tensor::stack(&[rs.sum(Kind::Double), rs.square().sum(Kind::Double)], 0);
+            self.stats.reward = Some(match self.stats.reward.take() {
+                Some(acc) => acc + row,
+                None => row,
+            });
             self.stats.reward_n += b as f64;
             self.buffer.push(Stored {
                 state,
@@ -670,19 +671,22 @@ impl WeightingStrategy for MtkdAgent {
         if s.updates > 0 {
             out.push(("agent_loss".to_owned(), s.agent_loss / s.updates as f64));
         }
-        if s.reward_n > 0.0 {
-            let mean = s.reward_sum / s.reward_n;
+        let host = |t: &Tensor| Vec::<f64>::try_from(&t.to_device(Device::Cpu)).unwrap_or_default();
+        if let (Some(r), true) = (&s.reward, s.reward_n > 0.0) {
+            let v = host(r);
+            let mean = v[0] / s.reward_n;
             out.push(("reward_mean".to_owned(), mean));
             out.push((
                 "reward_std".to_owned(),
-                (s.reward_sq / s.reward_n - mean * mean).max(0.0).sqrt(),
+                (v[1] / s.reward_n - mean * mean).max(0.0).sqrt(),
             ));
         }
-        if s.weight_batches > 0 {
+        if let (Some(w), true) = (&s.weights, s.weight_batches > 0) {
             let n = s.weight_batches as f64;
-            out.push(("weight_entropy_logit".to_owned(), s.entropy_l / n));
-            out.push(("weight_entropy_feature".to_owned(), s.entropy_f / n));
-            for (m, w) in s.feature_weights.iter().enumerate() {
+            let v = host(w);
+            out.push(("weight_entropy_logit".to_owned(), v[0] / n));
+            out.push(("weight_entropy_feature".to_owned(), v[1] / n));
+            for (m, w) in v[2..].iter().enumerate() {
                 out.push((format!("feature_weight_{m}"), w / n));
             }
         }

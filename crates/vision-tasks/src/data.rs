@@ -192,7 +192,7 @@ pub fn read_mnist_dir(root: &Path, split: Split) -> Result<ImageSet> {
         }
         Err(Error::Io {
             path: root.join(format!("{stem}.gz")),
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 "file not found (nor without .gz)",
             ),
