@@ -11,41 +11,15 @@ use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::WeightingStrategy;
 use mtkd_distill_core::ModelOutput;
 
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use support::{floats, tensor, values};
+
 fn golden() -> Value {
-    let text = std::fs::read_to_string(concat!(
+    support::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/golden/baselines.json"
     ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    let data: Vec<f32> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    Tensor::from_slice(&data).view(shape.as_slice())
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(&t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
 }
 
 fn assert_close_f64(what: &str, got: &[f64], want: &[f64], tol: f64) {

@@ -11,37 +11,15 @@ use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::{Equal, Single, WeightingStrategy};
 use mtkd_distill_core::{loss, ModelOutput};
 
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use support::{floats, tensor};
+
 fn golden() -> Value {
-    let text = std::fs::read_to_string(concat!(
+    support::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/golden/core.json"
     ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    let data: Vec<f32> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    Tensor::from_slice(&data).view(shape.as_slice())
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {

@@ -98,12 +98,11 @@ impl Datasets {
     }
 
     /// Input `(C, H, W)` of the networks (after the training transforms).
-    pub fn input_shape(&self, cfg: &DataConfig) -> (i64, i64, i64) {
-        let l = self
-            .train_loader(cfg, 1, 0)
-            .expect("a loaded dataset always makes a loader");
-        let (c, h, w) = l.output_shape();
-        (c as i64, h as i64, w as i64)
+    /// Fails when the transforms do not fit the images (e.g. three normalisation means for grey
+    /// images).
+    pub fn input_shape(&self, cfg: &DataConfig) -> Result<(i64, i64, i64)> {
+        let (c, h, w) = self.train_loader(cfg, 1, 0)?.output_shape();
+        Ok((c as i64, h as i64, w as i64))
     }
 
     pub fn num_classes(&self) -> i64 {

@@ -193,7 +193,7 @@ fn build_pool(
     device: Device,
     obs: &mut dyn Observer,
 ) -> Result<Vec<PoolMember>> {
-    let in_shape = data.input_shape(&cfg.data);
+    let in_shape = data.input_shape(&cfg.data)?;
     let needs_features = cfg.distill.as_ref().is_some_and(|d| d.feature_weight > 0.0);
     let mut pool = Vec::new();
     for (i, t) in cfg.teachers.iter().enumerate() {
@@ -379,7 +379,7 @@ impl<'a> Trainer<'a> {
         config_hash: String,
     ) -> Result<Self> {
         tch::manual_seed(cfg.run.seed as i64);
-        let in_shape = data.input_shape(&cfg.data);
+        let in_shape = data.input_shape(&cfg.data)?;
         let student_vs = VarStore::new(device);
         let student = Network::new(
             &student_vs.root(),
@@ -391,11 +391,10 @@ impl<'a> Trainer<'a> {
         let adapter_vs = VarStore::new(device);
         let mut adapters = Vec::new();
         let distill = cfg.distill.clone();
-        if let Some(d) = distill
+        if distill
             .as_ref()
-            .filter(|d| d.feature_weight > 0.0 && d.strategy != StrategyKind::None)
+            .is_some_and(|d| d.feature_weight > 0.0 && d.strategy != StrategyKind::None)
         {
-            let _ = d;
             for (m, member) in pool.iter().enumerate() {
                 let shape = member.teacher.feature_shape().ok_or_else(|| {
                     anyhow!(
@@ -598,7 +597,7 @@ impl<'a> Trainer<'a> {
         let cfg = self.cfg;
         let tc = &cfg.train;
         let ckpt_dir = self.dir.join("checkpoints");
-        let (mut meta, resumed) = match checkpoint::load_latest(&ckpt_dir)? {
+        let mut meta = match checkpoint::load_latest(&ckpt_dir)? {
             Some((tensors, meta)) => {
                 if meta.config_hash != self.config_hash {
                     bail!(
@@ -613,21 +612,17 @@ impl<'a> Trainer<'a> {
                     self.dir.display(),
                     meta.epoch
                 ));
-                (meta, true)
+                meta
             }
-            None => (
-                Meta {
-                    epoch: 0,
-                    step: 0,
-                    history: Vec::new(),
-                    elapsed_seconds: 0.0,
-                    config_hash: self.config_hash.clone(),
-                    strategy_json: String::new(),
-                },
-                false,
-            ),
+            None => Meta {
+                epoch: 0,
+                step: 0,
+                history: Vec::new(),
+                elapsed_seconds: 0.0,
+                config_hash: self.config_hash.clone(),
+                strategy_json: String::new(),
+            },
         };
-        let _ = resumed;
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
         if cfg.run.weight_log && !self.pool.is_empty() {
             self.weight_log = Some(self.open_weight_log(meta.epoch)?);

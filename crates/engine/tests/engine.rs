@@ -162,6 +162,20 @@ fn missing_dataset_is_named() {
         "{err}"
     );
     assert!(!s.join("run/checkpoints").exists(), "nothing half-written");
+    // Normalisation for three channels on grey images: an error naming the field, not a panic.
+    let rgb = parse(&tiny("", &s).replace(
+        "mean = [0.2860], std = [0.3530]",
+        "mean = [0.5, 0.5, 0.5], std = [0.2, 0.2, 0.2]",
+    ))
+    .unwrap();
+    let err = format!(
+        "{:#}",
+        run_in(&rgb, &s.join("rgb"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("data.normalize") && err.contains("3 means"),
+        "{err}"
+    );
 }
 
 fn strip_time(h: &[EpochRecord]) -> Vec<EpochRecord> {

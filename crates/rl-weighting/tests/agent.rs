@@ -12,29 +12,15 @@ use mtkd_distill_core::weighting::{Feedback, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
 use mtkd_rl_weighting::agent::{build_state, parity_reward, AgentConfig, Mix, Mode, MtkdAgent};
 
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use support::tensor;
+
 fn golden() -> Value {
-    let text = std::fs::read_to_string(concat!(
+    support::load(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/golden/agent.json"
     ))
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<i64> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    let data: Vec<f32> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().map(|f| f as f32).unwrap_or(f32::NAN))
-        .collect();
-    Tensor::from_slice(&data).view(shape.as_slice())
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
