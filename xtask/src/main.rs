@@ -125,6 +125,7 @@ fn run() -> Result<()> {
                 "scripts/golden.py",
                 "scripts/golden_agent.py",
                 "scripts/golden_baselines.py",
+                "scripts/golden_mmkd.py",
                 "scripts/student_zoo.py",
             ] {
                 python(&torch, script, &[])?;

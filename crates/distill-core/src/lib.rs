@@ -4,6 +4,7 @@
 //! - [`loss`]: cross-entropy, temperature KL and feature MSE, all per sample.
 //! - [`signals`]: the detached per-sample, per-teacher signals a weighting strategy sees.
 //! - [`weighting`]: the [`weighting::WeightingStrategy`] trait and the simple strategies.
+//! - [`baselines`] and [`mmkd`]: the baseline weighting strategies of the comparison table.
 //! - [`adapter`]: the trainable projector from the student's feature map to a teacher's.
 //!
 //! Every other library crate depends on this one and on no other workspace crate.
@@ -12,6 +13,7 @@ pub mod adapter;
 pub mod baselines;
 pub mod error;
 pub mod loss;
+pub mod mmkd;
 pub mod signals;
 pub mod weighting;
 

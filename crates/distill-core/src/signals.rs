@@ -31,6 +31,22 @@ pub struct BatchSignals {
     pub labels: Tensor,
     /// The KD temperature the KL was computed at.
     pub temperature: f64,
+    /// The student's classifier, for strategies that look ahead through it (MMKD); set by the
+    /// engine when [`crate::weighting::WeightingStrategy::wants_student_head`] says so.
+    pub student_head: Option<StudentHead>,
+}
+
+/// The student's linear classifier and its input for one batch: `logits = embedding W' + bias`.
+///
+/// # Shapes
+/// `embedding [B, D]`, `weight [K, D]`, `bias [K]`; all detached.
+#[derive(Debug)]
+pub struct StudentHead {
+    pub embedding: Tensor,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// The student's learning rate at this step.
+    pub lr: f64,
 }
 
 impl BatchSignals {
@@ -119,6 +135,7 @@ impl BatchSignals {
                 student_logits: s,
                 labels: labels.shallow_clone(),
                 temperature,
+                student_head: None,
             })
         })
     }

@@ -51,6 +51,11 @@ pub trait WeightingStrategy {
         false
     }
 
+    /// Whether the strategy reads [`BatchSignals::student_head`] (the engine fills it only then).
+    fn wants_student_head(&self) -> bool {
+        false
+    }
+
     /// Feedback after the optimizer step: what the weights led to. Learning strategies (the
     /// agent) use it; the default ignores it.
     fn observe(

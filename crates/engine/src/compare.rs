@@ -54,6 +54,10 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         with(StrategyKind::CaMkd),
     ));
     out.push(("aekd".to_owned(), with(StrategyKind::Aekd)));
+    out.push((
+        "mmkd (last-layer look-ahead)".to_owned(),
+        with(StrategyKind::Mmkd),
+    ));
     let agent = d.agent.clone().unwrap_or_default();
     for (label, mode, mix) in [
         ("mtkd-rl parity fixed", Mode::Parity, Mix::Fixed),

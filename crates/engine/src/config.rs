@@ -176,6 +176,8 @@ pub enum StrategyKind {
     CaMkd,
     /// Minimum-norm point of the teachers' KD gradients on the capped simplex (AEKD).
     Aekd,
+    /// Meta-learned weight network, trained by a last-layer look-ahead (`[distill.mmkd]`).
+    Mmkd,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,6 +204,9 @@ pub struct DistillConfig {
     /// AEKD's cap C on each teacher's weight.
     #[serde(default = "default_aekd_cap")]
     pub aekd_cap: f64,
+    /// MMKD's weight network settings (strategy `mmkd`); defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmkd: Option<mtkd_distill_core::mmkd::MmkdConfig>,
 }
 
 fn default_aekd_cap() -> f64 {
@@ -369,6 +374,11 @@ impl Config {
             if let Some(a) = &d.agent {
                 if let Err((f, r)) = a.check() {
                     return bad(&format!("distill.agent.{f}"), r);
+                }
+            }
+            if let Some(c) = &d.mmkd {
+                if let Err((f, r)) = c.check() {
+                    return bad(&format!("distill.mmkd.{f}"), r);
                 }
             }
             if d.strategy == StrategyKind::Aekd && !(d.aekd_cap > 0.0 && d.aekd_cap <= 1.0) {

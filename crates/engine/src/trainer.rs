@@ -18,7 +18,7 @@ use crate::optim::{multistep_lr, Sgd};
 use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, TeacherSummary};
 use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::loss;
-use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::{
     Equal, Feedback, NoKd, Single, StrategyState, TeacherWeights, WeightingStrategy,
 };
@@ -440,6 +440,22 @@ impl<'a> Trainer<'a> {
                 let cap = distill.as_ref().map(|d| d.aekd_cap).unwrap_or(0.6);
                 Box::new(mtkd_distill_core::baselines::Aekd::new(cap))
             }
+            Some(StrategyKind::Mmkd) => {
+                let d = distill
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("distill section missing"))?;
+                Box::new(
+                    mtkd_distill_core::mmkd::Mmkd::new(
+                        d.mmkd.clone().unwrap_or_default(),
+                        pool.len() as i64,
+                        data.num_classes(),
+                        d.ce_weight,
+                        d.kd_weight,
+                        device,
+                    )
+                    .context("building the MMKD weight network (distill.mmkd)")?,
+                )
+            }
             Some(StrategyKind::Single) => {
                 let name = distill
                     .as_ref()
@@ -767,7 +783,7 @@ impl<'a> Trainer<'a> {
                     .iter()
                     .map(|t| loss::kd_kl(&out.logits, &t.logits, d.temperature))
                     .collect::<std::result::Result<_, _>>()?;
-                let signals = BatchSignals::compute_with_kl(
+                let mut signals = BatchSignals::compute_with_kl(
                     &out.logits,
                     &projected,
                     &t_outs,
@@ -775,6 +791,15 @@ impl<'a> Trainer<'a> {
                     d.temperature,
                     Some(&kl_terms),
                 )?;
+                if self.strategy.wants_student_head() {
+                    let (weight, bias) = self.student.classifier();
+                    signals.student_head = Some(StudentHead {
+                        embedding: features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).detach(),
+                        weight: weight.detach(),
+                        bias: bias.map(Tensor::detach),
+                        lr: self.opt.lr,
+                    });
+                }
                 let w = self.strategy.weights(&signals).with_context(|| {
                     format!(
                         "strategy `{}` at epoch {} step {step}",

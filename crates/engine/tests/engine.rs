@@ -122,6 +122,11 @@ fn config_errors_name_the_field() {
         err.contains("distill.teacher") && err.contains("no teacher named `x`"),
         "{err}"
     );
+    let mmkd = "[distill]\nstrategy = \"mmkd\"\n[distill.mmkd]\nevery = 0\n[[teachers]]\nname = \"a\"\narch = \"resnet8\"";
+    let err = parse(&tiny(mmkd, &s)).unwrap_err();
+    assert!(err.contains("distill.mmkd.every"), "{err}");
+    let err = parse(&tiny(&mmkd.replace("every = 0", "hiden = 8"), &s)).unwrap_err();
+    assert!(err.contains("hiden") && err.contains("hidden"), "{err}");
     let err = parse(&tiny(
         "[[teachers]]\nname = \"a\"\narch = \"resnet8\"\ntorchscript = \"a.pt\"",
         &s,
@@ -366,6 +371,51 @@ fn agent_runs_resume_exactly() {
         assert_eq!(csv_a.lines().count(), 1 + 3 * 256);
         assert_eq!(csv_a, csv_b);
     }
+}
+
+/// MMKD's weight network, Adam moments and quiz batch are in the checkpoint: a run interrupted
+/// mid-epoch and resumed ends with the metrics of an uninterrupted one, and the meta-updates
+/// move the weights away from the initial 1/M.
+#[test]
+fn mmkd_runs_resume_exactly() {
+    let _serial = serial();
+    let s = scratch("mmkd");
+    let extra = "[distill]\nstrategy = \"mmkd\"\nfeature_weight = 5.0\n\
+         [distill.mmkd]\nhidden = 16\nlr = 0.01\nevery = 2\n\
+         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = parse(&tiny(extra, &s)).unwrap();
+    let a = s.join("a");
+    let out = run_in(&cfg, &a, &RunOptions::default()).unwrap();
+    assert_eq!(out.summary.strategy, "mmkd");
+    let ha = history(&a);
+    for rec in &ha {
+        let m = &rec.strategy_metrics;
+        // 8 batches per epoch, a meta-update every second one (the very first has no quiz).
+        assert!(m["mmkd_meta_updates"] >= 3.0, "{m:?}");
+        assert!(m["mmkd_quiz_loss"].is_finite(), "{m:?}");
+    }
+    let w = &ha[1].teacher_weights;
+    assert!(
+        w.iter().any(|x| (x - 0.5).abs() > 1e-4),
+        "the meta-updates moved the weights: {w:?}"
+    );
+    let b = s.join("b");
+    let err = run_in(
+        &cfg,
+        &b,
+        &RunOptions {
+            halt_after_steps: Some(11),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.root_cause().downcast_ref::<Interrupted>().is_some(),
+        "{err:#}"
+    );
+    run_in(&cfg, &b, &RunOptions::default()).unwrap();
+    assert_eq!(strip_time(&ha), strip_time(&history(&b)));
 }
 
 #[test]

@@ -187,6 +187,10 @@ impl Network {
     pub fn feature_shape(&self) -> FeatureShape {
         self.feature_shape
     }
+    /// The classifier `fc`: weight `[K, C']` and bias `[K]`, applied to the pooled feature map.
+    pub fn classifier(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.fc.ws, self.fc.bs.as_ref())
+    }
     pub fn in_shape(&self) -> (i64, i64, i64) {
         self.in_shape
     }

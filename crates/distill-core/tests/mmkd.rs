@@ -1,0 +1,219 @@
+//! MMKD against PyTorch (`scripts/golden_mmkd.py`): the reference takes a real virtual SGD step
+//! of the classifier with autograd (`create_graph=True`) and moves the weight network with
+//! `torch.optim.Adam`; the Rust side uses the closed-form logit gradient and its own Adam.
+//! Also: the checkpointed state continues exactly, and bad inputs are errors.
+
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::mmkd::{Mmkd, MmkdConfig};
+use mtkd_distill_core::signals::{BatchSignals, StudentHead};
+use mtkd_distill_core::weighting::WeightingStrategy;
+use mtkd_distill_core::ModelOutput;
+
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use support::{tensor, values};
+
+fn golden() -> Value {
+    support::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/mmkd.json"
+    ))
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Value, tol: f64) {
+    let want = values(&tensor(want));
+    let got = values(got);
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = (g - w).abs() / (1.0 + w.abs());
+        assert!(err < tol, "{what}[{i}]: got {g}, PyTorch {w}");
+    }
+}
+
+fn mmkd(g: &Value) -> Mmkd {
+    let cfg = MmkdConfig {
+        hidden: g["hidden"].as_i64().unwrap(),
+        lr: g["lr"].as_f64().unwrap(),
+        every: 1,
+    };
+    let mut s = Mmkd::new(
+        cfg,
+        g["M"].as_i64().unwrap(),
+        g["K"].as_i64().unwrap(),
+        g["ce_weight"].as_f64().unwrap(),
+        g["kd_weight"].as_f64().unwrap(),
+        Device::Cpu,
+    )
+    .unwrap();
+    for (name, v) in g["init"].as_object().unwrap() {
+        s.set_parameter(name, &tensor(v)).unwrap();
+    }
+    s
+}
+
+/// The signals of golden batch `b` (logits only), with the student's classifier attached.
+fn signals(g: &Value, b: &Value) -> BatchSignals {
+    let zt = tensor(&b["teacher_logits"]);
+    let h = tensor(&b["embedding"]);
+    let w = tensor(&b["weight"]);
+    let bias = tensor(&b["bias"]);
+    let labels: Vec<i64> = b["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let y = Tensor::from_slice(&labels);
+    let zs = h.matmul(&w.tr()) + &bias;
+    let teachers: Vec<ModelOutput> = (0..zt.size()[0])
+        .map(|m| ModelOutput {
+            logits: zt.get(m),
+            features: None,
+        })
+        .collect();
+    let none: Vec<Option<Tensor>> = teachers.iter().map(|_| None).collect();
+    let mut s = BatchSignals::compute(
+        &zs,
+        &none,
+        &teachers,
+        &y,
+        g["temperature"].as_f64().unwrap(),
+    )
+    .unwrap();
+    s.student_head = Some(StudentHead {
+        embedding: h,
+        weight: w,
+        bias: Some(bias),
+        lr: g["inner_lr"].as_f64().unwrap(),
+    });
+    s
+}
+
+#[test]
+fn weights_and_meta_updates_match_pytorch() {
+    let g = golden();
+    let mut s = mmkd(&g);
+    for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
+        let w = s.weights(&signals(&g, b)).unwrap();
+        if let Some(after) = b.get("params_after") {
+            for (name, p) in s.parameters() {
+                assert_close(&format!("batch {i} {name}"), &p, &after[&name], 1e-4);
+            }
+        }
+        assert_close(&format!("batch {i} weights"), &w.logit, &b["weights"], 1e-4);
+        assert_close(
+            &format!("batch {i} feature weights"),
+            &w.feature,
+            &b["weights"],
+            1e-4,
+        );
+        let rows = w.logit.sum_dim_intlist(1i64, false, Kind::Float);
+        assert!(values(&rows).iter().all(|r| (r - 1.0).abs() < 1e-5));
+    }
+    let metrics = s.take_epoch_metrics();
+    let quiz: Vec<f64> = g["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["quiz_loss"].as_f64())
+        .collect();
+    let mean = quiz.iter().sum::<f64>() / quiz.len() as f64;
+    let get = |k: &str| metrics.iter().find(|(n, _)| n == k).unwrap().1;
+    assert_eq!(get("mmkd_meta_updates"), quiz.len() as f64);
+    assert!((get("mmkd_quiz_loss") - mean).abs() < 1e-4 * (1.0 + mean));
+}
+
+#[test]
+fn starts_as_equal_weights() {
+    let g = golden();
+    let mut s = Mmkd::new(MmkdConfig::default(), 3, 5, 1.0, 1.0, Device::Cpu).unwrap();
+    let w = s.weights(&signals(&g, &g["batches"][0])).unwrap();
+    for v in values(&w.logit) {
+        assert!((v - 1.0 / 3.0).abs() < 1e-6, "{v}");
+    }
+}
+
+#[test]
+fn resumed_state_continues_exactly() {
+    let g = golden();
+    let batches = g["batches"].as_array().unwrap();
+    let mut a = mmkd(&g);
+    a.weights(&signals(&g, &batches[0])).unwrap();
+    a.weights(&signals(&g, &batches[1])).unwrap();
+    let state = a.save_state().unwrap();
+    let mut b = Mmkd::new(
+        MmkdConfig {
+            hidden: 8,
+            lr: 0.01,
+            every: 1,
+        },
+        3,
+        5,
+        1.0,
+        0.7,
+        Device::Cpu,
+    )
+    .unwrap();
+    b.load_state(&state).unwrap();
+    let wa = a.weights(&signals(&g, &batches[2])).unwrap();
+    let wb = b.weights(&signals(&g, &batches[2])).unwrap();
+    assert_eq!(values(&wa.logit), values(&wb.logit));
+    for ((n, pa), (_, pb)) in a.parameters().iter().zip(b.parameters()) {
+        assert_eq!(values(pa), values(&pb), "{n}");
+    }
+}
+
+#[test]
+fn every_skips_meta_updates() {
+    let g = golden();
+    let batches = g["batches"].as_array().unwrap();
+    let cfg = MmkdConfig {
+        hidden: 8,
+        lr: 0.01,
+        every: 2,
+    };
+    let mut s = Mmkd::new(cfg, 3, 5, 1.0, 0.7, Device::Cpu).unwrap();
+    for (name, v) in g["init"].as_object().unwrap() {
+        s.set_parameter(name, &tensor(v)).unwrap();
+    }
+    let before: Vec<(String, Tensor)> = s
+        .parameters()
+        .into_iter()
+        .map(|(n, p)| (n, p.copy()))
+        .collect();
+    s.weights(&signals(&g, &batches[0])).unwrap();
+    s.weights(&signals(&g, &batches[1])).unwrap(); // call 1: not due
+    for ((n, p0), (_, p1)) in before.iter().zip(s.parameters()) {
+        assert_eq!(values(p0), values(&p1), "{n} moved on a skipped step");
+    }
+    s.weights(&signals(&g, &batches[2])).unwrap(); // call 2: due
+    let moved = before
+        .iter()
+        .zip(s.parameters())
+        .any(|((_, p0), (_, p1))| values(p0) != values(&p1));
+    assert!(moved, "no meta-update on a due step");
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let g = golden();
+    let b = &g["batches"][0];
+    let mut s = mmkd(&g);
+    let mut sig = signals(&g, b);
+    sig.student_head = None;
+    let e = s.weights(&sig).unwrap_err().to_string();
+    assert!(e.contains("student_head"), "{e}");
+    let mut two = Mmkd::new(MmkdConfig::default(), 2, 5, 1.0, 1.0, Device::Cpu).unwrap();
+    let e = two.weights(&signals(&g, b)).unwrap_err().to_string();
+    assert!(e.contains("built for 2 teachers"), "{e}");
+    let bad = MmkdConfig {
+        every: 0,
+        ..MmkdConfig::default()
+    };
+    let e = Mmkd::new(bad, 3, 5, 1.0, 1.0, Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("every"), "{e}");
+}
