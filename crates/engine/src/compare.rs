@@ -184,9 +184,9 @@ pub fn table(results: &[RunResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| strategy | seeds | final top-1 (%) | best top-1 (%) | s / epoch | peak RSS (MB) |"
+        "| strategy | seeds | final top-1 (%) | best top-1 (%) | s / epoch | of which teachers | peak RSS (MB) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for (_, (name, runs)) in by {
         let finals: Vec<f64> = runs.iter().map(|r| r.summary.final_value).collect();
         let bests: Vec<f64> = runs.iter().map(|r| r.summary.best_value).collect();
@@ -196,6 +196,14 @@ pub fn table(results: &[RunResult]) -> String {
                 r.history.iter().map(|h| h.seconds).sum::<f64>() / r.history.len().max(1) as f64
             })
             .collect();
+        let teacher_secs: Vec<f64> = runs
+            .iter()
+            .map(|r| {
+                r.history.iter().map(|h| h.teacher_seconds).sum::<f64>()
+                    / r.history.len().max(1) as f64
+            })
+            .collect();
+        let (tm, ts) = mean_std(&teacher_secs);
         let mem: Vec<f64> = runs.iter().filter_map(|r| r.peak_rss_mb).collect();
         let (fm, fs) = mean_std(&finals);
         let (bm, bs) = mean_std(&bests);
@@ -208,9 +216,39 @@ pub fn table(results: &[RunResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} | {sm:.1} ± {ss:.1} | {mem} |",
+            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} | {sm:.1} ± {ss:.1} | {tm:.1} ± {ts:.1} | {mem} |",
             runs.len()
         );
     }
+    out
+}
+
+/// The paragraph under the table on where the teachers' cost went.
+pub fn teacher_note(passes: &[crate::trainer::TeacherPass], shared: bool) -> String {
+    if !shared {
+        return "\nEvery run computed its own teacher outputs (`--no-shared-teachers`): \
+                \"of which teachers\" is the time of the teachers' forward passes.\n"
+            .to_owned();
+    }
+    let secs: Vec<f64> = passes.iter().flat_map(|p| p.seconds.clone()).collect();
+    let mem: Vec<f64> = passes.iter().filter_map(|p| p.peak_rss_mb).collect();
+    let mut out = String::from(
+        "\nTeacher outputs were computed once per seed by a teacher pass (`mtkd share-teachers`) \
+         and every strategy run read them (exact: same batches, frozen teachers), so \
+         \"of which teachers\" is the time spent reading them.",
+    );
+    if !secs.is_empty() {
+        let (sm, ss) = mean_std(&secs);
+        let _ = write!(out, " The teacher pass took {sm:.1} ± {ss:.1} s per epoch");
+        if !mem.is_empty() {
+            let (mm, ms) = mean_std(&mem);
+            let _ = write!(out, " with a peak RSS of {mm:.0} ± {ms:.0} MB");
+        }
+        out.push_str(
+            "; a standalone run of a strategy costs about its s / epoch minus its reading time \
+             plus the pass's s / epoch.",
+        );
+    }
+    out.push('\n');
     out
 }

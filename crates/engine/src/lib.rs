@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod optim;
 pub mod plot;
 pub mod record;
+pub mod shared;
 pub mod trainer;
 
 pub use config::Config;

@@ -32,6 +32,10 @@ pub struct EpochRecord {
     pub skipped_batches: usize,
     /// Wall seconds of the epoch (training and evaluation).
     pub seconds: f64,
+    /// Of those, the seconds spent getting the teachers' outputs (forward passes, or reads of
+    /// shared outputs).
+    #[serde(default)]
+    pub teacher_seconds: f64,
 }
 
 /// A teacher's figures in the summary.

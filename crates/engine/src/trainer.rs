@@ -16,6 +16,7 @@ use crate::config::{Config, DistillConfig, NonFinitePolicy, StrategyKind, Teache
 use crate::dataset::Datasets;
 use crate::optim::{multistep_lr, Sgd};
 use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, TeacherSummary};
+use crate::shared::{EpochOutputs, Layout};
 use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::loss;
 use mtkd_distill_core::signals::{BatchSignals, StudentHead};
@@ -51,6 +52,9 @@ pub struct RunOptions {
     /// Stop with [`Interrupted`] after this many optimizer steps in this session: simulates a
     /// kill at a precise point (for resume tests).
     pub halt_after_steps: Option<u64>,
+    /// Read the teachers' training outputs from this folder when a run with the same batches
+    /// stored them there, else compute and store them ([`crate::shared`]).
+    pub teacher_outputs: Option<PathBuf>,
 }
 
 /// Returned (as the error's root cause) when `halt_after_steps` stopped the run.
@@ -165,6 +169,97 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
         Vec::new()
     };
     Trainer::new(cfg, data, pool, device, dir.to_path_buf(), config_hash)?.fit(opts, obs)
+}
+
+/// Every teacher's output for a batch.
+fn teacher_outputs(pool: &[PoolMember], images: &Tensor) -> Result<Vec<ModelOutput>> {
+    pool.iter()
+        .map(|p| {
+            p.teacher
+                .forward(images)
+                .with_context(|| format!("teacher `{}`", p.teacher.name()))
+        })
+        .collect()
+}
+
+fn pool_layout(cfg: &Config, pool: &[PoolMember]) -> Layout {
+    let features = crate::shared::with_features(cfg);
+    Layout {
+        num_classes: pool.first().map(|p| p.teacher.num_classes()).unwrap_or(0),
+        features: pool
+            .iter()
+            .map(|p| p.teacher.feature_shape().filter(|_| features))
+            .collect(),
+    }
+}
+
+/// How long a teacher pass took.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TeacherPass {
+    /// Seconds per epoch for the epochs this pass computed (empty when all were stored).
+    pub seconds: Vec<f64>,
+    /// Peak resident memory of the process, in MB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Compute the teachers' outputs on every training batch of `cfg` (all epochs) and store them
+/// under `root` for runs that share them (`mtkd share-teachers`); stored epochs are kept. Also
+/// writes `pass.json` (a [`TeacherPass`]) into the key folder. Returns the key folder.
+pub fn share_teacher_outputs(
+    cfg: &Config,
+    root: &Path,
+    obs: &mut dyn Observer,
+) -> Result<(PathBuf, TeacherPass)> {
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    if !cfg.uses_teachers() {
+        bail!("the config's strategy uses no teachers: there are no outputs to share");
+    }
+    let device = device_of(&cfg.run.device)?;
+    obs.phase("loading data");
+    let data = Datasets::load(&cfg.data)?;
+    let pool = build_pool(cfg, &data, device, obs)?;
+    let sources: Vec<String> = pool.iter().map(|p| p.source.clone()).collect();
+    let dir = crate::shared::key_dir(root, cfg, &sources)?;
+    let layout = pool_layout(cfg, &pool);
+    let loader = data.train_loader(&cfg.data, cfg.train.batch_size, cfg.run.seed)?;
+    let mut seconds = Vec::new();
+    for epoch in 0..cfg.train.epochs {
+        let mut out = EpochOutputs::open(&dir, epoch, layout.clone())?;
+        if out.is_read() {
+            continue;
+        }
+        let t0 = Instant::now();
+        obs.epoch_start(
+            "teacher outputs",
+            epoch + 1,
+            cfg.train.epochs,
+            loader.num_batches(),
+        );
+        tch::no_grad(|| -> Result<()> {
+            for batch in loader.epoch(epoch as u64, 0, device) {
+                out.batch(&batch.indices, device, || {
+                    teacher_outputs(&pool, &batch.images)
+                })?;
+                obs.batch(None);
+            }
+            Ok(())
+        })?;
+        out.finish()?;
+        seconds.push(t0.elapsed().as_secs_f64());
+        obs.phase(&format!(
+            "teacher outputs of epoch {} stored in {:.1} s",
+            epoch + 1,
+            seconds[seconds.len() - 1]
+        ));
+    }
+    let pass = TeacherPass {
+        seconds,
+        peak_rss_mb: crate::record::peak_rss_mb(),
+    };
+    write_json_atomic(&dir.join("pass.json"), &pass)?;
+    Ok((dir, pass))
 }
 
 /// Train (or find in the cache) and evaluate the teacher pool of a config, without training a
@@ -367,6 +462,8 @@ struct Trainer<'a> {
     per_class: Option<(Tensor, Tensor)>,
     /// `weights.csv` when `run.weight_log` is on.
     weight_log: Option<std::io::BufWriter<std::fs::File>>,
+    /// Folder of the shared teacher outputs for this run's batches (`RunOptions::teacher_outputs`).
+    shared: Option<PathBuf>,
 }
 
 impl<'a> Trainer<'a> {
@@ -485,6 +582,7 @@ impl<'a> Trainer<'a> {
         Ok(Trainer {
             per_class: None,
             weight_log: None,
+            shared: None,
             cfg,
             data,
             pool,
@@ -504,6 +602,11 @@ impl<'a> Trainer<'a> {
     fn with_label(mut self, label: String) -> Self {
         self.label = label;
         self
+    }
+
+    /// What a shared-output record holds for this run's pool.
+    fn layout(&self) -> Layout {
+        pool_layout(self.cfg, &self.pool)
     }
 
     fn distill(&self) -> Option<&DistillConfig> {
@@ -639,6 +742,10 @@ impl<'a> Trainer<'a> {
                 strategy_json: String::new(),
             },
         };
+        if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
+            let sources: Vec<String> = self.pool.iter().map(|p| p.source.clone()).collect();
+            self.shared = Some(crate::shared::key_dir(root, cfg, &sources)?);
+        }
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
         if cfg.run.weight_log && !self.pool.is_empty() {
             self.weight_log = Some(self.open_weight_log(meta.epoch)?);
@@ -665,6 +772,10 @@ impl<'a> Trainer<'a> {
             self.strategy.start_epoch(epoch)?;
             self.per_class = None;
             let mut sums = Sums::new(self.device, self.pool.len());
+            let mut shared = match &self.shared {
+                Some(dir) => Some(EpochOutputs::open(dir, epoch, self.layout())?),
+                None => None,
+            };
             for batch in train_loader.epoch(epoch as u64, 0, self.device) {
                 if let Some(limit) = opts.halt_after_steps {
                     if session_steps >= limit {
@@ -676,6 +787,7 @@ impl<'a> Trainer<'a> {
                     &batch.labels,
                     &batch.indices,
                     &mut sums,
+                    shared.as_mut(),
                     epoch,
                     meta.step,
                 )?;
@@ -685,6 +797,9 @@ impl<'a> Trainer<'a> {
                 }
                 let show = sums.batches.is_multiple_of(20);
                 obs.batch(show.then_some(sums.last_loss));
+            }
+            if let Some(shared) = shared {
+                shared.finish()?;
             }
             self.strategy.end_epoch(epoch)?;
             let (report, test_loss) = evaluate(
@@ -741,12 +856,14 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step on a batch. Returns false when the batch was skipped (non-finite loss
     /// under the `skip` policy).
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         images: &Tensor,
         labels: &Tensor,
         indices: &[usize],
         sums: &mut Sums,
+        shared: Option<&mut EpochOutputs>,
         epoch: usize,
         step: u64,
     ) -> Result<bool> {
@@ -757,15 +874,14 @@ impl<'a> Trainer<'a> {
         let (per_sample, kd, feat, weights_mean) = match &distill {
             None => (&ce * 1.0, None, None, None),
             Some(d) => {
-                let t_outs: Vec<ModelOutput> = self
-                    .pool
-                    .iter()
-                    .map(|p| {
-                        p.teacher
-                            .forward(images)
-                            .with_context(|| format!("teacher `{}`", p.teacher.name()))
-                    })
-                    .collect::<Result<_>>()?;
+                let t0 = Instant::now();
+                let pool = &self.pool;
+                let compute = || teacher_outputs(pool, images);
+                let t_outs = match shared {
+                    Some(shared) => shared.batch(indices, self.device, compute)?,
+                    None => compute()?,
+                };
+                sums.teacher_seconds += t0.elapsed().as_secs_f64();
                 let features = out
                     .features
                     .as_ref()
@@ -1111,6 +1227,8 @@ struct Sums {
     weights: Tensor,
     weight_batches: i64,
     last_loss: f64,
+    /// Wall time spent getting the teachers' outputs (forward passes or shared reads).
+    teacher_seconds: f64,
 }
 
 impl Sums {
@@ -1128,6 +1246,7 @@ impl Sums {
             weights: Tensor::zeros([m as i64], (Kind::Double, device)),
             weight_batches: 0,
             last_loss: f64::NAN,
+            teacher_seconds: 0.0,
         }
     }
 
@@ -1194,6 +1313,7 @@ impl Sums {
             strategy_metrics: Default::default(),
             skipped_batches: self.skipped,
             seconds,
+            teacher_seconds: self.teacher_seconds,
         }
     }
 }

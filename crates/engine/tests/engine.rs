@@ -187,6 +187,7 @@ fn strip_time(h: &[EpochRecord]) -> Vec<EpochRecord> {
     h.iter()
         .map(|r| EpochRecord {
             seconds: 0.0,
+            teacher_seconds: 0.0,
             ..r.clone()
         })
         .collect()
@@ -248,6 +249,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
         &b,
         &RunOptions {
             halt_after_steps: Some(11),
+            ..RunOptions::default()
         },
     )
     .unwrap_err();
@@ -345,6 +347,7 @@ fn agent_runs_resume_exactly() {
             &b,
             &RunOptions {
                 halt_after_steps: Some(21),
+                ..RunOptions::default()
             },
         )
         .unwrap_err();
@@ -407,6 +410,7 @@ fn mmkd_runs_resume_exactly() {
         &b,
         &RunOptions {
             halt_after_steps: Some(11),
+            ..RunOptions::default()
         },
     )
     .unwrap_err();
@@ -416,6 +420,80 @@ fn mmkd_runs_resume_exactly() {
     );
     run_in(&cfg, &b, &RunOptions::default()).unwrap();
     assert_eq!(strip_time(&ha), strip_time(&history(&b)));
+}
+
+/// Teacher outputs shared through a folder give exactly the run that computes them itself, whether
+/// a teacher pass (`share_teacher_outputs`) or an earlier run stored them; a file that does not
+/// belong to the run's batches, or is cut short, is an error naming it.
+#[test]
+fn shared_teacher_outputs_are_exact() {
+    let _serial = serial();
+    let s = scratch("shared");
+    let extra = "[distill]\nstrategy = \"ebkd\"\nfeature_weight = 5.0\n\
+         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = parse(&tiny(extra, &s)).unwrap();
+    let own = s.join("own");
+    run_in(&cfg, &own, &RunOptions::default()).unwrap();
+    let own_history = history(&own);
+    assert!(own_history.iter().all(|r| r.teacher_seconds > 0.0));
+    let want = strip_time(&own_history);
+
+    // A teacher pass stores both epochs; a run reads them.
+    let root = s.join("outputs");
+    let (key, pass) = trainer::share_teacher_outputs(&cfg, &root, &mut Silent).unwrap();
+    assert_eq!(pass.seconds.len(), 2);
+    assert!(key.join("epoch-0.bin").is_file() && key.join("epoch-1.bin").is_file());
+    let read = s.join("read");
+    let opts = RunOptions {
+        teacher_outputs: Some(root.clone()),
+        ..RunOptions::default()
+    };
+    run_in(&cfg, &read, &opts).unwrap();
+    assert_eq!(
+        want,
+        strip_time(&history(&read)),
+        "read outputs change nothing"
+    );
+
+    // A run that finds nothing stored computes, stores the same bytes, and is unchanged too.
+    let root2 = s.join("outputs2");
+    let write = s.join("write");
+    let opts2 = RunOptions {
+        teacher_outputs: Some(root2.clone()),
+        ..RunOptions::default()
+    };
+    run_in(&cfg, &write, &opts2).unwrap();
+    assert_eq!(want, strip_time(&history(&write)));
+    let key2 = root2.join(key.file_name().unwrap());
+    for e in ["epoch-0.bin", "epoch-1.bin"] {
+        assert_eq!(
+            std::fs::read(key.join(e)).unwrap(),
+            std::fs::read(key2.join(e)).unwrap(),
+            "{e}"
+        );
+    }
+
+    // Epoch files swapped: other batches, an error naming the file.
+    std::fs::rename(key2.join("epoch-0.bin"), key2.join("tmp")).unwrap();
+    std::fs::rename(key2.join("epoch-1.bin"), key2.join("epoch-0.bin")).unwrap();
+    std::fs::rename(key2.join("tmp"), key2.join("epoch-1.bin")).unwrap();
+    let err = format!(
+        "{:#}",
+        run_in(&cfg, &s.join("swapped"), &opts2).unwrap_err()
+    );
+    assert!(
+        err.contains("epoch-0.bin") && err.contains("other batches"),
+        "{err}"
+    );
+    // Cut short: an error naming the file.
+    let bin = key.join("epoch-1.bin");
+    let len = std::fs::metadata(&bin).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&bin).unwrap();
+    f.set_len(len / 2).unwrap();
+    let err = format!("{:#}", run_in(&cfg, &s.join("cut"), &opts).unwrap_err());
+    assert!(err.contains("epoch-1.bin") && err.contains("ends"), "{err}");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The `mtkd` command line: `mtkd train`, `mtkd doctor`.
+//! The `mtkd` command line: `mtkd train`, `teachers`, `share-teachers`, `compare`, `doctor`.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -45,6 +45,22 @@ enum Cmd {
         /// Stop after this many optimizer steps, as if killed (for resume tests).
         #[arg(long, hide = true)]
         halt_after_steps: Option<u64>,
+        /// Share teacher outputs through this folder: read them when a run with the same data,
+        /// teachers, seed and batch size stored them there (`mtkd share-teachers`), else compute
+        /// and store them.
+        #[arg(long, value_name = "DIR")]
+        teacher_outputs: Option<PathBuf>,
+    },
+    /// Compute the teachers' outputs on every training batch of a config once and store them
+    /// under DIR, for `mtkd train --teacher-outputs DIR` runs that see the same batches.
+    ShareTeachers {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Folder of shared teacher outputs.
+        #[arg(long, value_name = "DIR")]
+        into: PathBuf,
     },
     /// Train (or take from the cache) and evaluate the teacher pool of a config.
     Teachers {
@@ -69,6 +85,10 @@ enum Cmd {
         /// Only strategies whose label starts with one of these (comma-separated), e.g. equal,mtkd-rl.
         #[arg(long, value_delimiter = ',')]
         only: Option<Vec<String>>,
+        /// Let every run compute its own teacher outputs (default: one teacher pass per seed,
+        /// shared by all strategies; exact, see `mtkd share-teachers`).
+        #[arg(long)]
+        no_shared_teachers: bool,
     },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
@@ -84,15 +104,31 @@ fn main() -> std::process::ExitCode {
             overrides,
             out,
             only,
-        } => compare(config, seeds, overrides, out, only),
+            no_shared_teachers,
+        } => compare(config, seeds, overrides, out, only, !no_shared_teachers),
         Cmd::Teachers { config, overrides } => teachers(config, overrides),
+        Cmd::ShareTeachers {
+            config,
+            overrides,
+            into,
+        } => share_teachers(config, overrides, into),
         Cmd::Train {
             config,
             resume,
             overrides,
             out,
             halt_after_steps,
-        } => train(config, resume, overrides, out, halt_after_steps),
+            teacher_outputs,
+        } => train(
+            config,
+            resume,
+            overrides,
+            out,
+            RunOptions {
+                halt_after_steps,
+                teacher_outputs,
+            },
+        ),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -132,12 +168,28 @@ fn teachers(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+fn share_teachers(config: PathBuf, overrides: Vec<String>, into: PathBuf) -> Result<()> {
+    let cfg = Config::load(&config, &overrides)?;
+    init_logging(None);
+    let (dir, pass) = trainer::share_teacher_outputs(&cfg, &into, &mut Bars::default())?;
+    if !pass.seconds.is_empty() {
+        let mean = pass.seconds.iter().sum::<f64>() / pass.seconds.len() as f64;
+        eprintln!(
+            "mtkd: {} epochs of teacher outputs, {mean:.1} s per epoch",
+            pass.seconds.len()
+        );
+    }
+    println!("{}", dir.display());
+    Ok(())
+}
+
 fn compare(
     config: PathBuf,
     seeds: u64,
     overrides: Vec<String>,
     out: Option<PathBuf>,
     only: Option<Vec<String>>,
+    share: bool,
 ) -> Result<()> {
     use mtkd_engine::compare;
     let cfg = Config::load(&config, &overrides)?;
@@ -153,52 +205,81 @@ fn compare(
     // Teachers first (trained once, cached), so no run pays for them.
     let teachers = trainer::prepare_teachers(&cfg, &mut Bars::default())?;
     let exe = std::env::current_exe().context("locating the mtkd binary")?;
+    let shared_root = out.join("teacher-outputs");
     let mut results = Vec::new();
-    for (i, p) in plan.iter().enumerate() {
-        let dir = out.join(&p.dir_name);
-        let planned = toml::to_string_pretty(&p.config)?;
-        if let Ok(existing) = std::fs::read_to_string(dir.join("config.toml")) {
-            if existing != planned {
-                anyhow::bail!(
-                    "{} was made with other settings than this comparison plans (another base config, \
-                     --set or mtkd version); use another --out folder or delete that run",
-                    dir.display()
+    let mut plan_seeds: Vec<u64> = plan.iter().map(|p| p.seed).collect();
+    plan_seeds.dedup();
+    let mut done = 0;
+    for &seed in &plan_seeds {
+        // One teacher pass per seed (before its first unfinished run that uses teachers); the
+        // stored outputs are deleted once every run of the seed is done.
+        let mut passed = false;
+        for p in plan.iter().filter(|p| p.seed == seed) {
+            done += 1;
+            let dir = out.join(&p.dir_name);
+            let planned = toml::to_string_pretty(&p.config)?;
+            if let Ok(existing) = std::fs::read_to_string(dir.join("config.toml")) {
+                if existing != planned {
+                    anyhow::bail!(
+                        "{} was made with other settings than this comparison plans (another base config, \
+                         --set or mtkd version); use another --out folder or delete that run",
+                        dir.display()
+                    );
+                }
+            }
+            if !dir.join("summary.json").is_file() {
+                let cfg_path = out.join(format!("{}.toml", p.dir_name));
+                std::fs::write(&cfg_path, &planned)
+                    .with_context(|| format!("writing {}", cfg_path.display()))?;
+                let shares = share && p.config.uses_teachers();
+                if shares && !passed {
+                    eprintln!("mtkd: teacher pass for seed {seed}");
+                    teacher_pass(&exe, &cfg_path, &shared_root, &out, seed)?;
+                    passed = true;
+                }
+                eprintln!(
+                    "mtkd: [{}/{}] {} (seed {})",
+                    done,
+                    plan.len(),
+                    p.strategy,
+                    p.seed
                 );
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.arg("train");
+                if dir.join("config.toml").is_file() {
+                    cmd.arg("--resume").arg(&dir);
+                } else {
+                    cmd.arg("--config").arg(&cfg_path).arg("--out").arg(&dir);
+                }
+                if shares {
+                    cmd.arg("--teacher-outputs").arg(&shared_root);
+                }
+                let status = cmd
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .context("starting mtkd train")?;
+                if !status.success() {
+                    anyhow::bail!(
+                        "run {} failed ({status}); its folder is {}",
+                        p.dir_name,
+                        dir.display()
+                    );
+                }
             }
+            results.push(compare::read_run(&p.strategy, &dir)?);
         }
-        if !dir.join("summary.json").is_file() {
-            let cfg_path = out.join(format!("{}.toml", p.dir_name));
-            std::fs::write(&cfg_path, &planned)
-                .with_context(|| format!("writing {}", cfg_path.display()))?;
-            eprintln!(
-                "mtkd: [{}/{}] {} (seed {})",
-                i + 1,
-                plan.len(),
-                p.strategy,
-                p.seed
-            );
-            let mut cmd = std::process::Command::new(&exe);
-            cmd.arg("train").arg("--config").arg(&cfg_path);
-            if dir.join("config.toml").is_file() {
-                cmd = std::process::Command::new(&exe);
-                cmd.arg("train").arg("--resume").arg(&dir);
-            } else {
-                cmd.arg("--out").arg(&dir);
-            }
-            let status = cmd
-                .stdout(std::process::Stdio::null())
-                .status()
-                .context("starting mtkd train")?;
-            if !status.success() {
-                anyhow::bail!(
-                    "run {} failed ({status}); its folder is {}",
-                    p.dir_name,
-                    dir.display()
-                );
-            }
+        if shared_root.exists() {
+            std::fs::remove_dir_all(&shared_root)
+                .with_context(|| format!("removing {}", shared_root.display()))?;
         }
-        results.push(compare::read_run(&p.strategy, &dir)?);
     }
+    let passes: Vec<trainer::TeacherPass> = plan_seeds
+        .iter()
+        .filter_map(|s| {
+            let path = out.join(format!("teacher-pass-seed{s}.json"));
+            serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+        })
+        .collect();
     let mut md = String::new();
     md.push_str(&format!("# Strategy comparison: {}\n\n", cfg.run.name));
     md.push_str(&format!(
@@ -222,10 +303,50 @@ fn compare(
     }
     md.push_str("\nMean ± sample standard deviation over seeds. Final = after the last epoch; best = best test epoch (reported for comparison with the paper's practice; select on a validation split).\n\n");
     md.push_str(&compare::table(&results));
+    md.push_str(&compare::teacher_note(&passes, share));
     let path = out.join("comparison.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     println!("{md}");
     println!("table: {}", path.display());
+    Ok(())
+}
+
+/// Run `mtkd share-teachers` for one seed's config; keep its timing as
+/// `teacher-pass-seed<seed>.json` in the comparison folder.
+fn teacher_pass(
+    exe: &std::path::Path,
+    cfg_path: &std::path::Path,
+    shared_root: &std::path::Path,
+    out: &std::path::Path,
+    seed: u64,
+) -> Result<()> {
+    let output = std::process::Command::new(exe)
+        .arg("share-teachers")
+        .arg("--config")
+        .arg(cfg_path)
+        .arg("--into")
+        .arg(shared_root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting mtkd share-teachers")?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "the teacher pass for seed {seed} failed ({})",
+            output.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let key = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    let pass: trainer::TeacherPass = serde_json::from_slice(
+        &std::fs::read(key.join("pass.json"))
+            .with_context(|| format!("reading {}", key.join("pass.json").display()))?,
+    )?;
+    let keep = out.join(format!("teacher-pass-seed{seed}.json"));
+    // A pass that found every epoch stored (a resumed comparison) measured nothing.
+    if !pass.seconds.is_empty() || !keep.is_file() {
+        std::fs::copy(key.join("pass.json"), &keep)
+            .with_context(|| format!("writing {}", keep.display()))?;
+    }
     Ok(())
 }
 
@@ -252,7 +373,7 @@ fn train(
     resume: Option<PathBuf>,
     overrides: Vec<String>,
     out: Option<PathBuf>,
-    halt_after_steps: Option<u64>,
+    opts: RunOptions,
 ) -> Result<()> {
     // Check the whole config before any work.
     let (cfg, dir) = match (&config, &resume) {
@@ -290,7 +411,6 @@ fn train(
     init_logging(Some(log));
     eprintln!("mtkd: run folder {}", dir.display());
     let mut obs = Bars::default();
-    let opts = RunOptions { halt_after_steps };
     let outcome = mtkd_engine::run(&cfg, &dir, &opts, &mut obs)?;
     let s = &outcome.summary;
     println!();
