@@ -5,7 +5,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::baselines::{Aekd, Ebkd};
-use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::mmkd::{Mmkd, MmkdConfig};
+use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::{Equal, WeightingStrategy};
 use mtkd_distill_core::{loss, ModelOutput};
 
@@ -47,6 +48,19 @@ fn bench(c: &mut Criterion) {
         let mut aekd = Aekd::new(0.6);
         g.bench_with_input(BenchmarkId::new("aekd", k), &k, |bch, _| {
             bch.iter(|| aekd.weights(&sig).unwrap())
+        });
+        // MMKD with a 64-wide embedding: weights plus one meta-update per call (every = 1).
+        let mut sig = BatchSignals::compute(&s, &p, &t, &y, 4.0).unwrap();
+        let opts = (Kind::Float, Device::Cpu);
+        sig.student_head = Some(StudentHead {
+            embedding: Tensor::randn([64, 64], opts),
+            weight: Tensor::randn([k, 64], opts) * 0.1,
+            bias: Some(Tensor::zeros([k], opts)),
+            lr: 0.05,
+        });
+        let mut mmkd = Mmkd::new(MmkdConfig::default(), 3, k, 1.0, 1.0, Device::Cpu).unwrap();
+        g.bench_with_input(BenchmarkId::new("mmkd", k), &k, |bch, _| {
+            bch.iter(|| mmkd.weights(&sig).unwrap())
         });
     }
     let (_, t, p, _) = inputs(64, 10, 1);

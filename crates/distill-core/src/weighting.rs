@@ -159,6 +159,49 @@ impl WeightingStrategy for Equal {
     }
 }
 
+/// Equal weights with the MTKD-RL parity agent's warm-up: weight 1 for every teacher during the
+/// first `ones_epochs` epochs (the published epoch-0 rule, M times AVER's KD scale), then 1/M.
+/// A control: with it, AVER differs from the parity agent only in the learnt weights.
+#[derive(Debug)]
+pub struct EqualOnesWarmup {
+    ones_epochs: usize,
+    epoch: usize,
+    name: String,
+}
+
+impl EqualOnesWarmup {
+    pub fn new(ones_epochs: usize) -> EqualOnesWarmup {
+        EqualOnesWarmup {
+            ones_epochs,
+            epoch: 0,
+            name: format!("equal-ones{ones_epochs}"),
+        }
+    }
+}
+
+impl WeightingStrategy for EqualOnesWarmup {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn start_epoch(&mut self, epoch: usize) -> Result<()> {
+        self.epoch = epoch;
+        Ok(())
+    }
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let m = signals.num_teachers() as usize;
+        let w = if self.epoch < self.ones_epochs {
+            1.0
+        } else {
+            1.0 / m as f64
+        };
+        Ok(TeacherWeights::broadcast(
+            &vec![w; m],
+            signals.batch_size(),
+            signals.ce.device(),
+        ))
+    }
+}
+
 /// Only teacher `index` teaches (single-teacher KD inside a multi-teacher pool).
 #[derive(Debug)]
 pub struct Single {

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::signals::BatchSignals;
-use mtkd_distill_core::weighting::{Equal, Single, WeightingStrategy};
+use mtkd_distill_core::weighting::{Equal, EqualOnesWarmup, Single, WeightingStrategy};
 use mtkd_distill_core::{loss, ModelOutput};
 
 #[path = "../../../test-support/golden.rs"]
@@ -240,6 +240,14 @@ fn signals_stack_per_teacher_values() {
         &vec![0.5; 2 * c.zs.size()[0] as usize],
         1e-9,
     );
+    let mut warm = EqualOnesWarmup::new(1);
+    warm.start_epoch(0).unwrap();
+    let b = c.zs.size()[0] as usize;
+    let w = warm.weights(&s).unwrap();
+    assert_close("ones warm-up, epoch 0", &w.feature, &vec![1.0; 2 * b], 1e-9);
+    warm.start_epoch(1).unwrap();
+    let w = warm.weights(&s).unwrap();
+    assert_close("ones warm-up, epoch 1", &w.logit, &vec![0.5; 2 * b], 1e-9);
     let w = Single::new(1).weights(&s).unwrap();
     assert_close(
         "single weights col 1",

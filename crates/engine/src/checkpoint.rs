@@ -64,6 +64,13 @@ pub fn save(
     Tensor::write_safetensors(&cpu, tmp.join("state.safetensors"))
         .with_context(|| format!("writing {}", tmp.join("state.safetensors").display()))?;
     std::fs::write(tmp.join("meta.json"), serde_json::to_vec_pretty(meta)?)?;
+    // On disk before the rename makes the checkpoint visible (a power cut cannot leave a
+    // complete-looking folder with empty files).
+    for f in ["state.safetensors", "meta.json"] {
+        std::fs::File::open(tmp.join(f))
+            .and_then(|h| h.sync_all())
+            .with_context(|| format!("syncing {}", tmp.join(f).display()))?;
+    }
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
@@ -105,14 +112,39 @@ fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
 /// Named tensors of a checkpoint.
 pub type NamedTensors = Vec<(String, Tensor)>;
 
-/// The newest complete checkpoint: its tensors and meta.
+/// The newest readable checkpoint: its tensors and meta. An unreadable newer one (cut short,
+/// corrupt) is skipped with a warning, so a resume falls back to the epoch before it; an error
+/// only when checkpoints exist and none is readable.
 pub fn load_latest(root: &Path) -> Result<Option<(NamedTensors, Meta)>> {
-    let Some((_, dir)) = list(root)?.into_iter().max_by_key(|(n, _)| *n) else {
+    let mut all = list(root)?;
+    all.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
+    let mut errors = Vec::new();
+    for (_, dir) in &all {
+        match load(dir) {
+            Ok(found) => return Ok(Some(found)),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %format!("{e:#}"), "unreadable checkpoint skipped");
+                errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    if errors.is_empty() {
         return Ok(None);
-    };
-    let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json"))?)
-        .with_context(|| format!("reading {}", dir.join("meta.json").display()))?;
+    }
+    bail!(
+        "no readable checkpoint in {}: {}",
+        root.display(),
+        errors.join("; ")
+    )
+}
+
+fn load(dir: &Path) -> Result<(NamedTensors, Meta)> {
+    let meta_path = dir.join("meta.json");
+    let meta: Meta = serde_json::from_slice(
+        &std::fs::read(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?,
+    )
+    .with_context(|| format!("reading {}", meta_path.display()))?;
     let tensors = Tensor::read_safetensors(dir.join("state.safetensors"))
         .with_context(|| format!("reading {}", dir.join("state.safetensors").display()))?;
-    Ok(Some((tensors, meta)))
+    Ok((tensors, meta))
 }

@@ -48,6 +48,14 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         ));
     }
     out.push(("equal (AVER)".to_owned(), with(StrategyKind::Equal)));
+    // The control for the parity agent's loss scale: AVER with its all-ones epoch 0.
+    out.push((
+        "equal, ones in epoch 1 (control)".to_owned(),
+        DistillConfig {
+            equal_ones_epochs: 1,
+            ..with(StrategyKind::Equal)
+        },
+    ));
     out.push(("ebkd".to_owned(), with(StrategyKind::Ebkd)));
     out.push((
         "ca-mkd (logit weights)".to_owned(),

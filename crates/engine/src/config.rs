@@ -201,12 +201,20 @@ pub struct DistillConfig {
     /// The MTKD-RL agent's settings (strategy `mtkd-rl`); defaults to parity mode, fixed mix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<mtkd_rl_weighting::agent::AgentConfig>,
+    /// For `equal`: the first this many epochs give every teacher weight 1 instead of 1/M (the
+    /// MTKD-RL parity agent's epoch-0 rule; a control for its loss scale). 0 = plain AVER.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub equal_ones_epochs: usize,
     /// AEKD's cap C on each teacher's weight.
     #[serde(default = "default_aekd_cap")]
     pub aekd_cap: f64,
     /// MMKD's weight network settings (strategy `mmkd`); defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmkd: Option<mtkd_distill_core::mmkd::MmkdConfig>,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 fn default_aekd_cap() -> f64 {

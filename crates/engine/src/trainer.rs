@@ -21,7 +21,8 @@ use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::loss;
 use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::{
-    Equal, Feedback, NoKd, Single, StrategyState, TeacherWeights, WeightingStrategy,
+    Equal, EqualOnesWarmup, Feedback, NoKd, Single, StrategyState, TeacherWeights,
+    WeightingStrategy,
 };
 use mtkd_distill_core::{ModelOutput, Teacher};
 use mtkd_student::{NativeTeacher, Network};
@@ -509,7 +510,10 @@ impl<'a> Trainer<'a> {
         }
         let strategy: Box<dyn WeightingStrategy> = match distill.as_ref().map(|d| d.strategy) {
             None | Some(StrategyKind::None) => Box::new(NoKd),
-            Some(StrategyKind::Equal) => Box::new(Equal),
+            Some(StrategyKind::Equal) => match distill.as_ref().map(|d| d.equal_ones_epochs) {
+                Some(n) if n > 0 => Box::new(EqualOnesWarmup::new(n)),
+                _ => Box::new(Equal),
+            },
             Some(StrategyKind::MtkdRl) => {
                 let d = distill
                     .as_ref()

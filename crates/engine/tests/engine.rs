@@ -562,6 +562,26 @@ fn a_nan_checkpoint_never_replaces_a_good_one() {
     // An interrupted write (a leftover temporary folder) is ignored.
     std::fs::create_dir_all(s.join(".tmp-epoch-0003")).unwrap();
     assert_eq!(checkpoint::load_latest(&s).unwrap().unwrap().1.epoch, 1);
+    // A newest checkpoint cut short (a disk that lost its tail) is skipped: the resume falls
+    // back to the epoch before it.
+    let newest = checkpoint::save(&s, &good, &meta(2), 0).unwrap();
+    let f = newest.join("state.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_eq!(checkpoint::load_latest(&s).unwrap().unwrap().1.epoch, 1);
+    // None readable: an error naming the folder.
+    let first = s.join("epoch-0001/meta.json");
+    std::fs::write(&first, b"{").unwrap();
+    let err = format!("{:#}", checkpoint::load_latest(&s).unwrap_err());
+    assert!(
+        err.contains("no readable checkpoint") && err.contains("meta.json"),
+        "{err}"
+    );
 }
 
 /// Export a freshly initialised cnn-small with `classes` outputs as a logits-only TorchScript.
