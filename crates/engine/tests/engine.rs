@@ -1,6 +1,7 @@
 //! End-to-end tests of the engine on the committed Fashion-MNIST subset: config checking, a
 //! distillation run with teachers trained and cached by mtkd, exact resume after an interruption,
-//! bad teachers and non-finite losses, and the TorchScript export read back by PyTorch.
+//! bad teachers and non-finite losses, MMKD and the agent resumed, shared teacher outputs and
+//! `mtkd compare` end to end, and the TorchScript export read back by PyTorch.
 
 use std::path::{Path, PathBuf};
 
@@ -749,4 +750,69 @@ fn every_architecture_exports_to_torchscript_for_any_batch_size() {
             "{arch}: TorchScript and Rust logits differ by {diff}"
         );
     }
+}
+
+/// `mtkd compare` end to end on the subset: one teacher pass per seed shared by the strategies
+/// (its folder deleted afterwards), the table with every planned row, and the same accuracies as
+/// a comparison whose runs compute their own teacher outputs.
+#[test]
+fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
+    let _serial = serial();
+    let s = scratch("compare");
+    let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 5.0\n\
+         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = s.join("base.toml");
+    std::fs::write(&cfg, tiny(extra, &s)).unwrap();
+    let compare = |out: &Path, extra_args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+            .arg("compare")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--seeds", "1", "--only", "no-kd,equal,mmkd", "--out"])
+            .arg(out)
+            .args(extra_args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "mtkd compare failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+        let finals: Vec<f64> = [
+            "no-kd",
+            "equal-aver",
+            "equal-ones-in-epoch-1-control",
+            "mmkd-last-layer-look-ahead",
+        ]
+        .iter()
+        .map(|d| {
+            let text =
+                std::fs::read_to_string(out.join(format!("{d}-seed3/summary.json"))).unwrap();
+            serde_json::from_str::<Summary>(&text).unwrap().final_value
+        })
+        .collect();
+        (table, finals)
+    };
+    let shared = s.join("shared");
+    let (table, finals) = compare(&shared, &[]);
+    for row in [
+        "| no-kd |",
+        "| equal (AVER) |",
+        "| equal, ones in epoch 1 (control) |",
+        "| mmkd (last-layer look-ahead) |",
+    ] {
+        assert!(table.contains(row), "{row} missing from\n{table}");
+    }
+    assert!(table.contains("teacher pass"), "{table}");
+    assert!(shared.join("teacher-pass-seed3.json").is_file());
+    assert!(
+        !shared.join("teacher-outputs").exists(),
+        "the stored outputs are deleted once the seed is done"
+    );
+    let (table_own, finals_own) = compare(&s.join("own"), &["--no-shared-teachers"]);
+    assert!(table_own.contains("--no-shared-teachers"), "{table_own}");
+    assert_eq!(finals, finals_own);
 }

@@ -439,6 +439,10 @@ struct Bars {
 
 impl Observer for Bars {
     fn phase(&mut self, message: &str) {
+        // A pass without epoch records (the teacher pass) ends its bar here.
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
         eprintln!("mtkd: {message}");
     }
 
