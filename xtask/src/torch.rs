@@ -116,6 +116,11 @@ pub fn ensure() -> Result<Torch> {
 /// Add torchvision to a venv that has the right torch but predates the torchvision pin. torch is
 /// left alone (`--no-deps`); numpy and pillow are named because `import torchvision` needs them.
 fn ensure_torchvision(venv: &Path) -> Result<()> {
+    // Checked once per environment: importing torchvision costs a second or two per command.
+    let marker = venv.join(format!(".mtkd-torchvision-{TORCHVISION_VERSION}"));
+    if marker.is_file() {
+        return Ok(());
+    }
     let python = venv.join("bin").join("python");
     let ok = Command::new(&python)
         .args(["-c", "import torchvision"])
@@ -124,6 +129,8 @@ fn ensure_torchvision(venv: &Path) -> Result<()> {
         .status()
         .is_ok_and(|s| s.success());
     if ok {
+        // Best effort: without the marker the check just runs again next time.
+        let _ = std::fs::write(&marker, b"");
         return Ok(());
     }
     eprintln!(
@@ -150,6 +157,7 @@ fn ensure_torchvision(venv: &Path) -> Result<()> {
             venv.display()
         );
     }
+    let _ = std::fs::write(&marker, b"");
     Ok(())
 }
 
@@ -212,11 +220,6 @@ fn install(venv: &Path) -> Result<()> {
          xtask: this downloads about 3 GB once and takes a few minutes; later runs reuse it",
         venv.display()
     );
-    // A half-made environment from an interrupted install is replaced, not trusted.
-    if venv.exists() {
-        std::fs::remove_dir_all(venv)
-            .with_context(|| format!("cannot remove the incomplete {}", venv.display()))?;
-    }
     let tmp = venv.with_extension("partial");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
@@ -259,6 +262,12 @@ fn install(venv: &Path) -> Result<()> {
     // The venv's scripts hold absolute paths, so the venv is made at its final place's sibling
     // and renamed: python's venv tolerates the rename because we call bin/python by path.
     // (pip's console scripts keep the .partial path in their shebang; xtask never uses them.)
+    // The old environment (another torch version, or half-made by an interrupted install) goes
+    // only now that the new one is complete: a failed install leaves a working one in place.
+    if venv.exists() {
+        std::fs::remove_dir_all(venv)
+            .with_context(|| format!("cannot remove the old {}", venv.display()))?;
+    }
     std::fs::rename(&tmp, venv)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), venv.display()))?;
     Ok(())
