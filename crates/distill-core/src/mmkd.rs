@@ -22,6 +22,9 @@
 //!   intermediate features is not built, and the logit weights weight the features too.
 //! - **Start at AVER.** The output layer starts at zero, so the first weights are exactly `1/M`.
 //! - **Adam** (hand-written so that its moments go into the checkpoint) updates the network.
+//!   A meta-update whose quiz loss or gradient is not finite is skipped.
+//! - The strategy sees every batch, including one the trainer then skips for a non-finite loss
+//!   (`on_nonfinite = "skip"`): its call counter and quiz batch advance all the same.
 //!
 //! Checked against PyTorch (autograd through a real virtual step, `torch.optim.Adam`) in
 //! `tests/mmkd.rs`, values from `scripts/golden_mmkd.py`.
@@ -238,13 +241,14 @@ impl Mmkd {
     }
 
     /// One meta-update: virtual classifier step on this batch, quiz loss on the previous one,
-    /// Adam on the weight network. Returns the quiz loss (a scalar tensor, detached).
+    /// Adam on the weight network. Returns the quiz loss (a scalar tensor, detached), or `None`
+    /// when it or a gradient was not finite (no update then).
     fn meta_step(
         &mut self,
         s: &BatchSignals,
         head: &StudentHead,
         quiz: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         let t = s.temperature;
         let b = s.batch_size();
         let w = self.forward(&self.input(s)?);
@@ -284,8 +288,19 @@ impl Mmkd {
         let params = self.parameters();
         let tensors: Vec<&Tensor> = params.iter().map(|(_, p)| p).collect();
         let grads = Tensor::f_run_backward(&[&meta], &tensors, false, false)?;
+        // A non-finite batch (this one or the quiz) must not reach Adam's moments: skip the
+        // update, so a batch the trainer skips under `on_nonfinite = "skip"` cannot poison the
+        // weight network. (One device sync per meta-update.)
+        let mut finite = meta.f_isfinite()?;
+        for g in &grads {
+            finite = finite.f_logical_and(&g.f_isfinite()?.f_all()?)?;
+        }
+        if finite.f_int64_value(&[])? == 0 {
+            tracing::warn!("mmkd: non-finite meta-gradient, update skipped");
+            return Ok(None);
+        }
         self.adam(&tensors, &grads)?;
-        Ok(meta.detach())
+        Ok(Some(meta.detach()))
     }
 
     fn adam(&mut self, params: &[&Tensor], grads: &[Tensor]) -> Result<()> {
@@ -333,12 +348,13 @@ impl WeightingStrategy for Mmkd {
             })?;
         let due = self.calls.is_multiple_of(self.cfg.every);
         if let (true, Some(quiz)) = (due, self.quiz.take()) {
-            let meta = self.meta_step(signals, head, &quiz)?;
-            self.meta_loss_sum = Some(match self.meta_loss_sum.take() {
-                Some(sum) => sum + meta,
-                None => meta,
-            });
-            self.meta_updates += 1;
+            if let Some(meta) = self.meta_step(signals, head, &quiz)? {
+                self.meta_loss_sum = Some(match self.meta_loss_sum.take() {
+                    Some(sum) => sum + meta,
+                    None => meta,
+                });
+                self.meta_updates += 1;
+            }
         }
         self.calls += 1;
         self.quiz = Some((

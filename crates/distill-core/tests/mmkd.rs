@@ -217,3 +217,27 @@ fn bad_inputs_are_errors() {
         .to_string();
     assert!(e.contains("every"), "{e}");
 }
+
+#[test]
+fn a_non_finite_batch_does_not_poison_the_network() {
+    let g = golden();
+    let batches = g["batches"].as_array().unwrap();
+    let mut s = mmkd(&g);
+    s.weights(&signals(&g, &batches[0])).unwrap();
+    let before: Vec<Vec<f64>> = s.parameters().iter().map(|(_, p)| values(p)).collect();
+    // A NaN in a teacher's logits: its weights are NaN (the trainer's loss check sees it), but
+    // the meta-update is skipped and the parameters stay finite and unchanged.
+    let bad = signals(&g, &batches[1]);
+    let _ = bad.teacher_logits[0].get(0).get(0).fill_(f64::NAN);
+    let w = s.weights(&bad).unwrap();
+    assert!(values(&w.logit).iter().any(|v| v.is_nan()));
+    let after: Vec<Vec<f64>> = s.parameters().iter().map(|(_, p)| values(p)).collect();
+    assert_eq!(before, after);
+    // The next batch updates again (its quiz is the bad batch's finite embeddings).
+    s.weights(&signals(&g, &batches[2])).unwrap();
+    for (_, p) in s.parameters() {
+        assert!(values(&p).iter().all(|v| v.is_finite()));
+    }
+    let metrics = s.take_epoch_metrics();
+    assert_eq!(metrics[0], ("mmkd_meta_updates".to_owned(), 1.0));
+}

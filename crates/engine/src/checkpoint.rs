@@ -112,20 +112,27 @@ fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {
 /// Named tensors of a checkpoint.
 pub type NamedTensors = Vec<(String, Tensor)>;
 
-/// The newest readable checkpoint: its tensors and meta. An unreadable newer one (cut short,
-/// corrupt) is skipped with a warning, so a resume falls back to the epoch before it; an error
-/// only when checkpoints exist and none is readable.
+/// The newest readable checkpoint: its tensors and meta. Newer checkpoints that cannot be read
+/// (cut short, corrupt) are moved aside to `epoch-NNNN.unreadable` with a warning, so a resume
+/// falls back to the epoch before them and nothing is deleted; an error, and nothing moved, when
+/// checkpoints exist and none is readable.
 pub fn load_latest(root: &Path) -> Result<Option<(NamedTensors, Meta)>> {
     let mut all = list(root)?;
     all.sort_by_key(|(n, _)| std::cmp::Reverse(*n));
-    let mut errors = Vec::new();
+    let mut errors: Vec<(PathBuf, String)> = Vec::new();
     for (_, dir) in &all {
         match load(dir) {
-            Ok(found) => return Ok(Some(found)),
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %format!("{e:#}"), "unreadable checkpoint skipped");
-                errors.push(format!("{e:#}"));
+            Ok(found) => {
+                for (bad, e) in &errors {
+                    let aside = PathBuf::from(format!("{}.unreadable", bad.display()));
+                    tracing::warn!(dir = %bad.display(), error = %e, moved_to = %aside.display(), "unreadable checkpoint skipped");
+                    std::fs::rename(bad, &aside).with_context(|| {
+                        format!("moving the unreadable checkpoint {} aside", bad.display())
+                    })?;
+                }
+                return Ok(Some(found));
             }
+            Err(e) => errors.push((dir.clone(), format!("{e:#}"))),
         }
     }
     if errors.is_empty() {
@@ -134,7 +141,11 @@ pub fn load_latest(root: &Path) -> Result<Option<(NamedTensors, Meta)>> {
     bail!(
         "no readable checkpoint in {}: {}",
         root.display(),
-        errors.join("; ")
+        errors
+            .iter()
+            .map(|(_, e)| e.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
     )
 }
 

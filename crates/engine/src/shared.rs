@@ -6,7 +6,9 @@
 //! a comparison with the same seed gets bit-identical teacher outputs, and computing them once
 //! is exact. A folder holds one *key* per such setting (a hash of the data section, the teacher
 //! pool and its files, the seed, the batch size and the device) and one file per epoch,
-//! `epoch-<e>.bin`, written as `epoch-<e>.bin.partial` and renamed when the epoch is complete.
+//! `epoch-<e>.bin`, written as `epoch-<e>.bin.partial-<pid>` and renamed when the epoch is
+//! complete (a killed writer leaves its partial file behind; `mtkd compare` deletes the key
+//! folder when the seed is done).
 //!
 //! Each batch is a record: the batch size `n` and its `n` sample indices (u64, little endian),
 //! then per teacher its logits `[n, K]` and, when it has one, its feature map `[n, C, H, W]`
@@ -42,43 +44,51 @@ pub fn with_features(cfg: &Config) -> bool {
 
 /// The key folder of a run's teacher outputs under `root`.
 ///
-/// `teacher_sources` describes each teacher's origin (for TorchScript files, path, size and
-/// modification time are added here, so a replaced file gets a new key).
-pub fn key_dir(root: &Path, cfg: &Config, teacher_sources: &[String]) -> Result<PathBuf> {
+/// The key covers the data section with its resolved root, the teacher pool, each teacher's file
+/// (path, size and modification time, so a retrained or replaced teacher gets a new key), the
+/// seed, the batch size, the resolved device and whether feature maps are stored.
+pub fn key_dir(
+    root: &Path,
+    cfg: &Config,
+    teacher_files: &[PathBuf],
+    device: Device,
+) -> Result<PathBuf> {
     #[derive(Serialize)]
     struct Key<'k> {
         format: u32,
         data: &'k crate::config::DataConfig,
+        data_root: String,
         teachers: &'k [crate::config::TeacherConfig],
-        sources: Vec<String>,
+        files: Vec<String>,
         seed: u64,
         batch_size: usize,
-        device: &'k str,
+        device: String,
         features: bool,
     }
-    let mut sources = Vec::new();
-    for (t, s) in cfg.teachers.iter().zip(teacher_sources) {
-        let mut s = s.clone();
-        if let Some(p) = &t.torchscript {
-            let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            s.push_str(&format!(" len={} mtime={mtime}", meta.len()));
-        }
-        sources.push(s);
+    let mut files = Vec::new();
+    for p in teacher_files {
+        let meta = std::fs::metadata(p).with_context(|| format!("reading {}", p.display()))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        files.push(format!("{} len={} mtime={mtime}", p.display(), meta.len()));
     }
+    let data_root = crate::dataset::resolve_root(&cfg.data.root);
     let key = Key {
         format: 1,
         data: &cfg.data,
+        data_root: std::fs::canonicalize(&data_root)
+            .unwrap_or(data_root)
+            .display()
+            .to_string(),
         teachers: &cfg.teachers,
-        sources,
+        files,
         seed: cfg.run.seed,
         batch_size: cfg.train.batch_size,
-        device: &cfg.run.device,
+        device: format!("{device:?}"),
         features: with_features(cfg),
     };
     let text = serde_json::to_string(&key).context("serialising the teacher-output key")?;
@@ -87,6 +97,16 @@ pub fn key_dir(root: &Path, cfg: &Config, teacher_sources: &[String]) -> Result<
         cfg.run.seed,
         crate::trainer::stable_hash(text.as_bytes())
     )))
+}
+
+/// Bytes one epoch of records takes for `samples` training samples.
+pub fn epoch_bytes(layout: &Layout, samples: usize) -> u64 {
+    let per_sample: i64 = 8 + layout
+        .features
+        .iter()
+        .map(|f| 4 * (layout.num_classes + f.map(|(c, h, w)| c * h * w).unwrap_or(0)))
+        .sum::<i64>();
+    per_sample as u64 * samples as u64
 }
 
 /// The teacher outputs of one epoch: read from a complete file, or computed and written.
@@ -120,7 +140,9 @@ impl EpochOutputs {
             });
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let partial = dir.join(format!("epoch-{epoch}.bin.partial"));
+        // One temporary file per process: two runs writing the same key do not collide (the
+        // second rename replaces identical bytes).
+        let partial = dir.join(format!("epoch-{epoch}.bin.partial-{}", std::process::id()));
         let file =
             File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
         tracing::info!(file = %path.display(), "writing shared teacher outputs");

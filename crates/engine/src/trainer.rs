@@ -151,6 +151,8 @@ pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
 struct PoolMember {
     teacher: Box<dyn Teacher>,
     source: String,
+    /// The weights or TorchScript file the teacher was loaded from.
+    file: PathBuf,
     test_top1: Option<f64>,
 }
 
@@ -203,12 +205,29 @@ pub struct TeacherPass {
     pub peak_rss_mb: Option<f64>,
 }
 
+/// Returned (as the error's root cause) by [`share_teacher_outputs`] when the outputs of all
+/// epochs would take more than the allowed bytes.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the teacher outputs would take {:.1} GB ({}), over the limit of {:.1} GB",
+    *bytes as f64 / 1e9,
+    dir.display(),
+    *max as f64 / 1e9
+)]
+pub struct TooLarge {
+    pub bytes: u64,
+    pub max: u64,
+    pub dir: PathBuf,
+}
+
 /// Compute the teachers' outputs on every training batch of `cfg` (all epochs) and store them
 /// under `root` for runs that share them (`mtkd share-teachers`); stored epochs are kept. Also
-/// writes `pass.json` (a [`TeacherPass`]) into the key folder. Returns the key folder.
+/// writes `pass.json` (a [`TeacherPass`]) into the key folder. Returns the key folder. With
+/// `max_bytes`, refuses ([`TooLarge`]) before any work when all epochs would take more.
 pub fn share_teacher_outputs(
     cfg: &Config,
     root: &Path,
+    max_bytes: Option<u64>,
     obs: &mut dyn Observer,
 ) -> Result<(PathBuf, TeacherPass)> {
     if cfg.run.threads > 0 {
@@ -221,9 +240,19 @@ pub fn share_teacher_outputs(
     obs.phase("loading data");
     let data = Datasets::load(&cfg.data)?;
     let pool = build_pool(cfg, &data, device, obs)?;
-    let sources: Vec<String> = pool.iter().map(|p| p.source.clone()).collect();
-    let dir = crate::shared::key_dir(root, cfg, &sources)?;
+    let files: Vec<PathBuf> = pool.iter().map(|p| p.file.clone()).collect();
+    let dir = crate::shared::key_dir(root, cfg, &files, device)?;
     let layout = pool_layout(cfg, &pool);
+    let total = crate::shared::epoch_bytes(&layout, data.train.len()) * cfg.train.epochs as u64;
+    if let Some(max) = max_bytes {
+        if total > max {
+            return Err(anyhow::Error::new(TooLarge {
+                bytes: total,
+                max,
+                dir: dir.clone(),
+            }));
+        }
+    }
     let loader = data.train_loader(&cfg.data, cfg.train.batch_size, cfg.run.seed)?;
     let mut seconds = Vec::new();
     for epoch in 0..cfg.train.epochs {
@@ -307,6 +336,7 @@ fn build_pool(
             PoolMember {
                 teacher: Box::new(teacher),
                 source: format!("mtkd {arch} ({})", weights.display()),
+                file: weights,
                 test_top1: Some(top1),
             }
         } else {
@@ -332,6 +362,7 @@ fn build_pool(
             PoolMember {
                 teacher: Box::new(teacher),
                 source: format!("TorchScript {}", path.display()),
+                file: path.clone(),
                 test_top1: Some(report.top1),
             }
         };
@@ -747,8 +778,8 @@ impl<'a> Trainer<'a> {
             },
         };
         if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
-            let sources: Vec<String> = self.pool.iter().map(|p| p.source.clone()).collect();
-            self.shared = Some(crate::shared::key_dir(root, cfg, &sources)?);
+            let files: Vec<PathBuf> = self.pool.iter().map(|p| p.file.clone()).collect();
+            self.shared = Some(crate::shared::key_dir(root, cfg, &files, self.device)?);
         }
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
         if cfg.run.weight_log && !self.pool.is_empty() {

@@ -443,7 +443,18 @@ fn shared_teacher_outputs_are_exact() {
 
     // A teacher pass stores both epochs; a run reads them.
     let root = s.join("outputs");
-    let (key, pass) = trainer::share_teacher_outputs(&cfg, &root, &mut Silent).unwrap();
+    // Over a disk limit: refused before any work.
+    let err = trainer::share_teacher_outputs(&cfg, &s.join("small"), Some(1_000_000), &mut Silent)
+        .unwrap_err();
+    let too = err.root_cause().downcast_ref::<trainer::TooLarge>();
+    // 256 samples x 2 epochs x (8 + 2 teachers x 4 x (10 + 64 x 7 x 7)) bytes.
+    assert_eq!(
+        too.map(|t| t.bytes),
+        Some(256 * 2 * (8 + 2 * 4 * (10 + 64 * 49))),
+        "{err:#}"
+    );
+    assert!(!s.join("small").exists());
+    let (key, pass) = trainer::share_teacher_outputs(&cfg, &root, None, &mut Silent).unwrap();
     assert_eq!(pass.seconds.len(), 2);
     assert!(key.join("epoch-0.bin").is_file() && key.join("epoch-1.bin").is_file());
     let read = s.join("read");
@@ -575,6 +586,10 @@ fn a_nan_checkpoint_never_replaces_a_good_one() {
         .set_len(len / 2)
         .unwrap();
     assert_eq!(checkpoint::load_latest(&s).unwrap().unwrap().1.epoch, 1);
+    assert!(
+        s.join("epoch-0002.unreadable/state.safetensors").is_file(),
+        "moved aside, not deleted"
+    );
     // None readable: an error naming the folder.
     let first = s.join("epoch-0001/meta.json");
     std::fs::write(&first, b"{").unwrap();

@@ -61,6 +61,9 @@ enum Cmd {
         /// Folder of shared teacher outputs.
         #[arg(long, value_name = "DIR")]
         into: PathBuf,
+        /// Refuse (exit status 4) when all epochs' outputs would take more than this many GB.
+        #[arg(long, value_name = "GB")]
+        max_gb: Option<f64>,
     },
     /// Train (or take from the cache) and evaluate the teacher pool of a config.
     Teachers {
@@ -89,6 +92,10 @@ enum Cmd {
         /// shared by all strategies; exact, see `mtkd share-teachers`).
         #[arg(long)]
         no_shared_teachers: bool,
+        /// Disk allowed for one seed's shared teacher outputs; a seed whose outputs would take
+        /// more runs without sharing.
+        #[arg(long, value_name = "GB", default_value_t = 50.0)]
+        shared_teachers_max_gb: f64,
     },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
@@ -105,13 +112,22 @@ fn main() -> std::process::ExitCode {
             out,
             only,
             no_shared_teachers,
-        } => compare(config, seeds, overrides, out, only, !no_shared_teachers),
+            shared_teachers_max_gb,
+        } => compare(
+            config,
+            seeds,
+            overrides,
+            out,
+            only,
+            (!no_shared_teachers).then_some(shared_teachers_max_gb),
+        ),
         Cmd::Teachers { config, overrides } => teachers(config, overrides),
         Cmd::ShareTeachers {
             config,
             overrides,
             into,
-        } => share_teachers(config, overrides, into),
+            max_gb,
+        } => share_teachers(config, overrides, into, max_gb),
         Cmd::Train {
             config,
             resume,
@@ -136,6 +152,10 @@ fn main() -> std::process::ExitCode {
             if e.root_cause().downcast_ref::<Interrupted>().is_some() {
                 eprintln!("mtkd: {e:#}");
                 return std::process::ExitCode::from(3);
+            }
+            if e.root_cause().downcast_ref::<trainer::TooLarge>().is_some() {
+                eprintln!("mtkd: {e:#}");
+                return std::process::ExitCode::from(TOO_LARGE_EXIT);
             }
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -168,10 +188,19 @@ fn teachers(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn share_teachers(config: PathBuf, overrides: Vec<String>, into: PathBuf) -> Result<()> {
+/// Exit status of `mtkd share-teachers` when the outputs would exceed `--max-gb`.
+const TOO_LARGE_EXIT: u8 = 4;
+
+fn share_teachers(
+    config: PathBuf,
+    overrides: Vec<String>,
+    into: PathBuf,
+    max_gb: Option<f64>,
+) -> Result<()> {
     let cfg = Config::load(&config, &overrides)?;
     init_logging(None);
-    let (dir, pass) = trainer::share_teacher_outputs(&cfg, &into, &mut Bars::default())?;
+    let max = max_gb.map(|g| (g * 1e9) as u64);
+    let (dir, pass) = trainer::share_teacher_outputs(&cfg, &into, max, &mut Bars::default())?;
     if !pass.seconds.is_empty() {
         let mean = pass.seconds.iter().sum::<f64>() / pass.seconds.len() as f64;
         eprintln!(
@@ -189,8 +218,9 @@ fn compare(
     overrides: Vec<String>,
     out: Option<PathBuf>,
     only: Option<Vec<String>>,
-    share: bool,
+    share_max_gb: Option<f64>,
 ) -> Result<()> {
+    let share = share_max_gb.is_some();
     use mtkd_engine::compare;
     let cfg = Config::load(&config, &overrides)?;
     let plan = compare::plan(&cfg, seeds.max(1), only.as_deref())?;
@@ -214,6 +244,7 @@ fn compare(
         // One teacher pass per seed (before its first unfinished run that uses teachers); the
         // stored outputs are deleted once every run of the seed is done.
         let mut passed = false;
+        let mut seed_shares = share;
         for p in plan.iter().filter(|p| p.seed == seed) {
             done += 1;
             let dir = out.join(&p.dir_name);
@@ -231,12 +262,13 @@ fn compare(
                 let cfg_path = out.join(format!("{}.toml", p.dir_name));
                 std::fs::write(&cfg_path, &planned)
                     .with_context(|| format!("writing {}", cfg_path.display()))?;
-                let shares = share && p.config.uses_teachers();
-                if shares && !passed {
+                if seed_shares && p.config.uses_teachers() && !passed {
                     eprintln!("mtkd: teacher pass for seed {seed}");
-                    teacher_pass(&exe, &cfg_path, &shared_root, &out, seed)?;
+                    let max = share_max_gb.unwrap_or(f64::INFINITY);
+                    seed_shares = teacher_pass(&exe, &cfg_path, &shared_root, &out, seed, max)?;
                     passed = true;
                 }
+                let shares = seed_shares && p.config.uses_teachers();
                 eprintln!(
                     "mtkd: [{}/{}] {} (seed {})",
                     done,
@@ -268,10 +300,21 @@ fn compare(
             }
             results.push(compare::read_run(&p.strategy, &dir)?);
         }
-        if shared_root.exists() {
-            std::fs::remove_dir_all(&shared_root)
-                .with_context(|| format!("removing {}", shared_root.display()))?;
+        // This seed's stored outputs only: another seed's half-made pass (an interrupted
+        // comparison) is kept for when that seed's runs come.
+        if let Ok(entries) = std::fs::read_dir(&shared_root) {
+            for e in entries.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("seed{seed}-"))
+                {
+                    std::fs::remove_dir_all(e.path())
+                        .with_context(|| format!("removing {}", e.path().display()))?;
+                }
+            }
         }
+        // Gone when empty (fails harmlessly while another seed's outputs remain).
+        let _ = std::fs::remove_dir(&shared_root);
     }
     let passes: Vec<trainer::TeacherPass> = plan_seeds
         .iter()
@@ -304,6 +347,12 @@ fn compare(
     md.push_str("\nMean ± sample standard deviation over seeds. Final = after the last epoch; best = best test epoch (reported for comparison with the paper's practice; select on a validation split).\n\n");
     md.push_str(&compare::table(&results));
     md.push_str(&compare::teacher_note(&passes, share));
+    if share && passes.len() < plan_seeds.len() {
+        md.push_str(
+            "Some seeds ran without shared outputs (over --shared-teachers-max-gb or no run \
+             needed a pass); their rows include the teachers' forward passes.\n",
+        );
+    }
     let path = out.join("comparison.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     println!("{md}");
@@ -312,23 +361,36 @@ fn compare(
 }
 
 /// Run `mtkd share-teachers` for one seed's config; keep its timing as
-/// `teacher-pass-seed<seed>.json` in the comparison folder.
+/// `teacher-pass-seed<seed>.json` in the comparison folder. Returns false (the seed's runs then
+/// compute their own outputs) when the outputs would take more than `max_gb`.
 fn teacher_pass(
     exe: &std::path::Path,
     cfg_path: &std::path::Path,
     shared_root: &std::path::Path,
     out: &std::path::Path,
     seed: u64,
-) -> Result<()> {
-    let output = std::process::Command::new(exe)
-        .arg("share-teachers")
+    max_gb: f64,
+) -> Result<bool> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("share-teachers")
         .arg("--config")
         .arg(cfg_path)
         .arg("--into")
-        .arg(shared_root)
+        .arg(shared_root);
+    if max_gb.is_finite() {
+        cmd.arg("--max-gb").arg(max_gb.to_string());
+    }
+    let output = cmd
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("starting mtkd share-teachers")?;
+    if output.status.code() == Some(i32::from(TOO_LARGE_EXIT)) {
+        eprintln!(
+            "mtkd: seed {seed}: every run computes its own teacher outputs \
+             (raise --shared-teachers-max-gb to share them)"
+        );
+        return Ok(false);
+    }
     if !output.status.success() {
         anyhow::bail!(
             "the teacher pass for seed {seed} failed ({})",
@@ -347,7 +409,7 @@ fn teacher_pass(
         std::fs::copy(key.join("pass.json"), &keep)
             .with_context(|| format!("writing {}", keep.display()))?;
     }
-    Ok(())
+    Ok(true)
 }
 
 fn init_logging(log_file: Option<File>) {
