@@ -191,22 +191,7 @@ impl Mmkd {
 
     /// Overwrite parameter `name` (tests and checkpoints).
     pub fn set_parameter(&mut self, name: &str, value: &Tensor) -> Result<()> {
-        let vars = self.vs.variables();
-        let mut v = vars
-            .get(name)
-            .ok_or_else(|| Error::Invalid {
-                what: "mmkd parameter".into(),
-                reason: format!("unknown parameter `{name}`"),
-            })?
-            .shallow_clone();
-        if v.size() != value.size() {
-            return Err(Error::Invalid {
-                what: format!("mmkd parameter `{name}`"),
-                reason: format!("shape {:?}, expected {:?}", value.size(), v.size()),
-            });
-        }
-        tch::no_grad(|| v.f_copy_(&value.to_device(v.device())))?;
-        Ok(())
+        crate::weighting::restore_variable(&self.vs, "mmkd", name, value)
     }
 
     /// The network's input: every teacher's logits, then the student's, `[B, (M + 1) K]`.
@@ -246,12 +231,13 @@ impl Mmkd {
     fn meta_step(
         &mut self,
         s: &BatchSignals,
+        x: &Tensor,
         head: &StudentHead,
         quiz: &(Tensor, Tensor),
     ) -> Result<Option<Tensor>> {
         let t = s.temperature;
         let b = s.batch_size();
-        let w = self.forward(&self.input(s)?);
+        let w = self.forward(x);
         let h = head.embedding.detach().f_to_kind(Kind::Float)?;
         let weight = head.weight.detach();
         crate::error::check_shape(
@@ -346,9 +332,10 @@ impl WeightingStrategy for Mmkd {
                 reason: "the signals carry no student classifier (BatchSignals::student_head)"
                     .into(),
             })?;
+        let x = self.input(signals)?;
         let due = self.calls.is_multiple_of(self.cfg.every);
         if let (true, Some(quiz)) = (due, self.quiz.take()) {
-            if let Some(meta) = self.meta_step(signals, head, &quiz)? {
+            if let Some(meta) = self.meta_step(signals, &x, head, &quiz)? {
                 self.meta_loss_sum = Some(match self.meta_loss_sum.take() {
                     Some(sum) => sum + meta,
                     None => meta,
@@ -361,7 +348,7 @@ impl WeightingStrategy for Mmkd {
             head.embedding.detach().f_to_kind(Kind::Float)?,
             signals.labels.detach(),
         ));
-        let w = tch::no_grad(|| -> Result<Tensor> { Ok(self.forward(&self.input(signals)?)) })?;
+        let w = tch::no_grad(|| self.forward(&x));
         Ok(TeacherWeights {
             feature: w.copy(),
             logit: w,

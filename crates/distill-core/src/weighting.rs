@@ -120,6 +120,33 @@ pub struct StrategyState {
     pub json: String,
 }
 
+/// Copy `value` into the variable `name` of a strategy's var store (checkpoint restore; `owner`
+/// names the strategy in errors: an unknown name or another shape is an error).
+pub fn restore_variable(
+    vs: &tch::nn::VarStore,
+    owner: &str,
+    name: &str,
+    value: &Tensor,
+) -> Result<()> {
+    let mut v = vs
+        .variables()
+        .get(name)
+        .ok_or_else(|| Error::Invalid {
+            what: format!("{owner} checkpoint"),
+            reason: format!("unknown parameter `{name}`"),
+        })?
+        .shallow_clone();
+    if v.size() != value.size() {
+        return Err(Error::ShapeMismatch {
+            what: format!("{owner} parameter `{name}`"),
+            expected: format!("{:?}", v.size()),
+            got: format!("{:?}", value.size()),
+        });
+    }
+    tch::no_grad(|| v.f_copy_(&value.to_device(v.device())))?;
+    Ok(())
+}
+
 /// No distillation: the student trains on labels alone.
 #[derive(Debug, Default)]
 pub struct NoKd;

@@ -945,7 +945,10 @@ impl<'a> Trainer<'a> {
                 if self.strategy.wants_student_head() {
                     let (weight, bias) = self.student.classifier();
                     signals.student_head = Some(StudentHead {
-                        embedding: features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).detach(),
+                        embedding: out
+                            .embedding()
+                            .ok_or_else(|| anyhow!("the student gives no feature map"))?
+                            .detach(),
                         weight: weight.detach(),
                         bias: bias.map(Tensor::detach),
                         lr: self.opt.lr,

@@ -77,6 +77,19 @@ fn run_in(cfg: &Config, dir: &Path, opts: &RunOptions) -> anyhow::Result<trainer
     trainer::run(cfg, dir, opts, &mut Silent)
 }
 
+/// Run `cfg` in `dir` and stop it after `steps` optimizer steps, as if killed.
+fn halt_run(cfg: &Config, dir: &Path, steps: u64) {
+    let opts = RunOptions {
+        halt_after_steps: Some(steps),
+        ..RunOptions::default()
+    };
+    let err = run_in(cfg, dir, &opts).unwrap_err();
+    assert!(
+        err.root_cause().downcast_ref::<Interrupted>().is_some(),
+        "{err:#}"
+    );
+}
+
 fn history(dir: &Path) -> Vec<EpochRecord> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -245,19 +258,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
 
     // Interrupted after 11 steps (epoch 1 has 8 batches: the stop is inside epoch 2), resumed.
     let b = s.join("b");
-    let err = run_in(
-        &cfg,
-        &b,
-        &RunOptions {
-            halt_after_steps: Some(11),
-            ..RunOptions::default()
-        },
-    )
-    .unwrap_err();
-    assert!(
-        err.root_cause().downcast_ref::<Interrupted>().is_some(),
-        "{err:#}"
-    );
+    halt_run(&cfg, &b, 11);
     assert_eq!(
         history(&b).len(),
         1,
@@ -343,19 +344,7 @@ fn agent_runs_resume_exactly() {
         assert!(a.join("plots/teacher_weights_per_class.png").is_file());
         let b = s.join(format!("{mode}-b"));
         // 8 batches per epoch: stop inside epoch 3, after the agent has updated mid-epoch.
-        let err = run_in(
-            &cfg,
-            &b,
-            &RunOptions {
-                halt_after_steps: Some(21),
-                ..RunOptions::default()
-            },
-        )
-        .unwrap_err();
-        assert!(
-            err.root_cause().downcast_ref::<Interrupted>().is_some(),
-            "{err:#}"
-        );
+        halt_run(&cfg, &b, 21);
         run_in(&cfg, &b, &RunOptions::default()).unwrap();
         assert_eq!(
             strip_time(&ha),
@@ -406,19 +395,7 @@ fn mmkd_runs_resume_exactly() {
         "the meta-updates moved the weights: {w:?}"
     );
     let b = s.join("b");
-    let err = run_in(
-        &cfg,
-        &b,
-        &RunOptions {
-            halt_after_steps: Some(11),
-            ..RunOptions::default()
-        },
-    )
-    .unwrap_err();
-    assert!(
-        err.root_cause().downcast_ref::<Interrupted>().is_some(),
-        "{err:#}"
-    );
+    halt_run(&cfg, &b, 11);
     run_in(&cfg, &b, &RunOptions::default()).unwrap();
     assert_eq!(strip_time(&ha), strip_time(&history(&b)));
 }

@@ -23,7 +23,9 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::signals::BatchSignals;
-use mtkd_distill_core::weighting::{Feedback, StrategyState, TeacherWeights, WeightingStrategy};
+use mtkd_distill_core::weighting::{
+    restore_variable, Feedback, StrategyState, TeacherWeights, WeightingStrategy,
+};
 use mtkd_distill_core::{Error, Result};
 
 use crate::{confidence, feature_gap, logit_gap};
@@ -737,32 +739,15 @@ impl WeightingStrategy for MtkdAgent {
 
     fn load_state(&mut self, state: &StrategyState) -> Result<()> {
         let vars = self.vs.variables();
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in &state.tensors {
-                if let Some(p) = name.strip_prefix("param.") {
-                    let mut v = vars
-                        .get(p)
-                        .ok_or_else(|| Error::Invalid {
-                            what: "agent checkpoint".into(),
-                            reason: format!("unknown parameter `{p}`"),
-                        })?
-                        .shallow_clone();
-                    if v.size() != t.size() {
-                        return Err(Error::ShapeMismatch {
-                            what: format!("agent parameter `{p}`"),
-                            expected: format!("{:?}", v.size()),
-                            got: format!("{:?}", t.size()),
-                        });
-                    }
-                    v.copy_(t);
-                } else if name == "norm.mean" {
-                    self.norm.mean = t.to_device(self.vs.device());
-                } else if name == "norm.var" {
-                    self.norm.var = t.to_device(self.vs.device());
-                }
+        for (name, t) in &state.tensors {
+            if let Some(p) = name.strip_prefix("param.") {
+                restore_variable(&self.vs, "agent", p, t)?;
+            } else if name == "norm.mean" {
+                self.norm.mean = t.to_device(self.vs.device());
+            } else if name == "norm.var" {
+                self.norm.var = t.to_device(self.vs.device());
             }
-            Ok(())
-        })?;
+        }
         let book: Bookkeeping = serde_json::from_str(&state.json).map_err(|e| Error::Invalid {
             what: "agent checkpoint".into(),
             reason: e.to_string(),
