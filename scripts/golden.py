@@ -7,7 +7,7 @@ Writes
   crates/rl-weighting/tests/golden/components.json  confidence, gaps, fixed mix
 
 Every input is drawn from a seeded torch generator and stored in the file, so the Rust side reads
-the inputs and recomputes; the formulas are METHOD.md sections 1-3, written here with plain
+the inputs and recomputes; the formulas are docs/METHOD.md sections 1-3, written here with plain
 torch.nn.functional calls.
 """
 import json
@@ -39,7 +39,7 @@ def core_case(name, seed, B, K, T, s_map, t_map, scale=3.0):
     top1 = (zs.argmax(1) == y).float()
     top5 = (zs.topk(min(5, K), 1).indices == y[:, None]).any(1).float()
 
-    # Adapter (METHOD.md section 1): resize, 1x1 conv with bias, BN (training mode), ReLU.
+    # Adapter (docs/METHOD.md section 1): resize, 1x1 conv with bias, BN (training mode), ReLU.
     torch.manual_seed(seed)
     conv = nn.Conv2d(s_map[0], t_map[0], 1, bias=True)
     bn = nn.BatchNorm2d(t_map[0])
@@ -96,7 +96,7 @@ def components_case(name, seed, B, M):
     if M > 1:
         conf = (1 - F.softmax(ce, 1)) / (M - 1)
     else:
-        conf = torch.ones_like(ce)  # clean-mode definition for one teacher (METHOD.md section 7.1)
+        conf = torch.ones_like(ce)  # clean-mode definition for one teacher (docs/METHOD.md section 7.1)
     dl = F.softmax(kl, 1)
     df = F.softmax(cos, 1)
     return {

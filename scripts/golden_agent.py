@@ -5,7 +5,7 @@
 
 Writes crates/rl-weighting/tests/golden/agent.json.
 
-What it computes (METHOD.md sections 2, 3 and 5, parity mode, float32 throughout):
+What it computes (docs/METHOD.md sections 2, 3 and 5, parity mode, float32 throughout):
   - state per sample: concat over teachers m = 0..M-1 of [cos_m, kl_m, ce_m, e_m (C_m), z_m (K)],
     so D = sum_m (C_m + K + 3);
   - policy: stem Linear(D -> 128, no bias) -> ReLU; logit_head / feature_head Linear(128 -> M)
@@ -27,7 +27,7 @@ float32 value; the script asserts that round trip for every number it writes.
 
 NaN (not representable in JSON) is written as null: the two edge cases "r_hat_batch_of_one"
 (B = 1: the unbiased std of one value is NaN) and "r_hat_equal_losses" (std 0: 0 / 0 = NaN)
-document the defect of the published code (METHOD.md section 7.2); torch gives NaN there.
+document the defect of the published code (docs/METHOD.md section 7.2); torch gives NaN there.
 """
 import json
 import math
@@ -184,7 +184,7 @@ def main():
         delta = max((after[n] - init_state[n]).abs().max().item() for n in after)
         print(f"{mode}: agent_loss {loss.item():.6f}, max |param change| {delta:.6g}")
 
-    # Edge cases of the published reward normalisation (METHOD.md section 7.2).
+    # Edge cases of the published reward normalisation (docs/METHOD.md section 7.2).
     one = torch.tensor([2.75])
     equal = torch.full((4,), 2.5)
     with warnings.catch_warnings():

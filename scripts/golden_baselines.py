@@ -1,4 +1,4 @@
-"""Golden values for the baseline weighting strategies (METHOD.md section 8): EBKD, CA-MKD, AEKD.
+"""Golden values for the baseline weighting strategies (docs/METHOD.md section 8): EBKD, CA-MKD, AEKD.
 
     $MTKD_TORCH_PYTHON scripts/golden_baselines.py
 
@@ -30,7 +30,7 @@ def flat(t):
 
 
 # ---------------------------------------------------------------------------------------------
-# Strategies, written from METHOD.md sections 2, 3 and 8 with plain torch calls.
+# Strategies, written from docs/METHOD.md sections 2, 3 and 8 with plain torch calls.
 
 
 def ebkd(zt):

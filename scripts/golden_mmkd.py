@@ -1,4 +1,4 @@
-"""Golden values for the MMKD baseline (METHOD.md section 8; mtkd's choices in
+"""Golden values for the MMKD baseline (docs/METHOD.md section 8; mtkd's choices in
 crates/distill-core/src/mmkd.rs).
 
     $MTKD_TORCH_PYTHON scripts/golden_mmkd.py

@@ -169,3 +169,251 @@ fn ci_runs_the_readme_test_command() {
         ".ci/run must run the README's test command"
     );
 }
+
+/// Text files under `dir` with one of `exts` (skipping `target` and hidden folders).
+fn text_files(dir: &Path, exts: &[&str], out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if p.is_dir() {
+            if name != "target" && !name.starts_with('.') {
+                text_files(&p, exts, out);
+            }
+        } else if exts.iter().any(|x| name.ends_with(x)) {
+            out.push(p);
+        }
+    }
+}
+
+/// 1-based line number of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at].matches('\n').count() + 1
+}
+
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/')
+}
+
+/// Every doc path that starts with `docs/` (not inside a longer path or a URL), as
+/// `(line, path)`. A trailing full stop (end of sentence) is not part of the path.
+fn doc_paths(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (at, _) in text.match_indices("docs/") {
+        if text[..at].chars().next_back().is_some_and(is_path_char) {
+            continue;
+        }
+        let run: String = text[at..]
+            .chars()
+            .take_while(|&c| is_path_char(c))
+            .collect();
+        let path = run.trim_end_matches('.');
+        if path.ends_with(".md") {
+            out.push((line_of(text, at), path.to_owned()));
+        }
+    }
+    out
+}
+
+/// Bare `<name>.md` mentions (no folder), as `(line, file name)`: in a file of docs/ they name a
+/// sibling.
+fn bare_md_names(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (at, _) in text.match_indices(".md") {
+        let after = text[at + 3..].chars().next();
+        if after.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue; // `.mdx`, `.md5`, ...
+        }
+        let before = &text[..at];
+        let stem_len: usize = before
+            .chars()
+            .rev()
+            .take_while(|&c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+            .map(char::len_utf8)
+            .sum();
+        let start = at - stem_len;
+        let prefixed = before[..start]
+            .chars()
+            .next_back()
+            .is_some_and(is_path_char);
+        if stem_len > 0 && !prefixed {
+            out.push((line_of(text, start), format!("{}.md", &text[start..at])));
+        }
+    }
+    out
+}
+
+/// After `METHOD.md`: skip spaces and, across a line break, a comment leader (`//!`, `///`,
+/// `//`, `#`), so that a citation wrapped over two comment lines is still read.
+fn skip_gap(s: &str) -> &str {
+    let trimmed = s.trim_start();
+    if !s[..s.len() - trimmed.len()].contains('\n') {
+        return trimmed;
+    }
+    for leader in ["//!", "///", "//", "#"] {
+        if let Some(rest) = trimmed.strip_prefix(leader) {
+            return rest.trim_start();
+        }
+    }
+    trimmed
+}
+
+/// A section number at the start of `s` (`7` or `7.2`, giving 7), and the rest.
+fn section_number(s: &str) -> Option<(u32, &str)> {
+    let digits = s.len() - s.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    let n = s[..digits].parse().ok()?;
+    let mut rest = &s[digits..];
+    if let Some(sub) = rest.strip_prefix('.') {
+        if sub.starts_with(|c: char| c.is_ascii_digit()) {
+            rest = sub.trim_start_matches(|c: char| c.is_ascii_digit());
+        }
+    }
+    Some((n, rest))
+}
+
+/// The sections a citation names, read from the text right after `METHOD.md`: `section 3`,
+/// `sections 2 and 4`, `sections 2, 3 and 8`, `sections 1-3`, `§9`, `7.2`. Empty when the text
+/// cites no section.
+fn cited_sections(after: &str) -> Vec<u32> {
+    let s = skip_gap(after);
+    let s = if let Some(r) = s
+        .strip_prefix("sections")
+        .or_else(|| s.strip_prefix("section"))
+    {
+        r.trim_start()
+    } else if let Some(r) = s.strip_prefix('§') {
+        r.trim_start_matches('§').trim_start()
+    } else {
+        s
+    };
+    let mut out = Vec::new();
+    let Some((mut last, mut rest)) = section_number(s) else {
+        return out;
+    };
+    out.push(last);
+    loop {
+        if let Some((to, r)) = rest.strip_prefix(['-', '–']).and_then(section_number) {
+            out.extend(last + 1..=to);
+            (last, rest) = (to, r);
+            continue;
+        }
+        let next = [", ", " and ", ", and "]
+            .iter()
+            .find_map(|sep| rest.strip_prefix(sep))
+            .and_then(section_number);
+        match next {
+            Some((n, r)) => {
+                out.push(n);
+                (last, rest) = (n, r);
+            }
+            None => return out,
+        }
+    }
+}
+
+/// Every `## N.` heading of a markdown text.
+fn numbered_headings(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .filter_map(|h| section_number(h).filter(|(_, rest)| rest.starts_with('.')))
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn cited_docs_exist() {
+    let root = root();
+    let exts = [".rs", ".py", ".toml", ".md"];
+    let mut files = vec![root.join("README.md")];
+    for dir in ["crates", "xtask", "scripts", "configs", "docs"] {
+        text_files(&root.join(dir), &exts, &mut files);
+    }
+    assert!(
+        files.len() > 20,
+        "found only {} files to check",
+        files.len()
+    );
+    let sections = std::fs::read_to_string(root.join("docs/METHOD.md"))
+        .map(|t| numbered_headings(&t))
+        .unwrap_or_default();
+    // Built from pieces so that this file does not match itself.
+    let private = [concat!("..", "/shared"), concat!("shared", "/docs")];
+    let mut problems = Vec::new();
+    for f in &files {
+        let rel = f.strip_prefix(&root).unwrap_or(f).display().to_string();
+        let text = std::fs::read_to_string(f).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"));
+        // A file directly in docs/ may name its siblings without the folder.
+        let in_docs = f.parent() == Some(root.join("docs").as_path());
+        let mut targets = doc_paths(&text);
+        if in_docs {
+            targets.extend(
+                bare_md_names(&text)
+                    .into_iter()
+                    .map(|(l, n)| (l, format!("docs/{n}"))),
+            );
+        }
+        for (line, target) in targets {
+            if !root.join(&target).is_file() {
+                problems.push(format!(
+                    "{rel}:{line}: cites {target}, which does not exist"
+                ));
+            }
+        }
+        let needle = if in_docs {
+            "METHOD.md"
+        } else {
+            "docs/METHOD.md"
+        };
+        for (at, _) in text.match_indices(needle) {
+            let line = line_of(&text, at);
+            for n in cited_sections(&text[at + needle.len()..]) {
+                if !sections.contains(&n) {
+                    problems.push(format!(
+                        "{rel}:{line}: cites docs/METHOD.md section {n}, but it has no `## {n}.` heading"
+                    ));
+                }
+            }
+        }
+        for p in private {
+            for (at, _) in text.match_indices(p) {
+                problems.push(format!(
+                    "{rel}:{}: mentions `{p}`: the team's private folder is not part of the repo",
+                    line_of(&text, at)
+                ));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "broken doc citations:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn citation_parser_reads_the_forms_in_use() {
+    assert_eq!(cited_sections(" section 7, defect 1"), [7]);
+    assert_eq!(cited_sections(" sections 8 and 10)"), [8, 10]);
+    assert_eq!(cited_sections(" sections 2, 3 and 8 with"), [2, 3, 8]);
+    assert_eq!(cited_sections(" sections 1-3, written"), [1, 2, 3]);
+    assert_eq!(cited_sections(" section 7.2)."), [7]);
+    assert_eq!(cited_sections(" 7.2). Both"), [7]);
+    assert_eq!(cited_sections(" §9) keep"), [9]);
+    assert_eq!(cited_sections("\n//! section 12: a"), [12]);
+    assert!(cited_sections(" says not to").is_empty());
+    assert!(cited_sections(" (and the EBKD paper)").is_empty());
+    assert_eq!(
+        doc_paths("see docs/AGENT.md. and https://x.org/docs/NO.md"),
+        [(1, "docs/AGENT.md".to_owned())]
+    );
+    assert_eq!(
+        bare_md_names("METHOD.md §1 and docs/AGENT.md"),
+        [(1, "METHOD.md".to_owned())]
+    );
+    assert_eq!(
+        numbered_headings("# t\n## 1. A\n## 10. B\n### 10.1 C\n## Notes"),
+        [1, 10]
+    );
+}

@@ -1,4 +1,4 @@
-//! The per-teacher projector ("adapter") of METHOD.md section 1: resize the student's feature map
+//! The per-teacher projector ("adapter") of docs/METHOD.md section 1: resize the student's feature map
 //! to the teacher's spatial size, then 1x1 conv (with bias) -> BatchNorm -> ReLU.
 
 use tch::nn::{self, ModuleT};
@@ -10,7 +10,7 @@ use crate::FeatureShape;
 /// Maps the student's feature map `[B, Cs, Hs, Ws]` to one teacher's `[B, Ct, Ht, Wt]`.
 ///
 /// Each teacher's adapter resizes the ORIGINAL student map (the published code chains the
-/// resizes; METHOD.md says not to). Larger maps are reduced with adaptive average pooling,
+/// resizes; docs/METHOD.md says not to). Larger maps are reduced with adaptive average pooling,
 /// smaller ones enlarged with bilinear interpolation (align_corners = false).
 #[derive(Debug)]
 pub struct Adapter {

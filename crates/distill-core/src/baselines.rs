@@ -1,4 +1,4 @@
-//! Baseline weighting strategies of METHOD.md section 8 for the comparison table: EBKD (entropy),
+//! Baseline weighting strategies of docs/METHOD.md section 8 for the comparison table: EBKD (entropy),
 //! CA-MKD (confidence) and AEKD (minimum-norm point of the teachers' gradients).
 //!
 //! AVER, single-teacher KD and no distillation are in [`crate::weighting`]. Every strategy here
@@ -16,13 +16,16 @@ use crate::weighting::{TeacherWeights, WeightingStrategy};
 /// `w[b, m] = 1 - H[b, m] / sum_j H[b, j]`, with `H` the entropy of `softmax(z_m)` at T = 1
 /// ([`BatchSignals::entropy`]); the same weights for the logit and the feature losses.
 ///
-/// As in METHOD.md (and the EBKD paper), a sample's weights sum to `M - 1`, not to 1: with three
+/// As in docs/METHOD.md (and the EBKD paper), a sample's weights sum to `M - 1`, not to 1: with three
 /// or more teachers the KD term is `M - 1` times the scale of AVER's. One teacher gets weight 1.
 /// When every teacher of a sample has zero entropy (one-hot softmax), each gets `1 - 1/M`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Ebkd;
 
 impl WeightingStrategy for Ebkd {
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
     fn name(&self) -> &str {
         "ebkd"
     }
@@ -70,6 +73,9 @@ pub fn entropy_weights(entropy: &Tensor) -> Result<Tensor> {
 pub struct CaMkd;
 
 impl WeightingStrategy for CaMkd {
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
     fn name(&self) -> &str {
         "ca-mkd"
     }
@@ -83,9 +89,9 @@ impl WeightingStrategy for CaMkd {
     }
 }
 
-/// Teacher confidence `c = (1 - softmax_m(CE)) / (M - 1)` (METHOD.md section 3): low
+/// Teacher confidence `c = (1 - softmax_m(CE)) / (M - 1)` (docs/METHOD.md section 3): low
 /// cross-entropy, high weight; rows sum to 1. For one teacher the formula divides by zero and
-/// this returns 1 (METHOD.md section 7, defect 1).
+/// this returns 1 (docs/METHOD.md section 7, defect 1).
 ///
 /// # Shapes
 /// `ce [B, M]` -> `[B, M]` (float32, on the input's device)
@@ -131,6 +137,9 @@ impl Default for Aekd {
 }
 
 impl WeightingStrategy for Aekd {
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
     fn name(&self) -> &str {
         "aekd"
     }

@@ -1,4 +1,4 @@
-//! Per-sample losses of METHOD.md sections 2 and 4. Each returns a `[B]` tensor; the caller weights
+//! Per-sample losses of docs/METHOD.md sections 2 and 4. Each returns a `[B]` tensor; the caller weights
 //! and averages. Checked against PyTorch in `tests/golden.rs`.
 
 use tch::{Kind, Reduction, Tensor};

@@ -1,4 +1,4 @@
-//! MMKD (meta-learned teacher weights, METHOD.md section 8): a weight network reads every
+//! MMKD (meta-learned teacher weights, docs/METHOD.md section 8): a weight network reads every
 //! teacher's logits and the student's, and outputs a softmax over the teachers per sample. It is
 //! trained by a look-ahead meta-gradient: take a virtual SGD step of the student with the current
 //! weights, measure the cross-entropy of the virtually updated student on a quiz batch, and move
@@ -235,42 +235,13 @@ impl Mmkd {
         head: &StudentHead,
         quiz: &(Tensor, Tensor),
     ) -> Result<Option<Tensor>> {
-        let t = s.temperature;
-        let b = s.batch_size();
-        let w = self.forward(x);
-        let h = head.embedding.detach().f_to_kind(Kind::Float)?;
-        let weight = head.weight.detach();
         crate::error::check_shape(
             "student classifier weight",
-            &weight,
+            &head.weight,
             &[self.num_classes, -1],
         )?;
-        crate::error::check_shape("student embedding", &h, &[b, weight.size()[1]])?;
-        let z = match &head.bias {
-            Some(bias) => h.f_matmul(&weight.tr())? + bias.detach(),
-            None => h.f_matmul(&weight.tr())?,
-        };
-        let onehot = s
-            .labels
-            .f_one_hot(self.num_classes)?
-            .f_to_kind(Kind::Float)?;
-        let mut g = (z.f_softmax(1, Kind::Float)? - onehot) * self.ce_weight;
-        let q = (&z / t).f_softmax(1, Kind::Float)?;
-        for (m, zt) in s.teacher_logits.iter().enumerate() {
-            let p = (zt.detach() / t).f_softmax(1, Kind::Float)?;
-            g += w.select(1, m as i64).unsqueeze(1) * (&q - p) * (t * self.kd_weight);
-        }
-        let g = g / b as f64;
-        let new_weight = &weight - g.tr().f_matmul(&h)? * head.lr;
-        let (hq, yq) = quiz;
-        let zq = hq.f_matmul(&new_weight.tr())?;
-        let zq = match &head.bias {
-            Some(bias) => {
-                zq + (bias.detach() - g.sum_dim_intlist(0i64, false, Kind::Float) * head.lr)
-            }
-            None => zq,
-        };
-        let meta = zq.f_cross_entropy_loss::<Tensor>(yq, None, Reduction::Mean, -100, 0.0)?;
+        let w = self.forward(x);
+        let meta = lookahead_quiz_loss(s, head, &w, quiz, self.ce_weight, self.kd_weight)?;
         let params = self.parameters();
         let tensors: Vec<&Tensor> = params.iter().map(|(_, p)| p).collect();
         let grads = Tensor::f_run_backward(&[&meta], &tensors, false, false)?;
@@ -306,6 +277,53 @@ impl Mmkd {
             Ok(())
         })
     }
+}
+
+/// The quiz loss after a virtual SGD step of the student's classifier taken with teacher
+/// weights `w` (differentiable in `w`): the look-ahead of MMKD and of the agent's meta mode
+/// (docs/METHOD.md sections 8 and 10). The step uses the closed-form logit gradient of
+/// `ce_weight CE + kd_weight sum_m w_m T^2 KL_m` on the batch of `s`, at the student's learning
+/// rate, without momentum or weight decay; the loss is the mean cross-entropy of the updated
+/// classifier on the quiz batch `(embeddings, labels)`.
+///
+/// # Shapes
+/// `w [B, M]`, `quiz.0 [Q, D]`, `quiz.1 [Q]` -> scalar
+pub fn lookahead_quiz_loss(
+    s: &BatchSignals,
+    head: &StudentHead,
+    w: &Tensor,
+    quiz: &(Tensor, Tensor),
+    ce_weight: f64,
+    kd_weight: f64,
+) -> Result<Tensor> {
+    let t = s.temperature;
+    let b = s.batch_size();
+    let h = head.embedding.detach().f_to_kind(Kind::Float)?;
+    let weight = head.weight.detach();
+    let k = weight.size()[0];
+    crate::error::check_shape("student classifier weight", &weight, &[-1, -1])?;
+    crate::error::check_shape("student embedding", &h, &[b, weight.size()[1]])?;
+    crate::error::check_shape("look-ahead teacher weights", w, &[b, s.num_teachers()])?;
+    let z = match &head.bias {
+        Some(bias) => h.f_matmul(&weight.tr())? + bias.detach(),
+        None => h.f_matmul(&weight.tr())?,
+    };
+    let onehot = s.labels.f_one_hot(k)?.f_to_kind(Kind::Float)?;
+    let mut g = (z.f_softmax(1, Kind::Float)? - onehot) * ce_weight;
+    let q = (&z / t).f_softmax(1, Kind::Float)?;
+    for (m, zt) in s.teacher_logits.iter().enumerate() {
+        let p = (zt.detach() / t).f_softmax(1, Kind::Float)?;
+        g += w.select(1, m as i64).unsqueeze(1) * (&q - p) * (t * kd_weight);
+    }
+    let g = g / b as f64;
+    let new_weight = &weight - g.tr().f_matmul(&h)? * head.lr;
+    let (hq, yq) = quiz;
+    let zq = hq.f_matmul(&new_weight.tr())?;
+    let zq = match &head.bias {
+        Some(bias) => zq + (bias.detach() - g.sum_dim_intlist(0i64, false, Kind::Float) * head.lr),
+        None => zq,
+    };
+    Ok(zq.f_cross_entropy_loss::<Tensor>(yq, None, Reduction::Mean, -100, 0.0)?)
 }
 
 fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {

@@ -1,4 +1,4 @@
-//! Per-sample, per-teacher signals of METHOD.md section 2, computed once per batch and detached.
+//! Per-sample, per-teacher signals of docs/METHOD.md section 2, computed once per batch and detached.
 //! Weighting strategies read them; the agent builds its state from them.
 
 use tch::{Kind, Tensor};

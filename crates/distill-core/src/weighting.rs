@@ -67,6 +67,16 @@ pub trait WeightingStrategy {
         Ok(())
     }
 
+    /// Drop teachers from the pool (`[distill.prune]`): `keep` holds the positions, in the
+    /// current pool and increasing, of the teachers that stay; every later batch has only their
+    /// columns. Strategies whose state depends on the pool say whether they can.
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Err(Error::Invalid {
+            what: format!("strategy `{}`", self.name()),
+            reason: "cannot drop teachers from its pool (distill.prune)".into(),
+        })
+    }
+
     /// Called once at the end of every epoch (`epoch` counts from 0), before the checkpoint.
     fn end_epoch(&mut self, _epoch: usize) -> Result<()> {
         Ok(())
@@ -152,6 +162,9 @@ pub fn restore_variable(
 pub struct NoKd;
 
 impl WeightingStrategy for NoKd {
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
     fn name(&self) -> &str {
         "no-kd"
     }
@@ -173,6 +186,9 @@ impl WeightingStrategy for NoKd {
 pub struct Equal;
 
 impl WeightingStrategy for Equal {
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
     fn name(&self) -> &str {
         "equal"
     }
@@ -207,6 +223,9 @@ impl EqualOnesWarmup {
 }
 
 impl WeightingStrategy for EqualOnesWarmup {
+    fn retain_teachers(&mut self, _keep: &[usize]) -> Result<()> {
+        Ok(())
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -246,6 +265,16 @@ impl Single {
 }
 
 impl WeightingStrategy for Single {
+    fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
+        self.index = keep
+            .iter()
+            .position(|&k| k == self.index)
+            .ok_or_else(|| Error::Invalid {
+                what: "single-teacher KD".into(),
+                reason: "its teacher cannot leave the pool".into(),
+            })?;
+        Ok(())
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -264,5 +293,130 @@ impl WeightingStrategy for Single {
             signals.batch_size(),
             signals.ce.device(),
         ))
+    }
+}
+
+/// A weight table from the config (`[distill.fixed]`, `[distill.oracle]`): one row for every
+/// sample (`weights`, per teacher) or one row per true class (`per_class`, K rows). Each row is
+/// normalised to sum 1, so the total KD weight is AVER's.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixedWeights {
+    /// Per-teacher weights, in pool order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Vec<f64>>,
+    /// Per-class rows of per-teacher weights: row `y` weights the samples labelled `y`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<Vec<Vec<f64>>>,
+}
+
+impl FixedWeights {
+    /// Checks for `m` teachers (the class count is checked when the strategy is built).
+    pub fn check(&self, m: usize) -> std::result::Result<(), String> {
+        let rows: Vec<&Vec<f64>> = match (&self.weights, &self.per_class) {
+            (Some(w), None) => vec![w],
+            (None, Some(rows)) if !rows.is_empty() => rows.iter().collect(),
+            _ => return Err("give exactly one of `weights` (per teacher) or `per_class` (one row per class)".into()),
+        };
+        for (i, r) in rows.iter().enumerate() {
+            if r.len() != m {
+                return Err(format!("row {i} has {} weights for {m} teachers", r.len()));
+            }
+            if r.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(format!("row {i}: weights must be finite and >= 0, got {r:?}"));
+            }
+            if r.iter().sum::<f64>() <= 0.0 {
+                return Err(format!("row {i}: the weights sum to 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Weights from a [`FixedWeights`] table; rows normalised to sum 1.
+#[derive(Debug)]
+pub struct Fixed {
+    /// `[R, M]`: R = 1 (per teacher) or K (per class).
+    table: Tensor,
+    per_class: bool,
+}
+
+impl Fixed {
+    /// The strategy for `m` teachers over `num_classes` classes.
+    pub fn new(
+        cfg: &FixedWeights,
+        m: usize,
+        num_classes: usize,
+        device: tch::Device,
+    ) -> Result<Fixed> {
+        cfg.check(m).map_err(|reason| Error::Invalid {
+            what: "fixed weights".into(),
+            reason,
+        })?;
+        let (rows, per_class) = match (&cfg.weights, &cfg.per_class) {
+            (Some(w), _) => (vec![w.clone()], false),
+            (None, Some(rows)) => (rows.clone(), true),
+            (None, None) => unreachable!("checked above"),
+        };
+        if per_class && rows.len() != num_classes {
+            return Err(Error::Invalid {
+                what: "fixed weights per_class".into(),
+                reason: format!("{} rows for {num_classes} classes", rows.len()),
+            });
+        }
+        let flat: Vec<f64> = rows
+            .iter()
+            .flat_map(|r| {
+                let s: f64 = r.iter().sum();
+                r.iter().map(move |v| v / s)
+            })
+            .collect();
+        let table = Tensor::from_slice(&flat)
+            .to_kind(Kind::Float)
+            .view([rows.len() as i64, m as i64])
+            .to_device(device);
+        Ok(Fixed { table, per_class })
+    }
+
+    /// Keep only the teachers at `keep` (pool pruning); rows are renormalised (a row left
+    /// without weight becomes uniform over the kept teachers).
+    pub fn retain(&mut self, keep: &[usize]) -> Result<()> {
+        let idx = Tensor::from_slice(&keep.iter().map(|&k| k as i64).collect::<Vec<_>>())
+            .to_device(self.table.device());
+        let t = self.table.f_index_select(1, &idx)?;
+        let s = t.sum_dim_intlist(1, true, Kind::Float);
+        let uniform = Tensor::full_like(&t, 1.0 / keep.len() as f64);
+        self.table = (&t / s.clamp_min(1e-12)).where_self(&s.gt(0.0), &uniform);
+        Ok(())
+    }
+}
+
+impl WeightingStrategy for Fixed {
+    fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
+        self.retain(keep)
+    }
+    fn name(&self) -> &str {
+        "fixed"
+    }
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let m = signals.num_teachers();
+        if self.table.size()[1] != m {
+            return Err(Error::ShapeMismatch {
+                what: "fixed weight table (teachers)".into(),
+                expected: self.table.size()[1].to_string(),
+                got: m.to_string(),
+            });
+        }
+        let b = signals.batch_size();
+        let w = if self.per_class {
+            self.table
+                .f_index_select(0, &signals.labels.to_device(self.table.device()))?
+        } else {
+            self.table.expand([b, m], true).contiguous()
+        };
+        Ok(TeacherWeights {
+            feature: w.copy(),
+            logit: w,
+        })
     }
 }

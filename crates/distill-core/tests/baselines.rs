@@ -127,7 +127,7 @@ fn ebkd_matches_pytorch() {
             &want,
             1e-5,
         );
-        // METHOD.md: the EBKD weights of a sample sum to M - 1.
+        // docs/METHOD.md: the EBKD weights of a sample sum to M - 1.
         let m1 = (c.m() - 1) as f64;
         assert_close(
             &format!("{}: ebkd row sums", c.name),

@@ -33,6 +33,8 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         bail!("the base config has no [[teachers]] to compare strategies over");
     }
     d.teacher = None;
+    d.fixed = None;
+    let oracle = d.oracle.take();
     let with = |strategy: StrategyKind| DistillConfig {
         strategy,
         ..d.clone()
@@ -47,16 +49,25 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
             },
         ));
     }
-    out.push(("equal (AVER)".to_owned(), with(StrategyKind::Equal)));
+    if let Some(table) = oracle {
+        out.push((
+            ORACLE.to_owned(),
+            DistillConfig {
+                fixed: Some(table),
+                ..with(StrategyKind::Fixed)
+            },
+        ));
+    }
+    out.push((AVER.to_owned(), with(StrategyKind::Equal)));
     // The control for the parity agent's loss scale: AVER with its all-ones epoch 0.
     out.push((
-        "equal, ones in epoch 1 (control)".to_owned(),
+        "equal, ones in epoch 1 (control) †".to_owned(),
         DistillConfig {
             equal_ones_epochs: 1,
             ..with(StrategyKind::Equal)
         },
     ));
-    out.push(("ebkd".to_owned(), with(StrategyKind::Ebkd)));
+    out.push(("ebkd ‡".to_owned(), with(StrategyKind::Ebkd)));
     out.push((
         "ca-mkd (logit weights)".to_owned(),
         with(StrategyKind::CaMkd),
@@ -68,9 +79,10 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
     ));
     let agent = d.agent.clone().unwrap_or_default();
     for (label, mode, mix) in [
-        ("mtkd-rl parity fixed", Mode::Parity, Mix::Fixed),
-        ("mtkd-rl parity dynamic", Mode::Parity, Mix::Dynamic),
+        ("mtkd-rl parity fixed †", Mode::Parity, Mix::Fixed),
+        ("mtkd-rl parity dynamic †", Mode::Parity, Mix::Dynamic),
         ("mtkd-rl clean", Mode::Clean, Mix::Fixed),
+        ("mtkd-rl meta", Mode::Meta, Mix::Fixed),
     ] {
         let a = AgentConfig {
             mode,
@@ -87,6 +99,15 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
     }
     Ok(out)
 }
+
+/// Row label of the pool's oracle (`[distill.oracle]`).
+pub const ORACLE: &str = "oracle (fixed weights)";
+/// Row label of equal weights, the reference of the headroom.
+pub const AVER: &str = "equal (AVER)";
+
+/// The legend of the marks in the row labels: rows whose total KD weight differs from AVER's.
+pub const MARKS: &str = "† distils at M times AVER's KD weight in epoch 1 (the parity agent's all-ones epoch 0, docs/METHOD.md section 3), 1 afterwards. \
+‡ weights sum to M - 1 in every epoch (EBKD's definition). Every other row's weights sum to 1 per sample in every epoch.";
 
 /// Every (strategy, seed) run: seeds `base.run.seed .. base.run.seed + seeds`.
 pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Planned>> {
@@ -174,6 +195,18 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 /// The markdown table: per strategy, mean ± sample std over seeds of the final and best test
 /// top-1, seconds per epoch, and peak resident memory.
 pub fn table(results: &[RunResult]) -> String {
+    let mean_final = |label: &str| -> Option<f64> {
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.strategy == label)
+            .map(|r| r.summary.final_value)
+            .collect();
+        (!v.is_empty()).then(|| mean_std(&v).0)
+    };
+    let headroom = match (mean_final(ORACLE), mean_final(AVER)) {
+        (Some(o), Some(a)) => Some((o, a)),
+        _ => None,
+    };
     let mut by: BTreeMap<usize, (String, Vec<&RunResult>)> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     for r in results {
@@ -192,9 +225,9 @@ pub fn table(results: &[RunResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| strategy | seeds | final top-1 (%) | best top-1 (%) | s / epoch | of which teachers | peak RSS (MB) |"
+        "| strategy | seeds | final top-1 (%) | best top-1 (%) | share of headroom | s / epoch | of which teachers | peak RSS (MB) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for (_, (name, runs)) in by {
         let finals: Vec<f64> = runs.iter().map(|r| r.summary.final_value).collect();
         let bests: Vec<f64> = runs.iter().map(|r| r.summary.best_value).collect();
@@ -222,12 +255,32 @@ pub fn table(results: &[RunResult]) -> String {
             let (mm, ms) = mean_std(&mem);
             format!("{mm:.0} ± {ms:.0}")
         };
+        let share = match headroom {
+            Some((o, a)) if (o - a).abs() > 1e-9 => format!("{:.0}%", 100.0 * (fm - a) / (o - a)),
+            _ => "n/a".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} | {sm:.1} ± {ss:.1} | {tm:.1} ± {ts:.1} | {mem} |",
+            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} | {share} | {sm:.1} ± {ss:.1} | {tm:.1} ± {ts:.1} | {mem} |",
             runs.len()
         );
     }
+    match headroom {
+        Some((o, a)) => {
+            let _ = writeln!(
+                out,
+                "\nHeadroom (oracle - AVER, final top-1): {:+.2} points ({o:.2} - {a:.2}). \"share of headroom\" = (row - AVER) / (oracle - AVER).",
+                o - a
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "\nThis pool names no oracle (`[distill.oracle]`): no headroom to read the rows against."
+            );
+        }
+    }
+    let _ = writeln!(out, "\n{MARKS}");
     out
 }
 

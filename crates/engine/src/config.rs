@@ -100,6 +100,10 @@ pub struct DataConfig {
     /// Evaluation geometry (ImageNet-style resize + centre crop).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_resize: Option<EvalResize>,
+    /// Class names in label order, for plots and reports (formats without names, e.g. IDX,
+    /// otherwise name the classes "0", "1", ...). Must have one name per class.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_names: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +182,9 @@ pub enum StrategyKind {
     Aekd,
     /// Meta-learned weight network, trained by a last-layer look-ahead (`[distill.mmkd]`).
     Mmkd,
+    /// Weights from a table in the config (`[distill.fixed]`: per teacher or per class); the
+    /// oracle rows of the comparison.
+    Fixed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -211,7 +218,17 @@ pub struct DistillConfig {
     /// MMKD's weight network settings (strategy `mmkd`); defaults when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmkd: Option<mtkd_distill_core::mmkd::MmkdConfig>,
+    /// The weight table of strategy `fixed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed: Option<FixedWeights>,
+    /// The pool's oracle: the weights a person who knows the teachers would choose (the owner of
+    /// the true class, the clean teacher). `mtkd compare` adds it as a `fixed` row and reads every
+    /// strategy against the headroom `oracle - AVER`. Not used by `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oracle: Option<FixedWeights>,
 }
+
+pub use mtkd_distill_core::weighting::FixedWeights;
 
 fn is_zero(v: &usize) -> bool {
     *v == 0
@@ -242,6 +259,47 @@ pub struct TeacherConfig {
     /// Seed for training an `arch` teacher (default: the run seed + 1000 + index).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// `arch` teachers only: train on samples of these classes alone (a specialist; the head
+    /// keeps every class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<usize>>,
+    /// `arch` teachers only: then on the first N remaining training samples (0 = all).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub train_subset: usize,
+    /// `arch` teachers only: this fraction of training labels replaced by a uniformly drawn
+    /// class (symmetric noise; fixed per sample by the teacher's seed).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub label_noise: f64,
+    /// `arch` teachers only: labels of each pair of classes swapped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flip_pairs: Vec<[usize; 2]>,
+    /// `arch` teachers only: every label mapped through a seeded permutation without fixed
+    /// points (a teacher that is confidently wrong on every class).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub permute_labels: bool,
+    /// `arch` teachers only: its own number of epochs (default: `[teacher_training] epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<usize>,
+}
+
+impl TeacherConfig {
+    /// The edits of this teacher's training set.
+    pub fn label_edits(&self) -> mtkd_vision_tasks::classification::labels::LabelEdits {
+        mtkd_vision_tasks::classification::labels::LabelEdits {
+            classes: self.classes.clone(),
+            subset: Some(self.train_subset),
+            flip_pairs: self.flip_pairs.clone(),
+            permute: self.permute_labels,
+            noise: self.label_noise,
+        }
+    }
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
+}
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// A configuration problem, naming the field.
@@ -389,13 +447,26 @@ impl Config {
                     return bad(&format!("distill.mmkd.{f}"), r);
                 }
             }
+            let m = self.teachers.len();
+            for (field, table) in [("distill.fixed", &d.fixed), ("distill.oracle", &d.oracle)] {
+                if let Some(t) = table {
+                    if let Err(r) = t.check(m) {
+                        return bad(field, r);
+                    }
+                }
+            }
+            if d.strategy == StrategyKind::Fixed && d.fixed.is_none() {
+                return bad(
+                    "distill.fixed",
+                    "strategy `fixed` needs a [distill.fixed] table (weights = [...] per teacher or per_class = [[...], ...])".into(),
+                );
+            }
             if d.strategy == StrategyKind::Aekd && !(d.aekd_cap > 0.0 && d.aekd_cap <= 1.0) {
                 return bad(
                     "distill.aekd_cap",
                     format!("must be in (0, 1], got {}", d.aekd_cap),
                 );
             }
-            let m = self.teachers.len();
             if d.strategy == StrategyKind::Aekd && m > 1 && d.aekd_cap * (m as f64) < 1.0 {
                 return bad(
                     "distill.aekd_cap",
@@ -454,6 +525,22 @@ impl Config {
                     )
                 }
                 _ => {}
+            }
+            if t.arch.is_none() && !t.label_edits().is_identity() {
+                return bad(
+                    &field,
+                    format!("teacher `{}`: classes, train_subset, label_noise, flip_pairs and permute_labels train an `arch` teacher; a TorchScript teacher is already trained", t.name),
+                );
+            }
+            if t.arch.is_none() && t.epochs.is_some() {
+                return bad(&format!("{field}.epochs"), format!("teacher `{}` is a TorchScript file: it is not trained", t.name));
+            }
+            if t.epochs == Some(0) {
+                return bad(&format!("{field}.epochs"), "must be at least 1".into());
+            }
+            // Class ranges need the dataset; they are checked when the teacher is trained.
+            if let Err((f, r)) = t.label_edits().check(usize::MAX) {
+                return bad(&format!("{field}.{f}"), r);
             }
         }
         Ok(())

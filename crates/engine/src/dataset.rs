@@ -78,16 +78,28 @@ impl Datasets {
                 test.num_classes
             );
         }
-        let train = if cfg.train_subset > 0 {
+        let mut train = if cfg.train_subset > 0 {
             train.take(cfg.train_subset)
         } else {
             train
         };
-        let test = if cfg.test_subset > 0 {
+        let mut test = if cfg.test_subset > 0 {
             test.take(cfg.test_subset)
         } else {
             test
         };
+        if !cfg.class_names.is_empty() {
+            if cfg.class_names.len() != train.num_classes {
+                anyhow::bail!(
+                    "data.class_names has {} names, but dataset {} has {} classes",
+                    cfg.class_names.len(),
+                    root.display(),
+                    train.num_classes
+                );
+            }
+            train.class_names = cfg.class_names.clone();
+            test.class_names = cfg.class_names.clone();
+        }
         tracing::info!(root = %root.display(), train = train.len(), test = test.len(),
             shape = ?train.image_shape(), classes = train.num_classes, "dataset loaded");
         Ok(Datasets {

@@ -376,10 +376,13 @@ pub fn teacher_config(cfg: &Config, index: usize, t: &TeacherConfig) -> Result<C
     let arch = t
         .arch
         .ok_or_else(|| anyhow!("teacher `{}` is not an arch teacher", t.name))?;
-    let train = cfg
+    let mut train = cfg
         .teacher_training
         .clone()
         .ok_or_else(|| anyhow!("[teacher_training] is missing"))?;
+    if let Some(e) = t.epochs {
+        train.epochs = e;
+    }
     let mut run = cfg.run.clone();
     run.name = t.name.clone();
     run.out_dir = cfg.run.teacher_cache.clone();
@@ -405,18 +408,40 @@ fn ensure_native_teacher(
     let tcfg = teacher_config(cfg, index, t)?;
     // The cache key covers exactly what changes the teacher: data, architecture, training
     // settings and seed (not the device, threads, names or folders).
+    // The training-set edits (hard pools) join the key only when there are any, so a plain
+    // teacher keeps the key it always had. Class names only label plots: not in the key.
+    #[derive(serde::Serialize)]
+    struct Edits<'k> {
+        classes: &'k Option<Vec<usize>>,
+        train_subset: usize,
+        label_noise: f64,
+        flip_pairs: &'k [[usize; 2]],
+        permute_labels: bool,
+    }
     #[derive(serde::Serialize)]
     struct Key<'k> {
         data: &'k crate::config::DataConfig,
         arch: String,
         train: &'k crate::config::TrainConfig,
         seed: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        edits: Option<Edits<'k>>,
     }
+    let edits = t.label_edits();
+    let mut key_data = tcfg.data.clone();
+    key_data.class_names.clear();
     let key = Key {
-        data: &tcfg.data,
+        data: &key_data,
         arch: tcfg.student.arch.to_string(),
         train: &tcfg.train,
         seed: tcfg.run.seed,
+        edits: (!edits.is_identity()).then_some(Edits {
+            classes: &t.classes,
+            train_subset: t.train_subset,
+            label_noise: t.label_noise,
+            flip_pairs: &t.flip_pairs,
+            permute_labels: t.permute_labels,
+        }),
     };
     let key = stable_hash(toml::to_string(&key)?.as_bytes());
     let dir =
@@ -446,7 +471,22 @@ fn ensure_native_teacher(
     std::fs::write(dir.join("config.toml"), toml::to_string_pretty(&tcfg)?)
         .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
     let hash = key.clone();
-    let data = Datasets::load(&tcfg.data)?;
+    let mut data = Datasets::load(&tcfg.data)?;
+    if !edits.is_identity() {
+        let (train, report) = mtkd_vision_tasks::classification::labels::apply(
+            &data.train,
+            &edits,
+            tcfg.run.seed,
+        )
+        .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
+        tracing::info!(teacher = %t.name, samples = report.samples, changed_labels = report.changed,
+            permutation = ?report.permutation, "teacher training set edited");
+        obs.phase(&format!(
+            "teacher `{}` trains on {} samples, {} of them with a changed label",
+            t.name, report.samples, report.changed
+        ));
+        data.train = std::sync::Arc::new(train);
+    }
     let device = device_of(&tcfg.run.device)?;
     let out = Trainer::new(&tcfg, data, Vec::new(), device, dir.clone(), hash)?
         .with_label(format!("teacher {}", t.name))
@@ -556,15 +596,15 @@ impl<'a> Trainer<'a> {
                 let mut agent_cfg = d.agent.clone().unwrap_or_default();
                 // Exploration noise differs between seeds of a comparison.
                 agent_cfg.seed = agent_cfg.seed.wrapping_add(cfg.run.seed);
-                Box::new(
-                    mtkd_rl_weighting::agent::MtkdAgent::new(
-                        agent_cfg,
-                        &dims,
-                        data.num_classes(),
-                        device,
-                    )
-                    .context("building the MTKD-RL agent (distill.agent)")?,
+                mtkd_rl_weighting::build(
+                    agent_cfg,
+                    &dims,
+                    data.num_classes(),
+                    d.ce_weight,
+                    d.kd_weight,
+                    device,
                 )
+                .context("building the MTKD-RL agent (distill.agent)")?
             }
             Some(StrategyKind::Ebkd) => Box::new(mtkd_distill_core::baselines::Ebkd),
             Some(StrategyKind::CaMkd) => Box::new(mtkd_distill_core::baselines::CaMkd),
@@ -586,6 +626,21 @@ impl<'a> Trainer<'a> {
                         device,
                     )
                     .context("building the MMKD weight network (distill.mmkd)")?,
+                )
+            }
+            Some(StrategyKind::Fixed) => {
+                let table = distill
+                    .as_ref()
+                    .and_then(|d| d.fixed.as_ref())
+                    .ok_or_else(|| anyhow!("strategy `fixed` needs [distill.fixed]"))?;
+                Box::new(
+                    mtkd_distill_core::weighting::Fixed::new(
+                        table,
+                        pool.len(),
+                        data.num_classes() as usize,
+                        device,
+                    )
+                    .context("distill.fixed")?,
                 )
             }
             Some(StrategyKind::Single) => {

@@ -752,6 +752,7 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
     let _serial = serial();
     let s = scratch("compare");
     let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 5.0\n\
+         [distill.oracle]\nweights = [0, 1]\n\
          [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
          [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
          [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
@@ -762,7 +763,7 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
             .arg("compare")
             .arg("--config")
             .arg(&cfg)
-            .args(["--seeds", "1", "--only", "no-kd,equal,mmkd", "--out"])
+            .args(["--seeds", "1", "--only", "no-kd,equal,mmkd,oracle,single t2", "--out"])
             .arg(out)
             .args(extra_args)
             .output()
@@ -775,6 +776,7 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
         let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
         let finals: Vec<f64> = [
             "no-kd",
+            "oracle-fixed-weights",
             "equal-aver",
             "equal-ones-in-epoch-1-control",
             "mmkd-last-layer-look-ahead",
@@ -793,11 +795,20 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
     for row in [
         "| no-kd |",
         "| equal (AVER) |",
-        "| equal, ones in epoch 1 (control) |",
+        "| equal, ones in epoch 1 (control) † |",
         "| mmkd (last-layer look-ahead) |",
+        "| oracle (fixed weights) |",
+        "Headroom (oracle - AVER, final top-1)",
+        "† distils at M times",
     ] {
         assert!(table.contains(row), "{row} missing from\n{table}");
     }
+    // The oracle [0, 1] is single-teacher KD from t2 under another name: the same student.
+    let final_of = |d: &str| -> f64 {
+        let text = std::fs::read_to_string(shared.join(format!("{d}-seed3/summary.json"))).unwrap();
+        serde_json::from_str::<Summary>(&text).unwrap().final_value
+    };
+    assert_eq!(final_of("oracle-fixed-weights"), final_of("single-t2"));
     assert!(table.contains("teacher pass"), "{table}");
     assert!(shared.join("teacher-pass-seed3.json").is_file());
     assert!(

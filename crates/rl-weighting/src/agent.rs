@@ -1,4 +1,4 @@
-//! The MTKD-RL agent (METHOD.md sections 3, 5 and 7) as a [`WeightingStrategy`].
+//! The MTKD-RL agent (docs/METHOD.md sections 3, 5 and 7) as a [`WeightingStrategy`].
 //!
 //! - `parity`: the published computation. State = per teacher `[cos, kl, ce, e_m, z_m]`; policy =
 //!   stem (Linear D->hidden, no bias, ReLU) + two softmax heads; weights = fixed mix
@@ -6,7 +6,7 @@
 //!   weights; reward `r_hat = clamp(standardise(-L), 0, 1)`; every step is buffered and the agent
 //!   takes one SGD step per buffered batch on `mean(-r_hat log w_l) + mean(-r_hat log w_f)`
 //!   every `agent_step` steps and at the end of every epoch.
-//! - `clean`: the defects of METHOD.md section 7 fixed, each a documented choice (see
+//! - `clean`: the defects of docs/METHOD.md section 7 fixed, each a documented choice (see
 //!   docs/AGENT.md): one teacher gets weight 1; batches under two samples are not used to train
 //!   the agent; a bounded buffer (`buffer_steps`) with an update whenever it fills; state
 //!   normalised with running statistics; `warmup_epochs` of equal weights 1/M; and a real policy
@@ -40,6 +40,19 @@ pub enum Mode {
     #[default]
     Parity,
     Clean,
+    /// Per-teacher credit from a look-ahead quiz loss (docs/METHOD.md section 10; [`crate::meta`]).
+    Meta,
+}
+
+/// Meta mode: which batch the look-ahead is scored on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Quiz {
+    /// The previous training batch (held out from this step's update).
+    Previous,
+    /// The batch being trained on (default: measured to route, docs/AGENT.md).
+    #[default]
+    Current,
 }
 
 /// How the agent's output is combined with the hand-crafted components.
@@ -80,6 +93,22 @@ pub struct AgentConfig {
     /// clean: seed of the exploration noise (counter-based: noise of call n depends on (seed, n)).
     #[serde(default)]
     pub seed: u64,
+    /// meta: Adam learning rate of the policy.
+    #[serde(default = "default_meta_lr")]
+    pub meta_lr: f64,
+    /// meta: entropy coefficient tau (per-sample optimum `w ~ exp(credit / tau)`).
+    #[serde(default = "default_entropy")]
+    pub entropy: f64,
+    /// meta: the batch the look-ahead is scored on.
+    #[serde(default)]
+    pub quiz: Quiz,
+}
+
+fn default_meta_lr() -> f64 {
+    1e-2
+}
+fn default_entropy() -> f64 {
+    0.1
 }
 
 fn default_hidden() -> i64 {
@@ -113,6 +142,9 @@ impl Default for AgentConfig {
             warmup_epochs: default_warmup(),
             sigma: default_sigma(),
             seed: 0,
+            meta_lr: default_meta_lr(),
+            entropy: default_entropy(),
+            quiz: Quiz::Current,
         }
     }
 }
@@ -136,6 +168,15 @@ impl AgentConfig {
         if !(self.sigma > 0.0 && self.sigma.is_finite()) {
             return bad("sigma", "must be positive");
         }
+        if !(self.meta_lr > 0.0 && self.meta_lr.is_finite()) {
+            return bad("meta_lr", "must be positive");
+        }
+        if !(self.entropy > 0.0 && self.entropy.is_finite()) {
+            return bad("entropy", "must be positive");
+        }
+        if self.mode == Mode::Meta && self.mix == Mix::Dynamic {
+            return bad("mix", "the meta mode has no mix: its policy gives the weights");
+        }
         if self.mode == Mode::Clean && self.mix == Mix::Dynamic {
             return bad("mix", "the dynamic mix is defined for parity mode only (its coefficients are not part of the clean policy's action)");
         }
@@ -156,14 +197,22 @@ struct Stored {
 }
 
 /// Running mean and variance of the state features (clean mode).
-struct RunningNorm {
-    mean: Tensor,
-    var: Tensor,
-    count: f64,
+pub(crate) struct RunningNorm {
+    pub(crate) mean: Tensor,
+    pub(crate) var: Tensor,
+    pub(crate) count: f64,
 }
 
 impl RunningNorm {
-    fn update_and_apply(&mut self, x: &Tensor) -> Tensor {
+    pub(crate) fn new(d: i64, device: Device) -> RunningNorm {
+        RunningNorm {
+            mean: Tensor::zeros([d], (Kind::Float, device)),
+            var: Tensor::ones([d], (Kind::Float, device)),
+            count: 0.0,
+        }
+    }
+
+    pub(crate) fn update_and_apply(&mut self, x: &Tensor) -> Tensor {
         let b = x.size()[0] as f64;
         let bm = x.mean_dim(0, false, Kind::Float);
         let bv = x.var_dim(0, false, false);
@@ -290,6 +339,13 @@ impl MtkdAgent {
                 reason: "the agent needs at least one teacher".into(),
             });
         }
+        if cfg.mode == Mode::Meta {
+            return Err(Error::Invalid {
+                what: "distill.agent.mode".into(),
+                reason: "the meta mode is built by mtkd_rl_weighting::build (crate::meta::MetaAgent)"
+                    .into(),
+            });
+        }
         let m = embedding_dims.len() as i64;
         let d = state_dim(embedding_dims, num_classes);
         let vs = nn::VarStore::new(device);
@@ -327,6 +383,7 @@ impl MtkdAgent {
             (Mode::Parity, Mix::Fixed) => "mtkd-rl-parity",
             (Mode::Parity, Mix::Dynamic) => "mtkd-rl-parity-dynamic",
             (Mode::Clean, _) => "mtkd-rl-clean",
+            (Mode::Meta, _) => "mtkd-rl-meta",
         }
         .to_owned();
         let norm = RunningNorm {
@@ -453,7 +510,7 @@ impl MtkdAgent {
             self.opt.zero_grad();
             let loss = match self.cfg.mode {
                 Mode::Parity => self.parity_loss(&s.state, &s.ce, &s.kl, &s.cos, &s.signal)?,
-                Mode::Clean => self.clean_loss(s)?,
+                Mode::Clean | Mode::Meta => self.clean_loss(s)?,
             };
             let v = loss.double_value(&[]);
             if !v.is_finite() {
@@ -569,7 +626,7 @@ impl WeightingStrategy for MtkdAgent {
                     let ((a_l, a_f), _) = self.policy(&state);
                     self.mix(&a_l, &a_f, &signals.ce, &signals.kl, &cos)
                 }
-                Mode::Clean => {
+                Mode::Clean | Mode::Meta => {
                     if m == 1 {
                         self.pending = None;
                         return Ok(TeacherWeights::broadcast(&[1.0], b, device));
@@ -614,7 +671,7 @@ impl WeightingStrategy for MtkdAgent {
         let b = signals.batch_size();
         let signal = tch::no_grad(|| match self.cfg.mode {
             Mode::Parity => parity_reward(&feedback.per_sample_loss),
-            Mode::Clean => match &feedback.eval_ce {
+            Mode::Clean | Mode::Meta => match &feedback.eval_ce {
                 Some((before, after)) => {
                     let r = (before - after).to_kind(Kind::Float);
                     // Zero spread: every sample improved equally, nothing to learn (skipped below).
@@ -625,7 +682,7 @@ impl WeightingStrategy for MtkdAgent {
         });
         let finite = b >= 2 && signal.isfinite().all().int64_value(&[]) != 0;
         if !finite {
-            // Published code: NaN reward poisons the agent (METHOD.md 7.2). Both modes skip it.
+            // Published code: NaN reward poisons the agent (docs/METHOD.md 7.2). Both modes skip it.
             self.stats.skipped += 1;
             tracing::warn!(agent = %self.name, batch = b, step = feedback.step, "agent sample skipped: reward undefined (batch under 2 samples or equal losses)");
         } else {
@@ -648,7 +705,7 @@ impl WeightingStrategy for MtkdAgent {
         self.steps_since_update += 1;
         let due = match self.cfg.mode {
             Mode::Parity => self.steps_since_update >= self.cfg.agent_step,
-            Mode::Clean => self.buffer.len() >= self.cfg.buffer_steps,
+            Mode::Clean | Mode::Meta => self.buffer.len() >= self.cfg.buffer_steps,
         };
         if due {
             self.update()?;

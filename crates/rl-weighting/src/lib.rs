@@ -1,10 +1,11 @@
-//! mtkd-rl-weighting: the MTKD-RL agent's weight components (METHOD.md section 3).
+//! mtkd-rl-weighting: the MTKD-RL agent's weight components (docs/METHOD.md section 3).
 //!
 //! The hand-crafted per-sample components — teacher confidence, logit gap and feature gap — and
 //! the fixed mix are here; [`agent::MtkdAgent`] (policy, reward, buffer, update; parity and clean
 //! modes) builds on them and implements `mtkd_distill_core::weighting::WeightingStrategy`.
 
 pub mod agent;
+pub mod meta;
 
 use tch::{Kind, Tensor};
 
@@ -51,4 +52,33 @@ pub fn fixed_mix(agent: &Tensor, confidence: &Tensor, gap: &Tensor) -> Result<Te
     check_shape("fixed mix confidence", confidence, &agent.size())?;
     check_shape("fixed mix gap", gap, &agent.size())?;
     Ok((agent + confidence + gap) / 3.0)
+}
+
+/// The agent of `[distill.agent]` as a strategy: [`agent::MtkdAgent`] in parity and clean mode,
+/// [`meta::MetaAgent`] in meta mode. `embedding_dims` are the teachers' embedding widths (0 for
+/// logits-only); `ce_weight` and `kd_weight` are the student loss's (the meta mode's look-ahead
+/// needs them).
+pub fn build(
+    cfg: agent::AgentConfig,
+    embedding_dims: &[i64],
+    num_classes: i64,
+    ce_weight: f64,
+    kd_weight: f64,
+    device: tch::Device,
+) -> Result<Box<dyn mtkd_distill_core::weighting::WeightingStrategy>> {
+    Ok(match cfg.mode {
+        agent::Mode::Meta => Box::new(meta::MetaAgent::new(
+            cfg,
+            embedding_dims.len(),
+            ce_weight,
+            kd_weight,
+            device,
+        )?),
+        _ => Box::new(agent::MtkdAgent::new(
+            cfg,
+            embedding_dims,
+            num_classes,
+            device,
+        )?),
+    })
 }

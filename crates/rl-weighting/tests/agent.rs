@@ -10,7 +10,9 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::{Feedback, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
-use mtkd_rl_weighting::agent::{build_state, parity_reward, AgentConfig, Mix, Mode, MtkdAgent};
+use mtkd_rl_weighting::agent::{
+    build_state, parity_reward, AgentConfig, Mix, Mode, MtkdAgent, Quiz,
+};
 
 #[path = "../../../test-support/golden.rs"]
 mod support;
@@ -230,7 +232,7 @@ fn reward_is_undefined_for_tiny_or_flat_batches_and_the_agent_skips_them() {
             "{key}: PyTorch gives NaN, so do we"
         );
     }
-    // The agent does not train on them (METHOD.md 7.2) and says so in its metrics.
+    // The agent does not train on them (docs/METHOD.md 7.2) and says so in its metrics.
     let mut a = agent(&g, Mix::Fixed);
     let (s, _) = signals(&g["batches"][0]);
     a.start_epoch(1).unwrap();
@@ -397,4 +399,189 @@ fn agent_state_round_trips_through_a_checkpoint() {
         wa.logit.equal(&wb.logit),
         "a restored agent (parameters, normaliser, noise counter) acts identically"
     );
+}
+
+// ---- meta mode (docs/METHOD.md section 10) against scripts/golden_meta.py ----
+
+fn meta_golden_of(quiz: &str) -> Value {
+    support::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/meta.json"
+    ))[quiz]
+        .clone()
+}
+
+fn meta_golden() -> Value {
+    meta_golden_of("previous")
+}
+
+fn meta_signals(g: &Value, b: &Value) -> BatchSignals {
+    use mtkd_distill_core::signals::StudentHead;
+    let zt = tensor(&b["teacher_logits"]);
+    let h = tensor(&b["embedding"]);
+    let w = tensor(&b["weight"]);
+    let bias = tensor(&b["bias"]);
+    let labels: Vec<i64> = b["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let y = Tensor::from_slice(&labels);
+    let zs = h.matmul(&w.tr()) + &bias;
+    let teachers: Vec<ModelOutput> = (0..zt.size()[0])
+        .map(|m| ModelOutput {
+            logits: zt.get(m),
+            features: None,
+        })
+        .collect();
+    let none: Vec<Option<Tensor>> = teachers.iter().map(|_| None).collect();
+    let mut s =
+        BatchSignals::compute(&zs, &none, &teachers, &y, g["temperature"].as_f64().unwrap())
+            .unwrap();
+    s.student_head = Some(StudentHead {
+        embedding: h,
+        weight: w,
+        bias: Some(bias),
+        lr: g["inner_lr"].as_f64().unwrap(),
+    });
+    s
+}
+
+fn meta_agent(g: &Value) -> mtkd_rl_weighting::meta::MetaAgent {
+    meta_agent_with(g, Quiz::Previous)
+}
+
+fn meta_agent_with(g: &Value, quiz: Quiz) -> mtkd_rl_weighting::meta::MetaAgent {
+    let cfg = AgentConfig {
+        mode: Mode::Meta,
+        quiz,
+        hidden: g["hidden"].as_i64().unwrap(),
+        meta_lr: g["meta_lr"].as_f64().unwrap(),
+        entropy: g["entropy"].as_f64().unwrap(),
+        ..AgentConfig::default()
+    };
+    let mut a = mtkd_rl_weighting::meta::MetaAgent::new(
+        cfg,
+        g["M"].as_u64().unwrap() as usize,
+        g["ce_weight"].as_f64().unwrap(),
+        g["kd_weight"].as_f64().unwrap(),
+        Device::Cpu,
+    )
+    .unwrap();
+    for (name, v) in g["init"].as_object().unwrap() {
+        a.set_parameter(name, &tensor(v)).unwrap();
+    }
+    a
+}
+
+#[test]
+fn meta_mode_credit_update_and_weights_match_pytorch() {
+    meta_matches_pytorch("previous", Quiz::Previous, 2.0);
+    meta_matches_pytorch("current", Quiz::Current, 3.0);
+}
+
+fn meta_matches_pytorch(which: &str, quiz: Quiz, updates: f64) {
+    let g = meta_golden_of(which);
+    let mut a = meta_agent_with(&g, quiz);
+    for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
+        let w = a.weights(&meta_signals(&g, b)).unwrap();
+        if let Some(after) = b.get("params_after") {
+            for (name, p) in a.parameters() {
+                assert_close(
+                    &format!("{which} batch {i} {name}"),
+                    &p,
+                    &tensor(&after[&name]),
+                    1e-4,
+                );
+            }
+        }
+        assert_close(
+            &format!("batch {i} weights"),
+            &w.logit,
+            &tensor(&b["weights"]),
+            1e-4,
+        );
+        assert_close(
+            &format!("batch {i} feature weights"),
+            &w.feature,
+            &tensor(&b["weights"]),
+            1e-4,
+        );
+    }
+    let metrics = a.take_epoch_metrics();
+    let get = |k: &str| metrics.iter().find(|(n, _)| n == k).unwrap().1;
+    assert_eq!(get("agent_updates"), updates, "{which}");
+    let quiz: Vec<f64> = g["batches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|b| b["quiz_loss"].as_f64())
+        .collect();
+    let mean = quiz.iter().sum::<f64>() / quiz.len() as f64;
+    assert!((get("agent_quiz_loss") - mean).abs() < 1e-4 * (1.0 + mean));
+}
+
+#[test]
+fn meta_mode_starts_at_equal_weights_and_resumes_exactly() {
+    let g = meta_golden();
+    let batches = g["batches"].as_array().unwrap();
+    // Default initialisation: zero output layer and biases, so AVER's weights.
+    let cfg = AgentConfig {
+        mode: Mode::Meta,
+        ..AgentConfig::default()
+    };
+    let mut fresh =
+        mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
+    let w = fresh.weights(&meta_signals(&g, &batches[0])).unwrap();
+    assert_close(
+        "first weights",
+        &w.logit,
+        &Tensor::full([6, 3], 1.0 / 3.0, (Kind::Float, Device::Cpu)),
+        1e-6,
+    );
+    // Two batches, checkpoint, continue in a new agent: the same weights as uninterrupted.
+    let mut a = meta_agent(&g);
+    a.weights(&meta_signals(&g, &batches[0])).unwrap();
+    a.weights(&meta_signals(&g, &batches[1])).unwrap();
+    let state = a.save_state().unwrap();
+    let mut b = meta_agent(&g);
+    let mut c = mtkd_rl_weighting::meta::MetaAgent::new(
+        AgentConfig {
+            mode: Mode::Meta,
+            quiz: Quiz::Previous,
+            hidden: g["hidden"].as_i64().unwrap(),
+            meta_lr: g["meta_lr"].as_f64().unwrap(),
+            entropy: g["entropy"].as_f64().unwrap(),
+            ..AgentConfig::default()
+        },
+        3,
+        g["ce_weight"].as_f64().unwrap(),
+        g["kd_weight"].as_f64().unwrap(),
+        Device::Cpu,
+    )
+    .unwrap();
+    c.load_state(&state).unwrap();
+    let want = a.weights(&meta_signals(&g, &batches[2])).unwrap();
+    let got = c.weights(&meta_signals(&g, &batches[2])).unwrap();
+    assert!(want.logit.equal(&got.logit), "resumed weights differ");
+    // Without the state the third batch's weights differ (the check can fail).
+    b.weights(&meta_signals(&g, &batches[2])).unwrap();
+    let other = b.weights(&meta_signals(&g, &batches[2])).unwrap();
+    assert!(!want.logit.equal(&other.logit));
+}
+
+#[test]
+fn meta_mode_drops_pruned_teachers_and_refuses_a_wrong_pool() {
+    let g = meta_golden();
+    let batches = g["batches"].as_array().unwrap();
+    let mut a = meta_agent(&g);
+    a.weights(&meta_signals(&g, &batches[0])).unwrap();
+    a.retain_teachers(&[0, 2]).unwrap();
+    // A batch with all three teachers no longer fits.
+    let err = a.weights(&meta_signals(&g, &batches[1])).unwrap_err();
+    assert!(err.to_string().contains("teachers"), "{err}");
+    let state = a.save_state().unwrap();
+    assert!(state.json.contains("\"active\":[0,2]"), "{}", state.json);
+    assert!(a.retain_teachers(&[5]).is_err());
 }

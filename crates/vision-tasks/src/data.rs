@@ -67,6 +67,23 @@ impl ImageSet {
         }
     }
 
+    /// The samples at `indices`, in that order (indices must be in range).
+    pub fn select(&self, indices: &[usize]) -> ImageSet {
+        let (c, h, w) = self.image_shape();
+        let mut images = Array4::<u8>::zeros((indices.len(), c, h, w));
+        for (dst, &src) in indices.iter().enumerate() {
+            images
+                .slice_mut(s![dst, .., .., ..])
+                .assign(&self.images.slice(s![src, .., .., ..]));
+        }
+        ImageSet {
+            images,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+        }
+    }
+
     /// Split off the last `n` samples as a second set: `(first, last)`.
     pub fn split_tail(&self, n: usize) -> (ImageSet, ImageSet) {
         let k = self.len().saturating_sub(n);

@@ -335,6 +335,20 @@ fn compare(
         cfg.data.kind,
         cfg.data.root.display()
     ));
+    md.push_str(&format!(
+        "Machine: {}; {} logical cores; libtorch threads {}; mtkd {}; {}\n\n",
+        cpu_model(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        tch::get_num_threads(),
+        env!("CARGO_PKG_VERSION"),
+        std::process::Command::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default(),
+    ));
     md.push_str("Teachers (test top-1):\n\n");
     for t in &teachers {
         md.push_str(&format!(
@@ -358,6 +372,19 @@ fn compare(
     println!("{md}");
     println!("table: {}", path.display());
     Ok(())
+}
+
+/// The CPU model from /proc/cpuinfo (or "unknown CPU").
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
 }
 
 /// Run `mtkd share-teachers` for one seed's config; keep its timing as

@@ -1,5 +1,7 @@
 //! Classification: the task loss (cross-entropy) and its metrics (top-1, top-5, per-class).
 
+pub mod labels;
+
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 

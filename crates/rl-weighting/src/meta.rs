@@ -1,0 +1,448 @@
+//! The agent's meta mode (docs/METHOD.md section 10): a policy over per-teacher features that is
+//! trained by per-teacher credit from a look-ahead.
+//!
+//! - **Policy.** One small MLP, shared by all teachers, reads the features of teacher m for
+//!   sample b, `f[b,m] = [ce_m, kl_m, entropy_m, cos_m, ce_m - mean_j ce_j, kl_m - mean_j kl_j]`
+//!   (standardised with running statistics pooled over teachers, so teachers stay comparable;
+//!   clipped to ±5), and gives a score; a learnt bias per teacher is added and the weights are
+//!   the softmax over teachers. The output layer and the biases start at zero: the first weights
+//!   are exactly AVER's. The same weights route the logit and the feature term, and they always
+//!   sum to 1 (AVER's total KD weight).
+//! - **Credit.** At every step, a virtual SGD step of the student's classifier with the current
+//!   weights ([`mtkd_distill_core::mmkd::lookahead_quiz_loss`]); the credit of teacher m on
+//!   sample b is `C[b,m] = -dL_quiz/dw[b,m]`: how much more weight on that teacher for that
+//!   sample would lower the quiz loss. It is centred over teachers (the softmax ignores a shift)
+//!   and divided by a running RMS (EMA 0.99, bias-corrected), which makes the entropy
+//!   coefficient scale-free.
+//! - **Update.** Adam on `-mean_b sum_m w[b,m] A[b,m] - tau mean_b H(w[b,.])`: to first order the
+//!   look-ahead meta-gradient (as MMKD), with a per-sample optimum `w ~ exp(A / tau)`, so the
+//!   weights concentrate only where the credit differs between teachers.
+//! - Every piece of state is checkpointed (parameters, Adam moments, normaliser, RMS, quiz
+//!   batch, counters, the active teachers): resume is exact.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::mmkd::lookahead_quiz_loss;
+use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::weighting::{
+    restore_variable, StrategyState, TeacherWeights, WeightingStrategy,
+};
+use mtkd_distill_core::{Error, Result};
+
+use crate::agent::{AgentConfig, Quiz, RunningNorm};
+
+/// Per-teacher features of the policy.
+pub const FEATURES: i64 = 6;
+const RMS_DECAY: f64 = 0.99;
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+
+#[derive(Default)]
+struct Stats {
+    updates: u64,
+    skipped: u64,
+    quiz_loss: Option<Tensor>,
+    /// `[entropy, max weight]` summed over batches.
+    weights: Option<Tensor>,
+    batches: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Bookkeeping {
+    adam_t: u64,
+    calls: u64,
+    norm_count: f64,
+    credit_count: u64,
+    has_quiz: bool,
+    active: Vec<usize>,
+}
+
+/// The MTKD-RL agent in meta mode.
+pub struct MetaAgent {
+    cfg: AgentConfig,
+    vs: nn::VarStore,
+    l1: nn::Linear,
+    l2: nn::Linear,
+    /// A learnt score per teacher of the full pool `[M0]`.
+    teacher_bias: Tensor,
+    /// Positions (in the full pool) of the teachers still in the pool.
+    active: Vec<usize>,
+    ce_weight: f64,
+    kd_weight: f64,
+    norm: RunningNorm,
+    /// EMA of the mean square of the centred credit (scalar, double).
+    credit_ms: Tensor,
+    credit_count: u64,
+    adam_m: Vec<Tensor>,
+    adam_v: Vec<Tensor>,
+    adam_t: u64,
+    quiz: Option<(Tensor, Tensor)>,
+    calls: u64,
+    stats: Stats,
+}
+
+impl std::fmt::Debug for MetaAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaAgent")
+            .field("cfg", &self.cfg)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+/// The policy's per-teacher features of a batch, unnormalised.
+///
+/// # Shapes
+/// -> `[B, M, FEATURES]`
+pub fn features(s: &BatchSignals) -> Result<Tensor> {
+    let ce = s.ce.to_kind(Kind::Float);
+    let kl = s.kl.to_kind(Kind::Float);
+    let cos = match &s.cos {
+        Some(c) => c.to_kind(Kind::Float),
+        None => ce.zeros_like(),
+    };
+    let rel = |t: &Tensor| t - t.mean_dim(1, true, Kind::Float);
+    Ok(Tensor::f_stack(
+        &[
+            ce.shallow_clone(),
+            kl.shallow_clone(),
+            s.entropy.to_kind(Kind::Float),
+            cos,
+            rel(&ce),
+            rel(&kl),
+        ],
+        2,
+    )?)
+}
+
+fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+impl MetaAgent {
+    /// A meta-mode agent for `num_teachers` teachers; the student's loss is
+    /// `ce_weight CE + kd_weight sum_m w_m KL_m (+ features)`. The first layer is initialised from
+    /// libtorch's global RNG.
+    pub fn new(
+        cfg: AgentConfig,
+        num_teachers: usize,
+        ce_weight: f64,
+        kd_weight: f64,
+        device: Device,
+    ) -> Result<MetaAgent> {
+        cfg.check().map_err(|(f, r)| Error::Invalid {
+            what: format!("distill.agent.{f}"),
+            reason: r,
+        })?;
+        if num_teachers == 0 {
+            return Err(Error::Invalid {
+                what: "teachers".into(),
+                reason: "the agent needs at least one teacher".into(),
+            });
+        }
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let l1 = nn::linear(&root / "l1", FEATURES, cfg.hidden, Default::default());
+        // No output bias: a score shared by all teachers is ignored by the softmax.
+        let zero = nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            bs_init: None,
+            bias: false,
+        };
+        let l2 = nn::linear(&root / "l2", cfg.hidden, 1, zero);
+        let teacher_bias = root.zeros("teacher_bias", &[num_teachers as i64]);
+        let params = sorted(&vs);
+        Ok(MetaAgent {
+            adam_m: params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            adam_v: params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            adam_t: 0,
+            cfg,
+            vs,
+            l1,
+            l2,
+            teacher_bias,
+            active: (0..num_teachers).collect(),
+            ce_weight,
+            kd_weight,
+            norm: RunningNorm::new(FEATURES, device),
+            credit_ms: Tensor::zeros([], (Kind::Double, device)),
+            credit_count: 0,
+            quiz: None,
+            calls: 0,
+            stats: Stats::default(),
+        })
+    }
+
+    /// The policy's parameters by name (`l1.weight`, `l1.bias`, `l2.weight`, `teacher_bias`).
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        sorted(&self.vs)
+    }
+
+    /// Overwrite parameter `name` (tests and checkpoints).
+    pub fn set_parameter(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        restore_variable(&self.vs, "mtkd-rl meta", name, value)
+    }
+
+    /// Weights `[B, M]` from normalised features `[B, M, F]`, with gradient to the parameters.
+    fn policy(&self, x: &Tensor) -> Result<Tensor> {
+        let score = self
+            .l2
+            .forward(&self.l1.forward(x).relu())
+            .squeeze_dim(2);
+        let idx = Tensor::from_slice(&self.active.iter().map(|&a| a as i64).collect::<Vec<_>>())
+            .to_device(self.vs.device());
+        let bias = self.teacher_bias.f_index_select(0, &idx)?;
+        Ok((score + bias.unsqueeze(0)).f_softmax(1, Kind::Float)?)
+    }
+
+    /// One policy update from the look-ahead credit on `quiz`.
+    fn update(
+        &mut self,
+        s: &BatchSignals,
+        x: &Tensor,
+        quiz: &(Tensor, Tensor),
+    ) -> Result<()> {
+        let head = s.student_head.as_ref().ok_or_else(|| Error::Invalid {
+            what: "mtkd-rl meta".into(),
+            reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
+        })?;
+        let w = self.policy(x)?;
+        let leaf = w.detach().set_requires_grad(true);
+        let quiz_loss =
+            lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
+        let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
+        let credit = -&g[0];
+        let centred = &credit - credit.mean_dim(1, true, Kind::Float);
+        let batch_ms = centred.square().mean(Kind::Double);
+        // One device sync per step: a non-finite batch must not reach the policy.
+        let finite = quiz_loss.f_isfinite()?.f_logical_and(&batch_ms.f_isfinite()?)?;
+        if finite.f_int64_value(&[])? == 0 {
+            tracing::warn!("mtkd-rl meta: non-finite look-ahead credit, update skipped");
+            self.stats.skipped += 1;
+            return Ok(());
+        }
+        self.credit_ms = &self.credit_ms * RMS_DECAY + batch_ms * (1.0 - RMS_DECAY);
+        self.credit_count += 1;
+        let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
+        let rms = (&self.credit_ms / correction).sqrt().to_kind(Kind::Float) + 1e-20;
+        let adv = (centred / rms).detach();
+        let entropy = -(&w * w.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
+        let loss = -(&w * adv).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)
+            - entropy.mean(Kind::Float) * self.cfg.entropy;
+        let params = self.parameters();
+        let tensors: Vec<&Tensor> = params.iter().map(|(_, p)| p).collect();
+        let grads = Tensor::f_run_backward(&[&loss], &tensors, false, false)?;
+        self.adam(&tensors, &grads)?;
+        self.stats.updates += 1;
+        let ql = quiz_loss.detach().to_kind(Kind::Double);
+        self.stats.quiz_loss = Some(match self.stats.quiz_loss.take() {
+            Some(sum) => sum + ql,
+            None => ql,
+        });
+        Ok(())
+    }
+
+    fn adam(&mut self, params: &[&Tensor], grads: &[Tensor]) -> Result<()> {
+        self.adam_t += 1;
+        let bc1 = 1.0 - BETA1.powi(self.adam_t as i32);
+        let bc2 = 1.0 - BETA2.powi(self.adam_t as i32);
+        tch::no_grad(|| -> Result<()> {
+            for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+                let m = &mut self.adam_m[i];
+                let v = &mut self.adam_v[i];
+                let _ = m.f_mul_scalar_(BETA1)?.f_add_(&(g * (1.0 - BETA1)))?;
+                let _ = v.f_mul_scalar_(BETA2)?.f_add_(&(g * g * (1.0 - BETA2)))?;
+                let step = (&*m / bc1) / ((&*v / bc2).f_sqrt()? + ADAM_EPS) * self.cfg.meta_lr;
+                let mut p = p.shallow_clone();
+                let _ = p.f_sub_(&step)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+impl WeightingStrategy for MetaAgent {
+    fn name(&self) -> &str {
+        "mtkd-rl-meta"
+    }
+
+    fn wants_student_head(&self) -> bool {
+        true
+    }
+
+    fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let b = signals.batch_size();
+        let m = signals.num_teachers();
+        if m as usize != self.active.len() {
+            return Err(Error::ShapeMismatch {
+                what: "mtkd-rl meta teachers".into(),
+                expected: self.active.len().to_string(),
+                got: m.to_string(),
+            });
+        }
+        self.calls += 1;
+        let device = signals.ce.device();
+        if m == 1 {
+            return Ok(TeacherWeights::broadcast(&[1.0], b, device));
+        }
+        let x = tch::no_grad(|| -> Result<Tensor> {
+            let f = features(signals)?;
+            Ok(self
+                .norm
+                .update_and_apply(&f.view([b * m, FEATURES]))
+                .view([b, m, FEATURES]))
+        })?;
+        let head = signals.student_head.as_ref().ok_or_else(|| Error::Invalid {
+            what: "mtkd-rl meta".into(),
+            reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
+        })?;
+        let current = (
+            head.embedding.detach().f_to_kind(Kind::Float)?,
+            signals.labels.detach(),
+        );
+        let quiz = match self.cfg.quiz {
+            Quiz::Previous => self.quiz.replace(current),
+            Quiz::Current => Some(current),
+        };
+        if let Some(q) = quiz {
+            self.update(signals, &x, &q)?;
+        }
+        let w = tch::no_grad(|| self.policy(&x))?;
+        let row = tch::no_grad(|| {
+            let ent = -(&w * w.clamp_min(1e-12).log())
+                .sum_dim_intlist(1, false, Kind::Double)
+                .mean(Kind::Double);
+            let max = w.amax(1, false).mean(Kind::Double);
+            Tensor::stack(&[ent, max], 0)
+        });
+        self.stats.weights = Some(match self.stats.weights.take() {
+            Some(acc) => acc + row,
+            None => row,
+        });
+        self.stats.batches += 1;
+        Ok(TeacherWeights {
+            feature: w.copy(),
+            logit: w,
+        })
+    }
+
+    fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
+        let active: Vec<usize> = keep
+            .iter()
+            .map(|&k| {
+                self.active.get(k).copied().ok_or_else(|| Error::Invalid {
+                    what: "mtkd-rl meta pruning".into(),
+                    reason: format!("teacher {k} is not in the pool of {}", self.active.len()),
+                })
+            })
+            .collect::<Result<_>>()?;
+        self.active = active;
+        Ok(())
+    }
+
+    fn take_epoch_metrics(&mut self) -> Vec<(String, f64)> {
+        let s = std::mem::take(&mut self.stats);
+        let mut out = vec![
+            ("agent_updates".to_owned(), s.updates as f64),
+            ("agent_skipped_samples".to_owned(), s.skipped as f64),
+        ];
+        if let Some(q) = s.quiz_loss {
+            out.push((
+                "agent_quiz_loss".to_owned(),
+                q.double_value(&[]) / s.updates.max(1) as f64,
+            ));
+        }
+        if let Some(w) = s.weights {
+            let v = Vec::<f64>::try_from(&w.to_device(Device::Cpu)).unwrap_or_default();
+            let n = s.batches.max(1) as f64;
+            if v.len() == 2 {
+                out.push(("weight_entropy_logit".to_owned(), v[0] / n));
+                out.push(("weight_max".to_owned(), v[1] / n));
+            }
+        }
+        if self.credit_count > 0 {
+            let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
+            out.push((
+                "credit_rms".to_owned(),
+                (self.credit_ms.double_value(&[]) / correction).sqrt(),
+            ));
+        }
+        out
+    }
+
+    fn save_state(&self) -> Result<StrategyState> {
+        let mut tensors = Vec::new();
+        for (i, (name, p)) in self.parameters().into_iter().enumerate() {
+            tensors.push((format!("adam_m.{name}"), self.adam_m[i].shallow_clone()));
+            tensors.push((format!("adam_v.{name}"), self.adam_v[i].shallow_clone()));
+            tensors.push((format!("param.{name}"), p));
+        }
+        tensors.push(("norm.mean".into(), self.norm.mean.shallow_clone()));
+        tensors.push(("norm.var".into(), self.norm.var.shallow_clone()));
+        tensors.push(("credit_ms".into(), self.credit_ms.shallow_clone()));
+        if let Some((h, y)) = &self.quiz {
+            tensors.push(("quiz.embedding".into(), h.shallow_clone()));
+            tensors.push(("quiz.labels".into(), y.shallow_clone()));
+        }
+        let json = serde_json::to_string(&Bookkeeping {
+            adam_t: self.adam_t,
+            calls: self.calls,
+            norm_count: self.norm.count,
+            credit_count: self.credit_count,
+            has_quiz: self.quiz.is_some(),
+            active: self.active.clone(),
+        })
+        .map_err(|e| Error::Invalid {
+            what: "mtkd-rl meta checkpoint".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(StrategyState { tensors, json })
+    }
+
+    fn load_state(&mut self, state: &StrategyState) -> Result<()> {
+        let book: Bookkeeping = serde_json::from_str(&state.json).map_err(|e| Error::Invalid {
+            what: "mtkd-rl meta checkpoint".into(),
+            reason: format!("unreadable bookkeeping: {e}"),
+        })?;
+        let find = |key: &str| -> Result<&Tensor> {
+            state
+                .tensors
+                .iter()
+                .find(|(n, _)| n == key)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::Invalid {
+                    what: "mtkd-rl meta checkpoint".into(),
+                    reason: format!("missing tensor `{key}`"),
+                })
+        };
+        let device = self.vs.device();
+        let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
+        for (i, name) in names.iter().enumerate() {
+            restore_variable(&self.vs, "mtkd-rl meta", name, find(&format!("param.{name}"))?)?;
+            self.adam_m[i] = find(&format!("adam_m.{name}"))?.to_device(device).copy();
+            self.adam_v[i] = find(&format!("adam_v.{name}"))?.to_device(device).copy();
+        }
+        self.norm.mean = find("norm.mean")?.to_device(device).copy();
+        self.norm.var = find("norm.var")?.to_device(device).copy();
+        self.norm.count = book.norm_count;
+        self.credit_ms = find("credit_ms")?.to_device(device).copy();
+        self.quiz = if book.has_quiz {
+            Some((
+                find("quiz.embedding")?.to_device(device).copy(),
+                find("quiz.labels")?.to_device(device).copy(),
+            ))
+        } else {
+            None
+        };
+        self.adam_t = book.adam_t;
+        self.calls = book.calls;
+        self.credit_count = book.credit_count;
+        self.active = book.active;
+        Ok(())
+    }
+}
