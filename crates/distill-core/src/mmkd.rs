@@ -337,6 +337,68 @@ impl WeightingStrategy for Mmkd {
         "mmkd"
     }
 
+    /// The weight network loses the kept-out teachers' input blocks and output rows (their
+    /// Adam moments too); the rest keeps its learnt values.
+    fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
+        let m = self.num_teachers as usize;
+        if keep.is_empty() || keep.iter().any(|&k| k >= m) {
+            return Err(Error::Invalid {
+                what: "mmkd pruning".into(),
+                reason: format!("keep {keep:?} from {m} teachers"),
+            });
+        }
+        let k = self.num_classes;
+        let device = self.vs.device();
+        let idx = |v: Vec<i64>| Tensor::from_slice(&v).to_device(device);
+        // Input columns: each kept teacher's K logits, then the student's.
+        let mut cols: Vec<i64> = keep
+            .iter()
+            .flat_map(|&t| (t as i64 * k)..(t as i64 + 1) * k)
+            .collect();
+        cols.extend((m as i64 * k)..((m as i64 + 1) * k));
+        let cols = idx(cols);
+        let rows = idx(keep.iter().map(|&t| t as i64).collect());
+        // Sorted parameter order: l1.bias, l1.weight, l2.bias, l2.weight.
+        let slice = |name: &str, t: &Tensor| -> Result<Tensor> {
+            Ok(match name {
+                "l1.weight" => t.f_index_select(1, &cols)?,
+                "l2.weight" | "l2.bias" => t.f_index_select(0, &rows)?,
+                _ => t.copy(),
+            })
+        };
+        let old = self.parameters();
+        let mut values = Vec::new();
+        for (i, (name, p)) in old.iter().enumerate() {
+            values.push((
+                name.clone(),
+                slice(name, &p.detach())?,
+                slice(name, &self.adam_m[i])?,
+                slice(name, &self.adam_v[i])?,
+            ));
+        }
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let l1 = nn::linear(
+            &root / "l1",
+            (keep.len() as i64 + 1) * k,
+            self.cfg.hidden,
+            Default::default(),
+        );
+        let l2 = nn::linear(&root / "l2", self.cfg.hidden, keep.len() as i64, Default::default());
+        self.vs = vs;
+        self.l1 = l1;
+        self.l2 = l2;
+        self.num_teachers = keep.len() as i64;
+        self.adam_m.clear();
+        self.adam_v.clear();
+        for (name, p, am, av) in values {
+            self.set_parameter(&name, &p)?;
+            self.adam_m.push(am);
+            self.adam_v.push(av);
+        }
+        Ok(())
+    }
+
     fn wants_student_head(&self) -> bool {
         true
     }

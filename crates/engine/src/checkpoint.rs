@@ -26,6 +26,12 @@ pub struct Meta {
     /// The weighting strategy's bookkeeping (JSON; its tensors are in the safetensors file).
     #[serde(default)]
     pub strategy_json: String,
+    /// Positions (full pool order) of the teachers still in the pool; absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_teachers: Option<Vec<usize>>,
+    /// Per teacher (full pool order): consecutive epochs under the pruning threshold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prune_counts: Vec<usize>,
 }
 
 fn epoch_dir(root: &Path, epoch: usize) -> PathBuf {

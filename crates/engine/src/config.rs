@@ -226,6 +226,33 @@ pub struct DistillConfig {
     /// strategy against the headroom `oracle - AVER`. Not used by `train`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oracle: Option<FixedWeights>,
+    /// Automatic teacher selection: teachers whose weight stays low leave the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<PruneConfig>,
+}
+
+/// `[distill.prune]`: at the end of an epoch, a teacher whose mean logit weight over the epoch
+/// was below `threshold` for `patience` epochs in a row leaves the pool (its forward pass is no
+/// longer paid, its column leaves the signals); at least `min_teachers` stay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneConfig {
+    /// Mean logit weight (over an epoch's samples) under which a teacher counts as unused.
+    #[serde(default = "default_prune_threshold")]
+    pub threshold: f64,
+    /// Consecutive epochs under the threshold before the teacher leaves.
+    #[serde(default = "default_one_usize")]
+    pub patience: usize,
+    /// Never fewer teachers than this.
+    #[serde(default = "default_one_usize")]
+    pub min_teachers: usize,
+}
+
+fn default_prune_threshold() -> f64 {
+    0.1
+}
+fn default_one_usize() -> usize {
+    1
 }
 
 pub use mtkd_distill_core::weighting::FixedWeights;
@@ -455,6 +482,20 @@ impl Config {
                     }
                 }
             }
+            if let Some(p) = &d.prune {
+                if !(p.threshold > 0.0 && p.threshold < 1.0) {
+                    return bad(
+                        "distill.prune.threshold",
+                        format!("must be in (0, 1), got {}", p.threshold),
+                    );
+                }
+                if p.patience == 0 || p.min_teachers == 0 {
+                    return bad(
+                        "distill.prune",
+                        "patience and min_teachers must be at least 1".into(),
+                    );
+                }
+            }
             if d.strategy == StrategyKind::Fixed && d.fixed.is_none() {
                 return bad(
                     "distill.fixed",
@@ -540,7 +581,7 @@ impl Config {
             }
             // Class ranges need the dataset; they are checked when the teacher is trained.
             if let Err((f, r)) = t.label_edits().check(usize::MAX) {
-                return bad(&format!("{field}.{f}"), r);
+                return bad(&format!("{field}.{f}"), format!("teacher `{}`: {r}", t.name));
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! it resolves a [`config::Config`] into data, a student, a teacher pool, a weighting strategy
 //! and an optimizer, and runs the loop in [`trainer`].
 
+pub mod audit;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod doctor;
 pub mod optim;
 pub mod plot;
 pub mod record;
+pub mod report;
 pub mod shared;
 pub mod trainer;
 

@@ -36,6 +36,63 @@ pub struct EpochRecord {
     /// shared outputs).
     #[serde(default)]
     pub teacher_seconds: f64,
+    /// Mean feature weight per teacher over the epoch (full pool order, 0 for a pruned teacher);
+    /// empty without teachers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub teacher_feature_weights: Vec<f64>,
+    /// Mean logit weight per true class (rows, K) and teacher (columns, full pool order) over the
+    /// epoch's samples; empty without teachers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_weights: Vec<Vec<f64>>,
+    /// The same for the feature weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub class_feature_weights: Vec<Vec<f64>>,
+    /// Teachers that left the pool at the end of this epoch (`[distill.prune]`), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<String>,
+    /// Teachers still in the pool during this epoch, by name (absent: the whole pool).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_teachers: Option<Vec<String>>,
+}
+
+/// `audit.json`: what a person needs to check the teachers' trust that the metrics lines do not
+/// hold: the training samples of the last epoch on which the teachers disagreed most, with the
+/// image and the weights each teacher got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Audit {
+    /// Teacher names (full pool order).
+    pub teachers: Vec<String>,
+    /// Class names in label order.
+    pub class_names: Vec<String>,
+    /// The epoch (1-based) the samples come from.
+    pub epoch: usize,
+    /// How disagreement is measured (text for the report).
+    pub measure: String,
+    /// Most disagreed-on first.
+    pub samples: Vec<AuditSample>,
+}
+
+/// One training sample of [`Audit`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditSample {
+    /// Index in the training set.
+    pub index: usize,
+    pub label: usize,
+    /// The un-augmented training image as a PNG, base64 (for a `data:image/png;base64,` URI).
+    pub image_png_base64: String,
+    /// Disagreement of the teachers on the sample (see [`Audit::measure`]).
+    pub disagreement: f64,
+    /// Per teacher (full pool order; a pruned teacher has none): its predicted class, its
+    /// probability of the true class, and the logit and feature weight it got.
+    pub teachers: Vec<Option<AuditTeacher>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditTeacher {
+    pub predicted: usize,
+    pub prob_true: f64,
+    pub logit_weight: f64,
+    pub feature_weight: f64,
 }
 
 /// A teacher's figures in the summary.

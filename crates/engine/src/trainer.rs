@@ -176,7 +176,19 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
 
 /// Every teacher's output for a batch.
 fn teacher_outputs(pool: &[PoolMember], images: &Tensor) -> Result<Vec<ModelOutput>> {
-    pool.iter()
+    let all: Vec<usize> = (0..pool.len()).collect();
+    teacher_outputs_of(pool, &all, images)
+}
+
+/// The outputs of the teachers at `which` (pool positions), in that order.
+fn teacher_outputs_of(
+    pool: &[PoolMember],
+    which: &[usize],
+    images: &Tensor,
+) -> Result<Vec<ModelOutput>> {
+    which
+        .iter()
+        .map(|&i| &pool[i])
         .map(|p| {
             p.teacher
                 .forward(images)
@@ -530,8 +542,15 @@ struct Trainer<'a> {
     adapters: Vec<Adapter>,
     strategy: Box<dyn WeightingStrategy>,
     opt: Sgd,
-    /// Sum of logit weights `[K, M]` and sample counts `[K]` per class over the current epoch.
-    per_class: Option<(Tensor, Tensor)>,
+    /// Sums of logit and feature weights `[K, M]` (full pool order) and sample counts `[K]`
+    /// per class over the current epoch.
+    per_class: Option<(Tensor, Tensor, Tensor)>,
+    /// Positions (full pool order) of the teachers still in the pool (`[distill.prune]`).
+    active: Vec<usize>,
+    /// Per teacher: consecutive epochs under the pruning threshold.
+    prune_counts: Vec<usize>,
+    /// The last epoch's most disagreed-on training samples (for `audit.json`).
+    audit: Vec<crate::audit::Candidate>,
     /// `weights.csv` when `run.weight_log` is on.
     weight_log: Option<std::io::BufWriter<std::fs::File>>,
     /// Folder of the shared teacher outputs for this run's batches (`RunOptions::teacher_outputs`).
@@ -669,8 +688,12 @@ impl<'a> Trainer<'a> {
         } else {
             format!("{} <- {} teachers", cfg.student.arch, pool.len())
         };
+        let m = pool.len();
         Ok(Trainer {
             per_class: None,
+            active: (0..m).collect(),
+            prune_counts: vec![0; m],
+            audit: Vec::new(),
             weight_log: None,
             shared: None,
             cfg,
@@ -814,6 +837,12 @@ impl<'a> Trainer<'a> {
                         ckpt_dir.display()
                     );
                 }
+                if let Some(active) = meta.active_teachers.clone() {
+                    self.set_active(active)?;
+                }
+                if !meta.prune_counts.is_empty() {
+                    self.prune_counts = meta.prune_counts.clone();
+                }
                 self.restore(tensors, &meta.strategy_json)?;
                 tracing::info!(dir = %self.dir.display(), epoch = meta.epoch, "resuming from checkpoint");
                 obs.phase(&format!(
@@ -830,6 +859,8 @@ impl<'a> Trainer<'a> {
                 elapsed_seconds: 0.0,
                 config_hash: self.config_hash.clone(),
                 strategy_json: String::new(),
+                active_teachers: None,
+                prune_counts: Vec::new(),
             },
         };
         if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
@@ -861,6 +892,7 @@ impl<'a> Trainer<'a> {
             );
             self.strategy.start_epoch(epoch)?;
             self.per_class = None;
+            self.audit.clear();
             let mut sums = Sums::new(self.device, self.pool.len());
             let mut shared = match &self.shared {
                 Some(dir) => Some(EpochOutputs::open(dir, epoch, self.layout())?),
@@ -906,6 +938,17 @@ impl<'a> Trainer<'a> {
                 t0.elapsed().as_secs_f64(),
             );
             rec.strategy_metrics = self.strategy.take_epoch_metrics().into_iter().collect();
+            self.class_weights_into(&mut rec)?;
+            if self.active.len() < self.pool.len() {
+                rec.active_teachers = Some(self.active_names());
+            }
+            rec.pruned = self.prune_after_epoch(&rec)?;
+            if self.active.len() < self.pool.len() {
+                meta.active_teachers = Some(self.active.clone());
+            }
+            if cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
+                meta.prune_counts = self.prune_counts.clone();
+            }
             meta.epoch = epoch + 1;
             meta.history.push(rec.clone());
             meta.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
@@ -966,10 +1009,24 @@ impl<'a> Trainer<'a> {
             Some(d) => {
                 let t0 = Instant::now();
                 let pool = &self.pool;
-                let compute = || teacher_outputs(pool, images);
+                let active = &self.active;
                 let t_outs = match shared {
-                    Some(shared) => shared.batch(indices, self.device, compute)?,
-                    None => compute()?,
+                    // Stored outputs hold the whole pool; a pruned teacher's column is dropped.
+                    Some(shared) => {
+                        let all = shared.batch(indices, self.device, || {
+                            teacher_outputs(pool, images)
+                        })?;
+                        if active.len() == all.len() {
+                            all
+                        } else {
+                            all.into_iter()
+                                .enumerate()
+                                .filter(|(i, _)| active.contains(i))
+                                .map(|(_, o)| o)
+                                .collect()
+                        }
+                    }
+                    None => teacher_outputs_of(pool, active, images)?,
                 };
                 sums.teacher_seconds += t0.elapsed().as_secs_f64();
                 let features = out
@@ -979,9 +1036,9 @@ impl<'a> Trainer<'a> {
                 let projected: Vec<Option<Tensor>> = if self.adapters.is_empty() {
                     (0..t_outs.len()).map(|_| None).collect()
                 } else {
-                    self.adapters
+                    self.active
                         .iter()
-                        .map(|a| a.forward(features, true).map(Some))
+                        .map(|&i| self.adapters[i].forward(features, true).map(Some))
                         .collect::<std::result::Result<_, _>>()?
                 };
                 // The KL terms with gradient, once; the signals get them detached.
@@ -1025,8 +1082,15 @@ impl<'a> Trainer<'a> {
                     }
                 }
                 let total = &ce * d.ce_weight + &kd * d.kd_weight + &feat * d.feature_weight;
-                let wm = w.logit.detach().mean_dim(0, false, Kind::Float);
-                (total, Some(kd), Some(feat), Some((wm, signals, w, t_outs)))
+                let full = self.to_full(&w)?;
+                let wm = Tensor::stack(
+                    &[
+                        full.logit.mean_dim(0, false, Kind::Float),
+                        full.feature.mean_dim(0, false, Kind::Float),
+                    ],
+                    0,
+                );
+                (total, Some(kd), Some(feat), Some((wm, signals, w, t_outs, full)))
             }
         };
         let loss = per_sample.mean(Kind::Float);
@@ -1034,8 +1098,8 @@ impl<'a> Trainer<'a> {
         if loss::ensure_finite("loss", &loss).is_err() {
             let bad = |t: &Tensor| loss::ensure_finite("", t).is_err();
             let mut what = None;
-            if let Some((_, _, w, t_outs)) = &weights_mean {
-                for (p, t) in self.pool.iter().zip(t_outs) {
+            if let Some((_, _, w, t_outs, _)) = &weights_mean {
+                for (p, t) in self.active.iter().map(|&i| &self.pool[i]).zip(t_outs) {
                     if what.is_none() && bad(&t.logits) {
                         what = Some(format!("the logits of teacher `{}`", p.teacher.name()));
                     }
@@ -1077,8 +1141,11 @@ impl<'a> Trainer<'a> {
             &correct,
             weights_mean.as_ref().map(|x| &x.0),
         );
-        if let Some((_, signals, w, _)) = weights_mean {
-            self.record_weights(&w, labels, indices, epoch, step)?;
+        if let Some((_, signals, w, _, full)) = weights_mean {
+            self.record_weights(&full, labels, indices, epoch, step)?;
+            if epoch + 1 == self.cfg.train.epochs {
+                crate::audit::collect(&mut self.audit, &signals, &full, &self.active, indices)?;
+            }
             let eval_ce = match eval_before {
                 Some(before) => {
                     let after = tch::no_grad(|| self.student.forward_t(images, false));
@@ -1103,6 +1170,115 @@ impl<'a> Trainer<'a> {
                 })?;
         }
         Ok(true)
+    }
+
+    /// Weights of the active teachers `[B, M_active]` spread over the full pool `[B, M]` (0 for
+    /// a pruned teacher), detached.
+    fn to_full(&self, w: &TeacherWeights) -> Result<TeacherWeights> {
+        let m = self.pool.len();
+        if self.active.len() == m {
+            return Ok(TeacherWeights {
+                logit: w.logit.detach(),
+                feature: w.feature.detach(),
+            });
+        }
+        let idx = Tensor::from_slice(&self.active.iter().map(|&i| i as i64).collect::<Vec<_>>())
+            .to_device(self.device);
+        let spread = |t: &Tensor| -> Result<Tensor> {
+            let b = t.size()[0];
+            Ok(Tensor::zeros([b, m as i64], (Kind::Float, self.device))
+                .f_index_copy(1, &idx, &t.detach().to_kind(Kind::Float))?)
+        };
+        Ok(TeacherWeights {
+            logit: spread(&w.logit)?,
+            feature: spread(&w.feature)?,
+        })
+    }
+
+    fn active_names(&self) -> Vec<String> {
+        self.active
+            .iter()
+            .map(|&i| self.pool[i].teacher.name().to_owned())
+            .collect()
+    }
+
+    /// Keep only the teachers at `active` (full pool positions, increasing).
+    fn set_active(&mut self, active: Vec<usize>) -> Result<()> {
+        if active.is_empty() || active.iter().any(|&i| i >= self.pool.len()) {
+            bail!(
+                "the checkpoint's active teachers {active:?} do not fit a pool of {}",
+                self.pool.len()
+            );
+        }
+        let keep: Vec<usize> = active
+            .iter()
+            .map(|i| self.active.iter().position(|a| a == i))
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow!("a pruned teacher cannot come back to the pool"))?;
+        self.strategy
+            .retain_teachers(&keep)
+            .with_context(|| format!("strategy `{}`", self.strategy.name()))?;
+        self.active = active;
+        Ok(())
+    }
+
+    /// `[distill.prune]` at the end of an epoch: count the epochs each active teacher spent under
+    /// the threshold and drop those past their patience. Returns the names that left.
+    fn prune_after_epoch(&mut self, rec: &EpochRecord) -> Result<Vec<String>> {
+        let Some(p) = self.distill().and_then(|d| d.prune.clone()) else {
+            return Ok(Vec::new());
+        };
+        let mut leaving = Vec::new();
+        for &i in &self.active {
+            let w = rec.teacher_weights.get(i).copied().unwrap_or(f64::NAN);
+            if w < p.threshold {
+                self.prune_counts[i] += 1;
+            } else {
+                self.prune_counts[i] = 0;
+            }
+            if self.prune_counts[i] >= p.patience {
+                leaving.push((w, i));
+            }
+        }
+        // Lowest weight first, never below min_teachers.
+        leaving.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let room = self.active.len().saturating_sub(p.min_teachers);
+        leaving.truncate(room);
+        if leaving.is_empty() {
+            return Ok(Vec::new());
+        }
+        let gone: Vec<usize> = leaving.iter().map(|&(_, i)| i).collect();
+        let names: Vec<String> = gone
+            .iter()
+            .map(|&i| self.pool[i].teacher.name().to_owned())
+            .collect();
+        let active: Vec<usize> = self
+            .active
+            .iter()
+            .copied()
+            .filter(|i| !gone.contains(i))
+            .collect();
+        self.set_active(active)?;
+        for (n, (w, _)) in names.iter().zip(&leaving) {
+            tracing::info!(teacher = %n, epoch = rec.epoch, mean_weight = w, threshold = p.threshold,
+                "teacher leaves the pool (distill.prune)");
+        }
+        Ok(names)
+    }
+
+    /// The epoch's per-class mean weights into its record.
+    fn class_weights_into(&self, rec: &mut EpochRecord) -> Result<()> {
+        if let Some((sums, fsums, counts)) = &self.per_class {
+            let m = self.pool.len().max(1);
+            let grid = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
+                let mean = t / counts.clamp_min(1.0).unsqueeze(1);
+                let v: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
+                Ok(v.chunks(m).map(<[f64]>::to_vec).collect())
+            };
+            rec.class_weights = grid(sums)?;
+            rec.class_feature_weights = grid(fsums)?;
+        }
+        Ok(())
     }
 
     /// Open `weights.csv` for appending, keeping only the lines of the `done` completed epochs
@@ -1153,13 +1329,17 @@ impl<'a> Trainer<'a> {
         let sums = onehot
             .transpose(0, 1)
             .matmul(&w.logit.to_kind(Kind::Double)); // [K, M]
+        let fsums = onehot
+            .transpose(0, 1)
+            .matmul(&w.feature.to_kind(Kind::Double)); // [K, M]
         let counts = onehot.sum_dim_intlist(0, false, Kind::Double); // [K]
         match &mut self.per_class {
-            Some((s, c)) => {
+            Some((s, f, c)) => {
                 *s += sums;
+                *f += fsums;
                 *c += counts;
             }
-            None => self.per_class = Some((sums, counts)),
+            None => self.per_class = Some((sums, fsums, counts)),
         }
         if let Some(log) = &mut self.weight_log {
             let m = w.logit.size()[1] as usize;
@@ -1208,17 +1388,14 @@ impl<'a> Trainer<'a> {
             .map(|p| p.teacher.name().to_owned())
             .collect();
         crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
-        if let Some((sums, counts)) = &self.per_class {
-            let mean = sums / counts.clamp_min(1.0).unsqueeze(1);
-            let grid: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
-            let grid: Vec<Vec<f64>> = grid.chunks(names.len()).map(<[f64]>::to_vec).collect();
-            crate::plot::heatmap(
-                &dir.join("plots/teacher_weights_per_class.png"),
-                "Mean logit weight per class (last epoch)",
-                &self.data.train.class_names,
+        if !self.audit.is_empty() {
+            let audit = crate::audit::finish(
+                &self.audit,
+                &self.data.train,
                 &names,
-                &grid,
+                self.cfg.train.epochs,
             )?;
+            write_json_atomic(&dir.join("audit.json"), &audit)?;
         }
         if let Some(log) = &mut self.weight_log {
             log.flush().context("writing weights.csv")?;
@@ -1260,6 +1437,11 @@ impl<'a> Trainer<'a> {
             peak_rss_mb: crate::record::peak_rss_mb(),
         };
         write_json_atomic(&dir.join("summary.json"), &summary)?;
+        // The audit page is a view of the files above: a failure is reported, the run stands.
+        match crate::report::write_report(dir) {
+            Ok(path) => tracing::info!(report = %path.display(), "audit report written"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "the audit report could not be written"),
+        }
         Ok(Outcome {
             dir: dir.clone(),
             summary,
@@ -1336,7 +1518,7 @@ impl Sums {
             kd: z(),
             feat: z(),
             correct: z(),
-            weights: Tensor::zeros([m as i64], (Kind::Double, device)),
+            weights: Tensor::zeros([2, m as i64], (Kind::Double, device)),
             weight_batches: 0,
             last_loss: f64::NAN,
             teacher_seconds: 0.0,
@@ -1383,13 +1565,14 @@ impl Sums {
         seconds: f64,
     ) -> EpochRecord {
         let n = self.n.max(1) as f64;
-        let weights = if self.weight_batches > 0 {
-            Vec::<f64>::try_from(
-                &(&self.weights / self.weight_batches as f64).to_device(Device::Cpu),
+        let (weights, feature_weights) = if self.weight_batches > 0 {
+            let mean = (&self.weights / self.weight_batches as f64).to_device(Device::Cpu);
+            (
+                Vec::<f64>::try_from(&mean.get(0)).unwrap_or_default(),
+                Vec::<f64>::try_from(&mean.get(1)).unwrap_or_default(),
             )
-            .unwrap_or_default()
         } else {
-            Vec::new()
+            (Vec::new(), Vec::new())
         };
         EpochRecord {
             epoch,
@@ -1403,6 +1586,11 @@ impl Sums {
             test_top1: report.top1,
             test_top5: report.top5,
             teacher_weights: weights,
+            teacher_feature_weights: feature_weights,
+            class_weights: Vec::new(),
+            class_feature_weights: Vec::new(),
+            pruned: Vec::new(),
+            active_teachers: None,
             strategy_metrics: Default::default(),
             skipped_batches: self.skipped,
             seconds,

@@ -252,9 +252,25 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
         "plots/loss.png",
         "plots/accuracy.png",
         "plots/teacher_weights.png",
+        "audit.json",
+        "report.html",
     ] {
         assert!(a.join(f).is_file(), "{f} written");
     }
+    let audit: mtkd_engine::record::Audit =
+        serde_json::from_slice(&std::fs::read(a.join("audit.json")).unwrap()).unwrap();
+    assert_eq!(audit.samples.len(), mtkd_engine::audit::KEEP);
+    assert!(audit
+        .samples
+        .windows(2)
+        .all(|w| w[0].disagreement >= w[1].disagreement));
+    assert!(audit.samples.iter().all(|x| x.teachers.iter().all(Option::is_some)
+        && !x.image_png_base64.is_empty()));
+    assert!(
+        ha.iter().all(|r| r.class_weights.len() == 10
+            && r.class_weights.iter().all(|row| row == &vec![0.5, 0.5])),
+        "per-class weights recorded each epoch"
+    );
 
     // Interrupted after 11 steps (epoch 1 has 8 batches: the stop is inside epoch 2), resumed.
     let b = s.join("b");
@@ -528,6 +544,8 @@ fn a_nan_checkpoint_never_replaces_a_good_one() {
         elapsed_seconds: 1.0,
         config_hash: "h".into(),
         strategy_json: String::new(),
+        active_teachers: None,
+        prune_counts: Vec::new(),
     };
     let good = vec![(
         "student.w".to_owned(),
@@ -818,4 +836,115 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
     let (table_own, finals_own) = compare(&s.join("own"), &["--no-shared-teachers"]);
     assert!(table_own.contains("--no-shared-teachers"), "{table_own}");
     assert_eq!(finals, finals_own);
+}
+
+/// Three teachers, one trained on permuted labels: `[distill.prune]` drops the teacher that the
+/// strategy does not use, its column leaves the signals, the event is recorded, and a run killed
+/// after the pruning resumes to identical metrics.
+#[test]
+fn pruned_teachers_leave_the_pool_and_resume_stays_exact() {
+    let _serial = serial();
+    let s = scratch("prune");
+    let teachers = "[[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+         [[teachers]]\nname = \"t3\"\narch = \"cnn-small\"\npermute_labels = true\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let three = |distill: &str| {
+        tiny(&format!("{distill}{teachers}"), &s)
+            .replace("epochs = 2\nbatch_size = 32", "epochs = 3\nbatch_size = 32")
+            .replace("milestones = [1]", "milestones = [2]")
+    };
+    // Fixed weights that never use t3: it leaves after epoch 1.
+    let cfg = parse(&three(
+        "[distill]\nstrategy = \"fixed\"\nfeature_weight = 5.0\n\
+         [distill.fixed]\nweights = [1, 1, 0]\n[distill.prune]\nthreshold = 0.1\n",
+    ))
+    .unwrap();
+    assert_eq!(cfg.train.epochs, 3);
+    let a = s.join("fixed-a");
+    run_in(&cfg, &a, &RunOptions::default()).unwrap();
+    let ha = history(&a);
+    assert_eq!(ha[0].pruned, vec!["t3".to_owned()]);
+    assert_eq!(ha[0].active_teachers, None);
+    for r in &ha[1..] {
+        assert_eq!(r.active_teachers, Some(vec!["t1".to_owned(), "t2".to_owned()]));
+        assert_eq!(r.teacher_weights, vec![0.5, 0.5, 0.0]);
+        assert!(r.pruned.is_empty());
+    }
+    // Killed inside epoch 3 (8 batches an epoch), after the pruning: resumes exactly.
+    let b = s.join("fixed-b");
+    halt_run(&cfg, &b, 19);
+    run_in(&cfg, &b, &RunOptions::default()).unwrap();
+    assert_eq!(strip_time(&ha), strip_time(&history(&b)));
+
+    // Learning strategies drop columns of their own state: the parity agent (its stem and heads),
+    // MMKD (its weight network and Adam moments) and the meta mode (its active set). A threshold
+    // just above 1/3 with two teachers kept prunes exactly one teacher once weights are ~1/M.
+    for (name, distill) in [
+        ("parity", "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 5.0\n[distill.agent]\nagent_step = 4\n"),
+        ("mmkd", "[distill]\nstrategy = \"mmkd\"\nfeature_weight = 5.0\n"),
+        ("meta", "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 5.0\n[distill.agent]\nmode = \"meta\"\n"),
+    ] {
+        let cfg = parse(&three(&format!(
+            "{distill}[distill.prune]\nthreshold = 0.34\nmin_teachers = 2\n"
+        )))
+        .unwrap();
+        let a = s.join(format!("{name}-a"));
+        run_in(&cfg, &a, &RunOptions::default()).unwrap();
+        let ha = history(&a);
+        let pruned: usize = ha.iter().map(|r| r.pruned.len()).sum();
+        assert_eq!(pruned, 1, "{name}: one teacher leaves: {ha:?}");
+        let after = ha.iter().position(|r| !r.pruned.is_empty()).unwrap();
+        if after + 1 < ha.len() {
+            assert_eq!(ha[after + 1].active_teachers.as_ref().map(Vec::len), Some(2));
+        }
+        let b = s.join(format!("{name}-b"));
+        halt_run(&cfg, &b, 19);
+        run_in(&cfg, &b, &RunOptions::default()).unwrap();
+        assert_eq!(strip_time(&ha), strip_time(&history(&b)), "{name}: resume after pruning");
+    }
+}
+
+/// Teachers of a hard pool: the training-set edits are part of the cache key and reach the
+/// teacher's data (a class subset trains on those classes only), and bad edits name the field.
+#[test]
+fn teacher_training_edits_are_cached_apart_and_checked() {
+    let _serial = serial();
+    let s = scratch("edits");
+    let base = "[distill]\nstrategy = \"equal\"\n\
+         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"half\"\narch = \"cnn-small\"\nclasses = [0, 1, 2, 3, 4]\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = parse(&tiny(base, &s)).unwrap();
+    let teachers = mtkd_engine::trainer::prepare_teachers(&cfg, &mut mtkd_engine::Silent).unwrap();
+    let dirs: Vec<String> = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    // The specialist never saw classes 5-9: its test top-1 is at most the share of 0-4.
+    let half = teachers.iter().find(|t| t.name == "half").unwrap();
+    assert!(half.test_top1.unwrap() <= 60.0, "{teachers:?}");
+    for (edit, field) in [
+        ("classes = [0, 12]", "classes"),
+        ("label_noise = 1.5", "label_noise"),
+        ("flip_pairs = [[1, 1]]", "flip_pairs"),
+    ] {
+        let text = tiny(&base.replace("classes = [0, 1, 2, 3, 4]", edit), &s);
+        let err = match parse(&text) {
+            Err(e) => e,
+            Ok(cfg) => format!(
+                "{:#}",
+                mtkd_engine::trainer::prepare_teachers(&cfg, &mut mtkd_engine::Silent).unwrap_err()
+            ),
+        };
+        assert!(err.contains(field) && err.contains("half"), "{edit}: {err}");
+    }
+    let err = parse(&tiny(
+        &base.replace("arch = \"cnn-small\"\nclasses", "torchscript = \"x.pt\"\nclasses"),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(err.contains("TorchScript teacher is already trained"), "{err}");
 }

@@ -262,6 +262,9 @@ pub struct MtkdAgent {
     opt: nn::Optimizer,
     num_teachers: i64,
     state_dim: i64,
+    /// Embedding width per teacher (state blocks are `[cos, kl, ce, e_m (C_m), z_m (K)]`).
+    dims: Vec<i64>,
+    num_classes: i64,
     buffer: Vec<Stored>,
     pending: Option<(Tensor, Option<(Tensor, Tensor)>)>,
     epoch: usize,
@@ -403,6 +406,8 @@ impl MtkdAgent {
             opt,
             num_teachers: m,
             state_dim: d,
+            dims: embedding_dims.to_vec(),
+            num_classes,
             buffer: Vec::new(),
             pending: None,
             epoch: 0,
@@ -579,6 +584,94 @@ impl MtkdAgent {
 impl WeightingStrategy for MtkdAgent {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The policy loses the kept-out teachers' state blocks (stem columns, normaliser entries)
+    /// and head rows; the rest keeps its learnt values. Called between epochs (empty buffer).
+    fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
+        let m = self.num_teachers as usize;
+        if keep.is_empty() || keep.iter().any(|&k| k >= m) || !self.buffer.is_empty() {
+            return Err(Error::Invalid {
+                what: "agent pruning".into(),
+                reason: format!(
+                    "keep {keep:?} from {m} teachers ({} buffered batches)",
+                    self.buffer.len()
+                ),
+            });
+        }
+        let device = self.vs.device();
+        let k = self.num_classes;
+        let mut starts = Vec::new();
+        let mut at = 0i64;
+        for d in &self.dims {
+            starts.push(at);
+            at += d + k + 3;
+        }
+        let cols: Vec<i64> = keep
+            .iter()
+            .flat_map(|&t| starts[t]..starts[t] + self.dims[t] + k + 3)
+            .collect();
+        let cols = Tensor::from_slice(&cols).to_device(device);
+        let rows =
+            Tensor::from_slice(&keep.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device);
+        let vars = self.vs.variables();
+        let get = |n: &str| -> Result<Tensor> {
+            vars.get(n).map(|t| t.detach().copy()).ok_or_else(|| Error::Invalid {
+                what: "agent pruning".into(),
+                reason: format!("no parameter `{n}`"),
+            })
+        };
+        let mut values = vec![
+            ("stem.weight".to_owned(), get("stem.weight")?.f_index_select(1, &cols)?),
+        ];
+        for head in ["logit_head", "feature_head"] {
+            for part in ["weight", "bias"] {
+                let n = format!("{head}.{part}");
+                values.push((n.clone(), get(&n)?.f_index_select(0, &rows)?));
+            }
+        }
+        if self.cfg.mix == Mix::Dynamic {
+            values.push(("theta_logit".into(), get("theta_logit")?));
+            values.push(("theta_feature".into(), get("theta_feature")?));
+        }
+        let dims: Vec<i64> = keep.iter().map(|&t| self.dims[t]).collect();
+        let d = state_dim(&dims, k);
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        self.stem = nn::linear(
+            &root / "stem",
+            d,
+            self.cfg.hidden,
+            nn::LinearConfig {
+                bias: false,
+                ..Default::default()
+            },
+        );
+        let mm = keep.len() as i64;
+        self.logit_head = nn::linear(&root / "logit_head", self.cfg.hidden, mm, Default::default());
+        self.feature_head =
+            nn::linear(&root / "feature_head", self.cfg.hidden, mm, Default::default());
+        if self.cfg.mix == Mix::Dynamic {
+            self.theta_logit = root.ones("theta_logit", &[3]);
+            self.theta_feature = root.ones("theta_feature", &[3]);
+        }
+        for (n, v) in &values {
+            restore_variable(&vs, "agent", n, v)?;
+        }
+        self.opt = nn::Sgd {
+            momentum: 0.0,
+            dampening: 0.0,
+            wd: 0.0,
+            nesterov: false,
+        }
+        .build(&vs, self.cfg.lr)?;
+        self.vs = vs;
+        self.norm.mean = self.norm.mean.f_index_select(0, &cols)?;
+        self.norm.var = self.norm.var.f_index_select(0, &cols)?;
+        self.dims = dims;
+        self.state_dim = d;
+        self.num_teachers = mm;
+        Ok(())
     }
 
     fn wants_eval_ce(&self) -> bool {
