@@ -35,6 +35,8 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
     d.teacher = None;
     d.fixed = None;
     let oracle = d.oracle.take();
+    // Pruning is its own row (the meta mode with it); every other row keeps the whole pool.
+    let prune = d.prune.take().unwrap_or_default();
     let with = |strategy: StrategyKind| DistillConfig {
         strategy,
         ..d.clone()
@@ -97,6 +99,18 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
             },
         ));
     }
+    out.push((
+        "mtkd-rl meta + prune".to_owned(),
+        DistillConfig {
+            agent: Some(AgentConfig {
+                mode: Mode::Meta,
+                mix: Mix::Fixed,
+                ..agent.clone()
+            }),
+            prune: Some(prune),
+            ..with(StrategyKind::MtkdRl)
+        },
+    ));
     Ok(out)
 }
 

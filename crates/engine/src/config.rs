@@ -248,6 +248,16 @@ pub struct PruneConfig {
     pub min_teachers: usize,
 }
 
+impl Default for PruneConfig {
+    fn default() -> PruneConfig {
+        PruneConfig {
+            threshold: default_prune_threshold(),
+            patience: 1,
+            min_teachers: 1,
+        }
+    }
+}
+
 fn default_prune_threshold() -> f64 {
     0.1
 }

@@ -197,12 +197,12 @@ td.src{font-size:12px;color:#52606d;word-break:break-all}
 .kpis{display:flex;flex-wrap:wrap;gap:8px;margin:10px 0}
 .kpi{border:1px solid #dde1e6;border-radius:6px;padding:5px 12px;background:#fafbfc}
 .kpi span{display:block;color:#6b7785;font-size:11px;text-transform:uppercase;letter-spacing:.03em}.kpi b{font-size:16px}
-.charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:16px}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,520px),1fr));gap:18px 24px}
 .wide{max-width:860px}.narrow{max-width:520px}
-figure{margin:0}figure svg{width:100%;height:auto;display:block}
+figure{margin:0;max-width:560px}figure>svg{max-width:100%;height:auto;display:block}
 figcaption{font-weight:600;font-size:13px;margin-bottom:2px}
 .legend{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12px;margin:4px 0 0 8px}
-.legend span{white-space:nowrap}.legend svg{vertical-align:middle;margin-right:4px}
+.legend>span{white-space:nowrap;display:inline-flex;align-items:center}.legend svg{display:inline-block;width:24px;height:10px;margin-right:5px;flex:none}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 .card{border:1px solid #dde1e6;border-radius:6px;padding:10px}
@@ -578,7 +578,9 @@ impl<'a> Page<'a> {
             out.push_str(&format!("<h3>Feature weights (epoch {})</h3>\n", r.epoch));
             out.push_str(&self.class_table(&r.class_feature_weights, acc));
         }
-        out.push_str(&colour_bar());
+        if last_with(|r| &r.class_weights).is_some() || last_with(|r| &r.class_feature_weights).is_some() {
+            out.push_str(&colour_bar());
+        }
         section("classes", "Weights per class (last epoch)", &out)
     }
 
@@ -1846,7 +1848,12 @@ mod tests {
     #[ignore]
     fn report_write_real_run() {
         let dir = std::env::var("MTKD_REPORT_RUN").expect("set MTKD_REPORT_RUN to a run folder");
-        let path = write_report(Path::new(&dir)).unwrap();
+        let mut dir = PathBuf::from(dir);
+        if dir.is_relative() && !dir.exists() {
+            // `cargo test` runs in the crate folder: read the path from the workspace root.
+            dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir);
+        }
+        let path = write_report(&dir).unwrap();
         assert!(path.is_file());
     }
 }
