@@ -126,6 +126,7 @@ fn run() -> Result<()> {
                 "scripts/golden_agent.py",
                 "scripts/golden_baselines.py",
                 "scripts/golden_mmkd.py",
+                "scripts/golden_meta.py",
                 "scripts/student_zoo.py",
             ] {
                 python(&torch, script, &[])?;

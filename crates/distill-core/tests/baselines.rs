@@ -353,3 +353,88 @@ fn one_teacher_and_identical_teachers() {
         1e-6,
     );
 }
+
+/// The `fixed` strategy (oracle rows): per-teacher and per-class tables, rows normalised to sum
+/// 1, pruning renormalises, and bad tables are errors.
+#[test]
+fn fixed_weights_per_teacher_and_per_class() {
+    use mtkd_distill_core::weighting::{Fixed, FixedWeights};
+    let k = 4;
+    let labels = Tensor::from_slice(&[0i64, 3, 1, 3]);
+    let teachers: Vec<ModelOutput> = (0..3)
+        .map(|m| ModelOutput {
+            logits: Tensor::from_slice(&[0.1f32 * m as f32; 16]).view([4, k]),
+            features: None,
+        })
+        .collect();
+    let none: Vec<Option<Tensor>> = teachers.iter().map(|_| None).collect();
+    let student = Tensor::zeros([4, k], (Kind::Float, tch::Device::Cpu));
+    let s = BatchSignals::compute(&student, &none, &teachers, &labels, 4.0).unwrap();
+
+    let cfg = FixedWeights {
+        weights: Some(vec![2.0, 1.0, 1.0]),
+        per_class: None,
+    };
+    let mut f = Fixed::new(&cfg, 3, k as usize, tch::Device::Cpu).unwrap();
+    let w = f.weights(&s).unwrap();
+    assert_eq!(values(&w.logit), [0.5, 0.25, 0.25].repeat(4));
+    assert_eq!(values(&w.feature), values(&w.logit));
+
+    let cfg = FixedWeights {
+        weights: None,
+        per_class: Some(vec![
+            vec![1.0, 0.0, 0.0],
+            vec![0.0, 1.0, 0.0],
+            vec![0.0, 0.0, 1.0],
+            vec![0.0, 3.0, 1.0],
+        ]),
+    };
+    let mut f = Fixed::new(&cfg, 3, k as usize, tch::Device::Cpu).unwrap();
+    let w = values(&f.weights(&s).unwrap().logit);
+    let want = [
+        1.0, 0.0, 0.0, // class 0
+        0.0, 0.75, 0.25, // class 3
+        0.0, 1.0, 0.0, // class 1
+        0.0, 0.75, 0.25, // class 3
+    ];
+    assert_close_f64("per-class weights", &w, &want, 1e-6);
+    // Teacher 1 leaves: class 1's row has no weight left and becomes uniform.
+    f.retain_teachers(&[0, 2]).unwrap();
+    let two: Vec<ModelOutput> = [0, 2]
+        .iter()
+        .map(|&m| ModelOutput {
+            logits: teachers[m].logits.shallow_clone(),
+            features: None,
+        })
+        .collect();
+    let s2 = BatchSignals::compute(&student, &none[..2], &two, &labels, 4.0).unwrap();
+    let w = values(&f.weights(&s2).unwrap().logit);
+    assert_close_f64("after pruning", &w, &[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 1.0], 1e-6);
+    // A batch of three teachers no longer fits.
+    assert!(f.weights(&s).is_err());
+
+    for bad in [
+        FixedWeights {
+            weights: Some(vec![1.0, 1.0]),
+            per_class: None,
+        },
+        FixedWeights {
+            weights: Some(vec![0.0, 0.0, 0.0]),
+            per_class: None,
+        },
+        FixedWeights {
+            weights: Some(vec![1.0, -1.0, 1.0]),
+            per_class: None,
+        },
+        FixedWeights {
+            weights: None,
+            per_class: Some(vec![vec![1.0, 0.0, 0.0]; 3]),
+        },
+        FixedWeights {
+            weights: None,
+            per_class: None,
+        },
+    ] {
+        assert!(Fixed::new(&bad, 3, k as usize, tch::Device::Cpu).is_err(), "{bad:?}");
+    }
+}

@@ -148,82 +148,33 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
                 points: pts(&|r| r.teacher_weights[m]),
             })
             .collect();
+        // Epochs whose weights are not a mixture (the parity agent's all-ones epoch, EBKD's
+        // M - 1) are named in the title, so the curve is not read as trust.
+        let off: Vec<String> = history
+            .iter()
+            .filter(|r| (r.teacher_weights.iter().sum::<f64>() - 1.0).abs() > 0.01)
+            .map(|r| {
+                format!(
+                    "epoch {}: sum {:.2}",
+                    r.epoch,
+                    r.teacher_weights.iter().sum::<f64>()
+                )
+            })
+            .collect();
+        let title = if off.is_empty() {
+            "Mean logit weight per teacher".to_owned()
+        } else {
+            format!(
+                "Mean logit weight per teacher (not a mixture: {})",
+                off.join(", ")
+            )
+        };
         line_chart(
             &dir.join("teacher_weights.png"),
-            "Mean logit weight per teacher",
+            &title,
             "weight",
             &series,
         )?;
     }
-    Ok(())
-}
-
-/// A heatmap of `values[row][col]` (rows: classes, columns: teachers) with the value in each cell.
-pub fn heatmap(
-    path: &Path,
-    title: &str,
-    rows: &[String],
-    cols: &[String],
-    values: &[Vec<f64>],
-) -> Result<()> {
-    ensure_font();
-    if values.is_empty() || cols.is_empty() {
-        return Ok(());
-    }
-    let (lo, hi) = values
-        .iter()
-        .flatten()
-        .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let span = (hi - lo).max(1e-9);
-    let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
-    let height = 120 + 36 * values.len() as u32;
-    let root =
-        BitMapBackend::new(path, (220 + 150 * cols.len() as u32, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(&x))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(140)
-        .build_cartesian_2d(0..cols.len() as i32, 0..values.len() as i32)
-        .map_err(|x| e(&x))?;
-    let col_names = cols.to_vec();
-    let row_names = rows.to_vec();
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(cols.len())
-        .y_labels(values.len())
-        .x_label_formatter(&|x| col_names.get(*x as usize).cloned().unwrap_or_default())
-        .y_label_formatter(&|y| {
-            row_names
-                .get(*y as usize)
-                .cloned()
-                .unwrap_or_else(|| y.to_string())
-        })
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(|x| e(&x))?;
-    for (r, row) in values.iter().enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            let t = (v - lo) / span;
-            let color = RGBColor((255.0 - 200.0 * t) as u8, (255.0 - 120.0 * t) as u8, 255);
-            let (x, y) = (c as i32, r as i32);
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(x, y), (x + 1, y + 1)],
-                    color.filled(),
-                )))
-                .map_err(|x| e(&x))?;
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    format!("{v:.3}"),
-                    (x, y),
-                    ("sans-serif", 13),
-                )))
-                .map_err(|x| e(&x))?;
-        }
-    }
-    root.present().map_err(|x| e(&x))?;
     Ok(())
 }

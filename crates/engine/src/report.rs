@@ -204,7 +204,8 @@ figcaption{font-weight:600;font-size:13px;margin-bottom:2px}
 .legend{display:flex;flex-wrap:wrap;gap:4px 16px;font-size:12px;margin:4px 0 0 8px}
 .legend>span{white-space:nowrap;display:inline-flex;align-items:center}.legend svg{display:inline-block;width:24px;height:10px;margin-right:5px;flex:none}
 .swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:12px}
+.card td.cls{white-space:nowrap}
 .card{border:1px solid #dde1e6;border-radius:6px;padding:10px}
 .card-top{display:flex;gap:12px;align-items:center;margin-bottom:6px}
 .card img{image-rendering:pixelated;image-rendering:crisp-edges;width:84px;height:84px;border:1px solid #c9ced4;flex:none;background:#000}
@@ -417,7 +418,10 @@ impl<'a> Page<'a> {
                     dots.push(Dot {
                         x,
                         y,
-                        label: name.clone(),
+                        label: match self.pruned_after(name) {
+                            Some(e) => format!("{name} (pruned after epoch {e})"),
+                            None => name.clone(),
+                        },
                         colour: teacher_colour(i),
                     });
                 }
@@ -564,19 +568,19 @@ impl<'a> Page<'a> {
         match last_with(|r| &r.class_weights) {
             Some(r) => {
                 out.push_str(&format!("<h3>Logit weights (epoch {})</h3>\n", r.epoch));
-                out.push_str(&self.class_table(&r.class_weights, acc));
+                out.push_str(&self.class_table(&r.class_weights, acc, r.active_teachers.as_ref()));
             }
             None => {
                 out.push_str(
                     "<p class=\"muted\">This run's metrics hold no per-class weights (an older \
                      format); the student's accuracy per class:</p>\n",
                 );
-                out.push_str(&self.class_table(&[], acc));
+                out.push_str(&self.class_table(&[], acc, None));
             }
         }
         if let Some(r) = last_with(|r| &r.class_feature_weights) {
             out.push_str(&format!("<h3>Feature weights (epoch {})</h3>\n", r.epoch));
-            out.push_str(&self.class_table(&r.class_feature_weights, acc));
+            out.push_str(&self.class_table(&r.class_feature_weights, acc, r.active_teachers.as_ref()));
         }
         if last_with(|r| &r.class_weights).is_some() || last_with(|r| &r.class_feature_weights).is_some() {
             out.push_str(&colour_bar());
@@ -585,7 +589,8 @@ impl<'a> Page<'a> {
     }
 
     /// Rows = classes, columns = teachers (+ the student's accuracy per class).
-    fn class_table(&self, rows: &[Vec<f64>], acc: &[f64]) -> String {
+    /// A teacher not in `active` (the epoch's pool) shows "pruned" instead of its 0.
+    fn class_table(&self, rows: &[Vec<f64>], acc: &[f64], active: Option<&Vec<String>>) -> String {
         let k = self.classes.len().max(rows.len()).max(acc.len());
         let cols = if rows.is_empty() { 0 } else { self.teachers.len() };
         let mut t = String::from("<div class=\"scroll\"><table class=\"classes\">\n<tr><th>class</th>");
@@ -595,7 +600,11 @@ impl<'a> Page<'a> {
         t.push_str("<th>student top-1 (%)</th></tr>\n");
         for c in 0..k {
             t.push_str(&format!("<tr><th>{}</th>", escape(&self.class_name(c))));
-            for j in 0..cols {
+            for (j, name) in self.teachers.iter().enumerate().take(cols) {
+                if active.is_some_and(|a| !a.contains(name)) {
+                    t.push_str("<td class=\"w muted\">pruned</td>");
+                    continue;
+                }
                 let v = rows.get(c).and_then(|r| r.get(j)).copied().unwrap_or(f64::NAN);
                 t.push_str(&weight_cell(v));
             }
@@ -613,7 +622,7 @@ impl<'a> Page<'a> {
         let mut out = String::from(
             "<p class=\"how\">The student's final test accuracy on each class.</p>\n",
         );
-        out.push_str(&self.class_table(&[], &self.inp.summary.per_class_top1));
+        out.push_str(&self.class_table(&[], &self.inp.summary.per_class_top1, None));
         section("classes", "Student accuracy per class", &out)
     }
 
@@ -671,9 +680,9 @@ impl<'a> Page<'a> {
             "<div class=\"card\"><div class=\"card-top\">{img}<div>true class: <b>{}</b><br>\
              disagreement: <b>{}</b><br><span class=\"muted\">training sample #{}</span></div></div>\n\
              <table><tr><th>teacher</th><th>predicts</th><th>p(true)</th><th>logit weight</th>\
-             <th>feat. w.</th></tr>\n",
+             <th>feature weight</th></tr>\n",
             escape(&self.audit_class(a, s.label)),
-            sig4(s.disagreement),
+            fixed(s.disagreement, 3),
             s.index
         );
         for (i, t) in s.teachers.iter().enumerate() {
@@ -699,7 +708,7 @@ impl<'a> Page<'a> {
         let verdict = if t.predicted == s.label { "ok" } else { "bad" };
         let w = if t.logit_weight.is_finite() { t.logit_weight.clamp(0.0, 1.0) } else { 0.0 };
         format!(
-            "<td class=\"{verdict}\">{}</td><td class=\"num\">{}</td><td class=\"num\">\
+            "<td class=\"cls {verdict}\">{}</td><td class=\"num\">{}</td><td class=\"num\">\
              <span class=\"bar\"><span style=\"width:{:.0}%;background:{}\"></span></span>{}</td>\
              <td class=\"num\">{}</td>",
             escape(&self.audit_class(a, t.predicted)),
@@ -1397,7 +1406,9 @@ fn epoch_range(xs: &[f64]) -> (f64, f64, f64) {
     }
 }
 
-/// A line chart over epochs, with a legend under it (HTML) and optional markers and notes.
+/// A line chart over epochs, with a legend under it (HTML). Pruning markers and notes get their
+/// labels in a band above the plot (one row each where they would overlap), joined to their
+/// epoch by a line, so no label covers the data.
 fn line_chart(c: &Chart) -> String {
     let xs: Vec<f64> = c.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
     let ys: Vec<f64> = c.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
@@ -1412,18 +1423,23 @@ fn line_chart(c: &Chart) -> String {
         YAxis::Fixed(lo, hi) => (lo, hi, nice_step((hi - lo) / 4.0)),
         YAxis::Auto { zero } => auto_range(&ys, zero, 4.0),
     };
-    let f = Frame {
+    let plot_h = 218.0;
+    let mut f = Frame {
         w: 520.0,
-        h: 280.0,
+        h: 0.0,
         left: 52.0,
         right: 14.0,
-        top: 24.0,
+        top: 0.0,
         bottom: 38.0,
         x0,
         x1,
         y0,
         y1,
     };
+    let labels = band_labels(&f, c);
+    let rows = labels.iter().map(|l| l.row + 1).max().unwrap_or(0);
+    f.top = 14.0 + 14.0 * rows as f64;
+    f.h = f.top + plot_h + f.bottom;
     let mut s = svg_open(f.w, f.h, &c.title);
     s.push_str(&axes(
         &f,
@@ -1441,13 +1457,95 @@ fn line_chart(c: &Chart) -> String {
         s.push_str(&series_svg(&f, se));
     }
     for n in &c.notes {
-        s.push_str(&note_svg(&f, n));
+        s.push_str(&note_ring_svg(&f, n));
+    }
+    for l in &labels {
+        s.push_str(&band_label_svg(&f, l));
     }
     s.push_str("</svg>");
     format!(
         "<figure><figcaption>{}</figcaption>{s}{}</figure>\n",
         escape(&c.title),
         legend(&c.series)
+    )
+}
+
+/// A label in the band above the plot: its text, row, where it starts, and the point (x in
+/// pixels; y in pixels for a note, `None` for a vertical marker) it belongs to.
+struct BandLabel {
+    text: String,
+    bold: bool,
+    row: usize,
+    x_start: f64,
+    anchor_px: f64,
+    point_py: Option<f64>,
+}
+
+fn band_labels(f: &Frame, c: &Chart) -> Vec<BandLabel> {
+    let mut wanted: Vec<(String, bool, f64, Option<f64>)> = Vec::new();
+    for n in &c.notes {
+        if n.x.is_finite() && n.y.is_finite() {
+            wanted.push((n.text.clone(), true, f.px(n.x.clamp(f.x0, f.x1)), Some(n.y)));
+        }
+    }
+    for v in &c.vlines {
+        if v.x.is_finite() {
+            wanted.push((v.label.clone(), false, f.px(v.x.clamp(f.x0, f.x1)), None));
+        }
+    }
+    let mut rows: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut out = Vec::new();
+    for (text, bold, px, y) in wanted {
+        let width = text.chars().count() as f64 * if bold { 6.4 } else { 6.0 };
+        let x_start = if px + 4.0 + width <= f.w - 4.0 {
+            px + 4.0
+        } else {
+            (px - 4.0 - width).max(2.0)
+        };
+        let span = (x_start - 8.0, x_start + width + 8.0);
+        let row = rows
+            .iter()
+            .position(|r| r.iter().all(|&(a, b)| span.1 <= a || b <= span.0))
+            .unwrap_or(rows.len());
+        if row == rows.len() {
+            rows.push(Vec::new());
+        }
+        rows[row].push(span);
+        out.push(BandLabel {
+            text,
+            bold,
+            row,
+            x_start,
+            anchor_px: px,
+            point_py: y.map(|y| y.clamp(f.y0, f.y1)),
+        });
+    }
+    out
+}
+
+fn band_label_svg(f: &Frame, l: &BandLabel) -> String {
+    let baseline = 14.0 + 14.0 * l.row as f64;
+    // A leader from the text down to the point (a note) or to the top of the plot (a marker).
+    let end = match l.point_py {
+        Some(y) => f.py(y) - 7.0,
+        None => f.top,
+    };
+    let leader = if end > baseline + 3.0 {
+        format!(
+            "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{end:.1}\" stroke=\"#9aa1ab\" \
+             stroke-width=\"1\"/>",
+            baseline + 3.0,
+            x = l.anchor_px
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{leader}<text x=\"{:.1}\" y=\"{baseline:.1}\" text-anchor=\"start\"{} fill=\"{}\">{}</text>",
+        l.x_start,
+        if l.bold { " font-weight=\"600\"" } else { "" },
+        if l.bold { "#111111" } else { "#4b5563" },
+        escape(&l.text)
     )
 }
 
@@ -1491,26 +1589,19 @@ fn vline_svg(f: &Frame, v: &VLine) -> String {
     let (t, b) = (f.top, f.h - f.bottom);
     format!(
         "<line x1=\"{px:.1}\" y1=\"{t:.1}\" x2=\"{px:.1}\" y2=\"{b:.1}\" stroke=\"#6b7280\" \
-         stroke-width=\"1.2\" stroke-dasharray=\"5 4\"/>\
-         <text transform=\"translate({:.1},{:.1}) rotate(-90)\" text-anchor=\"end\" fill=\"#4b5563\">{}</text>",
-        px - 4.0,
-        t + 4.0,
-        escape(&v.label)
+         stroke-width=\"1.2\" stroke-dasharray=\"5 4\"/>"
     )
 }
 
-fn note_svg(f: &Frame, n: &Note) -> String {
+/// The ring around a noted point (its text is a [`BandLabel`]).
+fn note_ring_svg(f: &Frame, n: &Note) -> String {
     if !(n.x.is_finite() && n.y.is_finite()) {
         return String::new();
     }
-    let (px, py) = (f.px(n.x), f.py(n.y.clamp(f.y0, f.y1)));
-    let right_half = px > f.left + (f.w - f.left - f.right) * 0.6;
-    let (tx, anchor) = if right_half { (px - 8.0, "end") } else { (px + 8.0, "start") };
-    let ty = (py - 8.0).max(12.0);
+    let (px, py) = (f.px(n.x.clamp(f.x0, f.x1)), f.py(n.y.clamp(f.y0, f.y1)));
     format!(
-        "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"6\" fill=\"none\" stroke=\"#111\" stroke-width=\"1.3\"/>\
-         <text x=\"{tx:.1}\" y=\"{ty:.1}\" text-anchor=\"{anchor}\" font-weight=\"600\" fill=\"#111\">{}</text>",
-        escape(&n.text)
+        "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"6\" fill=\"none\" stroke=\"#111\" \
+         stroke-width=\"1.3\"/>"
     )
 }
 
@@ -1557,36 +1648,53 @@ fn scatter(x_label: &str, y_label: &str, dots: &[Dot]) -> String {
         x_label,
         y_label,
     ));
-    let mut placed: Vec<(f64, f64, f64, f64)> = Vec::new();
-    for d in dots {
-        let (px, py) = (f.px(d.x), f.py(d.y));
+    let centres: Vec<(f64, f64)> = dots.iter().map(|d| (f.px(d.x), f.py(d.y))).collect();
+    // Boxes (x, y, w, h) nothing may overlap: the dots, then each label placed.
+    let mut placed: Vec<(f64, f64, f64, f64)> = centres
+        .iter()
+        .map(|&(x, y)| (x - 6.0, y - 6.0, 12.0, 12.0))
+        .collect();
+    for (d, &(px, py)) in dots.iter().zip(&centres) {
         s.push_str(&format!(
             "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"5\" fill=\"{}\" stroke=\"#fff\" stroke-width=\"1\"/>",
             d.colour
         ));
-        let width = 6.3 * d.label.chars().count() as f64;
-        let right = px + 8.0 + width <= f.w - 4.0;
-        let x_start = if right { px + 8.0 } else { px - 8.0 - width };
-        let mut ty = py + 4.0;
-        for _ in 0..12 {
-            let clash = placed.iter().any(|&(a, b, w, h)| {
-                x_start < a + w && a < x_start + width && ty - 10.0 < b + h && b < ty + 2.0
-            });
-            if !clash {
-                break;
-            }
-            ty += 13.0;
-        }
+        let (x_start, ty, width) = place_label(&f, px, py, &d.label, &placed);
         placed.push((x_start, ty - 10.0, width, 12.0));
         s.push_str(&format!(
-            "<text x=\"{:.1}\" y=\"{ty:.1}\" text-anchor=\"{}\" fill=\"#1d2430\">{}</text>",
-            if right { px + 8.0 } else { px - 8.0 },
-            if right { "start" } else { "end" },
+            "<text x=\"{x_start:.1}\" y=\"{ty:.1}\" fill=\"#1d2430\">{}</text>",
             escape(&d.label)
         ));
     }
     s.push_str("</svg>");
     format!("<figure>{s}</figure>")
+}
+
+/// Where a point's label goes: right of the point, else left, else a row lower or higher,
+/// avoiding `placed` boxes and staying inside the plot. Returns (x start, baseline, width).
+fn place_label(f: &Frame, px: f64, py: f64, label: &str, placed: &[(f64, f64, f64, f64)]) -> (f64, f64, f64) {
+    let width = 6.3 * label.chars().count() as f64;
+    let (top, bottom) = (f.top + 10.0, f.h - f.bottom - 2.0);
+    let fits = |x: f64, ty: f64| {
+        x >= 2.0
+            && x + width <= f.w - 2.0
+            && ty >= top
+            && ty <= bottom
+            && !placed.iter().any(|&(a, b, w, h)| {
+                x < a + w && a < x + width && ty - 10.0 < b + h && b < ty + 2.0
+            })
+    };
+    let sides = [px + 8.0, px - 8.0 - width];
+    for k in 0..10 {
+        let shift = 13.0 * ((k + 1) / 2) as f64 * if k % 2 == 0 { 1.0 } else { -1.0 };
+        for &x in &sides {
+            if fits(x, py + 4.0 + shift) {
+                return (x, py + 4.0 + shift, width);
+            }
+        }
+    }
+    let x = if sides[0] + width <= f.w - 2.0 { sides[0] } else { sides[1].max(2.0) };
+    (x, (py + 4.0).clamp(top, bottom), width)
 }
 
 #[cfg(test)]
@@ -1695,6 +1803,7 @@ mod tests {
         assert!(coat.contains(">0.75<"), "{coat}");
         assert!(coat.contains(">0.25<"), "{coat}");
         assert!(coat.contains(">54.0<"), "student accuracy of class 4: {coat}");
+        assert!(coat.contains(">pruned<"), "weak left the pool after epoch 1: {coat}");
         assert!(!row(&html, "Dress").contains("0.75"));
         // Fixed colour scale: 0.9 is dark with white text, 0.1 light with dark text.
         assert!(row(&html, "Dress").contains("color:#ffffff\">0.90<"));
@@ -1796,7 +1905,7 @@ mod tests {
         assert!(html.contains("epoch 1: all-ones warm-up, weights sum to M = 3"));
         assert!(html.contains("src=\"data:image/png;base64,iVBORw0KGgo=\""));
         assert!(html.contains("true class: <b>Coat</b>"));
-        assert!(html.contains("<td class=\"bad\">Shirt</td>"));
+        assert!(html.contains("<td class=\"cls bad\">Shirt</td>"));
         assert!(html.contains(">pruned</td>"));
         assert!(html.contains("width:70%"));
         inp.audit = None;

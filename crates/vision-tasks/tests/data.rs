@@ -291,3 +291,120 @@ fn accuracy_counts_top1_top5_and_per_class() {
     assert_eq!(r.per_class[2], 0.0);
     assert_eq!(r.samples, 3);
 }
+
+// ---- training-set edits of hard teacher pools (classification::labels) ----
+
+fn labelled(labels: &[i64]) -> mtkd_vision_tasks::data::ImageSet {
+    let n = labels.len();
+    let images = ndarray::Array4::<u8>::from_shape_fn((n, 1, 2, 2), |(i, _, _, _)| i as u8);
+    mtkd_vision_tasks::data::ImageSet::new(images, labels.to_vec(), 10).unwrap()
+}
+
+#[test]
+fn label_edits_select_classes_flip_permute_and_add_noise() {
+    use mtkd_vision_tasks::classification::labels::{apply, derangement, LabelEdits};
+    let truth: Vec<i64> = (0..2000).map(|i| (i * 7 % 10) as i64).collect();
+    let set = labelled(&truth);
+
+    // A class subset keeps the samples (and their images) of those classes, in order.
+    let (sub, rep) = apply(
+        &set,
+        &LabelEdits {
+            classes: Some(vec![2, 5]),
+            subset: Some(150),
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
+    assert_eq!(rep.samples, 150);
+    assert_eq!(rep.changed, 0);
+    assert!(sub.labels.iter().all(|&y| y == 2 || y == 5));
+    let first = truth.iter().position(|&y| y == 2 || y == 5).unwrap();
+    assert_eq!(sub.images[[0, 0, 0, 0]], first as u8);
+
+    // Pair flips swap exactly those labels.
+    let (f, _) = apply(
+        &set,
+        &LabelEdits {
+            flip_pairs: vec![[0, 6]],
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
+    for (a, b) in truth.iter().zip(&f.labels) {
+        let want = match a {
+            0 => 6,
+            6 => 0,
+            y => *y,
+        };
+        assert_eq!(*b, want);
+    }
+
+    // A permutation without fixed points changes every label, deterministically per seed.
+    let p = derangement(10, 7);
+    assert!(p.iter().enumerate().all(|(i, &v)| i != v));
+    let mut sorted = p.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+    assert_eq!(p, derangement(10, 7));
+    let (q, rep) = apply(
+        &set,
+        &LabelEdits {
+            permute: true,
+            ..Default::default()
+        },
+        7,
+    )
+    .unwrap();
+    assert_eq!(rep.changed, truth.len());
+    assert_eq!(rep.permutation.as_deref(), Some(&p[..]));
+    assert!(q.labels.iter().zip(&truth).all(|(a, b)| *a == p[*b as usize] as i64));
+
+    // Symmetric noise at 60%: about 60% drawn uniformly, so about 54% changed.
+    let noisy = |seed| {
+        apply(
+            &set,
+            &LabelEdits {
+                noise: 0.6,
+                ..Default::default()
+            },
+            seed,
+        )
+        .unwrap()
+    };
+    let (n1, rep) = noisy(3);
+    let share = rep.changed as f64 / truth.len() as f64;
+    assert!((0.49..0.59).contains(&share), "{share}");
+    assert_eq!(n1.labels, noisy(3).0.labels);
+    assert_ne!(n1.labels, noisy(4).0.labels);
+
+    // Bad edits are errors naming the field.
+    for (e, field) in [
+        (
+            LabelEdits {
+                classes: Some(vec![11]),
+                ..Default::default()
+            },
+            "classes",
+        ),
+        (
+            LabelEdits {
+                flip_pairs: vec![[1, 2], [2, 3]],
+                ..Default::default()
+            },
+            "flip_pairs",
+        ),
+        (
+            LabelEdits {
+                noise: -0.1,
+                ..Default::default()
+            },
+            "label_noise",
+        ),
+    ] {
+        let err = apply(&set, &e, 0).unwrap_err().to_string();
+        assert!(err.contains(field), "{err}");
+    }
+}

@@ -99,12 +99,20 @@ enum Cmd {
     },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
+    /// (Re)write a run folder's audit page, report.html (every run writes it when it ends).
+    Report {
+        /// A run folder (with metrics.jsonl and summary.json).
+        run: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Doctor => doctor(),
+        Cmd::Report { run } => mtkd_engine::report::write_report(&run).map(|p| {
+            println!("{}", p.display());
+        }),
         Cmd::Compare {
             config,
             seeds,
@@ -367,6 +375,12 @@ fn compare(
              needed a pass); their rows include the teachers' forward passes.\n",
         );
     }
+    // Each run's audit page gains the comparison now that all its siblings exist.
+    for p in &plan {
+        if let Err(e) = mtkd_engine::report::write_report(&out.join(&p.dir_name)) {
+            eprintln!("mtkd: report of {}: {e:#}", p.dir_name);
+        }
+    }
     let path = out.join("comparison.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     println!("{md}");
@@ -516,7 +530,7 @@ fn train(
         s.student, s.student_parameters, s.strategy, s.final_value, s.best_value, s.best_epoch, s.final_top5, s.wall_seconds
     );
     println!("results: {}", outcome.dir.display());
-    println!("  summary.json, metrics.jsonl, plots/*.png, student.safetensors, student.pt (TorchScript), checkpoints/, mtkd.log");
+    println!("  report.html (the audit page: open it in a browser), summary.json, metrics.jsonl, audit.json, plots/*.png, student.safetensors, student.pt (TorchScript), checkpoints/, mtkd.log");
     Ok(())
 }
 
