@@ -384,7 +384,12 @@ impl WeightingStrategy for Mmkd {
             self.cfg.hidden,
             Default::default(),
         );
-        let l2 = nn::linear(&root / "l2", self.cfg.hidden, keep.len() as i64, Default::default());
+        let l2 = nn::linear(
+            &root / "l2",
+            self.cfg.hidden,
+            keep.len() as i64,
+            Default::default(),
+        );
         self.vs = vs;
         self.l1 = l1;
         self.l2 = l2;

@@ -316,14 +316,19 @@ impl FixedWeights {
         let rows: Vec<&Vec<f64>> = match (&self.weights, &self.per_class) {
             (Some(w), None) => vec![w],
             (None, Some(rows)) if !rows.is_empty() => rows.iter().collect(),
-            _ => return Err("give exactly one of `weights` (per teacher) or `per_class` (one row per class)".into()),
+            _ => return Err(
+                "give exactly one of `weights` (per teacher) or `per_class` (one row per class)"
+                    .into(),
+            ),
         };
         for (i, r) in rows.iter().enumerate() {
             if r.len() != m {
                 return Err(format!("row {i} has {} weights for {m} teachers", r.len()));
             }
             if r.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
-                return Err(format!("row {i}: weights must be finite and >= 0, got {r:?}"));
+                return Err(format!(
+                    "row {i}: weights must be finite and >= 0, got {r:?}"
+                ));
             }
             if r.iter().sum::<f64>() <= 0.0 {
                 return Err(format!("row {i}: the weights sum to 0"));

@@ -409,7 +409,12 @@ fn fixed_weights_per_teacher_and_per_class() {
         .collect();
     let s2 = BatchSignals::compute(&student, &none[..2], &two, &labels, 4.0).unwrap();
     let w = values(&f.weights(&s2).unwrap().logit);
-    assert_close_f64("after pruning", &w, &[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 1.0], 1e-6);
+    assert_close_f64(
+        "after pruning",
+        &w,
+        &[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 1.0],
+        1e-6,
+    );
     // A batch of three teachers no longer fits.
     assert!(f.weights(&s).is_err());
 
@@ -435,6 +440,9 @@ fn fixed_weights_per_teacher_and_per_class() {
             per_class: None,
         },
     ] {
-        assert!(Fixed::new(&bad, 3, k as usize, tch::Device::Cpu).is_err(), "{bad:?}");
+        assert!(
+            Fixed::new(&bad, 3, k as usize, tch::Device::Cpu).is_err(),
+            "{bad:?}"
+        );
     }
 }

@@ -49,11 +49,8 @@ pub fn collect(
         let h = |q: &Tensor| -(q * q.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
         let stacked = Tensor::stack(&p, 0); // [M, B, K]
         let mean = stacked.mean_dim(0, false, Kind::Float);
-        let mean_h = Tensor::stack(&p.iter().map(h).collect::<Vec<_>>(), 0).mean_dim(
-            0,
-            false,
-            Kind::Float,
-        );
+        let mean_h =
+            Tensor::stack(&p.iter().map(h).collect::<Vec<_>>(), 0).mean_dim(0, false, Kind::Float);
         (h(&mean) - mean_h, stacked)
     });
     let b = indices.len() as i64;
@@ -62,12 +59,15 @@ pub fn collect(
     let top: Vec<i64> = Vec::try_from(&top.to_device(Device::Cpu))?;
     let host = |t: &Tensor| -> Result<Vec<f64>> {
         Ok(Vec::try_from(
-            &t.to_kind(Kind::Double).to_device(Device::Cpu).flatten(0, -1),
+            &t.to_kind(Kind::Double)
+                .to_device(Device::Cpu)
+                .flatten(0, -1),
         )?)
     };
     let dis = host(&dis)?;
     let labels: Vec<i64> = Vec::try_from(&s.labels.to_device(Device::Cpu))?;
-    let pred: Vec<i64> = Vec::try_from(&probs.argmax(2, false).to_device(Device::Cpu).flatten(0, -1))?;
+    let pred: Vec<i64> =
+        Vec::try_from(&probs.argmax(2, false).to_device(Device::Cpu).flatten(0, -1))?;
     let probs_v = host(&probs)?;
     let wl = host(&full.logit)?;
     let wf = host(&full.feature)?;
@@ -102,7 +102,12 @@ pub fn collect(
 }
 
 /// The audit with each sample's un-augmented image as a PNG.
-pub fn finish(kept: &[Candidate], train: &ImageSet, teachers: &[String], epoch: usize) -> Result<Audit> {
+pub fn finish(
+    kept: &[Candidate],
+    train: &ImageSet,
+    teachers: &[String],
+    epoch: usize,
+) -> Result<Audit> {
     let (c, h, w) = train.image_shape();
     let mut samples = Vec::new();
     for k in kept {

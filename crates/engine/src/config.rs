@@ -584,14 +584,23 @@ impl Config {
                 );
             }
             if t.arch.is_none() && t.epochs.is_some() {
-                return bad(&format!("{field}.epochs"), format!("teacher `{}` is a TorchScript file: it is not trained", t.name));
+                return bad(
+                    &format!("{field}.epochs"),
+                    format!(
+                        "teacher `{}` is a TorchScript file: it is not trained",
+                        t.name
+                    ),
+                );
             }
             if t.epochs == Some(0) {
                 return bad(&format!("{field}.epochs"), "must be at least 1".into());
             }
             // Class ranges need the dataset; they are checked when the teacher is trained.
             if let Err((f, r)) = t.label_edits().check(usize::MAX) {
-                return bad(&format!("{field}.{f}"), format!("teacher `{}`: {r}", t.name));
+                return bad(
+                    &format!("{field}.{f}"),
+                    format!("teacher `{}`: {r}", t.name),
+                );
             }
         }
         Ok(())

@@ -169,12 +169,7 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
                 off.join(", ")
             )
         };
-        line_chart(
-            &dir.join("teacher_weights.png"),
-            &title,
-            "weight",
-            &series,
-        )?;
+        line_chart(&dir.join("teacher_weights.png"), &title, "weight", &series)?;
     }
     Ok(())
 }

@@ -282,7 +282,10 @@ impl<'a> Page<'a> {
     }
 
     fn class_name(&self, i: usize) -> String {
-        self.classes.get(i).cloned().unwrap_or_else(|| i.to_string())
+        self.classes
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| i.to_string())
     }
 
     fn teacher_index(&self, name: &str) -> Option<usize> {
@@ -326,14 +329,24 @@ impl<'a> Page<'a> {
         };
         let kpis = [
             ("strategy", strategy),
-            ("student", format!("{} ({} parameters)", s.student, s.student_parameters)),
+            (
+                "student",
+                format!("{} ({} parameters)", s.student, s.student_parameters),
+            ),
             ("seed", s.seed.to_string()),
             ("final test top-1", pct(s.final_value)),
-            ("best test top-1", format!("{} (epoch {})", pct(s.best_value), s.best_epoch)),
+            (
+                "best test top-1",
+                format!("{} (epoch {})", pct(s.best_value), s.best_epoch),
+            ),
             ("epochs", s.epochs.to_string()),
             ("device", s.device.clone()),
             ("wall time", duration(s.wall_seconds)),
-            ("peak memory", s.peak_rss_mb.map_or("n/a".into(), |m| format!("{} MB", fixed(m, 0)))),
+            (
+                "peak memory",
+                s.peak_rss_mb
+                    .map_or("n/a".into(), |m| format!("{} MB", fixed(m, 0))),
+            ),
         ];
         let mut out = format!(
             "<h1>Run {}</h1>\n<p class=\"how\">A finished distillation run: the student's final and \
@@ -435,12 +448,18 @@ impl<'a> Page<'a> {
              table).</p>\n",
         );
         if dots.is_empty() {
-            out.push_str("<p class=\"muted\">No teacher has both a test accuracy and a weight.</p>\n");
+            out.push_str(
+                "<p class=\"muted\">No teacher has both a test accuracy and a weight.</p>\n",
+            );
             return out;
         }
         out.push_str(&format!(
             "<div class=\"narrow\">{}</div>\n",
-            scatter("teacher test top-1 (%)", "mean logit weight, last epoch", &dots)
+            scatter(
+                "teacher test top-1 (%)",
+                "mean logit weight, last epoch",
+                &dots
+            )
         ));
         out.push_str(&trust_note(&dots));
         out
@@ -521,11 +540,18 @@ impl<'a> Page<'a> {
                     .copied()
                     .filter(|v| v.is_finite())
                     .fold(0.0_f64, f64::max);
-                let what = if self.is_parity() { "all-ones warm-up" } else { "all-ones (control)" };
+                let what = if self.is_parity() {
+                    "all-ones warm-up"
+                } else {
+                    "all-ones (control)"
+                };
                 notes.push(Note {
                     x: 1.0,
                     y,
-                    text: format!("epoch 1: {what}, weights sum to M = {}", self.teachers.len()),
+                    text: format!(
+                        "epoch 1: {what}, weights sum to M = {}",
+                        self.teachers.len()
+                    ),
                 });
             }
         }
@@ -580,9 +606,15 @@ impl<'a> Page<'a> {
         }
         if let Some(r) = last_with(|r| &r.class_feature_weights) {
             out.push_str(&format!("<h3>Feature weights (epoch {})</h3>\n", r.epoch));
-            out.push_str(&self.class_table(&r.class_feature_weights, acc, r.active_teachers.as_ref()));
+            out.push_str(&self.class_table(
+                &r.class_feature_weights,
+                acc,
+                r.active_teachers.as_ref(),
+            ));
         }
-        if last_with(|r| &r.class_weights).is_some() || last_with(|r| &r.class_feature_weights).is_some() {
+        if last_with(|r| &r.class_weights).is_some()
+            || last_with(|r| &r.class_feature_weights).is_some()
+        {
             out.push_str(&colour_bar());
         }
         section("classes", "Weights per class (last epoch)", &out)
@@ -592,8 +624,13 @@ impl<'a> Page<'a> {
     /// A teacher not in `active` (the epoch's pool) shows "pruned" instead of its 0.
     fn class_table(&self, rows: &[Vec<f64>], acc: &[f64], active: Option<&Vec<String>>) -> String {
         let k = self.classes.len().max(rows.len()).max(acc.len());
-        let cols = if rows.is_empty() { 0 } else { self.teachers.len() };
-        let mut t = String::from("<div class=\"scroll\"><table class=\"classes\">\n<tr><th>class</th>");
+        let cols = if rows.is_empty() {
+            0
+        } else {
+            self.teachers.len()
+        };
+        let mut t =
+            String::from("<div class=\"scroll\"><table class=\"classes\">\n<tr><th>class</th>");
         for (i, name) in self.teachers.iter().enumerate().take(cols) {
             t.push_str(&format!("<th>{}</th>", swatch_name(name, i)));
         }
@@ -605,7 +642,11 @@ impl<'a> Page<'a> {
                     t.push_str("<td class=\"w muted\">pruned</td>");
                     continue;
                 }
-                let v = rows.get(c).and_then(|r| r.get(j)).copied().unwrap_or(f64::NAN);
+                let v = rows
+                    .get(c)
+                    .and_then(|r| r.get(j))
+                    .copied()
+                    .unwrap_or(f64::NAN);
                 t.push_str(&weight_cell(v));
             }
             t.push_str(&format!(
@@ -619,9 +660,8 @@ impl<'a> Page<'a> {
 
     /// The per-class accuracy alone (a run without teacher weights).
     fn accuracy_section(&self) -> String {
-        let mut out = String::from(
-            "<p class=\"how\">The student's final test accuracy on each class.</p>\n",
-        );
+        let mut out =
+            String::from("<p class=\"how\">The student's final test accuracy on each class.</p>\n");
         out.push_str(&self.class_table(&[], &self.inp.summary.per_class_top1, None));
         section("classes", "Student accuracy per class", &out)
     }
@@ -693,7 +733,10 @@ impl<'a> Page<'a> {
                 .cloned()
                 .unwrap_or_else(|| format!("teacher {i}"));
             let colour_index = self.teacher_index(&name).unwrap_or(i);
-            c.push_str(&format!("<tr><td>{}</td>", swatch_name(&name, colour_index)));
+            c.push_str(&format!(
+                "<tr><td>{}</td>",
+                swatch_name(&name, colour_index)
+            ));
             match t {
                 Some(t) => c.push_str(&self.audit_teacher_cells(a, s, t, colour_index)),
                 None => c.push_str("<td colspan=\"4\" class=\"muted\">pruned</td>"),
@@ -704,9 +747,19 @@ impl<'a> Page<'a> {
         c
     }
 
-    fn audit_teacher_cells(&self, a: &Audit, s: &AuditSample, t: &AuditTeacher, ci: usize) -> String {
+    fn audit_teacher_cells(
+        &self,
+        a: &Audit,
+        s: &AuditSample,
+        t: &AuditTeacher,
+        ci: usize,
+    ) -> String {
         let verdict = if t.predicted == s.label { "ok" } else { "bad" };
-        let w = if t.logit_weight.is_finite() { t.logit_weight.clamp(0.0, 1.0) } else { 0.0 };
+        let w = if t.logit_weight.is_finite() {
+            t.logit_weight.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         format!(
             "<td class=\"cls {verdict}\">{}</td><td class=\"num\">{}</td><td class=\"num\">\
              <span class=\"bar\"><span style=\"width:{:.0}%;background:{}\"></span></span>{}</td>\
@@ -754,7 +807,12 @@ impl<'a> Page<'a> {
                 s("total", "#111827", None, pts(|r| r.train_loss)),
                 s("cross-entropy", "#0f766e", Some("6 3"), pts(|r| r.train_ce)),
                 s("KD", "#b45309", Some("2 3"), pts(|r| r.train_kd)),
-                s("feature", "#7c3aed", Some("8 3 2 3"), pts(|r| r.train_feature)),
+                s(
+                    "feature",
+                    "#7c3aed",
+                    Some("8 3 2 3"),
+                    pts(|r| r.train_feature),
+                ),
             ],
             vlines: Vec::new(),
             notes: Vec::new(),
@@ -766,7 +824,12 @@ impl<'a> Page<'a> {
             y: YAxis::Auto { zero: true },
             series: vec![
                 s("whole epoch", "#111827", None, pts(|r| r.seconds)),
-                s("teachers' outputs", "#b45309", Some("5 4"), pts(|r| r.teacher_seconds)),
+                s(
+                    "teachers' outputs",
+                    "#b45309",
+                    Some("5 4"),
+                    pts(|r| r.teacher_seconds),
+                ),
             ],
             vlines: Vec::new(),
             notes: Vec::new(),
@@ -849,7 +912,12 @@ impl<'a> Page<'a> {
             }
             out.push_str("</ul>\n");
         }
-        if let Some(active) = self.inp.metrics.last().and_then(|r| r.active_teachers.as_ref()) {
+        if let Some(active) = self
+            .inp
+            .metrics
+            .last()
+            .and_then(|r| r.active_teachers.as_ref())
+        {
             out.push_str(&format!(
                 "<p>Pool in the last epoch: {}.</p>\n",
                 escape(&active.join(", "))
@@ -972,7 +1040,12 @@ fn class_names(cfg: &toml::Table, inp: &ReportInputs) -> Vec<String> {
 
 /// Teacher names in pool order: the summary's, extended for weights the summary does not name.
 fn teacher_names(inp: &ReportInputs) -> Vec<String> {
-    let mut names: Vec<String> = inp.summary.teachers.iter().map(|t| t.name.clone()).collect();
+    let mut names: Vec<String> = inp
+        .summary
+        .teachers
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
     let width = inp
         .metrics
         .iter()
@@ -1069,7 +1142,13 @@ fn colour_bar() -> String {
     s.push_str(&format!(
         "<rect x=\"{x0}\" y=\"4\" width=\"{bar_w}\" height=\"14\" fill=\"none\" stroke=\"#888\"/>"
     ));
-    for (v, label) in [(0.0, "0"), (0.25, "0.25"), (0.5, "0.5"), (0.75, "0.75"), (1.0, "1")] {
+    for (v, label) in [
+        (0.0, "0"),
+        (0.25, "0.25"),
+        (0.5, "0.5"),
+        (0.75, "0.75"),
+        (1.0, "1"),
+    ] {
         let x = x0 + bar_w * v;
         s.push_str(&format!(
             "<line x1=\"{x}\" y1=\"18\" x2=\"{x}\" y2=\"23\" stroke=\"#555\"/>\
@@ -1215,7 +1294,9 @@ struct Note {
 enum YAxis {
     Fixed(f64, f64),
     /// From the data, widened to whole ticks; `zero`: include 0.
-    Auto { zero: bool },
+    Auto {
+        zero: bool,
+    },
 }
 
 struct Chart {
@@ -1247,7 +1328,9 @@ impl Frame {
         self.left + (x - self.x0) / (self.x1 - self.x0) * (self.w - self.left - self.right)
     }
     fn py(&self, y: f64) -> f64 {
-        self.h - self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.h - self.top - self.bottom)
+        self.h
+            - self.bottom
+            - (y - self.y0) / (self.y1 - self.y0) * (self.h - self.top - self.bottom)
     }
 }
 
@@ -1280,7 +1363,7 @@ fn nice_ceil(v: f64) -> f64 {
 
 fn ticks(lo: f64, hi: f64, step: f64) -> Vec<f64> {
     let mut out = Vec::new();
-    if !(step > 0.0) || !lo.is_finite() || !hi.is_finite() {
+    if step.is_nan() || step <= 0.0 || !lo.is_finite() || !hi.is_finite() {
         return out;
     }
     let mut v = (lo / step - 1e-9).ceil() * step;
@@ -1319,7 +1402,11 @@ fn auto_range(values: &[f64], zero: bool, n_ticks: f64) -> (f64, f64, f64) {
         hi = hi.max(0.0);
     }
     if hi - lo < 1e-12 {
-        let pad = if hi.abs() > 1e-12 { hi.abs() * 0.1 } else { 1.0 };
+        let pad = if hi.abs() > 1e-12 {
+            hi.abs() * 0.1
+        } else {
+            1.0
+        };
         lo -= pad;
         hi += pad;
         if zero && finite.iter().all(|v| *v >= 0.0) {
@@ -1327,7 +1414,11 @@ fn auto_range(values: &[f64], zero: bool, n_ticks: f64) -> (f64, f64, f64) {
         }
     }
     let step = nice_step((hi - lo) / n_ticks);
-    ((lo / step + 1e-9).floor() * step, (hi / step - 1e-9).ceil() * step, step)
+    (
+        (lo / step + 1e-9).floor() * step,
+        (hi / step - 1e-9).ceil() * step,
+        step,
+    )
 }
 
 fn svg_open(w: f64, h: f64, label: &str) -> String {
@@ -1340,7 +1431,15 @@ fn svg_open(w: f64, h: f64, label: &str) -> String {
 }
 
 /// Grid, axes, tick labels and axis titles.
-fn axes(f: &Frame, xt: &[f64], x_step: f64, yt: &[f64], y_step: f64, x_label: &str, y_label: &str) -> String {
+fn axes(
+    f: &Frame,
+    xt: &[f64],
+    x_step: f64,
+    yt: &[f64],
+    y_step: f64,
+    x_label: &str,
+    y_label: &str,
+) -> String {
     let (l, r, t, b) = (f.left, f.w - f.right, f.top, f.h - f.bottom);
     let mut s = String::new();
     for &y in yt {
@@ -1395,8 +1494,18 @@ fn legend(series: &[Series]) -> String {
 
 /// The x frame of an epoch axis: integer ticks, a little room at both ends.
 fn epoch_range(xs: &[f64]) -> (f64, f64, f64) {
-    let lo = xs.iter().copied().filter(|v| v.is_finite()).reduce(f64::min).unwrap_or(1.0);
-    let hi = xs.iter().copied().filter(|v| v.is_finite()).reduce(f64::max).unwrap_or(1.0);
+    let lo = xs
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .reduce(f64::min)
+        .unwrap_or(1.0);
+    let hi = xs
+        .iter()
+        .copied()
+        .filter(|v| v.is_finite())
+        .reduce(f64::max)
+        .unwrap_or(1.0);
     let span = hi - lo;
     let step = nice_step(span / 8.0).ceil().max(1.0);
     if span < 1e-9 {
@@ -1410,8 +1519,16 @@ fn epoch_range(xs: &[f64]) -> (f64, f64, f64) {
 /// labels in a band above the plot (one row each where they would overlap), joined to their
 /// epoch by a line, so no label covers the data.
 fn line_chart(c: &Chart) -> String {
-    let xs: Vec<f64> = c.series.iter().flat_map(|s| s.points.iter().map(|p| p.0)).collect();
-    let ys: Vec<f64> = c.series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
+    let xs: Vec<f64> = c
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    let ys: Vec<f64> = c
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .collect();
     if !ys.iter().any(|v| v.is_finite()) {
         return format!(
             "<figure><figcaption>{}</figcaption><p class=\"muted\">no data</p></figure>\n",
@@ -1560,7 +1677,10 @@ fn series_svg(f: &Frame, se: &Series) -> String {
             continue;
         }
         let (px, py) = (f.px(x), f.py(y.clamp(f.y0, f.y1)));
-        d.push_str(&format!("{}{px:.1},{py:.1} ", if pen_down { "L" } else { "M" }));
+        d.push_str(&format!(
+            "{}{px:.1},{py:.1} ",
+            if pen_down { "L" } else { "M" }
+        ));
         pen_down = true;
         if show_dots {
             dots.push_str(&format!(
@@ -1672,7 +1792,13 @@ fn scatter(x_label: &str, y_label: &str, dots: &[Dot]) -> String {
 
 /// Where a point's label goes: right of the point, else left, else a row lower or higher,
 /// avoiding `placed` boxes and staying inside the plot. Returns (x start, baseline, width).
-fn place_label(f: &Frame, px: f64, py: f64, label: &str, placed: &[(f64, f64, f64, f64)]) -> (f64, f64, f64) {
+fn place_label(
+    f: &Frame,
+    px: f64,
+    py: f64,
+    label: &str,
+    placed: &[(f64, f64, f64, f64)],
+) -> (f64, f64, f64) {
     let width = 6.3 * label.chars().count() as f64;
     let (top, bottom) = (f.top + 10.0, f.h - f.bottom - 2.0);
     let fits = |x: f64, ty: f64| {
@@ -1693,7 +1819,11 @@ fn place_label(f: &Frame, px: f64, py: f64, label: &str, placed: &[(f64, f64, f6
             }
         }
     }
-    let x = if sides[0] + width <= f.w - 2.0 { sides[0] } else { sides[1].max(2.0) };
+    let x = if sides[0] + width <= f.w - 2.0 {
+        sides[0]
+    } else {
+        sides[1].max(2.0)
+    };
     (x, (py + 4.0).clamp(top, bottom), width)
 }
 
@@ -1771,7 +1901,13 @@ mod tests {
         e2.active_teachers = Some(vec!["tops".into(), "shoes-bags".into()]);
         e2.strategy_metrics.insert("agent_loss".into(), f64::NAN);
         e2.class_weights = (0..10)
-            .map(|c| if c == 4 { vec![0.75, 0.25, 0.0] } else { vec![0.1, 0.9, 0.0] })
+            .map(|c| {
+                if c == 4 {
+                    vec![0.75, 0.25, 0.0]
+                } else {
+                    vec![0.1, 0.9, 0.0]
+                }
+            })
             .collect();
         e2.teacher_feature_weights = vec![0.3, 0.7, 0.0];
         ReportInputs {
@@ -1802,8 +1938,14 @@ mod tests {
         let coat = row(&html, "Coat");
         assert!(coat.contains(">0.75<"), "{coat}");
         assert!(coat.contains(">0.25<"), "{coat}");
-        assert!(coat.contains(">54.0<"), "student accuracy of class 4: {coat}");
-        assert!(coat.contains(">pruned<"), "weak left the pool after epoch 1: {coat}");
+        assert!(
+            coat.contains(">54.0<"),
+            "student accuracy of class 4: {coat}"
+        );
+        assert!(
+            coat.contains(">pruned<"),
+            "weak left the pool after epoch 1: {coat}"
+        );
         assert!(!row(&html, "Dress").contains("0.75"));
         // Fixed colour scale: 0.9 is dark with white text, 0.1 light with dark text.
         assert!(row(&html, "Dress").contains("color:#ffffff\">0.90<"));
@@ -1815,7 +1957,8 @@ mod tests {
         let html = render(&inputs());
         assert!(html.contains("class=\"legend\""));
         let legend_start = html.find("class=\"legend\"").unwrap();
-        let legend = &html[legend_start..legend_start + html[legend_start..].find("</div>").unwrap()];
+        let legend =
+            &html[legend_start..legend_start + html[legend_start..].find("</div>").unwrap()];
         for t in ["tops", "shoes-bags", "weak"] {
             assert!(legend.contains(t), "{t} not in the legend: {legend}");
         }
@@ -1871,7 +2014,10 @@ mod tests {
         assert!(!html.contains("Teacher weights per epoch"));
         assert!(!html.contains("Weights per class"));
         assert!(!html.contains("Where the teachers disagree"));
-        assert!(html.contains("<tr><th>Coat</th>"), "per-class accuracy stays");
+        assert!(
+            html.contains("<tr><th>Coat</th>"),
+            "per-class accuracy stays"
+        );
         assert!(html.contains("Training curves"));
     }
 
@@ -1932,7 +2078,10 @@ mod tests {
         ];
         let html = render(&inp);
         assert!(html.contains("Comparison with the other runs"));
-        assert!(html.contains("71.00 &plusmn; 1.41"), "mean ± sample std of 70, 72");
+        assert!(
+            html.contains("71.00 &plusmn; 1.41"),
+            "mean ± sample std of 70, 72"
+        );
         assert!(html.contains("<tr class=\"current\"><td>mtkd-rl-meta (this run)</td>"));
         let single = render(&inputs());
         assert!(!single.contains("Comparison with the other runs"));
@@ -1960,7 +2109,9 @@ mod tests {
         let mut dir = PathBuf::from(dir);
         if dir.is_relative() && !dir.exists() {
             // `cargo test` runs in the crate folder: read the path from the workspace root.
-            dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir);
+            dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../..")
+                .join(dir);
         }
         let path = write_report(&dir).unwrap();
         assert!(path.is_file());

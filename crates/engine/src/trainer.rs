@@ -485,12 +485,9 @@ fn ensure_native_teacher(
     let hash = key.clone();
     let mut data = Datasets::load(&tcfg.data)?;
     if !edits.is_identity() {
-        let (train, report) = mtkd_vision_tasks::classification::labels::apply(
-            &data.train,
-            &edits,
-            tcfg.run.seed,
-        )
-        .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
+        let (train, report) =
+            mtkd_vision_tasks::classification::labels::apply(&data.train, &edits, tcfg.run.seed)
+                .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
         tracing::info!(teacher = %t.name, samples = report.samples, changed_labels = report.changed,
             permutation = ?report.permutation, "teacher training set edited");
         obs.phase(&format!(
@@ -1013,9 +1010,8 @@ impl<'a> Trainer<'a> {
                 let t_outs = match shared {
                     // Stored outputs hold the whole pool; a pruned teacher's column is dropped.
                     Some(shared) => {
-                        let all = shared.batch(indices, self.device, || {
-                            teacher_outputs(pool, images)
-                        })?;
+                        let all =
+                            shared.batch(indices, self.device, || teacher_outputs(pool, images))?;
                         if active.len() == all.len() {
                             all
                         } else {
@@ -1090,7 +1086,12 @@ impl<'a> Trainer<'a> {
                     ],
                     0,
                 );
-                (total, Some(kd), Some(feat), Some((wm, signals, w, t_outs, full)))
+                (
+                    total,
+                    Some(kd),
+                    Some(feat),
+                    Some((wm, signals, w, t_outs, full)),
+                )
             }
         };
         let loss = per_sample.mean(Kind::Float);
@@ -1186,8 +1187,13 @@ impl<'a> Trainer<'a> {
             .to_device(self.device);
         let spread = |t: &Tensor| -> Result<Tensor> {
             let b = t.size()[0];
-            Ok(Tensor::zeros([b, m as i64], (Kind::Float, self.device))
-                .f_index_copy(1, &idx, &t.detach().to_kind(Kind::Float))?)
+            Ok(
+                Tensor::zeros([b, m as i64], (Kind::Float, self.device)).f_index_copy(
+                    1,
+                    &idx,
+                    &t.detach().to_kind(Kind::Float),
+                )?,
+            )
         };
         Ok(TeacherWeights {
             logit: spread(&w.logit)?,
@@ -1389,12 +1395,8 @@ impl<'a> Trainer<'a> {
             .collect();
         crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
         if !self.audit.is_empty() {
-            let audit = crate::audit::finish(
-                &self.audit,
-                &self.data.train,
-                &names,
-                self.cfg.train.epochs,
-            )?;
+            let audit =
+                crate::audit::finish(&self.audit, &self.data.train, &names, self.cfg.train.epochs)?;
             write_json_atomic(&dir.join("audit.json"), &audit)?;
         }
         if let Some(log) = &mut self.weight_log {
@@ -1440,7 +1442,9 @@ impl<'a> Trainer<'a> {
         // The audit page is a view of the files above: a failure is reported, the run stands.
         match crate::report::write_report(dir) {
             Ok(path) => tracing::info!(report = %path.display(), "audit report written"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "the audit report could not be written"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "the audit report could not be written")
+            }
         }
         Ok(Outcome {
             dir: dir.clone(),

@@ -264,8 +264,10 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
         .samples
         .windows(2)
         .all(|w| w[0].disagreement >= w[1].disagreement));
-    assert!(audit.samples.iter().all(|x| x.teachers.iter().all(Option::is_some)
-        && !x.image_png_base64.is_empty()));
+    assert!(audit
+        .samples
+        .iter()
+        .all(|x| x.teachers.iter().all(Option::is_some) && !x.image_png_base64.is_empty()));
     assert!(
         ha.iter().all(|r| r.class_weights.len() == 10
             && r.class_weights.iter().all(|row| row == &vec![0.5, 0.5])),
@@ -781,7 +783,13 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
             .arg("compare")
             .arg("--config")
             .arg(&cfg)
-            .args(["--seeds", "1", "--only", "no-kd,equal,mmkd,oracle,single t2", "--out"])
+            .args([
+                "--seeds",
+                "1",
+                "--only",
+                "no-kd,equal,mmkd,oracle,single t2",
+                "--out",
+            ])
             .arg(out)
             .args(extra_args)
             .output()
@@ -867,7 +875,10 @@ fn pruned_teachers_leave_the_pool_and_resume_stays_exact() {
     assert_eq!(ha[0].pruned, vec!["t3".to_owned()]);
     assert_eq!(ha[0].active_teachers, None);
     for r in &ha[1..] {
-        assert_eq!(r.active_teachers, Some(vec!["t1".to_owned(), "t2".to_owned()]));
+        assert_eq!(
+            r.active_teachers,
+            Some(vec!["t1".to_owned(), "t2".to_owned()])
+        );
         assert_eq!(r.teacher_weights, vec![0.5, 0.5, 0.0]);
         assert!(r.pruned.is_empty());
     }
@@ -942,9 +953,15 @@ fn teacher_training_edits_are_cached_apart_and_checked() {
         assert!(err.contains(field) && err.contains("half"), "{edit}: {err}");
     }
     let err = parse(&tiny(
-        &base.replace("arch = \"cnn-small\"\nclasses", "torchscript = \"x.pt\"\nclasses"),
+        &base.replace(
+            "arch = \"cnn-small\"\nclasses",
+            "torchscript = \"x.pt\"\nclasses",
+        ),
         &s,
     ))
     .unwrap_err();
-    assert!(err.contains("TorchScript teacher is already trained"), "{err}");
+    assert!(
+        err.contains("TorchScript teacher is already trained"),
+        "{err}"
+    );
 }

@@ -175,7 +175,10 @@ impl AgentConfig {
             return bad("entropy", "must be positive");
         }
         if self.mode == Mode::Meta && self.mix == Mix::Dynamic {
-            return bad("mix", "the meta mode has no mix: its policy gives the weights");
+            return bad(
+                "mix",
+                "the meta mode has no mix: its policy gives the weights",
+            );
         }
         if self.mode == Mode::Clean && self.mix == Mix::Dynamic {
             return bad("mix", "the dynamic mix is defined for parity mode only (its coefficients are not part of the clean policy's action)");
@@ -345,8 +348,9 @@ impl MtkdAgent {
         if cfg.mode == Mode::Meta {
             return Err(Error::Invalid {
                 what: "distill.agent.mode".into(),
-                reason: "the meta mode is built by mtkd_rl_weighting::build (crate::meta::MetaAgent)"
-                    .into(),
+                reason:
+                    "the meta mode is built by mtkd_rl_weighting::build (crate::meta::MetaAgent)"
+                        .into(),
             });
         }
         let m = embedding_dims.len() as i64;
@@ -612,18 +616,21 @@ impl WeightingStrategy for MtkdAgent {
             .flat_map(|&t| starts[t]..starts[t] + self.dims[t] + k + 3)
             .collect();
         let cols = Tensor::from_slice(&cols).to_device(device);
-        let rows =
-            Tensor::from_slice(&keep.iter().map(|&t| t as i64).collect::<Vec<_>>()).to_device(device);
+        let rows = Tensor::from_slice(&keep.iter().map(|&t| t as i64).collect::<Vec<_>>())
+            .to_device(device);
         let vars = self.vs.variables();
         let get = |n: &str| -> Result<Tensor> {
-            vars.get(n).map(|t| t.detach().copy()).ok_or_else(|| Error::Invalid {
-                what: "agent pruning".into(),
-                reason: format!("no parameter `{n}`"),
-            })
+            vars.get(n)
+                .map(|t| t.detach().copy())
+                .ok_or_else(|| Error::Invalid {
+                    what: "agent pruning".into(),
+                    reason: format!("no parameter `{n}`"),
+                })
         };
-        let mut values = vec![
-            ("stem.weight".to_owned(), get("stem.weight")?.f_index_select(1, &cols)?),
-        ];
+        let mut values = vec![(
+            "stem.weight".to_owned(),
+            get("stem.weight")?.f_index_select(1, &cols)?,
+        )];
         for head in ["logit_head", "feature_head"] {
             for part in ["weight", "bias"] {
                 let n = format!("{head}.{part}");
@@ -648,9 +655,18 @@ impl WeightingStrategy for MtkdAgent {
             },
         );
         let mm = keep.len() as i64;
-        self.logit_head = nn::linear(&root / "logit_head", self.cfg.hidden, mm, Default::default());
-        self.feature_head =
-            nn::linear(&root / "feature_head", self.cfg.hidden, mm, Default::default());
+        self.logit_head = nn::linear(
+            &root / "logit_head",
+            self.cfg.hidden,
+            mm,
+            Default::default(),
+        );
+        self.feature_head = nn::linear(
+            &root / "feature_head",
+            self.cfg.hidden,
+            mm,
+            Default::default(),
+        );
         if self.cfg.mix == Mix::Dynamic {
             self.theta_logit = root.ones("theta_logit", &[3]);
             self.theta_feature = root.ones("theta_feature", &[3]);

@@ -190,10 +190,7 @@ impl MetaAgent {
 
     /// Weights `[B, M]` from normalised features `[B, M, F]`, with gradient to the parameters.
     fn policy(&self, x: &Tensor) -> Result<Tensor> {
-        let score = self
-            .l2
-            .forward(&self.l1.forward(x).relu())
-            .squeeze_dim(2);
+        let score = self.l2.forward(&self.l1.forward(x).relu()).squeeze_dim(2);
         let idx = Tensor::from_slice(&self.active.iter().map(|&a| a as i64).collect::<Vec<_>>())
             .to_device(self.vs.device());
         let bias = self.teacher_bias.f_index_select(0, &idx)?;
@@ -201,26 +198,22 @@ impl MetaAgent {
     }
 
     /// One policy update from the look-ahead credit on `quiz`.
-    fn update(
-        &mut self,
-        s: &BatchSignals,
-        x: &Tensor,
-        quiz: &(Tensor, Tensor),
-    ) -> Result<()> {
+    fn update(&mut self, s: &BatchSignals, x: &Tensor, quiz: &(Tensor, Tensor)) -> Result<()> {
         let head = s.student_head.as_ref().ok_or_else(|| Error::Invalid {
             what: "mtkd-rl meta".into(),
             reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
         })?;
         let w = self.policy(x)?;
         let leaf = w.detach().set_requires_grad(true);
-        let quiz_loss =
-            lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
+        let quiz_loss = lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
         let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
         let credit = -&g[0];
         let centred = &credit - credit.mean_dim(1, true, Kind::Float);
         let batch_ms = centred.square().mean(Kind::Double);
         // One device sync per step: a non-finite batch must not reach the policy.
-        let finite = quiz_loss.f_isfinite()?.f_logical_and(&batch_ms.f_isfinite()?)?;
+        let finite = quiz_loss
+            .f_isfinite()?
+            .f_logical_and(&batch_ms.f_isfinite()?)?;
         if finite.f_int64_value(&[])? == 0 {
             tracing::warn!("mtkd-rl meta: non-finite look-ahead credit, update skipped");
             self.stats.skipped += 1;
@@ -232,7 +225,9 @@ impl MetaAgent {
         let rms = (&self.credit_ms / correction).sqrt().to_kind(Kind::Float) + 1e-20;
         let adv = (centred / rms).detach();
         let entropy = -(&w * w.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
-        let loss = -(&w * adv).sum_dim_intlist(1, false, Kind::Float).mean(Kind::Float)
+        let loss = -(&w * adv)
+            .sum_dim_intlist(1, false, Kind::Float)
+            .mean(Kind::Float)
             - entropy.mean(Kind::Float) * self.cfg.entropy;
         let params = self.parameters();
         let tensors: Vec<&Tensor> = params.iter().map(|(_, p)| p).collect();
@@ -297,10 +292,14 @@ impl WeightingStrategy for MetaAgent {
                 .update_and_apply(&f.view([b * m, FEATURES]))
                 .view([b, m, FEATURES]))
         })?;
-        let head = signals.student_head.as_ref().ok_or_else(|| Error::Invalid {
-            what: "mtkd-rl meta".into(),
-            reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
-        })?;
+        let head = signals
+            .student_head
+            .as_ref()
+            .ok_or_else(|| Error::Invalid {
+                what: "mtkd-rl meta".into(),
+                reason: "the signals carry no student classifier (BatchSignals::student_head)"
+                    .into(),
+            })?;
         let current = (
             head.embedding.detach().f_to_kind(Kind::Float)?,
             signals.labels.detach(),
@@ -423,7 +422,12 @@ impl WeightingStrategy for MetaAgent {
         let device = self.vs.device();
         let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
         for (i, name) in names.iter().enumerate() {
-            restore_variable(&self.vs, "mtkd-rl meta", name, find(&format!("param.{name}"))?)?;
+            restore_variable(
+                &self.vs,
+                "mtkd-rl meta",
+                name,
+                find(&format!("param.{name}"))?,
+            )?;
             self.adam_m[i] = find(&format!("adam_m.{name}"))?.to_device(device).copy();
             self.adam_v[i] = find(&format!("adam_v.{name}"))?.to_device(device).copy();
         }

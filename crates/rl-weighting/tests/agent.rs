@@ -436,9 +436,14 @@ fn meta_signals(g: &Value, b: &Value) -> BatchSignals {
         })
         .collect();
     let none: Vec<Option<Tensor>> = teachers.iter().map(|_| None).collect();
-    let mut s =
-        BatchSignals::compute(&zs, &none, &teachers, &y, g["temperature"].as_f64().unwrap())
-            .unwrap();
+    let mut s = BatchSignals::compute(
+        &zs,
+        &none,
+        &teachers,
+        &y,
+        g["temperature"].as_f64().unwrap(),
+    )
+    .unwrap();
     s.student_head = Some(StudentHead {
         embedding: h,
         weight: w,
@@ -531,8 +536,7 @@ fn meta_mode_starts_at_equal_weights_and_resumes_exactly() {
         mode: Mode::Meta,
         ..AgentConfig::default()
     };
-    let mut fresh =
-        mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
+    let mut fresh = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
     let w = fresh.weights(&meta_signals(&g, &batches[0])).unwrap();
     assert_close(
         "first weights",

@@ -360,7 +360,11 @@ fn label_edits_select_classes_flip_permute_and_add_noise() {
     .unwrap();
     assert_eq!(rep.changed, truth.len());
     assert_eq!(rep.permutation.as_deref(), Some(&p[..]));
-    assert!(q.labels.iter().zip(&truth).all(|(a, b)| *a == p[*b as usize] as i64));
+    assert!(q
+        .labels
+        .iter()
+        .zip(&truth)
+        .all(|(a, b)| *a == p[*b as usize] as i64));
 
     // Symmetric noise at 60%: about 60% drawn uniformly, so about 54% changed.
     let noisy = |seed| {

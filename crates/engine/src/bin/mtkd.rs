@@ -346,7 +346,9 @@ fn compare(
     md.push_str(&format!(
         "Machine: {}; {} logical cores; libtorch threads {}; mtkd {}; {}\n\n",
         cpu_model(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         tch::get_num_threads(),
         env!("CARGO_PKG_VERSION"),
         std::process::Command::new("date")

@@ -73,14 +73,14 @@ impl LabelEdits {
         let mut seen = std::collections::HashSet::new();
         for c in self.flip_pairs.iter().flatten() {
             if !seen.insert(*c) {
-                return Err((
-                    "flip_pairs",
-                    format!("class {c} appears in two pairs"),
-                ));
+                return Err(("flip_pairs", format!("class {c} appears in two pairs")));
             }
         }
         if !(0.0..=1.0).contains(&self.noise) {
-            return Err(("label_noise", format!("must be in [0, 1], got {}", self.noise)));
+            return Err((
+                "label_noise",
+                format!("must be in [0, 1], got {}", self.noise),
+            ));
         }
         if self.permute && k < 2 {
             return Err(("permute_labels", "needs at least two classes".into()));
@@ -143,7 +143,12 @@ pub fn apply(set: &ImageSet, edits: &LabelEdits, seed: u64) -> Result<(ImageSet,
             *y = c;
         }
     }
-    let changed = out.labels.iter().zip(&truth).filter(|(a, b)| a != b).count();
+    let changed = out
+        .labels
+        .iter()
+        .zip(&truth)
+        .filter(|(a, b)| a != b)
+        .count();
     Ok((
         out,
         EditReport {
