@@ -118,7 +118,7 @@ def run(quiz_mode):
             zq = hq @ (W - inner_lr * gW).t() + (bias - inner_lr * gb)
             quiz_loss = F.cross_entropy(zq, yq)
             (gw,) = torch.autograd.grad(quiz_loss, [leaf])
-            credit = -gw
+            credit = -gw / inner_lr  # per unit of the student's learning rate
             centred = credit - credit.mean(1, keepdim=True)
             ms = ms * decay + centred.double().square().mean().item() * (1 - decay)
             count += 1

@@ -359,7 +359,15 @@ fn agent_runs_resume_exactly() {
         if mix == "dynamic" {
             assert!(last.contains_key("mix_logit_agent"), "{last:?}");
         }
-        assert!(a.join("plots/teacher_weights_per_class.png").is_file());
+        // Per-class weights of every epoch are in the metrics (the audit page shows them).
+        assert!(a.join("report.html").is_file());
+        for r in &ha[1..] {
+            assert_eq!(r.class_weights.len(), 10);
+            for row in &r.class_weights {
+                let sum: f64 = row.iter().sum();
+                assert!(row.len() == 2 && (sum - 1.0).abs() < 1e-4, "{row:?}");
+            }
+        }
         let b = s.join(format!("{mode}-b"));
         // 8 batches per epoch: stop inside epoch 3, after the agent has updated mid-epoch.
         halt_run(&cfg, &b, 21);

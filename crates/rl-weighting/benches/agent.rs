@@ -1,5 +1,6 @@
 //! Criterion benchmarks of the MTKD-RL agent's per-step cost (batch 64, three teachers with
-//! 64-channel embeddings, 10 classes): building weights, and one update step per buffered batch.
+//! 64-channel embeddings, 10 classes): building weights, and one update step per buffered batch;
+//! the meta mode's weights, which include its look-ahead credit and policy update.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use tch::{Device, Kind, Tensor};
@@ -63,6 +64,22 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // Meta mode: weights include the look-ahead credit and one Adam step (every call).
+    let mut s = s;
+    s.student_head = Some(mtkd_distill_core::signals::StudentHead {
+        embedding: Tensor::rand([64, 64], (Kind::Float, Device::Cpu)),
+        weight: Tensor::randn([10, 64], (Kind::Float, Device::Cpu)) * 0.1,
+        bias: Some(Tensor::zeros([10], (Kind::Float, Device::Cpu))),
+        lr: 0.05,
+    });
+    let cfg = AgentConfig {
+        mode: Mode::Meta,
+        ..Default::default()
+    };
+    let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
+    g.bench_function("Meta weights (credit + policy update)", |b| {
+        b.iter(|| a.weights(&s).unwrap())
+    });
     g.finish();
 }
 

@@ -10,8 +10,9 @@
 //!   sum to 1 (AVER's total KD weight).
 //! - **Credit.** At every step, a virtual SGD step of the student's classifier with the current
 //!   weights ([`mtkd_distill_core::mmkd::lookahead_quiz_loss`]); the credit of teacher m on
-//!   sample b is `C[b,m] = -dL_quiz/dw[b,m]`: how much more weight on that teacher for that
-//!   sample would lower the quiz loss. It is centred over teachers (the softmax ignores a shift)
+//!   sample b is `C[b,m] = -dL_quiz/dw[b,m] / lr`: how much more weight on that teacher for that
+//!   sample would lower the quiz loss, per unit of the student's learning rate (so that a
+//!   schedule's lr drop does not shrink it). It is centred over teachers (the softmax ignores a shift)
 //!   and divided by a running RMS (EMA 0.99, bias-corrected), which makes the entropy
 //!   coefficient scale-free.
 //! - **Update.** Adam on `-mean_b sum_m w[b,m] A[b,m] - tau mean_b H(w[b,.])`: to first order the
@@ -207,7 +208,10 @@ impl MetaAgent {
         let leaf = w.detach().set_requires_grad(true);
         let quiz_loss = lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
         let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
-        let credit = -&g[0];
+        // Per unit of learning rate: the look-ahead's effect is proportional to the step size,
+        // so a schedule's lr drop must not shrink the advantage (while the running RMS catches
+        // up, the entropy term would pull the weights back toward uniform).
+        let credit = -&g[0] / head.lr.max(1e-12);
         let centred = &credit - credit.mean_dim(1, true, Kind::Float);
         let batch_ms = centred.square().mean(Kind::Double);
         // One device sync per step: a non-finite batch must not reach the policy.
