@@ -5,8 +5,8 @@
 //!   sample b, `f[b,m] = [ce_m, kl_m, entropy_m, cos_m, ce_m - mean_j ce_j, kl_m - mean_j kl_j]`
 //!   (standardised with running statistics pooled over teachers, so teachers stay comparable;
 //!   clipped to ±5), and gives a score; a learnt bias per teacher is added and the weights are
-//!   the softmax over teachers. The output layer and the biases start at zero: the first weights
-//!   are exactly AVER's. The same weights route the logit and the feature term, and they always
+//!   the softmax over teachers. The output layer and the biases start at zero: the policy starts
+//!   at AVER's weights (each step updates it before giving the batch its weights). The same weights route the logit and the feature term, and they always
 //!   sum to 1 (AVER's total KD weight).
 //! - **Credit.** At every step, a virtual SGD step of the student's classifier with the current
 //!   weights ([`mtkd_distill_core::mmkd::lookahead_quiz_loss`]); the credit of teacher m on

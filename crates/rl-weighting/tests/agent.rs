@@ -531,9 +531,11 @@ fn meta_matches_pytorch(which: &str, quiz: Quiz, updates: f64) {
 fn meta_mode_starts_at_equal_weights_and_resumes_exactly() {
     let g = meta_golden();
     let batches = g["batches"].as_array().unwrap();
-    // Default initialisation: zero output layer and biases, so AVER's weights.
+    // Default initialisation: zero output layer and biases, so the policy starts at AVER's
+    // weights (with `quiz = previous` the first batch makes no update before its weights).
     let cfg = AgentConfig {
         mode: Mode::Meta,
+        quiz: Quiz::Previous,
         ..AgentConfig::default()
     };
     let mut fresh = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
