@@ -337,7 +337,12 @@ fn compare(
         "Command: `mtkd compare --config {} --seeds {}{}`  \nStudent: {}; {} epochs; data: {:?} {}\n\n",
         config.display(),
         seeds,
-        overrides.iter().map(|o| format!(" --set {o}")).collect::<String>(),
+        overrides
+            .iter()
+            .map(|o| format!(" --set '{o}'"))
+            .chain(only.as_ref().map(|o| format!(" --only '{}'", o.join(","))))
+            .chain((!share).then(|| " --no-shared-teachers".to_owned()))
+            .collect::<String>(),
         cfg.student.arch,
         cfg.train.epochs,
         cfg.data.kind,
