@@ -92,6 +92,34 @@ const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
 
+/// One Adam step (betas 0.9 / 0.999, eps 1e-8, as `torch.optim.Adam`) on `params` in place,
+/// with moments `m` and `v` that the caller keeps (and checkpoints); `t` is the 1-based step
+/// number. Shared by MMKD and the agent's meta mode, whose moments go into checkpoints (tch's
+/// own optimizer does not expose them).
+pub fn adam_step(
+    params: &[&Tensor],
+    grads: &[Tensor],
+    m: &mut [Tensor],
+    v: &mut [Tensor],
+    t: u64,
+    lr: f64,
+) -> Result<()> {
+    let bc1 = 1.0 - BETA1.powi(t as i32);
+    let bc2 = 1.0 - BETA2.powi(t as i32);
+    tch::no_grad(|| -> Result<()> {
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            let _ = m[i].f_mul_scalar_(BETA1)?.f_add_(&(g * (1.0 - BETA1)))?;
+            let _ = v[i]
+                .f_mul_scalar_(BETA2)?
+                .f_add_(&(g * g * (1.0 - BETA2)))?;
+            let step = (&m[i] / bc1) / ((&v[i] / bc2).f_sqrt()? + ADAM_EPS) * lr;
+            let mut p = p.shallow_clone();
+            let _ = p.f_sub_(&step)?;
+        }
+        Ok(())
+    })
+}
+
 /// The MMKD strategy. Needs [`BatchSignals::student_head`] (see
 /// [`WeightingStrategy::wants_student_head`]).
 #[derive(Debug)]
@@ -262,20 +290,14 @@ impl Mmkd {
 
     fn adam(&mut self, params: &[&Tensor], grads: &[Tensor]) -> Result<()> {
         self.adam_t += 1;
-        let bc1 = 1.0 - BETA1.powi(self.adam_t as i32);
-        let bc2 = 1.0 - BETA2.powi(self.adam_t as i32);
-        tch::no_grad(|| -> Result<()> {
-            for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-                let m = &mut self.adam_m[i];
-                let v = &mut self.adam_v[i];
-                let _ = m.f_mul_scalar_(BETA1)?.f_add_(&(g * (1.0 - BETA1)))?;
-                let _ = v.f_mul_scalar_(BETA2)?.f_add_(&(g * g * (1.0 - BETA2)))?;
-                let step = (&*m / bc1) / ((&*v / bc2).f_sqrt()? + ADAM_EPS) * self.cfg.lr;
-                let mut p = p.shallow_clone();
-                let _ = p.f_sub_(&step)?;
-            }
-            Ok(())
-        })
+        adam_step(
+            params,
+            grads,
+            &mut self.adam_m,
+            &mut self.adam_v,
+            self.adam_t,
+            self.cfg.lr,
+        )
     }
 }
 

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use mtkd_distill_core::mmkd::lookahead_quiz_loss;
+use mtkd_distill_core::mmkd::{adam_step, lookahead_quiz_loss};
 use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::{
     restore_variable, StrategyState, TeacherWeights, WeightingStrategy,
@@ -37,9 +37,6 @@ use crate::agent::{AgentConfig, Quiz, RunningNorm};
 /// Per-teacher features of the policy.
 pub const FEATURES: i64 = 6;
 const RMS_DECAY: f64 = 0.99;
-const BETA1: f64 = 0.9;
-const BETA2: f64 = 0.999;
-const ADAM_EPS: f64 = 1e-8;
 
 #[derive(Default)]
 struct Stats {
@@ -248,20 +245,14 @@ impl MetaAgent {
 
     fn adam(&mut self, params: &[&Tensor], grads: &[Tensor]) -> Result<()> {
         self.adam_t += 1;
-        let bc1 = 1.0 - BETA1.powi(self.adam_t as i32);
-        let bc2 = 1.0 - BETA2.powi(self.adam_t as i32);
-        tch::no_grad(|| -> Result<()> {
-            for (i, (p, g)) in params.iter().zip(grads).enumerate() {
-                let m = &mut self.adam_m[i];
-                let v = &mut self.adam_v[i];
-                let _ = m.f_mul_scalar_(BETA1)?.f_add_(&(g * (1.0 - BETA1)))?;
-                let _ = v.f_mul_scalar_(BETA2)?.f_add_(&(g * g * (1.0 - BETA2)))?;
-                let step = (&*m / bc1) / ((&*v / bc2).f_sqrt()? + ADAM_EPS) * self.cfg.meta_lr;
-                let mut p = p.shallow_clone();
-                let _ = p.f_sub_(&step)?;
-            }
-            Ok(())
-        })
+        adam_step(
+            params,
+            grads,
+            &mut self.adam_m,
+            &mut self.adam_v,
+            self.adam_t,
+            self.cfg.meta_lr,
+        )
     }
 }
 
