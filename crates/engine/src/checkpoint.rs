@@ -1,7 +1,9 @@
 //! Checkpoints: one folder per completed epoch (`checkpoints/epoch-NNNN/`) holding every tensor
 //! of the run's state (`state.safetensors`) and its bookkeeping (`meta.json`). A checkpoint is
 //! written into a temporary folder and renamed, so a kill never leaves a half checkpoint, and
-//! non-finite tensors are refused so a NaN never replaces a good checkpoint.
+//! non-finite tensors are refused so a NaN never replaces a good checkpoint. `checksums.json`
+//! holds the size and CRC-32 of both files: a checkpoint whose files do not match it, or that
+//! holds a non-finite tensor, is not loaded (it is moved aside and the one before it is used).
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,37 @@ pub struct Meta {
     pub prune_counts: Vec<usize>,
 }
 
+/// The files of a checkpoint, and the file of their checksums.
+const FILES: [&str; 2] = ["state.safetensors", "meta.json"];
+const CHECKSUMS: &str = "checksums.json";
+
+/// Size and CRC-32 of one file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FileSum {
+    bytes: u64,
+    crc32: String,
+}
+
+impl FileSum {
+    fn of(path: &Path) -> Result<FileSum> {
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(FileSum {
+            bytes: data.len() as u64,
+            crc32: format!("{:08x}", crc32fast::hash(&data)),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Checksums {
+    files: std::collections::BTreeMap<String, FileSum>,
+}
+
+/// Whether a checkpoint folder exists for a completed epoch (readable or not).
+pub fn any(root: &Path) -> bool {
+    list(root).map(|l| !l.is_empty()).unwrap_or(false)
+}
+
 fn epoch_dir(root: &Path, epoch: usize) -> PathBuf {
     root.join(format!("epoch-{epoch:04}"))
 }
@@ -50,7 +83,9 @@ pub fn save(
             let ok = t.isfinite().all().int64_value(&[]) != 0;
             if !ok {
                 bail!(
-                    "refusing to checkpoint epoch {}: tensor `{name}` holds NaN or infinity",
+                    "refusing to checkpoint epoch {}: tensor `{name}` holds NaN or infinity (the \
+                     run's state diverged during the epoch; with train.on_nonfinite = \"skip\" a \
+                     skipped batch changes nothing, so lower train.lr)",
                     meta.epoch
                 );
             }
@@ -67,21 +102,26 @@ pub fn save(
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu)))
         .collect();
-    Tensor::write_safetensors(&cpu, tmp.join("state.safetensors"))
-        .with_context(|| format!("writing {}", tmp.join("state.safetensors").display()))?;
-    std::fs::write(tmp.join("meta.json"), serde_json::to_vec_pretty(meta)?)?;
-    // On disk before the rename makes the checkpoint visible (a power cut cannot leave a
-    // complete-looking folder with empty files).
-    for f in ["state.safetensors", "meta.json"] {
-        std::fs::File::open(tmp.join(f))
-            .and_then(|h| h.sync_all())
-            .with_context(|| format!("syncing {}", tmp.join(f).display()))?;
-    }
+    let state = tmp.join("state.safetensors");
+    crate::fsio::write_atomic_with(&state, |p| {
+        Tensor::write_safetensors(&cpu, p).map_err(|e| e.to_string().into())
+    })?;
+    crate::fsio::write_atomic(&tmp.join("meta.json"), &serde_json::to_vec_pretty(meta)?)?;
+    let sums = Checksums {
+        files: FILES
+            .iter()
+            .map(|f| Ok(((*f).to_owned(), FileSum::of(&tmp.join(f))?)))
+            .collect::<Result<_>>()?,
+    };
+    crate::fsio::write_json_atomic(&tmp.join(CHECKSUMS), &sums)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("cannot move {} to {}", tmp.display(), final_dir.display()))?;
+    std::fs::File::open(root)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", root.display()))?;
     if keep > 0 {
         let mut all = list(root)?;
         all.sort();
@@ -130,7 +170,12 @@ pub fn load_latest(root: &Path) -> Result<Option<(NamedTensors, Meta)>> {
         match load(dir) {
             Ok(found) => {
                 for (bad, e) in &errors {
-                    let aside = PathBuf::from(format!("{}.unreadable", bad.display()));
+                    let mut aside = PathBuf::from(format!("{}.unreadable", bad.display()));
+                    let mut n = 2;
+                    while aside.exists() {
+                        aside = PathBuf::from(format!("{}.unreadable-{n}", bad.display()));
+                        n += 1;
+                    }
                     tracing::warn!(dir = %bad.display(), error = %e, moved_to = %aside.display(), "unreadable checkpoint skipped");
                     std::fs::rename(bad, &aside).with_context(|| {
                         format!("moving the unreadable checkpoint {} aside", bad.display())
@@ -156,6 +201,28 @@ pub fn load_latest(root: &Path) -> Result<Option<(NamedTensors, Meta)>> {
 }
 
 fn load(dir: &Path) -> Result<(NamedTensors, Meta)> {
+    let sums_path = dir.join(CHECKSUMS);
+    let sums: Checksums = serde_json::from_slice(
+        &std::fs::read(&sums_path).with_context(|| format!("reading {}", sums_path.display()))?,
+    )
+    .with_context(|| format!("reading {}", sums_path.display()))?;
+    for f in FILES {
+        let want = sums
+            .files
+            .get(f)
+            .ok_or_else(|| anyhow::anyhow!("{} lists no checksum for {f}", sums_path.display()))?;
+        let got = FileSum::of(&dir.join(f))?;
+        if &got != want {
+            bail!(
+                "{} is corrupt: {} bytes with CRC-32 {}, but the checkpoint recorded {} bytes with CRC-32 {}",
+                dir.join(f).display(),
+                got.bytes,
+                got.crc32,
+                want.bytes,
+                want.crc32
+            );
+        }
+    }
     let meta_path = dir.join("meta.json");
     let meta: Meta = serde_json::from_slice(
         &std::fs::read(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?,
@@ -163,5 +230,13 @@ fn load(dir: &Path) -> Result<(NamedTensors, Meta)> {
     .with_context(|| format!("reading {}", meta_path.display()))?;
     let tensors = Tensor::read_safetensors(dir.join("state.safetensors"))
         .with_context(|| format!("reading {}", dir.join("state.safetensors").display()))?;
+    for (name, t) in &tensors {
+        if t.is_floating_point() && t.isfinite().all().int64_value(&[]) == 0 {
+            bail!(
+                "{}: tensor `{name}` holds NaN or infinity",
+                dir.join("state.safetensors").display()
+            );
+        }
+    }
     Ok((tensors, meta))
 }

@@ -123,15 +123,58 @@ pub const AVER: &str = "equal (AVER)";
 pub const MARKS: &str = "† distils at M times AVER's KD weight in epoch 1 (the parity agent's all-ones epoch 0, docs/METHOD.md section 3), 1 afterwards. \
 ‡ weights sum to M - 1 in every epoch (EBKD's definition). Every other row's weights sum to 1 per sample in every epoch.";
 
-/// Every (strategy, seed) run: seeds `base.run.seed .. base.run.seed + seeds`.
+/// The `--only` name of a row: its label in lower case, words joined by `-`, marks dropped
+/// (`equal-aver`, `single-t1`, `mtkd-rl-meta-prune`).
+pub fn row_name(label: &str) -> String {
+    slug(label)
+}
+
+/// Names that select several rows: every `single <teacher>` row, every agent row.
+pub const GROUPS: [&str; 2] = ["single", "mtkd-rl"];
+
+/// The rows an `--only` name selects (exact row name, or a group of [`GROUPS`]).
+fn selects(name: &str, label: &str) -> bool {
+    let row = row_name(label);
+    row == name || (GROUPS.contains(&name) && row.starts_with(&format!("{name}-")))
+}
+
+/// The `--only` names of a config's comparison: one per row, then the groups.
+pub fn names(base: &Config) -> Result<Vec<String>> {
+    let mut v: Vec<String> = strategies(base)?
+        .iter()
+        .map(|(l, _)| row_name(l))
+        .collect();
+    v.extend(GROUPS.iter().map(|g| (*g).to_owned()));
+    Ok(v)
+}
+
+/// Every (strategy, seed) run: seeds `base.run.seed .. base.run.seed + seeds`. `only` keeps the
+/// rows it names (see [`names`]); a name that selects no row is an error listing the names.
 pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Planned>> {
     let mut out = Vec::new();
     let strategies = strategies(base)?;
+    if let Some(only) = only {
+        let unknown: Vec<&String> = only
+            .iter()
+            .filter(|o| !strategies.iter().any(|(l, _)| selects(o, l)))
+            .collect();
+        if !unknown.is_empty() || only.is_empty() {
+            bail!(
+                "--only {}: no such row; the rows of this comparison are {}",
+                unknown
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                names(base)?.join(", ")
+            );
+        }
+    }
     // Seed-major: an interrupted comparison still has every strategy for its first seeds.
     for s in 0..seeds {
         for (label, distill) in &strategies {
             if let Some(only) = only {
-                if !only.iter().any(|o| label.starts_with(o.as_str())) {
+                if !only.iter().any(|o| selects(o, label)) {
                     continue;
                 }
             }
@@ -139,9 +182,9 @@ pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Pl
             c.distill = Some(distill.clone());
             c.run.seed = base.run.seed + s;
             // Teachers stay the same across seeds: pin their seeds to the base run's defaults.
-            for (i, t) in c.teachers.iter_mut().enumerate() {
+            for t in c.teachers.iter_mut() {
                 if t.arch.is_some() && t.seed.is_none() {
-                    t.seed = Some(base.run.seed + 1000 + i as u64);
+                    t.seed = Some(crate::config::teacher_seed(base.run.seed, &t.name));
                 }
             }
             c.run.name = format!("{}-{}", base.run.name, slug(label));

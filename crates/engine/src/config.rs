@@ -82,12 +82,17 @@ pub struct DataConfig {
     /// Folder of the dataset. A relative path is looked up under `$MTKD_DATA_DIR` first (where
     /// `cargo xtask data` puts downloads), then relative to the working directory.
     pub root: PathBuf,
-    /// Use only the first N training samples (0 = all).
+    /// Use only N training samples (0 = all), chosen as `subset` says.
     #[serde(default)]
     pub train_subset: usize,
-    /// Use only the first N test samples (0 = all).
+    /// Use only N test samples (0 = all), chosen as `subset` says.
     #[serde(default)]
     pub test_subset: usize,
+    /// How `train_subset` and `test_subset` choose their samples: `stratified` (default: seeded,
+    /// every class keeps its share, the same subset for every run seed) or `first` (the first N,
+    /// as mtkd before 0.2 did).
+    #[serde(default)]
+    pub subset: SubsetKind,
     pub normalize: Normalize,
     #[serde(default)]
     pub augment: Augment,
@@ -144,6 +149,29 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     #[serde(default)]
     pub on_nonfinite: NonFinitePolicy,
+    /// With `on_nonfinite = "skip"`: the share of an epoch's batches that may be skipped; one
+    /// more stops the run, naming what was not finite. (Absent from the resolved config at its
+    /// default, so older run folders and cache keys stay valid.)
+    #[serde(
+        default = "default_skip_budget",
+        skip_serializing_if = "is_default_skip_budget"
+    )]
+    pub skip_budget: f64,
+}
+
+/// The training seed of an `arch` teacher without `seed`: derived from the run's seed and the
+/// teacher's name, so reordering or extending the pool keeps every cached teacher.
+pub fn teacher_seed(run_seed: u64, name: &str) -> u64 {
+    let h = crate::trainer::stable_hash(name.as_bytes());
+    let h = u64::from_str_radix(&h, 16).unwrap_or(0);
+    run_seed.wrapping_add(1000 + h % 1_000_000)
+}
+
+fn default_skip_budget() -> f64 {
+    0.05
+}
+fn is_default_skip_budget(v: &f64) -> bool {
+    *v == default_skip_budget()
 }
 
 fn default_momentum() -> f64 {
@@ -160,6 +188,15 @@ fn default_gamma() -> f64 {
 }
 fn default_eval_batch() -> usize {
     500
+}
+
+/// How a subset of a split is chosen (`data.subset`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubsetKind {
+    #[default]
+    Stratified,
+    First,
 }
 
 /// Teacher weighting strategies.
@@ -293,7 +330,8 @@ pub struct TeacherConfig {
     /// A TorchScript file following the teacher contract (see mtkd-teachers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub torchscript: Option<PathBuf>,
-    /// Seed for training an `arch` teacher (default: the run seed + 1000 + index).
+    /// Seed for training an `arch` teacher (default: derived from the run seed and the teacher's
+    /// name, `config::teacher_seed`, so the pool's order does not matter).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// `arch` teachers only: train on samples of these classes alone (a specialist; the head
@@ -407,6 +445,12 @@ impl Config {
             }
             if t.batch_size == 0 || t.eval_batch_size == 0 {
                 return bad(&format!("{sec}.batch_size"), "must be at least 1".into());
+            }
+            if !(0.0..=1.0).contains(&t.skip_budget) {
+                return bad(
+                    &format!("{sec}.skip_budget"),
+                    format!("must be a share of the epoch's batches in [0, 1], got {}", t.skip_budget),
+                );
             }
             if !(t.lr > 0.0 && t.lr.is_finite()) {
                 return bad(

@@ -78,16 +78,15 @@ impl Datasets {
                 test.num_classes
             );
         }
-        let mut train = if cfg.train_subset > 0 {
-            train.take(cfg.train_subset)
-        } else {
-            train
+        // Subsets are seeded and stratified by class (the same for every run seed, so the runs
+        // of a comparison see the same images); `subset = "first"` keeps the first N.
+        let take = |set: mtkd_vision_tasks::data::ImageSet, n: usize, seed: u64| match cfg.subset {
+            _ if n == 0 => set,
+            crate::config::SubsetKind::First => set.take(n),
+            crate::config::SubsetKind::Stratified => set.stratified(n, seed),
         };
-        let mut test = if cfg.test_subset > 0 {
-            test.take(cfg.test_subset)
-        } else {
-            test
-        };
+        let mut train = take(train, cfg.train_subset, 0x7261_696e);
+        let mut test = take(test, cfg.test_subset, 0x7465_7374);
         if !cfg.class_names.is_empty() {
             if cfg.class_names.len() != train.num_classes {
                 anyhow::bail!(

@@ -48,7 +48,11 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
         y_max += 0.5;
     }
     let pad = (y_max - y_min) * 0.05;
-    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    // Drawn in memory, encoded and written atomically like every output.
+    let (w, h) = (800u32, 500u32);
+    let mut pixels = vec![0u8; (w * h * 3) as usize];
+    {
+    let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
     let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let mut chart = ChartBuilder::on(&root)
@@ -89,7 +93,18 @@ pub fn line_chart(path: &Path, title: &str, y_label: &str, series: &[Series]) ->
         .draw()
         .map_err(|x| e(&x))?;
     root.present().map_err(|x| e(&x))?;
-    Ok(())
+    }
+    write_png(path, w, h, pixels)
+}
+
+/// Encode RGB pixels as PNG and write them atomically.
+pub fn write_png(path: &Path, w: u32, h: u32, rgb: Vec<u8>) -> Result<()> {
+    let img = image::RgbImage::from_raw(w, h, rgb)
+        .ok_or_else(|| anyhow!("plotting {}: wrong pixel buffer size", path.display()))?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|x| anyhow!("encoding {}: {x}", path.display()))?;
+    crate::fsio::write_atomic(path, &png)
 }
 
 /// `loss.png`, `accuracy.png` and, with teachers, `teacher_weights.png` in `dir`.

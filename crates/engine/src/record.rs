@@ -1,10 +1,9 @@
 //! What a run records: one [`EpochRecord`] per epoch (a line of `metrics.jsonl`) and the
 //! [`Summary`] written to `summary.json` at the end.
 
-use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 /// One epoch's numbers. Losses are means over the epoch's samples; accuracies in percent.
@@ -12,40 +11,62 @@ use serde::{Deserialize, Serialize};
 pub struct EpochRecord {
     /// 1-based epoch number.
     pub epoch: usize,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub lr: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub train_loss: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub train_ce: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub train_kd: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub train_feature: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub train_top1: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub test_loss: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub test_top1: f64,
+    #[serde(deserialize_with = "nan_null::f64")]
     pub test_top5: f64,
     /// Mean logit weight per teacher over the epoch (pool order); empty without teachers.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_null::vec")]
     pub teacher_weights: Vec<f64>,
     /// The weighting strategy's diagnostics (agent loss, reward statistics, weight entropy,
     /// mix coefficients, mean feature weight per teacher, ...).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_null::map")]
     pub strategy_metrics: std::collections::BTreeMap<String, f64>,
     /// Batches skipped because their loss was not finite (`on_nonfinite = "skip"`).
     pub skipped_batches: usize,
     /// Wall seconds of the epoch (training and evaluation).
+    #[serde(deserialize_with = "nan_null::f64")]
     pub seconds: f64,
     /// Of those, the seconds spent getting the teachers' outputs (forward passes, or reads of
     /// shared outputs).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nan_null::f64")]
     pub teacher_seconds: f64,
     /// Mean feature weight per teacher over the epoch (full pool order, 0 for a pruned teacher);
     /// empty without teachers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nan_null::vec"
+    )]
     pub teacher_feature_weights: Vec<f64>,
     /// Mean logit weight per true class (rows, K) and teacher (columns, full pool order) over the
     /// epoch's samples; empty without teachers.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nan_null::grid"
+    )]
     pub class_weights: Vec<Vec<f64>>,
     /// The same for the feature weights.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nan_null::grid"
+    )]
     pub class_feature_weights: Vec<Vec<f64>>,
     /// Teachers that left the pool at the end of this epoch (`[distill.prune]`), by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -135,10 +156,14 @@ pub fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// The `metrics.jsonl` sink: rewritten from the history on resume, appended to after each epoch.
+/// The `metrics.jsonl` sink: the whole file is rewritten atomically after each epoch (it is
+/// small: one line per epoch), so it always holds exactly the checkpointed epochs' lines. A
+/// resumed run starts from the history in the checkpoint, whose floats read back bit for bit
+/// (serde_json's `float_roundtrip`), so its lines are the same text as before the interruption.
 #[derive(Debug)]
 pub struct MetricsSink {
     path: std::path::PathBuf,
+    text: String,
 }
 
 impl MetricsSink {
@@ -148,29 +173,112 @@ impl MetricsSink {
             text.push_str(&serde_json::to_string(r)?);
             text.push('\n');
         }
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)?;
+        crate::fsio::write_atomic(path, text.as_bytes())?;
         Ok(MetricsSink {
             path: path.to_path_buf(),
+            text,
         })
     }
 
     pub fn append(&mut self, r: &EpochRecord) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .with_context(|| format!("opening {}", self.path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(r)?)?;
+        let mut text = self.text.clone();
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+        crate::fsio::write_atomic(&self.path, text.as_bytes())?;
+        self.text = text;
         Ok(())
     }
 }
 
-/// Write JSON through a temporary file.
-pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+pub use crate::fsio::write_json_atomic;
+
+/// JSON has no NaN: serde_json writes a non-finite float as `null`. These read `null` back as
+/// NaN, so a record with a NaN (a diverged test loss, an undefined diagnostic) stays readable.
+mod nan_null {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn f64<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+
+    pub fn vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+        Ok(Vec::<Option<f64>>::deserialize(d)?
+            .into_iter()
+            .map(|v| v.unwrap_or(f64::NAN))
+            .collect())
+    }
+
+    pub fn grid<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f64>>, D::Error> {
+        Ok(Vec::<Vec<Option<f64>>>::deserialize(d)?
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
+            .collect())
+    }
+
+    pub fn map<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::collections::BTreeMap<String, f64>, D::Error> {
+        Ok(
+            std::collections::BTreeMap::<String, Option<f64>>::deserialize(d)?
+                .into_iter()
+                .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> EpochRecord {
+        EpochRecord {
+            epoch: 1,
+            lr: 0.1,
+            train_loss: 1.593_894_808_222_850_1,
+            train_ce: 0.1 + 0.2,
+            train_kd: f64::NAN,
+            train_feature: 0.0,
+            train_top1: 55.5,
+            test_loss: f64::INFINITY,
+            test_top1: 60.0,
+            test_top5: 90.0,
+            teacher_weights: vec![0.25, f64::NAN],
+            strategy_metrics: [("reward_std".to_owned(), f64::NAN)].into_iter().collect(),
+            skipped_batches: 0,
+            seconds: 1.0,
+            teacher_seconds: 0.5,
+            teacher_feature_weights: vec![f64::NAN],
+            class_weights: vec![vec![f64::NAN, 1.0]],
+            class_feature_weights: Vec::new(),
+            pruned: Vec::new(),
+            active_teachers: None,
+        }
+    }
+
+    #[test]
+    fn records_read_back_bit_for_bit_and_nan_survives() {
+        let r = record();
+        let text = serde_json::to_string(&r).unwrap();
+        let back: EpochRecord = serde_json::from_str(&text).unwrap();
+        // The text written again is the text read: what a resumed metrics.jsonl relies on.
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        assert_eq!(back.train_loss.to_bits(), r.train_loss.to_bits());
+        assert_eq!(back.train_ce.to_bits(), r.train_ce.to_bits());
+        assert!(back.train_kd.is_nan() && back.test_loss.is_nan());
+        assert!(back.teacher_weights[1].is_nan() && back.class_weights[0][0].is_nan());
+        assert!(back.strategy_metrics["reward_std"].is_nan());
+    }
+
+    #[test]
+    fn many_floats_read_back_exactly() {
+        // A float that serde_json's default (lossy) parser reads 1 ULP off.
+        let mut x = 0.123_456_789_f64;
+        for _ in 0..10_000 {
+            x = (x * 3.987_654_321).fract() + 1.0;
+            let text = serde_json::to_string(&x).unwrap();
+            let back: f64 = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.to_bits(), x.to_bits(), "{text}");
+        }
+    }
 }

@@ -39,9 +39,7 @@ pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
     let inputs = load(run_dir)?;
     let html = render(&inputs);
     let path = run_dir.join("report.html");
-    let tmp = run_dir.join("report.html.tmp");
-    std::fs::write(&tmp, html).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    crate::fsio::write_atomic(&path, html.as_bytes())?;
     tracing::info!(path = %path.display(), "report written");
     Ok(path)
 }

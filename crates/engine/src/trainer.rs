@@ -63,6 +63,34 @@ pub struct RunOptions {
 #[error("run interrupted on request after {0} steps")]
 pub struct Interrupted(pub u64);
 
+/// Returned (as the error's root cause) when a stop was requested ([`crate::stop`]: the
+/// binary's SIGINT/SIGTERM handler): after the epoch's checkpoint (`mid_epoch` false), or after
+/// the current step, the interrupted epoch then replaying on resume.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", stopped_message(.dir, *.completed, *.mid_epoch))]
+pub struct Stopped {
+    pub dir: PathBuf,
+    /// Epochs completed and checkpointed.
+    pub completed: usize,
+    pub mid_epoch: bool,
+}
+
+fn stopped_message(dir: &Path, completed: usize, mid_epoch: bool) -> String {
+    let resume = format!("mtkd train --resume {}", dir.display());
+    match (mid_epoch, completed) {
+        (false, n) => format!("stopped on request after epoch {n}, which is checkpointed; continue with {resume}"),
+        (true, 0) => format!(
+            "stopped on request during epoch 1, before any checkpoint; {resume} starts the run over"
+        ),
+        (true, n) => format!(
+            "stopped on request during epoch {}; the checkpoint of epoch {n} is kept and {resume} \
+             replays epoch {} exactly",
+            n + 1,
+            n + 1
+        ),
+    }
+}
+
 /// What a finished run produced.
 #[derive(Debug)]
 pub struct Outcome {
@@ -140,9 +168,7 @@ pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
             );
         }
     } else {
-        let tmp = dir.join("config.toml.tmp");
-        std::fs::write(&tmp, &text)?;
-        std::fs::rename(&tmp, &path)?;
+        crate::fsio::write_atomic(&path, text.as_bytes())?;
     }
     Ok(stable_hash(text.as_bytes()))
 }
@@ -163,6 +189,9 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     }
     let device = device_of(&cfg.run.device)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // One process per run folder, for the whole run (released when this returns or the
+    // process ends).
+    let _lock = crate::fsio::DirLock::try_acquire(dir, "run folder")?;
     let config_hash = write_resolved_config(dir, cfg)?;
     obs.phase("loading data");
     let data = Datasets::load(&cfg.data)?;
@@ -365,8 +394,25 @@ fn build_pool(
                 .with_context(|| format!("loading teacher `{}`", t.name))?;
             obs.phase(&format!("evaluating teacher `{}`", t.name));
             let loader = data.test_loader(&cfg.data, cfg.train.eval_batch_size)?;
+            // Its outputs are checked on every test batch: a teacher that is NaN on real
+            // images (past the probe) is refused here, not skipped batch after batch later.
             let (report, _) = evaluate(
-                &|x| teacher.forward(x).map_err(Into::into),
+                &|x| {
+                    let out = teacher.forward(x)?;
+                    if loss::ensure_finite("logits", &out.logits).is_err()
+                        || out
+                            .features
+                            .as_ref()
+                            .is_some_and(|f| loss::ensure_finite("features", f).is_err())
+                    {
+                        bail!(
+                            "teacher `{}` ({}) gives NaN or infinite outputs on the test set",
+                            t.name,
+                            path.display()
+                        );
+                    }
+                    Ok(out)
+                },
                 &loader,
                 device,
                 data.test.num_classes,
@@ -384,7 +430,7 @@ fn build_pool(
 }
 
 /// The config that trains teacher `t` (an `arch` teacher) on the run's data.
-pub fn teacher_config(cfg: &Config, index: usize, t: &TeacherConfig) -> Result<Config> {
+pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
     let arch = t
         .arch
         .ok_or_else(|| anyhow!("teacher `{}` is not an arch teacher", t.name))?;
@@ -398,7 +444,9 @@ pub fn teacher_config(cfg: &Config, index: usize, t: &TeacherConfig) -> Result<C
     let mut run = cfg.run.clone();
     run.name = t.name.clone();
     run.out_dir = cfg.run.teacher_cache.clone();
-    run.seed = t.seed.unwrap_or(cfg.run.seed + 1000 + index as u64);
+    run.seed = t
+        .seed
+        .unwrap_or_else(|| crate::config::teacher_seed(cfg.run.seed, &t.name));
     Ok(Config {
         run,
         data: cfg.data.clone(),
@@ -417,7 +465,7 @@ fn ensure_native_teacher(
     t: &TeacherConfig,
     obs: &mut dyn Observer,
 ) -> Result<(PathBuf, f64)> {
-    let tcfg = teacher_config(cfg, index, t)?;
+    let tcfg = teacher_config(cfg, t)?;
     // The cache key covers exactly what changes the teacher: data, architecture, training
     // settings and seed (not the device, threads, names or folders).
     // The training-set edits (hard pools) join the key only when there are any, so a plain
@@ -461,6 +509,13 @@ fn ensure_native_teacher(
             .teacher_cache
             .join(format!("{}-{}-{}", t.name, tcfg.student.arch, &key[..12]));
     let summary_path = dir.join("summary.json");
+    // One process trains a cache entry; another one that needs it waits, then finds it done.
+    let _lock = crate::fsio::DirLock::acquire_waiting(&dir, |holder| {
+        obs.phase(&format!(
+            "teacher `{}` is being trained by {holder}; waiting for it",
+            t.name
+        ));
+    })?;
     if summary_path.is_file() && dir.join("student.safetensors").is_file() {
         let s: Summary = serde_json::from_slice(&std::fs::read(&summary_path)?)
             .with_context(|| format!("reading {}", summary_path.display()))?;
@@ -480,8 +535,7 @@ fn ensure_native_teacher(
     // A cache folder is keyed by what defines the teacher: its config file is informative and
     // rewritten, and its checkpoints are bound to the key (not to threads or device).
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join("config.toml"), toml::to_string_pretty(&tcfg)?)
-        .with_context(|| format!("writing {}", dir.join("config.toml").display()))?;
+    crate::fsio::write_atomic(&dir.join("config.toml"), toml::to_string_pretty(&tcfg)?.as_bytes())?;
     let hash = key.clone();
     let mut data = Datasets::load(&tcfg.data)?;
     if !edits.is_identity() {
@@ -552,6 +606,8 @@ struct Trainer<'a> {
     weight_log: Option<std::io::BufWriter<std::fs::File>>,
     /// Folder of the shared teacher outputs for this run's batches (`RunOptions::teacher_outputs`).
     shared: Option<PathBuf>,
+    /// Batches per training epoch (the skip budget is a share of them).
+    epoch_batches: usize,
 }
 
 impl<'a> Trainer<'a> {
@@ -693,6 +749,7 @@ impl<'a> Trainer<'a> {
             audit: Vec::new(),
             weight_log: None,
             shared: None,
+            epoch_batches: 0,
             cfg,
             data,
             pool,
@@ -872,6 +929,7 @@ impl<'a> Trainer<'a> {
             .data
             .train_loader(&cfg.data, tc.batch_size, cfg.run.seed)?;
         let test_loader = self.data.test_loader(&cfg.data, tc.eval_batch_size)?;
+        self.epoch_batches = train_loader.num_batches();
         let num_classes = self.data.train.num_classes;
         let session_start = Instant::now();
         let elapsed_before = meta.elapsed_seconds;
@@ -900,6 +958,13 @@ impl<'a> Trainer<'a> {
                     if session_steps >= limit {
                         return Err(anyhow::Error::new(Interrupted(session_steps)));
                     }
+                }
+                if crate::stop::level() >= 2 {
+                    return Err(anyhow::Error::new(Stopped {
+                        dir: self.dir.clone(),
+                        completed: epoch,
+                        mid_epoch: true,
+                    }));
                 }
                 let step_ok = self.step(
                     &batch.images,
@@ -950,7 +1015,9 @@ impl<'a> Trainer<'a> {
             meta.history.push(rec.clone());
             meta.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
             if let Some(log) = &mut self.weight_log {
-                log.flush().context("writing weights.csv")?;
+                log.flush()
+                    .and_then(|()| log.get_ref().sync_data())
+                    .context("writing weights.csv")?;
             }
             let (strategy_tensors, strategy_json) = self.strategy_state()?;
             meta.strategy_json = strategy_json;
@@ -967,6 +1034,13 @@ impl<'a> Trainer<'a> {
             );
             obs.epoch_end(&rec);
             last_report = Some(report);
+            if crate::stop::level() >= 1 && epoch + 1 < tc.epochs {
+                return Err(anyhow::Error::new(Stopped {
+                    dir: self.dir.clone(),
+                    completed: epoch + 1,
+                    mid_epoch: false,
+                }));
+            }
         }
         // A run resumed after its last epoch re-evaluates to fill the summary.
         let report = match last_report {
@@ -997,6 +1071,20 @@ impl<'a> Trainer<'a> {
         epoch: usize,
         step: u64,
     ) -> Result<bool> {
+        // A skipped batch must leave no trace: BatchNorm's running statistics, updated by the
+        // training-mode forward, are put back when the batch is skipped.
+        let buffers = (self.cfg.train.on_nonfinite == NonFinitePolicy::Skip).then(|| {
+            self.student_vs
+                .variables()
+                .into_values()
+                .chain(self.adapter_vs.variables().into_values())
+                .filter(|t| !t.requires_grad())
+                .map(|t| {
+                    let copy = t.copy();
+                    (t, copy)
+                })
+                .collect::<Vec<_>>()
+        });
         let out = self.student.forward_t(images, true);
         let ce = loss::cross_entropy(&out.logits, labels)?;
         let b = labels.size()[0];
@@ -1121,6 +1209,13 @@ impl<'a> Trainer<'a> {
                     "the feature term".to_owned()
                 }
             });
+            if let Some(buffers) = buffers {
+                tch::no_grad(|| {
+                    for (mut var, copy) in buffers {
+                        var.copy_(&copy);
+                    }
+                });
+            }
             return self.non_finite(epoch, step, &what, sums);
         }
         let eval_before = if weights_mean.is_some() && self.strategy.wants_eval_ce() {
@@ -1311,9 +1406,7 @@ impl<'a> Trainer<'a> {
                 }
             }
         }
-        let tmp = path.with_extension("csv.tmp");
-        std::fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        crate::fsio::write_atomic(&path, kept.as_bytes())?;
         let f = std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -1364,18 +1457,46 @@ impl<'a> Trainer<'a> {
     }
 
     fn non_finite(&self, epoch: usize, step: u64, what: &str, sums: &mut Sums) -> Result<bool> {
+        let ckpt_dir = self.dir.join("checkpoints");
+        let kept = if checkpoint::any(&ckpt_dir) {
+            format!(
+                "The last good checkpoint is kept in {} (mtkd train --resume {} continues from it)",
+                ckpt_dir.display(),
+                self.dir.display()
+            )
+        } else {
+            "No epoch finished, so there is no checkpoint".to_owned()
+        };
         match self.cfg.train.on_nonfinite {
             NonFinitePolicy::Stop => bail!(
-                "non-finite loss at epoch {} (global step {}): {what} is NaN or infinite. The last good \
-                 checkpoint is kept in {}; lower train.lr or set train.on_nonfinite = \"skip\"",
+                "non-finite loss at epoch {} (global step {}): {what} is NaN or infinite. {kept}; \
+                 lower train.lr or set train.on_nonfinite = \"skip\"",
                 epoch + 1,
                 step,
-                self.dir.join("checkpoints").display()
             ),
             NonFinitePolicy::Skip => {
                 tracing::warn!(epoch = epoch + 1, step, what, "non-finite loss: batch skipped");
                 sums.skipped += 1;
                 sums.batches += 1;
+                *sums.skip_causes.entry(what.to_owned()).or_default() += 1;
+                let budget = self.cfg.train.skip_budget;
+                let allowed = (budget * self.epoch_batches as f64).floor() as usize;
+                if sums.skipped > allowed {
+                    let mut causes: Vec<(&String, &usize)> = sums.skip_causes.iter().collect();
+                    causes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                    bail!(
+                        "train.on_nonfinite = \"skip\": {} of the {} batches of epoch {} had a non-finite \
+                         loss, over train.skip_budget = {budget} ({allowed} batches). Cause: {}. {kept}",
+                        sums.skipped,
+                        self.epoch_batches,
+                        epoch + 1,
+                        causes
+                            .iter()
+                            .map(|(w, n)| format!("{w} ({n} batches)"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
                 Ok(false)
             }
         }
@@ -1384,9 +1505,10 @@ impl<'a> Trainer<'a> {
     fn finish(mut self, meta: &Meta, report: &AccuracyReport) -> Result<Outcome> {
         let dir = &self.dir;
         let weights = dir.join("student.safetensors");
-        self.student_vs
-            .save(&weights)
-            .with_context(|| format!("writing {}", weights.display()))?;
+        let vs = &self.student_vs;
+        crate::fsio::write_atomic_with(&weights, |tmp| {
+            vs.save(tmp).map_err(|e| e.to_string().into())
+        })?;
         export_torchscript(&self.student, &self.student_vs, dir.join("student.pt"))?;
         let names: Vec<String> = self
             .pool
@@ -1471,9 +1593,17 @@ pub fn export_torchscript(net: &Network, vs: &VarStore, path: PathBuf) -> Result
         })
     })
     .context("tracing the student for TorchScript export")?;
-    module
-        .save(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    // libtorch aborts the process (an exception thrown while unwinding) when the disk fills
+    // during its write: check the room first. The file holds the weights once, plus the graph.
+    let weights: i64 = frozen
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+        .sum();
+    crate::fsio::ensure_room(&path, 2 * weights as u64 + (4 << 20))?;
+    crate::fsio::write_atomic_with(&path, |tmp| {
+        module.save(tmp).map_err(|e| e.to_string().into())
+    })?;
     Ok(())
 }
 
@@ -1505,6 +1635,8 @@ struct Sums {
     correct: Tensor,
     weights: Tensor,
     weight_batches: i64,
+    /// What was not finite in the skipped batches, and how often.
+    skip_causes: std::collections::BTreeMap<String, usize>,
     last_loss: f64,
     /// Wall time spent getting the teachers' outputs (forward passes or shared reads).
     teacher_seconds: f64,
@@ -1524,6 +1656,7 @@ impl Sums {
             correct: z(),
             weights: Tensor::zeros([2, m as i64], (Kind::Double, device)),
             weight_batches: 0,
+            skip_causes: Default::default(),
             last_loss: f64::NAN,
             teacher_seconds: 0.0,
         }

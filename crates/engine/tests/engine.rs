@@ -282,6 +282,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
         1,
         "one completed epoch before the interruption"
     );
+    let text_before = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
     let cached_before: Vec<_> = std::fs::read_dir(s.join("teachers"))
         .unwrap()
         .flatten()
@@ -289,6 +290,13 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
         .collect();
     let out_b = run_in(&cfg, &b, &RunOptions::default()).unwrap();
     let hb = history(&b);
+    // The line of the epoch restored from the checkpoint is the same text, byte for byte (not
+    // merely the same after parsing: JSON floats must read back exactly).
+    let text_after = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    assert!(
+        text_after.starts_with(&text_before),
+        "resumed metrics.jsonl rewrote the restored line:\n{text_before}\nvs\n{text_after}"
+    );
     assert_eq!(
         strip_time(&ha),
         strip_time(&hb),
@@ -525,6 +533,11 @@ fn non_finite_loss_stops_the_run_or_skips_the_batch() {
         err.contains("non-finite loss at epoch 1") && err.contains("global step"),
         "{err}"
     );
+    // No epoch finished: the message must not promise a checkpoint.
+    assert!(
+        err.contains("there is no checkpoint") && !err.contains("last good checkpoint"),
+        "{err}"
+    );
     assert!(
         !s.join("stop/checkpoints/epoch-0001").exists(),
         "no checkpoint of the poisoned epoch"
@@ -532,9 +545,22 @@ fn non_finite_loss_stops_the_run_or_skips_the_batch() {
     // With `skip` the bad batches are counted, and a checkpoint is still never poisoned.
     cfg.train.on_nonfinite = mtkd_engine::config::NonFinitePolicy::Skip;
     cfg.train.epochs = 1;
-    match run_in(&cfg, &s.join("skip"), &RunOptions::default()) {
+    // Every batch after the first diverges: past the skip budget the run stops, naming the cause.
+    let err = format!(
+        "{:#}",
+        run_in(&cfg, &s.join("skip"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("over train.skip_budget = 0.05")
+            && err.contains("of the 8 batches of epoch 1")
+            && err.contains("Cause: the"),
+        "{err}"
+    );
+    // With a budget the whole epoch, the batches are skipped and counted.
+    cfg.train.skip_budget = 1.0;
+    match run_in(&cfg, &s.join("skip-all"), &RunOptions::default()) {
         Ok(_) => {
-            let h = history(&s.join("skip"));
+            let h = history(&s.join("skip-all"));
             assert!(h[0].skipped_batches > 0, "{h:?}");
         }
         // Weights can overflow to inf while some loss stays finite: the checkpoint guard refuses.
@@ -595,6 +621,31 @@ fn a_nan_checkpoint_never_replaces_a_good_one() {
         s.join("epoch-0002.unreadable/state.safetensors").is_file(),
         "moved aside, not deleted"
     );
+    // Overwritten bytes (same size: a bad sector, a stray write) fail the checksum: the resume
+    // falls back, and the folder is moved aside beside the first one.
+    let newest = checkpoint::save(&s, &good, &meta(2), 0).unwrap();
+    let f = newest.join("state.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 4] ^= 0x40;
+    std::fs::write(&f, &bytes).unwrap();
+    assert_eq!(checkpoint::load_latest(&s).unwrap().unwrap().1.epoch, 1);
+    assert!(s.join("epoch-0002.unreadable-2").is_dir());
+    // A NaN written behind the checkpoint's back (checksums made to match) is refused on load.
+    let newest = checkpoint::save(&s, &good, &meta(2), 0).unwrap();
+    let f = newest.join("state.safetensors");
+    tch::Tensor::write_safetensors(&bad, &f).unwrap();
+    let sums_path = newest.join("checksums.json");
+    let mut sums: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sums_path).unwrap()).unwrap();
+    let data = std::fs::read(&f).unwrap();
+    sums["files"]["state.safetensors"] = serde_json::json!({
+        "bytes": data.len(),
+        "crc32": format!("{:08x}", crc32fast::hash(&data)),
+    });
+    std::fs::write(&sums_path, serde_json::to_vec(&sums).unwrap()).unwrap();
+    assert_eq!(checkpoint::load_latest(&s).unwrap().unwrap().1.epoch, 1);
+    assert!(s.join("epoch-0002.unreadable-3").is_dir());
     // None readable: an error naming the folder.
     let first = s.join("epoch-0001/meta.json");
     std::fs::write(&first, b"{").unwrap();
@@ -795,7 +846,7 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
                 "--seeds",
                 "1",
                 "--only",
-                "no-kd,equal,mmkd,oracle,single t2",
+                "no-kd,equal-aver,equal-ones-in-epoch-1-control,mmkd-last-layer-look-ahead,oracle-fixed-weights,single-t2",
                 "--out",
             ])
             .arg(out)
@@ -972,4 +1023,387 @@ fn teacher_training_edits_are_cached_apart_and_checked() {
         err.contains("TorchScript teacher is already trained"),
         "{err}"
     );
+}
+
+/// The `mtkd` binary with arguments; returns (exit code, stderr).
+fn mtkd(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// A TorchScript teacher (a linear classifier on 28x28 images) whose logits are NaN when the
+/// batch has `nan_batch` samples (0: when it has more than 2, i.e. past the loader's probe).
+fn export_nan_teacher(path: &Path, nan_batch: usize) {
+    let python = std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
+    let cond = if nan_batch == 0 {
+        "x.shape[0] > 2".to_owned()
+    } else {
+        format!("x.shape[0] == {nan_batch}")
+    };
+    let script = format!(
+        "import torch\n\
+         class T(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = torch.nn.Linear(784, 10)\n\
+         \x20   def forward(self, x):\n        y = self.fc(x.flatten(1))\n        if {cond}:\n            y = y * float('nan')\n        return y\n\
+         torch.manual_seed(0)\ntorch.jit.script(T()).save(r'{}')\n",
+        path.display()
+    );
+    // torch.jit.script reads the class's source: from a file, not `python -c`.
+    let file = path.with_extension("py");
+    std::fs::write(&file, script).unwrap();
+    let out = std::process::Command::new(&python)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_nan_teacher_is_caught_and_skipped_batches_leave_no_trace() {
+    let _serial = serial();
+    let s = scratch("nanteacher");
+    let with = |path: &Path, extra: &str| {
+        parse(&tiny(
+            &format!(
+                "on_nonfinite = \"skip\"\n{extra}[distill]\nstrategy = \"equal\"\nfeature_weight = 0.0\n[[teachers]]\nname = \"ts\"\ntorchscript = \"{}\"\n",
+                path.display()
+            ),
+            &s,
+        ))
+        .unwrap()
+    };
+    // NaN on every real batch (it passes the 2-sample probe): refused when the pool is evaluated.
+    let always = s.join("always.pt");
+    export_nan_teacher(&always, 0);
+    let err = format!(
+        "{:#}",
+        run_in(&with(&always, ""), &s.join("r1"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("teacher `ts`") && err.contains("always.pt") && err.contains("test set"),
+        "{err}"
+    );
+    // NaN on training batches only (32 samples): skipped, and past the budget the run stops
+    // naming the teacher.
+    let train_only = s.join("train-only.pt");
+    export_nan_teacher(&train_only, 32);
+    let err = format!(
+        "{:#}",
+        run_in(&with(&train_only, ""), &s.join("r2"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("the logits of teacher `ts` (1 batches)") && err.contains("skip_budget"),
+        "{err}"
+    );
+    // A budget of the whole epoch: every batch skipped, and the skipped batches changed nothing,
+    // BatchNorm's running statistics included (they are the fresh network's).
+    let mut cfg = with(&train_only, "skip_budget = 1.0\n");
+    cfg.train.epochs = 1;
+    run_in(&cfg, &s.join("r3"), &RunOptions::default()).unwrap();
+    let h = history(&s.join("r3"));
+    assert_eq!(h[0].skipped_batches, 8);
+    let state = tch::Tensor::read_safetensors(s.join("r3/student.safetensors")).unwrap();
+    let mut seen = 0;
+    for (name, t) in &state {
+        if name.ends_with("running_mean") {
+            assert_eq!(t.abs().max().double_value(&[]), 0.0, "{name}");
+            seen += 1;
+        }
+        if name.ends_with("running_var") {
+            assert_eq!((t - 1.0).abs().max().double_value(&[]), 0.0, "{name}");
+        }
+    }
+    assert!(seen > 0, "the student has BatchNorm layers");
+}
+
+#[test]
+fn a_live_run_folder_is_refused_and_a_cache_entry_waits_for_its_trainer() {
+    let _serial = serial();
+    let s = scratch("locks");
+    let cfg = parse(&tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let dir = s.join("run");
+    let held = mtkd_engine::fsio::DirLock::try_acquire(&dir, "run folder").unwrap();
+    let err = format!(
+        "{:#}",
+        run_in(&cfg, &dir, &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("in use by pid") && err.contains(&std::process::id().to_string()),
+        "{err}"
+    );
+    assert!(!dir.join("metrics.jsonl").exists(), "nothing written");
+    drop(held);
+    run_in(&cfg, &dir, &RunOptions::default()).unwrap();
+
+    // A teacher cache entry held by another process: `mtkd teachers` waits, then finds the
+    // teacher the holder trained instead of training it again.
+    let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 0.0\n\
+                 [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+                 [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let path = s.join("pool.toml");
+    std::fs::write(&path, tiny(extra, &s)).unwrap();
+    let (code, err) = mtkd(&[os("teachers"), os("--config"), path.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    let entry = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("t1-"))
+        .unwrap();
+    let done = s.join("done");
+    std::fs::create_dir_all(&done).unwrap();
+    for f in ["summary.json", "student.safetensors"] {
+        std::fs::rename(entry.join(f), done.join(f)).unwrap();
+    }
+    let held = mtkd_engine::fsio::DirLock::try_acquire(&entry, "teacher cache entry").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .args([os("teachers"), os("--config"), path.as_os_str()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        use std::io::BufRead;
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "ended early: {seen}");
+        seen.push_str(&line);
+        if line.contains("waiting for it") {
+            break;
+        }
+    }
+    // The holder finishes: its outputs appear, then it lets go.
+    for f in ["summary.json", "student.safetensors"] {
+        std::fs::rename(done.join(f), entry.join(f)).unwrap();
+    }
+    drop(held);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "{seen}{rest}");
+    assert!(rest.contains("from cache") && !rest.contains("training teacher"), "{rest}");
+}
+
+#[test]
+fn a_full_disk_keeps_the_previous_outputs_and_ends_with_an_error() {
+    let _serial = serial();
+    let s = scratch("fulldisk");
+    let path = s.join("c.toml");
+    std::fs::write(&path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let dir = s.join("run");
+    let (code, err) = mtkd(&[
+        os("train"),
+        os("--config"),
+        path.as_os_str(),
+        os("--out"),
+        dir.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let before: Vec<Vec<u8>> = ["student.safetensors", "student.pt", "summary.json"]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect();
+    // A finished run resumed rewrites its outputs; with the file size limited (as a full disk
+    // does, but with EFBIG), the first big write fails: an error, not an abort, and every file
+    // as it was.
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 16; exec \"$0\" train --resume \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_mtkd"))
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("writing") && err.contains("student.") && err.contains("file too large"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("terminate called") && !err.contains("c10::Error"),
+        "{err}"
+    );
+    for (f, old) in ["student.safetensors", "student.pt", "summary.json"]
+        .iter()
+        .zip(&before)
+    {
+        assert_eq!(&std::fs::read(dir.join(f)).unwrap(), old, "{f} untouched");
+    }
+    let temps: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+}
+
+#[test]
+fn failed_starts_leave_no_folder_and_log_errors_are_reported() {
+    let _serial = serial();
+    let s = scratch("starts");
+    let bad = s.join("bad.toml");
+    std::fs::write(
+        &bad,
+        tiny(
+            "[distill]\nstrategy = \"equal\"\n[[teachers]]\nname = \"ts\"\ntorchscript = \"/nonexistent/t.pt\"\n",
+            &s,
+        ),
+    )
+    .unwrap();
+    let (code, err) = mtkd(&[os("train"), os("--config"), bad.as_os_str()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("t.pt"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(s.join("runs"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "orphan run folders: {left:?}");
+
+    // A log that cannot be written (here: onto a full device) is said, and the run goes on.
+    let good = s.join("good.toml");
+    std::fs::write(&good, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let dir = s.join("full-log");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink("/dev/full", dir.join("mtkd.log")).unwrap();
+    let (code, err) = mtkd(&[
+        os("train"),
+        os("--config"),
+        good.as_os_str(),
+        os("--out"),
+        dir.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err.matches("cannot write the log").count(),
+        1,
+        "said once: {err}"
+    );
+    assert!(dir.join("summary.json").is_file());
+}
+
+/// Lines of a run's metrics.jsonl (0 when there is none yet).
+fn metric_lines(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Start `mtkd train` on `cfg` into `dir`, send SIGINT `signals` times once an epoch is done,
+/// and return (exit code, stderr).
+fn interrupt(cfg: &Path, dir: &Path, signals: usize) -> (Option<i32>, String) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .args([os("train"), os("--config"), cfg.as_os_str(), os("--out"), dir.as_os_str()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while metric_lines(dir) == 0 {
+        assert!(t0.elapsed().as_secs() < 120, "no epoch finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for _ in 0..signals {
+        let ok = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn sigint_finishes_the_epoch_then_resumes_and_a_second_one_stops_at_the_step() {
+    let _serial = serial();
+    let s = scratch("sigint");
+    let cfg = s.join("c.toml");
+    std::fs::write(&cfg, tiny("", &s).replace("epochs = 2", "epochs = 40")).unwrap();
+    let a = s.join("a");
+    let (code, err) = interrupt(&cfg, &a, 1);
+    assert_eq!(code, Some(130), "{err}");
+    let done = metric_lines(&a);
+    assert!(done >= 1 && done < 40, "{done} epochs");
+    assert!(
+        err.contains(&format!("stopped on request after epoch {done}"))
+            && err.contains("mtkd train --resume"),
+        "{err}"
+    );
+    assert!(a.join(format!("checkpoints/epoch-{done:04}")).is_dir(), "nothing lost");
+    // Twice: stop at the step; the checkpoint of the last whole epoch stays.
+    let b = s.join("b");
+    let (code, err) = interrupt(&cfg, &b, 2);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("stopped on request") && err.contains("--resume"),
+        "{err}"
+    );
+    // The first run continues to the end.
+    let (code, err) = mtkd(&[os("train"), os("--resume"), a.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(metric_lines(&a), 40);
+}
+
+#[test]
+fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
+    let s = scratch("only");
+    let extra = "[distill]\nstrategy = \"equal\"\n\
+         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = parse(&tiny(extra, &s)).unwrap();
+    use mtkd_engine::compare::plan;
+    let rows = |only: &[&str]| -> Result<Vec<String>, String> {
+        let only: Vec<String> = only.iter().map(|o| (*o).to_owned()).collect();
+        plan(&cfg, 1, Some(&only))
+            .map(|p| p.into_iter().map(|r| r.strategy).collect())
+            .map_err(|e| format!("{e:#}"))
+    };
+    assert_eq!(rows(&["equal-aver"]).unwrap(), vec!["equal (AVER)"]);
+    assert_eq!(rows(&["single"]).unwrap(), vec!["single t1", "single t2"]);
+    assert_eq!(rows(&["mtkd-rl"]).unwrap().len(), 5);
+    for bad in [&["equal"][..], &["none"], &["no-kd", "mtkd"]] {
+        let err = rows(bad).unwrap_err();
+        assert!(
+            err.contains("no such row") && err.contains("equal-aver") && err.contains("mtkd-rl-meta-prune"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_teachers_seed_follows_its_name_not_its_place_in_the_pool() {
+    let s = scratch("seedname");
+    let pool = |a: &str, b: &str| {
+        parse(&tiny(
+            &format!(
+                "[distill]\nstrategy = \"equal\"\n[[teachers]]\nname = \"{a}\"\narch = \"cnn-small\"\n\
+                 [[teachers]]\nname = \"{b}\"\narch = \"cnn-small\"\n\
+                 [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"
+            ),
+            &s,
+        ))
+        .unwrap()
+    };
+    let seed = |cfg: &Config, name: &str| {
+        let t = cfg.teachers.iter().find(|t| t.name == name).unwrap();
+        trainer::teacher_config(cfg, t).unwrap().run.seed
+    };
+    let (ab, ba) = (pool("x", "y"), pool("y", "x"));
+    assert_eq!(seed(&ab, "x"), seed(&ba, "x"));
+    assert_eq!(seed(&ab, "y"), seed(&ba, "y"));
+    assert_ne!(seed(&ab, "x"), seed(&ab, "y"));
 }

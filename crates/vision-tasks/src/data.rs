@@ -27,10 +27,10 @@ impl ImageSet {
                 reason: format!("{} images but {} labels", images.shape()[0], labels.len()),
             });
         }
-        if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as usize >= num_classes) {
+        if let Some((i, bad)) = first_bad_label(&labels, num_classes) {
             return Err(Error::Invalid {
                 what: "labels".into(),
-                reason: format!("label {bad} outside 0..{num_classes}"),
+                reason: format!("sample {i} has label {bad}, outside 0..{num_classes}"),
             });
         }
         let class_names = (0..num_classes).map(|c| c.to_string()).collect();
@@ -65,6 +65,13 @@ impl ImageSet {
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
         }
+    }
+
+    /// A seeded subset of `n` samples in which every class keeps its share of the set (largest
+    /// remainders), in the set's order: what `train_subset` takes, so a subset of a set sorted
+    /// by class (an ImageFolder) still holds every class.
+    pub fn stratified(&self, n: usize, seed: u64) -> ImageSet {
+        self.select(&stratified_indices(&self.labels, self.num_classes, n, seed))
     }
 
     /// The samples at `indices`, in that order (indices must be in range).
@@ -180,11 +187,27 @@ pub fn read_idx_pair(images: &Path, labels: &Path, num_classes: usize) -> Result
             reason: e.to_string(),
         }
     })?;
-    ImageSet::new(
-        arr,
-        lbytes.into_iter().map(i64::from).collect(),
-        num_classes,
-    )
+    let labels_v: Vec<i64> = lbytes.into_iter().map(i64::from).collect();
+    if let Some((i, bad)) = first_bad_label(&labels_v, num_classes) {
+        return Err(Error::Format {
+            path: labels.to_path_buf(),
+            format: "IDX labels",
+            reason: format!(
+                "sample {i} has label {bad}, but the dataset has {num_classes} classes (0..{})",
+                num_classes - 1
+            ),
+        });
+    }
+    ImageSet::new(arr, labels_v, num_classes)
+}
+
+/// The first label outside `0..num_classes`, with its sample index.
+fn first_bad_label(labels: &[i64], num_classes: usize) -> Option<(usize, i64)> {
+    labels
+        .iter()
+        .copied()
+        .enumerate()
+        .find(|&(_, l)| l < 0 || l as usize >= num_classes)
 }
 
 /// Split of a standard dataset.
@@ -243,8 +266,18 @@ pub fn read_cifar_files(
                 ),
             });
         }
-        for rec in bytes.chunks_exact(record) {
-            labels.push(i64::from(rec[label_bytes - 1]));
+        for (r, rec) in bytes.chunks_exact(record).enumerate() {
+            let label = i64::from(rec[label_bytes - 1]);
+            if label as usize >= num_classes {
+                return Err(Error::Format {
+                    path: path.clone(),
+                    format: "CIFAR binary",
+                    reason: format!(
+                        "record {r} has label {label}, but the dataset has {num_classes} classes"
+                    ),
+                });
+            }
+            labels.push(label);
             images.extend_from_slice(&rec[label_bytes..]);
         }
     }
@@ -305,23 +338,7 @@ pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<Imag
             .collect();
         files.sort();
         for f in files {
-            let img = image::open(&f).map_err(|e| Error::Format {
-                path: f.clone(),
-                format: "image",
-                reason: e.to_string(),
-            })?;
-            let img = img.resize_exact(size, size, image::imageops::FilterType::Triangle);
-            if channels == 1 {
-                let g = img.to_luma8();
-                pixels.extend_from_slice(g.as_raw());
-            } else {
-                let rgb = img.to_rgb8();
-                // HWC -> CHW
-                let raw = rgb.as_raw();
-                for c in 0..3 {
-                    pixels.extend((0..h * w).map(|i| raw[i * 3 + c]));
-                }
-            }
+            pixels.extend(read_image(&f, size, channels)?);
             labels.push(label as i64);
         }
     }
@@ -340,4 +357,101 @@ pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<Imag
         })
         .collect();
     Ok(set)
+}
+
+/// One image file (PNG or JPEG) as ImageFolder reads it: resized (bilinear) to `size x size`,
+/// converted to `channels` (1: grey, 3: RGB), `[C, H, W]` bytes.
+pub fn read_image(path: &Path, size: u32, channels: usize) -> Result<Vec<u8>> {
+    let img = image::open(path).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        format: "image",
+        reason: e.to_string(),
+    })?;
+    let img = img.resize_exact(size, size, image::imageops::FilterType::Triangle);
+    let hw = (size * size) as usize;
+    Ok(if channels == 1 {
+        img.to_luma8().into_raw()
+    } else {
+        let rgb = img.to_rgb8();
+        let raw = rgb.as_raw();
+        // HWC -> CHW
+        (0..3)
+            .flat_map(|c| (0..hw).map(move |i| raw[i * 3 + c]))
+            .collect()
+    })
+}
+
+/// The indices of [`ImageSet::stratified`], increasing.
+pub fn stratified_indices(labels: &[i64], num_classes: usize, n: usize, seed: u64) -> Vec<usize> {
+    let total = labels.len();
+    if n >= total {
+        return (0..total).collect();
+    }
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); num_classes.max(1)];
+    for (i, &l) in labels.iter().enumerate() {
+        let c = (l.max(0) as usize).min(by_class.len() - 1);
+        by_class[c].push(i);
+    }
+    // Quotas: the floor of each class's share, the rest to the largest remainders.
+    let mut quota: Vec<usize> = by_class.iter().map(|v| v.len() * n / total).collect();
+    let mut rest: Vec<(usize, usize)> = by_class
+        .iter()
+        .enumerate()
+        .map(|(c, v)| ((v.len() * n) % total, c))
+        .collect();
+    rest.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut left = n - quota.iter().sum::<usize>();
+    for (_, c) in rest {
+        if left == 0 {
+            break;
+        }
+        if quota[c] < by_class[c].len() {
+            quota[c] += 1;
+            left -= 1;
+        }
+    }
+    let mut out = Vec::with_capacity(n);
+    for (c, idx) in by_class.iter_mut().enumerate() {
+        idx.sort_by_key(|&i| (mix(seed, i as u64), i));
+        out.extend_from_slice(&idx[..quota[c]]);
+    }
+    out.sort_unstable();
+    out
+}
+
+/// splitmix64 of (seed, i): a seeded order that does not depend on anything else.
+fn mix(seed: u64, i: u64) -> u64 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod stratified_tests {
+    use super::*;
+
+    #[test]
+    fn a_subset_of_a_class_sorted_set_keeps_every_class_in_proportion() {
+        // 10 classes of 100 samples each, sorted by class (as an ImageFolder reads them).
+        let labels: Vec<i64> = (0..1000).map(|i| i / 100).collect();
+        let idx = stratified_indices(&labels, 10, 250, 7);
+        assert_eq!(idx.len(), 250);
+        let mut counts = [0usize; 10];
+        for &i in &idx {
+            counts[labels[i] as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c == 25), "{counts:?}");
+        assert!(idx.windows(2).all(|w| w[0] < w[1]));
+        // Seeded: the same seed, the same subset; another seed, another one.
+        assert_eq!(idx, stratified_indices(&labels, 10, 250, 7));
+        assert_ne!(idx, stratified_indices(&labels, 10, 250, 8));
+        // Uneven classes: the total is exact and each class is within one of its share.
+        let labels: Vec<i64> = (0..103).map(|i| if i < 70 { 0 } else if i < 100 { 1 } else { 2 }).collect();
+        let idx = stratified_indices(&labels, 3, 10, 1);
+        assert_eq!(idx.len(), 10);
+        let c0 = idx.iter().filter(|&&i| labels[i] == 0).count();
+        assert!((6..=7).contains(&c0), "{c0}");
+        assert_eq!(stratified_indices(&labels, 3, 500, 1).len(), 103);
+    }
 }

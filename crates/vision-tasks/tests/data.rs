@@ -306,7 +306,8 @@ fn label_edits_select_classes_flip_permute_and_add_noise() {
     let truth: Vec<i64> = (0..2000).map(|i| (i * 7 % 10) as i64).collect();
     let set = labelled(&truth);
 
-    // A class subset keeps the samples (and their images) of those classes, in order.
+    // A class subset keeps the samples (and their images) of those classes, in order; the data
+    // subset is seeded and stratified (each class keeps its share).
     let (sub, rep) = apply(
         &set,
         &LabelEdits {
@@ -320,8 +321,8 @@ fn label_edits_select_classes_flip_permute_and_add_noise() {
     assert_eq!(rep.samples, 150);
     assert_eq!(rep.changed, 0);
     assert!(sub.labels.iter().all(|&y| y == 2 || y == 5));
-    let first = truth.iter().position(|&y| y == 2 || y == 5).unwrap();
-    assert_eq!(sub.images[[0, 0, 0, 0]], first as u8);
+    assert_eq!(sub.labels.iter().filter(|&&y| y == 2).count(), 75);
+    assert_eq!(sub.labels.iter().filter(|&&y| y == 5).count(), 75);
 
     // Pair flips swap exactly those labels.
     let (f, _) = apply(
@@ -411,4 +412,41 @@ fn label_edits_select_classes_flip_permute_and_add_noise() {
         let err = apply(&set, &e, 0).unwrap_err().to_string();
         assert!(err.contains(field), "{err}");
     }
+}
+
+#[test]
+fn a_bad_label_names_the_file_and_the_sample() {
+    let dir = scratch("badlabel");
+    // IDX: 3 images of 2x2 and labels 0, 12, 1 for a 10-class set.
+    let mut img = vec![0u8, 0, 8, 3];
+    for d in [3u32, 2, 2] {
+        img.extend_from_slice(&d.to_be_bytes());
+    }
+    img.extend_from_slice(&[0u8; 12]);
+    let mut lab = vec![0u8, 0, 8, 1];
+    lab.extend_from_slice(&3u32.to_be_bytes());
+    lab.extend_from_slice(&[0, 12, 1]);
+    std::fs::write(dir.join("i-idx3-ubyte"), &img).unwrap();
+    std::fs::write(dir.join("l-idx1-ubyte"), &lab).unwrap();
+    let err = data::read_idx_pair(&dir.join("i-idx3-ubyte"), &dir.join("l-idx1-ubyte"), 10)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("l-idx1-ubyte") && err.contains("sample 1 has label 12"),
+        "{err}"
+    );
+    // CIFAR-10: the second record's label is 11.
+    let mut bin = Vec::new();
+    for label in [3u8, 11] {
+        bin.push(label);
+        bin.extend_from_slice(&[0u8; 3072]);
+    }
+    std::fs::write(dir.join("data_batch_1.bin"), &bin).unwrap();
+    let err = data::read_cifar_files(&[dir.join("data_batch_1.bin")], 1, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data_batch_1.bin") && err.contains("record 1 has label 11"),
+        "{err}"
+    );
 }

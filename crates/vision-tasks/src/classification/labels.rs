@@ -115,7 +115,12 @@ pub fn apply(set: &ImageSet, edits: &LabelEdits, seed: u64) -> Result<(ImageSet,
         None => (0..set.len()).collect(),
     };
     if let Some(n) = edits.subset.filter(|&n| n > 0) {
-        keep.truncate(n);
+        // Seeded and stratified over the kept samples' classes.
+        let kept_labels: Vec<i64> = keep.iter().map(|&i| set.labels[i]).collect();
+        keep = crate::data::stratified_indices(&kept_labels, k, n, seed ^ 0x5u64)
+            .into_iter()
+            .map(|j| keep[j])
+            .collect();
     }
     if keep.is_empty() {
         return Err(invalid(
