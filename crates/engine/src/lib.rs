@@ -8,11 +8,14 @@ pub mod compare;
 pub mod config;
 pub mod dataset;
 pub mod doctor;
+pub mod fsio;
+pub mod inference;
 pub mod optim;
 pub mod plot;
 pub mod record;
 pub mod report;
 pub mod shared;
+pub mod stop;
 pub mod trainer;
 
 pub use config::Config;

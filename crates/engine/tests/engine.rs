@@ -1407,3 +1407,107 @@ fn a_teachers_seed_follows_its_name_not_its_place_in_the_pool() {
     assert_eq!(seed(&ab, "y"), seed(&ba, "y"));
     assert_ne!(seed(&ab, "x"), seed(&ab, "y"));
 }
+
+#[test]
+fn eval_and_predict_use_a_trained_student_without_a_training_config() {
+    let _serial = serial();
+    let s = scratch("evalpredict");
+    let cfg_path = s.join("c.toml");
+    std::fs::write(&cfg_path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let cfg = parse(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let dir = s.join("run");
+    let out = run_in(&cfg, &dir, &RunOptions::default()).unwrap();
+    // A file with only the [data] table describes the inputs of a bare model file.
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let data_only: String = {
+        let start = text.find("[data]").unwrap();
+        let end = text.find("[student]").unwrap();
+        text[start..end].to_owned()
+    };
+    let data_path = s.join("data.toml");
+    std::fs::write(&data_path, &data_only).unwrap();
+    let eval = |model: &Path, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![os("eval"), model.as_os_str(), os("--json")];
+        args.extend(extra.iter().map(|a| os(a)));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let data_arg = data_path.to_str().unwrap();
+    let from_run = eval(&dir, &[]);
+    let from_pt = eval(&dir.join("student.pt"), &["--data", data_arg]);
+    let from_weights = eval(
+        &dir.join("student.safetensors"),
+        &["--data", data_arg, "--arch", "cnn-small"],
+    );
+    for r in [&from_run, &from_pt, &from_weights] {
+        assert_eq!(r["top1"].as_f64().unwrap(), out.summary.final_value, "{r}");
+        assert_eq!(r["samples"].as_u64().unwrap(), 200);
+        let conf = r["confusion"].as_array().unwrap();
+        let total: u64 = conf
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+            .sum();
+        assert_eq!(total, 200);
+    }
+    assert_eq!(from_run["confusion"], from_pt["confusion"]);
+    // A weights file without its architecture is refused with the way out.
+    let (code, err) = mtkd(&[
+        os("eval"),
+        dir.join("student.safetensors").as_os_str(),
+        os("--data"),
+        data_path.as_os_str(),
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--arch"), "{err}");
+
+    // predict: test images written as PNG files get the student's own top-1.
+    let test = mtkd_vision_tasks::data::read_mnist_dir(
+        &root().join("data/fashion-mnist-mini"),
+        mtkd_vision_tasks::data::Split::Test,
+    )
+    .unwrap();
+    let mut files = Vec::new();
+    for i in 0..4 {
+        let px: Vec<u8> = test.images.slice(ndarray::s![i, 0, .., ..]).iter().copied().collect();
+        let img = image::GrayImage::from_raw(28, 28, px).unwrap();
+        let f = s.join(format!("img{i}.png"));
+        img.save(&f).unwrap();
+        files.push(f);
+    }
+    let mut args = vec![os("predict"), dir.as_os_str(), os("--json"), os("--top-k"), os("3")];
+    args.extend(files.iter().map(|f| f.as_os_str()));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds: Vec<mtkd_engine::inference::Prediction> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(preds.len(), 4);
+    // The same images through the library, normalised as the test split is.
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let net = mtkd_student::Network::new(&vs.root(), mtkd_student::Arch::CnnSmall, (1, 28, 28), 10)
+        .unwrap();
+    vs.load(dir.join("student.safetensors")).unwrap();
+    let x = tch::Tensor::from_slice(
+        &test
+            .images
+            .slice(ndarray::s![0..4, .., .., ..])
+            .iter()
+            .map(|&v| (f32::from(v) / 255.0 - 0.2860) / 0.3530)
+            .collect::<Vec<f32>>(),
+    )
+    .view([4, 1, 28, 28]);
+    let probs = tch::no_grad(|| net.forward_t(&x, false).logits.softmax(1, tch::Kind::Float));
+    for (i, p) in preds.iter().enumerate() {
+        assert_eq!(p.top.len(), 3);
+        let best = probs.get(i as i64).argmax(0, false).int64_value(&[]) as usize;
+        assert_eq!(p.top[0].label, best, "{p:?}");
+        let want = probs.get(i as i64).double_value(&[best as i64]);
+        assert!((p.top[0].probability - want).abs() < 1e-5, "{p:?} vs {want}");
+        assert!(p.top.windows(2).all(|w| w[0].probability >= w[1].probability));
+    }
+}

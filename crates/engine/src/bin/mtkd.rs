@@ -85,9 +85,17 @@ enum Cmd {
         /// Comparison folder (default: <run.out_dir>/compare-<run.name>); finished runs in it are reused.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Only strategies whose label starts with one of these (comma-separated), e.g. equal,mtkd-rl.
+        /// Only these rows (comma-separated row names, exact): no-kd, single-<teacher>,
+        /// oracle-fixed-weights (with [distill.oracle]), equal-aver, equal-ones-in-epoch-1-control,
+        /// ebkd, ca-mkd-logit-weights, aekd, mmkd-last-layer-look-ahead, mtkd-rl-parity-fixed,
+        /// mtkd-rl-parity-dynamic, mtkd-rl-clean, mtkd-rl-meta, mtkd-rl-meta-prune; or the groups
+        /// `single` (every single-teacher row) and `mtkd-rl` (every agent row). `--list` prints
+        /// the names of a config's rows.
         #[arg(long, value_delimiter = ',')]
         only: Option<Vec<String>>,
+        /// Print the row names of this comparison (for --only) and exit.
+        #[arg(long)]
+        list: bool,
         /// Let every run compute its own teacher outputs (default: one teacher pass per seed,
         /// shared by all strategies; exact, see `mtkd share-teachers`).
         #[arg(long)]
@@ -96,6 +104,52 @@ enum Cmd {
         /// more runs without sharing.
         #[arg(long, value_name = "GB", default_value_t = 50.0)]
         shared_teachers_max_gb: f64,
+    },
+    /// Evaluate a model on a split of a dataset: top-1, top-5, per-class accuracy, confusion
+    /// matrix. MODEL: a run folder, a student .safetensors (with --arch) or a TorchScript .pt.
+    Eval {
+        model: PathBuf,
+        /// A TOML file with a [data] table (kind, root, normalize, ...; a run's config.toml
+        /// works too). Default: the run folder's own.
+        #[arg(long, value_name = "FILE")]
+        data: Option<PathBuf>,
+        /// Read the dataset from this folder instead of the [data] table's root.
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "test")]
+        split: mtkd_engine::inference::EvalSplit,
+        /// The student architecture of a .safetensors model (e.g. cnn-small).
+        #[arg(long)]
+        arch: Option<mtkd_student::Arch>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// The top-k classes of image files (PNG, JPEG), preprocessed as the data's test split.
+    Predict {
+        model: PathBuf,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// A TOML file with a [data] table (default: the run folder's own).
+        #[arg(long, value_name = "FILE")]
+        data: Option<PathBuf>,
+        #[arg(long)]
+        arch: Option<mtkd_student::Arch>,
+        /// Class count of a bare model file when the [data] table names no classes.
+        #[arg(long)]
+        classes: Option<usize>,
+        #[arg(long, default_value_t = 5)]
+        top_k: usize,
+        /// Print JSON (one object per image) instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
@@ -106,13 +160,69 @@ enum Cmd {
     },
 }
 
+/// A comparison stopped by SIGINT/SIGTERM while one of its runs trained.
+#[derive(Debug, thiserror::Error)]
+#[error("comparison stopped during run {0} (its checkpoints are kept); run the same mtkd compare command again to continue")]
+struct CompareStopped(String);
+
+/// Exit status of a run stopped by SIGINT/SIGTERM (the shell's 128 + SIGINT).
+const STOPPED_EXIT: u8 = 130;
+
+/// SIGINT/SIGTERM: the first ends the run after the current epoch (checkpointed), the second
+/// after the current step, the third at once.
+fn install_stop_handler() {
+    let _ = ctrlc::set_handler(|| match mtkd_engine::stop::request() {
+        1 => eprintln!(
+            "\nmtkd: stopping after this epoch's checkpoint (press Ctrl-C again to stop after the current step)"
+        ),
+        2 => eprintln!(
+            "\nmtkd: stopping after the current step (the epoch replays on resume; Ctrl-C again quits at once)"
+        ),
+        _ => std::process::exit(i32::from(STOPPED_EXIT)),
+    });
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    install_stop_handler();
     let result = match cli.cmd {
         Cmd::Doctor => doctor(),
+        Cmd::Eval {
+            model,
+            data,
+            root,
+            split,
+            arch,
+            json,
+            batch_size,
+            device,
+        } => eval(model, data, root, split, arch, json, batch_size, device),
+        Cmd::Predict {
+            model,
+            images,
+            data,
+            arch,
+            classes,
+            top_k,
+            json,
+            device,
+        } => predict(model, images, data, arch, classes, top_k, json, device),
         Cmd::Report { run } => mtkd_engine::report::write_report(&run).map(|p| {
             println!("{}", p.display());
         }),
+        Cmd::Compare {
+            config,
+            overrides,
+            list,
+            ..
+        } if list => Config::load(&config, &overrides)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| mtkd_engine::compare::names(&cfg))
+            .map(|names| {
+                for n in names {
+                    println!("{n}");
+                }
+            }),
         Cmd::Compare {
             config,
             seeds,
@@ -121,6 +231,7 @@ fn main() -> std::process::ExitCode {
             only,
             no_shared_teachers,
             shared_teachers_max_gb,
+            ..
         } => compare(
             config,
             seeds,
@@ -157,6 +268,12 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            if e.root_cause().downcast_ref::<trainer::Stopped>().is_some()
+                || e.root_cause().downcast_ref::<CompareStopped>().is_some()
+            {
+                eprintln!("mtkd: {e:#}");
+                return std::process::ExitCode::from(STOPPED_EXIT);
+            }
             if e.root_cause().downcast_ref::<Interrupted>().is_some() {
                 eprintln!("mtkd: {e:#}");
                 return std::process::ExitCode::from(3);
@@ -169,6 +286,104 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The model and its [data] table for `eval` / `predict`.
+fn model_and_data(
+    model: &std::path::Path,
+    data: Option<PathBuf>,
+    arch: Option<mtkd_student::Arch>,
+) -> Result<(
+    mtkd_engine::inference::ModelSource,
+    mtkd_engine::config::DataConfig,
+)> {
+    use mtkd_engine::inference::{data_table, ModelSource};
+    let src = ModelSource::of(model, arch)?;
+    let data = match data {
+        Some(f) => data_table(&f)?,
+        None => src.run_data()?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is a model file: give --data FILE with a [data] table (kind, root, normalize) saying how its inputs are made",
+                model.display()
+            )
+        })?,
+    };
+    Ok((src, data))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn eval(
+    model: PathBuf,
+    data: Option<PathBuf>,
+    root: Option<PathBuf>,
+    split: mtkd_engine::inference::EvalSplit,
+    arch: Option<mtkd_student::Arch>,
+    json: bool,
+    batch_size: usize,
+    device: String,
+) -> Result<()> {
+    init_logging(None);
+    let (src, mut data) = model_and_data(&model, data, arch)?;
+    if let Some(r) = root {
+        data.root = r;
+    }
+    let device = trainer::device_of(&device)?;
+    let r = mtkd_engine::inference::evaluate(&src, &data, split, batch_size.max(1), device)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("model: {}", r.model);
+    println!("data:  {} ({} split, {} samples)", r.data, r.split, r.samples);
+    println!(
+        "top-1 {:.2}%   top-5 {:.2}%   mean cross-entropy {:.4}\n",
+        r.top1, r.top5, r.mean_cross_entropy
+    );
+    let width = r.per_class.iter().map(|c| c.class.len()).max().unwrap_or(5).max(5);
+    println!("{:<width$}  {:>8}  {:>7}", "class", "samples", "top-1");
+    for c in &r.per_class {
+        println!("{:<width$}  {:>8}  {:>6.2}%", c.class, c.samples, c.top1);
+    }
+    if r.confusion.len() <= 20 {
+        println!("\nconfusion matrix (rows: true class, columns: predicted class, in class order)");
+        for (c, row) in r.per_class.iter().zip(&r.confusion) {
+            let cells: Vec<String> = row.iter().map(|v| format!("{v:>5}")).collect();
+            println!("{:<width$} {}", c.class, cells.join(""));
+        }
+    } else {
+        println!("\n(confusion matrix of {} classes: see --json)", r.confusion.len());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn predict(
+    model: PathBuf,
+    images: Vec<PathBuf>,
+    data: Option<PathBuf>,
+    arch: Option<mtkd_student::Arch>,
+    classes: Option<usize>,
+    top_k: usize,
+    json: bool,
+    device: String,
+) -> Result<()> {
+    init_logging(None);
+    let (src, data) = model_and_data(&model, data, arch)?;
+    let device = trainer::device_of(&device)?;
+    let preds = mtkd_engine::inference::predict(&src, &data, &images, top_k, classes, device)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&preds)?);
+        return Ok(());
+    }
+    for p in preds {
+        let top: Vec<String> = p
+            .top
+            .iter()
+            .map(|t| format!("{} {:.1}%", t.class, 100.0 * t.probability))
+            .collect();
+        println!("{}: {}", p.image, top.join(", "));
+    }
+    Ok(())
 }
 
 fn doctor() -> Result<()> {
@@ -232,8 +447,10 @@ fn compare(
     use mtkd_engine::compare;
     let cfg = Config::load(&config, &overrides)?;
     let plan = compare::plan(&cfg, seeds.max(1), only.as_deref())?;
+    let out_arg = out.clone();
     let out = out.unwrap_or_else(|| cfg.run.out_dir.join(format!("compare-{}", cfg.run.name)));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let _lock = mtkd_engine::fsio::DirLock::try_acquire(&out, "comparison folder")?;
     init_logging(None);
     eprintln!(
         "mtkd: comparison of {} runs in {}",
@@ -268,8 +485,7 @@ fn compare(
             }
             if !dir.join("summary.json").is_file() {
                 let cfg_path = out.join(format!("{}.toml", p.dir_name));
-                std::fs::write(&cfg_path, &planned)
-                    .with_context(|| format!("writing {}", cfg_path.display()))?;
+                mtkd_engine::fsio::write_atomic(&cfg_path, planned.as_bytes())?;
                 if seed_shares && p.config.uses_teachers() && !passed {
                     eprintln!("mtkd: teacher pass for seed {seed}");
                     let max = share_max_gb.unwrap_or(f64::INFINITY);
@@ -298,6 +514,11 @@ fn compare(
                     .stdout(std::process::Stdio::null())
                     .status()
                     .context("starting mtkd train")?;
+                if mtkd_engine::stop::level() > 0
+                    || status.code() == Some(i32::from(STOPPED_EXIT))
+                {
+                    return Err(anyhow::Error::new(CompareStopped(p.dir_name.clone())));
+                }
                 if !status.success() {
                     anyhow::bail!(
                         "run {} failed ({status}); its folder is {}",
@@ -340,7 +561,8 @@ fn compare(
         overrides
             .iter()
             .map(|o| format!(" --set '{o}'"))
-            .chain(only.as_ref().map(|o| format!(" --only '{}'", o.join(","))))
+            .chain(only.as_ref().map(|o| format!(" --only {}", o.join(","))))
+            .chain(out_arg.as_ref().map(|o| format!(" --out {}", o.display())))
             .chain((!share).then(|| " --no-shared-teachers".to_owned()))
             .collect::<String>(),
         cfg.student.arch,
@@ -389,7 +611,7 @@ fn compare(
         }
     }
     let path = out.join("comparison.md");
-    std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
+    mtkd_engine::fsio::write_atomic(&path, md.as_bytes())?;
     println!("{md}");
     println!("table: {}", path.display());
     Ok(())
@@ -454,22 +676,58 @@ fn teacher_pass(
     let keep = out.join(format!("teacher-pass-seed{seed}.json"));
     // A pass that found every epoch stored (a resumed comparison) measured nothing.
     if !pass.seconds.is_empty() || !keep.is_file() {
-        std::fs::copy(key.join("pass.json"), &keep)
-            .with_context(|| format!("writing {}", keep.display()))?;
+        let bytes = std::fs::read(key.join("pass.json"))
+            .with_context(|| format!("reading {}", key.join("pass.json").display()))?;
+        mtkd_engine::fsio::write_atomic(&keep, &bytes)?;
     }
     Ok(true)
 }
 
-fn init_logging(log_file: Option<File>) {
+/// The log file's writer: a write that fails (a full disk, a file that cannot grow) is reported
+/// once on stderr instead of being dropped silently; the run goes on.
+struct LogFile {
+    file: File,
+    path: PathBuf,
+    failed: bool,
+}
+
+impl std::io::Write for LogFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.file.write_all(buf) {
+            Ok(()) => Ok(buf.len()),
+            Err(e) => {
+                if !self.failed {
+                    self.failed = true;
+                    eprintln!(
+                        "mtkd: cannot write the log {}: {e}; log lines are lost from here on (the run goes on)",
+                        self.path.display()
+                    );
+                }
+                // Reported: the logger must not also print its own error for every line.
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn init_logging(log_file: Option<(File, PathBuf)>) {
     let stderr_filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let stderr = fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(stderr_filter);
-    let file = log_file.map(|f| {
+    let file = log_file.map(|(file, path)| {
         fmt::layer()
             .with_ansi(false)
-            .with_writer(Mutex::new(f))
+            .with_writer(Mutex::new(LogFile {
+                file,
+                path,
+                failed: false,
+            }))
             .with_filter(EnvFilter::new("info"))
     });
     let _ = tracing_subscriber::registry()
@@ -486,6 +744,7 @@ fn train(
     opts: RunOptions,
 ) -> Result<()> {
     // Check the whole config before any work.
+    let mut created = false;
     let (cfg, dir) = match (&config, &resume) {
         (_, Some(dir)) => {
             let path = dir.join("config.toml");
@@ -501,11 +760,17 @@ fn train(
             let cfg = Config::load(path, &overrides)?;
             let dir = match out {
                 Some(d) => {
+                    if !d.exists() {
+                        created = true;
+                    }
                     std::fs::create_dir_all(&d)
                         .with_context(|| format!("cannot create {}", d.display()))?;
                     d
                 }
-                None => trainer::new_run_dir(&cfg)?,
+                None => {
+                    created = true;
+                    trainer::new_run_dir(&cfg)?
+                }
             };
             (cfg, dir)
         }
@@ -513,15 +778,33 @@ fn train(
             anyhow::bail!("give --config FILE (presets are in configs/) or --resume RUN_DIR")
         }
     };
+    let result = train_in(&cfg, &dir, &opts);
+    // A start that failed before its first checkpoint (bad teacher, bad data, no device) leaves
+    // no folder behind; a stopped run keeps its folder (it resumes), as does any run with a
+    // checkpoint.
+    if let Err(e) = &result {
+        let stopped = e.root_cause().downcast_ref::<trainer::Stopped>().is_some()
+            || e.root_cause().downcast_ref::<Interrupted>().is_some();
+        if created && !stopped && !mtkd_engine::checkpoint::any(&dir.join("checkpoints")) {
+            if std::fs::remove_dir_all(&dir).is_ok() {
+                eprintln!("mtkd: the run did not start; its folder {} is removed", dir.display());
+            }
+        }
+    }
+    result
+}
+
+fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()> {
+    let log_path = dir.join("mtkd.log");
     let log = File::options()
         .create(true)
         .append(true)
-        .open(dir.join("mtkd.log"))
-        .with_context(|| format!("cannot open {}", dir.join("mtkd.log").display()))?;
-    init_logging(Some(log));
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    init_logging(Some((log, log_path)));
     eprintln!("mtkd: run folder {}", dir.display());
     let mut obs = Bars::default();
-    let outcome = mtkd_engine::run(&cfg, &dir, &opts, &mut obs)?;
+    let outcome = mtkd_engine::run(cfg, dir, opts, &mut obs)?;
     let s = &outcome.summary;
     println!();
     for t in &s.teachers {

@@ -1,0 +1,402 @@
+//! Using a trained model without training anything: `mtkd eval` (accuracy, per-class accuracy
+//! and the confusion matrix of a model on a split of a dataset) and `mtkd predict` (the top-k
+//! classes of image files). A model is a run folder (its student), a student's
+//! `.safetensors` (with its architecture), or a TorchScript `.pt` (an exported student or any
+//! teacher that follows the teacher contract). The data are described by a `[data]` table only:
+//! a run folder brings its own, and nothing about training is needed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DataConfig, DatasetKind};
+use mtkd_distill_core::Teacher;
+use mtkd_student::{Arch, NativeTeacher};
+use mtkd_vision_tasks::classification::Accuracy;
+use mtkd_vision_tasks::data::ImageSet;
+use mtkd_vision_tasks::loader::{BatchLoader, LoaderConfig};
+
+/// What a model file or folder is.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// A run folder: `student.safetensors`, the architecture and data from its `config.toml`.
+    Run(PathBuf),
+    /// A student's weights; the architecture must be given.
+    Weights { path: PathBuf, arch: Arch },
+    /// A TorchScript module: `forward(x) -> logits` or `-> (logits, feature_map)`.
+    TorchScript(PathBuf),
+}
+
+impl ModelSource {
+    /// Classify `path`: a folder is a run, `.safetensors` needs `arch`, anything else is read
+    /// as TorchScript.
+    pub fn of(path: &Path, arch: Option<Arch>) -> Result<ModelSource> {
+        if path.is_dir() {
+            if !path.join("config.toml").is_file() || !path.join("student.safetensors").is_file()
+            {
+                bail!(
+                    "{} is a folder but not a finished run folder (it needs config.toml and student.safetensors)",
+                    path.display()
+                );
+            }
+            return Ok(ModelSource::Run(path.to_path_buf()));
+        }
+        if !path.is_file() {
+            bail!("the model {} does not exist", path.display());
+        }
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let arch = arch.ok_or_else(|| {
+                anyhow!(
+                    "{} holds weights only: give the student's architecture with --arch (e.g. cnn-small), or pass its run folder",
+                    path.display()
+                )
+            })?;
+            return Ok(ModelSource::Weights {
+                path: path.to_path_buf(),
+                arch,
+            });
+        }
+        Ok(ModelSource::TorchScript(path.to_path_buf()))
+    }
+
+    /// The `[data]` table of a run folder's config (None for a bare model file).
+    pub fn run_data(&self) -> Result<Option<DataConfig>> {
+        match self {
+            ModelSource::Run(dir) => {
+                let path = dir.join("config.toml");
+                Ok(Some(data_table(&path)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn arch(&self) -> Result<Option<Arch>> {
+        match self {
+            ModelSource::Run(dir) => {
+                let cfg = crate::Config::load(&dir.join("config.toml"), &[])?;
+                Ok(Some(cfg.student.arch))
+            }
+            ModelSource::Weights { arch, .. } => Ok(Some(*arch)),
+            ModelSource::TorchScript(_) => Ok(None),
+        }
+    }
+}
+
+/// The `[data]` table of a TOML file (a run config, or a file holding only `[data]`), with
+/// the file named in errors.
+pub fn data_table(path: &Path) -> Result<DataConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let data = table
+        .remove("data")
+        .ok_or_else(|| anyhow!("{} has no [data] table", path.display()))?;
+    data.try_into()
+        .with_context(|| format!("{}: the [data] table", path.display()))
+}
+
+/// The size and channels images of a dataset kind are read at.
+fn geometry(data: &DataConfig) -> (u32, usize) {
+    match data.kind {
+        DatasetKind::Mnist => (28, 1),
+        DatasetKind::Cifar10 | DatasetKind::Cifar100 => (32, 3),
+        DatasetKind::ImageFolder => (data.image_size.unwrap_or(32), data.channels.unwrap_or(3)),
+    }
+}
+
+fn eval_loader(set: Arc<ImageSet>, data: &DataConfig, batch_size: usize) -> Result<BatchLoader> {
+    BatchLoader::new(
+        set,
+        LoaderConfig {
+            batch_size,
+            shuffle: false,
+            drop_last: false,
+            augment: None,
+            eval_resize: data.eval_resize.clone(),
+            normalize: data.normalize.clone(),
+            seed: 0,
+        },
+    )
+    .context("data.normalize / data.eval_resize")
+}
+
+/// A loaded model, ready to classify batches.
+pub struct Model {
+    net: Box<dyn Teacher>,
+    /// What it was loaded from, for reports.
+    pub source: String,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("source", &self.source).finish()
+    }
+}
+
+impl Model {
+    /// Load `src` for inputs of `input` `(C, H, W)` and `num_classes` classes.
+    pub fn load(
+        src: &ModelSource,
+        input: (i64, i64, i64),
+        num_classes: i64,
+        device: Device,
+    ) -> Result<Model> {
+        let (net, source): (Box<dyn Teacher>, String) = match src {
+            ModelSource::Run(dir) => {
+                let arch = src.arch()?.ok_or_else(|| anyhow!("no architecture"))?;
+                let w = dir.join("student.safetensors");
+                (
+                    Box::new(
+                        NativeTeacher::load("student", arch, &w, input, num_classes, device)
+                            .with_context(|| format!("loading {}", w.display()))?,
+                    ),
+                    format!("{arch} student of {}", dir.display()),
+                )
+            }
+            ModelSource::Weights { path, arch } => (
+                Box::new(
+                    NativeTeacher::load("student", *arch, path, input, num_classes, device)
+                        .with_context(|| format!("loading {} as {arch}", path.display()))?,
+                ),
+                format!("{arch} weights {}", path.display()),
+            ),
+            ModelSource::TorchScript(path) => {
+                let expect = mtkd_teachers::Expectation {
+                    input,
+                    num_classes,
+                    needs_features: false,
+                };
+                (
+                    Box::new(
+                        mtkd_teachers::TorchScriptTeacher::load("model", path, device, &expect)
+                            .with_context(|| format!("loading {}", path.display()))?,
+                    ),
+                    format!("TorchScript {}", path.display()),
+                )
+            }
+        };
+        Ok(Model { net, source })
+    }
+
+    /// Logits `[B, K]` of a normalised batch.
+    pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.net.forward(images)?.logits)
+    }
+}
+
+/// One class's line of an [`EvalReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassLine {
+    pub class: String,
+    pub samples: usize,
+    pub top1: f64,
+}
+
+/// What `mtkd eval` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub model: String,
+    pub data: String,
+    pub split: String,
+    pub samples: usize,
+    pub top1: f64,
+    pub top5: f64,
+    pub mean_cross_entropy: f64,
+    pub per_class: Vec<ClassLine>,
+    /// `confusion[true][predicted]`: sample counts.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Which split `mtkd eval` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalSplit {
+    Test,
+    Train,
+}
+
+/// Load one split of `data` (its subset settings applied).
+pub fn load_split(data: &DataConfig, split: EvalSplit) -> Result<ImageSet> {
+    let sets = crate::dataset::Datasets::load(data)?;
+    let set = match split {
+        EvalSplit::Test => sets.test,
+        EvalSplit::Train => sets.train,
+    };
+    Ok(Arc::try_unwrap(set).unwrap_or_else(|a| (*a).clone()))
+}
+
+/// Evaluate `src` on a split of `data`.
+pub fn evaluate(
+    src: &ModelSource,
+    data: &DataConfig,
+    split: EvalSplit,
+    batch_size: usize,
+    device: Device,
+) -> Result<EvalReport> {
+    let set = Arc::new(load_split(data, split)?);
+    let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
+    let (c, h, w) = loader.output_shape();
+    let k = set.num_classes;
+    let model = Model::load(src, (c as i64, h as i64, w as i64), k as i64, device)?;
+    let mut acc = Accuracy::new(k);
+    let mut confusion = vec![vec![0u64; k]; k];
+    let mut ce = 0.0f64;
+    tch::no_grad(|| -> Result<()> {
+        for batch in loader.epoch(0, 0, device) {
+            let logits = model.logits(&batch.images)?;
+            mtkd_distill_core::loss::ensure_finite("logits", &logits)
+                .map_err(|_| anyhow!("{} gives NaN or infinite logits", model.source))?;
+            acc.update(&logits, &batch.labels)?;
+            ce += mtkd_distill_core::loss::cross_entropy(&logits, &batch.labels)?
+                .sum(Kind::Double)
+                .double_value(&[]);
+            let pred = Vec::<i64>::try_from(&logits.argmax(1, false).to_device(Device::Cpu))?;
+            let truth = Vec::<i64>::try_from(&batch.labels.to_device(Device::Cpu))?;
+            for (t, p) in truth.iter().zip(&pred) {
+                confusion[*t as usize][*p as usize] += 1;
+            }
+        }
+        Ok(())
+    })?;
+    let report = acc.report();
+    let per_class = (0..k)
+        .map(|i| ClassLine {
+            class: set.class_names.get(i).cloned().unwrap_or_else(|| i.to_string()),
+            samples: confusion[i].iter().sum::<u64>() as usize,
+            top1: report.per_class.get(i).copied().unwrap_or(f64::NAN),
+        })
+        .collect();
+    Ok(EvalReport {
+        model: model.source,
+        data: format!(
+            "{:?} {}",
+            data.kind,
+            crate::dataset::resolve_root(&data.root).display()
+        ),
+        split: format!("{split:?}").to_lowercase(),
+        samples: set.len(),
+        top1: report.top1,
+        top5: report.top5,
+        mean_cross_entropy: ce / set.len().max(1) as f64,
+        per_class,
+        confusion,
+    })
+}
+
+/// One image's answer from `mtkd predict`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub image: String,
+    /// The top-k classes, most probable first.
+    pub top: Vec<TopClass>,
+}
+
+/// One of a [`Prediction`]'s classes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopClass {
+    pub class: String,
+    pub label: usize,
+    pub probability: f64,
+}
+
+/// The class names of `data`: `data.class_names`, the class folders of an ImageFolder, or the
+/// label numbers.
+pub fn class_names(data: &DataConfig, num_classes: usize) -> Vec<String> {
+    if !data.class_names.is_empty() {
+        return data.class_names.clone();
+    }
+    if data.kind == DatasetKind::ImageFolder {
+        let root = crate::dataset::resolve_root(&data.root).join("train");
+        if let Ok(rd) = std::fs::read_dir(&root) {
+            let mut v: Vec<String> = rd
+                .flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            if v.len() == num_classes {
+                return v;
+            }
+        }
+    }
+    (0..num_classes).map(|i| i.to_string()).collect()
+}
+
+/// The top-`k` classes of each image file, read and normalised as the data's test split is.
+/// `num_classes` is needed for a bare model file when the data do not say (run folders and
+/// `class_names` do).
+pub fn predict(
+    src: &ModelSource,
+    data: &DataConfig,
+    images: &[PathBuf],
+    k: usize,
+    num_classes: Option<usize>,
+    device: Device,
+) -> Result<Vec<Prediction>> {
+    if images.is_empty() {
+        bail!("give at least one image file");
+    }
+    let num_classes = match num_classes {
+        Some(n) => n,
+        None if !data.class_names.is_empty() => data.class_names.len(),
+        None => match data.kind {
+            DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
+            DatasetKind::Cifar100 => 100,
+            DatasetKind::ImageFolder => {
+                let n = class_names(data, 0).len();
+                if n == 0 {
+                    bail!("give the class count with --classes (the data's class folders are not readable)");
+                }
+                n
+            }
+        },
+    };
+    let (size, channels) = geometry(data);
+    let mut pixels = Vec::new();
+    for p in images {
+        pixels.extend(
+            mtkd_vision_tasks::data::read_image(p, size, channels)
+                .with_context(|| format!("reading the image {}", p.display()))?,
+        );
+    }
+    let arr = ndarray::Array4::from_shape_vec(
+        (images.len(), channels, size as usize, size as usize),
+        pixels,
+    )?;
+    let set = Arc::new(ImageSet::new(arr, vec![0; images.len()], num_classes)?);
+    let loader = eval_loader(set, data, 64)?;
+    let (c, h, w) = loader.output_shape();
+    let model = Model::load(src, (c as i64, h as i64, w as i64), num_classes as i64, device)?;
+    let names = class_names(data, num_classes);
+    let mut out = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        for batch in loader.epoch(0, 0, device) {
+            let probs = model.logits(&batch.images)?.softmax(1, Kind::Float);
+            let kk = k.clamp(1, num_classes) as i64;
+            let (p, idx) = probs.topk(kk, 1, true, true);
+            let p = Vec::<f32>::try_from(&p.to_device(Device::Cpu).flatten(0, -1))?;
+            let idx = Vec::<i64>::try_from(&idx.to_device(Device::Cpu).flatten(0, -1))?;
+            for (row, &i) in batch.indices.iter().enumerate() {
+                let kk = kk as usize;
+                out.push(Prediction {
+                    image: images[i].display().to_string(),
+                    top: (0..kk)
+                        .map(|j| {
+                            let l = idx[row * kk + j] as usize;
+                            TopClass {
+                                class: names[l].clone(),
+                                label: l,
+                                probability: f64::from(p[row * kk + j]),
+                            }
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
