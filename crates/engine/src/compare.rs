@@ -140,10 +140,7 @@ fn selects(name: &str, label: &str) -> bool {
 
 /// The `--only` names of a config's comparison: one per row, then the groups.
 pub fn names(base: &Config) -> Result<Vec<String>> {
-    let mut v: Vec<String> = strategies(base)?
-        .iter()
-        .map(|(l, _)| row_name(l))
-        .collect();
+    let mut v: Vec<String> = strategies(base)?.iter().map(|(l, _)| row_name(l)).collect();
     v.extend(GROUPS.iter().map(|g| (*g).to_owned()));
     Ok(v)
 }

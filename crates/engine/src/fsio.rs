@@ -115,7 +115,9 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
     let probe = if path.is_dir() {
         path
     } else {
-        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
     };
     let st = rustix::fs::statvfs(probe)
         .with_context(|| format!("reading the free space of {}", probe.display()))?;
@@ -272,7 +274,10 @@ mod tests {
     fn too_little_room_is_refused_with_the_file_named() {
         let p = Path::new("/runs/a/student.pt");
         let msg = format!("{:#}", room_check(p, 10_000_000, 1_000_000).unwrap_err());
-        assert!(msg.contains("student.pt") && msg.contains("no space left"), "{msg}");
+        assert!(
+            msg.contains("student.pt") && msg.contains("no space left"),
+            "{msg}"
+        );
         room_check(p, 10, 11).unwrap();
         assert!(free_bytes(&std::env::temp_dir()).unwrap() > 0);
     }
@@ -290,19 +295,27 @@ mod tests {
             (lock.is_ok(), waited)
         });
         // Still waiting while the lock is held.
-        assert!(rx.recv_timeout(std::time::Duration::from_millis(300)).is_err());
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err());
         drop(held);
         rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         let (ok, waited) = waiter.join().unwrap();
         assert!(ok);
-        assert!(waited.unwrap().contains(&format!("pid {}", std::process::id())));
+        assert!(waited
+            .unwrap()
+            .contains(&format!("pid {}", std::process::id())));
     }
 
     #[test]
     fn the_temporary_keeps_the_extension() {
         let t = temp_path(Path::new("/r/student.safetensors"));
         assert!(t.to_string_lossy().ends_with(".safetensors"), "{t:?}");
-        assert!(t.file_name().unwrap().to_string_lossy().starts_with(".student.tmp-"));
+        assert!(t
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".student.tmp-"));
     }
 
     #[test]

@@ -35,8 +35,7 @@ impl ModelSource {
     /// as TorchScript.
     pub fn of(path: &Path, arch: Option<Arch>) -> Result<ModelSource> {
         if path.is_dir() {
-            if !path.join("config.toml").is_file() || !path.join("student.safetensors").is_file()
-            {
+            if !path.join("config.toml").is_file() || !path.join("student.safetensors").is_file() {
                 bail!(
                     "{} is a folder but not a finished run folder (it needs config.toml and student.safetensors)",
                     path.display()
@@ -133,7 +132,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("source", &self.source).finish()
+        f.debug_struct("Model")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -264,7 +265,11 @@ pub fn evaluate(
     let report = acc.report();
     let per_class = (0..k)
         .map(|i| ClassLine {
-            class: set.class_names.get(i).cloned().unwrap_or_else(|| i.to_string()),
+            class: set
+                .class_names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| i.to_string()),
             samples: confusion[i].iter().sum::<u64>() as usize,
             top1: report.per_class.get(i).copied().unwrap_or(f64::NAN),
         })
@@ -369,7 +374,12 @@ pub fn predict(
     let set = Arc::new(ImageSet::new(arr, vec![0; images.len()], num_classes)?);
     let loader = eval_loader(set, data, 64)?;
     let (c, h, w) = loader.output_shape();
-    let model = Model::load(src, (c as i64, h as i64, w as i64), num_classes as i64, device)?;
+    let model = Model::load(
+        src,
+        (c as i64, h as i64, w as i64),
+        num_classes as i64,
+        device,
+    )?;
     let names = class_names(data, num_classes);
     let mut out = Vec::new();
     tch::no_grad(|| -> Result<()> {

@@ -447,7 +447,17 @@ mod stratified_tests {
         assert_eq!(idx, stratified_indices(&labels, 10, 250, 7));
         assert_ne!(idx, stratified_indices(&labels, 10, 250, 8));
         // Uneven classes: the total is exact and each class is within one of its share.
-        let labels: Vec<i64> = (0..103).map(|i| if i < 70 { 0 } else if i < 100 { 1 } else { 2 }).collect();
+        let labels: Vec<i64> = (0..103)
+            .map(|i| {
+                if i < 70 {
+                    0
+                } else if i < 100 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
         let idx = stratified_indices(&labels, 3, 10, 1);
         assert_eq!(idx.len(), 10);
         let c0 = idx.iter().filter(|&&i| labels[i] == 0).count();

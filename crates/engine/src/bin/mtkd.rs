@@ -171,7 +171,8 @@ const STOPPED_EXIT: u8 = 130;
 /// SIGINT/SIGTERM: the first ends the run after the current epoch (checkpointed), the second
 /// after the current step, the third at once.
 fn install_stop_handler() {
-    let _ = ctrlc::set_handler(|| match mtkd_engine::stop::request() {
+    let _ = ctrlc::set_handler(|| {
+        match mtkd_engine::stop::request() {
         1 => eprintln!(
             "\nmtkd: stopping after this epoch's checkpoint (press Ctrl-C again to stop after the current step)"
         ),
@@ -179,6 +180,7 @@ fn install_stop_handler() {
             "\nmtkd: stopping after the current step (the epoch replays on resume; Ctrl-C again quits at once)"
         ),
         _ => std::process::exit(i32::from(STOPPED_EXIT)),
+    }
     });
 }
 
@@ -334,12 +336,21 @@ fn eval(
         return Ok(());
     }
     println!("model: {}", r.model);
-    println!("data:  {} ({} split, {} samples)", r.data, r.split, r.samples);
+    println!(
+        "data:  {} ({} split, {} samples)",
+        r.data, r.split, r.samples
+    );
     println!(
         "top-1 {:.2}%   top-5 {:.2}%   mean cross-entropy {:.4}\n",
         r.top1, r.top5, r.mean_cross_entropy
     );
-    let width = r.per_class.iter().map(|c| c.class.len()).max().unwrap_or(5).max(5);
+    let width = r
+        .per_class
+        .iter()
+        .map(|c| c.class.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!("{:<width$}  {:>8}  {:>7}", "class", "samples", "top-1");
     for c in &r.per_class {
         println!("{:<width$}  {:>8}  {:>6.2}%", c.class, c.samples, c.top1);
@@ -351,7 +362,10 @@ fn eval(
             println!("{:<width$} {}", c.class, cells.join(""));
         }
     } else {
-        println!("\n(confusion matrix of {} classes: see --json)", r.confusion.len());
+        println!(
+            "\n(confusion matrix of {} classes: see --json)",
+            r.confusion.len()
+        );
     }
     Ok(())
 }
@@ -514,8 +528,7 @@ fn compare(
                     .stdout(std::process::Stdio::null())
                     .status()
                     .context("starting mtkd train")?;
-                if mtkd_engine::stop::level() > 0
-                    || status.code() == Some(i32::from(STOPPED_EXIT))
+                if mtkd_engine::stop::level() > 0 || status.code() == Some(i32::from(STOPPED_EXIT))
                 {
                     return Err(anyhow::Error::new(CompareStopped(p.dir_name.clone())));
                 }
@@ -785,10 +798,15 @@ fn train(
     if let Err(e) = &result {
         let stopped = e.root_cause().downcast_ref::<trainer::Stopped>().is_some()
             || e.root_cause().downcast_ref::<Interrupted>().is_some();
-        if created && !stopped && !mtkd_engine::checkpoint::any(&dir.join("checkpoints")) {
-            if std::fs::remove_dir_all(&dir).is_ok() {
-                eprintln!("mtkd: the run did not start; its folder {} is removed", dir.display());
-            }
+        if created
+            && !stopped
+            && !mtkd_engine::checkpoint::any(&dir.join("checkpoints"))
+            && std::fs::remove_dir_all(&dir).is_ok()
+        {
+            eprintln!(
+                "mtkd: the run did not start; its folder {} is removed",
+                dir.display()
+            );
         }
     }
     result
