@@ -24,7 +24,10 @@ Options
                         'module.' prefix from DataParallel is stripped)
   --num-classes K       classes of the torchvision head (default 1000); for --module, checked
                         against the model's output when given
-  --in-channels C       input channels of the first convolution (torchvision resnet*, mobilenet_v2)
+  --in-channels C       input channels of the first convolution (torchvision resnet*, mobilenet_v2);
+                        with --state-dict, pretrained RGB stem filters are summed (C = 1) or
+                        repeated and scaled by 3/C (C > 3), as timm's adapt_input_conv does.
+                        (Or keep the teacher RGB and give it `[[teachers]] input` in the config.)
   --feature-layer NAME  dotted module name whose output is the feature map (defaults: resnet* ->
                         layer4, mobilenet_v2 -> features; required otherwise unless --logits-only)
   --logits-only         forward returns logits only (logit KD)
@@ -197,6 +200,7 @@ def load_state_dict(model, file):
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     own = model.state_dict()
+    sd = adapt_input_conv(sd, own)
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatched = [
@@ -217,6 +221,34 @@ def load_state_dict(model, file):
             "--in-channels and the architecture."
         )
     model.load_state_dict(sd)
+
+
+def adapt_input_conv(sd, own):
+    """Pretrained RGB stem weights for a model with other input channels (--in-channels), as the
+    usual model libraries do (timm's adapt_input_conv): one channel gets the sum of the three RGB
+    filters (a grey image is R = G = B, so the response is unchanged); C > 3 channels get the RGB
+    filters repeated and scaled by 3 / C."""
+    out = dict(sd)
+    for k, v in sd.items():
+        want = own.get(k)
+        if (
+            want is None
+            or v.dim() != 4
+            or want.dim() != 4
+            or v.shape[1] != 3
+            or want.shape[1] == 3
+            or v.shape[0] != want.shape[0]
+            or v.shape[2:] != want.shape[2:]
+        ):
+            continue
+        c = want.shape[1]
+        if c == 1:
+            out[k] = v.sum(dim=1, keepdim=True)
+        else:
+            reps = -(-c // 3)
+            out[k] = v.repeat(1, reps, 1, 1)[:, :c] * (3.0 / c)
+        print(f"export_teacher: {k}: RGB filters adapted to {c} input channel(s)", file=sys.stderr)
+    return out
 
 
 def find_layer(model, name):

@@ -338,7 +338,8 @@ pub struct TeacherConfig {
     /// keeps every class).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<usize>>,
-    /// `arch` teachers only: then on the first N remaining training samples (0 = all).
+    /// `arch` teachers only: then on N of the remaining training samples, seeded and stratified
+    /// by class (0 = all).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub train_subset: usize,
     /// `arch` teachers only: this fraction of training labels replaced by a uniformly drawn
@@ -355,6 +356,29 @@ pub struct TeacherConfig {
     /// `arch` teachers only: its own number of epochs (default: `[teacher_training] epochs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epochs: Option<usize>,
+    /// TorchScript teachers only: the input the teacher was trained on, made from the student's
+    /// batch (default: the student's batch as it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<TeacherInput>,
+}
+
+/// How a teacher's input is made from the student's (normalised, augmented) batch: the batch is
+/// un-normalised with `[data] normalize`, its channels converted (grey repeated to RGB, or RGB
+/// averaged to grey), resized (bilinear) and normalised with the teacher's own mean and std.
+/// Every field is optional: an absent one keeps the student's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherInput {
+    /// 1 or 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<usize>,
+    /// Square side in pixels (e.g. 224).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<usize>,
+    /// The teacher's normalisation (e.g. ImageNet's mean [0.485, 0.456, 0.406], std [0.229,
+    /// 0.224, 0.225]); one value per teacher channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalize>,
 }
 
 impl TeacherConfig {
@@ -449,7 +473,10 @@ impl Config {
             if !(0.0..=1.0).contains(&t.skip_budget) {
                 return bad(
                     &format!("{sec}.skip_budget"),
-                    format!("must be a share of the epoch's batches in [0, 1], got {}", t.skip_budget),
+                    format!(
+                        "must be a share of the epoch's batches in [0, 1], got {}",
+                        t.skip_budget
+                    ),
                 );
             }
             if !(t.lr > 0.0 && t.lr.is_finite()) {
@@ -626,6 +653,35 @@ impl Config {
                     &field,
                     format!("teacher `{}`: classes, train_subset, label_noise, flip_pairs and permute_labels train an `arch` teacher; a TorchScript teacher is already trained", t.name),
                 );
+            }
+            if let Some(input) = &t.input {
+                if t.arch.is_some() {
+                    return bad(
+                        &format!("{field}.input"),
+                        format!("teacher `{}` is trained by mtkd on the run's own input; `input` describes a TorchScript teacher's", t.name),
+                    );
+                }
+                let channels = input.channels.unwrap_or(self.data.normalize.mean.len());
+                if !matches!(channels, 1 | 3) || input.channels.is_some_and(|c| c != 1 && c != 3) {
+                    return bad(
+                        &format!("{field}.input.channels"),
+                        format!("must be 1 or 3, got {channels}"),
+                    );
+                }
+                if input.size == Some(0) {
+                    return bad(&format!("{field}.input.size"), "must be at least 1".into());
+                }
+                if let Some(n) = &input.normalize {
+                    if let Err(r) = n.check(channels) {
+                        return bad(&format!("{field}.input.normalize"), r);
+                    }
+                    if n.std.iter().any(|&v| v <= 0.0) {
+                        return bad(
+                            &format!("{field}.input.normalize.std"),
+                            "every std must be positive".into(),
+                        );
+                    }
+                }
             }
             if t.arch.is_none() && t.epochs.is_some() {
                 return bad(

@@ -16,6 +16,7 @@ pub mod record;
 pub mod report;
 pub mod shared;
 pub mod stop;
+pub mod teacher_input;
 pub mod trainer;
 
 pub use config::Config;

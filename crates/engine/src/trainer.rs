@@ -78,7 +78,9 @@ pub struct Stopped {
 fn stopped_message(dir: &Path, completed: usize, mid_epoch: bool) -> String {
     let resume = format!("mtkd train --resume {}", dir.display());
     match (mid_epoch, completed) {
-        (false, n) => format!("stopped on request after epoch {n}, which is checkpointed; continue with {resume}"),
+        (false, n) => format!(
+            "stopped on request after epoch {n}, which is checkpointed; continue with {resume}"
+        ),
         (true, 0) => format!(
             "stopped on request during epoch 1, before any checkpoint; {resume} starts the run over"
         ),
@@ -385,13 +387,32 @@ fn build_pool(
                 .torchscript
                 .as_ref()
                 .ok_or_else(|| anyhow!("teacher `{}` has no source", t.name))?;
+            let transform = t.input.as_ref().map(|i| {
+                crate::teacher_input::InputTransform::new(
+                    &cfg.data.normalize,
+                    in_shape.0 as usize,
+                    i,
+                )
+            });
             let expect = Expectation {
-                input: in_shape,
+                input: transform
+                    .as_ref()
+                    .map(|x| x.shape(in_shape))
+                    .unwrap_or(in_shape),
                 num_classes: data.num_classes(),
                 needs_features,
             };
-            let teacher = TorchScriptTeacher::load(&t.name, path, device, &expect)
-                .with_context(|| format!("loading teacher `{}`", t.name))?;
+            let teacher: Box<dyn Teacher> = Box::new(
+                TorchScriptTeacher::load(&t.name, path, device, &expect)
+                    .with_context(|| format!("loading teacher `{}`", t.name))?,
+            );
+            let teacher: Box<dyn Teacher> = match transform {
+                Some(transform) => Box::new(crate::teacher_input::InputAdapted {
+                    inner: teacher,
+                    transform,
+                }),
+                None => teacher,
+            };
             obs.phase(&format!("evaluating teacher `{}`", t.name));
             let loader = data.test_loader(&cfg.data, cfg.train.eval_batch_size)?;
             // Its outputs are checked on every test batch: a teacher that is NaN on real
@@ -418,7 +439,7 @@ fn build_pool(
                 data.test.num_classes,
             )?;
             PoolMember {
-                teacher: Box::new(teacher),
+                teacher,
                 source: format!("TorchScript {}", path.display()),
                 file: path.clone(),
                 test_top1: Some(report.top1),
@@ -535,7 +556,10 @@ fn ensure_native_teacher(
     // A cache folder is keyed by what defines the teacher: its config file is informative and
     // rewritten, and its checkpoints are bound to the key (not to threads or device).
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    crate::fsio::write_atomic(&dir.join("config.toml"), toml::to_string_pretty(&tcfg)?.as_bytes())?;
+    crate::fsio::write_atomic(
+        &dir.join("config.toml"),
+        toml::to_string_pretty(&tcfg)?.as_bytes(),
+    )?;
     let hash = key.clone();
     let mut data = Datasets::load(&tcfg.data)?;
     if !edits.is_identity() {
@@ -1475,7 +1499,12 @@ impl<'a> Trainer<'a> {
                 step,
             ),
             NonFinitePolicy::Skip => {
-                tracing::warn!(epoch = epoch + 1, step, what, "non-finite loss: batch skipped");
+                tracing::warn!(
+                    epoch = epoch + 1,
+                    step,
+                    what,
+                    "non-finite loss: batch skipped"
+                );
                 sums.skipped += 1;
                 sums.batches += 1;
                 *sums.skip_causes.entry(what.to_owned()).or_default() += 1;

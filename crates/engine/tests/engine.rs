@@ -1031,7 +1031,10 @@ fn mtkd(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
         .args(args)
         .output()
         .unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn os(s: &str) -> &std::ffi::OsStr {
@@ -1100,7 +1103,12 @@ fn a_nan_teacher_is_caught_and_skipped_batches_leave_no_trace() {
     export_nan_teacher(&train_only, 32);
     let err = format!(
         "{:#}",
-        run_in(&with(&train_only, ""), &s.join("r2"), &RunOptions::default()).unwrap_err()
+        run_in(
+            &with(&train_only, ""),
+            &s.join("r2"),
+            &RunOptions::default()
+        )
+        .unwrap_err()
     );
     assert!(
         err.contains("the logits of teacher `ts` (1 batches)") && err.contains("skip_budget"),
@@ -1178,7 +1186,10 @@ fn a_live_run_folder_is_refused_and_a_cache_entry_waits_for_its_trainer() {
     loop {
         let mut line = String::new();
         use std::io::BufRead;
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "ended early: {seen}");
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "ended early: {seen}"
+        );
         seen.push_str(&line);
         if line.contains("waiting for it") {
             break;
@@ -1192,7 +1203,10 @@ fn a_live_run_folder_is_refused_and_a_cache_entry_waits_for_its_trainer() {
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     assert!(child.wait().unwrap().success(), "{seen}{rest}");
-    assert!(rest.contains("from cache") && !rest.contains("training teacher"), "{rest}");
+    assert!(
+        rest.contains("from cache") && !rest.contains("training teacher"),
+        "{rest}"
+    );
 }
 
 #[test]
@@ -1303,7 +1317,13 @@ fn metric_lines(dir: &Path) -> usize {
 /// and return (exit code, stderr).
 fn interrupt(cfg: &Path, dir: &Path, signals: usize) -> (Option<i32>, String) {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
-        .args([os("train"), os("--config"), cfg.as_os_str(), os("--out"), dir.as_os_str()])
+        .args([
+            os("train"),
+            os("--config"),
+            cfg.as_os_str(),
+            os("--out"),
+            dir.as_os_str(),
+        ])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -1323,7 +1343,10 @@ fn interrupt(cfg: &Path, dir: &Path, signals: usize) -> (Option<i32>, String) {
         std::thread::sleep(std::time::Duration::from_millis(30));
     }
     let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -1336,13 +1359,16 @@ fn sigint_finishes_the_epoch_then_resumes_and_a_second_one_stops_at_the_step() {
     let (code, err) = interrupt(&cfg, &a, 1);
     assert_eq!(code, Some(130), "{err}");
     let done = metric_lines(&a);
-    assert!(done >= 1 && done < 40, "{done} epochs");
+    assert!((1..40).contains(&done), "{done} epochs");
     assert!(
         err.contains(&format!("stopped on request after epoch {done}"))
             && err.contains("mtkd train --resume"),
         "{err}"
     );
-    assert!(a.join(format!("checkpoints/epoch-{done:04}")).is_dir(), "nothing lost");
+    assert!(
+        a.join(format!("checkpoints/epoch-{done:04}")).is_dir(),
+        "nothing lost"
+    );
     // Twice: stop at the step; the checkpoint of the last whole epoch stays.
     let b = s.join("b");
     let (code, err) = interrupt(&cfg, &b, 2);
@@ -1378,7 +1404,9 @@ fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
     for bad in [&["equal"][..], &["none"], &["no-kd", "mtkd"]] {
         let err = rows(bad).unwrap_err();
         assert!(
-            err.contains("no such row") && err.contains("equal-aver") && err.contains("mtkd-rl-meta-prune"),
+            err.contains("no such row")
+                && err.contains("equal-aver")
+                && err.contains("mtkd-rl-meta-prune"),
             "{err}"
         );
     }
@@ -1472,13 +1500,24 @@ fn eval_and_predict_use_a_trained_student_without_a_training_config() {
     .unwrap();
     let mut files = Vec::new();
     for i in 0..4 {
-        let px: Vec<u8> = test.images.slice(ndarray::s![i, 0, .., ..]).iter().copied().collect();
+        let px: Vec<u8> = test
+            .images
+            .slice(ndarray::s![i, 0, .., ..])
+            .iter()
+            .copied()
+            .collect();
         let img = image::GrayImage::from_raw(28, 28, px).unwrap();
         let f = s.join(format!("img{i}.png"));
         img.save(&f).unwrap();
         files.push(f);
     }
-    let mut args = vec![os("predict"), dir.as_os_str(), os("--json"), os("--top-k"), os("3")];
+    let mut args = vec![
+        os("predict"),
+        dir.as_os_str(),
+        os("--json"),
+        os("--top-k"),
+        os("3"),
+    ];
     args.extend(files.iter().map(|f| f.as_os_str()));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
         .args(&args)
@@ -1507,7 +1546,116 @@ fn eval_and_predict_use_a_trained_student_without_a_training_config() {
         let best = probs.get(i as i64).argmax(0, false).int64_value(&[]) as usize;
         assert_eq!(p.top[0].label, best, "{p:?}");
         let want = probs.get(i as i64).double_value(&[best as i64]);
-        assert!((p.top[0].probability - want).abs() < 1e-5, "{p:?} vs {want}");
-        assert!(p.top.windows(2).all(|w| w[0].probability >= w[1].probability));
+        assert!(
+            (p.top[0].probability - want).abs() < 1e-5,
+            "{p:?} vs {want}"
+        );
+        assert!(p
+            .top
+            .windows(2)
+            .all(|w| w[0].probability >= w[1].probability));
     }
+}
+
+#[test]
+fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
+    let _serial = serial();
+    let python = std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
+    let s = scratch("teacherinput");
+    let pt = s.join("rgb64.pt");
+    let expected = s.join("expected.txt");
+    // An RGB 64x64 teacher with its own normalisation; PyTorch computes its logits for a fixed
+    // student batch (grey 28x28, normalised as the tiny config does) turned into its input.
+    let script = format!(
+        "import torch\nimport torch.nn.functional as F\n\
+         class T(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)\n        self.fc = torch.nn.Linear(8, 10)\n\
+         \x20   def forward(self, x):\n        if x.shape[2] != 64:\n            raise RuntimeError('this teacher takes 64x64 images')\n        return self.fc(self.conv(x).relu().mean((2, 3)))\n\
+         torch.manual_seed(0)\nm = torch.jit.script(T().eval())\nm.save(r'{pt}')\n\
+         x = torch.arange(2*28*28, dtype=torch.float32).reshape(2,1,28,28).sin()\n\
+         raw = x * 0.3530 + 0.2860\n\
+         t = F.interpolate(raw.repeat(1,3,1,1), size=(64,64), mode='bilinear', align_corners=False)\n\
+         mean = torch.tensor([0.485,0.456,0.406]).view(1,3,1,1); std = torch.tensor([0.229,0.224,0.225]).view(1,3,1,1)\n\
+         with torch.no_grad():\n    y = m((t - mean) / std)\n\
+         open(r'{exp}', 'w').write(' '.join(repr(v) for v in y.flatten().tolist()))\n",
+        pt = pt.display(),
+        exp = expected.display()
+    );
+    let file = s.join("make.py");
+    std::fs::write(&file, script).unwrap();
+    let out = std::process::Command::new(&python)
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let with = |input: &str| {
+        parse(&tiny(
+            &format!(
+                "[distill]\nstrategy = \"equal\"\nfeature_weight = 0.0\n[[teachers]]\nname = \"rgb\"\ntorchscript = \"{}\"\n{input}",
+                pt.display()
+            ),
+            &s,
+        ))
+        .unwrap()
+    };
+    // Without `input` the interpreter's own message comes through, with the way out.
+    let err = format!(
+        "{:#}",
+        run_in(&with(""), &s.join("r1"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("RuntimeError: this teacher takes 64x64 images") && err.contains("input = {"),
+        "{err}"
+    );
+    let input = "input = { channels = 3, size = 64, normalize = { mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225] } }\n";
+    let cfg = with(input);
+    let t = &cfg.teachers[0];
+    let teacher = mtkd_engine::teacher_input::InputAdapted {
+        inner: Box::new(
+            mtkd_teachers::TorchScriptTeacher::load(
+                "rgb",
+                &pt,
+                tch::Device::Cpu,
+                &mtkd_teachers::Expectation {
+                    input: (3, 64, 64),
+                    num_classes: 10,
+                    needs_features: false,
+                },
+            )
+            .unwrap(),
+        ),
+        transform: mtkd_engine::teacher_input::InputTransform::new(
+            &cfg.data.normalize,
+            1,
+            t.input.as_ref().unwrap(),
+        ),
+    };
+    use mtkd_teachers::Teacher;
+    let x = tch::Tensor::arange(2 * 28 * 28, (tch::Kind::Float, tch::Device::Cpu))
+        .view([2, 1, 28, 28])
+        .sin();
+    let got: Vec<f32> = Vec::try_from(&teacher.forward(&x).unwrap().logits.flatten(0, -1)).unwrap();
+    let want: Vec<f32> = std::fs::read_to_string(&expected)
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-4, "rust {g} vs torch {w}");
+    }
+    // And a whole distillation run with it.
+    let out = run_in(&cfg, &s.join("r2"), &RunOptions::default()).unwrap();
+    assert!(out.summary.teachers[0].test_top1.is_some());
+    // `input` is for TorchScript teachers.
+    let err = parse(&tiny(
+        &format!("[distill]\nstrategy = \"equal\"\n[[teachers]]\nname = \"a\"\narch = \"cnn-small\"\n{input}[teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(err.contains("teachers[0].input"), "{err}");
 }

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use mtkd_distill_core::{FeatureShape, ModelOutput, Teacher};
+use mtkd_distill_core::FeatureShape;
+/// Re-exported so that a program needs only this crate to load and run a teacher.
+pub use mtkd_distill_core::{ModelOutput, Teacher};
 
 /// Errors of teacher loading and running.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +106,10 @@ impl TorchScriptTeacher {
         });
         let out = self.raw_forward(&probe).map_err(|e| match e {
             Error::Forward { source, .. } => self.contract(format!(
-                "forward failed on a probe batch of shape [2, {c}, {h}, {w}] (the dataset's input): {}",
-                first_line(&source.to_string())
+                "forward failed on a probe batch of shape [2, {c}, {h}, {w}] (the input it will get): {}. \
+                 A teacher trained on other input (channels, size, normalisation) is given its own with \
+                 `[[teachers]] input = {{ channels = 3, size = 224, normalize = {{ mean = [...], std = [...] }} }}`",
+                error_line(&source.to_string())
             )),
             other => other,
         })?;
@@ -246,6 +250,23 @@ fn describe(v: &IValue) -> String {
         IValue::None => "None".into(),
         _ => "a non-tensor value".into(),
     }
+}
+
+/// The line of a libtorch error that says what went wrong: for the TorchScript interpreter, the
+/// exception at the end of its traceback (its first line only says that an operation failed).
+fn error_line(s: &str) -> String {
+    if s.contains("TorchScript interpreter") {
+        let lines: Vec<&str> = s.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        if let Some(l) = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("Error:") || l.contains("Exception:"))
+            .or(lines.last())
+        {
+            return (*l).to_owned();
+        }
+    }
+    first_line(s)
 }
 
 fn first_line(s: &str) -> String {

@@ -196,3 +196,67 @@ fn contract_violations_name_the_file() {
         "{err}"
     );
 }
+
+/// Pretrained RGB weights brought to a grey model (`--in-channels 1 --state-dict`): the stem's
+/// RGB filters are summed, so a grey image gives the grey teacher exactly what the RGB network
+/// gives for the same image with R = G = B.
+#[test]
+fn pretrained_rgb_weights_export_to_one_channel() {
+    let dir = scratch("in-channels");
+    let sd = dir.join("rgb.pth");
+    let make = dir.join("make.py");
+    std::fs::write(
+        &make,
+        format!(
+            "import torch, torchvision\ntorch.manual_seed(1)\n\
+             m = torchvision.models.resnet18(num_classes=10)\ntorch.save(m.state_dict(), r'{}')\n",
+            sd.display()
+        ),
+    )
+    .unwrap();
+    py(&[make.to_str().unwrap()]);
+    let script = scripts().join("export_teacher.py");
+    let grey = dir.join("grey.pt");
+    py(&[
+        script.to_str().unwrap(),
+        "--torchvision",
+        "resnet18",
+        "--num-classes",
+        "10",
+        "--in-channels",
+        "1",
+        "--input-shape",
+        "1,32,32",
+        "--state-dict",
+        sd.to_str().unwrap(),
+        "--logits-only",
+        "--out",
+        grey.to_str().unwrap(),
+    ]);
+    let check = dir.join("check.py");
+    let result = dir.join("diff.txt");
+    std::fs::write(
+        &check,
+        format!(
+            "import torch, torchvision\n\
+             rgb = torchvision.models.resnet18(num_classes=10)\nrgb.load_state_dict(torch.load(r'{sd}'))\nrgb.eval()\n\
+             g = torch.jit.load(r'{grey}')\nx = torch.rand(4, 1, 32, 32)\n\
+             with torch.no_grad():\n    a = rgb(x.repeat(1, 3, 1, 1))\n    b = g(x)\n    b = b[0] if isinstance(b, tuple) else b\n\
+             open(r'{out}', 'w').write(repr(float((a - b).abs().max() / a.abs().max())))\n",
+            sd = sd.display(),
+            grey = grey.display(),
+            out = result.display()
+        ),
+    )
+    .unwrap();
+    py(&[check.to_str().unwrap()]);
+    let rel: f64 = std::fs::read_to_string(&result)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        rel < 1e-5,
+        "grey teacher differs from the RGB network by {rel} (relative)"
+    );
+}
