@@ -169,14 +169,98 @@ fn run() -> Result<()> {
     }
 }
 
-/// The whole test suite: every workspace crate (xtask's tidy tests included), in release.
+/// The whole test suite: every workspace crate (xtask's tidy tests included), in release; then
+/// the crates' examples run as a user runs them (the engine as a library distils on the
+/// committed subset; the teacher crate alone classifies an image with the student it exported).
 fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
     step(
         "cargo test",
         cargo(torch)
             .args(["test", "--release", "--workspace"])
             .args(extra),
-    )
+    )?;
+    if !extra.is_empty() {
+        return Ok(());
+    }
+    let out = PathBuf::from("target/examples-run");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let example = |pkg: &str, name: &str, args: &[&str]| -> Result<String> {
+        let output = cargo(torch)
+            .args([
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                pkg,
+                "--example",
+                name,
+                "--",
+            ])
+            .args(args)
+            .output()
+            .with_context(|| format!("running the example {name}"))?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if !output.status.success() {
+            bail!(
+                "example {name} failed ({}):\n{stdout}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        println!("example {name}:\n{stdout}");
+        Ok(stdout)
+    };
+    let printed = example(
+        "mtkd-engine",
+        "distill",
+        &["data/fashion-mnist-mini", "target/examples-run"],
+    )?;
+    if !printed.contains("test top-1") {
+        bail!("example distill printed no result");
+    }
+    // A real test image as a PNG file (the first of the committed subset), written by PIL.
+    let png = out.join("first-test-image.png");
+    let py = torch
+        .cargo_env()
+        .into_iter()
+        .find(|(k, _)| k == "MTKD_TORCH_PYTHON")
+        .map(|(_, v)| v)
+        .or_else(|| std::env::var("MTKD_TORCH_PYTHON").ok())
+        .context("no Python with torch (MTKD_TORCH_PYTHON) to write the example's image")?;
+    step(
+        "example image",
+        Command::new(py).args([
+            "-c",
+            &format!(
+                "import gzip, numpy as np\nfrom PIL import Image\n\
+                 d = gzip.open('data/fashion-mnist-mini/t10k-images-idx3-ubyte.gz').read()\n\
+                 Image.fromarray(np.frombuffer(d[16:16 + 784], dtype=np.uint8).reshape(28, 28)).save(r'{}')",
+                png.display()
+            ),
+        ]),
+    )?;
+    let student = out.join("run/student.pt");
+    let printed = example(
+        "mtkd-teachers",
+        "classify",
+        &[
+            &student.to_string_lossy(),
+            &png.to_string_lossy(),
+            "--channels",
+            "1",
+            "--size",
+            "28",
+            "--mean",
+            "0.2860",
+            "--std",
+            "0.3530",
+        ],
+    )?;
+    if !printed.contains("first-test-image.png: class") {
+        bail!("example classify printed no prediction");
+    }
+    Ok(())
 }
 
 fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
