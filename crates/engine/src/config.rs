@@ -115,6 +115,16 @@ pub struct DataConfig {
 #[serde(deny_unknown_fields)]
 pub struct StudentConfig {
     pub arch: Arch,
+    /// Start from earlier weights instead of a random initialisation (light re-training when
+    /// the data drift): a run folder (its `student.safetensors`; its architecture must match) or
+    /// a `.safetensors` file of this architecture. The summary records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
+    /// With `init` a run folder: also carry over the weighting strategy's learnt state (the
+    /// agent's policy, MMKD's weight network) from its last checkpoint; the pool must have the
+    /// same teachers in the same order.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init_strategy: bool,
 }
 
 /// What to do when a loss becomes NaN or infinite.
@@ -626,6 +636,12 @@ impl Config {
                     _ => {}
                 }
             }
+        }
+        if self.student.init_strategy && self.student.init.is_none() {
+            return bad(
+                "student.init_strategy",
+                "needs student.init, the run folder whose strategy state is carried over".into(),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.teachers.iter().enumerate() {

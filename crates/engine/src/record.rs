@@ -146,6 +146,9 @@ pub struct Summary {
     /// Peak resident memory of the process (Linux `VmHWM`), in MB.
     #[serde(default)]
     pub peak_rss_mb: Option<f64>,
+    /// Where the student's weights started (`student.init`); absent: a random initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<String>,
 }
 
 /// Peak resident set size of this process in MB (Linux; `None` elsewhere).

@@ -1882,6 +1882,7 @@ mod tests {
             mtkd_version: "0.1.0".into(),
             device: "Cpu".into(),
             peak_rss_mb: Some(600.0),
+            init: None,
         }
     }
 

@@ -471,7 +471,11 @@ pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
     Ok(Config {
         run,
         data: cfg.data.clone(),
-        student: crate::config::StudentConfig { arch },
+        student: crate::config::StudentConfig {
+            arch,
+            init: None,
+            init_strategy: false,
+        },
         train,
         distill: None,
         teachers: Vec::new(),
@@ -653,6 +657,18 @@ impl<'a> Trainer<'a> {
             data.num_classes(),
         )
         .with_context(|| format!("building student {}", cfg.student.arch))?;
+        let mut student_vs = student_vs;
+        if let Some(init) = &cfg.student.init {
+            let file = init_weights(init, cfg.student.arch)?;
+            student_vs.load(&file).with_context(|| {
+                format!(
+                    "student.init: loading {} into a {} student",
+                    file.display(),
+                    cfg.student.arch
+                )
+            })?;
+            tracing::info!(from = %file.display(), "student initialised from earlier weights");
+        }
         let adapter_vs = VarStore::new(device);
         let mut adapters = Vec::new();
         let distill = cfg.distill.clone();
@@ -903,6 +919,44 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// `student.init_strategy`: the strategy's state from the last checkpoint of the run `init`.
+    fn init_strategy_from(&mut self, init: &Path) -> Result<()> {
+        let ckpt = init.join("checkpoints");
+        let (tensors, meta) = checkpoint::load_latest(&ckpt)?.ok_or_else(|| {
+            anyhow!(
+                "student.init_strategy: {} has no checkpoint to take the strategy's state from",
+                init.display()
+            )
+        })?;
+        if meta.active_teachers.is_some() {
+            bail!(
+                "student.init_strategy: teachers left the pool of {} (pruning); its strategy state does not fit the whole pool",
+                init.display()
+            );
+        }
+        let st = StrategyState {
+            tensors: tensors
+                .into_iter()
+                .filter_map(|(n, t)| n.strip_prefix("strategy.").map(|k| (k.to_owned(), t)))
+                .collect(),
+            json: meta.strategy_json,
+        };
+        if st.tensors.is_empty() && st.json.is_empty() {
+            bail!(
+                "student.init_strategy: the run {} kept no strategy state (its strategy learns nothing)",
+                init.display()
+            );
+        }
+        self.strategy.load_state(&st).with_context(|| {
+            format!(
+                "student.init_strategy: the strategy state of {} does not fit this run's strategy and pool",
+                init.display()
+            )
+        })?;
+        tracing::info!(from = %init.display(), epoch = meta.epoch, "strategy state carried over");
+        Ok(())
+    }
+
     fn fit(mut self, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Outcome> {
         let cfg = self.cfg;
         let tc = &cfg.train;
@@ -930,16 +984,21 @@ impl<'a> Trainer<'a> {
                 ));
                 meta
             }
-            None => Meta {
-                epoch: 0,
-                step: 0,
-                history: Vec::new(),
-                elapsed_seconds: 0.0,
-                config_hash: self.config_hash.clone(),
-                strategy_json: String::new(),
-                active_teachers: None,
-                prune_counts: Vec::new(),
-            },
+            None => {
+                if let (Some(init), true) = (&cfg.student.init, cfg.student.init_strategy) {
+                    self.init_strategy_from(init)?;
+                }
+                Meta {
+                    epoch: 0,
+                    step: 0,
+                    history: Vec::new(),
+                    elapsed_seconds: 0.0,
+                    config_hash: self.config_hash.clone(),
+                    strategy_json: String::new(),
+                    active_teachers: None,
+                    prune_counts: Vec::new(),
+                }
+            }
         };
         if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
             let files: Vec<PathBuf> = self.pool.iter().map(|p| p.file.clone()).collect();
@@ -1588,6 +1647,17 @@ impl<'a> Trainer<'a> {
             mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
             device: format!("{:?}", self.device),
             peak_rss_mb: crate::record::peak_rss_mb(),
+            init: self.cfg.student.init.as_ref().map(|p| {
+                format!(
+                    "{}{}",
+                    p.display(),
+                    if self.cfg.student.init_strategy {
+                        " (strategy state included)"
+                    } else {
+                        ""
+                    }
+                )
+            }),
         };
         write_json_atomic(&dir.join("summary.json"), &summary)?;
         // The audit page is a view of the files above: a failure is reported, the run stands.
@@ -1602,6 +1672,36 @@ impl<'a> Trainer<'a> {
             summary,
         })
     }
+}
+
+/// The weights file `student.init` names: a run folder's `student.safetensors` (its architecture
+/// checked against `arch`) or a file.
+fn init_weights(init: &Path, arch: mtkd_student::Arch) -> Result<PathBuf> {
+    if init.is_dir() {
+        let cfg_path = init.join("config.toml");
+        let weights = init.join("student.safetensors");
+        if !weights.is_file() {
+            bail!(
+                "student.init: {} is not a finished run folder (no student.safetensors)",
+                init.display()
+            );
+        }
+        if let Ok(text) = std::fs::read_to_string(&cfg_path) {
+            let theirs = Config::parse(&text, &cfg_path, &[])?;
+            if theirs.student.arch != arch {
+                bail!(
+                    "student.init: {} trained a {} student, this run builds a {arch}",
+                    init.display(),
+                    theirs.student.arch
+                );
+            }
+        }
+        return Ok(weights);
+    }
+    if !init.is_file() {
+        bail!("student.init: {} does not exist", init.display());
+    }
+    Ok(init.to_path_buf())
 }
 
 /// Export the student as TorchScript (logits output: tracing supports a single return value).

@@ -1659,3 +1659,84 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
     .unwrap_err();
     assert!(err.contains("teachers[0].input"), "{err}");
 }
+
+#[test]
+fn a_student_starts_from_an_earlier_run_with_its_strategy_state() {
+    let _serial = serial();
+    let s = scratch("init");
+    let pool =
+        "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 0.0\nagent = { mode = \"meta\" }\n\
+                [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+                [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+                [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let a = s.join("a");
+    run_in(&parse(&tiny(pool, &s)).unwrap(), &a, &RunOptions::default()).unwrap();
+    // A nearly frozen student (lr 1e-12): it must end where run `a` ended.
+    let with_init = |extra: &str, pool: &str| {
+        let text = tiny(pool, &s)
+            .replace("lr = 0.05\nmilestones", "lr = 1e-12\nmilestones")
+            .replace(
+                "arch = \"cnn-small\"\n\n[train]",
+                &format!(
+                    "arch = \"cnn-small\"\ninit = \"{}\"\n{extra}\n[train]",
+                    a.display()
+                ),
+            );
+        parse(&text).unwrap()
+    };
+    let b = s.join("b");
+    let out = run_in(
+        &with_init("init_strategy = true", pool),
+        &b,
+        &RunOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        out.summary.init.as_deref(),
+        Some(format!("{} (strategy state included)", a.display()).as_str())
+    );
+    let wa = tch::Tensor::read_safetensors(a.join("student.safetensors")).unwrap();
+    let wb: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(b.join("student.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut compared = 0;
+    for (name, t) in &wa {
+        if name.contains("running") || name.contains("num_batches") {
+            continue;
+        }
+        let d = (t - &wb[name]).abs().max().double_value(&[]);
+        assert!(d < 1e-6, "{name} moved by {d}");
+        compared += 1;
+    }
+    assert!(compared > 0);
+    // The strategy state must fit the pool: one teacher less is refused, naming the run.
+    let one =
+        "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 0.0\nagent = { mode = \"meta\" }\n\
+               [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+               [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let err = format!(
+        "{:#}",
+        run_in(
+            &with_init("init_strategy = true", one),
+            &s.join("c"),
+            &RunOptions::default()
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("student.init_strategy") && err.contains(&a.display().to_string()),
+        "{err}"
+    );
+    // Weights of another architecture are refused.
+    let text = tiny("", &s).replace(
+        "arch = \"cnn-small\"\n\n[train]",
+        &format!("arch = \"resnet8\"\ninit = \"{}\"\n\n[train]", a.display()),
+    );
+    let err = format!(
+        "{:#}",
+        run_in(&parse(&text).unwrap(), &s.join("d"), &RunOptions::default()).unwrap_err()
+    );
+    assert!(err.contains("trained a cnn-small student"), "{err}");
+}

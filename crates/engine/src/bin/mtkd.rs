@@ -837,6 +837,9 @@ fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()
         "student {} ({} parameters, strategy {}): test top-1 {:.2}% (best {:.2}% at epoch {}), top-5 {:.2}%, {:.0} s",
         s.student, s.student_parameters, s.strategy, s.final_value, s.best_value, s.best_epoch, s.final_top5, s.wall_seconds
     );
+    if let Some(init) = &s.init {
+        println!("  (the student started from {init})");
+    }
     println!("results: {}", outcome.dir.display());
     println!("  report.html (the audit page: open it in a browser), summary.json, metrics.jsonl, audit.json, plots/*.png, student.safetensors, student.pt (TorchScript), checkpoints/, mtkd.log");
     Ok(())
