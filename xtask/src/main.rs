@@ -29,6 +29,8 @@ Commands:
   teachers [ARGS]    train (or take from the cache) and evaluate a config's teacher pool
                      (default: --config configs/default.toml)
   export-teacher ARGS  wrap a PyTorch model as a TorchScript teacher (scripts/export_teacher.py)
+  export-onnx RUN_DIR  export a run's student to ONNX, check it with ONNX Runtime, time one image
+                     in both formats (scripts/export_onnx.py)
   golden             regenerate the golden files of the tests with PyTorch (scripts/golden*.py,
                      scripts/student_zoo.py)
 
@@ -118,6 +120,10 @@ fn run() -> Result<()> {
         "export-teacher" => {
             let torch = torch::ensure()?;
             python(&torch, "scripts/export_teacher.py", &rest)
+        }
+        "export-onnx" => {
+            let torch = torch::ensure()?;
+            python(&torch, "scripts/export_onnx.py", &rest)
         }
         "golden" => {
             let torch = torch::ensure()?;
@@ -221,13 +227,7 @@ fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
     }
     // A real test image as a PNG file (the first of the committed subset), written by PIL.
     let png = out.join("first-test-image.png");
-    let py = torch
-        .cargo_env()
-        .into_iter()
-        .find(|(k, _)| k == "MTKD_TORCH_PYTHON")
-        .map(|(_, v)| v)
-        .or_else(|| std::env::var("MTKD_TORCH_PYTHON").ok())
-        .context("no Python with torch (MTKD_TORCH_PYTHON) to write the example's image")?;
+    let py = torch_python(torch)?;
     step(
         "example image",
         Command::new(py).args([
@@ -260,6 +260,14 @@ fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
     if !printed.contains("first-test-image.png: class") {
         bail!("example classify printed no prediction");
     }
+    // The same student to ONNX, checked against TorchScript by ONNX Runtime (the script fails
+    // when the logits differ).
+    let run = out.join("run").to_string_lossy().into_owned();
+    python(
+        torch,
+        "scripts/export_onnx.py",
+        &[run, "--repeats".to_owned(), "50".to_owned()],
+    )?;
     Ok(())
 }
 
@@ -281,7 +289,13 @@ fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
 
 /// Run a project script with the Python that provides libtorch (the same torch as the build).
 fn python(torch: &torch::Torch, script: &str, args: &[String]) -> Result<()> {
-    let py = torch
+    let py = torch_python(torch)?;
+    step(script, Command::new(py).arg(script).args(args))
+}
+
+/// The Python that provides libtorch (the set-up's venv, or `MTKD_TORCH_PYTHON`).
+fn torch_python(torch: &torch::Torch) -> Result<String> {
+    torch
         .cargo_env()
         .into_iter()
         .find(|(k, _)| k == "MTKD_TORCH_PYTHON")
@@ -290,8 +304,7 @@ fn python(torch: &torch::Torch, script: &str, args: &[String]) -> Result<()> {
         .context(
             "LIBTORCH is set to your own libtorch, so xtask has no Python with torch: set MTKD_TORCH_PYTHON \
              to a python that has torch 2.13.0 (and torchvision) installed",
-        )?;
-    step(script, Command::new(py).arg(script).args(args))
+        )
 }
 
 /// The `--config` value of an argument list, if any.

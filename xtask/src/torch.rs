@@ -15,6 +15,11 @@ pub const TCH_VERSION: &str = "0.26.0";
 /// `scripts/export_teacher.py` builds teachers from it.
 pub const TORCHVISION_VERSION: &str = "0.28.0";
 
+/// ONNX and ONNX Runtime, for exporting students to ONNX and checking the export
+/// (`cargo xtask export-onnx`).
+pub const ONNX_VERSION: &str = "1.23.2";
+pub const ONNXRUNTIME_VERSION: &str = "1.32.0";
+
 /// Free space asked for before installing the wheel and its CUDA dependencies (~5 GB installed).
 const NEEDED_BYTES: u64 = 7 * 1024 * 1024 * 1024;
 
@@ -87,6 +92,7 @@ pub fn ensure() -> Result<Torch> {
         if let Ok((version, dir)) = probe(&python) {
             if version == TORCH_VERSION {
                 ensure_torchvision(&venv)?;
+                ensure_onnx(&venv)?;
                 return Ok(Torch::Venv {
                     venv,
                     torch_dir: dir,
@@ -99,6 +105,7 @@ pub fn ensure() -> Result<Torch> {
         }
     }
     install(&venv)?;
+    ensure_onnx(&venv)?;
     match probe(&python) {
         Ok((version, dir)) if version == TORCH_VERSION => Ok(Torch::Venv { venv, torch_dir: dir }),
         Ok((version, _)) => bail!(
@@ -116,47 +123,64 @@ pub fn ensure() -> Result<Torch> {
 /// Add torchvision to a venv that has the right torch but predates the torchvision pin. torch is
 /// left alone (`--no-deps`); numpy and pillow are named because `import torchvision` needs them.
 fn ensure_torchvision(venv: &Path) -> Result<()> {
-    // Checked once per environment: importing torchvision costs a second or two per command.
-    let marker = venv.join(format!(".mtkd-torchvision-{TORCHVISION_VERSION}"));
+    let pin = format!("torchvision=={TORCHVISION_VERSION}");
+    ensure_package(
+        venv,
+        &format!("torchvision-{TORCHVISION_VERSION}"),
+        "import torchvision",
+        &["--no-deps", &pin, "numpy", "pillow"],
+    )
+}
+
+/// ONNX export of students (`scripts/export_onnx.py`) and its check with ONNX Runtime; neither
+/// depends on torch, so pip leaves torch alone.
+fn ensure_onnx(venv: &Path) -> Result<()> {
+    let onnx = format!("onnx=={ONNX_VERSION}");
+    let ort = format!("onnxruntime=={ONNXRUNTIME_VERSION}");
+    ensure_package(
+        venv,
+        &format!("onnx-{ONNX_VERSION}-ort-{ONNXRUNTIME_VERSION}"),
+        "import onnx, onnxruntime",
+        &[&onnx, &ort],
+    )
+}
+
+/// Make `import` work in the venv by `pip install <pip_args>`; checked once per environment
+/// (a marker file), since importing costs a second or two per command.
+fn ensure_package(venv: &Path, marker: &str, import: &str, pip_args: &[&str]) -> Result<()> {
+    let marker = venv.join(format!(".mtkd-{marker}"));
     if marker.is_file() {
         return Ok(());
     }
     let python = venv.join("bin").join("python");
     let ok = Command::new(&python)
-        .args(["-c", "import torchvision"])
+        .args(["-c", import])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if ok {
-        // Best effort: without the marker the check just runs again next time.
-        let _ = std::fs::write(&marker, b"");
-        return Ok(());
-    }
-    eprintln!(
-        "xtask: {} has torch {TORCH_VERSION} but no working torchvision; installing torchvision=={TORCHVISION_VERSION}",
-        venv.display()
-    );
-    let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--disable-pip-version-check",
-            "--no-deps",
-        ])
-        .arg(format!("torchvision=={TORCHVISION_VERSION}"))
-        .args(["numpy", "pillow"])
-        .status()
-        .with_context(|| format!("cannot run {} -m pip", python.display()))?;
-    if !status.success() {
-        bail!(
-            "pip could not install torchvision=={TORCHVISION_VERSION} into {} (see pip's message above). \
-             Check that PyPI is reachable and the disk is not full, then run `cargo xtask setup` again, \
-             or remove that folder so that setup reinstalls torch and torchvision together.",
-            venv.display()
+    if !ok {
+        eprintln!(
+            "xtask: `{import}` fails in {}; installing {}",
+            venv.display(),
+            pip_args.join(" ")
         );
+        let status = Command::new(&python)
+            .args(["-m", "pip", "install", "--disable-pip-version-check"])
+            .args(pip_args)
+            .status()
+            .with_context(|| format!("cannot run {} -m pip", python.display()))?;
+        if !status.success() {
+            bail!(
+                "pip could not install {} into {} (see pip's message above). Check that PyPI is \
+                 reachable and the disk is not full, then run `cargo xtask setup` again, or remove \
+                 that folder so that setup reinstalls everything.",
+                pip_args.join(" "),
+                venv.display()
+            );
+        }
     }
+    // Best effort: without the marker the check just runs again next time.
     let _ = std::fs::write(&marker, b"");
     Ok(())
 }

@@ -90,6 +90,14 @@ fn halt_run(cfg: &Config, dir: &Path, steps: u64) {
     );
 }
 
+/// The error of a run that must fail, with its causes.
+fn run_err(cfg: &Config, dir: &Path) -> String {
+    format!(
+        "{:#}",
+        run_in(cfg, dir, &RunOptions::default()).unwrap_err()
+    )
+}
+
 fn history(dir: &Path) -> Vec<EpochRecord> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -172,10 +180,7 @@ fn missing_dataset_is_named() {
     let _serial = serial();
     let s = scratch("nodata");
     let cfg = parse(&tiny("", &s).replace("fashion-mnist-mini", "no-such-dataset")).unwrap();
-    let err = format!(
-        "{:#}",
-        run_in(&cfg, &s.join("run"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&cfg, &s.join("run"));
     assert!(
         err.contains("no-such-dataset") && err.contains("train-images-idx3-ubyte"),
         "{err}"
@@ -187,10 +192,7 @@ fn missing_dataset_is_named() {
         "mean = [0.5, 0.5, 0.5], std = [0.2, 0.2, 0.2]",
     ))
     .unwrap();
-    let err = format!(
-        "{:#}",
-        run_in(&rgb, &s.join("rgb"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&rgb, &s.join("rgb"));
     assert!(
         err.contains("data.normalize") && err.contains("3 means"),
         "{err}"
@@ -325,10 +327,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
     // A different config cannot resume this folder.
     let other =
         parse(&tiny(extra, &s).replace("lr = 0.05\nmilestones", "lr = 0.01\nmilestones")).unwrap();
-    let err = format!(
-        "{:#}",
-        run_in(&other, &b, &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&other, &b);
     assert!(err.contains("another configuration"), "{err}");
 }
 
@@ -525,10 +524,7 @@ fn non_finite_loss_stops_the_run_or_skips_the_batch() {
     let s = scratch("nan");
     let mut cfg = parse(&tiny("", &s)).unwrap();
     cfg.train.lr = 1e30;
-    let err = format!(
-        "{:#}",
-        run_in(&cfg, &s.join("stop"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&cfg, &s.join("stop"));
     assert!(
         err.contains("non-finite loss at epoch 1") && err.contains("global step"),
         "{err}"
@@ -546,10 +542,7 @@ fn non_finite_loss_stops_the_run_or_skips_the_batch() {
     cfg.train.on_nonfinite = mtkd_engine::config::NonFinitePolicy::Skip;
     cfg.train.epochs = 1;
     // Every batch after the first diverges: past the skip budget the run stops, naming the cause.
-    let err = format!(
-        "{:#}",
-        run_in(&cfg, &s.join("skip"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&cfg, &s.join("skip"));
     assert!(
         err.contains("over train.skip_budget = 0.05")
             && err.contains("of the 8 batches of epoch 1")
@@ -686,29 +679,13 @@ fn bad_teachers_are_reported_with_their_file() {
     // Corrupt file.
     let corrupt = s.join("corrupt.pt");
     std::fs::write(&corrupt, b"this is not a TorchScript archive").unwrap();
-    let err = format!(
-        "{:#}",
-        run_in(
-            &with_teacher(&corrupt, 0.0),
-            &s.join("r1"),
-            &RunOptions::default()
-        )
-        .unwrap_err()
-    );
+    let err = run_err(&with_teacher(&corrupt, 0.0), &s.join("r1"));
     assert!(
         err.contains("corrupt.pt") && err.contains("not a loadable TorchScript"),
         "{err}"
     );
     // Missing file.
-    let err = format!(
-        "{:#}",
-        run_in(
-            &with_teacher(&s.join("gone.pt"), 0.0),
-            &s.join("r2"),
-            &RunOptions::default()
-        )
-        .unwrap_err()
-    );
+    let err = run_err(&with_teacher(&s.join("gone.pt"), 0.0), &s.join("r2"));
     assert!(
         err.contains("gone.pt") && err.contains("does not exist"),
         "{err}"
@@ -716,15 +693,7 @@ fn bad_teachers_are_reported_with_their_file() {
     // Wrong class count.
     let seven = s.join("seven.pt");
     export_logits_teacher(&seven, 7);
-    let err = format!(
-        "{:#}",
-        run_in(
-            &with_teacher(&seven, 0.0),
-            &s.join("r3"),
-            &RunOptions::default()
-        )
-        .unwrap_err()
-    );
+    let err = run_err(&with_teacher(&seven, 0.0), &s.join("r3"));
     assert!(
         err.contains("seven.pt") && err.contains("7 classes") && err.contains("has 10"),
         "{err}"
@@ -732,15 +701,7 @@ fn bad_teachers_are_reported_with_their_file() {
     // Logits-only teacher with feature KD configured.
     let ten = s.join("ten.pt");
     export_logits_teacher(&ten, 10);
-    let err = format!(
-        "{:#}",
-        run_in(
-            &with_teacher(&ten, 5.0),
-            &s.join("r4"),
-            &RunOptions::default()
-        )
-        .unwrap_err()
-    );
+    let err = run_err(&with_teacher(&ten, 5.0), &s.join("r4"));
     assert!(
         err.contains("ten.pt") && err.contains("logits only"),
         "{err}"
@@ -1089,10 +1050,7 @@ fn a_nan_teacher_is_caught_and_skipped_batches_leave_no_trace() {
     // NaN on every real batch (it passes the 2-sample probe): refused when the pool is evaluated.
     let always = s.join("always.pt");
     export_nan_teacher(&always, 0);
-    let err = format!(
-        "{:#}",
-        run_in(&with(&always, ""), &s.join("r1"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&with(&always, ""), &s.join("r1"));
     assert!(
         err.contains("teacher `ts`") && err.contains("always.pt") && err.contains("test set"),
         "{err}"
@@ -1101,15 +1059,7 @@ fn a_nan_teacher_is_caught_and_skipped_batches_leave_no_trace() {
     // naming the teacher.
     let train_only = s.join("train-only.pt");
     export_nan_teacher(&train_only, 32);
-    let err = format!(
-        "{:#}",
-        run_in(
-            &with(&train_only, ""),
-            &s.join("r2"),
-            &RunOptions::default()
-        )
-        .unwrap_err()
-    );
+    let err = run_err(&with(&train_only, ""), &s.join("r2"));
     assert!(
         err.contains("the logits of teacher `ts` (1 batches)") && err.contains("skip_budget"),
         "{err}"
@@ -1142,10 +1092,7 @@ fn a_live_run_folder_is_refused_and_a_cache_entry_waits_for_its_trainer() {
     let cfg = parse(&tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
     let dir = s.join("run");
     let held = mtkd_engine::fsio::DirLock::try_acquire(&dir, "run folder").unwrap();
-    let err = format!(
-        "{:#}",
-        run_in(&cfg, &dir, &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&cfg, &dir);
     assert!(
         err.contains("in use by pid") && err.contains(&std::process::id().to_string()),
         "{err}"
@@ -1603,10 +1550,7 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
         .unwrap()
     };
     // Without `input` the interpreter's own message comes through, with the way out.
-    let err = format!(
-        "{:#}",
-        run_in(&with(""), &s.join("r1"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&with(""), &s.join("r1"));
     assert!(
         err.contains("RuntimeError: this teacher takes 64x64 images") && err.contains("input = {"),
         "{err}"
@@ -1716,15 +1660,7 @@ fn a_student_starts_from_an_earlier_run_with_its_strategy_state() {
         "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 0.0\nagent = { mode = \"meta\" }\n\
                [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
                [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
-    let err = format!(
-        "{:#}",
-        run_in(
-            &with_init("init_strategy = true", one),
-            &s.join("c"),
-            &RunOptions::default()
-        )
-        .unwrap_err()
-    );
+    let err = run_err(&with_init("init_strategy = true", one), &s.join("c"));
     assert!(
         err.contains("student.init_strategy") && err.contains(&a.display().to_string()),
         "{err}"
@@ -1734,9 +1670,6 @@ fn a_student_starts_from_an_earlier_run_with_its_strategy_state() {
         "arch = \"cnn-small\"\n\n[train]",
         &format!("arch = \"resnet8\"\ninit = \"{}\"\n\n[train]", a.display()),
     );
-    let err = format!(
-        "{:#}",
-        run_in(&parse(&text).unwrap(), &s.join("d"), &RunOptions::default()).unwrap_err()
-    );
+    let err = run_err(&parse(&text).unwrap(), &s.join("d"));
     assert!(err.contains("trained a cnn-small student"), "{err}");
 }
