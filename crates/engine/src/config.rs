@@ -125,6 +125,10 @@ pub struct StudentConfig {
     /// same teachers in the same order.
     #[serde(default, skip_serializing_if = "is_false")]
     pub init_strategy: bool,
+    /// With `init` a run folder and no `[[teachers]]` here: use that run's teacher pool (its
+    /// `[[teachers]]` and `[teacher_training]`), copied into this run's resolved config.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub init_teachers: bool,
 }
 
 /// What to do when a loss becomes NaN or infinite.
@@ -452,9 +456,21 @@ impl Config {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let cfg: Config = value
+        let mut cfg: Config = value
             .try_into()
             .map_err(|e: toml::de::Error| perr(e.to_string()))?;
+        if cfg.student.init_teachers && cfg.teachers.is_empty() {
+            let init = cfg.student.init.clone().ok_or_else(|| ConfigError::Field {
+                path: path.to_path_buf(),
+                field: "student.init_teachers".into(),
+                reason: "needs student.init, the run folder whose teachers are carried over".into(),
+            })?;
+            let theirs = Config::load(&init.join("config.toml"), &[])?;
+            cfg.teachers = theirs.teachers;
+            if cfg.teacher_training.is_none() {
+                cfg.teacher_training = theirs.teacher_training;
+            }
+        }
         cfg.check(path)?;
         Ok(cfg)
     }

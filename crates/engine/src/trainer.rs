@@ -475,6 +475,7 @@ pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
             arch,
             init: None,
             init_strategy: false,
+            init_teachers: false,
         },
         train,
         distill: None,

@@ -1655,6 +1655,20 @@ fn a_student_starts_from_an_earlier_run_with_its_strategy_state() {
         compared += 1;
     }
     assert!(compared > 0);
+    // The pool itself can come from the earlier run: no [[teachers]] here, the same result.
+    let text = tiny("[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 0.0\nagent = { mode = \"meta\" }\n", &s)
+        .replace("lr = 0.05\nmilestones", "lr = 1e-12\nmilestones")
+        .replace(
+            "arch = \"cnn-small\"\n\n[train]",
+            &format!(
+                "arch = \"cnn-small\"\ninit = \"{}\"\ninit_strategy = true\ninit_teachers = true\n\n[train]",
+                a.display()
+            ),
+        );
+    let carried = parse(&text).unwrap();
+    assert_eq!(carried.teachers.len(), 2);
+    let out_e = run_in(&carried, &s.join("e"), &RunOptions::default()).unwrap();
+    assert_eq!(out_e.summary.final_value, out.summary.final_value);
     // The strategy state must fit the pool: one teacher less is refused, naming the run.
     let one =
         "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 0.0\nagent = { mode = \"meta\" }\n\
