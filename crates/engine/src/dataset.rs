@@ -33,7 +33,9 @@ pub struct Datasets {
 }
 
 impl Datasets {
-    pub fn load(cfg: &DataConfig) -> Result<Datasets> {
+    /// One split of a config's dataset, its subset taken and its class names set (what
+    /// `mtkd eval` reads without the other split).
+    pub fn load_split(cfg: &DataConfig, split: Split) -> Result<ImageSet> {
         let root = resolve_root(&cfg.root);
         let hint = match cfg.kind {
             DatasetKind::Mnist if cfg.root == Path::new("fashion-mnist") => {
@@ -41,7 +43,7 @@ impl Datasets {
             }
             _ => "",
         };
-        let read = |split: Split| -> Result<ImageSet> {
+        let read = || -> Result<ImageSet> {
             let set = match cfg.kind {
                 DatasetKind::Mnist => data::read_mnist_dir(&root, split)?,
                 DatasetKind::Cifar10 => data::read_cifar_dir(&root, split, false)?,
@@ -64,10 +66,41 @@ impl Datasets {
             };
             Ok(set)
         };
-        let train = read(Split::Train)
-            .with_context(|| format!("loading the training split of {}{hint}", root.display()))?;
-        let test = read(Split::Test)
-            .with_context(|| format!("loading the test split of {}{hint}", root.display()))?;
+        let which = match split {
+            Split::Train => "training",
+            Split::Test => "test",
+        };
+        let set = read()
+            .with_context(|| format!("loading the {which} split of {}{hint}", root.display()))?;
+        // Subsets are seeded and stratified by class (the same for every run seed, so the runs
+        // of a comparison see the same images); `subset = "first"` keeps the first N.
+        let (n, seed) = match split {
+            Split::Train => (cfg.train_subset, 0x7261_696e),
+            Split::Test => (cfg.test_subset, 0x7465_7374),
+        };
+        let mut set = match cfg.subset {
+            _ if n == 0 => set,
+            crate::config::SubsetKind::First => set.take(n),
+            crate::config::SubsetKind::Stratified => set.stratified(n, seed),
+        };
+        if !cfg.class_names.is_empty() {
+            if cfg.class_names.len() != set.num_classes {
+                anyhow::bail!(
+                    "data.class_names has {} names, but dataset {} has {} classes",
+                    cfg.class_names.len(),
+                    root.display(),
+                    set.num_classes
+                );
+            }
+            set.class_names = cfg.class_names.clone();
+        }
+        Ok(set)
+    }
+
+    pub fn load(cfg: &DataConfig) -> Result<Datasets> {
+        let root = resolve_root(&cfg.root);
+        let train = Self::load_split(cfg, Split::Train)?;
+        let test = Self::load_split(cfg, Split::Test)?;
         if train.image_shape() != test.image_shape() || train.num_classes != test.num_classes {
             anyhow::bail!(
                 "dataset {}: train images {:?} ({} classes) and test images {:?} ({} classes) disagree",
@@ -77,27 +110,6 @@ impl Datasets {
                 test.image_shape(),
                 test.num_classes
             );
-        }
-        // Subsets are seeded and stratified by class (the same for every run seed, so the runs
-        // of a comparison see the same images); `subset = "first"` keeps the first N.
-        let take = |set: mtkd_vision_tasks::data::ImageSet, n: usize, seed: u64| match cfg.subset {
-            _ if n == 0 => set,
-            crate::config::SubsetKind::First => set.take(n),
-            crate::config::SubsetKind::Stratified => set.stratified(n, seed),
-        };
-        let mut train = take(train, cfg.train_subset, 0x7261_696e);
-        let mut test = take(test, cfg.test_subset, 0x7465_7374);
-        if !cfg.class_names.is_empty() {
-            if cfg.class_names.len() != train.num_classes {
-                anyhow::bail!(
-                    "data.class_names has {} names, but dataset {} has {} classes",
-                    cfg.class_names.len(),
-                    root.display(),
-                    train.num_classes
-                );
-            }
-            train.class_names = cfg.class_names.clone();
-            test.class_names = cfg.class_names.clone();
         }
         tracing::info!(root = %root.display(), train = train.len(), test = test.len(),
             shape = ?train.image_shape(), classes = train.num_classes, "dataset loaded");

@@ -219,14 +219,13 @@ pub enum EvalSplit {
     Train,
 }
 
-/// Load one split of `data` (its subset settings applied).
+/// Load one split of `data` (its subset settings applied; the other split is not read).
 pub fn load_split(data: &DataConfig, split: EvalSplit) -> Result<ImageSet> {
-    let sets = crate::dataset::Datasets::load(data)?;
-    let set = match split {
-        EvalSplit::Test => sets.test,
-        EvalSplit::Train => sets.train,
+    let split = match split {
+        EvalSplit::Test => mtkd_vision_tasks::data::Split::Test,
+        EvalSplit::Train => mtkd_vision_tasks::data::Split::Train,
     };
-    Ok(Arc::try_unwrap(set).unwrap_or_else(|a| (*a).clone()))
+    crate::dataset::Datasets::load_split(data, split)
 }
 
 /// Evaluate `src` on a split of `data`.

@@ -14,47 +14,55 @@ use mtkd_distill_core::{FeatureShape, ModelOutput, Teacher};
 use mtkd_vision_tasks::transform::Normalize;
 
 /// The input transform of one teacher.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct InputTransform {
-    data_mean: Vec<f64>,
-    data_std: Vec<f64>,
     channels: usize,
     size: Option<usize>,
-    mean: Vec<f64>,
-    std: Vec<f64>,
+    /// `[1, C, 1, 1]` on the teacher's device, made once: the data's std and mean (to
+    /// un-normalise) and the teacher's mean and std.
+    data_std: Tensor,
+    data_mean: Tensor,
+    mean: Tensor,
+    std: Tensor,
 }
 
 impl InputTransform {
-    /// The transform from batches normalised with `data` (`in_channels` channels) to `input`.
-    pub fn new(data: &Normalize, in_channels: usize, input: &TeacherInput) -> InputTransform {
-        let data_mean: Vec<f64> = data.mean.iter().map(|&v| f64::from(v)).collect();
-        let data_std: Vec<f64> = data.std.iter().map(|&v| f64::from(v)).collect();
+    /// The transform from batches normalised with `data` (`in_channels` channels) to `input`,
+    /// for batches on `device`.
+    pub fn new(
+        data: &Normalize,
+        in_channels: usize,
+        input: &TeacherInput,
+        device: tch::Device,
+    ) -> InputTransform {
         let channels = input.channels.unwrap_or(in_channels);
         let (mean, std) = match &input.normalize {
-            Some(n) => (
-                n.mean.iter().map(|&v| f64::from(v)).collect(),
-                n.std.iter().map(|&v| f64::from(v)).collect(),
-            ),
+            Some(n) => (n.mean.clone(), n.std.clone()),
             // Keep the data's normalisation, spread over the new channels.
             None => {
-                let spread = |v: &[f64]| -> Vec<f64> {
+                let spread = |v: &[f32]| -> Vec<f32> {
                     if v.len() == channels {
                         v.to_vec()
                     } else {
-                        let m = v.iter().sum::<f64>() / v.len().max(1) as f64;
+                        let m = v.iter().sum::<f32>() / v.len().max(1) as f32;
                         vec![m; channels]
                     }
                 };
-                (spread(&data_mean), spread(&data_std))
+                (spread(&data.mean), spread(&data.std))
             }
         };
+        let per_channel = |v: &[f32]| {
+            Tensor::from_slice(v)
+                .to_device(device)
+                .view([1, v.len() as i64, 1, 1])
+        };
         InputTransform {
-            data_mean,
-            data_std,
             channels,
             size: input.size,
-            mean,
-            std,
+            data_std: per_channel(&data.std),
+            data_mean: per_channel(&data.mean),
+            mean: per_channel(&mean),
+            std: per_channel(&std),
         }
     }
 
@@ -64,16 +72,9 @@ impl InputTransform {
         (self.channels as i64, h, w)
     }
 
-    fn per_channel(v: &[f64], like: &Tensor) -> Tensor {
-        Tensor::from_slice(v)
-            .to_kind(Kind::Float)
-            .to_device(like.device())
-            .view([1, v.len() as i64, 1, 1])
-    }
-
     /// The teacher's input for a normalised student batch `[B, C, H, W]`.
     pub fn apply(&self, x: &Tensor) -> Tensor {
-        let raw = x * Self::per_channel(&self.data_std, x) + Self::per_channel(&self.data_mean, x);
+        let raw = x * &self.data_std + &self.data_mean;
         let c = x.size()[1] as usize;
         let raw = match (c, self.channels) {
             (a, b) if a == b => raw,
@@ -89,7 +90,7 @@ impl InputTransform {
             }
             _ => raw,
         };
-        (raw - Self::per_channel(&self.mean, x)) / Self::per_channel(&self.std, x)
+        (raw - &self.mean) / &self.std
     }
 }
 
@@ -132,7 +133,7 @@ mod tests {
                 std: vec![1.0, 1.0, 0.5],
             }),
         };
-        let t = InputTransform::new(&data, 1, &input);
+        let t = InputTransform::new(&data, 1, &input, tch::Device::Cpu);
         assert_eq!(t.shape((1, 2, 2)), (3, 4, 4));
         // Raw pixels [[0, 1], [2, 3]], normalised as the data are.
         let raw = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 3.0]).view([1, 1, 2, 2]);

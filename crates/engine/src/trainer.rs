@@ -392,6 +392,7 @@ fn build_pool(
                     &cfg.data.normalize,
                     in_shape.0 as usize,
                     i,
+                    device,
                 )
             });
             let expect = Expectation {
@@ -637,6 +638,9 @@ struct Trainer<'a> {
     shared: Option<PathBuf>,
     /// Batches per training epoch (the skip budget is a share of them).
     epoch_batches: usize,
+    /// The non-trainable variables of the student and the adapters (BatchNorm's running
+    /// statistics), shallow handles: put back after a skipped batch.
+    buffers: Vec<Tensor>,
 }
 
 impl<'a> Trainer<'a> {
@@ -791,6 +795,12 @@ impl<'a> Trainer<'a> {
             weight_log: None,
             shared: None,
             epoch_batches: 0,
+            buffers: student_vs
+                .variables()
+                .into_values()
+                .chain(adapter_vs.variables().into_values())
+                .filter(|t| !t.requires_grad())
+                .collect(),
             cfg,
             data,
             pool,
@@ -1157,18 +1167,8 @@ impl<'a> Trainer<'a> {
     ) -> Result<bool> {
         // A skipped batch must leave no trace: BatchNorm's running statistics, updated by the
         // training-mode forward, are put back when the batch is skipped.
-        let buffers = (self.cfg.train.on_nonfinite == NonFinitePolicy::Skip).then(|| {
-            self.student_vs
-                .variables()
-                .into_values()
-                .chain(self.adapter_vs.variables().into_values())
-                .filter(|t| !t.requires_grad())
-                .map(|t| {
-                    let copy = t.copy();
-                    (t, copy)
-                })
-                .collect::<Vec<_>>()
-        });
+        let saved: Option<Vec<Tensor>> = (self.cfg.train.on_nonfinite == NonFinitePolicy::Skip)
+            .then(|| self.buffers.iter().map(Tensor::copy).collect());
         let out = self.student.forward_t(images, true);
         let ce = loss::cross_entropy(&out.logits, labels)?;
         let b = labels.size()[0];
@@ -1293,10 +1293,10 @@ impl<'a> Trainer<'a> {
                     "the feature term".to_owned()
                 }
             });
-            if let Some(buffers) = buffers {
+            if let Some(saved) = saved {
                 tch::no_grad(|| {
-                    for (mut var, copy) in buffers {
-                        var.copy_(&copy);
+                    for (var, copy) in self.buffers.iter_mut().zip(&saved) {
+                        var.copy_(copy);
                     }
                 });
             }

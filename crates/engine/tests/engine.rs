@@ -98,6 +98,29 @@ fn run_err(cfg: &Config, dir: &Path) -> String {
     )
 }
 
+/// The Python that has the build's torch (set by `cargo xtask test`).
+fn torch_python() -> String {
+    std::env::var("MTKD_TORCH_PYTHON").expect(
+        "MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`",
+    )
+}
+
+/// Write `script` to `file` and run it with [`torch_python`] (torch.jit.script reads a class's
+/// source, so scripts that define modules run from a file, not `python -c`).
+fn run_python_file(file: &Path, script: &str) {
+    std::fs::write(file, script).unwrap();
+    let out = std::process::Command::new(torch_python())
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python {} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn history(dir: &Path) -> Vec<EpochRecord> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
@@ -720,8 +743,7 @@ fn bad_teachers_are_reported_with_their_file() {
 #[test]
 fn exported_student_runs_in_pytorch_with_the_same_logits() {
     let _serial = serial();
-    let python = std::env::var("MTKD_TORCH_PYTHON")
-        .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
+    let python = torch_python();
     let s = scratch("export");
     let cfg = parse(&tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
     let dir = s.join("run");
@@ -1005,8 +1027,6 @@ fn os(s: &str) -> &std::ffi::OsStr {
 /// A TorchScript teacher (a linear classifier on 28x28 images) whose logits are NaN when the
 /// batch has `nan_batch` samples (0: when it has more than 2, i.e. past the loader's probe).
 fn export_nan_teacher(path: &Path, nan_batch: usize) {
-    let python = std::env::var("MTKD_TORCH_PYTHON")
-        .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
     let cond = if nan_batch == 0 {
         "x.shape[0] > 2".to_owned()
     } else {
@@ -1019,18 +1039,7 @@ fn export_nan_teacher(path: &Path, nan_batch: usize) {
          torch.manual_seed(0)\ntorch.jit.script(T()).save(r'{}')\n",
         path.display()
     );
-    // torch.jit.script reads the class's source: from a file, not `python -c`.
-    let file = path.with_extension("py");
-    std::fs::write(&file, script).unwrap();
-    let out = std::process::Command::new(&python)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_file(&path.with_extension("py"), &script);
 }
 
 #[test]
@@ -1507,8 +1516,6 @@ fn eval_and_predict_use_a_trained_student_without_a_training_config() {
 #[test]
 fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
     let _serial = serial();
-    let python = std::env::var("MTKD_TORCH_PYTHON")
-        .expect("MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`");
     let s = scratch("teacherinput");
     let pt = s.join("rgb64.pt");
     let expected = s.join("expected.txt");
@@ -1528,17 +1535,7 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
         pt = pt.display(),
         exp = expected.display()
     );
-    let file = s.join("make.py");
-    std::fs::write(&file, script).unwrap();
-    let out = std::process::Command::new(&python)
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python_file(&s.join("make.py"), &script);
     let with = |input: &str| {
         parse(&tiny(
             &format!(
@@ -1576,6 +1573,7 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
             &cfg.data.normalize,
             1,
             t.input.as_ref().unwrap(),
+            tch::Device::Cpu,
         ),
     };
     use mtkd_teachers::Teacher;
