@@ -95,9 +95,10 @@ pub fn ensure_fashion_mnist() -> Result<PathBuf> {
     Ok(target)
 }
 
-/// Fetch what a config needs: today only the full Fashion-MNIST is fetched; other data the
-/// config names must already exist (mtkd says which file is missing).
-pub fn ensure_for_config(config: &Option<PathBuf>) -> Result<()> {
+/// Fetch what a config needs: the full Fashion-MNIST (also the source of the synthetic
+/// scenes) and the nuclei tiles; other data the config names must already exist (mtkd says
+/// which file is missing).
+pub fn ensure_for_config(config: &Option<PathBuf>, python: Option<&Path>) -> Result<()> {
     let Some(path) = config else { return Ok(()) };
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(()); // mtkd reports the unreadable config with its own error
@@ -107,6 +108,17 @@ pub fn ensure_for_config(config: &Option<PathBuf>) -> Result<()> {
         l.starts_with("root") && l.contains("\"fashion-mnist\"")
     }) {
         ensure_fashion_mnist()?;
+    }
+    if text.lines().any(|l| {
+        let l = l.trim();
+        l.starts_with("root") && l.contains("\"nuclei-tiles\"")
+    }) {
+        match python {
+            Some(p) => {
+                crate::nuclei::ensure(p)?;
+            }
+            None => bail!("the nuclei tiles need the set-up's Python (run `cargo xtask setup`)"),
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! `torch-sys` needs. Every command that builds Rust code runs the libtorch set-up first.
 
 mod data;
+mod nuclei;
 mod torch;
 
 use std::path::{Path, PathBuf};
@@ -77,6 +78,11 @@ fn run() -> Result<()> {
         "data" => {
             let dir = data::ensure_fashion_mnist()?;
             println!("Fashion-MNIST is in {}", dir.display());
+            let torch = torch::ensure()?;
+            if let Some(python) = torch.python() {
+                let dir = nuclei::ensure(&python)?;
+                println!("the nuclei tiles are in {}", dir.display());
+            }
             Ok(())
         }
         "train" => {
@@ -90,7 +96,7 @@ fn run() -> Result<()> {
                 train_args.push("configs/default.toml".into());
             }
             train_args.extend(rest);
-            data::ensure_for_config(&config_path(&train_args))?;
+            data::ensure_for_config(&config_path(&train_args), torch.python().as_deref())?;
             run_mtkd(&torch, &train_args)
         }
         "doctor" => {
@@ -104,7 +110,7 @@ fn run() -> Result<()> {
                 args.extend(["--config".to_owned(), "configs/default.toml".to_owned()]);
             }
             args.extend(rest);
-            data::ensure_for_config(&config_path(&args))?;
+            data::ensure_for_config(&config_path(&args), torch.python().as_deref())?;
             run_mtkd(&torch, &args)
         }
         "teachers" => {
@@ -114,7 +120,7 @@ fn run() -> Result<()> {
                 args.extend(["--config".to_owned(), "configs/default.toml".to_owned()]);
             }
             args.extend(rest);
-            data::ensure_for_config(&config_path(&args))?;
+            data::ensure_for_config(&config_path(&args), torch.python().as_deref())?;
             run_mtkd(&torch, &args)
         }
         "export-teacher" => {
@@ -133,6 +139,7 @@ fn run() -> Result<()> {
                 "scripts/golden_baselines.py",
                 "scripts/golden_mmkd.py",
                 "scripts/golden_meta.py",
+                "scripts/golden_segmentation.py",
                 "scripts/student_zoo.py",
             ] {
                 python(&torch, script, &[])?;

@@ -47,6 +47,14 @@ impl Torch {
         }
     }
 
+    /// The set-up's Python (with torch), when xtask installed it.
+    pub fn python(&self) -> Option<PathBuf> {
+        match self {
+            Torch::User { .. } => std::env::var_os("MTKD_TORCH_PYTHON").map(PathBuf::from),
+            Torch::Venv { venv, .. } => Some(venv.join("bin").join("python")),
+        }
+    }
+
     /// Variables for every cargo invocation. They never change between calls for one set-up, so
     /// torch-sys is not rebuilt.
     pub fn cargo_env(&self) -> Vec<(String, String)> {

@@ -87,3 +87,110 @@ pub fn ensure_finite(what: &str, t: &Tensor) -> Result<()> {
         })
     }
 }
+
+/// Mean over each image's valid pixels of a per-pixel map `[B, H, W]`: pixels whose `valid`
+/// flag is 0 do not count; an image without a valid pixel gets 0.
+///
+/// # Shapes
+/// `per_pixel [B, H, W]`, `valid [B, H, W]` (float 0/1) -> `[B]`
+pub fn masked_image_mean(per_pixel: &Tensor, valid: &Tensor) -> Result<Tensor> {
+    check_shape("masked_image_mean valid mask", valid, &per_pixel.size())?;
+    let num = (per_pixel * valid)
+        .f_flatten(1, -1)?
+        .f_sum_dim_intlist(-1, false, Kind::Float)?;
+    let den = valid
+        .f_flatten(1, -1)?
+        .f_sum_dim_intlist(-1, false, Kind::Float)?
+        .f_clamp_min(1.0)?;
+    Ok(num / den)
+}
+
+/// The valid-pixel flags `[B, H, W]` (float 0/1) of a mask: every pixel but `ignore_index`.
+pub fn valid_pixels(targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    Ok(targets.f_ne(ignore_index)?.f_to_kind(Kind::Float)?)
+}
+
+/// Per-pixel cross-entropy averaged over each image's valid pixels (pixels labelled
+/// `ignore_index` do not count), as `F.cross_entropy(..., ignore_index, reduction="none")`
+/// followed by a per-image mean over the valid pixels.
+///
+/// # Shapes
+/// `logits [B, K, H, W]`, `targets [B, H, W]` (int64) -> `[B]`
+pub fn pixel_cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    let s = logits.size();
+    check_shape("pixel_cross_entropy logits", logits, &[-1, -1, -1, -1])?;
+    check_shape("pixel_cross_entropy targets", targets, &[s[0], s[2], s[3]])?;
+    let per = logits.f_cross_entropy_loss::<&Tensor>(
+        targets,
+        None,
+        Reduction::None,
+        ignore_index,
+        0.0,
+    )?;
+    masked_image_mean(&per, &valid_pixels(targets, ignore_index)?)
+}
+
+/// Pixel-wise KD: `T^2 KL(softmax(t/T) || softmax(s/T))` over the class dimension at every pixel,
+/// per pixel `[B, H, W]` (the caller pools it, e.g. with [`masked_image_mean`]).
+///
+/// # Shapes
+/// `student [B, K, H, W]`, `teacher [B, K, H, W]` -> `[B, H, W]`
+pub fn pixel_kd_kl(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    if temperature <= 0.0 || !temperature.is_finite() {
+        return Err(Error::Invalid {
+            what: "temperature".into(),
+            reason: format!("must be positive, got {temperature}"),
+        });
+    }
+    check_shape("pixel_kd_kl student logits", student, &[-1, -1, -1, -1])?;
+    check_shape("pixel_kd_kl teacher logits", teacher, &student.size())?;
+    let log_q = (student / temperature).f_log_softmax(1, Kind::Float)?;
+    let log_p = (teacher.detach() / temperature).f_log_softmax(1, Kind::Float)?;
+    let kl = (log_p.exp() * (&log_p - log_q)).f_sum_dim_intlist(1, false, Kind::Float)?;
+    Ok(kl * (temperature * temperature))
+}
+
+/// Channel-wise distillation (CWD, Shu et al. 2021): each channel's map is turned into a
+/// distribution over its H·W locations by a softmax at temperature T, and the student's is
+/// pulled to the teacher's by `T^2 KL`, averaged over channels, per image. Applies to logits
+/// `[B, K, H, W]` and to feature maps alike.
+///
+/// # Shapes
+/// `student [B, C, H, W]`, `teacher [B, C, H, W]` -> `[B]`
+pub fn cwd(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    if temperature <= 0.0 || !temperature.is_finite() {
+        return Err(Error::Invalid {
+            what: "temperature".into(),
+            reason: format!("must be positive, got {temperature}"),
+        });
+    }
+    check_shape("cwd student map", student, &[-1, -1, -1, -1])?;
+    check_shape("cwd teacher map", teacher, &student.size())?;
+    let s = student.f_flatten(2, -1)?;
+    let t = teacher.detach().f_flatten(2, -1)?;
+    let log_q = (&s / temperature).f_log_softmax(-1, Kind::Float)?;
+    let log_p = (&t / temperature).f_log_softmax(-1, Kind::Float)?;
+    let kl = (log_p.exp() * (&log_p - log_q)).f_sum_dim_intlist(-1, false, Kind::Float)?;
+    Ok(kl.f_mean_dim(-1, false, Kind::Float)? * (temperature * temperature))
+}
+
+/// Per-pixel entropy of `softmax(logits)` over the class dimension.
+///
+/// # Shapes
+/// `logits [B, K, H, W]` -> `[B, H, W]`
+pub fn pixel_entropy(logits: &Tensor) -> Result<Tensor> {
+    let log_p = logits.f_log_softmax(1, Kind::Float)?;
+    Ok(-(log_p.exp() * log_p).f_sum_dim_intlist(1, false, Kind::Float)?)
+}
+
+/// Logits pooled over each image's valid pixels: `[B, K, H, W]` -> `[B, K]` (the mean logit
+/// vector). For a linear 1x1 classifier this equals the classifier applied to the pooled
+/// features, which is what look-ahead strategies assume.
+pub fn pooled_logits(logits: &Tensor, valid: &Tensor) -> Result<Tensor> {
+    let v = valid.f_unsqueeze(1)?;
+    let num = (logits * &v).f_sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)?;
+    let den = v
+        .f_sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)?
+        .f_clamp_min(1.0)?;
+    Ok(num / den)
+}

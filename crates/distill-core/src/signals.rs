@@ -99,8 +99,6 @@ impl BatchSignals {
             let mut ce = Vec::with_capacity(teachers.len());
             let mut kl = Vec::with_capacity(teachers.len());
             let mut ent = Vec::with_capacity(teachers.len());
-            let mut cos = Vec::with_capacity(teachers.len());
-            let mut embeddings = Vec::with_capacity(teachers.len());
             for (m, t) in teachers.iter().enumerate() {
                 ce.push(loss::cross_entropy(&t.logits, labels)?);
                 kl.push(match kl_terms {
@@ -108,23 +106,8 @@ impl BatchSignals {
                     None => loss::kd_kl(&s, &t.logits, temperature)?,
                 });
                 ent.push(loss::entropy(&t.logits)?);
-                let emb = t.embedding();
-                let proj = projected.get(m).and_then(Option::as_ref);
-                match (proj, emb.as_ref()) {
-                    (Some(p), Some(e)) => {
-                        let pooled = p.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-                        cos.push(Some(loss::cosine(&pooled, e)?));
-                    }
-                    _ => cos.push(None),
-                }
-                embeddings.push(emb);
             }
-            let cos = if cos.iter().all(Option::is_some) {
-                let cols: Vec<Tensor> = cos.into_iter().flatten().collect();
-                Some(Tensor::f_stack(&cols, 1)?)
-            } else {
-                None
-            };
+            let (cos, embeddings) = cosines(projected, teachers)?;
             Ok(BatchSignals {
                 ce: Tensor::f_stack(&ce, 1)?,
                 kl: Tensor::f_stack(&kl, 1)?,
@@ -134,6 +117,81 @@ impl BatchSignals {
                 teacher_embeddings: embeddings,
                 student_logits: s,
                 labels: labels.shallow_clone(),
+                temperature,
+                student_head: None,
+            })
+        })
+    }
+
+    /// The signals of a dense (per-pixel) task, pooled per image (docs/METHOD.md section 9):
+    /// `ce`, `kl` and `entropy` are each teacher's per-pixel values averaged over the image's
+    /// valid pixels (`targets != ignore_index`); `teacher_logits` and `student_logits` are the
+    /// logits averaged over the same pixels `[B, K]`; `labels` are the per-image labels
+    /// `image_labels [B]` (the engine's: the most frequent foreground class of the mask).
+    /// Every strategy written for classification therefore runs unchanged.
+    ///
+    /// `kl_terms[m]`, when given, are the per-image pooled KD terms `[B]` the step computed.
+    ///
+    /// # Shapes
+    /// `student_logits [B, K, H, W]`, teachers' logits the same, `targets [B, H, W]` (int64),
+    /// `image_labels [B]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn compute_dense(
+        student_logits: &Tensor,
+        projected: &[Option<Tensor>],
+        teachers: &[ModelOutput],
+        targets: &Tensor,
+        image_labels: &Tensor,
+        ignore_index: i64,
+        temperature: f64,
+        kl_terms: Option<&[Tensor]>,
+    ) -> Result<BatchSignals> {
+        if teachers.is_empty() {
+            return Err(Error::Invalid {
+                what: "teachers".into(),
+                reason: "signals need at least one teacher".into(),
+            });
+        }
+        if let Some(k) = kl_terms {
+            if k.len() != teachers.len() {
+                return Err(Error::Invalid {
+                    what: "precomputed KL terms".into(),
+                    reason: format!("{} terms for {} teachers", k.len(), teachers.len()),
+                });
+            }
+        }
+        tch::no_grad(|| {
+            let s = student_logits.detach();
+            let valid = loss::valid_pixels(targets, ignore_index)?;
+            let mut ce = Vec::with_capacity(teachers.len());
+            let mut kl = Vec::with_capacity(teachers.len());
+            let mut ent = Vec::with_capacity(teachers.len());
+            let mut pooled = Vec::with_capacity(teachers.len());
+            for (m, t) in teachers.iter().enumerate() {
+                ce.push(loss::pixel_cross_entropy(&t.logits, targets, ignore_index)?);
+                kl.push(match kl_terms {
+                    Some(k) => k[m].detach(),
+                    None => loss::masked_image_mean(
+                        &loss::pixel_kd_kl(&s, &t.logits, temperature)?,
+                        &valid,
+                    )?,
+                });
+                ent.push(loss::masked_image_mean(
+                    &loss::pixel_entropy(&t.logits)?,
+                    &valid,
+                )?);
+                pooled.push(loss::pooled_logits(&t.logits, &valid)?);
+            }
+            let (cos, embeddings) = cosines(projected, teachers)?;
+            Ok(BatchSignals {
+                ce: Tensor::f_stack(&ce, 1)?,
+                kl: Tensor::f_stack(&kl, 1)?,
+                cos,
+                entropy: Tensor::f_stack(&ent, 1)?,
+                teacher_logits: pooled,
+                teacher_embeddings: embeddings,
+                student_logits: loss::pooled_logits(&s, &valid)?,
+                labels: image_labels.shallow_clone(),
                 temperature,
                 student_head: None,
             })
@@ -155,4 +213,34 @@ impl BatchSignals {
         let means = t.mean_dim(0, false, Kind::Double);
         Vec::<f64>::try_from(&means).unwrap_or_default()
     }
+}
+
+/// Cosine of each teacher's embedding and the pooled projected student map `[B, M]` (`None`
+/// when some teacher has no feature map or no projection was given), and the embeddings.
+#[allow(clippy::type_complexity)]
+fn cosines(
+    projected: &[Option<Tensor>],
+    teachers: &[ModelOutput],
+) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
+    let mut cos = Vec::with_capacity(teachers.len());
+    let mut embeddings = Vec::with_capacity(teachers.len());
+    for (m, t) in teachers.iter().enumerate() {
+        let emb = t.embedding();
+        let proj = projected.get(m).and_then(Option::as_ref);
+        match (proj, emb.as_ref()) {
+            (Some(p), Some(e)) => {
+                let pooled = p.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+                cos.push(Some(loss::cosine(&pooled, e)?));
+            }
+            _ => cos.push(None),
+        }
+        embeddings.push(emb);
+    }
+    let cos = if cos.iter().all(Option::is_some) {
+        let cols: Vec<Tensor> = cos.into_iter().flatten().collect();
+        Some(Tensor::f_stack(&cols, 1)?)
+    } else {
+        None
+    };
+    Ok((cos, embeddings))
 }

@@ -19,7 +19,7 @@ impl Observer for Print {
     fn epoch_end(&mut self, r: &mtkd_engine::record::EpochRecord) {
         eprintln!(
             "epoch {}: test top-1 {:.2}%, teacher weights {:?}",
-            r.epoch, r.test_top1, r.teacher_weights
+            r.epoch, r.test.value, r.teacher_weights
         );
     }
 }
@@ -86,7 +86,7 @@ lr = 0.05
         println!(
             "  teacher {}: {:.2}%",
             t.name,
-            t.test_top1.unwrap_or(f64::NAN)
+            t.test_value.unwrap_or(f64::NAN)
         );
     }
     Ok(())

@@ -276,15 +276,41 @@ pub fn table(results: &[RunResult]) -> String {
             .1
             .push(r);
     }
+    let primary = results
+        .first()
+        .map(|r| r.summary.metric.clone())
+        .unwrap_or_else(|| "top1".into());
+    let label = mtkd_vision_tasks::task::metric_label(&primary).to_owned();
+    let extras = mtkd_vision_tasks::task::table_scalars_for(&primary);
     let mut out = String::new();
+    let extra_head: String = extras
+        .iter()
+        .map(|k| {
+            let l = mtkd_vision_tasks::task::metric_label(k);
+            format!(" final {l} (%) | {l} at best (%) |")
+        })
+        .collect();
     let _ = writeln!(
         out,
-        "| strategy | seeds | final top-1 (%) | best top-1 (%) | share of headroom | s / epoch | of which teachers | peak RSS (MB) |"
+        "| strategy | seeds | final {label} (%) | best {label} (%) |{extra_head} share of headroom | s / epoch | of which teachers | peak RSS (MB) |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|{}---|---|---|---|",
+        "---|---|".repeat(extras.len())
+    );
     for (_, (name, runs)) in by {
         let finals: Vec<f64> = runs.iter().map(|r| r.summary.final_value).collect();
         let bests: Vec<f64> = runs.iter().map(|r| r.summary.best_value).collect();
+        let extra_cells: String = extras
+            .iter()
+            .map(|k| {
+                let f: Vec<f64> = runs.iter().map(|r| r.summary.final_report.get(k)).collect();
+                let b: Vec<f64> = runs.iter().map(|r| r.summary.best_report.get(k)).collect();
+                let ((fm, fs), (bm, bs)) = (mean_std(&f), mean_std(&b));
+                format!(" {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} |")
+            })
+            .collect();
         let secs: Vec<f64> = runs
             .iter()
             .map(|r| {
@@ -315,7 +341,7 @@ pub fn table(results: &[RunResult]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} | {share} | {sm:.1} ± {ss:.1} | {tm:.1} ± {ts:.1} | {mem} |",
+            "| {name} | {} | {fm:.2} ± {fs:.2} | {bm:.2} ± {bs:.2} |{extra_cells} {share} | {sm:.1} ± {ss:.1} | {tm:.1} ± {ts:.1} | {mem} |",
             runs.len()
         );
     }
@@ -323,7 +349,7 @@ pub fn table(results: &[RunResult]) -> String {
         Some((o, a)) => {
             let _ = writeln!(
                 out,
-                "\nHeadroom (oracle - AVER, final top-1): {:+.2} points ({o:.2} - {a:.2}). \"share of headroom\" = (row - AVER) / (oracle - AVER).",
+                "\nHeadroom (oracle - AVER, final {label}): {:+.2} points ({o:.2} - {a:.2}). \"share of headroom\" = (row - AVER) / (oracle - AVER).",
                 o - a
             );
         }
@@ -333,6 +359,12 @@ pub fn table(results: &[RunResult]) -> String {
                 "\nThis pool names no oracle (`[distill.oracle]`): no headroom to read the rows against."
             );
         }
+    }
+    if !extras.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n\"at best\" = at the epoch of the best {label} (the same epoch for every column)."
+        );
     }
     let _ = writeln!(out, "\n{MARKS}");
     out

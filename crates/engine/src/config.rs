@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use mtkd_student::Arch;
+use mtkd_student::{Arch, HeadKind};
+pub use mtkd_vision_tasks::task::{DenseKd, TaskKind};
 use mtkd_vision_tasks::transform::{Augment, EvalResize, Normalize};
 
 /// A whole run.
@@ -73,6 +74,24 @@ pub enum DatasetKind {
     Cifar100,
     /// `root/train/<class>/*.png|jpg` and `root/val/<class>/...` (or `test/`).
     ImageFolder,
+    /// Segmentation: `root/train/{images,masks}/` and `root/val/...` (or `test/`); masks are
+    /// 8-bit index PNGs, 255 = not labelled (`mtkd_vision_tasks::segmentation::data`).
+    SegmentationFolder,
+    /// Segmentation: seeded synthetic scenes (`[data] scenes`) of objects from the MNIST-layout
+    /// set at `root` (Fashion-MNIST) pasted onto textured canvases, exact masks.
+    SyntheticScenes,
+}
+
+impl DatasetKind {
+    /// The task this kind of data trains.
+    pub fn task(self) -> TaskKind {
+        match self {
+            DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
+                TaskKind::Segmentation
+            }
+            _ => TaskKind::Classification,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,12 +128,56 @@ pub struct DataConfig {
     /// otherwise name the classes "0", "1", ...). Must have one name per class.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub class_names: Vec<String>,
+    /// `segmentation-folder`: the number of classes (background included; default: the
+    /// number of `class_names`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_classes: Option<usize>,
+    /// `synthetic-scenes`: how the scenes are made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenes: Option<mtkd_vision_tasks::segmentation::synthetic::SceneConfig>,
+}
+
+impl DataConfig {
+    pub fn task(&self) -> TaskKind {
+        self.kind.task()
+    }
+}
+
+fn is_default_head(h: &HeadKind) -> bool {
+    *h == HeadKind::Classifier
+}
+fn is_default_dense_kd(k: &DenseKd) -> bool {
+    *k == DenseKd::Kl
+}
+fn is_default_feature_loss(k: &FeatureLoss) -> bool {
+    *k == FeatureLoss::Mse
+}
+fn serde_plain<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The feature-KD loss (`distill.feature_loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FeatureLoss {
+    /// Mean squared error of the adapted student map and the teacher's map.
+    #[default]
+    Mse,
+    /// Channel-wise distillation of the adapted map (spatial softmax per channel, at T).
+    Cwd,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudentConfig {
     pub arch: Arch,
+    /// The head: `classifier` (default; classification data) or a segmentation head, `fcn` or
+    /// `aspp` (segmentation data).
+    #[serde(default, skip_serializing_if = "is_default_head")]
+    pub head: HeadKind,
     /// Start from earlier weights instead of a random initialisation (light re-training when
     /// the data drift): a run folder (its `student.safetensors`; its architecture must match) or
     /// a `.safetensors` file of this architecture. The summary records it.
@@ -256,6 +319,14 @@ pub struct DistillConfig {
     /// beta: weight of the (teacher-weighted) feature MSE term; 0 turns feature KD off.
     #[serde(default)]
     pub feature_weight: f64,
+    /// Segmentation: the KD loss on logits, `kl` (pixel-wise KD at T, default) or `cwd`
+    /// (channel-wise distillation).
+    #[serde(default, skip_serializing_if = "is_default_dense_kd")]
+    pub dense_kd: DenseKd,
+    /// The feature term: `mse` (default, through the adapters) or `cwd` (channel-wise
+    /// distillation of the adapted map, at T).
+    #[serde(default, skip_serializing_if = "is_default_feature_loss")]
+    pub feature_loss: FeatureLoss,
     /// The MTKD-RL agent's settings (strategy `mtkd-rl`); defaults to parity mode, fixed mix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<mtkd_rl_weighting::agent::AgentConfig>,
@@ -370,6 +441,9 @@ pub struct TeacherConfig {
     /// `arch` teachers only: its own number of epochs (default: `[teacher_training] epochs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epochs: Option<usize>,
+    /// `arch` teachers only: the head (default: the student's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadKind>,
     /// TorchScript teachers only: the input the teacher was trained on, made from the student's
     /// batch (default: the student's batch as it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -548,6 +622,98 @@ impl Config {
             return bad(
                 "run.device",
                 format!("`{dev}` is not one of cpu, cuda, cuda:N, auto"),
+            );
+        }
+        let task = self.data.task();
+        if task == TaskKind::Segmentation && !self.student.head.is_dense() {
+            return bad(
+                "student.head",
+                format!(
+                    "data.kind `{}` is segmentation data: the student needs a segmentation head (head = \"fcn\" or \"aspp\")",
+                    serde_plain(&self.data.kind)
+                ),
+            );
+        }
+        if task == TaskKind::Classification && self.student.head.is_dense() {
+            return bad(
+                "student.head",
+                format!(
+                    "head `{}` gives per-pixel logits, but data.kind `{}` is classification data",
+                    self.student.head,
+                    serde_plain(&self.data.kind)
+                ),
+            );
+        }
+        for (i, t) in self.teachers.iter().enumerate() {
+            if task == TaskKind::Segmentation
+                && (t.classes.is_some()
+                    || t.label_noise > 0.0
+                    || !t.flip_pairs.is_empty()
+                    || t.permute_labels)
+            {
+                return bad(
+                    &format!("teachers[{i}]"),
+                    "classes, label_noise, flip_pairs and permute_labels edit image labels, not masks; \
+                     a segmentation teacher's set can only be cut (train_subset) or trained shorter (epochs)"
+                        .into(),
+                );
+            }
+            if let Some(h) = t.head {
+                if h.is_dense() != (task == TaskKind::Segmentation) {
+                    return bad(
+                        &format!("teachers[{i}].head"),
+                        format!("head `{h}` does not fit {task:?} data"),
+                    );
+                }
+                if t.arch.is_none() {
+                    return bad(
+                        &format!("teachers[{i}].head"),
+                        "only `arch` teachers have a head to choose".into(),
+                    );
+                }
+            }
+        }
+        if self.data.kind == DatasetKind::SyntheticScenes {
+            match &self.data.scenes {
+                None => {
+                    return bad(
+                        "data.scenes",
+                        "synthetic-scenes needs [data] scenes = { train = N, test = N, ... }"
+                            .into(),
+                    )
+                }
+                Some(sc) => {
+                    if let Err(r) = sc.check() {
+                        return bad("data.scenes", r);
+                    }
+                }
+            }
+        } else if self.data.scenes.is_some() {
+            return bad(
+                "data.scenes",
+                "only data.kind = \"synthetic-scenes\" makes scenes".into(),
+            );
+        }
+        if self.data.kind == DatasetKind::SegmentationFolder
+            && self.data.num_classes.is_none()
+            && self.data.class_names.is_empty()
+        {
+            return bad(
+                "data.num_classes",
+                "segmentation-folder needs num_classes (or class_names)".into(),
+            );
+        }
+        if task == TaskKind::Segmentation {
+            if self.data.augment.random_resized_crop.is_some() || self.data.eval_resize.is_some() {
+                return bad(
+                    "data.augment",
+                    "segmentation keeps the image size: use augment.scale and crop_padding, not random_resized_crop or eval_resize".into(),
+                );
+            }
+        } else if self.data.augment.scale.is_some() {
+            return bad(
+                "data.augment.scale",
+                "is a segmentation augmentation".into(),
             );
         }
         if let Some(c) = self.data.channels {
@@ -769,4 +935,14 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
     }
     cur.insert(parts[parts.len() - 1].to_owned(), value);
     Ok(())
+}
+
+/// Stable 64-bit FNV-1a hash, hex (config identity for caches and resume checks).
+pub fn stable_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }

@@ -24,6 +24,18 @@ pub fn resolve_root(root: &Path) -> PathBuf {
     root.to_path_buf()
 }
 
+/// `root/train`, or for the test split `root/val` (or `root/test`).
+fn split_dir(root: &Path, split: Split) -> PathBuf {
+    match split {
+        Split::Train => root.join("train"),
+        Split::Test => ["val", "test"]
+            .iter()
+            .map(|s| root.join(s))
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| root.join("val")),
+    }
+}
+
 /// The train and test sets of a config.
 #[derive(Debug, Clone)]
 pub struct Datasets {
@@ -38,7 +50,9 @@ impl Datasets {
     pub fn load_split(cfg: &DataConfig, split: Split) -> Result<ImageSet> {
         let root = resolve_root(&cfg.root);
         let hint = match cfg.kind {
-            DatasetKind::Mnist if cfg.root == Path::new("fashion-mnist") => {
+            DatasetKind::Mnist | DatasetKind::SyntheticScenes
+                if cfg.root == Path::new("fashion-mnist") =>
+            {
                 "; run `cargo xtask data` to fetch Fashion-MNIST (Debian package dataset-fashion-mnist)"
             }
             _ => "",
@@ -49,19 +63,33 @@ impl Datasets {
                 DatasetKind::Cifar10 => data::read_cifar_dir(&root, split, false)?,
                 DatasetKind::Cifar100 => data::read_cifar_dir(&root, split, true)?,
                 DatasetKind::ImageFolder => {
-                    let sub = match split {
-                        Split::Train => root.join("train"),
-                        Split::Test => ["val", "test"]
-                            .iter()
-                            .map(|s| root.join(s))
-                            .find(|p| p.is_dir())
-                            .unwrap_or_else(|| root.join("val")),
-                    };
+                    let sub = split_dir(&root, split);
                     data::read_image_folder(
                         &sub,
                         cfg.image_size.unwrap_or(32),
                         cfg.channels.unwrap_or(3),
                     )?
+                }
+                DatasetKind::SegmentationFolder => {
+                    let sub = split_dir(&root, split);
+                    let k = cfg.num_classes.unwrap_or(cfg.class_names.len());
+                    mtkd_vision_tasks::segmentation::data::read_seg_folder(
+                        &sub,
+                        k,
+                        cfg.channels.unwrap_or(3),
+                    )?
+                }
+                DatasetKind::SyntheticScenes => {
+                    let sc = cfg
+                        .scenes
+                        .as_ref()
+                        .ok_or_else(|| anyhow::anyhow!("data.scenes is missing"))?;
+                    let source = data::read_mnist_dir(&root, split)?;
+                    let (n, seed) = match split {
+                        Split::Train => (sc.train, sc.seed.wrapping_mul(2)),
+                        Split::Test => (sc.test, sc.seed.wrapping_mul(2).wrapping_add(1)),
+                    };
+                    mtkd_vision_tasks::segmentation::synthetic::generate(&source, n, sc, seed)?
                 }
             };
             Ok(set)

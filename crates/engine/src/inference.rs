@@ -98,12 +98,21 @@ pub fn data_table(path: &Path) -> Result<DataConfig> {
         .with_context(|| format!("{}: the [data] table", path.display()))
 }
 
+/// What eval and predict say of segmentation data.
+const SEG_NOT_YET: &str =
+    "mtkd eval and mtkd predict handle classification models; a segmentation run's \
+     test mIoU, pixel accuracy and per-class IoU are in its summary.json and metrics.jsonl, its \
+     prediction overlays in plots/";
+
 /// The size and channels images of a dataset kind are read at.
 fn geometry(data: &DataConfig) -> (u32, usize) {
     match data.kind {
         DatasetKind::Mnist => (28, 1),
         DatasetKind::Cifar10 | DatasetKind::Cifar100 => (32, 3),
         DatasetKind::ImageFolder => (data.image_size.unwrap_or(32), data.channels.unwrap_or(3)),
+        // Segmentation images keep their own size.
+        DatasetKind::SegmentationFolder => (0, data.channels.unwrap_or(3)),
+        DatasetKind::SyntheticScenes => (0, 1),
     }
 }
 
@@ -152,16 +161,32 @@ impl Model {
                 let w = dir.join("student.safetensors");
                 (
                     Box::new(
-                        NativeTeacher::load("student", arch, &w, input, num_classes, device)
-                            .with_context(|| format!("loading {}", w.display()))?,
+                        NativeTeacher::load(
+                            "student",
+                            arch,
+                            mtkd_student::HeadKind::Classifier,
+                            &w,
+                            input,
+                            num_classes,
+                            device,
+                        )
+                        .with_context(|| format!("loading {}", w.display()))?,
                     ),
                     format!("{arch} student of {}", dir.display()),
                 )
             }
             ModelSource::Weights { path, arch } => (
                 Box::new(
-                    NativeTeacher::load("student", *arch, path, input, num_classes, device)
-                        .with_context(|| format!("loading {} as {arch}", path.display()))?,
+                    NativeTeacher::load(
+                        "student",
+                        *arch,
+                        mtkd_student::HeadKind::Classifier,
+                        path,
+                        input,
+                        num_classes,
+                        device,
+                    )
+                    .with_context(|| format!("loading {} as {arch}", path.display()))?,
                 ),
                 format!("{arch} weights {}", path.display()),
             ),
@@ -170,6 +195,7 @@ impl Model {
                     input,
                     num_classes,
                     needs_features: false,
+                    dense: false,
                 };
                 (
                     Box::new(
@@ -236,6 +262,9 @@ pub fn evaluate(
     batch_size: usize,
     device: Device,
 ) -> Result<EvalReport> {
+    if data.task() != crate::config::TaskKind::Classification {
+        bail!("{SEG_NOT_YET}");
+    }
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
     let (c, h, w) = loader.output_shape();
@@ -349,6 +378,9 @@ pub fn predict(
         None => match data.kind {
             DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
             DatasetKind::Cifar100 => 100,
+            DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
+                bail!("{SEG_NOT_YET}")
+            }
             DatasetKind::ImageFolder => {
                 let n = class_names(data, 0).len();
                 if n == 0 {

@@ -135,21 +135,44 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
             },
         ],
     )?;
-    line_chart(
-        &dir.join("accuracy.png"),
-        "Top-1 accuracy",
-        "top-1 (%)",
-        &[
-            Series {
-                name: "train",
-                points: pts(&|r| r.train_top1),
-            },
-            Series {
-                name: "test",
-                points: pts(&|r| r.test_top1),
-            },
-        ],
-    )?;
+    let dense = history.first().is_some_and(|r| r.test.primary == "miou");
+    if dense {
+        line_chart(
+            &dir.join("accuracy.png"),
+            "Segmentation: mIoU and pixel accuracy",
+            "percent",
+            &[
+                Series {
+                    name: "train pixel acc.",
+                    points: pts(&|r| r.train_metric),
+                },
+                Series {
+                    name: "test pixel acc.",
+                    points: pts(&|r| r.test.get("pixel_accuracy")),
+                },
+                Series {
+                    name: "test mIoU",
+                    points: pts(&|r| r.test.value),
+                },
+            ],
+        )?;
+    } else {
+        line_chart(
+            &dir.join("accuracy.png"),
+            "Top-1 accuracy",
+            "top-1 (%)",
+            &[
+                Series {
+                    name: "train",
+                    points: pts(&|r| r.train_metric),
+                },
+                Series {
+                    name: "test",
+                    points: pts(&|r| r.test.value),
+                },
+            ],
+        )?;
+    }
     if !teacher_names.is_empty()
         && history
             .iter()
@@ -187,4 +210,200 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
         line_chart(&dir.join("teacher_weights.png"), &title, "weight", &series)?;
     }
     Ok(())
+}
+
+/// Colour of class `c` in overlays: background black, then distinct colours; unlabelled grey.
+fn class_colour(c: i64) -> [u8; 3] {
+    const COLOURS: [[u8; 3]; 12] = [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+        [0, 128, 128],
+        [170, 110, 40],
+    ];
+    match c {
+        0 => [0, 0, 0],
+        c if c == i64::from(mtkd_vision_tasks::segmentation::IGNORE) => [128, 128, 128],
+        c if c > 0 => COLOURS[(c as usize - 1) % COLOURS.len()],
+        _ => [128, 128, 128],
+    }
+}
+
+/// One row of [`segmentation_overlays`]: the image `[C, H, W]` (u8, C = 1 or 3) and the class
+/// maps `[H, W]` to show beside it (ground truth first).
+pub struct OverlayRow {
+    pub image: Vec<u8>,
+    pub channels: usize,
+    pub maps: Vec<Vec<i64>>,
+}
+
+/// `overlays.png`: per row the image, then each class map (truth, student, teachers) drawn as
+/// colours over the dimmed image; `titles` name the columns after "image"; a legend of the
+/// classes below.
+pub fn segmentation_overlays(
+    path: &Path,
+    hw: (usize, usize),
+    titles: &[String],
+    class_names: &[String],
+    rows: &[OverlayRow],
+) -> Result<()> {
+    ensure_font();
+    let (h, w) = hw;
+    let scale = (192 / h.max(w)).max(1);
+    let (ph, pw) = (h * scale, w * scale);
+    let (gap, head) = (8usize, 28usize);
+    let cols = titles.len() + 1;
+    let legend_rows = class_names.len().div_ceil(6);
+    let width = cols * (pw + gap) + gap;
+    let height = head + rows.len() * (ph + gap) + gap + 22 * legend_rows + 8;
+    let mut px = vec![255u8; width * height * 3];
+    let put = |px: &mut Vec<u8>, x: usize, y: usize, c: [u8; 3]| {
+        let i = (y * width + x) * 3;
+        px[i..i + 3].copy_from_slice(&c);
+    };
+    for (r, row) in rows.iter().enumerate() {
+        let grey = |y: usize, x: usize| -> [u8; 3] {
+            if row.channels == 3 {
+                [0, 1, 2].map(|c| row.image[(c * h + y) * w + x])
+            } else {
+                let v = row.image[y * w + x];
+                [v, v, v]
+            }
+        };
+        let top = head + r * (ph + gap);
+        for col in 0..cols {
+            let left = gap + col * (pw + gap);
+            for y in 0..ph {
+                for x in 0..pw {
+                    let (sy, sx) = (y / scale, x / scale);
+                    let g = grey(sy, sx);
+                    let c = if col == 0 {
+                        g
+                    } else {
+                        let cls = row.maps[col - 1][sy * w + sx];
+                        let k = class_colour(cls);
+                        if cls == 0 {
+                            g.map(|v| v / 3)
+                        } else {
+                            [0, 1, 2].map(|i| ((u16::from(k[i]) * 3 + u16::from(g[i])) / 4) as u8)
+                        }
+                    };
+                    put(&mut px, left + x, top + y, c);
+                }
+            }
+        }
+    }
+    // Legend swatches.
+    let legend_top = head + rows.len() * (ph + gap) + gap;
+    let cell = width / 6;
+    for (i, _) in class_names.iter().enumerate() {
+        let (lx, ly) = (8 + (i % 6) * cell, legend_top + 22 * (i / 6) + 4);
+        for y in 0..14 {
+            for x in 0..14 {
+                put(&mut px, lx + x, ly + y, class_colour(i as i64));
+            }
+        }
+    }
+    {
+        let root =
+            BitMapBackend::with_buffer(&mut px, (width as u32, height as u32)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+        let style = ("sans-serif", 16).into_font().color(&BLACK);
+        let names: Vec<String> = std::iter::once("image".to_owned())
+            .chain(titles.iter().cloned())
+            .collect();
+        for (col, t) in names.iter().enumerate() {
+            root.draw_text(t, &style, ((gap + col * (pw + gap)) as i32, 6))
+                .map_err(|x| e(&x))?;
+        }
+        let small = ("sans-serif", 14).into_font().color(&BLACK);
+        for (i, n) in class_names.iter().enumerate() {
+            let (lx, ly) = (8 + (i % 6) * cell, legend_top + 22 * (i / 6) + 3);
+            root.draw_text(&format!("{i} {n}"), &small, ((lx + 18) as i32, ly as i32))
+                .map_err(|x| e(&x))?;
+        }
+        root.present().map_err(|x| e(&x))?;
+    }
+    write_png(path, width as u32, height as u32, px)
+}
+
+/// A bar per class (`class_iou.png`): `values` in percent, NaN drawn as no bar.
+pub fn class_bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    names: &[String],
+    values: &[f64],
+) -> Result<()> {
+    ensure_font();
+    let n = values.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let (w, h) = (900u32, 500u32);
+    let mut pixels = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (w, h)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(90)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..n).into_segmented(), 0.0..100.0)
+            .map_err(|x| e(&x))?;
+        let label = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+                names.get(*i).cloned().unwrap_or_else(|| i.to_string())
+            }
+            SegmentValue::Last => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .y_desc(y_label)
+            .x_labels(n)
+            .x_label_formatter(&label)
+            .x_label_style(
+                ("sans-serif", 13)
+                    .into_font()
+                    .transform(FontTransform::Rotate90),
+            )
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(|x| e(&x))?;
+        chart
+            .draw_series(
+                values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(i, &v)| {
+                        let c = class_colour(i as i64);
+                        let colour = if i == 0 {
+                            RGBColor(90, 90, 90)
+                        } else {
+                            RGBColor(c[0], c[1], c[2])
+                        };
+                        Rectangle::new(
+                            [
+                                (SegmentValue::Exact(i), 0.0),
+                                (SegmentValue::Exact(i + 1), v),
+                            ],
+                            colour.filled(),
+                        )
+                    }),
+            )
+            .map_err(|x| e(&x))?;
+        root.present().map_err(|x| e(&x))?;
+    }
+    write_png(path, w, h, pixels)
 }

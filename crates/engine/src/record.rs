@@ -6,7 +6,9 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-/// One epoch's numbers. Losses are means over the epoch's samples; accuracies in percent.
+pub use mtkd_vision_tasks::task::MetricReport;
+
+/// One epoch's numbers. Losses are means over the epoch's samples; metrics in percent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
     /// 1-based epoch number.
@@ -21,14 +23,14 @@ pub struct EpochRecord {
     pub train_kd: f64,
     #[serde(deserialize_with = "nan_null::f64")]
     pub train_feature: f64,
+    /// The task's training score over the epoch's batches (training mode, augmented): top-1
+    /// for classification, the mean per-image pixel accuracy for segmentation.
     #[serde(deserialize_with = "nan_null::f64")]
-    pub train_top1: f64,
+    pub train_metric: f64,
     #[serde(deserialize_with = "nan_null::f64")]
     pub test_loss: f64,
-    #[serde(deserialize_with = "nan_null::f64")]
-    pub test_top1: f64,
-    #[serde(deserialize_with = "nan_null::f64")]
-    pub test_top5: f64,
+    /// The task's evaluation on the test split (`test.value` is the primary metric).
+    pub test: MetricReport,
     /// Mean logit weight per teacher over the epoch (pool order); empty without teachers.
     #[serde(default, deserialize_with = "nan_null::vec")]
     pub teacher_weights: Vec<f64>,
@@ -121,7 +123,9 @@ pub struct AuditTeacher {
 pub struct TeacherSummary {
     pub name: String,
     pub source: String,
-    pub test_top1: Option<f64>,
+    /// The teacher's primary test metric (`Summary::metric`).
+    #[serde(alias = "test_top1")]
+    pub test_value: Option<f64>,
 }
 
 /// The result of a run.
@@ -132,12 +136,18 @@ pub struct Summary {
     pub student: String,
     pub student_parameters: i64,
     pub seed: u64,
+    /// The task's primary metric: `top1` (classification) or `miou` (segmentation).
     pub metric: String,
     pub final_value: f64,
     pub best_value: f64,
     pub best_epoch: usize,
-    pub final_top5: f64,
-    pub per_class_top1: Vec<f64>,
+    /// Every figure of the last epoch's evaluation (empty in a summary of mtkd before 0.2,
+    /// which held `final_top5` and `per_class_top1` instead).
+    #[serde(default)]
+    pub final_report: MetricReport,
+    /// Every figure of the best epoch's evaluation (by the primary metric).
+    #[serde(default)]
+    pub best_report: MetricReport,
     pub epochs: usize,
     pub wall_seconds: f64,
     pub teachers: Vec<TeacherSummary>,
@@ -242,10 +252,19 @@ mod tests {
             train_ce: 0.1 + 0.2,
             train_kd: f64::NAN,
             train_feature: 0.0,
-            train_top1: 55.5,
+            train_metric: 55.5,
             test_loss: f64::INFINITY,
-            test_top1: 60.0,
-            test_top5: 90.0,
+            test: MetricReport {
+                primary: "miou".into(),
+                value: 60.0,
+                scalars: [
+                    ("miou".to_owned(), 60.0),
+                    ("pixel_accuracy".to_owned(), f64::NAN),
+                ]
+                .into_iter()
+                .collect(),
+                per_class: vec![f64::NAN, 0.1 + 0.2],
+            },
             teacher_weights: vec![0.25, f64::NAN],
             strategy_metrics: [("reward_std".to_owned(), f64::NAN)].into_iter().collect(),
             skipped_batches: 0,
@@ -271,6 +290,8 @@ mod tests {
         assert!(back.train_kd.is_nan() && back.test_loss.is_nan());
         assert!(back.teacher_weights[1].is_nan() && back.class_weights[0][0].is_nan());
         assert!(back.strategy_metrics["reward_std"].is_nan());
+        assert!(back.test.per_class[0].is_nan() && back.test.get("pixel_accuracy").is_nan());
+        assert_eq!(back.test.per_class[1].to_bits(), (0.1f64 + 0.2).to_bits());
     }
 
     #[test]

@@ -397,7 +397,7 @@ impl<'a> Page<'a> {
                 "<tr><td>{}</td><td class=\"src\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>",
                 swatch_name(name, i),
                 escape(ts.map_or("", |t| t.source.as_str())),
-                ts.and_then(|t| t.test_top1).map_or("n/a".into(), pct),
+                ts.and_then(|t| t.test_value).map_or("n/a".into(), pct),
                 lw.map_or("n/a".into(), |v| fixed(v, 3)),
             ));
             if has_fw {
@@ -422,7 +422,7 @@ impl<'a> Page<'a> {
         };
         let mut dots = Vec::new();
         for (i, name) in self.teachers.iter().enumerate() {
-            let acc = self.inp.summary.teachers.get(i).and_then(|t| t.test_top1);
+            let acc = self.inp.summary.teachers.get(i).and_then(|t| t.test_value);
             let w = last.teacher_weights.get(i).copied();
             if let (Some(x), Some(y)) = (acc, w) {
                 if x.is_finite() && y.is_finite() {
@@ -582,7 +582,7 @@ impl<'a> Page<'a> {
         let last_with = |pick: fn(&EpochRecord) -> &Vec<Vec<f64>>| {
             self.inp.metrics.iter().rev().find(|r| !pick(r).is_empty())
         };
-        let acc = &self.inp.summary.per_class_top1;
+        let acc = &self.inp.summary.final_report.per_class;
         let mut out = String::from(
             "<p class=\"how\">Rows are the true classes of the training samples, columns the \
              teachers: each cell is the teacher's mean weight on the samples of that class in the \
@@ -660,7 +660,7 @@ impl<'a> Page<'a> {
     fn accuracy_section(&self) -> String {
         let mut out =
             String::from("<p class=\"how\">The student's final test accuracy on each class.</p>\n");
-        out.push_str(&self.class_table(&[], &self.inp.summary.per_class_top1, None));
+        out.push_str(&self.class_table(&[], &self.inp.summary.final_report.per_class, None));
         section("classes", "Student accuracy per class", &out)
     }
 
@@ -784,14 +784,24 @@ impl<'a> Page<'a> {
             dash,
             points,
         };
+        let metric = mtkd_vision_tasks::task::metric_label(&self.inp.summary.metric);
+        let (test_name, train_name) = if self.inp.summary.metric == "top1" {
+            ("test top-1".to_owned(), "train top-1".to_owned())
+        } else {
+            (format!("test {metric}"), "train pixel acc.".to_owned())
+        };
         let acc = Chart {
-            title: "Accuracy".into(),
+            title: if self.inp.summary.metric == "top1" {
+                "Accuracy".into()
+            } else {
+                format!("{metric} and training pixel accuracy")
+            },
             x_label: "epoch".into(),
-            y_label: "top-1 (%)".into(),
+            y_label: format!("{metric} (%)"),
             y: YAxis::Auto { zero: false },
             series: vec![
-                s("test top-1", "#111827", None, pts(|r| r.test_top1)),
-                s("train top-1", "#6b7280", Some("5 4"), pts(|r| r.train_top1)),
+                s(&test_name, "#111827", None, pts(|r| r.test.value)),
+                s(&train_name, "#6b7280", Some("5 4"), pts(|r| r.train_metric)),
             ],
             vlines: Vec::new(),
             notes: Vec::new(),
@@ -1027,7 +1037,7 @@ fn class_names(cfg: &toml::Table, inp: &ReportInputs) -> Vec<String> {
         .metrics
         .iter()
         .map(|r| r.class_weights.len().max(r.class_feature_weights.len()))
-        .chain([inp.summary.per_class_top1.len(), names.len()])
+        .chain([inp.summary.final_report.per_class.len(), names.len()])
         .max()
         .unwrap_or(0);
     for i in names.len()..k {
@@ -1838,10 +1848,19 @@ mod tests {
             train_ce: 1.0 / epoch as f64,
             train_kd: 0.5,
             train_feature: 0.1,
-            train_top1: 60.0 + epoch as f64,
+            train_metric: 60.0 + epoch as f64,
             test_loss: 0.8,
-            test_top1: 70.0 + epoch as f64,
-            test_top5: 99.0,
+            test: crate::record::MetricReport {
+                primary: "top1".into(),
+                value: 70.0 + epoch as f64,
+                scalars: [
+                    ("top1".to_owned(), 70.0 + epoch as f64),
+                    ("top5".to_owned(), 99.0),
+                ]
+                .into_iter()
+                .collect(),
+                per_class: Vec::new(),
+            },
             teacher_weights: weights,
             strategy_metrics: BTreeMap::new(),
             skipped_batches: 0,
@@ -1862,12 +1881,22 @@ mod tests {
             student: "cnn-small".into(),
             student_parameters: 56554,
             seed: 0,
-            metric: "test_top1".into(),
+            metric: "top1".into(),
             final_value: 72.0,
             best_value: 72.5,
             best_epoch: 1,
-            final_top5: 99.0,
-            per_class_top1: (0..10).map(|c| 50.0 + c as f64).collect(),
+            final_report: crate::record::MetricReport {
+                primary: "top1".into(),
+                value: 80.0,
+                scalars: Default::default(),
+                per_class: (0..10).map(|c| 50.0 + c as f64).collect(),
+            },
+            best_report: crate::record::MetricReport {
+                primary: "top1".into(),
+                value: 80.0,
+                scalars: Default::default(),
+                per_class: Vec::new(),
+            },
             epochs: 2,
             wall_seconds: 125.0,
             teachers: teachers
@@ -1876,7 +1905,7 @@ mod tests {
                 .map(|(i, n)| TeacherSummary {
                     name: (*n).into(),
                     source: format!("mtkd resnet14 (t{i})"),
-                    test_top1: Some(40.0 + 5.0 * i as f64),
+                    test_value: Some(40.0 + 5.0 * i as f64),
                 })
                 .collect(),
             mtkd_version: "0.1.0".into(),

@@ -30,11 +30,21 @@ use mtkd_distill_core::{FeatureShape, ModelOutput};
 
 use crate::config::Config;
 
-/// What each record holds per teacher: the class count and the feature map's shape.
+/// What each record holds per teacher: the logits' shape per sample (`[K]`, or `[K, H, W]` for
+/// segmentation) and the feature map's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
-    pub num_classes: i64,
+    pub logits: Vec<i64>,
     pub features: Vec<Option<FeatureShape>>,
+}
+
+impl Layout {
+    /// The logits' shape for a batch of `n`.
+    fn batch_logits(&self, n: i64) -> Vec<i64> {
+        std::iter::once(n)
+            .chain(self.logits.iter().copied())
+            .collect()
+    }
 }
 
 /// Whether the records hold feature maps: only when the run has feature KD.
@@ -95,7 +105,7 @@ pub fn key_dir(
     Ok(root.join(format!(
         "seed{}-{}",
         cfg.run.seed,
-        crate::trainer::stable_hash(text.as_bytes())
+        crate::config::stable_hash(text.as_bytes())
     )))
 }
 
@@ -104,7 +114,9 @@ pub fn epoch_bytes(layout: &Layout, samples: usize) -> u64 {
     let per_sample: i64 = 8 + layout
         .features
         .iter()
-        .map(|f| 4 * (layout.num_classes + f.map(|(c, h, w)| c * h * w).unwrap_or(0)))
+        .map(|f| {
+            4 * (layout.logits.iter().product::<i64>() + f.map(|(c, h, w)| c * h * w).unwrap_or(0))
+        })
         .sum::<i64>();
     per_sample as u64 * samples as u64
 }
@@ -251,7 +263,7 @@ fn write_record(
     }
     let n = indices.len() as i64;
     for (m, (o, shape)) in outs.iter().zip(&layout.features).enumerate() {
-        write_tensor(file, &o.logits, &[n, layout.num_classes], m)?;
+        write_tensor(file, &o.logits, &layout.batch_logits(n), m)?;
         match (shape, &o.features) {
             (Some((c, h, w)), Some(f)) => write_tensor(file, f, &[n, *c, *h, *w], m)?,
             (None, _) => {}
@@ -313,7 +325,7 @@ fn read_record(
     let n = n as i64;
     let mut out = Vec::with_capacity(layout.features.len());
     for shape in &layout.features {
-        let logits = read_tensor(file, &[n, layout.num_classes], device)?;
+        let logits = read_tensor(file, &layout.batch_logits(n), device)?;
         let features = match shape {
             Some((c, h, w)) => Some(read_tensor(file, &[n, *c, *h, *w], device)?),
             None => None,

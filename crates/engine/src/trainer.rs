@@ -19,7 +19,7 @@ use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, Teache
 use crate::shared::{EpochOutputs, Layout};
 use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::loss;
-use mtkd_distill_core::signals::{BatchSignals, StudentHead};
+use mtkd_distill_core::signals::StudentHead;
 use mtkd_distill_core::weighting::{
     Equal, EqualOnesWarmup, Feedback, NoKd, Single, StrategyState, TeacherWeights,
     WeightingStrategy,
@@ -27,8 +27,8 @@ use mtkd_distill_core::weighting::{
 use mtkd_distill_core::{ModelOutput, Teacher};
 use mtkd_student::{NativeTeacher, Network};
 use mtkd_teachers::{Expectation, TorchScriptTeacher};
-use mtkd_vision_tasks::classification::{Accuracy, AccuracyReport};
-use mtkd_vision_tasks::loader::BatchLoader;
+use mtkd_vision_tasks::loader::{Batch, BatchLoader};
+use mtkd_vision_tasks::task::{MetricReport, Task};
 
 /// Hooks through which a binary shows progress; the library itself prints nothing.
 pub trait Observer {
@@ -146,15 +146,7 @@ pub fn new_run_dir(cfg: &Config) -> Result<PathBuf> {
     )
 }
 
-/// Stable 64-bit FNV-1a hash, hex (config identity for caches and resume checks).
-pub fn stable_hash(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
+pub use crate::config::stable_hash;
 
 /// Write the resolved config into the run folder (before the first step).
 pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
@@ -181,7 +173,8 @@ struct PoolMember {
     source: String,
     /// The weights or TorchScript file the teacher was loaded from.
     file: PathBuf,
-    test_top1: Option<f64>,
+    /// The teacher's primary test metric.
+    test_value: Option<f64>,
 }
 
 /// Run (or resume) the run whose folder is `dir`.
@@ -228,10 +221,17 @@ fn teacher_outputs_of(
         .collect()
 }
 
-fn pool_layout(cfg: &Config, pool: &[PoolMember]) -> Layout {
+/// The task a config trains.
+pub fn task_of(cfg: &Config) -> Box<dyn Task> {
+    let dense_kd = cfg.distill.as_ref().map(|d| d.dense_kd).unwrap_or_default();
+    mtkd_vision_tasks::task::task_of(cfg.data.task(), dense_kd)
+}
+
+fn pool_layout(cfg: &Config, pool: &[PoolMember], input: (i64, i64, i64)) -> Layout {
     let features = crate::shared::with_features(cfg);
+    let k = pool.first().map(|p| p.teacher.num_classes()).unwrap_or(0);
     Layout {
-        num_classes: pool.first().map(|p| p.teacher.num_classes()).unwrap_or(0),
+        logits: task_of(cfg).logits_shape(k, (input.1, input.2)),
         features: pool
             .iter()
             .map(|p| p.teacher.feature_shape().filter(|_| features))
@@ -285,7 +285,7 @@ pub fn share_teacher_outputs(
     let pool = build_pool(cfg, &data, device, obs)?;
     let files: Vec<PathBuf> = pool.iter().map(|p| p.file.clone()).collect();
     let dir = crate::shared::key_dir(root, cfg, &files, device)?;
-    let layout = pool_layout(cfg, &pool);
+    let layout = pool_layout(cfg, &pool, data.input_shape(&cfg.data)?);
     let total = crate::shared::epoch_bytes(&layout, data.train.len()) * cfg.train.epochs as u64;
     if let Some(max) = max_bytes {
         if total > max {
@@ -350,7 +350,7 @@ pub fn prepare_teachers(cfg: &Config, obs: &mut dyn Observer) -> Result<Vec<Teac
         .map(|p| TeacherSummary {
             name: p.teacher.name().to_owned(),
             source: p.source.clone(),
-            test_top1: p.test_top1,
+            test_value: p.test_value,
         })
         .collect())
 }
@@ -363,6 +363,7 @@ fn build_pool(
 ) -> Result<Vec<PoolMember>> {
     let in_shape = data.input_shape(&cfg.data)?;
     let needs_features = cfg.distill.as_ref().is_some_and(|d| d.feature_weight > 0.0);
+    let task = task_of(cfg);
     let mut pool = Vec::new();
     for (i, t) in cfg.teachers.iter().enumerate() {
         let member = if let Some(arch) = t.arch {
@@ -370,6 +371,7 @@ fn build_pool(
             let teacher = NativeTeacher::load(
                 &t.name,
                 arch,
+                teacher_head(cfg, t),
                 &weights,
                 in_shape,
                 data.num_classes(),
@@ -380,7 +382,7 @@ fn build_pool(
                 teacher: Box::new(teacher),
                 source: format!("mtkd {arch} ({})", weights.display()),
                 file: weights,
-                test_top1: Some(top1),
+                test_value: Some(top1),
             }
         } else {
             let path = t
@@ -402,6 +404,7 @@ fn build_pool(
                     .unwrap_or(in_shape),
                 num_classes: data.num_classes(),
                 needs_features,
+                dense: task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation,
             };
             let teacher: Box<dyn Teacher> = Box::new(
                 TorchScriptTeacher::load(&t.name, path, device, &expect)
@@ -437,18 +440,24 @@ fn build_pool(
                 },
                 &loader,
                 device,
+                task.as_ref(),
                 data.test.num_classes,
             )?;
             PoolMember {
                 teacher,
                 source: format!("TorchScript {}", path.display()),
                 file: path.clone(),
-                test_top1: Some(report.top1),
+                test_value: Some(report.value),
             }
         };
         pool.push(member);
     }
     Ok(pool)
+}
+
+/// The head of an `arch` teacher: its own, else the student's.
+pub fn teacher_head(cfg: &Config, t: &TeacherConfig) -> mtkd_student::HeadKind {
+    t.head.unwrap_or(cfg.student.head)
 }
 
 /// The config that trains teacher `t` (an `arch` teacher) on the run's data.
@@ -474,6 +483,7 @@ pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
         data: cfg.data.clone(),
         student: crate::config::StudentConfig {
             arch,
+            head: teacher_head(cfg, t),
             init: None,
             init_strategy: false,
             init_teachers: false,
@@ -509,6 +519,9 @@ fn ensure_native_teacher(
     struct Key<'k> {
         data: &'k crate::config::DataConfig,
         arch: String,
+        /// Absent for a classifier (the keys classification teachers always had).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        head: Option<String>,
         train: &'k crate::config::TrainConfig,
         seed: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -520,6 +533,11 @@ fn ensure_native_teacher(
     let key = Key {
         data: &key_data,
         arch: tcfg.student.arch.to_string(),
+        head: tcfg
+            .student
+            .head
+            .is_dense()
+            .then(|| tcfg.student.head.to_string()),
         train: &tcfg.train,
         seed: tcfg.run.seed,
         edits: (!edits.is_identity()).then_some(Edits {
@@ -592,25 +610,33 @@ pub fn evaluate(
     forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
     loader: &BatchLoader,
     device: Device,
+    task: &dyn Task,
     num_classes: usize,
-) -> Result<(AccuracyReport, f64)> {
-    let mut acc = Accuracy::new(num_classes);
-    let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
+) -> Result<(MetricReport, f64)> {
+    let mut metric = task.metric(num_classes);
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let mut n = 0usize;
     tch::no_grad(|| -> Result<()> {
         for batch in loader.epoch(0, 0, device) {
             let out = forward(&batch.images)?;
-            acc.update(&out.logits, &batch.labels)?;
-            ce_sum += loss::cross_entropy(&out.logits, &batch.labels)?.sum(Kind::Double);
+            metric.update(&out.logits, &batch)?;
+            loss_sum += task
+                .loss(&out.logits, task.targets(&batch)?)?
+                .sum(Kind::Double);
             n += batch.indices.len();
         }
         Ok(())
     })?;
-    Ok((acc.report(), ce_sum.double_value(&[]) / n.max(1) as f64))
+    Ok((
+        metric.report(),
+        loss_sum.double_value(&[]) / n.max(1) as f64,
+    ))
 }
 
 struct Trainer<'a> {
     cfg: &'a Config,
+    /// What the loop trains: the task's loss, KD, signals and metric.
+    task: Box<dyn Task>,
     data: Datasets,
     pool: Vec<PoolMember>,
     device: Device,
@@ -655,9 +681,10 @@ impl<'a> Trainer<'a> {
         tch::manual_seed(cfg.run.seed as i64);
         let in_shape = data.input_shape(&cfg.data)?;
         let student_vs = VarStore::new(device);
-        let student = Network::new(
+        let student = Network::with_head(
             &student_vs.root(),
             cfg.student.arch,
+            cfg.student.head,
             in_shape,
             data.num_classes(),
         )
@@ -788,6 +815,7 @@ impl<'a> Trainer<'a> {
         };
         let m = pool.len();
         Ok(Trainer {
+            task: task_of(cfg),
             per_class: None,
             active: (0..m).collect(),
             prune_counts: vec![0; m],
@@ -824,7 +852,7 @@ impl<'a> Trainer<'a> {
 
     /// What a shared-output record holds for this run's pool.
     fn layout(&self) -> Layout {
-        pool_layout(self.cfg, &self.pool)
+        pool_layout(self.cfg, &self.pool, self.student.in_shape())
     }
 
     fn distill(&self) -> Option<&DistillConfig> {
@@ -1025,10 +1053,11 @@ impl<'a> Trainer<'a> {
         let test_loader = self.data.test_loader(&cfg.data, tc.eval_batch_size)?;
         self.epoch_batches = train_loader.num_batches();
         let num_classes = self.data.train.num_classes;
+        let task = task_of(cfg);
         let session_start = Instant::now();
         let elapsed_before = meta.elapsed_seconds;
         let mut session_steps = 0u64;
-        let mut last_report: Option<AccuracyReport> = None;
+        let mut last_report: Option<MetricReport> = None;
         for epoch in meta.epoch..tc.epochs {
             let t0 = Instant::now();
             let lr = multistep_lr(tc.lr, &tc.milestones, tc.gamma, epoch);
@@ -1060,15 +1089,7 @@ impl<'a> Trainer<'a> {
                         mid_epoch: true,
                     }));
                 }
-                let step_ok = self.step(
-                    &batch.images,
-                    &batch.labels,
-                    &batch.indices,
-                    &mut sums,
-                    shared.as_mut(),
-                    epoch,
-                    meta.step,
-                )?;
+                let step_ok = self.step(&batch, &mut sums, shared.as_mut(), epoch, meta.step)?;
                 if step_ok {
                     meta.step += 1;
                     session_steps += 1;
@@ -1084,6 +1105,7 @@ impl<'a> Trainer<'a> {
                 &|x| Ok(self.student.forward_t(x, false)),
                 &test_loader,
                 self.device,
+                task.as_ref(),
                 num_classes,
             )?;
             let mut rec = sums.record(
@@ -1122,7 +1144,8 @@ impl<'a> Trainer<'a> {
             sink.append(&rec)?;
             tracing::info!(
                 epoch = epoch + 1,
-                test_top1 = rec.test_top1,
+                test = rec.test.value,
+                metric = %rec.test.primary,
                 train_loss = rec.train_loss,
                 "epoch done"
             );
@@ -1144,6 +1167,7 @@ impl<'a> Trainer<'a> {
                     &|x| Ok(self.student.forward_t(x, false)),
                     &test_loader,
                     self.device,
+                    task.as_ref(),
                     num_classes,
                 )?
                 .0
@@ -1154,12 +1178,9 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step on a batch. Returns false when the batch was skipped (non-finite loss
     /// under the `skip` policy).
-    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
-        images: &Tensor,
-        labels: &Tensor,
-        indices: &[usize],
+        batch: &Batch,
         sums: &mut Sums,
         shared: Option<&mut EpochOutputs>,
         epoch: usize,
@@ -1169,8 +1190,10 @@ impl<'a> Trainer<'a> {
         // training-mode forward, are put back when the batch is skipped.
         let saved: Option<Vec<Tensor>> = (self.cfg.train.on_nonfinite == NonFinitePolicy::Skip)
             .then(|| self.buffers.iter().map(Tensor::copy).collect());
+        let (images, labels, indices) = (&batch.images, &batch.labels, &batch.indices[..]);
+        let targets = self.task.targets(batch)?;
         let out = self.student.forward_t(images, true);
-        let ce = loss::cross_entropy(&out.logits, labels)?;
+        let ce = self.task.loss(&out.logits, targets)?;
         let b = labels.size()[0];
         let distill = self.distill().cloned();
         let (per_sample, kd, feat, weights_mean) = match &distill {
@@ -1212,12 +1235,13 @@ impl<'a> Trainer<'a> {
                 // The KL terms with gradient, once; the signals get them detached.
                 let kl_terms: Vec<Tensor> = t_outs
                     .iter()
-                    .map(|t| loss::kd_kl(&out.logits, &t.logits, d.temperature))
+                    .map(|t| self.task.kd(&out.logits, &t.logits, d.temperature, targets))
                     .collect::<std::result::Result<_, _>>()?;
-                let mut signals = BatchSignals::compute_with_kl(
+                let mut signals = self.task.signals(
                     &out.logits,
                     &projected,
                     &t_outs,
+                    targets,
                     labels,
                     d.temperature,
                     Some(&kl_terms),
@@ -1230,7 +1254,7 @@ impl<'a> Trainer<'a> {
                             .ok_or_else(|| anyhow!("the student gives no feature map"))?
                             .detach(),
                         weight: weight.detach(),
-                        bias: bias.map(Tensor::detach),
+                        bias: bias.as_ref().map(Tensor::detach),
                         lr: self.opt.lr,
                     });
                 }
@@ -1246,7 +1270,11 @@ impl<'a> Trainer<'a> {
                 for (m, (t, term)) in t_outs.iter().zip(&kl_terms).enumerate() {
                     kd += w.logit.select(1, m as i64) * term;
                     if let (Some(p), Some(tf)) = (&projected[m], &t.features) {
-                        feat += w.feature.select(1, m as i64) * loss::feature_mse(p, tf)?;
+                        let term = match d.feature_loss {
+                            crate::config::FeatureLoss::Mse => loss::feature_mse(p, tf)?,
+                            crate::config::FeatureLoss::Cwd => loss::cwd(p, tf, d.temperature)?,
+                        };
+                        feat += w.feature.select(1, m as i64) * term;
                     }
                 }
                 let total = &ce * d.ce_weight + &kd * d.kd_weight + &feat * d.feature_weight;
@@ -1304,14 +1332,17 @@ impl<'a> Trainer<'a> {
         }
         let eval_before = if weights_mean.is_some() && self.strategy.wants_eval_ce() {
             let before = tch::no_grad(|| self.student.forward_t(images, false));
-            Some(loss::cross_entropy(&before.logits, labels)?)
+            Some(self.task.loss(&before.logits, targets)?)
         } else {
             None
         };
         self.opt.zero_grad();
         loss.backward();
         self.opt.step();
-        let correct = loss::topk_correct(&out.logits.detach(), labels, 1)?.sum(Kind::Double);
+        let correct = self
+            .task
+            .train_score(&out.logits.detach(), targets)?
+            .sum(Kind::Double);
         sums.add(
             b,
             &loss.detach(),
@@ -1329,7 +1360,7 @@ impl<'a> Trainer<'a> {
             let eval_ce = match eval_before {
                 Some(before) => {
                     let after = tch::no_grad(|| self.student.forward_t(images, false));
-                    Some((before, loss::cross_entropy(&after.logits, labels)?))
+                    Some((before, self.task.loss(&after.logits, targets)?))
                 }
                 None => None,
             };
@@ -1591,7 +1622,77 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn finish(mut self, meta: &Meta, report: &AccuracyReport) -> Result<Outcome> {
+    /// `plots/overlays.png` (a few test images: truth, student, each teacher) and
+    /// `plots/class_iou.png` (the student's final IoU per class).
+    fn segmentation_plots(&self, report: &MetricReport) -> Result<()> {
+        let plots = self.dir.join("plots");
+        let names = &self.data.test.class_names;
+        crate::plot::class_bars(
+            &plots.join("class_iou.png"),
+            "Student: test IoU per class (last epoch)",
+            "IoU (%)",
+            names,
+            &report.per_class,
+        )?;
+        let loader = self.data.test_loader(&self.cfg.data, 4)?;
+        let Some(batch) = loader.epoch(0, 0, self.device).next() else {
+            return Ok(());
+        };
+        let argmax = |logits: &Tensor| -> Result<Vec<i64>> {
+            Ok(Vec::<i64>::try_from(
+                &logits
+                    .argmax(1, false)
+                    .to_device(Device::Cpu)
+                    .flatten(0, -1),
+            )?)
+        };
+        let mut maps = vec![Vec::<i64>::try_from(
+            &self
+                .task
+                .targets(&batch)?
+                .to_device(Device::Cpu)
+                .flatten(0, -1),
+        )?];
+        let mut titles = vec!["truth".to_owned(), "student".to_owned()];
+        maps.push(argmax(
+            &tch::no_grad(|| self.student.forward_t(&batch.images, false)).logits,
+        )?);
+        for p in &self.pool {
+            maps.push(argmax(&p.teacher.forward(&batch.images)?.logits)?);
+            titles.push(format!("teacher {}", p.teacher.name()));
+        }
+        let (c, h, w) = self.data.test.image_shape();
+        let per = h * w;
+        let rows: Vec<crate::plot::OverlayRow> = batch
+            .indices
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| crate::plot::OverlayRow {
+                image: self
+                    .data
+                    .test
+                    .images
+                    .index_axis(ndarray::Axis(0), i)
+                    .iter()
+                    .copied()
+                    .collect(),
+                channels: c,
+                maps: maps
+                    .iter()
+                    .map(|m| m[k * per..(k + 1) * per].to_vec())
+                    .collect(),
+            })
+            .collect();
+        crate::plot::segmentation_overlays(
+            &plots.join("overlays.png"),
+            (h, w),
+            &titles,
+            names,
+            &rows,
+        )
+    }
+
+    fn finish(mut self, meta: &Meta, report: &MetricReport) -> Result<Outcome> {
         let dir = &self.dir;
         let weights = dir.join("student.safetensors");
         let vs = &self.student_vs;
@@ -1605,6 +1706,9 @@ impl<'a> Trainer<'a> {
             .map(|p| p.teacher.name().to_owned())
             .collect();
         crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
+        if self.task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation {
+            self.segmentation_plots(report)?;
+        }
         if !self.audit.is_empty() {
             let audit =
                 crate::audit::finish(&self.audit, &self.data.train, &names, self.cfg.train.epochs)?;
@@ -1613,11 +1717,18 @@ impl<'a> Trainer<'a> {
         if let Some(log) = &mut self.weight_log {
             log.flush().context("writing weights.csv")?;
         }
-        let (best_epoch, best) = meta
+        // The first epoch with the highest primary metric.
+        let best_rec = meta
             .history
             .iter()
-            .map(|r| (r.epoch, r.test_top1))
-            .fold((0, f64::MIN), |a, b| if b.1 > a.1 { b } else { a });
+            .fold(None::<&EpochRecord>, |a, r| match a {
+                Some(a) if a.test.value >= r.test.value => Some(a),
+                _ => Some(r),
+            });
+        let (best_epoch, best, best_report) = match best_rec {
+            Some(r) => (r.epoch, r.test.value, r.test.clone()),
+            None => (0, f64::MIN, report.clone()),
+        };
         let summary = Summary {
             run: dir.display().to_string(),
             strategy: if self.distill().is_some() {
@@ -1625,15 +1736,19 @@ impl<'a> Trainer<'a> {
             } else {
                 "no-kd".into()
             },
-            student: self.cfg.student.arch.to_string(),
+            student: if self.cfg.student.head.is_dense() {
+                format!("{} + {}", self.cfg.student.arch, self.cfg.student.head)
+            } else {
+                self.cfg.student.arch.to_string()
+            },
             student_parameters: mtkd_student::arch::parameter_count(&self.student_vs),
             seed: self.cfg.run.seed,
-            metric: "test_top1".into(),
-            final_value: report.top1,
+            metric: report.primary.clone(),
+            final_value: report.value,
             best_value: best,
             best_epoch,
-            final_top5: report.top5,
-            per_class_top1: report.per_class.clone(),
+            final_report: report.clone(),
+            best_report,
             epochs: meta.epoch,
             wall_seconds: meta.elapsed_seconds,
             teachers: self
@@ -1642,7 +1757,7 @@ impl<'a> Trainer<'a> {
                 .map(|p| TeacherSummary {
                     name: p.teacher.name().to_owned(),
                     source: p.source.clone(),
-                    test_top1: p.test_top1,
+                    test_value: p.test_value,
                 })
                 .collect(),
             mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -1711,7 +1826,13 @@ fn init_weights(init: &Path, arch: mtkd_student::Arch) -> Result<PathBuf> {
 pub fn export_torchscript(net: &Network, vs: &VarStore, path: PathBuf) -> Result<()> {
     let (c, h, w) = net.in_shape();
     let mut frozen = VarStore::new(Device::Cpu);
-    let copy = Network::new(&frozen.root(), net.arch, net.in_shape(), net.num_classes())?;
+    let copy = Network::with_head(
+        &frozen.root(),
+        net.arch,
+        net.head_kind,
+        net.in_shape(),
+        net.num_classes(),
+    )?;
     frozen
         .copy(vs)
         .context("copying the student's weights for export")?;
@@ -1827,7 +1948,7 @@ impl Sums {
         &self,
         epoch: usize,
         lr: f64,
-        report: &AccuracyReport,
+        report: &MetricReport,
         test_loss: f64,
         seconds: f64,
     ) -> EpochRecord {
@@ -1848,10 +1969,9 @@ impl Sums {
             train_ce: self.ce.double_value(&[]) / n,
             train_kd: self.kd.double_value(&[]) / n,
             train_feature: self.feat.double_value(&[]) / n,
-            train_top1: 100.0 * self.correct.double_value(&[]) / n,
+            train_metric: 100.0 * self.correct.double_value(&[]) / n,
             test_loss,
-            test_top1: report.top1,
-            test_top5: report.top5,
+            test: report.clone(),
             teacher_weights: weights,
             teacher_feature_weights: feature_weights,
             class_weights: Vec::new(),

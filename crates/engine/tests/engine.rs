@@ -265,7 +265,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
             .summary
             .teachers
             .iter()
-            .all(|t| t.test_top1.unwrap() > 20.0),
+            .all(|t| t.test_value.unwrap() > 20.0),
         "{:?}",
         out_a.summary.teachers
     );
@@ -328,7 +328,10 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
         "resumed metrics equal the uninterrupted run's"
     );
     assert_eq!(out_a.summary.final_value, out_b.summary.final_value);
-    assert_eq!(out_a.summary.per_class_top1, out_b.summary.per_class_top1);
+    assert_eq!(
+        out_a.summary.final_report.per_class,
+        out_b.summary.final_report.per_class
+    );
     let cached_after: Vec<_> = std::fs::read_dir(s.join("teachers"))
         .unwrap()
         .flatten()
@@ -978,7 +981,7 @@ fn teacher_training_edits_are_cached_apart_and_checked() {
     assert_eq!(dirs.len(), 2, "{dirs:?}");
     // The specialist never saw classes 5-9: its test top-1 is at most the share of 0-4.
     let half = teachers.iter().find(|t| t.name == "half").unwrap();
-    assert!(half.test_top1.unwrap() <= 60.0, "{teachers:?}");
+    assert!(half.test_value.unwrap() <= 60.0, "{teachers:?}");
     for (edit, field) in [
         ("classes = [0, 12]", "classes"),
         ("label_noise = 1.5", "label_noise"),
@@ -1565,6 +1568,7 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
                     input: (3, 64, 64),
                     num_classes: 10,
                     needs_features: false,
+                    dense: false,
                 },
             )
             .unwrap(),
@@ -1592,7 +1596,7 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
     }
     // And a whole distillation run with it.
     let out = run_in(&cfg, &s.join("r2"), &RunOptions::default()).unwrap();
-    assert!(out.summary.teachers[0].test_top1.is_some());
+    assert!(out.summary.teachers[0].test_value.is_some());
     // `input` is for TorchScript teachers.
     let err = parse(&tiny(
         &format!("[distill]\nstrategy = \"equal\"\n[[teachers]]\nname = \"a\"\narch = \"cnn-small\"\n{input}[teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"),

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+use crate::head::{HeadKind, SegHead};
 use crate::{mobilenetv2, resnet, shufflenetv2, small, wrn, Error, Result};
 use mtkd_distill_core::{FeatureShape, ModelOutput};
 
@@ -102,23 +103,47 @@ impl From<Arch> for String {
     }
 }
 
-/// A classification network: a backbone producing the last feature map, global average
-/// pooling, and a linear classifier named `fc` (PyTorch names throughout).
+/// The head a [`Network`] carries.
+#[derive(Debug)]
+enum Head {
+    /// Global average pooling and `fc`.
+    Classifier(nn::Linear),
+    /// A segmentation head under `head`.
+    Dense(SegHead),
+}
+
+/// A network: a backbone producing the last feature map and a head (`head.rs`): the
+/// classifier `fc` after global average pooling, or a segmentation head under `head.` giving
+/// per-pixel logits at the input's size. PyTorch names throughout; a classification network's
+/// names are those of the zoo's PyTorch twins (`scripts/student_zoo.py`).
 #[derive(Debug)]
 pub struct Network {
     pub arch: Arch,
+    pub head_kind: HeadKind,
     backbone: nn::FuncT<'static>,
-    fc: nn::Linear,
+    head: Head,
     in_shape: (i64, i64, i64),
     feature_shape: FeatureShape,
     num_classes: i64,
 }
 
 impl Network {
-    /// Build `arch` under `path` for images `(C, H, W)` and `num_classes` classes.
+    /// Build the classifier `arch` under `path` for images `(C, H, W)` and `num_classes`
+    /// classes.
     pub fn new(
         path: &nn::Path,
         arch: Arch,
+        in_shape: (i64, i64, i64),
+        num_classes: i64,
+    ) -> Result<Network> {
+        Self::with_head(path, arch, HeadKind::Classifier, in_shape, num_classes)
+    }
+
+    /// Build `arch` with `head` under `path` for images `(C, H, W)` and `num_classes` classes.
+    pub fn with_head(
+        path: &nn::Path,
+        arch: Arch,
+        head_kind: HeadKind,
         in_shape: (i64, i64, i64),
         num_classes: i64,
     ) -> Result<Network> {
@@ -140,7 +165,15 @@ impl Network {
             Arch::MobileNetV2Half => mobilenetv2::mobilenetv2(path, c, 0.5),
             Arch::ShuffleNetV2 => shufflenetv2::shufflenetv2(path, c, 1.0),
         };
-        let fc = nn::linear(path / "fc", channels, num_classes, Default::default());
+        let head = match head_kind {
+            HeadKind::Classifier => Head::Classifier(nn::linear(
+                path / "fc",
+                channels,
+                num_classes,
+                Default::default(),
+            )),
+            kind => Head::Dense(SegHead::new(&(path / "head"), kind, channels, num_classes)),
+        };
         // Probe the feature map's spatial size once with a zero image (no BN statistics change
         // in eval mode, no gradient).
         let device = path.device();
@@ -151,29 +184,46 @@ impl Network {
             )
             .map(|z| backbone.forward_t(&z, false).size())
         })?;
-        let feature_shape = (probe[1], probe[2], probe[3]);
+        let channels = match &head {
+            Head::Classifier(_) => probe[1],
+            Head::Dense(h) => h.channels,
+        };
+        let feature_shape = (channels, probe[2], probe[3]);
         Ok(Network {
             arch,
+            head_kind,
             backbone,
-            fc,
+            head,
             in_shape,
             feature_shape,
             num_classes,
         })
     }
 
-    /// Forward a batch, keeping the feature map.
+    /// Forward a batch, keeping the feature map (the backbone's for a classifier, the head's
+    /// last map before its 1x1 classifier for a segmentation head).
     ///
     /// # Shapes
-    /// `images [B, C, H, W]` -> logits `[B, K]`, features `[B, C', H', W']`
+    /// `images [B, C, H, W]` -> logits `[B, K]` (classifier) or `[B, K, H, W]` (segmentation),
+    /// features `[B, C', H', W']`
     pub fn forward_t(&self, images: &Tensor, train: bool) -> ModelOutput {
         let features = self.backbone.forward_t(images, train);
-        let logits = self
-            .fc
-            .forward(&features.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
-        ModelOutput {
-            logits,
-            features: Some(features),
+        match &self.head {
+            Head::Classifier(fc) => {
+                let logits = fc.forward(&features.adaptive_avg_pool2d([1, 1]).flatten(1, -1));
+                ModelOutput {
+                    logits,
+                    features: Some(features),
+                }
+            }
+            Head::Dense(h) => {
+                let size = images.size();
+                let (f, logits) = h.forward_t(&features, train, (size[2], size[3]));
+                ModelOutput {
+                    logits,
+                    features: Some(f),
+                }
+            }
         }
     }
 
@@ -187,9 +237,24 @@ impl Network {
     pub fn feature_shape(&self) -> FeatureShape {
         self.feature_shape
     }
-    /// The classifier `fc`: weight `[K, C']` and bias `[K]`, applied to the pooled feature map.
-    pub fn classifier(&self) -> (&Tensor, Option<&Tensor>) {
-        (&self.fc.ws, self.fc.bs.as_ref())
+    /// The last linear map: `fc` (weight `[K, C']`, bias `[K]`, applied to the pooled feature
+    /// map) or a segmentation head's 1x1 classifier viewed as `[K, C']` (applied at every
+    /// location of the head's feature map, so also to its pooled map).
+    pub fn classifier(&self) -> (Tensor, Option<Tensor>) {
+        match &self.head {
+            Head::Classifier(fc) => (
+                fc.ws.shallow_clone(),
+                fc.bs.as_ref().map(Tensor::shallow_clone),
+            ),
+            Head::Dense(h) => {
+                let w = &h.classifier.ws;
+                let s = w.size();
+                (
+                    w.view([s[0], s[1]]),
+                    h.classifier.bs.as_ref().map(Tensor::shallow_clone),
+                )
+            }
+        }
     }
     pub fn in_shape(&self) -> (i64, i64, i64) {
         self.in_shape

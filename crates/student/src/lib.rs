@@ -3,6 +3,8 @@
 //! and the frozen-network [`NativeTeacher`] wrapper that lets a network trained by mtkd teach.
 
 pub mod arch;
+pub mod head;
+pub mod layers;
 mod mobilenetv2;
 mod resnet;
 mod shufflenetv2;
@@ -11,6 +13,7 @@ mod teacher;
 mod wrn;
 
 pub use arch::{Arch, Network};
+pub use head::HeadKind;
 pub use teacher::NativeTeacher;
 
 /// Errors of the student crate.

@@ -4,15 +4,7 @@
 use tch::nn::{self, ModuleT};
 
 fn block(p: &nn::Path, cin: i64, cout: i64) -> nn::SequentialT {
-    let conv = nn::ConvConfig {
-        padding: 1,
-        bias: false,
-        ..Default::default()
-    };
-    nn::seq_t()
-        .add(nn::conv2d(p / "conv", cin, cout, 3, conv))
-        .add(nn::batch_norm2d(p / "bn", cout, Default::default()))
-        .add_fn(|x| x.relu())
+    crate::layers::conv_bn_relu(p, cin, cout, 3, 1)
 }
 
 pub(crate) fn cnn_small(p: &nn::Path, in_channels: i64) -> (nn::FuncT<'static>, i64) {

@@ -18,17 +18,18 @@ pub struct NativeTeacher {
 }
 
 impl NativeTeacher {
-    /// Build `arch` and load `weights` (safetensors or libtorch `.ot`) onto `device`.
+    /// Build `arch` with `head` and load `weights` (safetensors or libtorch `.ot`) onto `device`.
     pub fn load(
         name: &str,
         arch: Arch,
+        head: crate::HeadKind,
         weights: &Path,
         in_shape: (i64, i64, i64),
         num_classes: i64,
         device: Device,
     ) -> Result<NativeTeacher> {
         let mut vs = VarStore::new(device);
-        let net = Network::new(&vs.root(), arch, in_shape, num_classes)?;
+        let net = Network::with_head(&vs.root(), arch, head, in_shape, num_classes)?;
         vs.load(weights).map_err(|source| Error::Weights {
             action: "load",
             path: weights.to_path_buf(),

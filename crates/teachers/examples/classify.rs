@@ -47,6 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             input: (channels as i64, i64::from(size), i64::from(size)),
             num_classes: classes,
             needs_features: false,
+            dense: false,
         },
     )?;
     for f in &files {

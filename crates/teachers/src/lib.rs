@@ -8,6 +8,10 @@
 //!   convolutional map from which the embedding is pooled (logit and feature KD), or
 //! - a single tensor `logits [B, K]` (logit-only KD).
 //!
+//! A segmentation teacher returns per-pixel logits `[B, K, H, W]` instead of `[B, K]` (with or
+//! without its feature map), checked when [`Expectation::dense`] is set. Logits at another
+//! resolution than the input are resized bilinearly to it (said once in the log at load).
+//!
 //! `scripts/export_teacher.py` wraps a PyTorch model into this contract.
 
 use std::path::{Path, PathBuf};
@@ -49,6 +53,8 @@ pub struct Expectation {
     pub num_classes: i64,
     /// Whether feature KD is configured (then the teacher must return a feature map).
     pub needs_features: bool,
+    /// Segmentation: the logits are per pixel, `[B, K, H, W]`.
+    pub dense: bool,
 }
 
 /// A frozen TorchScript teacher.
@@ -59,6 +65,8 @@ pub struct TorchScriptTeacher {
     module: CModule,
     num_classes: i64,
     feature_shape: Option<FeatureShape>,
+    /// Segmentation logits at another resolution than the input: resized to this `(H, W)`.
+    resize_to: Option<(i64, i64)>,
     device: Device,
 }
 
@@ -81,6 +89,7 @@ impl TorchScriptTeacher {
             module,
             num_classes: 0,
             feature_shape: None,
+            resize_to: None,
             device,
         };
         t.validate(expect)?;
@@ -114,7 +123,18 @@ impl TorchScriptTeacher {
             other => other,
         })?;
         let ls = out.logits.size();
-        if ls.len() != 2 || ls[0] != 2 {
+        if expect.dense {
+            if ls.len() != 4 || ls[0] != 2 {
+                return Err(self.contract(format!(
+                    "a segmentation teacher's logits must be [B, K, H, W], got shape {ls:?}"
+                )));
+            }
+            if (ls[2], ls[3]) != (h, w) {
+                tracing::warn!(teacher = %self.name, logits = ?(ls[2], ls[3]), input = ?(h, w),
+                    "the teacher's logits are not at the input's resolution; they are resized bilinearly to it");
+                self.resize_to = Some((h, w));
+            }
+        } else if ls.len() != 2 || ls[0] != 2 {
             return Err(self.contract(format!("logits must be [B, K], got shape {ls:?}")));
         }
         if ls[1] != expect.num_classes {
@@ -234,11 +254,18 @@ impl Teacher for TorchScriptTeacher {
         self.feature_shape
     }
     fn forward(&self, images: &Tensor) -> mtkd_distill_core::Result<ModelOutput> {
-        self.raw_forward(images)
+        let mut out = self
+            .raw_forward(images)
             .map_err(|e| mtkd_distill_core::Error::Invalid {
                 what: format!("teacher `{}` ({})", self.name, self.path.display()),
                 reason: e.to_string(),
-            })
+            })?;
+        if let Some((h, w)) = self.resize_to {
+            out.logits = out
+                .logits
+                .f_upsample_bilinear2d([h, w], false, None, None)?;
+        }
+        Ok(out)
     }
 }
 

@@ -74,6 +74,7 @@ fn expectation(needs_features: bool) -> Expectation {
         input: (3, 32, 32),
         num_classes: 10,
         needs_features,
+        dense: false,
     }
 }
 
@@ -159,6 +160,7 @@ fn contract_violations_name_the_file() {
             input: (3, 32, 32),
             num_classes: 100,
             needs_features: false,
+            dense: false,
         },
     )
     .unwrap_err()
@@ -176,6 +178,7 @@ fn contract_violations_name_the_file() {
             input: (1, 28, 28),
             num_classes: 10,
             needs_features: false,
+            dense: false,
         },
     )
     .unwrap_err()

@@ -16,6 +16,10 @@ pub struct ImageSet {
     pub num_classes: usize,
     /// Class names in label order (numbers when the format has none).
     pub class_names: Vec<String>,
+    /// Segmentation: the class of every pixel `[N, H, W]` (`segmentation::IGNORE` = not
+    /// labelled); `labels` then hold each image's most frequent foreground class (what subsets
+    /// stratify by and per-class weight records group by). `None` for classification.
+    pub masks: Option<ndarray::Array3<u8>>,
 }
 
 impl ImageSet {
@@ -39,6 +43,7 @@ impl ImageSet {
             labels,
             num_classes,
             class_names,
+            masks: None,
         })
     }
 
@@ -64,6 +69,10 @@ impl ImageSet {
             labels: self.labels[..n].to_vec(),
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
+            masks: self
+                .masks
+                .as_ref()
+                .map(|m| m.slice(s![..n, .., ..]).to_owned()),
         }
     }
 
@@ -83,11 +92,20 @@ impl ImageSet {
                 .slice_mut(s![dst, .., .., ..])
                 .assign(&self.images.slice(s![src, .., .., ..]));
         }
+        let masks = self.masks.as_ref().map(|m| {
+            let mut out = ndarray::Array3::<u8>::zeros((indices.len(), h, w));
+            for (dst, &src) in indices.iter().enumerate() {
+                out.slice_mut(s![dst, .., ..])
+                    .assign(&m.slice(s![src, .., ..]));
+            }
+            out
+        });
         ImageSet {
             images,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
+            masks,
         }
     }
 
@@ -99,6 +117,10 @@ impl ImageSet {
             labels: self.labels[a..b].to_vec(),
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
+            masks: self
+                .masks
+                .as_ref()
+                .map(|m| m.slice(s![a..b, .., ..]).to_owned()),
         };
         (part(0, k), part(k, self.len()))
     }
@@ -359,16 +381,21 @@ pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<Imag
     Ok(set)
 }
 
-/// One image file (PNG or JPEG) as ImageFolder reads it: resized (bilinear) to `size x size`,
-/// converted to `channels` (1: grey, 3: RGB), `[C, H, W]` bytes.
+/// One image file (PNG or JPEG) as ImageFolder reads it: resized (bilinear) to `size x size`
+/// (kept at its own size when `size` is 0), converted to `channels` (1: grey, 3: RGB),
+/// `[C, H, W]` bytes.
 pub fn read_image(path: &Path, size: u32, channels: usize) -> Result<Vec<u8>> {
     let img = image::open(path).map_err(|e| Error::Format {
         path: path.to_path_buf(),
         format: "image",
         reason: e.to_string(),
     })?;
-    let img = img.resize_exact(size, size, image::imageops::FilterType::Triangle);
-    let hw = (size * size) as usize;
+    let img = if size == 0 {
+        img
+    } else {
+        img.resize_exact(size, size, image::imageops::FilterType::Triangle)
+    };
+    let hw = (img.width() * img.height()) as usize;
     Ok(if channels == 1 {
         img.to_luma8().into_raw()
     } else {

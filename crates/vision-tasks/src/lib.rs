@@ -1,11 +1,14 @@
 //! mtkd-vision-tasks: what is specific to a vision task — datasets, transforms, batch loading,
-//! task losses and metrics. Classification is built; segmentation and detection plug in beside it
+//! task losses and metrics, and the [`task::Task`] trait through which the engine's loop sees
+//! them. Classification and semantic segmentation are built; detection plugs in beside them
 //! (see docs/ARCHITECTURE.md, "Tasks").
 
 pub mod classification;
 pub mod data;
 pub mod error;
 pub mod loader;
+pub mod segmentation;
+pub mod task;
 pub mod transform;
 
 pub use error::{Error, Result};

@@ -33,11 +33,14 @@ pub struct LoaderConfig {
 /// One batch, on the requested device.
 ///
 /// # Shapes
-/// `images [B, C, H, W]` float, `labels [B]` int64.
+/// `images [B, C, H, W]` float, `labels [B]` int64, `masks [B, H, W]` int64.
 #[derive(Debug)]
 pub struct Batch {
     pub images: Tensor,
     pub labels: Tensor,
+    /// Segmentation: the masks, transformed with the images (`segmentation::IGNORE` where not
+    /// labelled).
+    pub masks: Option<Tensor>,
     /// Dataset indices of the samples, in batch order.
     pub indices: Vec<usize>,
 }
@@ -45,6 +48,7 @@ pub struct Batch {
 struct CpuBatch {
     pixels: Vec<f32>,
     labels: Vec<i64>,
+    masks: Option<Vec<i64>>,
     indices: Vec<usize>,
 }
 
@@ -84,6 +88,14 @@ impl BatchLoader {
             reason,
         })?;
         let out_hw = transform::output_size((h, w), cfg.augment.as_ref(), cfg.eval_resize.as_ref());
+        if set.masks.is_some() && out_hw != (h, w) {
+            return Err(Error::Invalid {
+                what: "segmentation transforms".into(),
+                reason: "random_resized_crop and eval_resize change the image size; segmentation \
+                         keeps it (use augment.scale and crop_padding)"
+                    .into(),
+            });
+        }
         Ok(BatchLoader { set, cfg, out_hw })
     }
 
@@ -132,17 +144,29 @@ impl BatchLoader {
                 let idx: Vec<usize> = order[b * bs..((b + 1) * bs).min(order.len())].to_vec();
                 let mut pixels = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
+                let mut masks = set.masks.as_ref().map(|_| vec![0i64; idx.len() * oh * ow]);
                 for (k, &i) in idx.iter().enumerate() {
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ mix(epoch ^ mix(i as u64))));
                     let dst = &mut pixels[k * per..(k + 1) * per];
-                    transform::apply(
-                        set.images.index_axis(ndarray::Axis(0), i),
-                        cfg.augment.as_ref(),
-                        cfg.eval_resize.as_ref(),
-                        &mut rng,
-                        dst,
-                    );
+                    match (&set.masks, masks.as_mut()) {
+                        (Some(m), Some(out)) => transform::apply_joint(
+                            set.images.index_axis(ndarray::Axis(0), i),
+                            m.index_axis(ndarray::Axis(0), i),
+                            cfg.augment.as_ref(),
+                            crate::segmentation::IGNORE,
+                            &mut rng,
+                            dst,
+                            &mut out[k * oh * ow..(k + 1) * oh * ow],
+                        ),
+                        _ => transform::apply(
+                            set.images.index_axis(ndarray::Axis(0), i),
+                            cfg.augment.as_ref(),
+                            cfg.eval_resize.as_ref(),
+                            &mut rng,
+                            dst,
+                        ),
+                    }
                     transform::normalize(dst, &cfg.normalize, oh * ow);
                     labels.push(set.labels[i]);
                 }
@@ -150,6 +174,7 @@ impl BatchLoader {
                     .send(CpuBatch {
                         pixels,
                         labels,
+                        masks,
                         indices: idx,
                     })
                     .is_err()
@@ -195,9 +220,15 @@ impl Iterator for EpochIter {
         let labels = Tensor::from_slice(&cpu.labels)
             .to_kind(Kind::Int64)
             .to_device(self.device);
+        let masks = cpu.masks.map(|m| {
+            Tensor::from_slice(&m)
+                .view([b, h, w])
+                .to_device(self.device)
+        });
         Some(Batch {
             images,
             labels,
+            masks,
             indices: cpu.indices,
         })
     }

@@ -19,6 +19,10 @@ pub struct Augment {
     /// ImageNet-style random resized crop (scale 0.08..1, ratio 3/4..4/3) to this size.
     #[serde(default)]
     pub random_resized_crop: Option<usize>,
+    /// Segmentation only: a random zoom by a factor drawn uniformly from `[lo, hi]`, applied
+    /// to image and mask together (then `crop_padding`'s shift and the flip).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<[f32; 2]>,
 }
 
 /// Evaluation-time geometry: resize the shorter side then centre-crop (ImageNet-style).
@@ -178,6 +182,67 @@ fn random_resized_window<R: Rng>(h: usize, w: usize, rng: &mut R) -> (f32, f32, 
     }
     let side = h.min(w) as f32;
     ((h as f32 - side) / 2.0, (w as f32 - side) / 2.0, side, side)
+}
+
+/// Segmentation's joint transform of an image and its mask, at the image's own size: a zoom by
+/// a factor from `augment.scale`, a shift of up to `crop_padding` pixels beyond the zoomed
+/// window, and a horizontal flip, all drawn from `rng`. The image is sampled bilinearly (0
+/// outside), the mask by nearest neighbour (`ignore` outside). Without `augment` both are
+/// copied.
+pub fn apply_joint<R: Rng>(
+    img: ArrayView3<u8>,
+    mask: ndarray::ArrayView2<u8>,
+    augment: Option<&Augment>,
+    ignore: u8,
+    rng: &mut R,
+    dst: &mut [f32],
+    dst_mask: &mut [i64],
+) {
+    let (c_n, h, w) = img.dim();
+    let Some(a) = augment else {
+        for (d, s) in dst.iter_mut().zip(img.iter()) {
+            *d = f32::from(*s);
+        }
+        for (d, s) in dst_mask.iter_mut().zip(mask.iter()) {
+            *d = i64::from(*s);
+        }
+        return;
+    };
+    let flip = a.hflip && rng.gen_bool(0.5);
+    let zoom = match a.scale {
+        Some([lo, hi]) if hi > lo => rng.gen_range(lo..hi),
+        Some([lo, _]) => lo,
+        None => 1.0,
+    };
+    let (wh, ww) = (h as f32 / zoom, w as f32 / zoom);
+    let pad = a.crop_padding as f32;
+    let range = |extent: f32, win: f32, rng: &mut R| {
+        let (lo, hi) = ((extent - win).min(0.0) - pad, (extent - win).max(0.0) + pad);
+        if hi > lo {
+            rng.gen_range(lo..=hi).round()
+        } else {
+            lo
+        }
+    };
+    let top = range(h as f32, wh, rng);
+    let left = range(w as f32, ww, rng);
+    let inside = |v: f32, n: usize| v >= 0.0 && v < n as f32;
+    for oy in 0..h {
+        let y = top + (oy as f32 + 0.5) * wh / h as f32;
+        for ox in 0..w {
+            let sx = if flip { w - 1 - ox } else { ox };
+            let x = left + (sx as f32 + 0.5) * ww / w as f32;
+            let ok = inside(y, h) && inside(x, w);
+            dst_mask[oy * w + ox] = if ok {
+                i64::from(mask[[y as usize, x as usize]])
+            } else {
+                i64::from(ignore)
+            };
+            for c in 0..c_n {
+                dst[(c * h + oy) * w + ox] = if ok { bilinear(&img, c, y, x) } else { 0.0 };
+            }
+        }
+    }
 }
 
 /// Normalise raw 0..255 CHW values in place.

@@ -153,6 +153,7 @@ fn loader(seed: u64, augment: bool) -> BatchLoader {
                 crop_padding: 2,
                 hflip: true,
                 random_resized_crop: None,
+                scale: None,
             }),
             eval_resize: None,
             normalize: Normalize {
@@ -236,6 +237,7 @@ fn eval_resize_and_random_resized_crop_give_the_requested_size() {
             crop_padding: 0,
             hflip: true,
             random_resized_crop: Some(20),
+            scale: None,
         }),
         None,
     );

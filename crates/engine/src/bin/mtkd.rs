@@ -414,11 +414,12 @@ fn teachers(config: PathBuf, overrides: Vec<String>) -> Result<()> {
     if pool.is_empty() {
         anyhow::bail!("{} has no [[teachers]]", config.display());
     }
+    let metric = mtkd_vision_tasks::task::metric_label(trainer::task_of(&cfg).primary()).to_owned();
     for t in pool {
         println!(
-            "teacher {:<14} test top-1 {:>6.2}%   ({})",
+            "teacher {:<14} test {metric} {:>6.2}%   ({})",
             t.name,
-            t.test_top1.unwrap_or(f64::NAN),
+            t.test_value.unwrap_or(f64::NAN),
             t.source
         );
     }
@@ -599,12 +600,15 @@ fn compare(
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
             .unwrap_or_default(),
     ));
-    md.push_str("Teachers (test top-1):\n\n");
+    md.push_str(&format!(
+        "Teachers (test {}):\n\n",
+        mtkd_vision_tasks::task::metric_label(trainer::task_of(&cfg).primary())
+    ));
     for t in &teachers {
         md.push_str(&format!(
             "- {}: {:.2}% ({})\n",
             t.name,
-            t.test_top1.unwrap_or(f64::NAN),
+            t.test_value.unwrap_or(f64::NAN),
             t.source
         ));
     }
@@ -825,17 +829,25 @@ fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()
     let outcome = mtkd_engine::run(cfg, dir, opts, &mut obs)?;
     let s = &outcome.summary;
     println!();
+    let metric = mtkd_vision_tasks::task::metric_label(&s.metric).to_owned();
     for t in &s.teachers {
-        if let Some(a) = t.test_top1 {
+        if let Some(a) = t.test_value {
             println!(
-                "teacher {:<14} test top-1 {:6.2}%   ({})",
+                "teacher {:<14} test {metric} {:6.2}%   ({})",
                 t.name, a, t.source
             );
         }
     }
+    let others: String = s
+        .final_report
+        .scalars
+        .iter()
+        .filter(|(k, _)| **k != s.metric)
+        .map(|(k, v)| format!(", {} {v:.2}%", mtkd_vision_tasks::task::metric_label(k)))
+        .collect();
     println!(
-        "student {} ({} parameters, strategy {}): test top-1 {:.2}% (best {:.2}% at epoch {}), top-5 {:.2}%, {:.0} s",
-        s.student, s.student_parameters, s.strategy, s.final_value, s.best_value, s.best_epoch, s.final_top5, s.wall_seconds
+        "student {} ({} parameters, strategy {}): test {metric} {:.2}% (best {:.2}% at epoch {}){others}, {:.0} s",
+        s.student, s.student_parameters, s.strategy, s.final_value, s.best_value, s.best_epoch, s.wall_seconds
     );
     if let Some(init) = &s.init {
         println!("  (the student started from {init})");
@@ -888,9 +900,30 @@ impl Observer for Bars {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
+        let label = mtkd_vision_tasks::task::metric_label;
+        let (train, test) = if r.test.primary == "top1" {
+            (
+                "train top-1",
+                format!(
+                    "test top-1 {:.2}%  top-5 {:.2}%",
+                    r.test.value,
+                    r.test.get("top5")
+                ),
+            )
+        } else {
+            (
+                "train pixel acc.",
+                format!(
+                    "test {} {:.2}%  pixel acc. {:.2}%",
+                    label(&r.test.primary),
+                    r.test.value,
+                    r.test.get("pixel_accuracy")
+                ),
+            )
+        };
         eprintln!(
-            "  epoch {:>3}: loss {:.4} (ce {:.4}, kd {:.4}, feat {:.4}) train top-1 {:.2}%  test top-1 {:.2}%  top-5 {:.2}%  lr {:.4}  {:.1}s",
-            r.epoch, r.train_loss, r.train_ce, r.train_kd, r.train_feature, r.train_top1, r.test_top1, r.test_top5, r.lr, r.seconds
+            "  epoch {:>3}: loss {:.4} (ce {:.4}, kd {:.4}, feat {:.4}) {train} {:.2}%  {test}  lr {:.4}  {:.1}s",
+            r.epoch, r.train_loss, r.train_ce, r.train_kd, r.train_feature, r.train_metric, r.lr, r.seconds
         );
     }
 }
