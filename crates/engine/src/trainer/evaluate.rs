@@ -1,0 +1,144 @@
+//! Evaluation over a loader (the task's metric and loss) and the running sums of a training
+//! epoch that become its [`EpochRecord`].
+
+use super::*;
+
+/// Evaluate a forward function over a loader: accuracy report and mean cross-entropy.
+pub fn evaluate(
+    forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
+    loader: &BatchLoader,
+    device: Device,
+    task: &dyn Task,
+    num_classes: usize,
+) -> Result<(MetricReport, f64)> {
+    let mut metric = task.metric(num_classes);
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+    let mut n = 0usize;
+    tch::no_grad(|| -> Result<()> {
+        for batch in loader.epoch(0, 0, device) {
+            let out = forward(&batch.images)?;
+            metric.update(&out.logits, &batch)?;
+            loss_sum += task
+                .loss(&out.logits, task.targets(&batch)?)?
+                .sum(Kind::Double);
+            n += batch.indices.len();
+        }
+        Ok(())
+    })?;
+    Ok((
+        metric.report(),
+        loss_sum.double_value(&[]) / n.max(1) as f64,
+    ))
+}
+
+/// Running sums of an epoch, kept as tensors (no device sync per batch).
+pub(super) struct Sums {
+    pub(super) n: i64,
+    pub(super) batches: usize,
+    pub(super) skipped: usize,
+    pub(super) loss: Tensor,
+    pub(super) ce: Tensor,
+    pub(super) kd: Tensor,
+    pub(super) feat: Tensor,
+    pub(super) correct: Tensor,
+    pub(super) weights: Tensor,
+    pub(super) weight_batches: i64,
+    /// What was not finite in the skipped batches, and how often.
+    pub(super) skip_causes: std::collections::BTreeMap<String, usize>,
+    pub(super) last_loss: f64,
+    /// Wall time spent getting the teachers' outputs (forward passes or shared reads).
+    pub(super) teacher_seconds: f64,
+}
+
+impl Sums {
+    pub(super) fn new(device: Device, m: usize) -> Sums {
+        let z = || Tensor::zeros([], (Kind::Double, device));
+        Sums {
+            n: 0,
+            batches: 0,
+            skipped: 0,
+            loss: z(),
+            ce: z(),
+            kd: z(),
+            feat: z(),
+            correct: z(),
+            weights: Tensor::zeros([2, m as i64], (Kind::Double, device)),
+            weight_batches: 0,
+            skip_causes: Default::default(),
+            last_loss: f64::NAN,
+            teacher_seconds: 0.0,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add(
+        &mut self,
+        b: i64,
+        loss: &Tensor,
+        ce: &Tensor,
+        kd: Option<&Tensor>,
+        feat: Option<&Tensor>,
+        correct: &Tensor,
+        w: Option<&Tensor>,
+    ) {
+        self.n += b;
+        self.batches += 1;
+        self.loss += loss.to_kind(Kind::Double) * b as f64;
+        self.ce += ce.sum(Kind::Double);
+        if let Some(k) = kd {
+            self.kd += k.detach().sum(Kind::Double);
+        }
+        if let Some(f) = feat {
+            self.feat += f.detach().sum(Kind::Double);
+        }
+        self.correct += correct;
+        if let Some(w) = w {
+            self.weights += w.to_kind(Kind::Double);
+            self.weight_batches += 1;
+        }
+        if self.batches.is_multiple_of(20) {
+            self.last_loss = loss.double_value(&[]);
+        }
+    }
+
+    pub(super) fn record(
+        &self,
+        epoch: usize,
+        lr: f64,
+        report: &MetricReport,
+        test_loss: f64,
+        seconds: f64,
+    ) -> EpochRecord {
+        let n = self.n.max(1) as f64;
+        let (weights, feature_weights) = if self.weight_batches > 0 {
+            let mean = (&self.weights / self.weight_batches as f64).to_device(Device::Cpu);
+            (
+                Vec::<f64>::try_from(&mean.get(0)).unwrap_or_default(),
+                Vec::<f64>::try_from(&mean.get(1)).unwrap_or_default(),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        EpochRecord {
+            epoch,
+            lr,
+            train_loss: self.loss.double_value(&[]) / n,
+            train_ce: self.ce.double_value(&[]) / n,
+            train_kd: self.kd.double_value(&[]) / n,
+            train_feature: self.feat.double_value(&[]) / n,
+            train_metric: 100.0 * self.correct.double_value(&[]) / n,
+            test_loss,
+            test: report.clone(),
+            teacher_weights: weights,
+            teacher_feature_weights: feature_weights,
+            class_weights: Vec::new(),
+            class_feature_weights: Vec::new(),
+            pruned: Vec::new(),
+            active_teachers: None,
+            strategy_metrics: Default::default(),
+            skipped_batches: self.skipped,
+            seconds,
+            teacher_seconds: self.teacher_seconds,
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! What a finished run writes besides its records: the TorchScript export and the
+//! segmentation plots.
+
+use super::*;
+
+impl<'a> Trainer<'a> {
+    /// `plots/overlays.png` (a few test images: truth, student, each teacher) and
+    /// `plots/class_iou.png` (the student's final IoU per class).
+    pub(super) fn segmentation_plots(&self, report: &MetricReport) -> Result<()> {
+        let plots = self.dir.join("plots");
+        let names = &self.data.test.class_names;
+        crate::plot::class_bars(
+            &plots.join("class_iou.png"),
+            "Student: test IoU per class (last epoch)",
+            "IoU (%)",
+            names,
+            &report.per_class,
+        )?;
+        let loader = self.data.test_loader(&self.cfg.data, 4)?;
+        let Some(batch) = loader.epoch(0, 0, self.device).next() else {
+            return Ok(());
+        };
+        let argmax = |logits: &Tensor| -> Result<Vec<i64>> {
+            Ok(Vec::<i64>::try_from(
+                &logits
+                    .argmax(1, false)
+                    .to_device(Device::Cpu)
+                    .flatten(0, -1),
+            )?)
+        };
+        let mut maps = vec![Vec::<i64>::try_from(
+            &self
+                .task
+                .targets(&batch)?
+                .to_device(Device::Cpu)
+                .flatten(0, -1),
+        )?];
+        let mut titles = vec!["truth".to_owned(), "student".to_owned()];
+        maps.push(argmax(
+            &tch::no_grad(|| self.student.forward_t(&batch.images, false)).logits,
+        )?);
+        for p in &self.pool {
+            maps.push(argmax(&p.teacher.forward(&batch.images)?.logits)?);
+            titles.push(format!("teacher {}", p.teacher.name()));
+        }
+        let (c, h, w) = self.data.test.image_shape();
+        let per = h * w;
+        let rows: Vec<crate::plot::OverlayRow> = batch
+            .indices
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| crate::plot::OverlayRow {
+                image: self
+                    .data
+                    .test
+                    .images
+                    .index_axis(ndarray::Axis(0), i)
+                    .iter()
+                    .copied()
+                    .collect(),
+                channels: c,
+                maps: maps
+                    .iter()
+                    .map(|m| m[k * per..(k + 1) * per].to_vec())
+                    .collect(),
+            })
+            .collect();
+        crate::plot::segmentation_overlays(
+            &plots.join("overlays.png"),
+            (h, w),
+            &titles,
+            names,
+            &rows,
+        )
+    }
+}
+
+/// Export the student as TorchScript (logits output: tracing supports a single return value).
+/// The weights are copied into a frozen CPU copy of the network, so the file is portable and
+/// the traced graph holds constants, not trainable parameters.
+pub fn export_torchscript(net: &Network, vs: &VarStore, path: PathBuf) -> Result<()> {
+    let (c, h, w) = net.in_shape();
+    let mut frozen = VarStore::new(Device::Cpu);
+    let copy = Network::with_head(
+        &frozen.root(),
+        net.arch,
+        net.head_kind,
+        net.in_shape(),
+        net.num_classes(),
+    )?;
+    frozen
+        .copy(vs)
+        .context("copying the student's weights for export")?;
+    frozen.freeze();
+    let example = Tensor::zeros([1, c, h, w], (Kind::Float, Device::Cpu));
+    let module = tch::no_grad(|| {
+        tch::CModule::create_by_tracing("MtkdStudent", "forward", &[example], &mut |xs| {
+            vec![copy.forward_t(&xs[0], false).logits]
+        })
+    })
+    .context("tracing the student for TorchScript export")?;
+    // libtorch aborts the process (an exception thrown while unwinding) when the disk fills
+    // during its write: check the room first. The file holds the weights once, plus the graph.
+    let weights: i64 = frozen
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+        .sum();
+    crate::fsio::ensure_room(&path, 2 * weights as u64 + (4 << 20))?;
+    crate::fsio::write_atomic_with(&path, |tmp| {
+        module.save(tmp).map_err(|e| e.to_string().into())
+    })?;
+    Ok(())
+}

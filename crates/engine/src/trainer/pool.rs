@@ -1,0 +1,416 @@
+//! The teacher pool: building it (TorchScript files and teachers trained by mtkd, with the
+//! teacher cache), running it on a batch, the teacher pass of shared outputs, and the
+//! config that trains an `arch` teacher.
+
+use super::*;
+
+/// One teacher of the pool and where it came from.
+pub(super) struct PoolMember {
+    pub(super) teacher: Box<dyn Teacher>,
+    pub(super) source: String,
+    /// The weights or TorchScript file the teacher was loaded from.
+    pub(super) file: PathBuf,
+    /// The teacher's primary test metric.
+    pub(super) test_value: Option<f64>,
+}
+
+/// Every teacher's output for a batch.
+pub(super) fn teacher_outputs(pool: &[PoolMember], images: &Tensor) -> Result<Vec<ModelOutput>> {
+    let all: Vec<usize> = (0..pool.len()).collect();
+    teacher_outputs_of(pool, &all, images)
+}
+
+/// The outputs of the teachers at `which` (pool positions), in that order.
+pub(super) fn teacher_outputs_of(
+    pool: &[PoolMember],
+    which: &[usize],
+    images: &Tensor,
+) -> Result<Vec<ModelOutput>> {
+    which
+        .iter()
+        .map(|&i| &pool[i])
+        .map(|p| {
+            p.teacher
+                .forward(images)
+                .with_context(|| format!("teacher `{}`", p.teacher.name()))
+        })
+        .collect()
+}
+
+pub(super) fn pool_layout(cfg: &Config, pool: &[PoolMember], input: (i64, i64, i64)) -> Layout {
+    let features = crate::shared::with_features(cfg);
+    let k = pool.first().map(|p| p.teacher.num_classes()).unwrap_or(0);
+    Layout {
+        logits: task_of(cfg).logits_shape(k, (input.1, input.2)),
+        features: pool
+            .iter()
+            .map(|p| p.teacher.feature_shape().filter(|_| features))
+            .collect(),
+    }
+}
+
+/// How long a teacher pass took.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TeacherPass {
+    /// Seconds per epoch for the epochs this pass computed (empty when all were stored).
+    pub seconds: Vec<f64>,
+    /// Peak resident memory of the process, in MB.
+    pub peak_rss_mb: Option<f64>,
+}
+
+/// Returned (as the error's root cause) by [`share_teacher_outputs`] when the outputs of all
+/// epochs would take more than the allowed bytes.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the teacher outputs would take {:.1} GB ({}), over the limit of {:.1} GB",
+    *bytes as f64 / 1e9,
+    dir.display(),
+    *max as f64 / 1e9
+)]
+pub struct TooLarge {
+    pub bytes: u64,
+    pub max: u64,
+    pub dir: PathBuf,
+}
+
+/// Compute the teachers' outputs on every training batch of `cfg` (all epochs) and store them
+/// under `root` for runs that share them (`mtkd share-teachers`); stored epochs are kept. Also
+/// writes `pass.json` (a [`TeacherPass`]) into the key folder. Returns the key folder. With
+/// `max_bytes`, refuses ([`TooLarge`]) before any work when all epochs would take more.
+pub fn share_teacher_outputs(
+    cfg: &Config,
+    root: &Path,
+    max_bytes: Option<u64>,
+    obs: &mut dyn Observer,
+) -> Result<(PathBuf, TeacherPass)> {
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    if !cfg.uses_teachers() {
+        bail!("the config's strategy uses no teachers: there are no outputs to share");
+    }
+    let device = device_of(&cfg.run.device)?;
+    obs.phase("loading data");
+    let data = Datasets::load(&cfg.data)?;
+    let pool = build_pool(cfg, &data, device, obs)?;
+    let files: Vec<PathBuf> = pool.iter().map(|p| p.file.clone()).collect();
+    let dir = crate::shared::key_dir(root, cfg, &files, device)?;
+    let layout = pool_layout(cfg, &pool, data.input_shape(&cfg.data)?);
+    let total = crate::shared::epoch_bytes(&layout, data.train.len()) * cfg.train.epochs as u64;
+    if let Some(max) = max_bytes {
+        if total > max {
+            return Err(anyhow::Error::new(TooLarge {
+                bytes: total,
+                max,
+                dir: dir.clone(),
+            }));
+        }
+    }
+    let loader = data.train_loader(&cfg.data, cfg.train.batch_size, cfg.run.seed)?;
+    let mut seconds = Vec::new();
+    for epoch in 0..cfg.train.epochs {
+        let mut out = EpochOutputs::open(&dir, epoch, layout.clone())?;
+        if out.is_read() {
+            continue;
+        }
+        let t0 = Instant::now();
+        obs.epoch_start(
+            "teacher outputs",
+            epoch + 1,
+            cfg.train.epochs,
+            loader.num_batches(),
+        );
+        tch::no_grad(|| -> Result<()> {
+            for batch in loader.epoch(epoch as u64, 0, device) {
+                out.batch(&batch.indices, device, || {
+                    teacher_outputs(&pool, &batch.images)
+                })?;
+                obs.batch(None);
+            }
+            Ok(())
+        })?;
+        out.finish()?;
+        seconds.push(t0.elapsed().as_secs_f64());
+        obs.phase(&format!(
+            "teacher outputs of epoch {} stored in {:.1} s",
+            epoch + 1,
+            seconds[seconds.len() - 1]
+        ));
+    }
+    let pass = TeacherPass {
+        seconds,
+        peak_rss_mb: crate::record::peak_rss_mb(),
+    };
+    write_json_atomic(&dir.join("pass.json"), &pass)?;
+    Ok((dir, pass))
+}
+
+/// Train (or find in the cache) and evaluate the teacher pool of a config, without training a
+/// student: what `mtkd teachers` prints.
+pub fn prepare_teachers(cfg: &Config, obs: &mut dyn Observer) -> Result<Vec<TeacherSummary>> {
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let device = device_of(&cfg.run.device)?;
+    obs.phase("loading data");
+    let data = Datasets::load(&cfg.data)?;
+    let pool = build_pool(cfg, &data, device, obs)?;
+    Ok(pool
+        .iter()
+        .map(|p| TeacherSummary {
+            name: p.teacher.name().to_owned(),
+            source: p.source.clone(),
+            test_value: p.test_value,
+        })
+        .collect())
+}
+
+pub(super) fn build_pool(
+    cfg: &Config,
+    data: &Datasets,
+    device: Device,
+    obs: &mut dyn Observer,
+) -> Result<Vec<PoolMember>> {
+    let in_shape = data.input_shape(&cfg.data)?;
+    let needs_features = cfg.distill.as_ref().is_some_and(|d| d.feature_weight > 0.0);
+    let task = task_of(cfg);
+    let mut pool = Vec::new();
+    for (i, t) in cfg.teachers.iter().enumerate() {
+        let member = if let Some(arch) = t.arch {
+            let (weights, top1) = ensure_native_teacher(cfg, i, t, obs)?;
+            let teacher = NativeTeacher::load(
+                &t.name,
+                arch,
+                teacher_head(cfg, t),
+                &weights,
+                in_shape,
+                data.num_classes(),
+                device,
+            )
+            .with_context(|| format!("loading teacher `{}` from {}", t.name, weights.display()))?;
+            PoolMember {
+                teacher: Box::new(teacher),
+                source: format!("mtkd {arch} ({})", weights.display()),
+                file: weights,
+                test_value: Some(top1),
+            }
+        } else {
+            let path = t
+                .torchscript
+                .as_ref()
+                .ok_or_else(|| anyhow!("teacher `{}` has no source", t.name))?;
+            let transform = t.input.as_ref().map(|i| {
+                crate::teacher_input::InputTransform::new(
+                    &cfg.data.normalize,
+                    in_shape.0 as usize,
+                    i,
+                    device,
+                )
+            });
+            let expect = Expectation {
+                input: transform
+                    .as_ref()
+                    .map(|x| x.shape(in_shape))
+                    .unwrap_or(in_shape),
+                num_classes: data.num_classes(),
+                needs_features,
+                dense: task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation,
+            };
+            let teacher: Box<dyn Teacher> = Box::new(
+                TorchScriptTeacher::load(&t.name, path, device, &expect)
+                    .with_context(|| format!("loading teacher `{}`", t.name))?,
+            );
+            let teacher: Box<dyn Teacher> = match transform {
+                Some(transform) => Box::new(crate::teacher_input::InputAdapted {
+                    inner: teacher,
+                    transform,
+                }),
+                None => teacher,
+            };
+            obs.phase(&format!("evaluating teacher `{}`", t.name));
+            let loader = data.test_loader(&cfg.data, cfg.train.eval_batch_size)?;
+            // Its outputs are checked on every test batch: a teacher that is NaN on real
+            // images (past the probe) is refused here, not skipped batch after batch later.
+            let (report, _) = evaluate(
+                &|x| {
+                    let out = teacher.forward(x)?;
+                    if loss::ensure_finite("logits", &out.logits).is_err()
+                        || out
+                            .features
+                            .as_ref()
+                            .is_some_and(|f| loss::ensure_finite("features", f).is_err())
+                    {
+                        bail!(
+                            "teacher `{}` ({}) gives NaN or infinite outputs on the test set",
+                            t.name,
+                            path.display()
+                        );
+                    }
+                    Ok(out)
+                },
+                &loader,
+                device,
+                task.as_ref(),
+                data.test.num_classes,
+            )?;
+            PoolMember {
+                teacher,
+                source: format!("TorchScript {}", path.display()),
+                file: path.clone(),
+                test_value: Some(report.value),
+            }
+        };
+        pool.push(member);
+    }
+    Ok(pool)
+}
+
+/// The head of an `arch` teacher: its own, else the student's.
+pub fn teacher_head(cfg: &Config, t: &TeacherConfig) -> mtkd_student::HeadKind {
+    t.head.unwrap_or(cfg.student.head)
+}
+
+/// The config that trains teacher `t` (an `arch` teacher) on the run's data.
+pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
+    let arch = t
+        .arch
+        .ok_or_else(|| anyhow!("teacher `{}` is not an arch teacher", t.name))?;
+    let mut train = cfg
+        .teacher_training
+        .clone()
+        .ok_or_else(|| anyhow!("[teacher_training] is missing"))?;
+    if let Some(e) = t.epochs {
+        train.epochs = e;
+    }
+    let mut run = cfg.run.clone();
+    run.name = t.name.clone();
+    run.out_dir = cfg.run.teacher_cache.clone();
+    run.seed = t
+        .seed
+        .unwrap_or_else(|| crate::config::teacher_seed(cfg.run.seed, &t.name));
+    Ok(Config {
+        run,
+        data: cfg.data.clone(),
+        student: crate::config::StudentConfig {
+            arch,
+            head: teacher_head(cfg, t),
+            init: None,
+            init_strategy: false,
+            init_teachers: false,
+        },
+        train,
+        distill: None,
+        teachers: Vec::new(),
+        teacher_training: None,
+    })
+}
+
+/// Train (or find in the cache) an `arch` teacher: returns its weights and test top-1.
+pub(super) fn ensure_native_teacher(
+    cfg: &Config,
+    index: usize,
+    t: &TeacherConfig,
+    obs: &mut dyn Observer,
+) -> Result<(PathBuf, f64)> {
+    let tcfg = teacher_config(cfg, t)?;
+    // The cache key covers exactly what changes the teacher: data, architecture, training
+    // settings and seed (not the device, threads, names or folders).
+    // The training-set edits (hard pools) join the key only when there are any, so a plain
+    // teacher keeps the key it always had. Class names only label plots: not in the key.
+    #[derive(serde::Serialize)]
+    struct Edits<'k> {
+        classes: &'k Option<Vec<usize>>,
+        train_subset: usize,
+        label_noise: f64,
+        flip_pairs: &'k [[usize; 2]],
+        permute_labels: bool,
+    }
+    #[derive(serde::Serialize)]
+    struct Key<'k> {
+        data: &'k crate::config::DataConfig,
+        arch: String,
+        /// Absent for a classifier (the keys classification teachers always had).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        head: Option<String>,
+        train: &'k crate::config::TrainConfig,
+        seed: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        edits: Option<Edits<'k>>,
+    }
+    let edits = t.label_edits();
+    let mut key_data = tcfg.data.clone();
+    key_data.class_names.clear();
+    let key = Key {
+        data: &key_data,
+        arch: tcfg.student.arch.to_string(),
+        head: tcfg
+            .student
+            .head
+            .is_dense()
+            .then(|| tcfg.student.head.to_string()),
+        train: &tcfg.train,
+        seed: tcfg.run.seed,
+        edits: (!edits.is_identity()).then_some(Edits {
+            classes: &t.classes,
+            train_subset: t.train_subset,
+            label_noise: t.label_noise,
+            flip_pairs: &t.flip_pairs,
+            permute_labels: t.permute_labels,
+        }),
+    };
+    let key = stable_hash(toml::to_string(&key)?.as_bytes());
+    let dir =
+        cfg.run
+            .teacher_cache
+            .join(format!("{}-{}-{}", t.name, tcfg.student.arch, &key[..12]));
+    let summary_path = dir.join("summary.json");
+    // One process trains a cache entry; another one that needs it waits, then finds it done.
+    let _lock = crate::fsio::DirLock::acquire_waiting(&dir, |holder| {
+        obs.phase(&format!(
+            "teacher `{}` is being trained by {holder}; waiting for it",
+            t.name
+        ));
+    })?;
+    if summary_path.is_file() && dir.join("student.safetensors").is_file() {
+        let s: Summary = serde_json::from_slice(&std::fs::read(&summary_path)?)
+            .with_context(|| format!("reading {}", summary_path.display()))?;
+        tracing::info!(teacher = %t.name, dir = %dir.display(), top1 = s.final_value, "teacher found in cache");
+        obs.phase(&format!(
+            "teacher `{}` ({}) from cache: test top-1 {:.2}%",
+            t.name, tcfg.student.arch, s.final_value
+        ));
+        return Ok((dir.join("student.safetensors"), s.final_value));
+    }
+    obs.phase(&format!(
+        "training teacher `{}` ({}) into {}",
+        t.name,
+        tcfg.student.arch,
+        dir.display()
+    ));
+    // A cache folder is keyed by what defines the teacher: its config file is informative and
+    // rewritten, and its checkpoints are bound to the key (not to threads or device).
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::fsio::write_atomic(
+        &dir.join("config.toml"),
+        toml::to_string_pretty(&tcfg)?.as_bytes(),
+    )?;
+    let hash = key.clone();
+    let mut data = Datasets::load(&tcfg.data)?;
+    if !edits.is_identity() {
+        let (train, report) =
+            mtkd_vision_tasks::classification::labels::apply(&data.train, &edits, tcfg.run.seed)
+                .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
+        tracing::info!(teacher = %t.name, samples = report.samples, changed_labels = report.changed,
+            permutation = ?report.permutation, "teacher training set edited");
+        obs.phase(&format!(
+            "teacher `{}` trains on {} samples, {} of them with a changed label",
+            t.name, report.samples, report.changed
+        ));
+        data.train = std::sync::Arc::new(train);
+    }
+    let device = device_of(&tcfg.run.device)?;
+    let out = Trainer::new(&tcfg, data, Vec::new(), device, dir.clone(), hash)?
+        .with_label(format!("teacher {}", t.name))
+        .fit(&RunOptions::default(), obs)?;
+    Ok((dir.join("student.safetensors"), out.summary.final_value))
+}
