@@ -1,4 +1,5 @@
-"""Wrap a PyTorch classifier into mtkd's teacher contract and write it as a TorchScript file.
+"""Wrap a PyTorch classifier or segmentation model into mtkd's teacher contract and write it as a
+TorchScript file.
 
 The contract (crates/teachers/src/lib.rs): `forward(x)` takes a float batch [B, C, H, W] and
 returns the tuple (logits [B, K], feature_map [B, C', H', W']), the feature map being the output of
@@ -13,6 +14,10 @@ a named layer (the last convolutional map, from which mtkd average-pools the emb
     # one-channel input (resnet* and mobilenet_v2 only): the first convolution is replaced
     $MTKD_TORCH_PYTHON scripts/export_teacher.py --torchvision resnet18 --num-classes 10 \\
         --in-channels 1 --input-shape 1,28,28 --out /tmp/resnet18-gray.pt
+    # a torchvision segmentation model (random init: nothing is downloaded, backbone included);
+    # forward then returns (per-pixel logits [B, K, H, W], feature map)
+    $MTKD_TORCH_PYTHON scripts/export_teacher.py --torchvision deeplabv3_mobilenet_v3_large \
+        --num-classes 11 --input-shape 3,64,64 --out /tmp/deeplab.pt
     # any nn.Module: a python file and a factory function in it that takes no arguments
     $MTKD_TORCH_PYTHON scripts/export_teacher.py --module my_net.py:build --feature-layer body.stage3 \\
         --input-shape 3,32,32 --out /tmp/my_net.pt
@@ -29,7 +34,12 @@ Options
                         repeated and scaled by 3/C (C > 3), as timm's adapt_input_conv does.
                         (Or keep the teacher RGB and give it `[[teachers]] input` in the config.)
   --feature-layer NAME  dotted module name whose output is the feature map (defaults: resnet* ->
-                        layer4, mobilenet_v2 -> features; required otherwise unless --logits-only)
+                        layer4, mobilenet_v2 -> features, deeplabv3_* -> classifier.0 (the ASPP),
+                        fcn_* -> classifier.2, lraspp_* -> classifier.cbr; required otherwise
+                        unless --logits-only)
+  --segmentation        a --module model is a segmentation model: its output (a tensor, or a
+                        dict's 'out' as torchvision's) is per-pixel logits [B, K, H, W]
+                        (implied for torchvision.models.segmentation models)
   --logits-only         forward returns logits only (logit KD)
   --input-shape C,H,W   per-sample input of the trace (default 3,224,224; the channel count
                         defaults to --in-channels); the example batch is [2, C, H, W]
@@ -54,7 +64,26 @@ import torch
 import torch.nn as nn
 
 TOLERANCE = 1e-5
-DEFAULT_FEATURE_LAYERS = {"resnet": "layer4", "mobilenet_v2": "features"}
+DEFAULT_FEATURE_LAYERS = {
+    "resnet": "layer4",
+    "mobilenet_v2": "features",
+    "deeplabv3": "classifier.0",
+    "fcn": "classifier.2",
+    "lraspp": "classifier.cbr",
+}
+SEGMENTATION_FAMILIES = ("deeplabv3", "fcn", "lraspp")
+
+
+class SegmentationOut(nn.Module):
+    """A segmentation model's per-pixel logits: torchvision's models return {'out': ..., 'aux': ...}."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out["out"] if isinstance(out, dict) else out
 
 
 class ExportError(Exception):
@@ -148,7 +177,15 @@ def build_torchvision(name, num_classes, in_channels):
             f"torchvision cannot be imported ({e}); `cargo xtask setup` installs the version paired "
             "with mtkd's torch into its virtual environment"
         ) from None
-    available = torchvision.models.list_models(module=torchvision.models)
+    segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
+    if name in segmentation:
+        if in_channels is not None and in_channels != 3:
+            raise ExportError("--in-channels is not implemented for segmentation models; give the teacher `[[teachers]] input`")
+        # weights_backbone=None: nothing is downloaded; aux_loss off: forward's 'out' only.
+        return torchvision.models.get_model(
+            name, weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
+        )
+    available = torchvision.models.list_models(module=torchvision.models) + segmentation
     if name not in available:
         close = difflib.get_close_matches(name, available, n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -272,11 +309,12 @@ def run(module, x):
     return out if isinstance(out, tuple) else (out,)
 
 
-def check_outputs(out, batch, num_classes):
+def check_outputs(out, batch, num_classes, dense=False):
     logits = out[0]
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+    rank, want = (4, "per-pixel logits [B, K, H, W]") if dense else (2, "logits [B, K]")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != rank or logits.shape[0] != batch:
         got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ExportError(f"the model returns {got}, not logits [B, K]")
+        raise ExportError(f"the model returns {got}, not {want}")
     if num_classes is not None and logits.shape[1] != num_classes:
         raise ExportError(f"the model returns {logits.shape[1]} logits, but --num-classes is {num_classes}")
     if len(out) > 1:
@@ -306,6 +344,7 @@ def main(argv=None):
     p.add_argument("--in-channels", type=int, metavar="C", help="input channels (resnet*, mobilenet_v2)")
     p.add_argument("--feature-layer", metavar="NAME", help="dotted name of the feature-map layer")
     p.add_argument("--logits-only", action="store_true", help="forward returns logits only")
+    p.add_argument("--segmentation", action="store_true", help="a --module model gives per-pixel logits")
     p.add_argument("--input-shape", metavar="C,H,W", help="per-sample input shape (default 3,224,224)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the random init (default 0)")
     p.add_argument("--out", required=True, metavar="FILE.pt", help="TorchScript file to write")
@@ -331,8 +370,9 @@ def main(argv=None):
         name = args.torchvision
         num_classes = args.num_classes if args.num_classes is not None else 1000
         model = build_torchvision(name, num_classes, args.in_channels)
+        family = "resnet" if name.startswith("resnet") else name.split("_")[0]
+        args.segmentation = args.segmentation or family in SEGMENTATION_FAMILIES
         if args.feature_layer is None and not args.logits_only:
-            family = "resnet" if name.startswith("resnet") else name
             if family not in DEFAULT_FEATURE_LAYERS:
                 raise ExportError(
                     f"no default feature layer for torchvision `{name}`: pass --feature-layer NAME "
@@ -353,10 +393,11 @@ def main(argv=None):
     for param in model.parameters():
         param.requires_grad_(False)
 
+    inner = SegmentationOut(model) if args.segmentation else model
     if args.logits_only:
-        wrapper = LogitsOnly(model)
+        wrapper = LogitsOnly(inner)
     else:
-        wrapper = FeatureTap(model, args.feature_layer, find_layer(model, args.feature_layer))
+        wrapper = FeatureTap(inner, args.feature_layer, find_layer(model, args.feature_layer))
     wrapper.eval()
 
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(args.seed))
@@ -369,7 +410,7 @@ def main(argv=None):
             f"the model fails on an input of shape {list(example.shape)}: {str(e).splitlines()[0]}. "
             "Check --input-shape and --in-channels."
         ) from None
-    check_outputs(eager, 2, num_classes)
+    check_outputs(eager, 2, num_classes, args.segmentation)
 
     with warnings.catch_warnings():
         # torch 2.13 marks torch.jit as deprecated; TorchScript is still what libtorch/tch loads.

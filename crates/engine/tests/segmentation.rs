@@ -1,0 +1,368 @@
+//! Segmentation end to end on the engine: synthetic scenes made from the committed Fashion-MNIST
+//! subset, teachers with dense heads trained and cached by mtkd, the MTKD-RL agent on pooled
+//! per-image signals, exact resume, shared teacher outputs, a torchvision segmentation teacher
+//! exported to TorchScript, and the errors of bad segmentation input.
+
+use std::path::{Path, PathBuf};
+
+use mtkd_engine::config::Config;
+use mtkd_engine::record::{EpochRecord, Summary};
+use mtkd_engine::trainer::{self, Interrupted, RunOptions, Silent};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mtkd-seg-engine-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// 64 training and 16 test scenes of 32 x 32; two dense teachers, one epoch each.
+fn scenes(extra: &str, s: &Path) -> String {
+    format!(
+        r#"
+[run]
+name = "seg"
+out_dir = "{out}"
+teacher_cache = "{cache}"
+seed = 1
+threads = 1
+
+[data]
+kind = "synthetic-scenes"
+root = "{data}"
+normalize = {{ mean = [0.25], std = [0.25] }}
+augment = {{ hflip = true, scale = [0.8, 1.25], crop_padding = 2 }}
+scenes = {{ train = 64, test = 16, size = 32, objects = [1, 2], scale = [0.6, 1.0] }}
+
+[student]
+arch = "cnn-small"
+head = "fcn"
+
+[train]
+epochs = 2
+batch_size = 16
+eval_batch_size = 16
+lr = 0.05
+milestones = [1]
+
+[teacher_training]
+epochs = 1
+batch_size = 16
+lr = 0.05
+{extra}
+"#,
+        out = s.join("runs").display(),
+        cache = s.join("teachers").display(),
+        data = root().join("data/fashion-mnist-mini").display(),
+    )
+}
+
+const POOL: &str = r#"
+[distill]
+strategy = "mtkd-rl"
+temperature = 2.0
+feature_weight = 1.0
+
+[distill.agent]
+mode = "meta"
+
+[[teachers]]
+name = "r8-aspp"
+arch = "resnet8"
+head = "aspp"
+
+[[teachers]]
+name = "small-fcn"
+arch = "cnn-small"
+"#;
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(text, Path::new("seg.toml"), &[]).map_err(|e| e.to_string())
+}
+
+fn history(dir: &Path) -> Vec<EpochRecord> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn strip_time(h: &[EpochRecord]) -> Vec<EpochRecord> {
+    h.iter()
+        .map(|r| EpochRecord {
+            seconds: 0.0,
+            teacher_seconds: 0.0,
+            ..r.clone()
+        })
+        .collect()
+}
+
+#[test]
+fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
+    let _g = serial();
+    let s = scratch("e2e");
+    let cfg = parse(&scenes(POOL, &s)).unwrap();
+    let full = s.join("full");
+    let out = trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
+    let sum: Summary =
+        serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(sum.metric, "miou");
+    assert_eq!(sum.student, "cnn-small + fcn");
+    assert_eq!(
+        out.summary.final_report.per_class.len(),
+        11,
+        "background + 10 item classes"
+    );
+    let pa = sum.final_report.get("pixel_accuracy");
+    assert!(pa > 30.0 && pa <= 100.0, "pixel accuracy {pa}");
+    assert!(sum.final_value > 0.0 && sum.final_value <= 100.0);
+    assert_eq!(sum.teachers.len(), 2);
+    assert!(sum
+        .teachers
+        .iter()
+        .all(|t| t.test_value.is_some_and(|v| v > 0.0)));
+    let h = history(&full);
+    assert_eq!(h.len(), 2);
+    assert!(h
+        .iter()
+        .all(|r| r.teacher_weights.len() == 2 && r.train_kd > 0.0 && r.train_feature > 0.0));
+    for r in &h {
+        let w: f64 = r.teacher_weights.iter().sum();
+        assert!(
+            (w - 1.0).abs() < 1e-4,
+            "meta weights sum to 1 per image: {w}"
+        );
+    }
+    for p in [
+        "overlays.png",
+        "class_iou.png",
+        "accuracy.png",
+        "teacher_weights.png",
+    ] {
+        assert!(full.join("plots").join(p).is_file(), "plots/{p}");
+    }
+    assert!(full.join("student.pt").is_file() && full.join("report.html").is_file());
+
+    // Killed after 5 steps, resumed: the same records, metric for metric.
+    let halted = s.join("halted");
+    let opts = RunOptions {
+        halt_after_steps: Some(5),
+        ..RunOptions::default()
+    };
+    let err = trainer::run(&cfg, &halted, &opts, &mut Silent).unwrap_err();
+    assert!(
+        err.root_cause().downcast_ref::<Interrupted>().is_some(),
+        "{err:#}"
+    );
+    trainer::run(&cfg, &halted, &RunOptions::default(), &mut Silent).unwrap();
+    assert_eq!(strip_time(&h), strip_time(&history(&halted)));
+
+    // Shared per-pixel teacher outputs (logits [K, H, W] and feature maps) change nothing.
+    let shared_root = s.join("outputs");
+    let (key, _) = trainer::share_teacher_outputs(&cfg, &shared_root, None, &mut Silent).unwrap();
+    assert!(key.join("epoch-1.bin").is_file());
+    let read = s.join("read");
+    let opts = RunOptions {
+        teacher_outputs: Some(shared_root),
+        ..RunOptions::default()
+    };
+    trainer::run(&cfg, &read, &opts, &mut Silent).unwrap();
+    assert_eq!(strip_time(&h), strip_time(&history(&read)));
+    let _ = std::fs::remove_dir_all(&s);
+}
+
+#[test]
+fn segmentation_config_errors_name_the_field() {
+    let s = scratch("cfg");
+    let no_head = scenes("", &s).replace("head = \"fcn\"\n", "");
+    let e = parse(&no_head).unwrap_err();
+    assert!(
+        e.contains("student.head") && e.contains("segmentation head"),
+        "{e}"
+    );
+    let edits = scenes(
+        "[[teachers]]\nname = \"t\"\narch = \"resnet8\"\nlabel_noise = 0.2\n",
+        &s,
+    );
+    let e = parse(&edits).unwrap_err();
+    assert!(e.contains("teachers[0]") && e.contains("not masks"), "{e}");
+    let rrc = scenes("", &s).replace(
+        "crop_padding = 2 }",
+        "crop_padding = 2, random_resized_crop = 24 }",
+    );
+    let e = parse(&rrc).unwrap_err();
+    assert!(
+        e.contains("data.augment") && e.contains("keeps the image size"),
+        "{e}"
+    );
+    let no_scenes = scenes("", &s).replace("scenes = {", "# scenes = {");
+    assert!(parse(&no_scenes).unwrap_err().contains("data.scenes"));
+    let classif = scenes("", &s)
+        .replace("kind = \"synthetic-scenes\"", "kind = \"mnist\"")
+        .replace("scenes = {", "# scenes = {")
+        .replace(", scale = [0.8, 1.25]", "");
+    let e = parse(&classif).unwrap_err();
+    assert!(
+        e.contains("student.head") && e.contains("classification data"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&s);
+}
+
+fn folder_config(root_dir: &Path, s: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[run]
+name = "folder"
+out_dir = "{out}"
+teacher_cache = "{out}/teachers"
+seed = 0
+threads = 1
+
+[data]
+kind = "segmentation-folder"
+root = "{root}"
+channels = 1
+num_classes = 3
+normalize = {{ mean = [0.5], std = [0.25] }}
+
+[student]
+arch = "cnn-small"
+head = "aspp"
+
+[train]
+epochs = 1
+batch_size = 4
+eval_batch_size = 4
+lr = 0.05
+{extra}
+"#,
+        out = s.join("runs").display(),
+        root = root_dir.display(),
+    )
+}
+
+fn write_split(dir: &Path, n: usize, size: u32, bad: Option<usize>) {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    for i in 0..n {
+        let img = image::GrayImage::from_fn(size, size, |x, y| {
+            image::Luma([((x * 7 + y * 3 + i as u32) % 256) as u8])
+        });
+        img.save(dir.join(format!("images/{i:02}.png"))).unwrap();
+        let mut m: Vec<u8> = (0..size * size)
+            .map(|p| ((p % size) * 3 / size) as u8)
+            .collect();
+        if bad == Some(i) {
+            m[5] = 9;
+        }
+        mtkd_vision_tasks::segmentation::data::write_index_mask(
+            &dir.join(format!("masks/{i:02}.png")),
+            size as usize,
+            size as usize,
+            &m,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn a_segmentation_folder_trains_and_a_bad_mask_is_named() {
+    let _g = serial();
+    let s = scratch("folder");
+    let data = s.join("data");
+    write_split(&data.join("train"), 8, 24, None);
+    write_split(&data.join("val"), 4, 24, None);
+    let cfg = parse(&folder_config(&data, &s, "")).unwrap();
+    let out = trainer::run(&cfg, &s.join("ok"), &RunOptions::default(), &mut Silent).unwrap();
+    assert_eq!(out.summary.final_report.per_class.len(), 3);
+    assert_eq!(out.summary.student, "cnn-small + aspp");
+
+    // A mask with a class outside 0..3: the run fails before training, naming the file.
+    write_split(&data.join("val"), 4, 24, Some(2));
+    let err = format!(
+        "{:#}",
+        trainer::run(&cfg, &s.join("bad"), &RunOptions::default(), &mut Silent).unwrap_err()
+    );
+    assert!(
+        err.contains("val/masks/02.png") && err.contains("class 9, outside 0..3"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&s);
+}
+
+#[test]
+fn a_torchvision_segmentation_teacher_joins_the_pool() {
+    let _g = serial();
+    let python = std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python that has torch; run the tests through `cargo xtask test`");
+    let s = scratch("tv");
+    let pt = s.join("lraspp.pt");
+    let out = std::process::Command::new(&python)
+        .arg(root().join("scripts/export_teacher.py"))
+        .args([
+            "--torchvision",
+            "lraspp_mobilenet_v3_large",
+            "--num-classes",
+            "11",
+            "--input-shape",
+            "3,32,32",
+            "--out",
+        ])
+        .arg(&pt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("logits [2, 11, 32, 32]") && said.contains("feature map [2, 128,"),
+        "{said}"
+    );
+    // The grey scenes are given to the RGB teacher as three channels (`[[teachers]] input`).
+    let extra = format!(
+        "[distill]\nstrategy = \"equal\"\n\n[[teachers]]\nname = \"lraspp\"\ntorchscript = \"{}\"\ninput = {{ channels = 3 }}\n",
+        pt.display()
+    );
+    let mut text = scenes(&extra, &s);
+    text = text
+        .replace("epochs = 2\n", "epochs = 1\n")
+        .replace("milestones = [1]\n", "");
+    let cfg = parse(&text).unwrap();
+    let run = trainer::run(&cfg, &s.join("run"), &RunOptions::default(), &mut Silent).unwrap();
+    let t = &run.summary.teachers[0];
+    assert!(
+        t.source.starts_with("TorchScript") && t.test_value.is_some(),
+        "{t:?}"
+    );
+    assert!(history(&s.join("run"))[0].train_kd > 0.0);
+    // Without its input transform the 3-channel teacher is refused at load, the file named.
+    let bad = parse(&text.replace("input = { channels = 3 }\n", "")).unwrap();
+    let err = format!(
+        "{:#}",
+        trainer::run(&bad, &s.join("bad"), &RunOptions::default(), &mut Silent).unwrap_err()
+    );
+    assert!(
+        err.contains("lraspp.pt") && err.contains("[[teachers]] input"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&s);
+}
