@@ -73,6 +73,18 @@ def case(name, seed, B, K, H, W, T, M, absent=None, scale=2.0):
         out["entropy"].append(masked_mean(ent, valid).tolist())
         v = valid[:, None]
         out["pooled"].append(tensor((zt * v).sum((2, 3)) / v.sum((2, 3)).clamp_min(1.0)))
+    # Per-pixel teacher weights (docs/METHOD.md section 13) from random per-image weights.
+    w = torch.rand(B, M, generator=g)
+    ce_pix = torch.stack([F.cross_entropy(zt, y, ignore_index=IGNORE, reduction="none") for zt in teachers], 1)
+    conf = (1 - F.softmax(ce_pix, 1)) / (M - 1) if M > 1 else torch.ones_like(ce_pix)
+    wc = conf * w[:, :, None, None]
+    wp = wc / wc.sum(1, keepdim=True).clamp_min(1e-12) * w.sum(1)[:, None, None, None]
+    pix = torch.zeros(B)
+    for m, zt in enumerate(teachers):
+        kl = (T * T) * F.kl_div(F.log_softmax(zs / T, 1), F.log_softmax(zt / T, 1), reduction="none", log_target=True).sum(1)
+        pix += masked_mean(kl * wp[:, m], valid)
+    out["w"] = tensor(w)
+    out["pixel_weighted_kd"] = pix.tolist()
     out["metrics"] = metrics(zs.argmax(1).numpy(), y.numpy(), K)
     return out
 

@@ -194,3 +194,61 @@ pub fn pooled_logits(logits: &Tensor, valid: &Tensor) -> Result<Tensor> {
         .f_clamp_min(1.0)?;
     Ok(num / den)
 }
+
+/// The KD term `[B]` of a dense task with per-pixel teacher weights (docs/METHOD.md section 13):
+/// at pixel p of image b, teacher m's weight is
+/// `w[b, m] c[b, m, p] / sum_m' w[b, m'] c[b, m', p] * sum_m' w[b, m']`, where `c` is CA-MKD's
+/// confidence computed per pixel from each teacher's pixel cross-entropy, `(1 - softmax_m(CE))
+/// / (M - 1)` (1 for a single teacher): the strategy's per-image total is kept and moved, pixel
+/// by pixel, to the teachers that are right there. The term is the sum over teachers of the
+/// mean over labelled pixels of `weight x T^2 KL`. The weights carry no gradient.
+///
+/// # Shapes
+/// `student [B, K, H, W]`, `teachers[m] [B, K, H, W]`, `w [B, M]`, `targets [B, H, W]` -> `[B]`
+pub fn pixel_weighted_kd(
+    student: &Tensor,
+    teachers: &[Tensor],
+    w: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    temperature: f64,
+) -> Result<Tensor> {
+    check_shape(
+        "pixel_weighted_kd student logits",
+        student,
+        &[-1, -1, -1, -1],
+    )?;
+    let m = teachers.len() as i64;
+    check_shape("pixel_weighted_kd weights", w, &[student.size()[0], m])?;
+    let valid = valid_pixels(targets, ignore_index)?;
+    let weights = tch::no_grad(|| -> Result<Tensor> {
+        let ce: Vec<Tensor> = teachers
+            .iter()
+            .map(|t| {
+                t.f_cross_entropy_loss::<&Tensor>(targets, None, Reduction::None, ignore_index, 0.0)
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        let ce = Tensor::f_stack(&ce, 1)?; // [B, M, H, W]
+        let c = if m == 1 {
+            ce.f_ones_like()?
+        } else {
+            (1.0 - ce.f_softmax(1, Kind::Float)?) / (m - 1) as f64
+        };
+        let wd = w.detach().f_to_kind(Kind::Float)?;
+        let wc = &c * wd.f_unsqueeze(-1)?.f_unsqueeze(-1)?;
+        let total = wd
+            .f_sum_dim_intlist(1, true, Kind::Float)?
+            .f_unsqueeze(-1)?
+            .f_unsqueeze(-1)?;
+        Ok(&wc
+            / wc.f_sum_dim_intlist(1, true, Kind::Float)?
+                .f_clamp_min(1e-12)?
+            * total)
+    })?;
+    let mut kd = Tensor::f_zeros([student.size()[0]], (Kind::Float, student.device()))?;
+    for (i, t) in teachers.iter().enumerate() {
+        let kl = pixel_kd_kl(student, t, temperature)?;
+        kd += masked_image_mean(&(kl * weights.f_select(1, i as i64)?), &valid)?;
+    }
+    Ok(kd)
+}

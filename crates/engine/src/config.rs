@@ -159,6 +159,21 @@ fn serde_plain<T: Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
+fn is_default_pixel_weights(k: &PixelWeights) -> bool {
+    *k == PixelWeights::Image
+}
+
+/// How a segmentation run's teacher weights vary inside an image (`distill.pixel_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PixelWeights {
+    /// One weight per image and teacher (every strategy).
+    #[default]
+    Image,
+    /// The per-image weight redistributed over the pixels by per-pixel teacher confidence.
+    Confidence,
+}
+
 /// The feature-KD loss (`distill.feature_loss`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -323,6 +338,11 @@ pub struct DistillConfig {
     /// (channel-wise distillation).
     #[serde(default, skip_serializing_if = "is_default_dense_kd")]
     pub dense_kd: DenseKd,
+    /// Segmentation: `image` (default: the strategy's per-image weights for every pixel) or
+    /// `confidence` (each teacher's per-image weight spread over the pixels by its per-pixel
+    /// confidence, docs/METHOD.md section 13; with `dense_kd = "kl"`).
+    #[serde(default, skip_serializing_if = "is_default_pixel_weights")]
+    pub pixel_weights: PixelWeights,
     /// The feature term: `mse` (default, through the adapters) or `cwd` (channel-wise
     /// distillation of the adapted map, at T).
     #[serde(default, skip_serializing_if = "is_default_feature_loss")]
@@ -722,6 +742,14 @@ impl Config {
             }
         }
         if let Some(d) = &self.distill {
+            if d.pixel_weights != PixelWeights::Image
+                && (task != TaskKind::Segmentation || d.dense_kd != DenseKd::Kl)
+            {
+                return bad(
+                    "distill.pixel_weights",
+                    "per-pixel weights apply to segmentation with dense_kd = \"kl\"".into(),
+                );
+            }
             if !(d.temperature > 0.0 && d.temperature.is_finite()) {
                 return bad(
                     "distill.temperature",

@@ -224,6 +224,58 @@ fn segmentation_config_errors_name_the_field() {
     let _ = std::fs::remove_dir_all(&s);
 }
 
+#[test]
+fn per_pixel_weights_move_trust_inside_the_image() {
+    let _g = serial();
+    let s = scratch("pixel");
+    let pool = POOL
+        .replace("strategy = \"mtkd-rl\"", "strategy = \"ca-mkd\"")
+        .replace("feature_weight = 1.0", "feature_weight = 0.0")
+        .replace("[distill.agent]\nmode = \"meta\"\n", "");
+    let image = parse(&scenes(&pool, &s)).unwrap();
+    let pixel = parse(&scenes(
+        &pool.replace(
+            "temperature = 2.0",
+            "temperature = 2.0\npixel_weights = \"confidence\"",
+        ),
+        &s,
+    ))
+    .unwrap();
+    trainer::run(
+        &image,
+        &s.join("image"),
+        &RunOptions::default(),
+        &mut Silent,
+    )
+    .unwrap();
+    trainer::run(
+        &pixel,
+        &s.join("pixel"),
+        &RunOptions::default(),
+        &mut Silent,
+    )
+    .unwrap();
+    let (a, b) = (history(&s.join("image")), history(&s.join("pixel")));
+    // The same per-image weights (CA-MKD's, from pooled CE) are recorded; the KD term differs
+    // because inside each image the weight follows the teacher that is right at each pixel.
+    assert_eq!(
+        a[0].teacher_weights, b[0].teacher_weights,
+        "epoch 1 starts from the same student"
+    );
+    assert!(b.iter().all(|r| r.train_kd.is_finite() && r.train_kd > 0.0));
+    assert_ne!(a[0].train_kd, b[0].train_kd);
+    let e = parse(&scenes(
+        &pool.replace(
+            "temperature = 2.0",
+            "temperature = 2.0\npixel_weights = \"confidence\"\ndense_kd = \"cwd\"",
+        ),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(e.contains("distill.pixel_weights"), "{e}");
+    let _ = std::fs::remove_dir_all(&s);
+}
+
 fn folder_config(root_dir: &Path, s: &Path, extra: &str) -> String {
     format!(
         r#"

@@ -70,6 +70,15 @@ fn dense_losses_signals_and_metrics_match_the_references() {
                 1e-5,
             );
         }
+        let w = tensor(&c["w"]);
+        let pix =
+            mtkd_distill_core::loss::pixel_weighted_kd(&zs, &teachers, &w, &y, 255, t).unwrap();
+        close(
+            &format!("{name} pixel-weighted kd"),
+            &pix,
+            &floats(&c["pixel_weighted_kd"]),
+            1e-5,
+        );
         let outs: Vec<ModelOutput> = teachers
             .iter()
             .map(|l| ModelOutput {

@@ -95,8 +95,27 @@ impl<'a> Trainer<'a> {
                 })?;
                 let mut kd = Tensor::zeros([b], (Kind::Float, self.device));
                 let mut feat = Tensor::zeros([b], (Kind::Float, self.device));
+                // `distill.pixel_weights = "confidence"`: each teacher's per-image weight is
+                // spread over the image's pixels by its confidence there (docs/METHOD.md
+                // section 13); the KD term is then recomputed per pixel.
+                let per_pixel = match d.pixel_weights {
+                    crate::config::PixelWeights::Image => None,
+                    crate::config::PixelWeights::Confidence => Some(loss::pixel_weighted_kd(
+                        &out.logits,
+                        &t_outs
+                            .iter()
+                            .map(|t| t.logits.shallow_clone())
+                            .collect::<Vec<_>>(),
+                        &w.logit,
+                        targets,
+                        i64::from(mtkd_vision_tasks::segmentation::IGNORE),
+                        d.temperature,
+                    )?),
+                };
                 for (m, (t, term)) in t_outs.iter().zip(&kl_terms).enumerate() {
-                    kd += w.logit.select(1, m as i64) * term;
+                    if per_pixel.is_none() {
+                        kd += w.logit.select(1, m as i64) * term;
+                    }
                     if let (Some(p), Some(tf)) = (&projected[m], &t.features) {
                         let term = match d.feature_loss {
                             crate::config::FeatureLoss::Mse => loss::feature_mse(p, tf)?,
@@ -104,6 +123,9 @@ impl<'a> Trainer<'a> {
                         };
                         feat += w.feature.select(1, m as i64) * term;
                     }
+                }
+                if let Some(k) = per_pixel {
+                    kd = k;
                 }
                 let total = &ce * d.ce_weight + &kd * d.kd_weight + &feat * d.feature_weight;
                 let full = self.to_full(&w)?;
