@@ -187,6 +187,40 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
 }
 
 #[test]
+fn the_parity_agent_without_feature_kd_reads_shared_outputs_exactly() {
+    // Without feature KD no feature maps are shared: the agent's state must be the same whether
+    // the teachers ran or their outputs were read (it once differed by the embeddings' width).
+    let _g = serial();
+    let s = scratch("parity");
+    let pool = POOL
+        .replace("feature_weight = 1.0", "feature_weight = 0.0")
+        .replace("mode = \"meta\"", "mode = \"parity\"");
+    let text = scenes(&pool, &s)
+        .replace("epochs = 2\n", "epochs = 1\n")
+        .replace("milestones = [1]\n", "");
+    let cfg = parse(&text).unwrap();
+    trainer::run(
+        &cfg,
+        &s.join("computed"),
+        &RunOptions::default(),
+        &mut Silent,
+    )
+    .unwrap();
+    let shared_root = s.join("outputs");
+    trainer::share_teacher_outputs(&cfg, &shared_root, None, &mut Silent).unwrap();
+    let opts = RunOptions {
+        teacher_outputs: Some(shared_root),
+        ..RunOptions::default()
+    };
+    trainer::run(&cfg, &s.join("read"), &opts, &mut Silent).unwrap();
+    assert_eq!(
+        strip_time(&history(&s.join("computed"))),
+        strip_time(&history(&s.join("read")))
+    );
+    let _ = std::fs::remove_dir_all(&s);
+}
+
+#[test]
 fn segmentation_config_errors_name_the_field() {
     let s = scratch("cfg");
     let no_head = scenes("", &s).replace("head = \"fcn\"\n", "");

@@ -72,7 +72,8 @@ impl MetricReport {
 /// How people read a metric key: `top1` -> `top-1`, `miou` -> `mIoU`, ...
 pub fn metric_label(key: &str) -> &str {
     match key {
-        "top1" => "top-1",
+        // `test_top1`: the name in summaries of mtkd before 0.2.
+        "top1" | "test_top1" => "top-1",
         "top5" => "top-5",
         "miou" => "mIoU",
         "pixel_accuracy" => "pixel acc.",

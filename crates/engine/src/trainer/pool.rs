@@ -376,8 +376,11 @@ pub(super) fn ensure_native_teacher(
             .with_context(|| format!("reading {}", summary_path.display()))?;
         tracing::info!(teacher = %t.name, dir = %dir.display(), top1 = s.final_value, "teacher found in cache");
         obs.phase(&format!(
-            "teacher `{}` ({}) from cache: test top-1 {:.2}%",
-            t.name, tcfg.student.arch, s.final_value
+            "teacher `{}` ({}) from cache: test {} {:.2}%",
+            t.name,
+            tcfg.student.arch,
+            mtkd_vision_tasks::task::metric_label(&s.metric),
+            s.final_value
         ));
         return Ok((dir.join("student.safetensors"), s.final_value));
     }

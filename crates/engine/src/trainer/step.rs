@@ -47,6 +47,20 @@ impl<'a> Trainer<'a> {
                     }
                     None => teacher_outputs_of(pool, active, images)?,
                 };
+                // Without feature KD the teachers' maps are not used, and shared outputs do not
+                // store them: drop them here too, so that the strategy sees the same signals
+                // whether the outputs were computed or read.
+                let t_outs: Vec<ModelOutput> = if crate::shared::with_features(self.cfg) {
+                    t_outs
+                } else {
+                    t_outs
+                        .into_iter()
+                        .map(|o| ModelOutput {
+                            logits: o.logits,
+                            features: None,
+                        })
+                        .collect()
+                };
                 sums.teacher_seconds += t0.elapsed().as_secs_f64();
                 let features = out
                     .features

@@ -22,7 +22,13 @@ pub(super) fn build(
                 .ok_or_else(|| anyhow!("distill section missing"))?;
             let dims: Vec<i64> = pool
                 .iter()
-                .map(|p| p.teacher.feature_shape().map(|f| f.0).unwrap_or(0))
+                .map(|p| {
+                    p.teacher
+                        .feature_shape()
+                        .filter(|_| crate::shared::with_features(cfg))
+                        .map(|f| f.0)
+                        .unwrap_or(0)
+                })
                 .collect();
             let mut agent_cfg = d.agent.clone().unwrap_or_default();
             // Exploration noise differs between seeds of a comparison.
