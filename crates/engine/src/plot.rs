@@ -356,14 +356,15 @@ pub fn class_bars(
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
             .margin(12)
-            .x_label_area_size(90)
+            .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d((0..n).into_segmented(), 0.0..100.0)
             .map_err(|x| e(&x))?;
         let label = |v: &SegmentValue<usize>| match v {
-            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) => {
+            SegmentValue::CenterOf(i) | SegmentValue::Exact(i) if *i < n => {
                 names.get(*i).cloned().unwrap_or_else(|| i.to_string())
             }
+            SegmentValue::CenterOf(_) | SegmentValue::Exact(_) => String::new(),
             SegmentValue::Last => String::new(),
         };
         chart
@@ -372,11 +373,7 @@ pub fn class_bars(
             .y_desc(y_label)
             .x_labels(n)
             .x_label_formatter(&label)
-            .x_label_style(
-                ("sans-serif", 13)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
+            .x_label_style(("sans-serif", 12))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|x| e(&x))?;

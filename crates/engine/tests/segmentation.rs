@@ -452,3 +452,99 @@ fn a_torchvision_segmentation_teacher_joins_the_pool() {
     );
     let _ = std::fs::remove_dir_all(&s);
 }
+
+#[test]
+fn a_teacher_at_another_resolution_is_resized_to_the_mask() {
+    let _g = serial();
+    let python = std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python that has torch; run the tests through `cargo xtask test`");
+    let s = scratch("halfres");
+    // A segmentation model whose logits are at half the input's resolution.
+    let module = s.join("half.py");
+    std::fs::write(
+        &module,
+        "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 11, 1))\n",
+    )
+    .unwrap();
+    let pt = s.join("half.pt");
+    let out = std::process::Command::new(&python)
+        .arg(root().join("scripts/export_teacher.py"))
+        .arg("--module")
+        .arg(format!("{}:build", module.display()))
+        .args([
+            "--segmentation",
+            "--feature-layer",
+            "1",
+            "--num-classes",
+            "11",
+            "--input-shape",
+            "1,32,32",
+            "--out",
+        ])
+        .arg(&pt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("logits [2, 11, 16, 16]"));
+    let extra = format!(
+        "[distill]\nstrategy = \"equal\"\n\n[[teachers]]\nname = \"half\"\ntorchscript = \"{}\"\n",
+        pt.display()
+    );
+    let text = scenes(&extra, &s)
+        .replace("epochs = 2\n", "epochs = 1\n")
+        .replace("milestones = [1]\n", "");
+    let cfg = parse(&text).unwrap();
+    let run = trainer::run(&cfg, &s.join("run"), &RunOptions::default(), &mut Silent).unwrap();
+    assert!(run.summary.teachers[0].test_value.is_some());
+    let h = history(&s.join("run"));
+    assert!(
+        h[0].train_kd.is_finite() && h[0].train_kd > 0.0,
+        "{:?}",
+        h[0]
+    );
+    let log = std::fs::read_to_string(s.join("run").join("summary.json")).unwrap();
+    assert!(log.contains("\"miou\""));
+    // A classification-shaped teacher in a segmentation pool is refused, the file named.
+    let flat = s.join("flat.py");
+    std::fs::write(
+        &flat,
+        "import torch.nn as nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(1024, 11))\n",
+    )
+    .unwrap();
+    let flat_pt = s.join("flat.pt");
+    let out = std::process::Command::new(&python)
+        .arg(root().join("scripts/export_teacher.py"))
+        .arg("--module")
+        .arg(format!("{}:build", flat.display()))
+        .args([
+            "--logits-only",
+            "--num-classes",
+            "11",
+            "--input-shape",
+            "1,32,32",
+            "--out",
+        ])
+        .arg(&flat_pt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad =
+        parse(&text.replace(&pt.display().to_string(), &flat_pt.display().to_string())).unwrap();
+    let err = format!(
+        "{:#}",
+        trainer::run(&bad, &s.join("bad"), &RunOptions::default(), &mut Silent).unwrap_err()
+    );
+    assert!(
+        err.contains("flat.pt") && err.contains("[B, K, H, W]"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&s);
+}
