@@ -72,6 +72,16 @@ impl ModelSource {
         }
     }
 
+    /// The head of a run folder's student (a classifier for bare weights).
+    fn head(&self) -> Result<mtkd_student::HeadKind> {
+        match self {
+            ModelSource::Run(dir) => Ok(crate::Config::load(&dir.join("config.toml"), &[])?
+                .student
+                .head),
+            _ => Ok(mtkd_student::HeadKind::Classifier),
+        }
+    }
+
     fn arch(&self) -> Result<Option<Arch>> {
         match self {
             ModelSource::Run(dir) => {
@@ -155,6 +165,20 @@ impl Model {
         num_classes: i64,
         device: Device,
     ) -> Result<Model> {
+        Self::load_for(src, input, num_classes, device, false)
+    }
+
+    /// As [`Model::load`]; `dense`: a segmentation model (per-pixel logits).
+    pub fn load_for(
+        src: &ModelSource,
+        input: (i64, i64, i64),
+        num_classes: i64,
+        device: Device,
+        dense: bool,
+    ) -> Result<Model> {
+        if dense && matches!(src, ModelSource::Weights { .. }) {
+            bail!("a segmentation student's weights need their head: pass its run folder (or its student.pt)");
+        }
         let (net, source): (Box<dyn Teacher>, String) = match src {
             ModelSource::Run(dir) => {
                 let arch = src.arch()?.ok_or_else(|| anyhow!("no architecture"))?;
@@ -164,7 +188,7 @@ impl Model {
                         NativeTeacher::load(
                             "student",
                             arch,
-                            mtkd_student::HeadKind::Classifier,
+                            src.head()?,
                             &w,
                             input,
                             num_classes,
@@ -195,7 +219,7 @@ impl Model {
                     input,
                     num_classes,
                     needs_features: false,
-                    dense: false,
+                    dense,
                 };
                 (
                     Box::new(
@@ -263,7 +287,7 @@ pub fn evaluate(
     device: Device,
 ) -> Result<EvalReport> {
     if data.task() != crate::config::TaskKind::Classification {
-        bail!("{SEG_NOT_YET}");
+        bail!("this is segmentation data: use inference::evaluate_segmentation (`mtkd eval` does)");
     }
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
@@ -316,6 +340,65 @@ pub fn evaluate(
         mean_cross_entropy: ce / set.len().max(1) as f64,
         per_class,
         confusion,
+    })
+}
+
+/// What `mtkd eval` reports of a segmentation model (percent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegEvalReport {
+    pub model: String,
+    pub data: String,
+    pub split: String,
+    pub samples: usize,
+    /// mIoU (`value`), pixel accuracy, per-class IoU.
+    pub report: crate::record::MetricReport,
+    pub class_names: Vec<String>,
+    /// Mean over images of the per-pixel cross-entropy.
+    pub mean_cross_entropy: f64,
+}
+
+/// Evaluate a segmentation model `src` on a split of `data`: mIoU, pixel accuracy, IoU per
+/// class, the same computation as training's evaluation.
+pub fn evaluate_segmentation(
+    src: &ModelSource,
+    data: &DataConfig,
+    split: EvalSplit,
+    batch_size: usize,
+    device: Device,
+) -> Result<SegEvalReport> {
+    let task = mtkd_vision_tasks::task::Segmentation::default();
+    let set = Arc::new(load_split(data, split)?);
+    let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
+    let (c, h, w) = loader.output_shape();
+    let k = set.num_classes;
+    let model = Model::load_for(src, (c as i64, h as i64, w as i64), k as i64, device, true)?;
+    let (report, ce) = crate::trainer::evaluate(
+        &|x| {
+            let logits = model.logits(x)?;
+            mtkd_distill_core::loss::ensure_finite("logits", &logits)
+                .map_err(|_| anyhow!("{} gives NaN or infinite logits", model.source))?;
+            Ok(mtkd_distill_core::ModelOutput {
+                logits,
+                features: None,
+            })
+        },
+        &loader,
+        device,
+        &task,
+        k,
+    )?;
+    Ok(SegEvalReport {
+        model: model.source.clone(),
+        data: format!(
+            "{:?} {}",
+            data.kind,
+            crate::dataset::resolve_root(&data.root).display()
+        ),
+        split: format!("{split:?}").to_lowercase(),
+        samples: set.len(),
+        report,
+        class_names: set.class_names.clone(),
+        mean_cross_entropy: ce,
     })
 }
 

@@ -157,6 +157,22 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
         assert!(full.join("plots").join(p).is_file(), "plots/{p}");
     }
     assert!(full.join("student.pt").is_file() && full.join("report.html").is_file());
+    // `mtkd eval` of the run folder and of its TorchScript export repeats the final evaluation.
+    use mtkd_engine::inference::{evaluate_segmentation, EvalSplit, ModelSource};
+    let data = mtkd_engine::inference::data_table(&full.join("config.toml")).unwrap();
+    for src in [
+        ModelSource::Run(full.clone()),
+        ModelSource::TorchScript(full.join("student.pt")),
+    ] {
+        let r = evaluate_segmentation(&src, &data, EvalSplit::Test, 8, tch::Device::Cpu).unwrap();
+        assert!(
+            (r.report.value - sum.final_value).abs() < 1e-3,
+            "{src:?}: {} vs {}",
+            r.report.value,
+            sum.final_value
+        );
+        assert!((r.report.get("pixel_accuracy") - pa).abs() < 1e-3);
+    }
 
     // Killed after 5 steps, resumed: the same records, metric for metric.
     let halted = s.join("halted");

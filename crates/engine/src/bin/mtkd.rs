@@ -330,6 +330,46 @@ fn eval(
         data.root = r;
     }
     let device = trainer::device_of(&device)?;
+    if data.task() == mtkd_engine::config::TaskKind::Segmentation {
+        let r = mtkd_engine::inference::evaluate_segmentation(
+            &src,
+            &data,
+            split,
+            batch_size.max(1),
+            device,
+        )?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!("model: {}", r.model);
+        println!(
+            "data:  {} ({} split, {} images)",
+            r.data, r.split, r.samples
+        );
+        println!(
+            "mIoU {:.2}%   pixel accuracy {:.2}%   mean cross-entropy {:.4}\n",
+            r.report.value,
+            r.report.get("pixel_accuracy"),
+            r.mean_cross_entropy
+        );
+        let width = r
+            .class_names
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        println!("{:<width$}  {:>7}", "class", "IoU");
+        for (name, iou) in r.class_names.iter().zip(&r.report.per_class) {
+            if iou.is_nan() {
+                println!("{name:<width$}  {:>7}", "absent");
+            } else {
+                println!("{name:<width$}  {iou:>6.2}%");
+            }
+        }
+        return Ok(());
+    }
     let r = mtkd_engine::inference::evaluate(&src, &data, split, batch_size.max(1), device)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
