@@ -231,7 +231,7 @@ pub struct Segmentation {
 }
 
 impl Segmentation {
-    fn masks<'b>(batch: &'b Batch) -> Result<&'b Tensor> {
+    fn masks(batch: &Batch) -> Result<&Tensor> {
         batch.masks.as_ref().ok_or_else(|| Error::Invalid {
             what: "batch".into(),
             reason: "a segmentation batch carries no masks (the dataset has none)".into(),
