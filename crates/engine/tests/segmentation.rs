@@ -90,6 +90,23 @@ name = "small-fcn"
 arch = "cnn-small"
 "#;
 
+/// Run `scripts/export_teacher.py` with `args` (the set-up's Python); its stdout.
+fn export_teacher(args: &[&std::ffi::OsStr]) -> String {
+    let python = std::env::var("MTKD_TORCH_PYTHON")
+        .expect("MTKD_TORCH_PYTHON names the Python that has torch; run the tests through `cargo xtask test`");
+    let out = std::process::Command::new(python)
+        .arg(root().join("scripts/export_teacher.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("seg.toml"), &[]).map_err(|e| e.to_string())
 }
@@ -411,30 +428,19 @@ fn a_segmentation_folder_trains_and_a_bad_mask_is_named() {
 #[test]
 fn a_torchvision_segmentation_teacher_joins_the_pool() {
     let _g = serial();
-    let python = std::env::var("MTKD_TORCH_PYTHON")
-        .expect("MTKD_TORCH_PYTHON names the Python that has torch; run the tests through `cargo xtask test`");
     let s = scratch("tv");
     let pt = s.join("lraspp.pt");
-    let out = std::process::Command::new(&python)
-        .arg(root().join("scripts/export_teacher.py"))
-        .args([
-            "--torchvision",
-            "lraspp_mobilenet_v3_large",
-            "--num-classes",
-            "11",
-            "--input-shape",
-            "3,32,32",
-            "--out",
-        ])
-        .arg(&pt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
+    let args: Vec<std::ffi::OsString> = vec![
+        std::ffi::OsString::from("--torchvision"),
+        std::ffi::OsString::from("lraspp_mobilenet_v3_large"),
+        std::ffi::OsString::from("--num-classes"),
+        std::ffi::OsString::from("11"),
+        std::ffi::OsString::from("--input-shape"),
+        std::ffi::OsString::from("3,32,32"),
+        std::ffi::OsString::from("--out"),
+        std::ffi::OsString::from(&pt),
+    ];
+    let said = export_teacher(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
     assert!(
         said.contains("logits [2, 11, 32, 32]") && said.contains("feature map [2, 128,"),
         "{said}"
@@ -472,8 +478,6 @@ fn a_torchvision_segmentation_teacher_joins_the_pool() {
 #[test]
 fn a_teacher_at_another_resolution_is_resized_to_the_mask() {
     let _g = serial();
-    let python = std::env::var("MTKD_TORCH_PYTHON")
-        .expect("MTKD_TORCH_PYTHON names the Python that has torch; run the tests through `cargo xtask test`");
     let s = scratch("halfres");
     // A segmentation model whose logits are at half the input's resolution.
     let module = s.join("half.py");
@@ -483,29 +487,21 @@ fn a_teacher_at_another_resolution_is_resized_to_the_mask() {
     )
     .unwrap();
     let pt = s.join("half.pt");
-    let out = std::process::Command::new(&python)
-        .arg(root().join("scripts/export_teacher.py"))
-        .arg("--module")
-        .arg(format!("{}:build", module.display()))
-        .args([
-            "--segmentation",
-            "--feature-layer",
-            "1",
-            "--num-classes",
-            "11",
-            "--input-shape",
-            "1,32,32",
-            "--out",
-        ])
-        .arg(&pt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("logits [2, 11, 16, 16]"));
+    let args: Vec<std::ffi::OsString> = vec![
+        std::ffi::OsString::from("--module"),
+        std::ffi::OsString::from(format!("{}:build", module.display())),
+        std::ffi::OsString::from("--segmentation"),
+        std::ffi::OsString::from("--feature-layer"),
+        std::ffi::OsString::from("1"),
+        std::ffi::OsString::from("--num-classes"),
+        std::ffi::OsString::from("11"),
+        std::ffi::OsString::from("--input-shape"),
+        std::ffi::OsString::from("1,32,32"),
+        std::ffi::OsString::from("--out"),
+        std::ffi::OsString::from(&pt),
+    ];
+    let said = export_teacher(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    assert!(said.contains("logits [2, 11, 16, 16]"));
     let extra = format!(
         "[distill]\nstrategy = \"equal\"\n\n[[teachers]]\nname = \"half\"\ntorchscript = \"{}\"\n",
         pt.display()
@@ -532,26 +528,18 @@ fn a_teacher_at_another_resolution_is_resized_to_the_mask() {
     )
     .unwrap();
     let flat_pt = s.join("flat.pt");
-    let out = std::process::Command::new(&python)
-        .arg(root().join("scripts/export_teacher.py"))
-        .arg("--module")
-        .arg(format!("{}:build", flat.display()))
-        .args([
-            "--logits-only",
-            "--num-classes",
-            "11",
-            "--input-shape",
-            "1,32,32",
-            "--out",
-        ])
-        .arg(&flat_pt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args: Vec<std::ffi::OsString> = vec![
+        std::ffi::OsString::from("--module"),
+        std::ffi::OsString::from(format!("{}:build", flat.display())),
+        std::ffi::OsString::from("--logits-only"),
+        std::ffi::OsString::from("--num-classes"),
+        std::ffi::OsString::from("11"),
+        std::ffi::OsString::from("--input-shape"),
+        std::ffi::OsString::from("1,32,32"),
+        std::ffi::OsString::from("--out"),
+        std::ffi::OsString::from(&flat_pt),
+    ];
+    export_teacher(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
     let bad =
         parse(&text.replace(&pt.display().to_string(), &flat_pt.display().to_string())).unwrap();
     let err = format!(
