@@ -370,7 +370,12 @@ def main(argv=None):
         name = args.torchvision
         num_classes = args.num_classes if args.num_classes is not None else 1000
         model = build_torchvision(name, num_classes, args.in_channels)
-        family = "resnet" if name.startswith("resnet") else name.split("_")[0]
+        if name.startswith("resnet"):
+            family = "resnet"
+        elif name in DEFAULT_FEATURE_LAYERS:
+            family = name
+        else:
+            family = name.split("_")[0]  # deeplabv3_*, fcn_*, lraspp_*
         args.segmentation = args.segmentation or family in SEGMENTATION_FAMILIES
         if args.feature_layer is None and not args.logits_only:
             if family not in DEFAULT_FEATURE_LAYERS:
