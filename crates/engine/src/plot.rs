@@ -358,7 +358,7 @@ pub fn class_bars(
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..100.0)
+            .build_cartesian_2d((0..n.max(2) - 1).into_segmented(), 0.0..100.0)
             .map_err(|x| e(&x))?;
         let label = |v: &SegmentValue<usize>| match v {
             SegmentValue::CenterOf(i) | SegmentValue::Exact(i) if *i < n => {
