@@ -1,10 +1,28 @@
-"""Wrap a PyTorch classifier or segmentation model into mtkd's teacher contract and write it as a
-TorchScript file.
+"""Wrap a PyTorch classifier, segmentation or detection model into mtkd's teacher contract and write
+it as a TorchScript file.
 
 The contract (crates/teachers/src/lib.rs): `forward(x)` takes a float batch [B, C, H, W] and
 returns the tuple (logits [B, K], feature_map [B, C', H', W']), the feature map being the output of
 a named layer (the last convolutional map, from which mtkd average-pools the embedding); with
 --logits-only it returns just logits [B, K].
+
+Detection models (--torchvision fcos_resnet50_fpn | retinanet_resnet50_fpn) follow the DETECTION
+contract instead: `forward(x)` takes the normalised batch [B, C, H, W] (torchvision's
+GeneralizedRCNNTransform is not used: no resizing, no normalisation) and returns the tuple
+(dense [B, K+5, L], features [B, 256, L, 1]). Level l has stride s_l (--det-strides) and
+h_l x w_l = ceil(H / s_l) x ceil(W / s_l) locations; the L = sum_l h_l * w_l locations are flattened
+level by level, row-major within a level (index = offset_l + y * w_l + x), and location (x, y) of
+level l has its centre at ((x + 0.5) * s_l, (y + 0.5) * s_l). Dense channels: 0..K the per-class
+logits (sigmoid classifier), K..K+4 the distances (l, t, r, b) from the centre to the box's left,
+top, right and bottom sides divided by s_l (clamped at 0), K+4 the centerness logit (FCOS's
+bbox_ctrness; RetinaNet has none and gives 0). Features are the FPN outputs, each flattened to
+[B, 256, h_l * w_l] and concatenated along the locations. The backbone is a randomly initialised
+resnet50 with an FPN over the stages of the strides (4 -> layer1 (C2), 8 -> layer2, 16 -> layer3,
+32 -> layer4), no P6/P7; the head has one anchor per location (size = the stride, aspect 1).
+FCOS's regression (ltrb / s about torchvision's anchor centre (x * s, y * s)) is shifted to mtkd's
+centre: l + 0.5, t + 0.5, r - 0.5, b - 0.5. RetinaNet's deltas are decoded with its BoxCoder
+(weights 1, 1, 1, 1) against its anchors (the model's anchor generator's cell anchors placed every
+s_l pixels, i.e. torchvision's anchors whenever s_l divides H and W) and re-expressed as ltrb / s_l.
 
     # a torchvision architecture, randomly initialised (seeded) or from a state dict
     $MTKD_TORCH_PYTHON scripts/export_teacher.py --torchvision resnet18 --num-classes 10 \\
@@ -18,6 +36,10 @@ a named layer (the last convolutional map, from which mtkd average-pools the emb
     # forward then returns (per-pixel logits [B, K, H, W], feature map)
     $MTKD_TORCH_PYTHON scripts/export_teacher.py --torchvision deeplabv3_mobilenet_v3_large \
         --num-classes 11 --input-shape 3,64,64 --out /tmp/deeplab.pt
+    # a detection model (random init, nothing downloaded): forward returns (dense [B, K+5, L],
+    # FPN features [B, 256, L, 1]); here L = 16*16 + 8*8 + 4*4 = 336
+    $MTKD_TORCH_PYTHON scripts/export_teacher.py --torchvision fcos_resnet50_fpn --num-classes 3 \\
+        --in-channels 1 --input-shape 1,64,64 --det-strides 4,8,16 --out /tmp/fcos.pt
     # any nn.Module: a python file and a factory function in it that takes no arguments
     $MTKD_TORCH_PYTHON scripts/export_teacher.py --module my_net.py:build --feature-layer body.stage3 \\
         --input-shape 3,32,32 --out /tmp/my_net.pt
@@ -27,9 +49,13 @@ Options
   --state-dict FILE     weights loaded with torch.load(FILE, map_location='cpu') (a plain state dict,
                         or a checkpoint dict holding one under 'state_dict' or 'model'; a
                         'module.' prefix from DataParallel is stripped)
-  --num-classes K       classes of the torchvision head (default 1000); for --module, checked
-                        against the model's output when given
-  --in-channels C       input channels of the first convolution (torchvision resnet*, mobilenet_v2);
+                        (detection models: torchvision FCOS / RetinaNet keys, backbone.body.*,
+                        backbone.fpn.*, head.*, for the levels of --det-strides; torchvision's COCO
+                        weights, with P6/P7 and other levels, do not fit)
+  --num-classes K       classes of the torchvision head (default 1000; detection models 91); for
+                        --module, checked against the model's output when given
+  --in-channels C       input channels of the first convolution (torchvision resnet*, mobilenet_v2,
+                        and the resnet50 of the detection models);
                         with --state-dict, pretrained RGB stem filters are summed (C = 1) or
                         repeated and scaled by 3/C (C > 3), as timm's adapt_input_conv does.
                         (Or keep the teacher RGB and give it `[[teachers]] input` in the config.)
@@ -41,16 +67,21 @@ Options
                         dict's 'out' as torchvision's) is per-pixel logits [B, K, H, W]
                         (implied for torchvision.models.segmentation models)
   --logits-only         forward returns logits only (logit KD)
+  --det-strides S,S,..  detection models only: the FPN levels' strides, increasing powers of two
+                        from 4 to 32 (default 4,8,16)
   --input-shape C,H,W   per-sample input of the trace (default 3,224,224; the channel count
                         defaults to --in-channels); the example batch is [2, C, H, W]
   --seed S              torch.manual_seed before the model is built (default 0)
   --out FILE.pt         the TorchScript file (written to FILE.pt.tmp, then renamed)
 
 The model is put in eval mode, wrapped in a module that captures the feature layer's output with a
-forward hook, and traced with torch.jit.trace. The saved file is reloaded with torch.jit.load and its
+forward hook (detection models: a module that runs the backbone and head and lays out the dense
+output), and traced with torch.jit.trace. The saved file is reloaded with torch.jit.load and its
 outputs are compared with the eager model's (max abs diff < 1e-5) on the example batch and on a
-batch of another size. scripts/teacher_logits.py runs a saved teacher on a fixed input for the Rust
-tests.
+batch of another size; a detection export also checks the level sizes, the shapes [B, K+5, L] and
+[B, 256, L, 1] and that the outputs are finite. A detection trace holds the anchors and centres of
+the traced input (as buffers), so such a teacher takes inputs of the traced H x W only (any batch
+size). scripts/teacher_logits.py runs a saved teacher on a fixed input for the Rust tests.
 """
 import argparse
 import difflib
@@ -72,6 +103,9 @@ DEFAULT_FEATURE_LAYERS = {
     "lraspp": "classifier.cbr",
 }
 SEGMENTATION_FAMILIES = ("deeplabv3", "fcn", "lraspp")
+DETECTION_MODELS = ("fcos_resnet50_fpn", "retinanet_resnet50_fpn")
+DEFAULT_DET_STRIDES = "4,8,16"
+STRIDE_TO_LAYER = {4: 1, 8: 2, 16: 3, 32: 4}  # resnet stage (layer1 = C2) of each stride
 
 
 class SegmentationOut(nn.Module):
@@ -116,6 +150,67 @@ class FeatureTap(nn.Module):
                 "choose a layer that runs exactly once"
             )
         return logits, captured[0]
+
+
+class DetectionDense(nn.Module):
+    """A torchvision FCOS / RetinaNet as mtkd's detection teacher: (dense [B, K+5, L], features
+    [B, D, L, 1]); see the module docstring for the layout.
+
+    What depends on the locations (FCOS's centre shift; RetinaNet's anchors, mtkd's centres and
+    strides) is precomputed for the input size H x W into buffers, so that the trace holds no
+    tensor constants or device arguments and follows the module to any device."""
+
+    def __init__(self, model, kind, strides, num_classes, height, width):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.strides = list(strides)
+        self.num_classes = num_classes
+        self.level_sizes = [(-(-height // s), -(-width // s)) for s in self.strides]
+        if kind == "fcos":
+            # ltrb / s about torchvision's anchor centre (x * s, y * s) -> about ((x + 0.5) * s, ...)
+            self.register_buffer("ltrb_shift", torch.tensor([0.5, 0.5, -0.5, -0.5]))
+        else:
+            gen = model.anchor_generator
+            grid = [list(hw) for hw in self.level_sizes]
+            steps = [[torch.tensor(s, dtype=torch.int64)] * 2 for s in self.strides]
+            centres, scale = [], []
+            for (h, w), s in zip(self.level_sizes, self.strides):
+                cy, cx = torch.meshgrid(
+                    (torch.arange(h, dtype=torch.float32) + 0.5) * s,
+                    (torch.arange(w, dtype=torch.float32) + 0.5) * s,
+                    indexing="ij",
+                )
+                centres.append(torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1))
+                scale.append(torch.full((h * w, 1), float(s)))
+            # the model's cell anchors (size s, aspect 1) placed every s pixels: torchvision's own
+            # anchors for this input whenever s divides H and W
+            self.register_buffer("anchors", torch.cat(gen.grid_anchors(grid, steps)).float())  # [L, 4]
+            self.register_buffer("centres", torch.cat(centres))  # [L, 2]
+            self.register_buffer("scale", torch.cat(scale))  # [L, 1]
+
+    def levels(self, x):
+        return list(self.model.backbone(x).values())
+
+    def forward(self, x):
+        feats = self.levels(x)
+        head = self.model.head(feats)
+        logits = head["cls_logits"]  # [B, L, K], level by level, row-major in a level (A = 1)
+        reg = head["bbox_regression"]  # [B, L, 4]
+        if self.kind == "fcos":
+            ltrb = (reg + self.ltrb_shift).clamp_min(0.0)
+            ctr = head["bbox_ctrness"]  # [B, L, 1]
+        else:
+            b, n = reg.shape[0], reg.shape[1]
+            boxes = self.model.box_coder.decode_single(
+                reg.reshape(-1, 4), self.anchors.unsqueeze(0).expand(b, n, 4).reshape(-1, 4)
+            ).reshape(b, n, 4)
+            ltrb = torch.cat([self.centres - boxes[:, :, :2], boxes[:, :, 2:] - self.centres], dim=2) / self.scale
+            ltrb = ltrb.clamp_min(0.0)
+            ctr = torch.zeros_like(logits[:, :, :1])  # RetinaNet has no centerness
+        dense = torch.cat([logits, ltrb, ctr], dim=2).permute(0, 2, 1)
+        features = torch.cat([f.flatten(2) for f in feats], dim=2).unsqueeze(-1)
+        return dense, features
 
 
 class LogitsOnly(nn.Module):
@@ -169,6 +264,84 @@ def replace_first_conv(model, name, channels):
         setattr(parent, attr, new)
 
 
+def parse_strides(text):
+    try:
+        strides = [int(v) for v in text.split(",")]
+    except ValueError:
+        strides = []
+    if (
+        not strides
+        or any(s not in STRIDE_TO_LAYER for s in strides)
+        or any(a >= b for a, b in zip(strides, strides[1:]))
+    ):
+        raise ExportError(
+            f"--det-strides must be increasing strides from {sorted(STRIDE_TO_LAYER)} "
+            f"(powers of two, 4 = resnet layer1 ... 32 = layer4) separated by commas, got `{text}`"
+        )
+    return strides
+
+
+def build_detection(name, num_classes, in_channels, strides):
+    """A torchvision FCOS / RetinaNet on a resnet50-FPN over the stages of `strides` (no P6/P7), one
+    anchor per location of size = the stride; random init, nothing downloaded."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FCOS, RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    body = resnet50(weights=None)
+    if in_channels is not None and in_channels != 3:
+        replace_first_conv(body, "resnet50", in_channels)
+    backbone = _resnet_fpn_extractor(
+        body, trainable_layers=5, returned_layers=[STRIDE_TO_LAYER[s] for s in strides], extra_blocks=None
+    )
+    # _resnet_fpn_extractor turns extra_blocks=None into LastLevelMaxPool (an extra 'pool' level);
+    # mtkd's levels are the stages only.
+    backbone.fpn.extra_blocks = None
+    anchors = AnchorGenerator(sizes=tuple((s,) for s in strides), aspect_ratios=((1.0,),) * len(strides))
+    if name == "fcos_resnet50_fpn":
+        return FCOS(backbone, num_classes, anchor_generator=anchors), "fcos"
+    return RetinaNet(backbone, num_classes, anchor_generator=anchors), "retinanet"
+
+
+def check_levels(wrapper, x):
+    """The FPN levels have ceil(H / s) x ceil(W / s) locations; returns [(h, w)] per level."""
+    with torch.no_grad():
+        feats = wrapper.levels(x)
+    h, w = x.shape[-2:]
+    want = wrapper.level_sizes
+    got = [tuple(f.shape[-2:]) for f in feats]
+    if got != want:
+        raise ExportError(
+            f"the FPN levels of a {h}x{w} input are {got}, not ceil(H/s) x ceil(W/s) = {want} for "
+            f"strides {wrapper.strides}"
+        )
+    channels = {f.shape[1] for f in feats}
+    if len(channels) != 1:
+        raise ExportError(f"the FPN levels have different channel counts {sorted(channels)}")
+    return got
+
+
+def check_detection_outputs(out, batch, num_classes, level_sizes):
+    if len(out) != 2:
+        raise ExportError(f"the detection wrapper returns {len(out)} output(s), not (dense, features)")
+    dense, features = out
+    n = sum(h * w for h, w in level_sizes)
+    want = [batch, num_classes + 5, n]
+    if not isinstance(dense, torch.Tensor) or list(dense.shape) != want:
+        got = list(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
+        raise ExportError(f"the dense output is {got}, not [B, K+5, L] = {want}")
+    if not isinstance(features, torch.Tensor) or features.dim() != 4 or features.shape[0] != batch \
+            or features.shape[2] != n or features.shape[3] != 1:
+        got = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ExportError(f"the features are {got}, not [B, D, L, 1] with B = {batch}, L = {n}")
+    for what, t in (("dense output", dense), ("features", features)):
+        if not torch.isfinite(t).all():
+            raise ExportError(f"the {what} holds non-finite values")
+    if (dense[:, num_classes:num_classes + 4] < 0).any():
+        raise ExportError("negative ltrb distances in the dense output")
+
+
 def build_torchvision(name, num_classes, in_channels):
     try:
         import torchvision
@@ -185,7 +358,7 @@ def build_torchvision(name, num_classes, in_channels):
         return torchvision.models.get_model(
             name, weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False
         )
-    available = torchvision.models.list_models(module=torchvision.models) + segmentation
+    available = torchvision.models.list_models(module=torchvision.models) + segmentation + list(DETECTION_MODELS)
     if name not in available:
         close = difflib.get_close_matches(name, available, n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -346,6 +519,8 @@ def main(argv=None):
     p.add_argument("--logits-only", action="store_true", help="forward returns logits only")
     p.add_argument("--segmentation", action="store_true", help="a --module model gives per-pixel logits")
     p.add_argument("--input-shape", metavar="C,H,W", help="per-sample input shape (default 3,224,224)")
+    p.add_argument("--det-strides", metavar="S,S,..",
+                   help=f"detection models: FPN level strides (default {DEFAULT_DET_STRIDES})")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed for the random init (default 0)")
     p.add_argument("--out", required=True, metavar="FILE.pt", help="TorchScript file to write")
     args = p.parse_args(argv)
@@ -365,8 +540,21 @@ def main(argv=None):
     if args.in_channels is not None and shape[0] != args.in_channels:
         raise ExportError(f"--input-shape has {shape[0]} channels but --in-channels is {args.in_channels}")
 
+    detection = args.torchvision in DETECTION_MODELS
+    if args.det_strides is not None and not detection:
+        raise ExportError(f"--det-strides applies to the detection models ({', '.join(DETECTION_MODELS)}) only")
+    if detection:
+        for flag, given in (("--feature-layer", args.feature_layer), ("--logits-only", args.logits_only),
+                            ("--segmentation", args.segmentation)):
+            if given:
+                raise ExportError(f"{flag} does not apply to a detection model (it returns dense outputs and FPN features)")
+        strides = parse_strides(args.det_strides or DEFAULT_DET_STRIDES)
+
     torch.manual_seed(args.seed)
-    if args.torchvision:
+    if detection:
+        num_classes = args.num_classes if args.num_classes is not None else 91
+        model, kind = build_detection(args.torchvision, num_classes, args.in_channels, strides)
+    elif args.torchvision:
         name = args.torchvision
         num_classes = args.num_classes if args.num_classes is not None else 1000
         model = build_torchvision(name, num_classes, args.in_channels)
@@ -399,7 +587,9 @@ def main(argv=None):
         param.requires_grad_(False)
 
     inner = SegmentationOut(model) if args.segmentation else model
-    if args.logits_only:
+    if detection:
+        wrapper = DetectionDense(model, kind, strides, num_classes, shape[1], shape[2])
+    elif args.logits_only:
         wrapper = LogitsOnly(inner)
     else:
         wrapper = FeatureTap(inner, args.feature_layer, find_layer(model, args.feature_layer))
@@ -407,6 +597,7 @@ def main(argv=None):
 
     example = torch.randn(2, *shape, generator=torch.Generator().manual_seed(args.seed))
     try:
+        level_sizes = check_levels(wrapper, example) if detection else None
         eager = run(wrapper, example)
     except ExportError:
         raise
@@ -415,7 +606,10 @@ def main(argv=None):
             f"the model fails on an input of shape {list(example.shape)}: {str(e).splitlines()[0]}. "
             "Check --input-shape and --in-channels."
         ) from None
-    check_outputs(eager, 2, num_classes, args.segmentation)
+    if detection:
+        check_detection_outputs(eager, 2, num_classes, level_sizes)
+    else:
+        check_outputs(eager, 2, num_classes, args.segmentation)
 
     with warnings.catch_warnings():
         # torch 2.13 marks torch.jit as deprecated; TorchScript is still what libtorch/tch loads.
@@ -442,12 +636,24 @@ def main(argv=None):
     # Another batch size: a trace that baked in B=2 would fail or differ here.
     other = torch.randn(3, *shape, generator=torch.Generator().manual_seed(args.seed + 1))
     try:
-        diff = max(diff, max_diff(run(loaded, other), run(wrapper, other)))
+        got_other = run(loaded, other)
+        diff = max(diff, max_diff(got_other, run(wrapper, other)))
     except Exception as e:
         raise ExportError(f"{out} fails on a batch of 3 (the trace fixed the batch size?): {e}") from None
+    if detection:
+        check_detection_outputs(got, 2, num_classes, level_sizes)
+        check_detection_outputs(got_other, 3, num_classes, level_sizes)
     if diff >= TOLERANCE:
         raise ExportError(f"{out} differs from the eager model by {diff:.3g} (limit {TOLERANCE:g})")
 
+    if detection:
+        print(
+            f"{out}: {args.torchvision} dense {list(got[0].shape)} (K = {num_classes}, "
+            f"L = {got[0].shape[2]}), features {list(got[1].shape)}, levels "
+            + ", ".join(f"s{s}: {h}x{w}" for s, (h, w) in zip(strides, level_sizes))
+            + f", input [B, {', '.join(map(str, shape))}], max abs diff {diff:.1e}, {out.stat().st_size} bytes"
+        )
+        return
     fmap = list(got[1].shape) if len(got) > 1 else None
     print(
         f"{out}: logits {list(got[0].shape)}, feature map "

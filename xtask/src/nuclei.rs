@@ -10,6 +10,18 @@
 //! The two splits come from disjoint parts of the image. Masks are binary index PNGs:
 //! 0 = background, 1 = nucleus (any instance). The image is scaled to 8 bits between its 1st
 //! and 99.8th percentiles (the normalisation stardist's own examples use).
+//!
+//! The same tiles for detection, in the COCO layout mtkd reads (`data.kind = "coco"`):
+//!
+//! ```text
+//! <data_dir>/nuclei-det/{train,val}/*.png
+//! <data_dir>/nuclei-det/annotations/instances_{train,val}.json
+//! ```
+//!
+//! one category (`1`, "nucleus"); every instance's box is the box of its pixels inside the tile
+//! (a nucleus cut by the tile's edge keeps the part inside), its area the pixel count. Instances
+//! with fewer than [`MIN_PIXELS`] pixels in a tile are left out (slivers at the edge); the
+//! count is printed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,13 +32,86 @@ const WHEEL: &str = "stardist==0.9.2";
 const IMAGE: &str = "stardist/data/images/img2d.tif";
 const MASK: &str = "stardist/data/images/mask2d.tif";
 const TILE: usize = 64;
+/// A nucleus needs this many pixels in a tile to be a detection box there.
+pub const MIN_PIXELS: usize = 12;
 
 pub fn dir() -> Result<PathBuf> {
     Ok(crate::data::data_dir()?.join("nuclei-tiles"))
 }
 
+/// The detection tiles' folder.
+pub fn det_dir() -> Result<PathBuf> {
+    Ok(crate::data::data_dir()?.join("nuclei-det"))
+}
+
 fn complete(dir: &Path) -> bool {
     dir.join("val").join("masks").join("done").is_file()
+        && dir
+            .with_file_name("nuclei-det")
+            .join("annotations")
+            .join("done")
+            .is_file()
+}
+
+/// COCO JSON of one split's tiles: `(file name, boxes [x, y, w, h, area])`.
+fn coco_json(tiles: &[(String, Vec<[usize; 5]>)]) -> String {
+    let images: Vec<String> = tiles
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            format!(
+                "{{\"id\": {}, \"file_name\": \"{name}\", \"width\": {TILE}, \"height\": {TILE}}}",
+                i + 1
+            )
+        })
+        .collect();
+    let mut anns = Vec::new();
+    for (i, (_, boxes)) in tiles.iter().enumerate() {
+        for b in boxes {
+            anns.push(format!(
+                "{{\"id\": {}, \"image_id\": {}, \"category_id\": 1, \"bbox\": [{}, {}, {}, {}], \"area\": {}, \"iscrowd\": 0}}",
+                anns.len() + 1,
+                i + 1,
+                b[0],
+                b[1],
+                b[2],
+                b[3],
+                b[4]
+            ));
+        }
+    }
+    format!(
+        "{{\"images\": [\n  {}\n],\n\"annotations\": [\n  {}\n],\n\"categories\": [{{\"id\": 1, \"name\": \"nucleus\"}}]}}\n",
+        images.join(",\n  "),
+        anns.join(",\n  ")
+    )
+}
+
+/// The boxes `[x, y, w, h, pixels]` of the instances of a tile of the instance mask.
+fn instance_boxes(mask: &[u16], w: usize, y0: usize, x0: usize, dropped: &mut usize) -> Vec<[usize; 5]> {
+    let mut ext: std::collections::BTreeMap<u16, [usize; 5]> = Default::default();
+    for y in 0..TILE {
+        for x in 0..TILE {
+            let id = mask[(y0 + y) * w + x0 + x];
+            if id == 0 {
+                continue;
+            }
+            let e = ext.entry(id).or_insert([usize::MAX, usize::MAX, 0, 0, 0]);
+            e[0] = e[0].min(x);
+            e[1] = e[1].min(y);
+            e[2] = e[2].max(x + 1);
+            e[3] = e[3].max(y + 1);
+            e[4] += 1;
+        }
+    }
+    ext.into_values()
+        .filter(|e| {
+            let keep = e[4] >= MIN_PIXELS;
+            *dropped += usize::from(!keep);
+            keep
+        })
+        .map(|e| [e[0], e[1], e[2] - e[0], e[3] - e[1], e[4]])
+        .collect()
 }
 
 fn read_u16(path: &Path) -> Result<(usize, usize, Vec<u16>)> {
@@ -133,6 +218,14 @@ pub fn ensure(python: &Path) -> Result<PathBuf> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
+    let det_target = det_dir()?;
+    let det_tmp = target.with_file_name(".nuclei-det.tmp");
+    if det_tmp.exists() {
+        std::fs::remove_dir_all(&det_tmp)?;
+    }
+    std::fs::create_dir_all(det_tmp.join("annotations"))?;
+    let mut dropped = 0usize;
+    let mut nboxes = 0usize;
     let mut counts = [0usize; 2];
     for (split, rows, stride) in [
         ("train", 0..split_row, TILE / 2),
@@ -142,6 +235,9 @@ pub fn ensure(python: &Path) -> Result<PathBuf> {
         let masks = tmp.join(split).join("masks");
         std::fs::create_dir_all(&images)?;
         std::fs::create_dir_all(&masks)?;
+        let det_images = det_tmp.join(split);
+        std::fs::create_dir_all(&det_images)?;
+        let mut det_tiles = Vec::new();
         let mut y = rows.start;
         while y + TILE <= rows.end {
             let mut x = 0;
@@ -154,12 +250,31 @@ pub fn ensure(python: &Path) -> Result<PathBuf> {
                 let name = format!("y{y:03}-x{x:03}.png");
                 write_png(&images.join(&name), TILE, TILE, &cut(&img8))?;
                 write_png(&masks.join(&name), TILE, TILE, &cut(&mask8))?;
+                write_png(&det_images.join(&name), TILE, TILE, &cut(&img8))?;
+                let boxes = instance_boxes(&mask, w, y, x, &mut dropped);
+                nboxes += boxes.len();
+                det_tiles.push((name, boxes));
                 counts[usize::from(split == "val")] += 1;
                 x += stride;
             }
             y += stride;
         }
+        std::fs::write(
+            det_tmp
+                .join("annotations")
+                .join(format!("instances_{split}.json")),
+            coco_json(&det_tiles),
+        )?;
     }
+    std::fs::write(det_tmp.join("annotations").join("done"), b"")?;
+    if det_target.exists() {
+        std::fs::remove_dir_all(&det_target)?;
+    }
+    std::fs::rename(&det_tmp, &det_target)?;
+    eprintln!(
+        "xtask: nuclei detection tiles in {}: {nboxes} boxes, {dropped} slivers under {MIN_PIXELS} pixels left out",
+        det_target.display()
+    );
     std::fs::write(tmp.join("val").join("masks").join("done"), b"")?;
     if target.join("train").exists() {
         std::fs::remove_dir_all(target.join("train"))?;

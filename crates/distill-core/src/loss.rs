@@ -45,6 +45,26 @@ pub fn feature_mse(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     Ok(per.f_mean_dim(-1, false, Kind::Float)?)
 }
 
+/// Pearson-style feature distillation (PKD, Cao et al. 2022): each map is normalised per
+/// sample and channel over its locations to zero mean and unit variance (eps 1e-6, biased
+/// variance), then compared by mean squared error, so that teachers whose features differ in
+/// scale (another detector type) are compared by their correlation pattern. Equals
+/// `2 (1 - r)` averaged over channels, `r` the Pearson correlation of the two channels.
+///
+/// # Shapes
+/// `student [B, C, H, W]`, `teacher [B, C, H, W]` -> `[B]`
+pub fn feature_pearson(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    check_shape("feature_pearson teacher map", teacher, &student.size())?;
+    let norm = |x: &Tensor| -> Result<Tensor> {
+        let f = x.f_flatten(2, -1)?;
+        let mean = f.f_mean_dim(-1, true, Kind::Float)?;
+        let var = f.f_var_correction([-1i64].as_slice(), 0.0, true)?;
+        Ok((f - mean) / (var + 1e-6).sqrt())
+    };
+    let diff = norm(student)? - norm(&teacher.detach())?;
+    Ok(diff.square().flatten(1, -1).f_mean_dim(-1, false, Kind::Float)?)
+}
+
 /// Cosine similarity along dim 1 (eps 1e-8, as `torch.nn.functional.cosine_similarity`).
 ///
 /// # Shapes

@@ -218,7 +218,7 @@ impl BatchSignals {
 /// Cosine of each teacher's embedding and the pooled projected student map `[B, M]` (`None`
 /// when some teacher has no feature map or no projection was given), and the embeddings.
 #[allow(clippy::type_complexity)]
-fn cosines(
+pub fn cosines(
     projected: &[Option<Tensor>],
     teachers: &[ModelOutput],
 ) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {

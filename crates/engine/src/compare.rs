@@ -75,10 +75,14 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         with(StrategyKind::CaMkd),
     ));
     out.push(("aekd".to_owned(), with(StrategyKind::Aekd)));
-    out.push((
-        "mmkd (last-layer look-ahead)".to_owned(),
-        with(StrategyKind::Mmkd),
-    ));
+    // A detector has no last linear layer for the look-ahead of mmkd and the meta mode.
+    let look_ahead = base.data.task() != crate::config::TaskKind::Detection;
+    if look_ahead {
+        out.push((
+            "mmkd (last-layer look-ahead)".to_owned(),
+            with(StrategyKind::Mmkd),
+        ));
+    }
     let agent = d.agent.clone().unwrap_or_default();
     for (label, mode, mix) in [
         ("mtkd-rl parity fixed †", Mode::Parity, Mix::Fixed),
@@ -86,6 +90,9 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         ("mtkd-rl clean", Mode::Clean, Mix::Fixed),
         ("mtkd-rl meta", Mode::Meta, Mix::Fixed),
     ] {
+        if mode == Mode::Meta && !look_ahead {
+            continue;
+        }
         let a = AgentConfig {
             mode,
             mix,
@@ -99,6 +106,7 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
             },
         ));
     }
+    if look_ahead {
     out.push((
         "mtkd-rl meta + prune".to_owned(),
         DistillConfig {
@@ -111,6 +119,7 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
             ..with(StrategyKind::MtkdRl)
         },
     ));
+    }
     Ok(out)
 }
 

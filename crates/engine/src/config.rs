@@ -80,6 +80,14 @@ pub enum DatasetKind {
     /// Segmentation: seeded synthetic scenes (`[data] scenes`) of objects from the MNIST-layout
     /// set at `root` (Fashion-MNIST) pasted onto textured canvases, exact masks.
     SyntheticScenes,
+    /// Detection: COCO-JSON, `root/annotations/instances_{train,val}.json` with the images in
+    /// `root/train/` and `root/val/` (`mtkd_vision_tasks::detection::coco`); every image is
+    /// resized to `image_size` (boxes with it).
+    Coco,
+    /// Detection: the synthetic scenes of `synthetic-scenes` with the exact box of every
+    /// object's visible pixels, written once as a COCO folder and read back through the COCO
+    /// reader (`$MTKD_DATA_DIR/scenes-coco/<hash>/`).
+    SyntheticDetection,
 }
 
 impl DatasetKind {
@@ -89,6 +97,7 @@ impl DatasetKind {
             DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
                 TaskKind::Segmentation
             }
+            DatasetKind::Coco | DatasetKind::SyntheticDetection => TaskKind::Detection,
             _ => TaskKind::Classification,
         }
     }
@@ -183,6 +192,9 @@ pub enum FeatureLoss {
     Mse,
     /// Channel-wise distillation of the adapted map (spatial softmax per channel, at T).
     Cwd,
+    /// Pearson-style: MSE of the per-channel standardised maps (zero mean, unit variance over
+    /// the locations), which ignores the teachers' feature scales (detectors of other types).
+    Pearson,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,10 +355,15 @@ pub struct DistillConfig {
     /// confidence, docs/METHOD.md section 13; with `dense_kd = "kl"`).
     #[serde(default, skip_serializing_if = "is_default_pixel_weights")]
     pub pixel_weights: PixelWeights,
-    /// The feature term: `mse` (default, through the adapters) or `cwd` (channel-wise
-    /// distillation of the adapted map, at T).
+    /// The feature term: `mse` (default, through the adapters), `cwd` (channel-wise
+    /// distillation of the adapted map, at T) or `pearson` (MSE of per-channel standardised
+    /// maps).
     #[serde(default, skip_serializing_if = "is_default_feature_loss")]
     pub feature_loss: FeatureLoss,
+    /// Detection: weight of the box KD term (GIoU of the student's boxes to the teacher's at
+    /// positive locations) inside each teacher's KD term, beside the class KD (default 1).
+    #[serde(default = "default_one", skip_serializing_if = "is_one")]
+    pub box_kd_weight: f64,
     /// The MTKD-RL agent's settings (strategy `mtkd-rl`); defaults to parity mode, fixed mix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<mtkd_rl_weighting::agent::AgentConfig>,
@@ -411,6 +428,10 @@ pub use mtkd_distill_core::weighting::FixedWeights;
 
 fn is_zero(v: &usize) -> bool {
     *v == 0
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 fn default_aekd_cap() -> f64 {
@@ -645,27 +666,33 @@ impl Config {
             );
         }
         let task = self.data.task();
-        if task == TaskKind::Segmentation && !self.student.head.is_dense() {
+        let head_task = |h: HeadKind| {
+            if h.is_detector() {
+                TaskKind::Detection
+            } else if h.is_dense() {
+                TaskKind::Segmentation
+            } else {
+                TaskKind::Classification
+            }
+        };
+        if head_task(self.student.head) != task {
+            let want = match task {
+                TaskKind::Classification => "head = \"classifier\"",
+                TaskKind::Segmentation => "a segmentation head (head = \"fcn\" or \"aspp\")",
+                TaskKind::Detection => "a detection head (head = \"fcos\")",
+            };
             return bad(
                 "student.head",
                 format!(
-                    "data.kind `{}` is segmentation data: the student needs a segmentation head (head = \"fcn\" or \"aspp\")",
-                    serde_plain(&self.data.kind)
-                ),
-            );
-        }
-        if task == TaskKind::Classification && self.student.head.is_dense() {
-            return bad(
-                "student.head",
-                format!(
-                    "head `{}` gives per-pixel logits, but data.kind `{}` is classification data",
-                    self.student.head,
-                    serde_plain(&self.data.kind)
+                    "data.kind `{}` is {} data: the student needs {want}, not head `{}`",
+                    serde_plain(&self.data.kind),
+                    serde_plain(&task),
+                    self.student.head
                 ),
             );
         }
         for (i, t) in self.teachers.iter().enumerate() {
-            if task == TaskKind::Segmentation
+            if task != TaskKind::Classification
                 && (t.classes.is_some()
                     || t.label_noise > 0.0
                     || !t.flip_pairs.is_empty()
@@ -673,13 +700,13 @@ impl Config {
             {
                 return bad(
                     &format!("teachers[{i}]"),
-                    "classes, label_noise, flip_pairs and permute_labels edit image labels, not masks; \
-                     a segmentation teacher's set can only be cut (train_subset) or trained shorter (epochs)"
+                    "classes, label_noise, flip_pairs and permute_labels edit image labels, not masks or boxes; \
+                     a segmentation or detection teacher's set can only be cut (train_subset) or trained shorter (epochs)"
                         .into(),
                 );
             }
             if let Some(h) = t.head {
-                if h.is_dense() != (task == TaskKind::Segmentation) {
+                if head_task(h) != task {
                     return bad(
                         &format!("teachers[{i}].head"),
                         format!("head `{h}` does not fit {task:?} data"),
@@ -693,13 +720,18 @@ impl Config {
                 }
             }
         }
-        if self.data.kind == DatasetKind::SyntheticScenes {
+        if matches!(
+            self.data.kind,
+            DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection
+        ) {
             match &self.data.scenes {
                 None => {
                     return bad(
                         "data.scenes",
-                        "synthetic-scenes needs [data] scenes = { train = N, test = N, ... }"
-                            .into(),
+                        format!(
+                            "{} needs [data] scenes = {{ train = N, test = N, ... }}",
+                            serde_plain(&self.data.kind)
+                        ),
                     )
                 }
                 Some(sc) => {
@@ -711,7 +743,55 @@ impl Config {
         } else if self.data.scenes.is_some() {
             return bad(
                 "data.scenes",
-                "only data.kind = \"synthetic-scenes\" makes scenes".into(),
+                "only data.kind = \"synthetic-scenes\" or \"synthetic-detection\" makes scenes"
+                    .into(),
+            );
+        }
+        if self.data.kind == DatasetKind::Coco && self.data.image_size.is_none() {
+            return bad(
+                "data.image_size",
+                "coco needs image_size: every image (and its boxes) is resized to it".into(),
+            );
+        }
+        if task == TaskKind::Detection {
+            let a = &self.data.augment;
+            if a.crop_padding > 0
+                || a.random_resized_crop.is_some()
+                || a.scale.is_some()
+                || self.data.eval_resize.is_some()
+            {
+                return bad(
+                    "data.augment",
+                    "detection boxes follow only the horizontal flip (hflip); crop_padding, \
+                     scale, random_resized_crop and eval_resize are not built for boxes"
+                        .into(),
+                );
+            }
+            if let Some(d) = &self.distill {
+                let meta = d.strategy == StrategyKind::MtkdRl
+                    && d.agent
+                        .as_ref()
+                        .is_some_and(|a| a.mode == mtkd_rl_weighting::agent::Mode::Meta);
+                if d.strategy == StrategyKind::Mmkd || meta {
+                    return bad(
+                        "distill.strategy",
+                        "mmkd and the agent's meta mode look ahead through the student's last \
+                         linear layer on pooled features; a detector's class conv over a pyramid \
+                         has none (use the agent's clean or parity mode)"
+                            .into(),
+                    );
+                }
+                if !(d.box_kd_weight >= 0.0 && d.box_kd_weight.is_finite()) {
+                    return bad(
+                        "distill.box_kd_weight",
+                        format!("must be >= 0, got {}", d.box_kd_weight),
+                    );
+                }
+            }
+        } else if self.distill.as_ref().is_some_and(|d| d.box_kd_weight != 1.0) {
+            return bad(
+                "distill.box_kd_weight",
+                "is a detection setting".into(),
             );
         }
         if self.data.kind == DatasetKind::SegmentationFolder

@@ -42,6 +42,9 @@ pub struct Datasets {
     pub train: Arc<ImageSet>,
     pub test: Arc<ImageSet>,
     pub root: PathBuf,
+    /// COCO data read whole: the COCO ids of the test images (in set order) and of the
+    /// categories (in class order), for result files. `None`: ids are index + 1.
+    pub test_coco_ids: Option<(Vec<u64>, Vec<u64>)>,
 }
 
 impl Datasets {
@@ -50,7 +53,7 @@ impl Datasets {
     pub fn load_split(cfg: &DataConfig, split: Split) -> Result<ImageSet> {
         let root = resolve_root(&cfg.root);
         let hint = match cfg.kind {
-            DatasetKind::Mnist | DatasetKind::SyntheticScenes
+            DatasetKind::Mnist | DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection
                 if cfg.root == Path::new("fashion-mnist") =>
             {
                 "; run `cargo xtask data` to fetch Fashion-MNIST (Debian package dataset-fashion-mnist)"
@@ -91,6 +94,11 @@ impl Datasets {
                     };
                     mtkd_vision_tasks::segmentation::synthetic::generate(&source, n, sc, seed)?
                 }
+                DatasetKind::Coco => {
+                    let name = coco_split(&root, split);
+                    read_coco(cfg, &root, name)?
+                }
+                DatasetKind::SyntheticDetection => scenes_coco(cfg, &root, split)?,
             };
             Ok(set)
         };
@@ -125,6 +133,7 @@ impl Datasets {
         Ok(set)
     }
 
+    /// A COCO split read for a config (`image_size`, `channels`), its counts logged.
     pub fn load(cfg: &DataConfig) -> Result<Datasets> {
         let root = resolve_root(&cfg.root);
         let train = Self::load_split(cfg, Split::Train)?;
@@ -141,10 +150,16 @@ impl Datasets {
         }
         tracing::info!(root = %root.display(), train = train.len(), test = test.len(),
             shape = ?train.image_shape(), classes = train.num_classes, "dataset loaded");
+        let test_coco_ids = if cfg.kind == DatasetKind::Coco && cfg.test_subset == 0 {
+            Some(coco_ids(&root, coco_split(&root, Split::Test))?)
+        } else {
+            None
+        };
         Ok(Datasets {
             train: Arc::new(train),
             test: Arc::new(test),
             root,
+            test_coco_ids,
         })
     }
 
@@ -196,4 +211,76 @@ impl Datasets {
         )
         .context("data.normalize")
     }
+}
+
+/// The COCO split name of `split`: `train`, or for the test split `val` (or `test`).
+fn coco_split(root: &Path, split: Split) -> &'static str {
+    match split {
+        Split::Train => "train",
+        Split::Test => ["val", "test"]
+            .into_iter()
+            .find(|s| mtkd_vision_tasks::detection::coco::annotation_path(root, s).is_file())
+            .unwrap_or("val"),
+    }
+}
+
+fn read_coco(cfg: &DataConfig, root: &Path, split: &str) -> Result<ImageSet> {
+    let c = mtkd_vision_tasks::detection::coco::read_coco(
+        root,
+        split,
+        cfg.channels.unwrap_or(3),
+        cfg.image_size.map(|s| s as usize),
+    )?;
+    let r = &c.report;
+    tracing::info!(split, images = r.images, boxes = r.boxes, negatives = r.negatives,
+        clipped = r.clipped, degenerate = r.degenerate, crowd = r.crowd, "COCO split read");
+    Ok(c.set)
+}
+
+/// The synthetic detection scenes of a split, as a COCO folder under
+/// `$MTKD_DATA_DIR/scenes-coco/<hash of the scene settings and split>/` (written on first use,
+/// then read like any COCO data).
+fn scenes_coco(cfg: &DataConfig, root: &Path, split: Split) -> Result<ImageSet> {
+    let sc = cfg
+        .scenes
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("data.scenes is missing"))?;
+    let (n, seed, name) = match split {
+        Split::Train => (sc.train, sc.seed.wrapping_mul(2), "train"),
+        Split::Test => (sc.test, sc.seed.wrapping_mul(2).wrapping_add(1), "val"),
+    };
+    let key = serde_json::to_string(&(sc, name, "mtkd scenes-coco v1"))?;
+    let base = std::env::var_os("MTKD_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("runs"));
+    let dir = base
+        .join("scenes-coco")
+        .join(crate::config::stable_hash(key.as_bytes()));
+    let ann = mtkd_vision_tasks::detection::coco::annotation_path(&dir, name);
+    if !ann.is_file() {
+        let source = data::read_mnist_dir(root, split)?;
+        let (set, dropped) =
+            mtkd_vision_tasks::segmentation::synthetic::generate_detection(&source, n, sc, seed)?;
+        tracing::info!(dir = %dir.display(), split = name, scenes = n, dropped,
+            "writing the synthetic detection scenes as COCO");
+        mtkd_vision_tasks::detection::coco::write_coco(&dir, name, &set)
+            .with_context(|| format!("writing the synthetic scenes to {}", dir.display()))?;
+    }
+    let set = read_coco(
+        &DataConfig {
+            channels: Some(1),
+            image_size: None,
+            ..cfg.clone()
+        },
+        &dir,
+        name,
+    )?;
+    Ok(set)
+}
+
+/// The image ids (file order, as the reader keeps them) and category ids (sorted by id, the
+/// reader's class order) of a COCO split.
+fn coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+    let c = mtkd_vision_tasks::detection::coco::read_coco_ids(root, split)?;
+    Ok(c)
 }

@@ -114,6 +114,12 @@ const SEG_NOT_YET: &str =
      test mIoU, pixel accuracy and per-class IoU are in its summary.json and metrics.jsonl, its \
      prediction overlays in plots/";
 
+/// What predict says of detection data.
+const DET_NOT_YET: &str =
+    "mtkd predict handles classification models; a detection run's test AP, AP50, AP75 and \
+     per-class AP are in its summary.json and metrics.jsonl, its detections in \
+     detections.json (COCO result format), its box overlays in plots/";
+
 /// The size and channels images of a dataset kind are read at.
 fn geometry(data: &DataConfig) -> (u32, usize) {
     match data.kind {
@@ -122,7 +128,8 @@ fn geometry(data: &DataConfig) -> (u32, usize) {
         DatasetKind::ImageFolder => (data.image_size.unwrap_or(32), data.channels.unwrap_or(3)),
         // Segmentation images keep their own size.
         DatasetKind::SegmentationFolder => (0, data.channels.unwrap_or(3)),
-        DatasetKind::SyntheticScenes => (0, 1),
+        DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection => (0, 1),
+        DatasetKind::Coco => (data.image_size.unwrap_or(0), data.channels.unwrap_or(3)),
     }
 }
 
@@ -220,6 +227,7 @@ impl Model {
                     num_classes,
                     needs_features: false,
                     dense,
+                    det_locations: None,
                 };
                 (
                     Box::new(
@@ -463,6 +471,9 @@ pub fn predict(
             DatasetKind::Cifar100 => 100,
             DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
                 bail!("{SEG_NOT_YET}")
+            }
+            DatasetKind::Coco | DatasetKind::SyntheticDetection => {
+                bail!("{DET_NOT_YET}")
             }
             DatasetKind::ImageFolder => {
                 let n = class_names(data, 0).len();

@@ -135,8 +135,32 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
             },
         ],
     )?;
-    let dense = history.first().is_some_and(|r| r.test.primary == "miou");
-    if dense {
+    let primary = history.first().map(|r| r.test.primary.as_str()).unwrap_or("");
+    if primary == "ap" {
+        line_chart(
+            &dir.join("accuracy.png"),
+            "Detection: test AP, AP50, AP75",
+            "percent",
+            &[
+                Series {
+                    name: "train positive-location acc.",
+                    points: pts(&|r| r.train_metric),
+                },
+                Series {
+                    name: "test AP50",
+                    points: pts(&|r| r.test.get("ap50")),
+                },
+                Series {
+                    name: "test AP75",
+                    points: pts(&|r| r.test.get("ap75")),
+                },
+                Series {
+                    name: "test AP",
+                    points: pts(&|r| r.test.value),
+                },
+            ],
+        )?;
+    } else if primary == "miou" {
         line_chart(
             &dir.join("accuracy.png"),
             "Segmentation: mIoU and pixel accuracy",
@@ -403,4 +427,109 @@ pub fn class_bars(
         root.present().map_err(|x| e(&x))?;
     }
     write_png(path, w, h, pixels)
+}
+
+/// One box of [`detection_overlays`]: class, `[x1, y1, x2, y2]` in pixels, score (`None` for
+/// ground truth).
+#[derive(Debug, Clone, Copy)]
+pub struct DrawBox {
+    pub class: usize,
+    pub bbox: [f32; 4],
+    pub score: Option<f32>,
+}
+
+/// One row of [`detection_overlays`]: the image `[C, H, W]` (u8) and the boxes of every
+/// column (ground truth first).
+pub struct BoxRow {
+    pub image: Vec<u8>,
+    pub channels: usize,
+    pub boxes: Vec<Vec<DrawBox>>,
+}
+
+/// `boxes.png`: per row one panel per column (truth, student, teachers): the image with its
+/// boxes outlined in their class's colour (scores beside predicted boxes); a legend of the
+/// classes below.
+pub fn detection_overlays(
+    path: &Path,
+    hw: (usize, usize),
+    titles: &[String],
+    class_names: &[String],
+    rows: &[BoxRow],
+) -> Result<()> {
+    ensure_font();
+    let (h, w) = hw;
+    let scale = (256 / h.max(w)).max(1);
+    let (ph, pw) = (h * scale, w * scale);
+    let (gap, head) = (8usize, 28usize);
+    let cols = titles.len();
+    let legend_rows = class_names.len().div_ceil(6);
+    let width = (cols * (pw + gap) + gap).max(6 * 120);
+    let height = head + rows.len() * (ph + gap) + gap + 22 * legend_rows + 8;
+    let mut px = vec![255u8; width * height * 3];
+    for (r, row) in rows.iter().enumerate() {
+        let top = head + r * (ph + gap);
+        for col in 0..cols {
+            let left = gap + col * (pw + gap);
+            for y in 0..ph {
+                for x in 0..pw {
+                    let (sy, sx) = (y / scale, x / scale);
+                    let g = if row.channels == 3 {
+                        [0, 1, 2].map(|c| row.image[(c * h + sy) * w + sx])
+                    } else {
+                        let v = row.image[sy * w + sx];
+                        [v, v, v]
+                    };
+                    let i = ((top + y) * width + left + x) * 3;
+                    px[i..i + 3].copy_from_slice(&g.map(|v| (u16::from(v) * 3 / 4) as u8));
+                }
+            }
+        }
+    }
+    {
+        let root =
+            BitMapBackend::with_buffer(&mut px, (width as u32, height as u32)).into_drawing_area();
+        let e = |e: &dyn std::fmt::Display| anyhow!("plotting {}: {e}", path.display());
+        let style = ("sans-serif", 16).into_font().color(&BLACK);
+        for (col, t) in titles.iter().enumerate() {
+            root.draw_text(t, &style, ((gap + col * (pw + gap)) as i32, 6))
+                .map_err(|x| e(&x))?;
+        }
+        let tiny = ("sans-serif", 11).into_font().color(&WHITE);
+        for (r, row) in rows.iter().enumerate() {
+            let top = (head + r * (ph + gap)) as f32;
+            for (col, boxes) in row.boxes.iter().enumerate().take(cols) {
+                let left = (gap + col * (pw + gap)) as f32;
+                let s = scale as f32;
+                let clip = |v: f32, lo: f32, n: usize| (lo + v * s).clamp(lo, lo + (n * scale) as f32 - 1.0) as i32;
+                for b in boxes {
+                    let k = class_colour(b.class as i64 + 1);
+                    let colour = RGBColor(k[0], k[1], k[2]);
+                    let (x1, y1) = (clip(b.bbox[0], left, w), clip(b.bbox[1], top, h));
+                    let (x2, y2) = (clip(b.bbox[2], left, w), clip(b.bbox[3], top, h));
+                    root.draw(&Rectangle::new([(x1, y1), (x2, y2)], colour.stroke_width(2)))
+                        .map_err(|x| e(&x))?;
+                    if let Some(sc) = b.score {
+                        root.draw_text(&format!("{sc:.2}"), &tiny, (x1 + 2, y1 + 1))
+                            .map_err(|x| e(&x))?;
+                    }
+                }
+            }
+        }
+        let legend_top = head + rows.len() * (ph + gap) + gap;
+        let cell = width / 6;
+        let small = ("sans-serif", 14).into_font().color(&BLACK);
+        for (i, n) in class_names.iter().enumerate() {
+            let (lx, ly) = (8 + (i % 6) * cell, legend_top + 22 * (i / 6) + 4);
+            let k = class_colour(i as i64 + 1);
+            root.draw(&Rectangle::new(
+                [(lx as i32, ly as i32), (lx as i32 + 14, ly as i32 + 14)],
+                RGBColor(k[0], k[1], k[2]).filled(),
+            ))
+            .map_err(|x| e(&x))?;
+            root.draw_text(&format!("{i} {n}"), &small, ((lx + 18) as i32, ly as i32 - 1))
+                .map_err(|x| e(&x))?;
+        }
+        root.present().map_err(|x| e(&x))?;
+    }
+    write_png(path, width as u32, height as u32, px)
 }

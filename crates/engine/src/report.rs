@@ -787,12 +787,16 @@ impl<'a> Page<'a> {
         let metric = mtkd_vision_tasks::task::metric_label(&self.inp.summary.metric);
         let (test_name, train_name) = if self.inp.summary.metric == "top1" {
             ("test top-1".to_owned(), "train top-1".to_owned())
+        } else if self.inp.summary.metric == "ap" {
+            (format!("test {metric}"), "train positive-location acc.".to_owned())
         } else {
             (format!("test {metric}"), "train pixel acc.".to_owned())
         };
         let acc = Chart {
             title: if self.inp.summary.metric == "top1" {
                 "Accuracy".into()
+            } else if self.inp.summary.metric == "ap" {
+                format!("{metric} and training accuracy at positive locations")
             } else {
                 format!("{metric} and training pixel accuracy")
             },

@@ -1569,6 +1569,7 @@ fn a_teacher_gets_its_own_input_channels_size_and_normalisation() {
                     num_classes: 10,
                     needs_features: false,
                     dense: false,
+                    det_locations: None,
                 },
             )
             .unwrap(),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::head::{HeadKind, SegHead};
+use crate::head::{DetHead, HeadKind, SegHead, FPN_CHANNELS};
 use crate::{mobilenetv2, resnet, shufflenetv2, small, wrn, Error, Result};
 use mtkd_distill_core::{FeatureShape, ModelOutput};
 
@@ -110,6 +110,8 @@ enum Head {
     Classifier(nn::Linear),
     /// A segmentation head under `head`.
     Dense(SegHead),
+    /// A detection head under `head`.
+    Detector(DetHead),
 }
 
 /// A network: a backbone producing the last feature map and a head (`head.rs`): the
@@ -172,6 +174,7 @@ impl Network {
                 num_classes,
                 Default::default(),
             )),
+            HeadKind::Fcos => Head::Detector(DetHead::new(&(path / "head"), channels, num_classes)),
             kind => Head::Dense(SegHead::new(&(path / "head"), kind, channels, num_classes)),
         };
         // Probe the feature map's spatial size once with a zero image (no BN statistics change
@@ -184,11 +187,29 @@ impl Network {
             )
             .map(|z| backbone.forward_t(&z, false).size())
         })?;
-        let channels = match &head {
-            Head::Classifier(_) => probe[1],
-            Head::Dense(h) => h.channels,
+        let feature_shape = match &head {
+            Head::Classifier(_) => (probe[1], probe[2], probe[3]),
+            Head::Dense(h) => (h.channels, probe[2], probe[3]),
+            Head::Detector(_) => {
+                let (h, w) = (in_shape.1, in_shape.2);
+                let want = (ceil_div(h, 4), ceil_div(w, 4));
+                if (probe[2], probe[3]) != want {
+                    return Err(Error::Core(mtkd_distill_core::Error::Invalid {
+                        what: format!("{arch} with head `fcos`"),
+                        reason: format!(
+                            "the detection head needs a stride-4 backbone map ({}x{} for a {h}x{w} \
+                             input), but {arch} gives {}x{}; use cnn-small or a CIFAR ResNet / WRN",
+                            want.0, want.1, probe[2], probe[3]
+                        ),
+                    }));
+                }
+                let l: i64 = crate::head::DET_STRIDES
+                    .iter()
+                    .map(|s| ceil_div(h, *s) * ceil_div(w, *s))
+                    .sum();
+                (FPN_CHANNELS, l, 1)
+            }
         };
-        let feature_shape = (channels, probe[2], probe[3]);
         Ok(Network {
             arch,
             head_kind,
@@ -224,6 +245,13 @@ impl Network {
                     features: Some(f),
                 }
             }
+            Head::Detector(h) => {
+                let (f, logits) = h.forward_t(&features, train);
+                ModelOutput {
+                    logits,
+                    features: Some(f),
+                }
+            }
         }
     }
 
@@ -254,6 +282,12 @@ impl Network {
                     h.classifier.bs.as_ref().map(Tensor::shallow_clone),
                 )
             }
+            // The class conv's centre tap `[K, C']`: not the whole map (strategies that need
+            // the student's linear head are refused for detection).
+            Head::Detector(h) => (
+                h.cls.ws.select(3, 1).select(2, 1),
+                h.cls.bs.as_ref().map(Tensor::shallow_clone),
+            ),
         }
     }
     pub fn in_shape(&self) -> (i64, i64, i64) {
@@ -262,6 +296,10 @@ impl Network {
     pub fn num_classes(&self) -> i64 {
         self.num_classes
     }
+}
+
+fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
 }
 
 /// Number of trainable parameters in a var store.

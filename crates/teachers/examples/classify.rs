@@ -48,6 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             num_classes: classes,
             needs_features: false,
             dense: false,
+            det_locations: None,
         },
     )?;
     for f in &files {

@@ -12,6 +12,11 @@
 //! without its feature map), checked when [`Expectation::dense`] is set. Logits at another
 //! resolution than the input are resized bilinearly to it (said once in the log at load).
 //!
+//! A detection teacher ([`Expectation::det_locations`]) returns `[B, K + 5, L]`: per location
+//! of the detector layout, `K` class logits, the four distances to the box's sides divided by
+//! the location's stride, and a centerness logit; its feature map, if any, is the pyramid's
+//! levels flattened the same way, `[B, C, L, 1]`.
+//!
 //! `scripts/export_teacher.py` wraps a PyTorch model into this contract.
 
 use std::path::{Path, PathBuf};
@@ -55,6 +60,10 @@ pub struct Expectation {
     pub needs_features: bool,
     /// Segmentation: the logits are per pixel, `[B, K, H, W]`.
     pub dense: bool,
+    /// Detection: the output is `[B, K + 5, L]` over this many locations `L` (the layout of
+    /// `mtkd_vision_tasks::detection::layout` for the input's size), the feature map, if any,
+    /// `[B, C, L, 1]`.
+    pub det_locations: Option<i64>,
 }
 
 /// A frozen TorchScript teacher.
@@ -122,8 +131,18 @@ impl TorchScriptTeacher {
             )),
             other => other,
         })?;
-        let ls = out.logits.size();
-        if expect.dense {
+        let mut ls = out.logits.size();
+        if let Some(l) = expect.det_locations {
+            if ls.len() != 3 || ls[0] != 2 || ls[2] != l || ls[1] < 6 {
+                return Err(self.contract(format!(
+                    "a detection teacher's output must be [B, K + 5, L] = [2, {}, {l}] (class \
+                     logits, 4 box distances, centerness over the {l} locations of a {h}x{w} \
+                     input at strides 4, 8, 16), got shape {ls:?}",
+                    expect.num_classes + 5
+                )));
+            }
+            ls[1] -= 5;
+        } else if expect.dense {
             if ls.len() != 4 || ls[0] != 2 {
                 return Err(self.contract(format!(
                     "a segmentation teacher's logits must be [B, K, H, W], got shape {ls:?}"
@@ -160,6 +179,14 @@ impl TorchScriptTeacher {
                     return Err(self.contract(format!(
                         "the second output must be the feature map [B, C, H, W], got shape {fs:?}"
                     )));
+                }
+                if let Some(l) = expect.det_locations {
+                    if (fs[2], fs[3]) != (l, 1) {
+                        return Err(self.contract(format!(
+                            "a detection teacher's feature map must be its pyramid levels \
+                             flattened, [B, C, {l}, 1], got shape {fs:?}"
+                        )));
+                    }
                 }
                 self.feature_shape = Some((fs[1], fs[2], fs[3]));
             }

@@ -75,6 +75,7 @@ fn expectation(needs_features: bool) -> Expectation {
         num_classes: 10,
         needs_features,
         dense: false,
+        det_locations: None,
     }
 }
 
@@ -161,6 +162,7 @@ fn contract_violations_name_the_file() {
             num_classes: 100,
             needs_features: false,
             dense: false,
+            det_locations: None,
         },
     )
     .unwrap_err()
@@ -179,6 +181,7 @@ fn contract_violations_name_the_file() {
             num_classes: 10,
             needs_features: false,
             dense: false,
+            det_locations: None,
         },
     )
     .unwrap_err()

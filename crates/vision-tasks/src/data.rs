@@ -20,6 +20,9 @@ pub struct ImageSet {
     /// labelled); `labels` then hold each image's most frequent foreground class (what subsets
     /// stratify by and per-class weight records group by). `None` for classification.
     pub masks: Option<ndarray::Array3<u8>>,
+    /// Detection: the objects of every image (`labels` then hold each image's most frequent
+    /// class, [`crate::detection::coco::image_label`]). `None` for the other tasks.
+    pub boxes: Option<Vec<Vec<crate::detection::Object>>>,
 }
 
 impl ImageSet {
@@ -44,6 +47,7 @@ impl ImageSet {
             num_classes,
             class_names,
             masks: None,
+            boxes: None,
         })
     }
 
@@ -73,6 +77,7 @@ impl ImageSet {
                 .masks
                 .as_ref()
                 .map(|m| m.slice(s![..n, .., ..]).to_owned()),
+            boxes: self.boxes.as_ref().map(|b| b[..n].to_vec()),
         }
     }
 
@@ -106,6 +111,10 @@ impl ImageSet {
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
             masks,
+            boxes: self
+                .boxes
+                .as_ref()
+                .map(|b| indices.iter().map(|&i| b[i].clone()).collect()),
         }
     }
 
@@ -121,6 +130,7 @@ impl ImageSet {
                 .masks
                 .as_ref()
                 .map(|m| m.slice(s![a..b, .., ..]).to_owned()),
+            boxes: self.boxes.as_ref().map(|x| x[a..b].to_vec()),
         };
         (part(0, k), part(k, self.len()))
     }

@@ -1,10 +1,11 @@
 //! mtkd-vision-tasks: what is specific to a vision task — datasets, transforms, batch loading,
 //! task losses and metrics, and the [`task::Task`] trait through which the engine's loop sees
-//! them. Classification and semantic segmentation are built; detection plugs in beside them
-//! (see docs/ARCHITECTURE.md, "Tasks").
+//! them: classification, semantic segmentation and object detection (see
+//! docs/ARCHITECTURE.md, "Tasks").
 
 pub mod classification;
 pub mod data;
+pub mod detection;
 pub mod error;
 pub mod loader;
 pub mod segmentation;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
@@ -41,6 +41,9 @@ pub struct Batch {
     /// Segmentation: the masks, transformed with the images (`segmentation::IGNORE` where not
     /// labelled).
     pub masks: Option<Tensor>,
+    /// Detection: the objects `[B, N, 6]` (`x1, y1, x2, y2, class, area`, class `-1` for
+    /// padding), flipped with the images.
+    pub boxes: Option<Tensor>,
     /// Dataset indices of the samples, in batch order.
     pub indices: Vec<usize>,
 }
@@ -49,6 +52,7 @@ struct CpuBatch {
     pixels: Vec<f32>,
     labels: Vec<i64>,
     masks: Option<Vec<i64>>,
+    boxes: Option<Tensor>,
     indices: Vec<usize>,
 }
 
@@ -95,6 +99,20 @@ impl BatchLoader {
                          keeps it (use augment.scale and crop_padding)"
                     .into(),
             });
+        }
+        if set.boxes.is_some() {
+            let geometric = cfg.augment.as_ref().is_some_and(|a| {
+                a.crop_padding > 0 || a.random_resized_crop.is_some() || a.scale.is_some()
+            });
+            if geometric || out_hw != (h, w) {
+                return Err(Error::Invalid {
+                    what: "detection transforms".into(),
+                    reason: "detection boxes follow only the horizontal flip (augment.hflip); \
+                             crop_padding, scale, random_resized_crop and eval_resize are not \
+                             built for boxes"
+                        .into(),
+                });
+            }
         }
         Ok(BatchLoader { set, cfg, out_hw })
     }
@@ -145,10 +163,34 @@ impl BatchLoader {
                 let mut pixels = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
                 let mut masks = set.masks.as_ref().map(|_| vec![0i64; idx.len() * oh * ow]);
+                let mut objects: Vec<Vec<crate::detection::Object>> = Vec::new();
                 for (k, &i) in idx.iter().enumerate() {
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ mix(epoch ^ mix(i as u64))));
                     let dst = &mut pixels[k * per..(k + 1) * per];
+                    if let Some(all) = &set.boxes {
+                        // Detection: the image as it is, or flipped with its boxes.
+                        let flip = cfg.augment.as_ref().is_some_and(|a| a.hflip)
+                            && rng.gen_bool(0.5);
+                        transform::apply(
+                            set.images.index_axis(ndarray::Axis(0), i),
+                            None,
+                            None,
+                            &mut rng,
+                            dst,
+                        );
+                        let mut objs = all[i].clone();
+                        if flip {
+                            for row in dst.chunks_mut(ow) {
+                                row.reverse();
+                            }
+                            for o in &mut objs {
+                                let [x1, y1, x2, y2] = o.bbox;
+                                o.bbox = [ow as f32 - x2, y1, ow as f32 - x1, y2];
+                            }
+                        }
+                        objects.push(objs);
+                    } else {
                     match (&set.masks, masks.as_mut()) {
                         (Some(m), Some(out)) => transform::apply_joint(
                             set.images.index_axis(ndarray::Axis(0), i),
@@ -167,6 +209,7 @@ impl BatchLoader {
                             dst,
                         ),
                     }
+                    }
                     transform::normalize(dst, &cfg.normalize, oh * ow);
                     labels.push(set.labels[i]);
                 }
@@ -175,6 +218,11 @@ impl BatchLoader {
                         pixels,
                         labels,
                         masks,
+                        boxes: set.boxes.as_ref().map(|_| {
+                            let refs: Vec<&[crate::detection::Object]> =
+                                objects.iter().map(Vec::as_slice).collect();
+                            crate::detection::pack_objects(&refs)
+                        }),
                         indices: idx,
                     })
                     .is_err()
@@ -225,10 +273,12 @@ impl Iterator for EpochIter {
                 .view([b, h, w])
                 .to_device(self.device)
         });
+        let boxes = cpu.boxes.map(|b| b.to_device(self.device));
         Some(Batch {
             images,
             labels,
             masks,
+            boxes,
             indices: cpu.indices,
         })
     }

@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::classification::Accuracy;
+use crate::detection::layout::{DetLayout, Targets};
+use crate::detection::loss as det_loss;
+use crate::detection::{percent, DetMetric};
 use crate::error::{Error, Result};
 use crate::loader::Batch;
 use crate::segmentation::{Confusion, IGNORE};
@@ -26,6 +29,7 @@ pub enum TaskKind {
     #[default]
     Classification,
     Segmentation,
+    Detection,
 }
 
 /// An evaluation's figures: the primary metric (what "best epoch" and comparisons rank by),
@@ -77,6 +81,13 @@ pub fn metric_label(key: &str) -> &str {
         "top5" => "top-5",
         "miou" => "mIoU",
         "pixel_accuracy" => "pixel acc.",
+        "ap" => "AP",
+        "ap50" => "AP50",
+        "ap75" => "AP75",
+        "ap_small" => "AP small",
+        "ap_medium" => "AP medium",
+        "ap_large" => "AP large",
+        "ar100" => "AR@100",
         other => other,
     }
 }
@@ -86,6 +97,7 @@ pub fn metric_label(key: &str) -> &str {
 pub fn table_scalars_for(primary: &str) -> &'static [&'static str] {
     match primary {
         "miou" => Segmentation::default().table_scalars(),
+        "ap" => DETECTION_TABLE,
         _ => Classification.table_scalars(),
     }
 }
@@ -111,8 +123,9 @@ pub enum DenseKd {
 /// What the training loop asks of a task.
 pub trait Task: std::fmt::Debug + Send + Sync {
     fn kind(&self) -> TaskKind;
-    /// The batch's targets: labels `[B]` or masks `[B, H, W]`.
-    fn targets<'b>(&self, batch: &'b Batch) -> Result<&'b Tensor>;
+    /// The batch's targets: labels `[B]`, masks `[B, H, W]` or a detector's assigned
+    /// locations `[B, L, 6]` ([`crate::detection::layout::Targets::pack`]).
+    fn targets(&self, batch: &Batch) -> Result<Tensor>;
     /// Per-image task loss `[B]`.
     fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor>;
     /// Per-image KD loss `[B]` of the student's logits against one teacher's.
@@ -155,8 +168,8 @@ impl Task for Classification {
     fn kind(&self) -> TaskKind {
         TaskKind::Classification
     }
-    fn targets<'b>(&self, batch: &'b Batch) -> Result<&'b Tensor> {
-        Ok(&batch.labels)
+    fn targets(&self, batch: &Batch) -> Result<Tensor> {
+        Ok(batch.labels.shallow_clone())
     }
     fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         Ok(loss::cross_entropy(logits, targets)?)
@@ -243,8 +256,8 @@ impl Task for Segmentation {
     fn kind(&self) -> TaskKind {
         TaskKind::Segmentation
     }
-    fn targets<'b>(&self, batch: &'b Batch) -> Result<&'b Tensor> {
-        Self::masks(batch)
+    fn targets(&self, batch: &Batch) -> Result<Tensor> {
+        Self::masks(batch).map(Tensor::shallow_clone)
     }
     fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         Ok(loss::pixel_cross_entropy(
@@ -333,10 +346,187 @@ impl Metric for Confusion {
     }
 }
 
+const DETECTION_TABLE: &[&str] = &["ap50", "ap75"];
+
+/// Object detection (docs/METHOD.md, section 14): an FCOS-style output `[B, K + 5, L]` over
+/// the locations of `layout`, the FCOS loss, foreground-weighted class KD plus box KD at
+/// positive locations, signals pooled per image, COCO AP.
+#[derive(Debug, Clone)]
+pub struct Detection {
+    pub layout: DetLayout,
+    /// Weight of the box KD term inside a teacher's KD term (`distill.box_kd_weight`).
+    pub box_kd_weight: f64,
+}
+
+impl Detection {
+    fn unpack(&self, targets: &Tensor) -> Result<Targets> {
+        Targets::unpack(targets)
+    }
+    /// The class count of an output `[B, K + 5, L]`.
+    fn classes(&self, out: &Tensor) -> Result<i64> {
+        self.layout.check("detector output", out, out.size().get(1).copied().unwrap_or(0) - 5)?;
+        Ok(out.size()[1] - 5)
+    }
+}
+
+impl Task for Detection {
+    fn kind(&self) -> TaskKind {
+        TaskKind::Detection
+    }
+    fn targets(&self, batch: &Batch) -> Result<Tensor> {
+        let gt = batch.boxes.as_ref().ok_or_else(|| Error::Invalid {
+            what: "batch".into(),
+            reason: "a detection batch carries no boxes (the dataset has none)".into(),
+        })?;
+        Ok(self.layout.assign(&gt.f_slice(2, 0, 5, 1)?)?.pack())
+    }
+    fn loss(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        det_loss::fcos_loss(
+            &self.layout,
+            logits,
+            &self.unpack(targets)?,
+            self.classes(logits)?,
+        )
+    }
+    fn kd(
+        &self,
+        student: &Tensor,
+        teacher: &Tensor,
+        temperature: f64,
+        targets: &Tensor,
+    ) -> Result<Tensor> {
+        let t = self.unpack(targets)?;
+        let k = self.classes(student)?;
+        if teacher.size() != student.size() {
+            return Err(Error::Invalid {
+                what: "detection KD".into(),
+                reason: format!(
+                    "teacher output {:?} and student output {:?} differ",
+                    teacher.size(),
+                    student.size()
+                ),
+            });
+        }
+        let class = det_loss::class_kd(student, teacher, &t, k, temperature)?;
+        if self.box_kd_weight > 0.0 {
+            let bx = det_loss::box_kd(&self.layout, student, teacher, &t, k)?;
+            Ok(class + bx * self.box_kd_weight)
+        } else {
+            Ok(class)
+        }
+    }
+    fn signals(
+        &self,
+        student_logits: &Tensor,
+        projected: &[Option<Tensor>],
+        teachers: &[ModelOutput],
+        targets: &Tensor,
+        image_labels: &Tensor,
+        temperature: f64,
+        kl_terms: Option<&[Tensor]>,
+    ) -> Result<BatchSignals> {
+        let owned;
+        let kl = match kl_terms {
+            Some(k) => k,
+            None => {
+                owned = teachers
+                    .iter()
+                    .map(|t| self.kd(student_logits, &t.logits, temperature, targets))
+                    .collect::<Result<Vec<_>>>()?;
+                &owned
+            }
+        };
+        det_loss::detection_signals(
+            &self.layout,
+            student_logits,
+            projected,
+            teachers,
+            &self.unpack(targets)?,
+            image_labels,
+            self.classes(student_logits)?,
+            temperature,
+            kl,
+        )
+    }
+    /// The share of positive locations whose highest class logit is the assigned class (0 for
+    /// an image without positives).
+    fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let t = self.unpack(targets)?;
+        let pos = t.positive();
+        let pred = logits
+            .f_slice(1, 0, self.classes(logits)?, 1)?
+            .f_argmax(1, false)?;
+        let right = pred.f_eq_tensor(&t.classes)?.f_to_kind(Kind::Float)? * &pos;
+        Ok(right.f_sum_dim_intlist(1, false, Kind::Float)?
+            / pos.f_sum_dim_intlist(1, false, Kind::Float)?.f_clamp_min(1.0)?)
+    }
+    fn metric(&self, num_classes: usize) -> Box<dyn Metric> {
+        Box::new(DetMetric::new(self.layout.clone(), num_classes))
+    }
+    fn primary(&self) -> &'static str {
+        "ap"
+    }
+    fn table_scalars(&self) -> &'static [&'static str] {
+        DETECTION_TABLE
+    }
+    fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
+        vec![num_classes + 5, self.layout.len()]
+    }
+}
+
+impl Metric for DetMetric {
+    fn update(&mut self, logits: &Tensor, batch: &Batch) -> Result<()> {
+        self.update_batch(logits, batch)
+    }
+    fn report(&self) -> MetricReport {
+        let st = self.stats();
+        let keys = [
+            "ap",
+            "ap50",
+            "ap75",
+            "ap_small",
+            "ap_medium",
+            "ap_large",
+            "ar1",
+            "ar10",
+            "ar100",
+            "ar_small",
+            "ar_medium",
+            "ar_large",
+        ];
+        let scalars: BTreeMap<String, f64> = keys
+            .iter()
+            .zip(st.stats)
+            .map(|(k, v)| ((*k).to_owned(), percent(v)))
+            .collect();
+        MetricReport {
+            primary: "ap".into(),
+            // No ground truth at all: AP is 0 rather than undefined, so that ranking works.
+            value: percent(st.stats[0]).max(0.0),
+            scalars,
+            per_class: st.per_category.iter().map(|&v| percent(v)).collect(),
+        }
+    }
+}
+
+/// What a task needs besides its kind.
+#[derive(Debug, Clone, Default)]
+pub struct TaskParams {
+    /// Segmentation's KD loss.
+    pub dense_kd: DenseKd,
+    /// Detection: the input `(H, W)` (sets the layout) and the box KD weight.
+    pub image: (i64, i64),
+    pub box_kd_weight: f64,
+}
+
 /// The task of a kind.
-pub fn task_of(kind: TaskKind, dense_kd: DenseKd) -> Box<dyn Task> {
+pub fn task_of(kind: TaskKind, p: &TaskParams) -> Box<dyn Task> {
     match kind {
         TaskKind::Classification => Box::new(Classification),
-        TaskKind::Segmentation => Box::new(Segmentation { kd: dense_kd }),
+        TaskKind::Segmentation => Box::new(Segmentation { kd: p.dense_kd }),
+        TaskKind::Detection => Box::new(Detection {
+            layout: DetLayout::standard(p.image),
+            box_kd_weight: p.box_kd_weight,
+        }),
     }
 }

@@ -883,6 +883,10 @@ fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()
         .scalars
         .iter()
         .filter(|(k, _)| **k != s.metric)
+        .filter(|(k, _)| {
+            // Detection: the AP family; COCO's recalls and size ranges are in summary.json.
+            s.metric != "ap" || mtkd_vision_tasks::task::table_scalars_for("ap").contains(&k.as_str())
+        })
         .map(|(k, v)| format!(", {} {v:.2}%", mtkd_vision_tasks::task::metric_label(k)))
         .collect();
     println!(
@@ -948,6 +952,16 @@ impl Observer for Bars {
                     "test top-1 {:.2}%  top-5 {:.2}%",
                     r.test.value,
                     r.test.get("top5")
+                ),
+            )
+        } else if r.test.primary == "ap" {
+            (
+                "train positive-location acc.",
+                format!(
+                    "test AP {:.2}%  AP50 {:.2}%  AP75 {:.2}%",
+                    r.test.value,
+                    r.test.get("ap50"),
+                    r.test.get("ap75")
                 ),
             )
         } else {

@@ -19,7 +19,7 @@ pub fn evaluate(
             let out = forward(&batch.images)?;
             metric.update(&out.logits, &batch)?;
             loss_sum += task
-                .loss(&out.logits, task.targets(&batch)?)?
+                .loss(&out.logits, &task.targets(&batch)?)?
                 .sum(Kind::Double);
             n += batch.indices.len();
         }

@@ -75,6 +75,110 @@ impl<'a> Trainer<'a> {
     }
 }
 
+impl<'a> Trainer<'a> {
+    /// A detection run's outputs: `detections.json` (the student's test detections in COCO's
+    /// result format), `plots/class_ap.png` (AP per class) and `plots/boxes.png` (a few test
+    /// images: truth, student and every teacher's boxes).
+    pub(super) fn detection_outputs(&self, report: &MetricReport) -> Result<()> {
+        use mtkd_vision_tasks::detection::{self as det, layout::DetLayout};
+        let plots = self.dir.join("plots");
+        let names = &self.data.test.class_names;
+        crate::plot::class_bars(
+            &plots.join("class_ap.png"),
+            "Student: test AP@[.5:.95] per class (last epoch)",
+            "AP (%)",
+            names,
+            &report.per_class,
+        )?;
+        let side = super::detection_side(&self.cfg.data);
+        let layout = DetLayout::standard((side, side));
+        let k = self.data.num_classes();
+        let loader = self
+            .data
+            .test_loader(&self.cfg.data, self.cfg.train.eval_batch_size)?;
+        let mut metric = det::DetMetric::new(layout.clone(), k as usize);
+        for batch in loader.epoch(0, 0, self.device) {
+            let out = tch::no_grad(|| self.student.forward_t(&batch.images, false));
+            metric.update_batch(&out.logits, &batch)?;
+        }
+        let (ids, cats) = self
+            .data
+            .test_coco_ids
+            .clone()
+            .unwrap_or_default();
+        det::coco::write_results(&self.dir.join("detections.json"), metric.detections(), &ids, &cats)
+            .context("writing detections.json")?;
+        // The overlays: the first four test images.
+        let loader = self.data.test_loader(&self.cfg.data, 4)?;
+        let Some(batch) = loader.epoch(0, 0, self.device).next() else {
+            return Ok(());
+        };
+        let shown = det::Postprocess {
+            score_threshold: 0.3,
+            max_detections: 15,
+            ..Default::default()
+        };
+        let draw = |dets: Vec<Vec<det::Detection>>| -> Vec<Vec<crate::plot::DrawBox>> {
+            dets.into_iter()
+                .map(|d| {
+                    d.into_iter()
+                        .map(|d| crate::plot::DrawBox {
+                            class: d.class,
+                            bbox: d.bbox,
+                            score: Some(d.score),
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let truth = det::batch_objects(
+            batch
+                .boxes
+                .as_ref()
+                .ok_or_else(|| anyhow!("a detection batch has no boxes"))?,
+        )?;
+        let mut columns: Vec<Vec<Vec<crate::plot::DrawBox>>> = vec![truth
+            .into_iter()
+            .map(|o| {
+                o.into_iter()
+                    .map(|o| crate::plot::DrawBox {
+                        class: o.class,
+                        bbox: o.bbox,
+                        score: None,
+                    })
+                    .collect()
+            })
+            .collect()];
+        let mut titles = vec!["truth".to_owned(), "student".to_owned()];
+        let out = tch::no_grad(|| self.student.forward_t(&batch.images, false));
+        columns.push(draw(det::postprocess(&layout, &out.logits, k, &shown)?));
+        for p in &self.pool {
+            let out = p.teacher.forward(&batch.images)?;
+            columns.push(draw(det::postprocess(&layout, &out.logits, k, &shown)?));
+            titles.push(format!("teacher {}", p.teacher.name()));
+        }
+        let (c, h, w) = self.data.test.image_shape();
+        let rows: Vec<crate::plot::BoxRow> = batch
+            .indices
+            .iter()
+            .enumerate()
+            .map(|(r, &i)| crate::plot::BoxRow {
+                image: self
+                    .data
+                    .test
+                    .images
+                    .index_axis(ndarray::Axis(0), i)
+                    .iter()
+                    .copied()
+                    .collect(),
+                channels: c,
+                boxes: columns.iter().map(|col| col[r].clone()).collect(),
+            })
+            .collect();
+        crate::plot::detection_overlays(&plots.join("boxes.png"), (h, w), &titles, names, &rows)
+    }
+}
+
 /// Export the student as TorchScript (logits output: tracing supports a single return value).
 /// The weights are copied into a frozen CPU copy of the network, so the file is portable and
 /// the traced graph holds constants, not trainable parameters.

@@ -207,8 +207,26 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
 
 /// The task a config trains.
 pub fn task_of(cfg: &Config) -> Box<dyn Task> {
-    let dense_kd = cfg.distill.as_ref().map(|d| d.dense_kd).unwrap_or_default();
-    mtkd_vision_tasks::task::task_of(cfg.data.task(), dense_kd)
+    let d = cfg.distill.as_ref();
+    let side = detection_side(&cfg.data);
+    mtkd_vision_tasks::task::task_of(
+        cfg.data.task(),
+        &mtkd_vision_tasks::task::TaskParams {
+            dense_kd: d.map(|d| d.dense_kd).unwrap_or_default(),
+            image: (side, side),
+            box_kd_weight: d.map(|d| d.box_kd_weight).unwrap_or(1.0),
+        },
+    )
+}
+
+/// The side of a detection dataset's (square) images: the scenes' size or `image_size`.
+pub fn detection_side(data: &crate::config::DataConfig) -> i64 {
+    match data.kind {
+        crate::config::DatasetKind::SyntheticDetection => {
+            data.scenes.as_ref().map(|s| s.size as i64).unwrap_or(0)
+        }
+        _ => data.image_size.map(i64::from).unwrap_or(0),
+    }
 }
 
 struct Trainer<'a> {
@@ -559,8 +577,10 @@ impl<'a> Trainer<'a> {
             .map(|p| p.teacher.name().to_owned())
             .collect();
         crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
-        if self.task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation {
-            self.segmentation_plots(report)?;
+        match self.task.kind() {
+            mtkd_vision_tasks::task::TaskKind::Segmentation => self.segmentation_plots(report)?,
+            mtkd_vision_tasks::task::TaskKind::Detection => self.detection_outputs(report)?,
+            mtkd_vision_tasks::task::TaskKind::Classification => {}
         }
         if !self.audit.is_empty() {
             let audit =
@@ -589,7 +609,7 @@ impl<'a> Trainer<'a> {
             } else {
                 "no-kd".into()
             },
-            student: if self.cfg.student.head.is_dense() {
+            student: if self.cfg.student.head != mtkd_student::HeadKind::Classifier {
                 format!("{} + {}", self.cfg.student.arch, self.cfg.student.head)
             } else {
                 self.cfg.student.arch.to_string()

@@ -215,6 +215,10 @@ pub(super) fn build_pool(
                 num_classes: data.num_classes(),
                 needs_features,
                 dense: task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation,
+                det_locations: (task.kind() == mtkd_vision_tasks::task::TaskKind::Detection)
+                    .then(|| {
+                        task.logits_shape(data.num_classes(), (in_shape.1, in_shape.2))[1]
+                    }),
             };
             let teacher: Box<dyn Teacher> = Box::new(
                 TorchScriptTeacher::load(&t.name, path, device, &expect)
@@ -343,10 +347,7 @@ pub(super) fn ensure_native_teacher(
     let key = Key {
         data: &key_data,
         arch: tcfg.student.arch.to_string(),
-        head: tcfg
-            .student
-            .head
-            .is_dense()
+        head: (tcfg.student.head != mtkd_student::HeadKind::Classifier)
             .then(|| tcfg.student.head.to_string()),
         train: &tcfg.train,
         seed: tcfg.run.seed,

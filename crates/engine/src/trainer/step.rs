@@ -19,7 +19,7 @@ impl<'a> Trainer<'a> {
         let saved: Option<Vec<Tensor>> = (self.cfg.train.on_nonfinite == NonFinitePolicy::Skip)
             .then(|| self.buffers.iter().map(Tensor::copy).collect());
         let (images, labels, indices) = (&batch.images, &batch.labels, &batch.indices[..]);
-        let targets = self.task.targets(batch)?;
+        let targets = &self.task.targets(batch)?;
         let out = self.student.forward_t(images, true);
         let ce = self.task.loss(&out.logits, targets)?;
         let b = labels.size()[0];
@@ -134,6 +134,7 @@ impl<'a> Trainer<'a> {
                         let term = match d.feature_loss {
                             crate::config::FeatureLoss::Mse => loss::feature_mse(p, tf)?,
                             crate::config::FeatureLoss::Cwd => loss::cwd(p, tf, d.temperature)?,
+                            crate::config::FeatureLoss::Pearson => loss::feature_pearson(p, tf)?,
                         };
                         feat += w.feature.select(1, m as i64) * term;
                     }

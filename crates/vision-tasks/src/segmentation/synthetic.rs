@@ -81,9 +81,43 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// A detection object keeps at least this many visible pixels (fewer: left out, counted).
+pub const MIN_VISIBLE: usize = 12;
+
 /// `n` scenes from the objects of `source` (one channel), seeded by `seed` (give the train
 /// and test splits different seeds).
 pub fn generate(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Result<ImageSet> {
+    Ok(scenes(source, n, cfg, seed)?.0)
+}
+
+/// The same scenes as [`generate`] for detection: the box of every object's visible pixels
+/// (class = the source's class, no background class; area = the visible pixel count), no
+/// masks. Objects occluded down to fewer than [`MIN_VISIBLE`] pixels are left out; how many is
+/// logged and returned.
+pub fn generate_detection(
+    source: &ImageSet,
+    n: usize,
+    cfg: &SceneConfig,
+    seed: u64,
+) -> Result<(ImageSet, usize)> {
+    let (seg, objects, dropped) = scenes(source, n, cfg, seed)?;
+    let labels = objects
+        .iter()
+        .map(|o| crate::detection::coco::image_label(o))
+        .collect();
+    let mut set = ImageSet::new(seg.images, labels, source.num_classes)?;
+    set.class_names = source.class_names.clone();
+    set.boxes = Some(objects);
+    if dropped > 0 {
+        tracing::info!(dropped, scenes = n, min_visible = MIN_VISIBLE,
+            "synthetic detection scenes: objects occluded below the visible minimum were left out");
+    }
+    Ok((set, dropped))
+}
+
+type Scenes = (ImageSet, Vec<Vec<crate::detection::Object>>, usize);
+
+fn scenes(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Result<Scenes> {
     cfg.check().map_err(|reason| Error::Invalid {
         what: "data.scenes".into(),
         reason,
@@ -109,6 +143,8 @@ pub fn generate(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Re
     let mut images = Array4::<u8>::zeros((n, 1, s, s));
     let mut masks = Array3::<u8>::zeros((n, s, s));
     let mut labels = Vec::with_capacity(n);
+    let mut objects = Vec::with_capacity(n);
+    let mut dropped = 0;
     for i in 0..n {
         let mut rng = ChaCha8Rng::seed_from_u64(mix(seed ^ mix(i as u64)));
         // Texture: two gratings of random frequency, phase and orientation, and pixel noise,
@@ -138,10 +174,14 @@ pub fn generate(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Re
             }
         }
         let mut mask = vec![0u8; s * s];
+        // Which object (1-based, 0 = none) every pixel shows.
+        let mut instance = vec![0u16; s * s];
         let count = rng.gen_range(cfg.objects[0]..=cfg.objects[1]);
-        for _ in 0..count {
+        let mut classes = Vec::with_capacity(count);
+        for o in 0..count {
             let j = rng.gen_range(0..source.len());
             let class = source.labels[j] as u8 + 1;
+            classes.push(source.labels[j] as usize);
             let zoom = if cfg.scale[1] > cfg.scale[0] {
                 rng.gen_range(cfg.scale[0]..cfg.scale[1])
             } else {
@@ -163,10 +203,39 @@ pub fn generate(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Re
                         let at = (top + y) * s + left + x;
                         canvas[at] = (f32::from(v) * contrast).max(f32::from(OBJECT_THRESHOLD));
                         mask[at] = class;
+                        instance[at] = o as u16 + 1;
                     }
                 }
             }
         }
+        // Box and pixel count of every object's visible pixels.
+        let mut ext = vec![(usize::MAX, usize::MAX, 0usize, 0usize, 0usize); count];
+        for y in 0..s {
+            for x in 0..s {
+                let o = instance[y * s + x];
+                if o > 0 {
+                    let e = &mut ext[o as usize - 1];
+                    e.0 = e.0.min(x);
+                    e.1 = e.1.min(y);
+                    e.2 = e.2.max(x + 1);
+                    e.3 = e.3.max(y + 1);
+                    e.4 += 1;
+                }
+            }
+        }
+        let mut objs = Vec::with_capacity(count);
+        for (e, &class) in ext.iter().zip(&classes) {
+            if e.4 < MIN_VISIBLE {
+                dropped += 1;
+                continue;
+            }
+            objs.push(crate::detection::Object {
+                class,
+                bbox: [e.0 as f32, e.1 as f32, e.2 as f32, e.3 as f32],
+                area: e.4 as f32,
+            });
+        }
+        objects.push(objs);
         for (d, v) in images
             .slice_mut(ndarray::s![i, 0, .., ..])
             .iter_mut()
@@ -186,5 +255,5 @@ pub fn generate(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Re
         .chain(source.class_names.iter().cloned())
         .collect();
     set.masks = Some(masks);
-    Ok(set)
+    Ok((set, objects, dropped))
 }
