@@ -44,6 +44,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -55,6 +56,10 @@ MARGIN = 1e-4  # no pairwise IoU this close to an NMS threshold
 
 def flat(t):
     return [float(x) for x in t.detach().reshape(-1).tolist()]
+
+
+def nested(t):
+    return t.detach().tolist()
 
 
 def rows(t):
@@ -152,6 +157,40 @@ def focal_cases():
     alpha, gamma = 0.25, 2.0
     loss = ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
     return [{"logits": rows(logits), "targets": rows(targets), "alpha": alpha, "gamma": gamma, "loss": rows(loss)}]
+
+
+def pearson_cases():
+    """mtkd's Pearson-style feature KD: per sample and channel, standardise over the locations
+    (biased variance, eps 1e-6), then the mean squared difference over channels and locations."""
+    g = torch.Generator().manual_seed(17)
+    b, c, l = 3, 4, 21
+    s = torch.randn(b, c, l, 1, generator=g) * 2.0 + 0.5
+    t = torch.randn(b, c, l, 1, generator=g) * 50.0 - 3.0  # another scale entirely
+    t[1] = s[1] * 40.0 + 7.0  # a perfectly correlated channel set: loss 0 up to eps
+    def norm(x):
+        f = x.flatten(2)
+        return (f - f.mean(-1, keepdim=True)) / (f.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+    loss = ((norm(s) - norm(t)) ** 2).flatten(1).mean(-1)
+    return [{"student": nested(s), "teacher": nested(t), "loss": flat(loss)}]
+
+
+def class_kd_cases():
+    """mtkd's detection class KD: binary KL per location and class at temperature T (written
+    with BCE: KL(p_t || p_s) = BCE(s / T, p_t) - BCE(t / T, p_t)), times T^2, summed over
+    classes, averaged over locations with foreground weights max(max_k sigmoid(t_k), positive)."""
+    g = torch.Generator().manual_seed(19)
+    b, k, l, temp = 2, 3, 17, 2.0
+    s = torch.randn(b, k + 5, l, generator=g) * 2.0
+    t = torch.randn(b, k + 5, l, generator=g) * 3.0 - 1.0
+    classes = torch.full((b, l), -1, dtype=torch.int64)
+    classes[0, 3], classes[0, 4], classes[1, 10] = 0, 2, 1
+    pt = torch.sigmoid(t[:, :k] / temp)
+    bce = lambda z: F.binary_cross_entropy_with_logits(z, pt, reduction="none")
+    kl = (bce(s[:, :k] / temp) - bce(t[:, :k] / temp)).sum(1) * temp * temp  # [B, L]
+    w = torch.maximum(torch.sigmoid(t[:, :k]).amax(1), (classes >= 0).float())
+    loss = (w * kl).sum(1) / w.sum(1)
+    return [{"student": nested(s), "teacher": nested(t), "classes": nested(classes), "temperature": temp,
+             "loss": flat(loss)}]
 
 
 def nms_cases():
@@ -387,6 +426,8 @@ def main():
         "giou": giou_cases(),
         "giou_loss": giou_loss_cases(),
         "focal": focal_cases(),
+        "pearson": pearson_cases(),
+        "class_kd": class_kd_cases(),
         "nms": nms_cases(),
         "batched_nms": batched_nms_cases(),
         "coco": [coco_mixed(), coco_tiny(), coco_perfect()],

@@ -111,8 +111,7 @@ pub fn ensure_for_config(config: &Option<PathBuf>, python: Option<&Path>) -> Res
     }
     if text.lines().any(|l| {
         let l = l.trim();
-        l.starts_with("root")
-            && (l.contains("\"nuclei-tiles\"") || l.contains("\"nuclei-det\""))
+        l.starts_with("root") && (l.contains("\"nuclei-tiles\"") || l.contains("\"nuclei-det\""))
     }) {
         match python {
             Some(p) => {

@@ -144,7 +144,13 @@ fn run() -> Result<()> {
             ] {
                 python(&torch, script, &[])?;
             }
-            Ok(())
+            // The detection goldens compare with pycocotools (PyPI), which only they need.
+            let py = torch_python(&torch)?;
+            step(
+                "pip install pycocotools (for scripts/golden_detection.py)",
+                Command::new(&py).args(["-m", "pip", "install", "-q", "pycocotools==2.0.11"]),
+            )?;
+            python(&torch, "scripts/golden_detection.py", &[])
         }
         "mtkd" => {
             let torch = torch::ensure()?;

@@ -88,7 +88,13 @@ fn coco_json(tiles: &[(String, Vec<[usize; 5]>)]) -> String {
 }
 
 /// The boxes `[x, y, w, h, pixels]` of the instances of a tile of the instance mask.
-fn instance_boxes(mask: &[u16], w: usize, y0: usize, x0: usize, dropped: &mut usize) -> Vec<[usize; 5]> {
+fn instance_boxes(
+    mask: &[u16],
+    w: usize,
+    y0: usize,
+    x0: usize,
+    dropped: &mut usize,
+) -> Vec<[usize; 5]> {
     let mut ext: std::collections::BTreeMap<u16, [usize; 5]> = Default::default();
     for y in 0..TILE {
         for x in 0..TILE {

@@ -62,7 +62,10 @@ pub fn feature_pearson(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
         Ok((f - mean) / (var + 1e-6).sqrt())
     };
     let diff = norm(student)? - norm(&teacher.detach())?;
-    Ok(diff.square().flatten(1, -1).f_mean_dim(-1, false, Kind::Float)?)
+    Ok(diff
+        .square()
+        .flatten(1, -1)
+        .f_mean_dim(-1, false, Kind::Float)?)
 }
 
 /// Cosine similarity along dim 1 (eps 1e-8, as `torch.nn.functional.cosine_similarity`).

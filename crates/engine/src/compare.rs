@@ -107,18 +107,18 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         ));
     }
     if look_ahead {
-    out.push((
-        "mtkd-rl meta + prune".to_owned(),
-        DistillConfig {
-            agent: Some(AgentConfig {
-                mode: Mode::Meta,
-                mix: Mix::Fixed,
-                ..agent.clone()
-            }),
-            prune: Some(prune),
-            ..with(StrategyKind::MtkdRl)
-        },
-    ));
+        out.push((
+            "mtkd-rl meta + prune".to_owned(),
+            DistillConfig {
+                agent: Some(AgentConfig {
+                    mode: Mode::Meta,
+                    mix: Mix::Fixed,
+                    ..agent.clone()
+                }),
+                prune: Some(prune),
+                ..with(StrategyKind::MtkdRl)
+            },
+        ));
     }
     Ok(out)
 }

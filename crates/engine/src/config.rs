@@ -788,11 +788,12 @@ impl Config {
                     );
                 }
             }
-        } else if self.distill.as_ref().is_some_and(|d| d.box_kd_weight != 1.0) {
-            return bad(
-                "distill.box_kd_weight",
-                "is a detection setting".into(),
-            );
+        } else if self
+            .distill
+            .as_ref()
+            .is_some_and(|d| d.box_kd_weight != 1.0)
+        {
+            return bad("distill.box_kd_weight", "is a detection setting".into());
         }
         if self.data.kind == DatasetKind::SegmentationFolder
             && self.data.num_classes.is_none()

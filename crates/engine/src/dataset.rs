@@ -232,8 +232,16 @@ fn read_coco(cfg: &DataConfig, root: &Path, split: &str) -> Result<ImageSet> {
         cfg.image_size.map(|s| s as usize),
     )?;
     let r = &c.report;
-    tracing::info!(split, images = r.images, boxes = r.boxes, negatives = r.negatives,
-        clipped = r.clipped, degenerate = r.degenerate, crowd = r.crowd, "COCO split read");
+    tracing::info!(
+        split,
+        images = r.images,
+        boxes = r.boxes,
+        negatives = r.negatives,
+        clipped = r.clipped,
+        degenerate = r.degenerate,
+        crowd = r.crowd,
+        "COCO split read"
+    );
     Ok(c.set)
 }
 

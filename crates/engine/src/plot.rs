@@ -135,7 +135,10 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
             },
         ],
     )?;
-    let primary = history.first().map(|r| r.test.primary.as_str()).unwrap_or("");
+    let primary = history
+        .first()
+        .map(|r| r.test.primary.as_str())
+        .unwrap_or("");
     if primary == "ap" {
         line_chart(
             &dir.join("accuracy.png"),
@@ -358,13 +361,15 @@ pub fn segmentation_overlays(
     write_png(path, width as u32, height as u32, px)
 }
 
-/// A bar per class (`class_iou.png`): `values` in percent, NaN drawn as no bar.
+/// A bar per class (`class_iou.png`, `class_ap.png`): `values` in percent, NaN drawn as no
+/// bar; with `background` the first class is segmentation's background (drawn grey).
 pub fn class_bars(
     path: &Path,
     title: &str,
     y_label: &str,
     names: &[String],
     values: &[f64],
+    background: bool,
 ) -> Result<()> {
     ensure_font();
     let n = values.len();
@@ -408,8 +413,8 @@ pub fn class_bars(
                     .enumerate()
                     .filter(|(_, v)| v.is_finite())
                     .map(|(i, &v)| {
-                        let c = class_colour(i as i64);
-                        let colour = if i == 0 {
+                        let c = class_colour(i as i64 + i64::from(!background));
+                        let colour = if i == 0 && background {
                             RGBColor(90, 90, 90)
                         } else {
                             RGBColor(c[0], c[1], c[2])
@@ -500,14 +505,19 @@ pub fn detection_overlays(
             for (col, boxes) in row.boxes.iter().enumerate().take(cols) {
                 let left = (gap + col * (pw + gap)) as f32;
                 let s = scale as f32;
-                let clip = |v: f32, lo: f32, n: usize| (lo + v * s).clamp(lo, lo + (n * scale) as f32 - 1.0) as i32;
+                let clip = |v: f32, lo: f32, n: usize| {
+                    (lo + v * s).clamp(lo, lo + (n * scale) as f32 - 1.0) as i32
+                };
                 for b in boxes {
                     let k = class_colour(b.class as i64 + 1);
                     let colour = RGBColor(k[0], k[1], k[2]);
                     let (x1, y1) = (clip(b.bbox[0], left, w), clip(b.bbox[1], top, h));
                     let (x2, y2) = (clip(b.bbox[2], left, w), clip(b.bbox[3], top, h));
-                    root.draw(&Rectangle::new([(x1, y1), (x2, y2)], colour.stroke_width(2)))
-                        .map_err(|x| e(&x))?;
+                    root.draw(&Rectangle::new(
+                        [(x1, y1), (x2, y2)],
+                        colour.stroke_width(2),
+                    ))
+                    .map_err(|x| e(&x))?;
                     if let Some(sc) = b.score {
                         root.draw_text(&format!("{sc:.2}"), &tiny, (x1 + 2, y1 + 1))
                             .map_err(|x| e(&x))?;
@@ -526,8 +536,12 @@ pub fn detection_overlays(
                 RGBColor(k[0], k[1], k[2]).filled(),
             ))
             .map_err(|x| e(&x))?;
-            root.draw_text(&format!("{i} {n}"), &small, ((lx + 18) as i32, ly as i32 - 1))
-                .map_err(|x| e(&x))?;
+            root.draw_text(
+                &format!("{i} {n}"),
+                &small,
+                ((lx + 18) as i32, ly as i32 - 1),
+            )
+            .map_err(|x| e(&x))?;
         }
         root.present().map_err(|x| e(&x))?;
     }

@@ -788,7 +788,10 @@ impl<'a> Page<'a> {
         let (test_name, train_name) = if self.inp.summary.metric == "top1" {
             ("test top-1".to_owned(), "train top-1".to_owned())
         } else if self.inp.summary.metric == "ap" {
-            (format!("test {metric}"), "train positive-location acc.".to_owned())
+            (
+                format!("test {metric}"),
+                "train positive-location acc.".to_owned(),
+            )
         } else {
             (format!("test {metric}"), "train pixel acc.".to_owned())
         };

@@ -158,7 +158,12 @@ fn detection_distills_resumes_exactly_and_shares_teacher_outputs() {
         let w: f64 = r.teacher_weights.iter().sum();
         assert!((w - 1.0).abs() < 1e-4, "weights sum to 1 per image: {w}");
     }
-    for p in ["boxes.png", "class_ap.png", "accuracy.png", "teacher_weights.png"] {
+    for p in [
+        "boxes.png",
+        "class_ap.png",
+        "accuracy.png",
+        "teacher_weights.png",
+    ] {
         assert!(full.join("plots").join(p).is_file(), "plots/{p}");
     }
     // The student's test detections in COCO's result format, ids of the written COCO folder.
@@ -209,10 +214,14 @@ fn detection_distills_resumes_exactly_and_shares_teacher_outputs() {
 fn detection_config_errors_name_the_field() {
     let s = scratch("cfg");
     let base = scenes(POOL, &s);
-    let e = parse(&base.replace("head = \"fcos\"\n\n[train]", "head = \"fcn\"\n\n[train]")).unwrap_err();
-    assert!(e.contains("student.head") && e.contains("fcos"), "{e}");
-    let e = parse(&base.replace("augment = { hflip = true }", "augment = { crop_padding = 2 }"))
+    let e = parse(&base.replace("head = \"fcos\"\n\n[train]", "head = \"fcn\"\n\n[train]"))
         .unwrap_err();
+    assert!(e.contains("student.head") && e.contains("fcos"), "{e}");
+    let e = parse(&base.replace(
+        "augment = { hflip = true }",
+        "augment = { crop_padding = 2 }",
+    ))
+    .unwrap_err();
     assert!(e.contains("data.augment") && e.contains("hflip"), "{e}");
     let e = parse(&base.replace("mode = \"clean\"", "mode = \"meta\"")).unwrap_err();
     assert!(e.contains("distill.strategy") && e.contains("meta"), "{e}");
@@ -282,7 +291,10 @@ fn torchvision_fcos_and_retinanet_teachers_join_the_pool() {
     let run = trainer::run(&cfg, &s.join("run"), &RunOptions::default(), &mut Silent).unwrap();
     assert_eq!(run.summary.teachers.len(), 2);
     for t in &run.summary.teachers {
-        assert!(t.source.starts_with("TorchScript") && t.test_value.is_some(), "{t:?}");
+        assert!(
+            t.source.starts_with("TorchScript") && t.test_value.is_some(),
+            "{t:?}"
+        );
     }
     let h = history(&s.join("run"));
     assert!(h[0].train_kd > 0.0 && h[0].train_feature > 0.0);

@@ -111,7 +111,7 @@ enum Head {
     /// A segmentation head under `head`.
     Dense(SegHead),
     /// A detection head under `head`.
-    Detector(DetHead),
+    Detector(Box<DetHead>),
 }
 
 /// A network: a backbone producing the last feature map and a head (`head.rs`): the
@@ -174,7 +174,11 @@ impl Network {
                 num_classes,
                 Default::default(),
             )),
-            HeadKind::Fcos => Head::Detector(DetHead::new(&(path / "head"), channels, num_classes)),
+            HeadKind::Fcos => Head::Detector(Box::new(DetHead::new(
+                &(path / "head"),
+                channels,
+                num_classes,
+            ))),
             kind => Head::Dense(SegHead::new(&(path / "head"), kind, channels, num_classes)),
         };
         // Probe the feature map's spatial size once with a zero image (no BN statistics change

@@ -170,8 +170,8 @@ impl BatchLoader {
                     let dst = &mut pixels[k * per..(k + 1) * per];
                     if let Some(all) = &set.boxes {
                         // Detection: the image as it is, or flipped with its boxes.
-                        let flip = cfg.augment.as_ref().is_some_and(|a| a.hflip)
-                            && rng.gen_bool(0.5);
+                        let flip =
+                            cfg.augment.as_ref().is_some_and(|a| a.hflip) && rng.gen_bool(0.5);
                         transform::apply(
                             set.images.index_axis(ndarray::Axis(0), i),
                             None,
@@ -191,24 +191,24 @@ impl BatchLoader {
                         }
                         objects.push(objs);
                     } else {
-                    match (&set.masks, masks.as_mut()) {
-                        (Some(m), Some(out)) => transform::apply_joint(
-                            set.images.index_axis(ndarray::Axis(0), i),
-                            m.index_axis(ndarray::Axis(0), i),
-                            cfg.augment.as_ref(),
-                            crate::segmentation::IGNORE,
-                            &mut rng,
-                            dst,
-                            &mut out[k * oh * ow..(k + 1) * oh * ow],
-                        ),
-                        _ => transform::apply(
-                            set.images.index_axis(ndarray::Axis(0), i),
-                            cfg.augment.as_ref(),
-                            cfg.eval_resize.as_ref(),
-                            &mut rng,
-                            dst,
-                        ),
-                    }
+                        match (&set.masks, masks.as_mut()) {
+                            (Some(m), Some(out)) => transform::apply_joint(
+                                set.images.index_axis(ndarray::Axis(0), i),
+                                m.index_axis(ndarray::Axis(0), i),
+                                cfg.augment.as_ref(),
+                                crate::segmentation::IGNORE,
+                                &mut rng,
+                                dst,
+                                &mut out[k * oh * ow..(k + 1) * oh * ow],
+                            ),
+                            _ => transform::apply(
+                                set.images.index_axis(ndarray::Axis(0), i),
+                                cfg.augment.as_ref(),
+                                cfg.eval_resize.as_ref(),
+                                &mut rng,
+                                dst,
+                            ),
+                        }
                     }
                     transform::normalize(dst, &cfg.normalize, oh * ow);
                     labels.push(set.labels[i]);

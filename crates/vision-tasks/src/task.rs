@@ -364,7 +364,11 @@ impl Detection {
     }
     /// The class count of an output `[B, K + 5, L]`.
     fn classes(&self, out: &Tensor) -> Result<i64> {
-        self.layout.check("detector output", out, out.size().get(1).copied().unwrap_or(0) - 5)?;
+        self.layout.check(
+            "detector output",
+            out,
+            out.size().get(1).copied().unwrap_or(0) - 5,
+        )?;
         Ok(out.size()[1] - 5)
     }
 }
@@ -448,17 +452,23 @@ impl Task for Detection {
             kl,
         )
     }
-    /// The share of positive locations whose highest class logit is the assigned class (0 for
-    /// an image without positives).
+    /// The share of positive locations whose assigned class has the highest class logit and a
+    /// probability above 1/2 (so that a one-class detector is not right everywhere by
+    /// construction); 0 for an image without positives.
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let t = self.unpack(targets)?;
         let pos = t.positive();
-        let pred = logits
-            .f_slice(1, 0, self.classes(logits)?, 1)?
-            .f_argmax(1, false)?;
-        let right = pred.f_eq_tensor(&t.classes)?.f_to_kind(Kind::Float)? * &pos;
+        let cls = logits.f_slice(1, 0, self.classes(logits)?, 1)?; // [B, K, L]
+        let (top, pred) = cls.f_max_dim(1, false)?;
+        let right = pred
+            .f_eq_tensor(&t.classes)?
+            .f_logical_and(&top.f_gt(0.0)?)?
+            .f_to_kind(Kind::Float)?
+            * &pos;
         Ok(right.f_sum_dim_intlist(1, false, Kind::Float)?
-            / pos.f_sum_dim_intlist(1, false, Kind::Float)?.f_clamp_min(1.0)?)
+            / pos
+                .f_sum_dim_intlist(1, false, Kind::Float)?
+                .f_clamp_min(1.0)?)
     }
     fn metric(&self, num_classes: usize) -> Box<dyn Metric> {
         Box::new(DetMetric::new(self.layout.clone(), num_classes))

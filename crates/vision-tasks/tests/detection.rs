@@ -1,4 +1,4 @@
-//! Detection: box operations, NMS, the focal loss and COCO AP against
+//! Detection: box operations, NMS, the focal loss, the class KD, Pearson feature KD and COCO AP against
 //! `scripts/golden_detection.py` (torchvision and pycocotools); the FCOS assignment and
 //! decoding; the COCO reader's rules and errors; the loader's flip of boxes; the synthetic
 //! scenes' boxes.
@@ -97,6 +97,42 @@ fn box_iou_giou_and_focal_match_torchvision() {
         )
         .unwrap();
         close("sigmoid_focal_loss", &got, &nested(&c["loss"]), 1e-5);
+    }
+}
+
+#[test]
+fn class_kd_and_pearson_features_match_pytorch() {
+    let g = golden();
+    for c in g["class_kd"].as_array().unwrap() {
+        let s = nested(&c["student"]);
+        let t = nested(&c["teacher"]);
+        let classes = nested(&c["classes"]).to_kind(Kind::Int64);
+        let k = s.size()[1] - 5;
+        let targets = mtkd_vision_tasks::detection::layout::Targets {
+            boxes: Tensor::zeros(
+                [s.size()[0], s.size()[2], 4],
+                (Kind::Float, tch::Device::Cpu),
+            ),
+            centerness: Tensor::zeros([s.size()[0], s.size()[2]], (Kind::Float, tch::Device::Cpu)),
+            classes,
+        };
+        let got = loss::class_kd(&s, &t, &targets, k, c["temperature"].as_f64().unwrap()).unwrap();
+        close("class_kd", &got, &nested(&c["loss"]), 1e-5);
+    }
+    for c in g["pearson"].as_array().unwrap() {
+        let got = mtkd_distill_core::loss::feature_pearson(
+            &nested(&c["student"]),
+            &nested(&c["teacher"]),
+        )
+        .unwrap();
+        let want = nested(&c["loss"]);
+        let (gv, wv) = (support::values(&got), support::values(&want));
+        for (i, (a, b)) in gv.iter().zip(&wv).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "feature_pearson[{i}]: got {a}, PyTorch {b}"
+            );
+        }
     }
 }
 
@@ -249,8 +285,16 @@ fn assignment_decoding_and_ap_of_a_perfect_detector() {
         let m = t.classes.get(img).eq(class);
         Vec::<i64>::try_from(&levels.masked_select(&m)).unwrap()
     };
-    assert!(lv(0, 0).iter().all(|&l| l == 0), "small box levels {:?}", lv(0, 0));
-    assert!(lv(0, 2).iter().all(|&l| l >= 1), "large box levels {:?}", lv(0, 2));
+    assert!(
+        lv(0, 0).iter().all(|&l| l == 0),
+        "small box levels {:?}",
+        lv(0, 0)
+    );
+    assert!(
+        lv(0, 2).iter().all(|&l| l >= 1),
+        "large box levels {:?}",
+        lv(0, 2)
+    );
 
     let out = perfect_output(&layout, &objects, 3);
     let task = Detection {
@@ -261,9 +305,15 @@ fn assignment_decoding_and_ap_of_a_perfect_detector() {
     // Its box loss is zero, and distilling it into itself costs nothing but the binary
     // entropy of its own scores (KD on sigmoid outputs is a KL: zero against itself).
     let (_, bx, _) = loss::fcos_terms(&layout, &out, &t, 3).unwrap();
-    assert!(support::values(&bx).iter().all(|v| v.abs() < 1e-4), "box loss {bx:?}");
+    assert!(
+        support::values(&bx).iter().all(|v| v.abs() < 1e-4),
+        "box loss {bx:?}"
+    );
     let kd = task.kd(&out, &out, 2.0, &targets).unwrap();
-    assert!(support::values(&kd).iter().all(|v| v.abs() < 1e-4), "self-KD {kd:?}");
+    assert!(
+        support::values(&kd).iter().all(|v| v.abs() < 1e-4),
+        "self-KD {kd:?}"
+    );
     let worse = &out * 0.5;
     let kd = task.kd(&worse, &out, 2.0, &targets).unwrap();
     assert!(support::values(&kd)[..2].iter().all(|v| *v > 1e-3));
@@ -272,7 +322,11 @@ fn assignment_decoding_and_ap_of_a_perfect_detector() {
     metric.update_boxes(&out, &gt, &[0, 1, 2]).unwrap();
     let r = Metric::report(&metric);
     assert_eq!(r.primary, "ap");
-    assert!((r.value - 100.0).abs() < 1e-6, "AP of a perfect detector: {}", r.value);
+    assert!(
+        (r.value - 100.0).abs() < 1e-6,
+        "AP of a perfect detector: {}",
+        r.value
+    );
     assert!((r.get("ap50") - 100.0).abs() < 1e-6);
     // A detector that says nothing scores 0.
     let mut empty = DetMetric::new(DetLayout::standard((48, 48)), 3);
@@ -291,7 +345,10 @@ fn scratch(name: &str) -> PathBuf {
 
 fn tiny_set() -> ImageSet {
     let mut images = Array4::<u8>::zeros((3, 1, 16, 16));
-    images.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 251) as u8);
+    images
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v = (i % 251) as u8);
     let mut set = ImageSet::new(images, vec![0, 1, 0], 2).unwrap();
     set.class_names = vec!["cat".into(), "dog".into()];
     set.boxes = Some(vec![
@@ -326,11 +383,17 @@ fn coco_folders_round_trip_and_bad_files_are_named() {
     assert_eq!(back.set.images, set.images);
     assert_eq!(back.set.boxes, set.boxes);
     assert_eq!(back.set.class_names, set.class_names);
-    assert_eq!(back.report.negatives, 1, "the image without boxes is a valid negative");
+    assert_eq!(
+        back.report.negatives, 1,
+        "the image without boxes is a valid negative"
+    );
     assert_eq!(back.report.boxes, 3);
     // Resized on reading: boxes and areas scale with the image.
     let big = coco::read_coco(&dir, "train", 1, Some(32)).unwrap();
-    assert_eq!(big.set.boxes.as_ref().unwrap()[0][0].bbox, [2.0, 4.0, 18.0, 24.0]);
+    assert_eq!(
+        big.set.boxes.as_ref().unwrap()[0][0].bbox,
+        [2.0, 4.0, 18.0, 24.0]
+    );
     assert_eq!(big.set.boxes.as_ref().unwrap()[0][0].area, 320.0);
 
     let ann = coco::annotation_path(&dir, "train");
@@ -348,21 +411,35 @@ fn coco_folders_round_trip_and_bad_files_are_named() {
         j["annotations"][1]["bbox"] = serde_json::json!([3.0, 3.0, 0.0, 5.0]);
     })
     .unwrap();
-    assert_eq!((r.report.clipped, r.report.degenerate, r.report.boxes), (1, 1, 2));
-    assert_eq!(r.set.boxes.as_ref().unwrap()[0][0].bbox, [10.0, 10.0, 16.0, 16.0]);
+    assert_eq!(
+        (r.report.clipped, r.report.degenerate, r.report.boxes),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        r.set.boxes.as_ref().unwrap()[0][0].bbox,
+        [10.0, 10.0, 16.0, 16.0]
+    );
     let err = |e: mtkd_vision_tasks::Error| e.to_string();
     let e = err(edit(&|j| j["annotations"][0]["category_id"] = 99.into()).unwrap_err());
-    assert!(e.contains("category_id 99") && e.contains("instances_train.json"), "{e}");
+    assert!(
+        e.contains("category_id 99") && e.contains("instances_train.json"),
+        "{e}"
+    );
     let e = err(edit(&|j| j["annotations"][0]["image_id"] = 77.into()).unwrap_err());
     assert!(e.contains("image_id 77"), "{e}");
-    let e = err(edit(&|j| j["annotations"][0]["bbox"] = serde_json::json!([1.0, 1.0, -3.0, 2.0]))
-        .unwrap_err());
+    let e = err(
+        edit(&|j| j["annotations"][0]["bbox"] = serde_json::json!([1.0, 1.0, -3.0, 2.0]))
+            .unwrap_err(),
+    );
     assert!(e.contains("non-negative"), "{e}");
     let e = err(edit(&|j| j["images"][0]["file_name"] = "gone.png".into()).unwrap_err());
     assert!(e.contains("gone.png"), "{e}");
     std::fs::write(&ann, &original[..original.len() / 2]).unwrap();
     let e = err(coco::read_coco(&dir, "train", 1, None).unwrap_err());
-    assert!(e.contains("instances_train.json") && e.contains("COCO"), "{e}");
+    assert!(
+        e.contains("instances_train.json") && e.contains("COCO"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -396,13 +473,19 @@ fn the_loader_flips_boxes_with_the_images() {
             let same = f.images.get(i).equal(&p.images.get(i));
             let mirrored = f.images.get(i).equal(&p.images.get(i).flip([2]));
             assert!(same || mirrored);
-            let (bf, bp) = (f.boxes.as_ref().unwrap().get(i), p.boxes.as_ref().unwrap().get(i));
+            let (bf, bp) = (
+                f.boxes.as_ref().unwrap().get(i),
+                p.boxes.as_ref().unwrap().get(i),
+            );
             if mirrored && !same {
                 seen_flip = true;
                 // x1' = W - x2, x2' = W - x1 for real boxes.
                 let real = bp.select(1, 4).ge(0.0);
                 let want_x1 = (bp.select(1, 2).neg() + 16.0).masked_select(&real);
-                assert!(bf.select(1, 0).masked_select(&real).allclose(&want_x1, 1e-6, 1e-6, false));
+                assert!(bf
+                    .select(1, 0)
+                    .masked_select(&real)
+                    .allclose(&want_x1, 1e-6, 1e-6, false));
             } else {
                 assert!(bf.equal(&bp));
             }
@@ -414,7 +497,9 @@ fn the_loader_flips_boxes_with_the_images() {
         crop_padding: 4,
         ..Default::default()
     };
-    let e = BatchLoader::new(set, cfg(Some(crop))).unwrap_err().to_string();
+    let e = BatchLoader::new(set, cfg(Some(crop)))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hflip"), "{e}");
 }
 
@@ -439,7 +524,13 @@ fn synthetic_scenes_have_the_boxes_of_their_visible_pixels() {
     assert_eq!(det.num_classes, 10);
     let masks = seg.masks.as_ref().unwrap();
     for (i, objs) in det.boxes.as_ref().unwrap().iter().enumerate() {
-        assert!(!objs.is_empty() || masks.index_axis(ndarray::Axis(0), i).iter().all(|&m| m == 0));
+        assert!(
+            !objs.is_empty()
+                || masks
+                    .index_axis(ndarray::Axis(0), i)
+                    .iter()
+                    .all(|&m| m == 0)
+        );
         for o in objs {
             let [x1, y1, x2, y2] = o.bbox.map(|v| v as usize);
             assert!(x2 > x1 && y2 > y1 && x2 <= 48 && y2 <= 48);

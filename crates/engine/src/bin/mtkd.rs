@@ -885,7 +885,8 @@ fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()
         .filter(|(k, _)| **k != s.metric)
         .filter(|(k, _)| {
             // Detection: the AP family; COCO's recalls and size ranges are in summary.json.
-            s.metric != "ap" || mtkd_vision_tasks::task::table_scalars_for("ap").contains(&k.as_str())
+            s.metric != "ap"
+                || mtkd_vision_tasks::task::table_scalars_for("ap").contains(&k.as_str())
         })
         .map(|(k, v)| format!(", {} {v:.2}%", mtkd_vision_tasks::task::metric_label(k)))
         .collect();

@@ -15,6 +15,7 @@ impl<'a> Trainer<'a> {
             "IoU (%)",
             names,
             &report.per_class,
+            true,
         )?;
         let loader = self.data.test_loader(&self.cfg.data, 4)?;
         let Some(batch) = loader.epoch(0, 0, self.device).next() else {
@@ -89,6 +90,7 @@ impl<'a> Trainer<'a> {
             "AP (%)",
             names,
             &report.per_class,
+            false,
         )?;
         let side = super::detection_side(&self.cfg.data);
         let layout = DetLayout::standard((side, side));
@@ -101,13 +103,14 @@ impl<'a> Trainer<'a> {
             let out = tch::no_grad(|| self.student.forward_t(&batch.images, false));
             metric.update_batch(&out.logits, &batch)?;
         }
-        let (ids, cats) = self
-            .data
-            .test_coco_ids
-            .clone()
-            .unwrap_or_default();
-        det::coco::write_results(&self.dir.join("detections.json"), metric.detections(), &ids, &cats)
-            .context("writing detections.json")?;
+        let (ids, cats) = self.data.test_coco_ids.clone().unwrap_or_default();
+        det::coco::write_results(
+            &self.dir.join("detections.json"),
+            metric.detections(),
+            &ids,
+            &cats,
+        )
+        .context("writing detections.json")?;
         // The overlays: the first four test images.
         let loader = self.data.test_loader(&self.cfg.data, 4)?;
         let Some(batch) = loader.epoch(0, 0, self.device).next() else {

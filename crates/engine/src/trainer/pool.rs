@@ -216,9 +216,7 @@ pub(super) fn build_pool(
                 needs_features,
                 dense: task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation,
                 det_locations: (task.kind() == mtkd_vision_tasks::task::TaskKind::Detection)
-                    .then(|| {
-                        task.logits_shape(data.num_classes(), (in_shape.1, in_shape.2))[1]
-                    }),
+                    .then(|| task.logits_shape(data.num_classes(), (in_shape.1, in_shape.2))[1]),
             };
             let teacher: Box<dyn Teacher> = Box::new(
                 TorchScriptTeacher::load(&t.name, path, device, &expect)

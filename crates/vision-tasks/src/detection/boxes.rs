@@ -93,7 +93,8 @@ pub fn giou_loss(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let xk2 = x2.minimum(&x2g);
     let yk2 = y2.minimum(&y2g);
     let inter = (&xk2 - &xk1).clamp_min(0.0) * (&yk2 - &yk1).clamp_min(0.0);
-    let inter = inter * xk2.gt_tensor(&xk1).to_kind(Kind::Float) * yk2.gt_tensor(&yk1).to_kind(Kind::Float);
+    let inter =
+        inter * xk2.gt_tensor(&xk1).to_kind(Kind::Float) * yk2.gt_tensor(&yk1).to_kind(Kind::Float);
     let union = (&x2 - &x1) * (&y2 - &y1) + (&x2g - &x1g) * (&y2g - &y1g) - &inter;
     let eps = 1e-7;
     let iou = &inter / (&union + eps);
@@ -183,7 +184,10 @@ fn keep_tensor(keep: Vec<usize>, device: Device) -> Result<Tensor> {
 pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Result<Tensor> {
     let (b, s) = host_boxes(boxes, scores)?;
     let mut all: Vec<usize> = (0..b.len()).collect();
-    keep_tensor(greedy(&b, &s, &mut all, iou_threshold as f32), boxes.device())
+    keep_tensor(
+        greedy(&b, &s, &mut all, iou_threshold as f32),
+        boxes.device(),
+    )
 }
 
 /// Class-aware NMS (`torchvision.ops.batched_nms`): boxes of different classes never suppress

@@ -131,7 +131,12 @@ pub fn read_coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
 
 /// Read split `split` of the COCO folder `root` with `channels` image channels (1 or 3),
 /// resizing every image to `size x size` when `size` is given.
-pub fn read_coco(root: &Path, split: &str, channels: usize, size: Option<usize>) -> Result<CocoSet> {
+pub fn read_coco(
+    root: &Path,
+    split: &str,
+    channels: usize,
+    size: Option<usize>,
+) -> Result<CocoSet> {
     let json = annotation_path(root, split);
     let text = std::fs::read_to_string(&json).map_err(io_err(&json))?;
     let file: CocoFile = serde_json::from_str(&text).map_err(|e| Error::Format {
@@ -315,7 +320,7 @@ pub fn write_coco(root: &Path, split: &str, set: &ImageSet) -> Result<()> {
     std::fs::create_dir_all(&ann_dir).map_err(io_err(&ann_dir))?;
     let mut images = Vec::with_capacity(set.len());
     let mut annotations = Vec::new();
-    for i in 0..set.len() {
+    for (i, objs) in objects.iter().enumerate() {
         let name = format!("{i:06}.png");
         let path = dir.join(&name);
         let img = set.images.index_axis(ndarray::Axis(0), i);
@@ -343,7 +348,7 @@ pub fn write_coco(root: &Path, split: &str, set: &ImageSet) -> Result<()> {
             width: Some(w as u64),
             height: Some(h as u64),
         });
-        for o in &objects[i] {
+        for o in objs {
             let [x1, y1, x2, y2] = o.bbox.map(f64::from);
             annotations.push(CocoAnnotation {
                 id: annotations.len() as u64 + 1,

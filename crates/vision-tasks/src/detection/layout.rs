@@ -230,15 +230,20 @@ impl DetLayout {
             .to_kind(Kind::Int64)
             .where_self(&pos, &Tensor::full([1], -1, (Kind::Int64, device)));
         let posf = pos.to_kind(Kind::Float);
-        let boxes = Tensor::stack(&[pick(&x1), pick(&y1), pick(&x2), pick(&y2)], -1)
-            * posf.unsqueeze(-1);
+        let boxes =
+            Tensor::stack(&[pick(&x1), pick(&y1), pick(&x2), pick(&y2)], -1) * posf.unsqueeze(-1);
         let d = ltrb.gather(
             2,
             &idx.view([b, l_n, 1, 1]).expand([b, l_n, 1, 4], false),
             false,
         );
         let d = d.squeeze_dim(2).clamp_min(0.0); // [B, L, 4]
-        let (dl, dt, dr, db) = (d.select(2, 0), d.select(2, 1), d.select(2, 2), d.select(2, 3));
+        let (dl, dt, dr, db) = (
+            d.select(2, 0),
+            d.select(2, 1),
+            d.select(2, 2),
+            d.select(2, 3),
+        );
         let ratio = |a: &Tensor, c: &Tensor| a.minimum(c) / a.maximum(c).clamp_min(1e-6);
         let centerness = (ratio(&dl, &dr) * ratio(&dt, &db)).sqrt() * &posf;
         Ok(Targets {

@@ -41,7 +41,9 @@ pub fn sigmoid_focal(logits: &Tensor, targets: &Tensor, alpha: f64, gamma: f64) 
 
 /// Per-image positive counts `[B]`, at least 1.
 fn positives(t: &Targets) -> Tensor {
-    t.positive().sum_dim_intlist(1, false, Kind::Float).clamp_min(1.0)
+    t.positive()
+        .sum_dim_intlist(1, false, Kind::Float)
+        .clamp_min(1.0)
 }
 
 /// The three FCOS terms per image `[B]` each: classification, box, centerness.
@@ -56,16 +58,13 @@ pub fn fcos_terms(
     let pos = targets.positive();
     let npos = positives(targets);
     let cls_logits = out.slice(1, 0, k, 1).transpose(1, 2); // [B, L, K]
-    // One-hot of the assigned class; background rows are all zeros.
-    let onehot = targets
-        .classes
-        .clamp_min(0)
-        .one_hot(k)
-        .to_kind(Kind::Float)
-        * pos.unsqueeze(-1);
-    let cls = sigmoid_focal(&cls_logits, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?
-        .sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float)
-        / &npos;
+                                                            // One-hot of the assigned class; background rows are all zeros.
+    let onehot = targets.classes.clamp_min(0).one_hot(k).to_kind(Kind::Float) * pos.unsqueeze(-1);
+    let cls = sigmoid_focal(&cls_logits, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?.sum_dim_intlist(
+        [1i64, 2].as_slice(),
+        false,
+        Kind::Float,
+    ) / &npos;
     let pred = layout.boxes(out, k)?;
     let gl = giou_loss(&pred, &targets.boxes.to_kind(pred.kind()))?;
     let gl = gl.where_self(&pos.ge(0.5), &Tensor::zeros_like(&gl));
@@ -178,7 +177,11 @@ pub fn detection_signals(
             ce.push(fcos_loss(layout, &t.logits, targets, num_classes)?);
             let p = pooled_class_logits(&t.logits, targets, num_classes);
             let logp = p.log_softmax(1, Kind::Float);
-            ent.push((logp.exp() * &logp).sum_dim_intlist(1, false, Kind::Float).neg());
+            ent.push(
+                (logp.exp() * &logp)
+                    .sum_dim_intlist(1, false, Kind::Float)
+                    .neg(),
+            );
             pooled.push(p);
         }
         let kl: Vec<Tensor> = kl_terms.iter().map(Tensor::detach).collect();

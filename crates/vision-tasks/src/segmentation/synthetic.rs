@@ -109,8 +109,12 @@ pub fn generate_detection(
     set.class_names = source.class_names.clone();
     set.boxes = Some(objects);
     if dropped > 0 {
-        tracing::info!(dropped, scenes = n, min_visible = MIN_VISIBLE,
-            "synthetic detection scenes: objects occluded below the visible minimum were left out");
+        tracing::info!(
+            dropped,
+            scenes = n,
+            min_visible = MIN_VISIBLE,
+            "synthetic detection scenes: objects occluded below the visible minimum were left out"
+        );
     }
     Ok((set, dropped))
 }
