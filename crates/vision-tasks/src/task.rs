@@ -453,8 +453,8 @@ impl Task for Detection {
         )
     }
     /// The share of positive locations whose assigned class has the highest class logit and a
-    /// probability above 1/2 (so that a one-class detector is not right everywhere by
-    /// construction); 0 for an image without positives.
+    /// probability above post-processing's candidate threshold, 0.05 (so that a one-class
+    /// detector is not right everywhere by construction); 0 for an image without positives.
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let t = self.unpack(targets)?;
         let pos = t.positive();
@@ -462,7 +462,7 @@ impl Task for Detection {
         let (top, pred) = cls.f_max_dim(1, false)?;
         let right = pred
             .f_eq_tensor(&t.classes)?
-            .f_logical_and(&top.f_gt(0.0)?)?
+            .f_logical_and(&top.f_gt((0.05f64 / 0.95).ln())?)?
             .f_to_kind(Kind::Float)?
             * &pos;
         Ok(right.f_sum_dim_intlist(1, false, Kind::Float)?
