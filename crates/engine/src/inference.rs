@@ -114,6 +114,12 @@ const SEG_NOT_YET: &str =
      test mIoU, pixel accuracy and per-class IoU are in its summary.json and metrics.jsonl, its \
      prediction overlays in plots/";
 
+/// What eval says of detection data.
+const DET_EVAL_NOT_YET: &str =
+    "mtkd eval handles classification and segmentation models; a detection run's test AP, AP50, \
+     AP75, AP by size and per-class AP are in its summary.json and metrics.jsonl, its test \
+     detections in detections.json (COCO result format)";
+
 /// What predict says of detection data.
 const DET_NOT_YET: &str =
     "mtkd predict handles classification models; a detection run's test AP, AP50, AP75 and \
@@ -294,8 +300,12 @@ pub fn evaluate(
     batch_size: usize,
     device: Device,
 ) -> Result<EvalReport> {
-    if data.task() != crate::config::TaskKind::Classification {
-        bail!("this is segmentation data: use inference::evaluate_segmentation (`mtkd eval` does)");
+    match data.task() {
+        crate::config::TaskKind::Classification => {}
+        crate::config::TaskKind::Segmentation => bail!(
+            "this is segmentation data: use inference::evaluate_segmentation (`mtkd eval` does)"
+        ),
+        crate::config::TaskKind::Detection => bail!("{DET_EVAL_NOT_YET}"),
     }
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
