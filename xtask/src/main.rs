@@ -3,6 +3,7 @@
 //! xtask never links libtorch: it installs it, then runs cargo with the environment that
 //! `torch-sys` needs. Every command that builds Rust code runs the libtorch set-up first.
 
+mod bench;
 mod data;
 mod nuclei;
 mod torch;
@@ -32,6 +33,10 @@ Commands:
   export-teacher ARGS  wrap a PyTorch model as a TorchScript teacher (scripts/export_teacher.py)
   export-onnx RUN_DIR  export a run's student to ONNX, check it with ONNX Runtime, time one image
                      in both formats (scripts/export_onnx.py)
+  bench [ARGS]       criterion benches and the end-to-end report docs/PERF.md: mtkd's training
+                     step against eager PyTorch (scripts/bench_eager.py), interleaved, per mode
+                     (--rounds N, --warmup N, --steps N, --no-criterion, --no-dense,
+                     --only SETTING,..., --out FILE)
   golden             regenerate the golden files of the tests with PyTorch (scripts/golden*.py,
                      scripts/student_zoo.py)
 
@@ -98,6 +103,10 @@ fn run() -> Result<()> {
             train_args.extend(rest);
             data::ensure_for_config(&config_path(&train_args), torch.python().as_deref())?;
             run_mtkd(&torch, &train_args)
+        }
+        "bench" => {
+            let torch = torch::ensure()?;
+            bench::bench(&torch, &rest)
         }
         "doctor" => {
             let torch = torch::ensure()?;
@@ -332,6 +341,14 @@ fn config_path(args: &[String]) -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// The cargo target folder (`CARGO_TARGET_DIR`, else `target/` of the project).
+fn target_dir() -> Result<PathBuf> {
+    Ok(match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => project_root()?.join("target"),
+    })
 }
 
 /// `$CARGO` (the cargo that runs xtask) with the libtorch environment and the data directory.

@@ -1690,3 +1690,80 @@ fn a_student_starts_from_an_earlier_run_with_its_strategy_state() {
     let err = run_err(&parse(&text).unwrap(), &s.join("d"));
     assert!(err.contains("trained a cnn-small student"), "{err}");
 }
+
+#[test]
+fn single_teacher_kd_in_a_pool_runs_only_its_teacher_and_matches_a_pool_of_one() {
+    let _serial = serial();
+    let s = scratch("single-pool");
+    let teacher = |name: &str| format!("[[teachers]]\nname = \"{name}\"\narch = \"cnn-small\"\n");
+    let cfg = |pool: &str| {
+        parse(&tiny(
+            &format!(
+                "[distill]\nstrategy = \"single\"\nteacher = \"x\"\nkd_weight = 1.0\nfeature_weight = 0.0\n\
+                 {pool}[teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"
+            ),
+            &s,
+        ))
+        .unwrap()
+    };
+    let both = cfg(&(teacher("x") + &teacher("y")));
+    let alone = cfg(&teacher("x"));
+    run_in(&both, &s.join("both"), &RunOptions::default()).unwrap();
+    run_in(&alone, &s.join("alone"), &RunOptions::default()).unwrap();
+    let (hb, ha) = (history(&s.join("both")), history(&s.join("alone")));
+    assert_eq!(hb.len(), 2);
+    for (b, a) in hb.iter().zip(&ha) {
+        // The same student, step for step: the idle teacher changed nothing.
+        assert_eq!(b.train_loss, a.train_loss, "epoch {}", b.epoch);
+        assert_eq!(b.test.value, a.test.value, "epoch {}", b.epoch);
+        assert_eq!(b.teacher_weights, vec![1.0, 0.0]);
+        // Only `x` is in the pool that runs.
+        assert_eq!(b.active_teachers, Some(vec!["x".to_owned()]));
+    }
+}
+
+#[test]
+fn bench_steps_times_every_mode_with_the_trainers_step() {
+    use mtkd_engine::trainer::bench::{bench_steps, BenchMode};
+    let _serial = serial();
+    let s = scratch("bench-steps");
+    let cfg = parse(&tiny(
+        "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 1.0\n\
+         [[teachers]]\nname = \"x\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"y\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n",
+        &s,
+    ))
+    .unwrap();
+    let (plan, timings) = bench_steps(&cfg, &BenchMode::ALL, 1, 2, &mut Silent).unwrap();
+    assert_eq!(plan.teachers.len(), 2);
+    // Teachers trained by mtkd: the reference rebuilds them from their weights.
+    assert!(plan.teachers.iter().all(Option::is_none));
+    let native: Vec<&str> = plan
+        .native_teachers
+        .iter()
+        .map(|t| t.as_ref().map(|(a, _)| a.as_str()).unwrap())
+        .collect();
+    assert_eq!(native, ["cnn-small", "resnet8"]);
+    assert!(plan
+        .native_teachers
+        .iter()
+        .all(|t| t.as_ref().unwrap().1.is_file()));
+    assert_eq!(
+        (plan.student.as_str(), plan.input, plan.num_classes),
+        ("cnn-small", (1, 28, 28), 10)
+    );
+    let modes: Vec<BenchMode> = timings.iter().map(|t| t.mode).collect();
+    assert_eq!(modes, BenchMode::ALL.to_vec());
+    for t in &timings {
+        assert_eq!(t.step_seconds.len(), 2);
+        assert!(t.images_per_second.is_finite() && t.images_per_second > 0.0);
+        // CE only runs no teacher; every other mode does.
+        assert_eq!(
+            t.teacher_seconds > 0.0,
+            t.mode != BenchMode::Ce,
+            "{:?}",
+            t.mode
+        );
+    }
+}

@@ -151,6 +151,43 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Time the training step of a config in the step modes of the performance report (CE only,
+    /// one-teacher KD, AVER, MTKD-RL) and write the timings as JSON (`cargo xtask bench`).
+    BenchSteps {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Modes to time, comma-separated: ce, kd1, aver, mtkd-rl.
+        #[arg(long, value_delimiter = ',', default_value = "ce,kd1,aver,mtkd-rl")]
+        modes: Vec<String>,
+        /// Untimed steps per mode before the timed ones.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Timed steps per mode.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Also measure the machine's peak (a large convolution and a matmul).
+        #[arg(long)]
+        peak: bool,
+        /// Write the JSON here (default: standard output).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Write the performance report (markdown) from the JSON files of `cargo xtask bench`.
+    BenchReport {
+        /// Folder of `<setting>-mtkd-r<N>.json` and `<setting>-eager-r<N>.json` files.
+        #[arg(long)]
+        raw: PathBuf,
+        /// Criterion's output folder (target/criterion), for the benches' table.
+        #[arg(long)]
+        criterion: Option<PathBuf>,
+        /// The command to print in the report.
+        #[arg(long, default_value = "cargo xtask bench")]
+        command: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the tch and libtorch versions, threads and CUDA devices.
     Doctor,
     /// (Re)write a run folder's audit page, report.html (every run writes it when it ends).
@@ -189,6 +226,21 @@ fn main() -> std::process::ExitCode {
     install_stop_handler();
     let result = match cli.cmd {
         Cmd::Doctor => doctor(),
+        Cmd::BenchReport {
+            raw,
+            criterion,
+            command,
+            out,
+        } => mtkd_engine::trainer::bench::write_report(&raw, criterion.as_deref(), &command, &out),
+        Cmd::BenchSteps {
+            config,
+            overrides,
+            modes,
+            warmup,
+            steps,
+            peak,
+            json,
+        } => bench_steps(config, overrides, modes, warmup, steps, peak, json),
         Cmd::Eval {
             model,
             data,
@@ -443,6 +495,51 @@ fn predict(
 fn doctor() -> Result<()> {
     for (k, v) in mtkd_engine::doctor::report() {
         println!("{k:>18}: {v}");
+    }
+    Ok(())
+}
+
+fn bench_steps(
+    config: PathBuf,
+    overrides: Vec<String>,
+    modes: Vec<String>,
+    warmup: usize,
+    steps: usize,
+    peak: bool,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    use mtkd_engine::trainer::bench;
+    let cfg = Config::load(&config, &overrides)?;
+    init_logging(None);
+    let modes = modes
+        .iter()
+        .map(|m| bench::BenchMode::parse(m))
+        .collect::<Result<Vec<_>>>()?;
+    // The peak first, on an idle process (measured after the modes it reads lower).
+    let peak = if peak {
+        if cfg.run.threads > 0 {
+            tch::set_num_threads(cfg.run.threads as i32);
+        }
+        Some(bench::measure_peak(
+            trainer::device_of(&cfg.run.device)?,
+            5,
+        )?)
+    } else {
+        None
+    };
+    let (plan, timings) = bench::bench_steps(&cfg, &modes, warmup, steps, &mut Bars::default())?;
+    let out = serde_json::json!({
+        "config": config.display().to_string(),
+        "threads": tch::get_num_threads(),
+        "plan": plan,
+        "timings": timings,
+        "peak_gflops": peak,
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    match json {
+        Some(p) => mtkd_engine::fsio::write_atomic(&p, text.as_bytes())
+            .with_context(|| format!("writing {}", p.display()))?,
+        None => println!("{text}"),
     }
     Ok(())
 }

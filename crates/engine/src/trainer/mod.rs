@@ -30,6 +30,7 @@ use mtkd_teachers::{Expectation, TorchScriptTeacher};
 use mtkd_vision_tasks::loader::{Batch, BatchLoader};
 use mtkd_vision_tasks::task::{MetricReport, Task};
 
+pub mod bench;
 mod evaluate;
 mod export;
 mod pool;
@@ -335,7 +336,7 @@ impl<'a> Trainer<'a> {
             format!("{} <- {} teachers", cfg.student.arch, pool.len())
         };
         let m = pool.len();
-        Ok(Trainer {
+        let mut tr = Trainer {
             task: task_of(cfg),
             per_class: None,
             active: (0..m).collect(),
@@ -363,7 +364,25 @@ impl<'a> Trainer<'a> {
             adapters,
             strategy,
             opt,
-        })
+        };
+        // Single-teacher KD inside a pool runs only its teacher: the others would get weight 0
+        // (docs/ARCHITECTURE.md, performance).
+        if let Some(idx) = tr.single_teacher() {
+            if m > 1 {
+                tr.set_active(vec![idx])?;
+            }
+        }
+        Ok(tr)
+    }
+
+    /// The pool position of `distill.teacher` when the strategy is single-teacher KD.
+    fn single_teacher(&self) -> Option<usize> {
+        let d = self.distill()?;
+        if d.strategy != StrategyKind::Single {
+            return None;
+        }
+        let name = d.teacher.as_deref()?;
+        self.pool.iter().position(|p| p.teacher.name() == name)
     }
 
     fn with_label(mut self, label: String) -> Self {

@@ -1,0 +1,695 @@
+//! Step throughput for the performance report (`mtkd bench-steps`, `cargo xtask bench`): the
+//! trainer's own `step` (the code a training run executes) timed on real batches of a config,
+//! for the step modes CE only, one-teacher KD, AVER and MTKD-RL, and the machine's measured
+//! peak (a large convolution forward and backward, a matmul) through the same libtorch.
+//!
+//! The batches are drawn from the config's training loader before the clock starts, so the
+//! figures are the step's (data loading runs on its own thread in training). Each mode runs
+//! `warmup` untimed steps, closes that epoch (the agent's update, untimed), then `steps` timed
+//! steps and the end of that epoch, timed: the published agent updates once per epoch from
+//! its buffer, so its update cost belongs to the step.
+
+use serde::Serialize;
+
+use super::*;
+
+/// A step mode of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchMode {
+    /// Cross-entropy only: teachers are not run.
+    Ce,
+    /// KD from the pool's first teacher only (`single`).
+    Kd1,
+    /// Equal weights over the pool (AVER).
+    Aver,
+    /// The MTKD-RL agent, in the mode of the config's `[distill.agent]`.
+    MtkdRl,
+}
+
+impl BenchMode {
+    pub const ALL: [BenchMode; 4] = [
+        BenchMode::Ce,
+        BenchMode::Kd1,
+        BenchMode::Aver,
+        BenchMode::MtkdRl,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Ce => "ce",
+            BenchMode::Kd1 => "kd1",
+            BenchMode::Aver => "aver",
+            BenchMode::MtkdRl => "mtkd-rl",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<BenchMode> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| anyhow!("unknown step mode `{s}` (ce, kd1, aver, mtkd-rl)"))
+    }
+}
+
+/// The timing of one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    pub mode: BenchMode,
+    pub batch_size: i64,
+    /// Seconds of each timed step.
+    pub step_seconds: Vec<f64>,
+    /// Seconds spent in the teachers' forward passes over the timed steps.
+    pub teacher_seconds: f64,
+    /// Seconds of the end of the timed epoch (the agent's update for MTKD-RL).
+    pub end_epoch_seconds: f64,
+    /// Images per second over the timed steps and the end of the epoch.
+    pub images_per_second: f64,
+}
+
+/// What a reference implementation needs to run the same steps (`scripts/bench_eager.py`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchPlan {
+    pub student: String,
+    pub input: (i64, i64, i64),
+    pub num_classes: i64,
+    pub batch_size: i64,
+    /// TorchScript files of the teachers, pool order; `None` for a teacher trained by mtkd
+    /// (its exported `student.pt` has no feature map: the reference rebuilds it from
+    /// `native_teachers`).
+    pub teachers: Vec<Option<PathBuf>>,
+    /// Teachers trained by mtkd, pool order: `(arch, weights .safetensors)`.
+    pub native_teachers: Vec<Option<(String, PathBuf)>>,
+    pub temperature: f64,
+    pub ce_weight: f64,
+    pub kd_weight: f64,
+    pub feature_weight: f64,
+    pub lr: f64,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    pub agent_mode: String,
+    pub agent_hidden: i64,
+    pub agent_lr: f64,
+}
+
+/// The config a mode runs: `cfg` with its strategy replaced; the run never reaches the last
+/// epoch (no audit is collected).
+pub fn mode_config(cfg: &Config, mode: BenchMode) -> Result<Config> {
+    let mut c = cfg.clone();
+    c.train.epochs = 1000;
+    let first = cfg
+        .teachers
+        .first()
+        .map(|t| t.name.clone())
+        .ok_or_else(|| anyhow!("the config has no [[teachers]]"))?;
+    let d = c
+        .distill
+        .as_mut()
+        .ok_or_else(|| anyhow!("the config has no [distill] table"))?;
+    d.strategy = match mode {
+        BenchMode::Ce => StrategyKind::None,
+        BenchMode::Kd1 => {
+            d.teacher = Some(first);
+            StrategyKind::Single
+        }
+        BenchMode::Aver => StrategyKind::Equal,
+        BenchMode::MtkdRl => StrategyKind::MtkdRl,
+    };
+    Ok(c)
+}
+
+/// Time the trainer's step for each mode on `cfg` (teachers are trained first when missing
+/// from the cache). Returns the plan for the reference script and one timing per mode.
+pub fn bench_steps(
+    cfg: &Config,
+    modes: &[BenchMode],
+    warmup: usize,
+    steps: usize,
+    obs: &mut dyn Observer,
+) -> Result<(BenchPlan, Vec<StepTiming>)> {
+    if steps == 0 {
+        bail!("bench-steps: --steps must be at least 1");
+    }
+    if cfg.run.threads > 0 {
+        tch::set_num_threads(cfg.run.threads as i32);
+    }
+    let device = device_of(&cfg.run.device)?;
+    obs.phase("loading data");
+    let data = Datasets::load(&cfg.data)?;
+    let mut pool = build_pool(cfg, &data, device, obs)?;
+    let in_shape = data.input_shape(&cfg.data)?;
+    let bs = cfg.train.batch_size;
+    // The batches, drawn before any clock starts (epochs cycled when one is too short).
+    let loader = data.train_loader(&cfg.data, bs, cfg.run.seed)?;
+    let mut batches = Vec::with_capacity(warmup + steps);
+    let mut epoch = 0u64;
+    while batches.len() < warmup + steps {
+        for b in loader.epoch(epoch, 0, device) {
+            if b.labels.size()[0] as usize == bs && batches.len() < warmup + steps {
+                batches.push(b);
+            }
+        }
+        epoch += 1;
+        if epoch > 1000 {
+            bail!("bench-steps: the training split has no full batch of {bs}");
+        }
+    }
+    let d = cfg
+        .distill
+        .clone()
+        .ok_or_else(|| anyhow!("the config has no [distill] table"))?;
+    let agent = d.agent.clone().unwrap_or_default();
+    let plan = BenchPlan {
+        student: cfg.student.arch.to_string(),
+        input: in_shape,
+        num_classes: data.num_classes(),
+        batch_size: bs as i64,
+        teachers: pool
+            .iter()
+            .map(|p| {
+                p.file
+                    .extension()
+                    .is_some_and(|e| e == "pt")
+                    .then(|| p.file.clone())
+            })
+            .collect(),
+        native_teachers: cfg
+            .teachers
+            .iter()
+            .zip(&pool)
+            .map(|(t, p)| {
+                t.arch
+                    .filter(|_| p.file.extension().is_some_and(|e| e == "safetensors"))
+                    .map(|a| (a.to_string(), p.file.clone()))
+            })
+            .collect(),
+        temperature: d.temperature,
+        ce_weight: d.ce_weight,
+        kd_weight: d.kd_weight,
+        feature_weight: d.feature_weight,
+        lr: cfg.train.lr,
+        momentum: cfg.train.momentum,
+        nesterov: cfg.train.nesterov,
+        weight_decay: cfg.train.weight_decay,
+        agent_mode: format!("{:?}", agent.mode).to_lowercase(),
+        agent_hidden: agent.hidden,
+        agent_lr: agent.lr,
+    };
+    let mut out = Vec::new();
+    for &mode in modes {
+        let mcfg = mode_config(cfg, mode)?;
+        obs.phase(&format!("timing {} steps of mode {}", steps, mode.name()));
+        let members = if mode == BenchMode::Ce {
+            Vec::new()
+        } else {
+            std::mem::take(&mut pool)
+        };
+        let data = Datasets::load(&mcfg.data)?;
+        let mut tr = Trainer::new(
+            &mcfg,
+            data,
+            members,
+            device,
+            std::env::temp_dir(),
+            String::new(),
+        )?;
+        let timing = (|| -> Result<StepTiming> {
+            let mut sums = Sums::new(device, tr.pool.len());
+            tr.strategy.start_epoch(1)?;
+            for (i, b) in batches[..warmup].iter().enumerate() {
+                tr.step(b, &mut sums, None, 1, i as u64)?;
+            }
+            tr.strategy.end_epoch(1)?;
+            tr.strategy.start_epoch(2)?;
+            let mut sums = Sums::new(device, tr.pool.len());
+            let mut step_seconds = Vec::with_capacity(steps);
+            for (i, b) in batches[warmup..].iter().enumerate() {
+                let t0 = Instant::now();
+                tr.step(b, &mut sums, None, 2, (warmup + i) as u64)?;
+                // The step's results are read back as training reads them (the loss sum).
+                let _ = sums.loss.double_value(&[]);
+                step_seconds.push(t0.elapsed().as_secs_f64());
+            }
+            let t0 = Instant::now();
+            tr.strategy.end_epoch(2)?;
+            let end_epoch_seconds = t0.elapsed().as_secs_f64();
+            let total: f64 = step_seconds.iter().sum::<f64>() + end_epoch_seconds;
+            Ok(StepTiming {
+                mode,
+                batch_size: bs as i64,
+                images_per_second: (steps * bs) as f64 / total,
+                step_seconds,
+                teacher_seconds: sums.teacher_seconds,
+                end_epoch_seconds,
+            })
+        })()
+        .with_context(|| format!("bench-steps: mode {}", mode.name()))?;
+        tracing::info!(
+            mode = mode.name(),
+            images_per_second = timing.images_per_second,
+            "timed"
+        );
+        out.push(timing);
+        if mode != BenchMode::Ce {
+            pool = std::mem::take(&mut tr.pool);
+        }
+    }
+    Ok((plan, out))
+}
+
+/// The machine's measured peak through libtorch, in GFLOP/s.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peak {
+    /// A 3x3 convolution, 128 -> 128 channels on a [64, 128, 32, 32] batch, forward.
+    pub conv_forward: f64,
+    /// The same convolution, forward and backward (input and weight gradients).
+    pub conv_forward_backward: f64,
+    /// A 2048 x 2048 float32 matmul.
+    pub matmul: f64,
+}
+
+/// Measure [`Peak`] on `device` (best of `reps` after a warm-up).
+pub fn measure_peak(device: Device, reps: usize) -> Result<Peak> {
+    let opts = (Kind::Float, device);
+    let (b, c, hw, k) = (64i64, 128i64, 32i64, 3i64);
+    let x = Tensor::randn([b, c, hw, hw], opts).set_requires_grad(true);
+    let w = Tensor::randn([c, c, k, k], opts).set_requires_grad(true);
+    let conv_flops = 2.0 * (b * c * c * k * k * hw * hw) as f64;
+    let sync = |t: &Tensor| {
+        let _ = t.sum(Kind::Float).double_value(&[]);
+    };
+    let best = |f: &mut dyn FnMut()| -> f64 {
+        f();
+        (0..reps.max(1))
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    let fwd = tch::no_grad(|| {
+        best(&mut || {
+            let y = x.f_conv2d(&w, None::<Tensor>, [1], [1], [1], 1).unwrap();
+            sync(&y);
+        })
+    });
+    let fb = best(&mut || {
+        let y = x.f_conv2d(&w, None::<Tensor>, [1], [1], [1], 1).unwrap();
+        y.sum(Kind::Float).backward();
+        sync(&w.grad());
+        let _ = x.grad().zero_();
+        let _ = w.grad().zero_();
+    });
+    let n = 2048i64;
+    let a = Tensor::randn([n, n], opts);
+    let bm = Tensor::randn([n, n], opts);
+    let mm = tch::no_grad(|| {
+        best(&mut || {
+            let y = a.matmul(&bm);
+            sync(&y);
+        })
+    });
+    Ok(Peak {
+        conv_forward: conv_flops / fwd / 1e9,
+        conv_forward_backward: 3.0 * conv_flops / fb / 1e9,
+        matmul: 2.0 * (n * n * n) as f64 / mm / 1e9,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn read_json(p: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// One mode's figures over the rounds of one implementation.
+#[derive(Default, Clone)]
+struct ModeFigures {
+    ips: Vec<f64>,
+    teacher_share: Vec<f64>,
+    teacher_step_seconds: Vec<f64>,
+    flops: Option<f64>,
+    teacher_flops: Option<f64>,
+}
+
+type SettingFigures = std::collections::BTreeMap<String, ModeFigures>;
+
+fn collect(files: &[PathBuf]) -> Result<SettingFigures> {
+    let mut out = SettingFigures::new();
+    for f in files {
+        let v = read_json(f)?;
+        for t in v["timings"].as_array().cloned().unwrap_or_default() {
+            let mode = t["mode"].as_str().unwrap_or("?").to_owned();
+            let e = out.entry(mode).or_default();
+            let steps: Vec<f64> = t["step_seconds"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                .unwrap_or_default();
+            let total: f64 =
+                steps.iter().sum::<f64>() + t["end_epoch_seconds"].as_f64().unwrap_or(0.0);
+            let teach = t["teacher_seconds"].as_f64().unwrap_or(0.0);
+            e.ips
+                .push(t["images_per_second"].as_f64().unwrap_or(f64::NAN));
+            if total > 0.0 {
+                e.teacher_share.push(teach / total);
+            }
+            if !steps.is_empty() {
+                e.teacher_step_seconds.push(teach / steps.len() as f64);
+            }
+            if let Some(x) = t["flops_per_step"].as_f64() {
+                e.flops = Some(x);
+            }
+            if let Some(x) = t["teacher_flops_per_step"].as_f64() {
+                e.teacher_flops = Some(x);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn spread(v: &[f64]) -> String {
+    if v.len() < 2 {
+        return format!("{:.1}", median(v.to_vec()));
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.1} ({lo:.1}-{hi:.1})", median(v.to_vec()))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let flags = cpu
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_default()
+        .to_owned();
+    let simd: Vec<&str> = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"]
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|x| x == *f))
+        .collect();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb / 1024.0 / 1024.0))
+        .unwrap_or_default();
+    format!(
+        "{model}, {} logical cores, {mem} memory, SIMD: {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        simd.join(" ")
+    )
+}
+
+/// Criterion's mean estimates under `dir` (`<group>/<bench>[/<param>]/new/estimates.json`).
+fn criterion_means(dir: &Path) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    if let Ok(v) = read_json(&p.join("estimates.json")) {
+                        if let Some(ns) = v["mean"]["point_estimate"].as_f64() {
+                            let id = d
+                                .strip_prefix(dir)
+                                .map(|r| r.display().to_string())
+                                .unwrap_or_default();
+                            out.push((id, ns));
+                        }
+                    }
+                } else if p.file_name().is_some_and(|n| n != "report" && n != "base") {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn human_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}
+
+/// Write the performance report (markdown) from the raw JSON files of `cargo xtask bench`
+/// (`<setting>-mtkd-r<N>.json` from `mtkd bench-steps`, `<setting>-eager-r<N>.json` from
+/// `scripts/bench_eager.py`) and, optionally, criterion's results.
+pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &Path) -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(raw)
+        .with_context(|| format!("reading {}", raw.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    // setting -> (mtkd files, eager files), in the order of first appearance.
+    let mut order: Vec<String> = Vec::new();
+    let mut by: std::collections::BTreeMap<String, (Vec<PathBuf>, Vec<PathBuf>)> =
+        Default::default();
+    for f in &files {
+        let stem = f
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string();
+        let (setting, side) = if let Some(i) = stem.rfind("-mtkd-r") {
+            (stem[..i].to_owned(), 0)
+        } else if let Some(i) = stem.rfind("-eager-r") {
+            (stem[..i].to_owned(), 1)
+        } else {
+            continue;
+        };
+        if !order.contains(&setting) {
+            order.push(setting.clone());
+        }
+        let e = by.entry(setting).or_default();
+        if side == 0 {
+            e.0.push(f.clone());
+        } else {
+            e.1.push(f.clone());
+        }
+    }
+    if order.is_empty() {
+        bail!("no bench results in {}", raw.display());
+    }
+    let rank = |s: &str| match s {
+        "cifar-fp32" => 0,
+        "cifar-frozen" => 1,
+        "cifar-frozen-channels-last" => 2,
+        "cifar-bf16" => 3,
+        "fmnist-default" => 4,
+        "seg-scenes" => 5,
+        "det-scenes" => 6,
+        _ => 7,
+    };
+    order.sort_by_key(|s| rank(s));
+    let mut peak = (0.0f64, 0.0f64, 0.0f64);
+    let mut torch_version = String::from("?");
+    let mut threads = 0i64;
+    let mut rounds = 0usize;
+    let mut steps = 0usize;
+    for (m, e) in by.values() {
+        rounds = rounds.max(m.len());
+        for f in m {
+            let v = read_json(f)?;
+            threads = v["threads"].as_i64().unwrap_or(threads);
+            if let Some(t) = v["timings"][0]["step_seconds"].as_array() {
+                steps = t.len();
+            }
+            let p = &v["peak_gflops"];
+            if p.is_object() {
+                peak.0 = peak.0.max(p["conv_forward"].as_f64().unwrap_or(0.0));
+                peak.1 = peak
+                    .1
+                    .max(p["conv_forward_backward"].as_f64().unwrap_or(0.0));
+                peak.2 = peak.2.max(p["matmul"].as_f64().unwrap_or(0.0));
+            }
+        }
+        for f in e {
+            let v = read_json(f)?;
+            if let Some(t) = v["torch"].as_str() {
+                torch_version = t.to_owned();
+            }
+        }
+    }
+    let rustc = std::process::Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut md = String::new();
+    let now = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    md.push_str("# Performance: mtkd against eager PyTorch\n\n");
+    md.push_str(&format!(
+        "Written by `{command}` on {now}. Machine: {}. libtorch threads: {threads}. \
+         Versions: mtkd {}, tch 0.26.0, libtorch / PyTorch {torch_version} (the PyPI wheel; \
+         the eager reference runs in the same wheel's Python), {rustc}.\n\n",
+        machine(),
+        env!("CARGO_PKG_VERSION"),
+    ));
+    md.push_str(&format!(
+        "Each figure is the median over {rounds} round(s) (range in brackets when there are \
+         more) of {steps} timed training steps after warm-up steps, the end of the epoch \
+         included (the published agent's update). In each round, every setting runs `mtkd \
+         bench-steps` (the trainer's own step on batches of the config's loader) and \
+         `scripts/bench_eager.py` (the same step written in eager PyTorch, the same \
+         TorchScript teachers, random inputs) back to back, their order alternating between \
+         rounds. Ratio = mtkd images/s / eager images/s. GFLOP/s = the step's floating-point \
+         operations (counted by `torch.utils.flop_counter` on the eager step, 2 per \
+         multiply-add) times steps per second.\n\n"
+    ));
+    md.push_str(&format!(
+        "**Measured peak of this machine** (libtorch through tch, best of 5): 3x3 convolution \
+         128 -> 128 channels on [64, 128, 32, 32], forward {:.1} GFLOP/s, forward and backward \
+         {:.1} GFLOP/s; 2048 x 2048 matmul {:.1} GFLOP/s.\n\n",
+        peak.0, peak.1, peak.2
+    ));
+    md.push_str(
+        "The peak is one convolution shape, not the machine's limit: a network's convolutions \
+         can run faster than it (then the \"of peak\" columns pass 100%). Settings `cifar-frozen` \
+         and `cifar-frozen-channels-last` load the same teachers exported with \
+         `scripts/export_teacher.py --optimize` (frozen: BatchNorm folded into the \
+         convolutions) and `--optimize --channels-last`; `cifar-bf16` (`--precision bf16`) runs \
+         only on a CPU with native bfloat16 (AVX512-BF16 or AMX), since libtorch emulates it \
+         elsewhere. The eager reference loads the same files, so a faster export speeds up \
+         both sides alike.\n\n",
+    );
+    for s in &order {
+        let (m, e) = &by[s];
+        let mf = collect(m)?;
+        let ef = collect(e)?;
+        md.push_str(&format!("## {s}\n\n"));
+        if let Some(f) = m.first() {
+            let v = read_json(f)?;
+            let p = &v["plan"];
+            md.push_str(&format!(
+                "Config `{}`: student {}, input {}, {} classes, batch {}, {} teachers, \
+                 feature KD weight {}, agent mode {}.\n\n",
+                v["config"].as_str().unwrap_or("?"),
+                p["student"].as_str().unwrap_or("?"),
+                p["input"].to_string(),
+                p["num_classes"],
+                p["batch_size"],
+                p["teachers"].as_array().map(|a| a.len()).unwrap_or(0),
+                p["feature_weight"],
+                p["agent_mode"].as_str().unwrap_or("?"),
+            ));
+        }
+        let has_eager = !ef.is_empty();
+        if has_eager {
+            md.push_str(
+                "| mode | mtkd images/s | eager images/s | ratio | mtkd GFLOP/s | of conv fwd+bwd peak | teacher share (mtkd) | teacher fwd GFLOP/s (mtkd) | of conv fwd peak |\n|---|---|---|---|---|---|---|---|---|\n",
+            );
+        } else {
+            md.push_str("| mode | mtkd images/s | teacher share |\n|---|---|---|\n");
+        }
+        let batch = m
+            .first()
+            .and_then(|f| read_json(f).ok())
+            .and_then(|v| v["plan"]["batch_size"].as_f64())
+            .unwrap_or(1.0);
+        for mode in BenchMode::ALL {
+            let Some(a) = mf.get(mode.name()) else {
+                continue;
+            };
+            let ips = median(a.ips.clone());
+            let share = median(a.teacher_share.clone());
+            if !has_eager {
+                md.push_str(&format!(
+                    "| {} | {} | {:.0}% |\n",
+                    mode.name(),
+                    spread(&a.ips),
+                    100.0 * share
+                ));
+                continue;
+            }
+            let b = ef.get(mode.name()).cloned().unwrap_or_default();
+            let eips = median(b.ips.clone());
+            let gflops = b.flops.map(|f| f * ips / batch / 1e9);
+            let tg = b.teacher_flops.and_then(|f| {
+                let s = median(a.teacher_step_seconds.clone());
+                (s > 0.0).then(|| f / s / 1e9)
+            });
+            let pct = |x: Option<f64>, p: f64| {
+                x.filter(|_| p > 0.0)
+                    .map(|x| format!("{:.0}%", 100.0 * x / p))
+                    .unwrap_or_else(|| "n/a".into())
+            };
+            let num = |x: Option<f64>| x.map(|x| format!("{x:.1}")).unwrap_or_else(|| "n/a".into());
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.2} | {} | {} | {:.0}% | {} | {} |\n",
+                mode.name(),
+                spread(&a.ips),
+                spread(&b.ips),
+                ips / eips,
+                num(gflops),
+                pct(gflops, peak.1),
+                100.0 * share,
+                num(tg),
+                pct(tg, peak.0),
+            ));
+        }
+        if let (Some(r), Some(a)) = (mf.get("mtkd-rl"), mf.get("aver")) {
+            md.push_str(&format!(
+                "\nMTKD-RL / AVER (mtkd): {:.3} of AVER's images/s.\n",
+                median(r.ips.clone()) / median(a.ips.clone())
+            ));
+        }
+        md.push('\n');
+    }
+    if let Some(dir) = criterion {
+        let means = criterion_means(dir);
+        if !means.is_empty() {
+            md.push_str(
+                "## Criterion benches (mean time per call)\n\n`cargo bench -p mtkd-distill-core -p mtkd-rl-weighting -p mtkd-vision-tasks` (one libtorch thread in the loss and agent benches):\n\n| bench | mean |\n|---|---|\n",
+            );
+            for (id, ns) in means {
+                md.push_str(&format!("| {id} | {} |\n", human_ns(ns)));
+            }
+            md.push('\n');
+        }
+    }
+    crate::fsio::write_atomic(out, md.as_bytes())?;
+    Ok(())
+}
