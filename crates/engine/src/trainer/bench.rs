@@ -608,7 +608,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                  feature KD weight {}, agent mode {}.\n\n",
                 v["config"].as_str().unwrap_or("?"),
                 p["student"].as_str().unwrap_or("?"),
-                p["input"].to_string(),
+                p["input"],
                 p["num_classes"],
                 p["batch_size"],
                 p["teachers"].as_array().map(|a| a.len()).unwrap_or(0),
@@ -682,7 +682,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         let means = criterion_means(dir);
         if !means.is_empty() {
             md.push_str(
-                "## Criterion benches (mean time per call)\n\n`cargo bench -p mtkd-distill-core -p mtkd-rl-weighting -p mtkd-vision-tasks` (one libtorch thread in the loss and agent benches):\n\n| bench | mean |\n|---|---|\n",
+                "## Criterion benches (mean time per call)\n\n`cargo bench -p mtkd-distill-core -p mtkd-rl-weighting -p mtkd-vision-tasks --bench losses --bench agent --bench vision` (one libtorch thread in the loss and agent benches):\n\n| bench | mean |\n|---|---|\n",
             );
             for (id, ns) in means {
                 md.push_str(&format!("| {id} | {} |\n", human_ns(ns)));
