@@ -173,10 +173,10 @@ def read_safetensors(path):
     return out
 
 
-def native_teacher(arch, weights, in_channels, num_classes):
+def native_teacher(arch, weights, shape, num_classes):
     """A teacher trained by mtkd, rebuilt as its PyTorch twin (scripts/student_zoo.py, the same
     parameter names) with its weights, in eval mode; run through TorchScript like a user's."""
-    model = student_zoo.build(arch, in_channels, num_classes)
+    model = student_zoo.build(arch, shape[0], num_classes)
     state = read_safetensors(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
@@ -184,7 +184,7 @@ def native_teacher(arch, weights, in_channels, num_classes):
         raise SystemExit(f"bench_eager: {weights} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.eval()
     with torch.no_grad():
-        return torch.jit.trace(model, torch.zeros(2, in_channels, 28, 28) if in_channels == 1 else torch.zeros(2, in_channels, 32, 32))
+        return torch.jit.trace(model, torch.zeros(2, *shape))
 
 
 def main():
@@ -208,7 +208,7 @@ def main():
         if f is not None:
             teachers.append(torch.jit.load(f, map_location="cpu").eval())
         elif native is not None:
-            teachers.append(native_teacher(native[0], native[1], c, plan["num_classes"]))
+            teachers.append(native_teacher(native[0], native[1], (c, h, w), plan["num_classes"]))
         else:
             raise SystemExit("bench_eager: a teacher of the plan is neither TorchScript nor trained by mtkd")
     b = plan["batch_size"]

@@ -723,7 +723,7 @@ fn compare(
     ));
     md.push_str(&format!(
         "Machine: {}; {} logical cores; libtorch threads {}; mtkd {}; {}\n\n",
-        cpu_model(),
+        mtkd_engine::trainer::bench::cpu_model(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -772,18 +772,6 @@ fn compare(
 }
 
 /// The CPU model from /proc/cpuinfo (or "unknown CPU").
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
-}
-
 /// Run `mtkd share-teachers` for one seed's config; keep its timing as
 /// `teacher-pass-seed<seed>.json` in the comparison folder. Returns false (the seed's runs then
 /// compute their own outputs) when the outputs would take more than `max_gb`.

@@ -145,11 +145,13 @@ pub fn bench_steps(
     let mut batches = Vec::with_capacity(warmup + steps);
     let mut epoch = 0u64;
     while batches.len() < warmup + steps {
-        for b in loader.epoch(epoch, 0, device) {
-            if b.labels.size()[0] as usize == bs && batches.len() < warmup + steps {
-                batches.push(b);
-            }
-        }
+        let need = warmup + steps - batches.len();
+        batches.extend(
+            loader
+                .epoch(epoch, 0, device)
+                .filter(|b| b.labels.size()[0] as usize == bs)
+                .take(need),
+        );
         epoch += 1;
         if epoch > 1000 {
             bail!("bench-steps: the training split has no full batch of {bs}");
@@ -205,10 +207,10 @@ pub fn bench_steps(
         } else {
             std::mem::take(&mut pool)
         };
-        let data = Datasets::load(&mcfg.data)?;
+        // The modes change only [distill]: the loaded sets serve every mode.
         let mut tr = Trainer::new(
             &mcfg,
-            data,
+            data.clone(),
             members,
             device,
             std::env::temp_dir(),
@@ -390,14 +392,22 @@ fn spread(v: &[f64]) -> String {
     format!("{:.1} ({lo:.1}-{hi:.1})", median(v.to_vec()))
 }
 
+/// The CPU's model name (`/proc/cpuinfo`), as the comparison tables print it.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpu
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|| "unknown CPU".into());
+    let model = cpu_model();
     let flags = cpu
         .lines()
         .find(|l| l.starts_with("flags"))

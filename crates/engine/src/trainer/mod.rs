@@ -367,22 +367,15 @@ impl<'a> Trainer<'a> {
         };
         // Single-teacher KD inside a pool runs only its teacher: the others would get weight 0
         // (docs/ARCHITECTURE.md, performance).
-        if let Some(idx) = tr.single_teacher() {
-            if m > 1 {
-                tr.set_active(vec![idx])?;
-            }
+        if m > 1
+            && tr
+                .distill()
+                .is_some_and(|d| d.strategy == StrategyKind::Single)
+        {
+            let idx = strategy::single_teacher(cfg, &tr.pool)?;
+            tr.set_active(vec![idx])?;
         }
         Ok(tr)
-    }
-
-    /// The pool position of `distill.teacher` when the strategy is single-teacher KD.
-    fn single_teacher(&self) -> Option<usize> {
-        let d = self.distill()?;
-        if d.strategy != StrategyKind::Single {
-            return None;
-        }
-        let name = d.teacher.as_deref()?;
-        self.pool.iter().position(|p| p.teacher.name() == name)
     }
 
     fn with_label(mut self, label: String) -> Self {

@@ -80,17 +80,19 @@ pub(super) fn build(
                 .context("distill.fixed")?,
             )
         }
-        Some(StrategyKind::Single) => {
-            let name = distill
-                .as_ref()
-                .and_then(|d| d.teacher.clone())
-                .unwrap_or_default();
-            let idx = pool
-                .iter()
-                .position(|p| p.teacher.name() == name)
-                .ok_or_else(|| anyhow!("distill.teacher: no teacher named `{name}`"))?;
-            Box::new(Single::new(idx))
-        }
+        Some(StrategyKind::Single) => Box::new(Single::new(single_teacher(cfg, pool)?)),
     };
     Ok(strategy)
+}
+
+/// The pool position of `distill.teacher` (single-teacher KD).
+pub(super) fn single_teacher(cfg: &Config, pool: &[PoolMember]) -> Result<usize> {
+    let name = cfg
+        .distill
+        .as_ref()
+        .and_then(|d| d.teacher.clone())
+        .unwrap_or_default();
+    pool.iter()
+        .position(|p| p.teacher.name() == name)
+        .ok_or_else(|| anyhow!("distill.teacher: no teacher named `{name}`"))
 }
