@@ -87,6 +87,12 @@ pub trait WeightingStrategy {
         Ok(())
     }
 
+    /// Bytes of tensors the strategy holds for a later update (the agent's buffer of steps);
+    /// 0 for a strategy that keeps nothing between steps.
+    fn buffered_bytes(&self) -> u64 {
+        0
+    }
+
     /// Scalar diagnostics accumulated since the last call (for the epoch's metrics line),
     /// e.g. agent loss, reward statistics, mix coefficients. Draining: the strategy resets them.
     fn take_epoch_metrics(&mut self) -> Vec<(String, f64)> {

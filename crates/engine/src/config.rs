@@ -388,6 +388,12 @@ pub struct DistillConfig {
     /// Automatic teacher selection: teachers whose weight stays low leave the pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prune: Option<PruneConfig>,
+    /// Keep every training sample's teacher outputs (logits and, with feature KD, feature maps)
+    /// in memory, up to this many MB, and reuse them from the second epoch on instead of
+    /// running the teachers again (0 = off, the default). Exact only when a sample's image is
+    /// the same every epoch, so it needs `data.augment` off; docs/ARCHITECTURE.md, performance.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub output_cache_mb: usize,
 }
 
 /// `[distill.prune]`: at the end of an epoch, a teacher whose mean logit weight over the epoch
@@ -845,6 +851,15 @@ impl Config {
                 if !(v >= 0.0 && v.is_finite()) {
                     return bad(&format!("distill.{f}"), format!("must be >= 0, got {v}"));
                 }
+            }
+            if d.output_cache_mb > 0 && self.data.augment.is_random() {
+                return bad(
+                    "distill.output_cache_mb",
+                    "reuses each sample's teacher outputs across epochs, so its image must be \
+                     the same every epoch: turn data.augment off (crop_padding = 0, hflip = \
+                     false, no random_resized_crop or scale) or set output_cache_mb = 0"
+                        .into(),
+                );
             }
             if let Some(a) = &d.agent {
                 if let Err((f, r)) = a.check() {

@@ -73,6 +73,10 @@ pub struct EpochRecord {
     /// Teachers that left the pool at the end of this epoch (`[distill.prune]`), by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<String>,
+    /// With `distill.output_cache_mb`: the epoch's batches whose teacher outputs were read from
+    /// the cache (the others ran the teachers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_batches: Option<u64>,
     /// Teachers still in the pool during this epoch, by name (absent: the whole pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_teachers: Option<Vec<String>>,
@@ -274,6 +278,7 @@ mod tests {
             class_weights: vec![vec![f64::NAN, 1.0]],
             class_feature_weights: Vec::new(),
             pruned: Vec::new(),
+            cached_batches: None,
             active_teachers: None,
         }
     }

@@ -1877,6 +1877,7 @@ mod tests {
             class_weights: Vec::new(),
             class_feature_weights: Vec::new(),
             pruned: Vec::new(),
+            cached_batches: None,
             active_teachers: None,
         }
     }

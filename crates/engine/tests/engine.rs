@@ -1758,12 +1758,94 @@ fn bench_steps_times_every_mode_with_the_trainers_step() {
     for t in &timings {
         assert_eq!(t.step_seconds.len(), 2);
         assert!(t.images_per_second.is_finite() && t.images_per_second > 0.0);
-        // CE only runs no teacher; every other mode does.
+        // CE only runs no teacher; every other mode does (the cached one reads its outputs).
         assert_eq!(
             t.teacher_seconds > 0.0,
             t.mode != BenchMode::Ce,
             "{:?}",
             t.mode
         );
+        // Only the agent holds a buffer for its update: 2 steps of 32 samples of its state.
+        let agent = matches!(t.mode, BenchMode::MtkdRl | BenchMode::MtkdRlCached);
+        assert_eq!(t.buffered_bytes > 0, agent, "{:?}", t.mode);
+        if agent {
+            assert_eq!(t.buffered_bytes % (2 * 32 * 4), 0, "{}", t.buffered_bytes);
+        }
     }
+}
+
+#[test]
+fn the_teacher_output_cache_serves_later_epochs_and_changes_nothing() {
+    let _serial = serial();
+    let s = scratch("output-cache");
+    let cfg = |cache: &str| {
+        let text = tiny(
+            &format!(
+                "epochs = 3\n[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 1.0\n{cache}\
+                 [[teachers]]\nname = \"x\"\narch = \"cnn-small\"\n\
+                 [[teachers]]\nname = \"y\"\narch = \"resnet8\"\n\
+                 [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"
+            ),
+            &s,
+        )
+        .replace("epochs = 2\n", "")
+        .replace("augment = { crop_padding = 2, hflip = true }", "");
+        parse(&text).unwrap()
+    };
+    let (plain, cached) = (cfg(""), cfg("output_cache_mb = 64\n"));
+    run_in(&plain, &s.join("plain"), &RunOptions::default()).unwrap();
+    run_in(&cached, &s.join("cached"), &RunOptions::default()).unwrap();
+    let (hp, hc) = (history(&s.join("plain")), history(&s.join("cached")));
+    assert_eq!(hc.len(), 3);
+    // 256 samples in batches of 32: the first epoch runs the teachers, the next ones read
+    // every batch from the cache.
+    let served: Vec<Option<u64>> = hc.iter().map(|r| r.cached_batches).collect();
+    assert_eq!(served, [Some(0), Some(8), Some(8)]);
+    assert!(hp.iter().all(|r| r.cached_batches.is_none()));
+    for (p, c) in hp.iter().zip(&hc) {
+        // The same teacher outputs, so the same training, step for step.
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs().max(1.0);
+        assert!(
+            close(p.train_loss, c.train_loss),
+            "epoch {}: {} vs {}",
+            p.epoch,
+            p.train_loss,
+            c.train_loss
+        );
+        assert!(close(p.train_kd, c.train_kd), "epoch {}", p.epoch);
+        assert!(close(p.train_feature, c.train_feature), "epoch {}", p.epoch);
+        assert!(close(p.test.value, c.test.value), "epoch {}", p.epoch);
+        for (a, b) in p.teacher_weights.iter().zip(&c.teacher_weights) {
+            assert!(
+                close(*a, *b),
+                "epoch {}: weights {:?} vs {:?}",
+                p.epoch,
+                p.teacher_weights,
+                c.teacher_weights
+            );
+        }
+    }
+}
+
+#[test]
+fn the_teacher_output_cache_is_refused_with_augmentation_or_too_little_memory() {
+    let _serial = serial();
+    let s = scratch("output-cache-bad");
+    let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 1.0\noutput_cache_mb = 1\n\
+                 [[teachers]]\nname = \"x\"\narch = \"cnn-small\"\n\
+                 [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    // With augmentation an image differs every epoch: refused at config check.
+    let err = parse(&tiny(extra, &s)).unwrap_err();
+    assert!(
+        err.contains("distill.output_cache_mb") && err.contains("data.augment"),
+        "{err}"
+    );
+    // Without it, 256 samples of a cnn-small's logits and feature maps need more than 1 MB.
+    let text = tiny(extra, &s).replace("augment = { crop_padding = 2, hflip = true }", "");
+    let err = run_err(&parse(&text).unwrap(), &s.join("d"));
+    assert!(
+        err.contains("distill.output_cache_mb = 1 is too small")
+            && err.contains("256 training samples"),
+        "{err}"
+    );
 }

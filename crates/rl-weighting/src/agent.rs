@@ -590,6 +590,23 @@ impl WeightingStrategy for MtkdAgent {
         &self.name
     }
 
+    fn buffered_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+        self.buffer
+            .iter()
+            .map(|s| {
+                [&s.state, &s.ce, &s.kl, &s.cos, &s.signal]
+                    .into_iter()
+                    .map(bytes)
+                    .sum::<u64>()
+                    + s.actions
+                        .as_ref()
+                        .map(|(l, f)| bytes(l) + bytes(f))
+                        .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// The policy loses the kept-out teachers' state blocks (stem columns, normaliser entries)
     /// and head rows; the rest keeps its learnt values. Called between epochs (empty buffer).
     fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {

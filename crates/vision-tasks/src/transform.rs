@@ -25,6 +25,16 @@ pub struct Augment {
     pub scale: Option<[f32; 2]>,
 }
 
+impl Augment {
+    /// Whether an image can come out differently from one epoch to the next.
+    pub fn is_random(&self) -> bool {
+        self.crop_padding > 0
+            || self.hflip
+            || self.random_resized_crop.is_some()
+            || self.scale.is_some()
+    }
+}
+
 /// Evaluation-time geometry: resize the shorter side then centre-crop (ImageNet-style).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -152,14 +152,20 @@ enum Cmd {
         device: String,
     },
     /// Time the training step of a config in the step modes of the performance report (CE only,
-    /// one-teacher KD, AVER, MTKD-RL) and write the timings as JSON (`cargo xtask bench`).
+    /// one-teacher KD, AVER, MTKD-RL, MTKD-RL with the teacher output cache) and write the
+    /// timings as JSON (`cargo xtask bench`).
     BenchSteps {
         #[arg(long)]
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// Modes to time, comma-separated: ce, kd1, aver, mtkd-rl.
-        #[arg(long, value_delimiter = ',', default_value = "ce,kd1,aver,mtkd-rl")]
+        /// Modes to time, comma-separated: ce, kd1, aver, mtkd-rl, mtkd-rl-cached (the step
+        /// from the second epoch on with `distill.output_cache_mb` and data.augment off).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "ce,kd1,aver,mtkd-rl,mtkd-rl-cached"
+        )]
         modes: Vec<String>,
         /// Untimed steps per mode before the timed ones.
         #[arg(long, default_value_t = 3)]

@@ -25,14 +25,18 @@ pub enum BenchMode {
     Aver,
     /// The MTKD-RL agent, in the mode of the config's `[distill.agent]`.
     MtkdRl,
+    /// MTKD-RL from the second epoch on with the teachers' outputs read from the cache
+    /// (`distill.output_cache_mb`, `data.augment` off): the teachers are not run.
+    MtkdRlCached,
 }
 
 impl BenchMode {
-    pub const ALL: [BenchMode; 4] = [
+    pub const ALL: [BenchMode; 5] = [
         BenchMode::Ce,
         BenchMode::Kd1,
         BenchMode::Aver,
         BenchMode::MtkdRl,
+        BenchMode::MtkdRlCached,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +45,7 @@ impl BenchMode {
             BenchMode::Kd1 => "kd1",
             BenchMode::Aver => "aver",
             BenchMode::MtkdRl => "mtkd-rl",
+            BenchMode::MtkdRlCached => "mtkd-rl-cached",
         }
     }
 
@@ -48,7 +53,9 @@ impl BenchMode {
         Self::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| anyhow!("unknown step mode `{s}` (ce, kd1, aver, mtkd-rl)"))
+            .ok_or_else(|| {
+                anyhow!("unknown step mode `{s}` (ce, kd1, aver, mtkd-rl, mtkd-rl-cached)")
+            })
     }
 }
 
@@ -65,6 +72,8 @@ pub struct StepTiming {
     pub end_epoch_seconds: f64,
     /// Images per second over the timed steps and the end of the epoch.
     pub images_per_second: f64,
+    /// Bytes the strategy held for its update after the timed steps (the agent's buffer).
+    pub buffered_bytes: u64,
 }
 
 /// What a reference implementation needs to run the same steps (`scripts/bench_eager.py`).
@@ -91,6 +100,12 @@ pub struct BenchPlan {
     pub agent_mode: String,
     pub agent_hidden: i64,
     pub agent_lr: f64,
+    /// Parity mode: the agent updates after this many steps (its buffer holds up to this many).
+    pub agent_step: usize,
+    /// Clean and meta modes: the agent's bounded buffer, in steps.
+    pub agent_buffer_steps: usize,
+    /// Training steps per epoch of the config.
+    pub epoch_steps: usize,
 }
 
 /// The config a mode runs: `cfg` with its strategy replaced; the run never reaches the last
@@ -115,7 +130,15 @@ pub fn mode_config(cfg: &Config, mode: BenchMode) -> Result<Config> {
         }
         BenchMode::Aver => StrategyKind::Equal,
         BenchMode::MtkdRl => StrategyKind::MtkdRl,
+        BenchMode::MtkdRlCached => {
+            // Ample: the cache is allocated untouched and only the timed samples are stored.
+            d.output_cache_mb = 1 << 20;
+            StrategyKind::MtkdRl
+        }
     };
+    if mode == BenchMode::MtkdRlCached {
+        c.data.augment = Default::default();
+    }
     Ok(c)
 }
 
@@ -197,6 +220,9 @@ pub fn bench_steps(
         agent_mode: format!("{:?}", agent.mode).to_lowercase(),
         agent_hidden: agent.hidden,
         agent_lr: agent.lr,
+        agent_step: agent.agent_step,
+        agent_buffer_steps: agent.buffer_steps,
+        epoch_steps: loader.num_batches(),
     };
     let mut out = Vec::new();
     for &mode in modes {
@@ -219,6 +245,12 @@ pub fn bench_steps(
         let timing = (|| -> Result<StepTiming> {
             let mut sums = Sums::new(device, tr.pool.len());
             tr.strategy.start_epoch(1)?;
+            if mode == BenchMode::MtkdRlCached {
+                // The first epoch: the timed batches' samples go into the cache.
+                for (i, b) in batches[warmup..].iter().enumerate() {
+                    tr.step(b, &mut sums, None, 1, i as u64)?;
+                }
+            }
             for (i, b) in batches[..warmup].iter().enumerate() {
                 tr.step(b, &mut sums, None, 1, i as u64)?;
             }
@@ -233,6 +265,7 @@ pub fn bench_steps(
                 let _ = sums.loss.double_value(&[]);
                 step_seconds.push(t0.elapsed().as_secs_f64());
             }
+            let buffered_bytes = tr.strategy.buffered_bytes();
             let t0 = Instant::now();
             tr.strategy.end_epoch(2)?;
             let end_epoch_seconds = t0.elapsed().as_secs_f64();
@@ -244,6 +277,7 @@ pub fn bench_steps(
                 step_seconds,
                 teacher_seconds: sums.teacher_seconds,
                 end_epoch_seconds,
+                buffered_bytes,
             })
         })()
         .with_context(|| format!("bench-steps: mode {}", mode.name()))?;
@@ -263,61 +297,86 @@ pub fn bench_steps(
 /// The machine's measured peak through libtorch, in GFLOP/s.
 #[derive(Debug, Clone, Serialize)]
 pub struct Peak {
-    /// A 3x3 convolution, 128 -> 128 channels on a [64, 128, 32, 32] batch, forward.
+    /// The best 3x3 convolution forward over [`PEAK_CONV_SHAPES`].
     pub conv_forward: f64,
-    /// The same convolution, forward and backward (input and weight gradients).
+    /// The best of the same convolutions, forward and backward (input and weight gradients).
     pub conv_forward_backward: f64,
+    /// The shape (`[batch, channels, side, side]`, channels in = out) of the best forward and
+    /// of the best forward and backward.
+    pub conv_forward_shape: [i64; 4],
+    pub conv_forward_backward_shape: [i64; 4],
     /// A 2048 x 2048 float32 matmul.
     pub matmul: f64,
 }
 
-/// Measure [`Peak`] on `device` (best of `reps` after a warm-up).
+/// The convolutions the peak is the best of: batch 64, 3x3, channels in = out, at the widths
+/// and sides of a CIFAR ResNet's stages.
+pub const PEAK_CONV_SHAPES: [[i64; 4]; 3] =
+    [[64, 64, 32, 32], [64, 128, 32, 32], [64, 256, 16, 16]];
+
+/// Measure [`Peak`] on `device` (best of `reps` after a warm-up, per shape).
 pub fn measure_peak(device: Device, reps: usize) -> Result<Peak> {
     let opts = (Kind::Float, device);
-    let (b, c, hw, k) = (64i64, 128i64, 32i64, 3i64);
-    let x = Tensor::randn([b, c, hw, hw], opts).set_requires_grad(true);
-    let w = Tensor::randn([c, c, k, k], opts).set_requires_grad(true);
-    let conv_flops = 2.0 * (b * c * c * k * k * hw * hw) as f64;
-    let sync = |t: &Tensor| {
-        let _ = t.sum(Kind::Float).double_value(&[]);
+    let sync = |t: &Tensor| -> Result<()> {
+        let _ = t.f_sum(Kind::Float)?.f_double_value(&[])?;
+        Ok(())
     };
-    let best = |f: &mut dyn FnMut()| -> f64 {
-        f();
-        (0..reps.max(1))
-            .map(|_| {
-                let t0 = Instant::now();
-                f();
-                t0.elapsed().as_secs_f64()
-            })
-            .fold(f64::INFINITY, f64::min)
+    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        f()?;
+        let mut best = f64::INFINITY;
+        for _ in 0..reps.max(1) {
+            let t0 = Instant::now();
+            f()?;
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        Ok(best)
     };
-    let fwd = tch::no_grad(|| {
-        best(&mut || {
-            let y = x.f_conv2d(&w, None::<Tensor>, [1], [1], [1], 1).unwrap();
-            sync(&y);
-        })
-    });
-    let fb = best(&mut || {
-        let y = x.f_conv2d(&w, None::<Tensor>, [1], [1], [1], 1).unwrap();
-        y.sum(Kind::Float).backward();
-        sync(&w.grad());
-        let _ = x.grad().zero_();
-        let _ = w.grad().zero_();
-    });
+    let mut peak = Peak {
+        conv_forward: 0.0,
+        conv_forward_backward: 0.0,
+        conv_forward_shape: PEAK_CONV_SHAPES[0],
+        conv_forward_backward_shape: PEAK_CONV_SHAPES[0],
+        matmul: 0.0,
+    };
+    for shape in PEAK_CONV_SHAPES {
+        let [b, c, hw, _] = shape;
+        let k = 3i64;
+        let x = Tensor::f_randn([b, c, hw, hw], opts)?.set_requires_grad(true);
+        let w = Tensor::f_randn([c, c, k, k], opts)?.set_requires_grad(true);
+        let conv_flops = 2.0 * (b * c * c * k * k * hw * hw) as f64;
+        let fwd = tch::no_grad(|| {
+            best(&mut || sync(&x.f_conv2d(&w, None::<Tensor>, [1], [1], [1], 1)?))
+        })?;
+        let fb = best(&mut || {
+            let y = x.f_conv2d(&w, None::<Tensor>, [1], [1], [1], 1)?;
+            y.f_sum(Kind::Float)?.backward();
+            sync(&w.grad())?;
+            let _ = x.grad().f_zero_()?;
+            let _ = w.grad().f_zero_()?;
+            Ok(())
+        })?;
+        let (gf, gfb) = (conv_flops / fwd / 1e9, 3.0 * conv_flops / fb / 1e9);
+        tracing::info!(
+            ?shape,
+            forward = gf,
+            forward_backward = gfb,
+            "peak convolution"
+        );
+        if gf > peak.conv_forward {
+            peak.conv_forward = gf;
+            peak.conv_forward_shape = shape;
+        }
+        if gfb > peak.conv_forward_backward {
+            peak.conv_forward_backward = gfb;
+            peak.conv_forward_backward_shape = shape;
+        }
+    }
     let n = 2048i64;
-    let a = Tensor::randn([n, n], opts);
-    let bm = Tensor::randn([n, n], opts);
-    let mm = tch::no_grad(|| {
-        best(&mut || {
-            let y = a.matmul(&bm);
-            sync(&y);
-        })
-    });
-    Ok(Peak {
-        conv_forward: conv_flops / fwd / 1e9,
-        conv_forward_backward: 3.0 * conv_flops / fb / 1e9,
-        matmul: 2.0 * (n * n * n) as f64 / mm / 1e9,
-    })
+    let a = Tensor::f_randn([n, n], opts)?;
+    let bm = Tensor::f_randn([n, n], opts)?;
+    let mm = tch::no_grad(|| best(&mut || sync(&a.f_matmul(&bm)?)))?;
+    peak.matmul = 2.0 * (n * n * n) as f64 / mm / 1e9;
+    Ok(peak)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -529,6 +588,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
     };
     order.sort_by_key(|s| rank(s));
     let mut peak = (0.0f64, 0.0f64, 0.0f64);
+    let mut peak_shapes = (String::from("?"), String::from("?"));
     let mut torch_version = String::from("?");
     let mut threads = 0i64;
     let mut rounds = 0usize;
@@ -543,10 +603,27 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
             }
             let p = &v["peak_gflops"];
             if p.is_object() {
-                peak.0 = peak.0.max(p["conv_forward"].as_f64().unwrap_or(0.0));
-                peak.1 = peak
-                    .1
-                    .max(p["conv_forward_backward"].as_f64().unwrap_or(0.0));
+                let shape = |k: &str| {
+                    p[k].as_array()
+                        .map(|a| {
+                            format!(
+                                "{:?}",
+                                a.iter().filter_map(|x| x.as_i64()).collect::<Vec<_>>()
+                            )
+                        })
+                        // Files from before the shape was recorded measured this one.
+                        .unwrap_or_else(|| "[64, 128, 32, 32]".into())
+                };
+                let f = p["conv_forward"].as_f64().unwrap_or(0.0);
+                if f > peak.0 {
+                    peak.0 = f;
+                    peak_shapes.0 = shape("conv_forward_shape");
+                }
+                let fb = p["conv_forward_backward"].as_f64().unwrap_or(0.0);
+                if fb > peak.1 {
+                    peak.1 = fb;
+                    peak_shapes.1 = shape("conv_forward_backward_shape");
+                }
                 peak.2 = peak.2.max(p["matmul"].as_f64().unwrap_or(0.0));
             }
         }
@@ -589,15 +666,32 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
          operations (counted by `torch.utils.flop_counter` on the eager step, 2 per \
          multiply-add) times steps per second.\n\n"
     ));
-    md.push_str(&format!(
-        "**Measured peak of this machine** (libtorch through tch, best of 5): 3x3 convolution \
-         128 -> 128 channels on [64, 128, 32, 32], forward {:.1} GFLOP/s, forward and backward \
-         {:.1} GFLOP/s; 2048 x 2048 matmul {:.1} GFLOP/s.\n\n",
-        peak.0, peak.1, peak.2
-    ));
+    if peak.0 <= 0.0 {
+        md.push_str(
+            "**Measured peak of this machine**: not measured in this run (the `cifar-fp32` \
+             setting measures it, `mtkd bench-steps --peak`).\n\n",
+        );
+    } else {
+        md.push_str(&format!(
+            "**Measured peak of this machine** (libtorch through tch, best of 5 per shape): the \
+         best 3x3 convolution (channels in = out) of {}: forward {:.1} GFLOP/s (on {}), \
+         forward and backward {:.1} GFLOP/s (on {}); 2048 x 2048 matmul {:.1} GFLOP/s.\n\n",
+            PEAK_CONV_SHAPES
+                .iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            peak.0,
+            peak_shapes.0,
+            peak.1,
+            peak_shapes.1,
+            peak.2
+        ));
+    }
     md.push_str(
-        "The peak is one convolution shape, not the machine's limit: a network's convolutions \
-         can run faster than it (then the \"of peak\" columns pass 100%). Settings `cifar-frozen` \
+        "The peak is the best of a few convolution shapes, not the machine's limit: a \
+         network's convolutions can still run faster (then the \"of peak\" columns pass \
+         100%). Settings `cifar-frozen` \
          and `cifar-frozen-channels-last` load the same teachers exported with \
          `scripts/export_teacher.py --optimize` (frozen: BatchNorm folded into the \
          convolutions) and `--optimize --channels-last`; `cifar-bf16` (`--precision bf16`) runs \
@@ -654,10 +748,19 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                 ));
                 continue;
             }
-            let b = ef.get(mode.name()).cloned().unwrap_or_default();
+            // The cached step is set against the eager MTKD-RL step (which runs the teachers);
+            // its FLOPs are the step's without the teachers' forward passes.
+            let cached = mode == BenchMode::MtkdRlCached;
+            let eager_mode = if cached { "mtkd-rl" } else { mode.name() };
+            let b = ef.get(eager_mode).cloned().unwrap_or_default();
             let eips = median(b.ips.clone());
-            let gflops = b.flops.map(|f| f * ips / batch / 1e9);
-            let tg = b.teacher_flops.and_then(|f| {
+            let flops = if cached {
+                b.flops.zip(b.teacher_flops).map(|(f, t)| f - t)
+            } else {
+                b.flops
+            };
+            let gflops = flops.map(|f| f * ips / batch / 1e9);
+            let tg = b.teacher_flops.filter(|_| !cached).and_then(|f| {
                 let s = median(a.teacher_step_seconds.clone());
                 (s > 0.0).then(|| f / s / 1e9)
             });
@@ -669,7 +772,11 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
             let num = |x: Option<f64>| x.map(|x| format!("{x:.1}")).unwrap_or_else(|| "n/a".into());
             md.push_str(&format!(
                 "| {} | {} | {} | {:.2} | {} | {} | {:.0}% | {} | {} |\n",
-                mode.name(),
+                if cached {
+                    "mtkd-rl-cached (vs eager mtkd-rl)"
+                } else {
+                    mode.name()
+                },
                 spread(&a.ips),
                 spread(&b.ips),
                 ips / eips,
@@ -679,6 +786,49 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                 num(tg),
                 pct(tg, peak.0),
             ));
+        }
+        if mf.contains_key(BenchMode::MtkdRlCached.name()) {
+            md.push_str(
+                "\n`mtkd-rl-cached`: the MTKD-RL step from the second epoch on with \
+                 `distill.output_cache_mb` (each sample's teacher outputs kept in memory after \
+                 the first epoch, which needs `data.augment` off). The teachers are not run, so \
+                 this is less work than the eager row it is set against (eager MTKD-RL, \
+                 teachers run). It is a design lever that applies only to runs without \
+                 augmentation, not the same work done faster. Its GFLOP/s count the step \
+                 without the teachers' forward passes.\n",
+            );
+        }
+        if let Some(f) = m.first() {
+            let v = read_json(f)?;
+            let p = &v["plan"];
+            let rl = v["timings"]
+                .as_array()
+                .and_then(|a| a.iter().find(|t| t["mode"] == "mtkd-rl"));
+            if let (Some(t), Some(n)) = (rl, p["epoch_steps"].as_u64()) {
+                let steps = t["step_seconds"].as_array().map(|a| a.len()).unwrap_or(0) as u64;
+                let per = t["buffered_bytes"].as_u64().unwrap_or(0) as f64 / steps.max(1) as f64;
+                let mb = |k: u64| per * k as f64 / (1u64 << 20) as f64;
+                let cap = p["agent_step"].as_u64().unwrap_or(0);
+                let clean = p["agent_buffer_steps"].as_u64().unwrap_or(0);
+                let mode = p["agent_mode"].as_str().unwrap_or("?");
+                md.push_str(&format!(
+                    "\nAgent memory (measured after the timed steps, {mode} mode): {:.1} KB of \
+                     buffer per step. Parity mode, the published agent, keeps every step until \
+                     agent_step = {cap} steps, so its buffer grows with the epoch up to {:.1} MB; \
+                     this config's data has {n} steps per epoch, so it holds {} ({:.1} MB). \
+                     Clean and meta modes keep buffer_steps = {clean} steps (about {:.1} MB at \
+                     the same size per step), whatever the epoch's length.\n",
+                    per / 1024.0,
+                    mb(cap),
+                    if n <= cap {
+                        "the whole epoch"
+                    } else {
+                        "part of the epoch"
+                    },
+                    mb(n.min(cap)),
+                    mb(clean),
+                ));
+            }
         }
         if let (Some(r), Some(a)) = (mf.get("mtkd-rl"), mf.get("aver")) {
             md.push_str(&format!(
@@ -699,6 +849,9 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
             }
             md.push('\n');
         }
+    }
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     crate::fsio::write_atomic(out, md.as_bytes())?;
     Ok(())

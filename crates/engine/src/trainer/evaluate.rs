@@ -134,6 +134,7 @@ impl Sums {
             class_weights: Vec::new(),
             class_feature_weights: Vec::new(),
             pruned: Vec::new(),
+            cached_batches: None,
             active_teachers: None,
             strategy_metrics: Default::default(),
             skipped_batches: self.skipped,

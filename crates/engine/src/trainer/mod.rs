@@ -31,6 +31,7 @@ use mtkd_vision_tasks::loader::{Batch, BatchLoader};
 use mtkd_vision_tasks::task::{MetricReport, Task};
 
 pub mod bench;
+mod cache;
 mod evaluate;
 mod export;
 mod pool;
@@ -264,6 +265,8 @@ struct Trainer<'a> {
     /// The non-trainable variables of the student and the adapters (BatchNorm's running
     /// statistics), shallow handles: put back after a skipped batch.
     buffers: Vec<Tensor>,
+    /// The teachers' outputs kept across epochs (`distill.output_cache_mb`).
+    output_cache: Option<cache::OutputCache>,
 }
 
 impl<'a> Trainer<'a> {
@@ -344,6 +347,7 @@ impl<'a> Trainer<'a> {
             audit: Vec::new(),
             weight_log: None,
             shared: None,
+            output_cache: None,
             epoch_batches: 0,
             buffers: student_vs
                 .variables()
@@ -374,6 +378,14 @@ impl<'a> Trainer<'a> {
         {
             let idx = strategy::single_teacher(cfg, &tr.pool)?;
             tr.set_active(vec![idx])?;
+        }
+        if let Some(mb) = tr.distill().map(|d| d.output_cache_mb).filter(|&mb| mb > 0) {
+            tr.output_cache = Some(cache::OutputCache::new(
+                tr.data.train.len(),
+                &tr.layout(),
+                mb,
+                device,
+            )?);
         }
         Ok(tr)
     }
@@ -499,6 +511,16 @@ impl<'a> Trainer<'a> {
             if let Some(shared) = shared {
                 shared.finish()?;
             }
+            let cached_batches = self.output_cache.as_mut().map(|c| {
+                let (hits, misses) = c.take_counts();
+                tracing::info!(
+                    epoch = epoch + 1,
+                    hits,
+                    misses,
+                    "teacher output cache (batches)"
+                );
+                hits
+            });
             self.strategy.end_epoch(epoch)?;
             let (report, test_loss) = evaluate(
                 &|x| Ok(self.student.forward_t(x, false)),
@@ -515,6 +537,7 @@ impl<'a> Trainer<'a> {
                 t0.elapsed().as_secs_f64(),
             );
             rec.strategy_metrics = self.strategy.take_epoch_metrics().into_iter().collect();
+            rec.cached_batches = cached_batches;
             self.class_weights_into(&mut rec)?;
             if self.active.len() < self.pool.len() {
                 rec.active_teachers = Some(self.active_names());

@@ -45,7 +45,12 @@ impl<'a> Trainer<'a> {
                                 .collect()
                         }
                     }
-                    None => teacher_outputs_of(pool, active, images)?,
+                    None => match self.output_cache.as_mut() {
+                        Some(cache) => cache.outputs(active, indices, |which| {
+                            teacher_outputs_of(pool, which, images)
+                        })?,
+                        None => teacher_outputs_of(pool, active, images)?,
+                    },
                 };
                 // Without feature KD the teachers' maps are not used, and shared outputs do not
                 // store them: drop them here too, so that the strategy sees the same signals
