@@ -453,6 +453,8 @@ impl<'a> Trainer<'a> {
         if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
             let files: Vec<PathBuf> = self.pool.iter().map(|p| p.file.clone()).collect();
             self.shared = Some(crate::shared::key_dir(root, cfg, &files, self.device)?);
+            // Shared outputs serve every epoch: the in-memory cache would never be read.
+            self.output_cache = None;
         }
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
         if cfg.run.weight_log && !self.pool.is_empty() {
