@@ -735,13 +735,7 @@ fn compare(
             .unwrap_or(0),
         tch::get_num_threads(),
         env!("CARGO_PKG_VERSION"),
-        std::process::Command::new("date")
-            .arg("-u")
-            .arg("+%Y-%m-%d %H:%M UTC")
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default(),
+        mtkd_engine::trainer::bench::utc_now(),
     ));
     md.push_str(&format!(
         "Teachers (test {}):\n\n",

@@ -242,6 +242,7 @@ pub fn bench_steps(
             std::env::temp_dir(),
             String::new(),
         )?;
+        tr.open_output_cache()?;
         let timing = (|| -> Result<StepTiming> {
             let mut sums = Sums::new(device, tr.pool.len());
             tr.strategy.start_epoch(1)?;
@@ -393,8 +394,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn read_json(p: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+    crate::report::read_json(p)
 }
 
 /// One mode's figures over the rounds of one implementation.
@@ -462,6 +462,17 @@ pub fn cpu_model() -> String {
                 .map(|m| m.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+/// The current time, `YYYY-MM-DD HH:MM UTC` (the system's `date`; empty when it fails), as the
+/// reports print it.
+pub fn utc_now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn machine() -> String {
@@ -641,12 +652,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     let mut md = String::new();
-    let now = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let now = utc_now();
     md.push_str("# Performance: mtkd against eager PyTorch\n\n");
     md.push_str(&format!(
         "Written by `{command}` on {now}. Machine: {}. libtorch threads: {threads}. \
@@ -704,8 +710,9 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         let mf = collect(m)?;
         let ef = collect(e)?;
         md.push_str(&format!("## {s}\n\n"));
-        if let Some(f) = m.first() {
-            let v = read_json(f)?;
+        // The plan and the agent's buffer, from the setting's first mtkd file.
+        let first: Option<serde_json::Value> = m.first().map(|f| read_json(f)).transpose()?;
+        if let Some(v) = &first {
             let p = &v["plan"];
             md.push_str(&format!(
                 "Config `{}`: student {}, input {}, {} classes, batch {}, {} teachers, \
@@ -728,9 +735,8 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         } else {
             md.push_str("| mode | mtkd images/s | teacher share |\n|---|---|---|\n");
         }
-        let batch = m
-            .first()
-            .and_then(|f| read_json(f).ok())
+        let batch = first
+            .as_ref()
             .and_then(|v| v["plan"]["batch_size"].as_f64())
             .unwrap_or(1.0);
         for mode in BenchMode::ALL {
@@ -798,8 +804,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                  without the teachers' forward passes.\n",
             );
         }
-        if let Some(f) = m.first() {
-            let v = read_json(f)?;
+        if let Some(v) = &first {
             let p = &v["plan"];
             let rl = v["timings"]
                 .as_array()

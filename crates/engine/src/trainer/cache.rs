@@ -19,8 +19,8 @@ pub(super) struct OutputCache {
     /// Per pool teacher, per sample: stored yet.
     filled: Vec<Vec<bool>>,
     /// Batches served from the cache and batches that ran the teachers, this epoch.
-    pub(super) hits: u64,
-    pub(super) misses: u64,
+    hits: u64,
+    misses: u64,
 }
 
 impl OutputCache {

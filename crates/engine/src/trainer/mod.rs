@@ -379,15 +379,24 @@ impl<'a> Trainer<'a> {
             let idx = strategy::single_teacher(cfg, &tr.pool)?;
             tr.set_active(vec![idx])?;
         }
-        if let Some(mb) = tr.distill().map(|d| d.output_cache_mb).filter(|&mb| mb > 0) {
-            tr.output_cache = Some(cache::OutputCache::new(
-                tr.data.train.len(),
-                &tr.layout(),
+        Ok(tr)
+    }
+
+    /// Allocate the teacher output cache when the config asks for one (`distill.output_cache_mb`).
+    fn open_output_cache(&mut self) -> Result<()> {
+        if let Some(mb) = self
+            .distill()
+            .map(|d| d.output_cache_mb)
+            .filter(|&mb| mb > 0)
+        {
+            self.output_cache = Some(cache::OutputCache::new(
+                self.data.train.len(),
+                &self.layout(),
                 mb,
-                device,
+                self.device,
             )?);
         }
-        Ok(tr)
+        Ok(())
     }
 
     fn with_label(mut self, label: String) -> Self {
@@ -453,8 +462,9 @@ impl<'a> Trainer<'a> {
         if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
             let files: Vec<PathBuf> = self.pool.iter().map(|p| p.file.clone()).collect();
             self.shared = Some(crate::shared::key_dir(root, cfg, &files, self.device)?);
-            // Shared outputs serve every epoch: the in-memory cache would never be read.
-            self.output_cache = None;
+        } else {
+            // Shared outputs serve every epoch: with them, an in-memory cache would never be read.
+            self.open_output_cache()?;
         }
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
         if cfg.run.weight_log && !self.pool.is_empty() {
