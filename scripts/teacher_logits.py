@@ -1,6 +1,13 @@
 """Run a TorchScript teacher on a fixed input and write its outputs as JSON (for the Rust tests).
 
     $MTKD_TORCH_PYTHON scripts/teacher_logits.py --model /tmp/resnet18.pt --shape 2,3,32,32 --out /tmp/r18.json
+    $MTKD_TORCH_PYTHON scripts/teacher_logits.py --native resnet8 --weights W.safetensors \
+        --shape 2,1,28,28 --classes 10 --precision bf16 --out /tmp/r8.json
+
+--native builds mtkd's architecture as its PyTorch twin (scripts/student_zoo.py, the same
+parameter names) with the weights of an mtkd .safetensors file, in eval mode (it returns
+(logits, feature_map)). --precision bf16 runs the model as mtkd's `teacher_precision = "bf16"`
+does: weights, buffers and input cast to bfloat16, the outputs back to float32.
 
 The input is deterministic and needs no file:
     x = torch.arange(B*C*H*W, dtype=torch.float32).reshape(B, C, H, W).sin()
@@ -22,7 +29,11 @@ import torch
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Run a TorchScript teacher on a fixed input; write JSON.")
-    p.add_argument("--model", required=True, metavar="FILE", help="TorchScript teacher file")
+    p.add_argument("--model", metavar="FILE", help="TorchScript teacher file")
+    p.add_argument("--native", metavar="ARCH", help="an mtkd architecture (with --weights, --classes)")
+    p.add_argument("--weights", metavar="FILE", help="its .safetensors weights")
+    p.add_argument("--classes", type=int, help="its class count")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--shape", required=True, metavar="B,C,H,W", help="input batch shape")
     p.add_argument("--out", required=True, metavar="FILE.json", help="JSON file to write")
     args = p.parse_args(argv)
@@ -33,15 +44,36 @@ def main(argv=None):
         shape = []
     if len(shape) != 4 or any(v <= 0 for v in shape):
         sys.exit(f"teacher_logits: --shape must be four positive integers B,C,H,W, got `{args.shape}`")
-    if not Path(args.model).is_file():
-        sys.exit(f"teacher_logits: model file {args.model} does not exist")
+    if args.native:
+        if not args.weights or not args.classes:
+            sys.exit("teacher_logits: --native needs --weights and --classes")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import student_zoo
+        from bench_eager import read_safetensors
 
-    model = torch.jit.load(args.model, map_location="cpu")
+        model = student_zoo.build(args.native, shape[1], args.classes)
+        missing, unexpected = model.load_state_dict(read_safetensors(args.weights), strict=False)
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            sys.exit(f"teacher_logits: {args.weights} does not fit {args.native}: "
+                     f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        args.model = args.native
+    else:
+        if not args.model or not Path(args.model).is_file():
+            sys.exit(f"teacher_logits: model file {args.model} does not exist")
+        model = torch.jit.load(args.model, map_location="cpu")
     model.eval()
     n = shape[0] * shape[1] * shape[2] * shape[3]
     x = torch.arange(n, dtype=torch.float32).reshape(shape).sin()
+    if args.precision == "bf16":
+        model = model.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
     with torch.no_grad():
         out = model(x)
+    if isinstance(out, (tuple, list)):
+        out = type(out)(t.float() if isinstance(t, torch.Tensor) else t for t in out)
+    elif isinstance(out, torch.Tensor):
+        out = out.float()
 
     if isinstance(out, torch.Tensor):
         logits, features = out, None

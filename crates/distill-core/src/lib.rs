@@ -49,6 +49,72 @@ impl ModelOutput {
     }
 }
 
+/// The number format a teacher computes in. Its outputs reach the losses as float32 either way.
+///
+/// `Bf16`: weights, activations and the input in bfloat16 (8 bits of mantissa). On a CPU with
+/// native bfloat16 (AVX512-BF16 or AMX) and on recent GPUs the forward pass is about twice as
+/// fast; elsewhere libtorch emulates it and it is many times slower (docs/PERF.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The tensor kind the network computes in.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Precision::Fp32 => tch::Kind::Float,
+            Precision::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+
+    /// `images` in this precision (no copy when it already is).
+    pub fn input(self, images: &Tensor) -> Tensor {
+        if images.kind() == self.kind() {
+            images.shallow_clone()
+        } else {
+            images.to_kind(self.kind())
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// Whether this machine's CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16, read from
+/// `/proc/cpuinfo`; false where it cannot be read).
+pub fn cpu_has_native_bf16() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.contains("avx512_bf16") || s.contains("amx_bf16"))
+        .unwrap_or(false)
+}
+
+impl ModelOutput {
+    /// The outputs as float32 (a teacher computing in another precision hands these on).
+    pub fn into_float(self) -> ModelOutput {
+        let f = |t: Tensor| {
+            if t.kind() == tch::Kind::Float {
+                t
+            } else {
+                t.to_kind(tch::Kind::Float)
+            }
+        };
+        ModelOutput {
+            logits: f(self.logits),
+            features: self.features.map(f),
+        }
+    }
+}
+
 /// Shape of a feature map without the batch dimension: `(C, H, W)`.
 pub type FeatureShape = (i64, i64, i64);
 

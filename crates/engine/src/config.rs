@@ -394,6 +394,18 @@ pub struct DistillConfig {
     /// the same every epoch, so it needs `data.augment` off; docs/ARCHITECTURE.md, performance.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub output_cache_mb: usize,
+    /// The number format the teachers compute in: `fp32` (default) or `bf16` (weights, input
+    /// and activations in bfloat16, outputs back to float32 for the losses). About twice as
+    /// fast on a CPU with native bfloat16 (AVX512-BF16, AMX) or a GPU, many times slower on a
+    /// CPU without it (a warning says so); docs/PERF.md. The teachers' test metrics are
+    /// measured in this precision. A TorchScript teacher that cannot be cast (a frozen module)
+    /// is exported in bf16 instead (`export-teacher --precision bf16`) and left at `fp32` here.
+    #[serde(default, skip_serializing_if = "is_fp32")]
+    pub teacher_precision: mtkd_distill_core::Precision,
+}
+
+fn is_fp32(p: &mtkd_distill_core::Precision) -> bool {
+    *p == mtkd_distill_core::Precision::Fp32
 }
 
 /// `[distill.prune]`: at the end of an epoch, a teacher whose mean logit weight over the epoch

@@ -74,6 +74,9 @@ pub fn key_dir(
         batch_size: usize,
         device: String,
         features: bool,
+        /// Absent at fp32, so the keys of stored outputs made before this field stay valid.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        precision: Option<String>,
     }
     let mut files = Vec::new();
     for p in teacher_files {
@@ -100,6 +103,12 @@ pub fn key_dir(
         batch_size: cfg.train.batch_size,
         device: format!("{device:?}"),
         features: with_features(cfg),
+        precision: cfg
+            .distill
+            .as_ref()
+            .map(|d| d.teacher_precision)
+            .filter(|p| *p != mtkd_distill_core::Precision::Fp32)
+            .map(|p| p.to_string()),
     };
     let text = serde_json::to_string(&key).context("serialising the teacher-output key")?;
     Ok(root.join(format!(

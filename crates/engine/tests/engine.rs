@@ -1849,3 +1849,45 @@ fn the_teacher_output_cache_is_refused_with_augmentation_or_too_little_memory() 
         "{err}"
     );
 }
+
+/// `distill.teacher_precision = "bf16"`: the same cached teachers (trained in fp32) run in
+/// bfloat16; their test accuracy and the KD term stay close to fp32's but are not identical, and
+/// shared teacher outputs are stored under another key than fp32's.
+#[test]
+fn teachers_in_bf16_keep_their_accuracy_and_their_own_shared_outputs() {
+    let _serial = serial();
+    let s = scratch("bf16");
+    let extra = |p: &str| {
+        format!(
+            "[distill]\nstrategy = \"equal\"\nfeature_weight = 5.0\nteacher_precision = \"{p}\"\n\
+             [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+             [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+             [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n"
+        )
+    };
+    let fp32 = parse(&tiny(&extra("fp32"), &s)).unwrap();
+    let bf16 = parse(&tiny(&extra("bf16"), &s)).unwrap();
+    let a = run_in(&fp32, &s.join("fp32"), &RunOptions::default()).unwrap();
+    let b = run_in(&bf16, &s.join("bf16"), &RunOptions::default()).unwrap();
+    // The teachers come from the same cache entries (precision is not part of training).
+    for (ta, tb) in a.summary.teachers.iter().zip(&b.summary.teachers) {
+        assert_eq!(ta.source, tb.source);
+        let (va, vb) = (ta.test_value.unwrap(), tb.test_value.unwrap());
+        assert!(
+            (va - vb).abs() <= 2.0,
+            "{}: fp32 {va}% vs bf16 {vb}%",
+            ta.name
+        );
+    }
+    let (ha, hb) = (history(&s.join("fp32")), history(&s.join("bf16")));
+    let (ka, kb) = (ha[0].train_kd, hb[0].train_kd);
+    assert!(
+        ka != kb && (ka - kb).abs() <= 0.05 * ka.abs(),
+        "first-epoch KD term: fp32 {ka} vs bf16 {kb}"
+    );
+    let (key_a, _) =
+        trainer::share_teacher_outputs(&fp32, &s.join("out"), None, &mut Silent).unwrap();
+    let (key_b, _) =
+        trainer::share_teacher_outputs(&bf16, &s.join("out"), None, &mut Silent).unwrap();
+    assert_ne!(key_a, key_b, "bf16 outputs must not be read as fp32 ones");
+}

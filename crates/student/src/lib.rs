@@ -28,6 +28,12 @@ pub enum Error {
         #[source]
         source: tch::TchError,
     },
+    #[error("teacher `{name}` cannot run in {precision}: {reason}")]
+    Precision {
+        name: String,
+        precision: String,
+        reason: String,
+    },
     #[error(transparent)]
     Core(#[from] mtkd_distill_core::Error),
     #[error(transparent)]

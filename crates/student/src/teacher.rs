@@ -7,14 +7,15 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::{Arch, Error, Network, Result};
-use mtkd_distill_core::{FeatureShape, ModelOutput, Teacher};
+use mtkd_distill_core::{FeatureShape, ModelOutput, Precision, Teacher};
 
 /// A frozen mtkd network loaded from a weight file.
 #[derive(Debug)]
 pub struct NativeTeacher {
     name: String,
-    _vs: VarStore,
+    vs: VarStore,
     net: Network,
+    precision: Precision,
 }
 
 impl NativeTeacher {
@@ -38,9 +39,50 @@ impl NativeTeacher {
         vs.freeze();
         Ok(NativeTeacher {
             name: name.to_owned(),
-            _vs: vs,
+            vs,
             net,
+            precision: Precision::Fp32,
         })
+    }
+
+    /// Compute in `precision` from now on: the weights (and BatchNorm statistics) are cast to
+    /// it and each batch is cast to it on the way in; the outputs stay float32. Checked with a
+    /// probe batch, so a network that cannot run in that precision is refused here.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == self.precision {
+            return Ok(());
+        }
+        match precision {
+            Precision::Fp32 => self.vs.float(),
+            Precision::Bf16 => self.vs.bfloat16(),
+        }
+        self.precision = precision;
+        let (c, h, w) = self.net.in_shape();
+        let probe = Tensor::zeros([2, c, h, w], (tch::Kind::Float, self.vs.device()));
+        // libtorch reports a kernel missing for a dtype by panicking through tch's infallible
+        // calls: the probe turns that into an error naming the teacher.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tch::no_grad(|| self.net.f_forward_t(&precision.input(&probe), false))
+        }));
+        let reason = match ran {
+            Ok(Ok(out)) if out.logits.isfinite().all().int64_value(&[]) == 1 => return Ok(()),
+            Ok(Ok(_)) => "its logits on a probe batch are not finite".to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "its forward pass failed".to_owned()),
+        };
+        Err(Error::Precision {
+            name: self.name.clone(),
+            precision: precision.to_string(),
+            reason: reason.lines().next().unwrap_or_default().to_owned(),
+        })
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn arch(&self) -> Arch {
@@ -65,6 +107,9 @@ impl Teacher for NativeTeacher {
             images,
             &[-1, c, h, w],
         )?;
-        Ok(tch::no_grad(|| self.net.forward_t(images, false)))
+        Ok(tch::no_grad(|| match self.precision {
+            Precision::Fp32 => self.net.forward_t(images, false),
+            p => self.net.forward_t(&p.input(images), false).into_float(),
+        }))
     }
 }

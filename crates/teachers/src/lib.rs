@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use tch::{CModule, Device, IValue, Kind, Tensor};
 
-use mtkd_distill_core::FeatureShape;
+use mtkd_distill_core::{FeatureShape, Precision};
 /// Re-exported so that a program needs only this crate to load and run a teacher.
 pub use mtkd_distill_core::{ModelOutput, Teacher};
 
@@ -77,11 +77,28 @@ pub struct TorchScriptTeacher {
     /// Segmentation logits at another resolution than the input: resized to this `(H, W)`.
     resize_to: Option<(i64, i64)>,
     device: Device,
+    /// What the module computes in (its weights were cast to it at load).
+    precision: Precision,
 }
 
 impl TorchScriptTeacher {
     /// Load `path` onto `device`, put it in eval mode and validate it with a probe batch.
     pub fn load(name: &str, path: &Path, device: Device, expect: &Expectation) -> Result<Self> {
+        Self::load_in(name, path, device, expect, Precision::Fp32)
+    }
+
+    /// [`TorchScriptTeacher::load`], then compute in `precision`: the module's parameters and
+    /// buffers are cast to it and each batch is cast to it on the way in; the outputs reach
+    /// the caller as float32. The probe batch runs in that precision, so a module that cannot
+    /// (a frozen module keeps its weights as float32 constants) is refused here with the way
+    /// out: export it in that precision (`scripts/export_teacher.py --precision bf16`).
+    pub fn load_in(
+        name: &str,
+        path: &Path,
+        device: Device,
+        expect: &Expectation,
+        precision: Precision,
+    ) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::Missing {
                 path: path.to_path_buf(),
@@ -92,6 +109,9 @@ impl TorchScriptTeacher {
             reason: first_line(&e.to_string()),
         })?;
         module.set_eval();
+        if precision != Precision::Fp32 {
+            module.to(device, precision.kind(), false);
+        }
         let mut t = TorchScriptTeacher {
             name: name.to_owned(),
             path: path.to_path_buf(),
@@ -100,8 +120,20 @@ impl TorchScriptTeacher {
             feature_shape: None,
             resize_to: None,
             device,
+            precision,
         };
-        t.validate(expect)?;
+        t.validate(expect).map_err(|e| match (precision, e) {
+            (Precision::Fp32, e) => e,
+            (p, Error::TeacherContract { path, reason }) => Error::TeacherContract {
+                path,
+                reason: format!(
+                    "{reason} (with its weights cast to {p}: a module that cannot compute in \
+                     {p}, such as a frozen one, is exported in it instead with \
+                     `scripts/export_teacher.py --precision {p}` and loaded as it is)"
+                ),
+            },
+            (_, e) => e,
+        })?;
         tracing::info!(teacher = name, path = %path.display(), classes = t.num_classes,
             features = ?t.feature_shape, "loaded TorchScript teacher");
         Ok(t)
@@ -221,7 +253,7 @@ impl TorchScriptTeacher {
         };
         let out = tch::no_grad(|| {
             self.module
-                .forward_is(&[IValue::Tensor(images.shallow_clone())])
+                .forward_is(&[IValue::Tensor(self.precision.input(images))])
         })
         .map_err(fwd)?;
         let as_float = |t: Tensor| {
@@ -267,6 +299,10 @@ impl TorchScriptTeacher {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use mtkd_distill_core::Teacher;
+use mtkd_distill_core::{Precision, Teacher};
 use mtkd_teachers::{Expectation, TorchScriptTeacher};
 
 fn python() -> String {
@@ -264,5 +264,78 @@ fn pretrained_rgb_weights_export_to_one_channel() {
     assert!(
         rel < 1e-5,
         "grey teacher differs from the RGB network by {rel} (relative)"
+    );
+}
+
+/// `teacher_precision = "bf16"` on a plain TorchScript file: its weights are cast to bfloat16 at
+/// load, and the logits are PyTorch's for the same model run in bfloat16 (the export tool's
+/// `--precision bf16`); a frozen file, whose weights are constants, is refused with the way out.
+#[test]
+fn a_teacher_cast_to_bf16_gives_pytorchs_bf16_logits() {
+    let dir = scratch("bf16");
+    let plain = export(&dir, "resnet18", &[]);
+    let in_bf16 = export(&dir.join("py-bf16"), "resnet18", &["--precision", "bf16"]);
+    let want = python_outputs(&in_bf16, &dir.join("py-bf16.json"));
+    let py: Vec<f64> = want["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let logits = |t: &TorchScriptTeacher| -> Vec<f64> {
+        let out = t.forward(&input()).unwrap();
+        assert_eq!(
+            out.logits.kind(),
+            Kind::Float,
+            "outputs reach the losses as float32"
+        );
+        assert_eq!(out.features.as_ref().unwrap().kind(), Kind::Float);
+        Vec::try_from(&out.logits.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    };
+    let fp32 = TorchScriptTeacher::load("r18", &plain, Device::Cpu, &expectation(true)).unwrap();
+    let bf16 = TorchScriptTeacher::load_in(
+        "r18",
+        &plain,
+        Device::Cpu,
+        &expectation(true),
+        Precision::Bf16,
+    )
+    .unwrap();
+    assert_eq!(bf16.precision(), Precision::Bf16);
+    let (a, b) = (logits(&fp32), logits(&bf16));
+    let scale = py.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    let worst_py = b
+        .iter()
+        .zip(&py)
+        .map(|(g, p)| (g - p).abs())
+        .fold(0.0, f64::max);
+    let worst_fp32 = b
+        .iter()
+        .zip(&a)
+        .map(|(g, p)| (g - p).abs())
+        .fold(0.0, f64::max);
+    // Python and Rust run the same bf16 kernels: far closer than bf16 is to fp32.
+    assert!(
+        worst_py <= 1e-2 * scale,
+        "rust bf16 vs python bf16: max diff {worst_py} (scale {scale})"
+    );
+    assert!(
+        worst_fp32 > 0.0 && worst_fp32 <= 0.1 * scale,
+        "bf16 vs fp32: max diff {worst_fp32} (scale {scale}): the cast did not happen or broke the model"
+    );
+
+    let frozen = export(&dir.join("frozen"), "resnet18", &["--optimize"]);
+    let err = TorchScriptTeacher::load_in(
+        "r18",
+        &frozen,
+        Device::Cpu,
+        &expectation(true),
+        Precision::Bf16,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(frozen.to_str().unwrap()) && err.contains("--precision bf16"),
+        "{err}"
     );
 }

@@ -24,7 +24,7 @@ use mtkd_distill_core::weighting::{
     Equal, EqualOnesWarmup, Feedback, NoKd, Single, StrategyState, TeacherWeights,
     WeightingStrategy,
 };
-use mtkd_distill_core::{ModelOutput, Teacher};
+use mtkd_distill_core::{ModelOutput, Precision, Teacher};
 use mtkd_student::{NativeTeacher, Network};
 use mtkd_teachers::{Expectation, TorchScriptTeacher};
 use mtkd_vision_tasks::loader::{Batch, BatchLoader};

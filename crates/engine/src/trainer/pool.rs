@@ -174,11 +174,26 @@ pub(super) fn build_pool(
     let in_shape = data.input_shape(&cfg.data)?;
     let needs_features = cfg.distill.as_ref().is_some_and(|d| d.feature_weight > 0.0);
     let task = task_of(cfg);
+    let precision = cfg
+        .distill
+        .as_ref()
+        .map(|d| d.teacher_precision)
+        .unwrap_or_default();
+    if precision == Precision::Bf16
+        && device == Device::Cpu
+        && !mtkd_distill_core::cpu_has_native_bf16()
+    {
+        tracing::warn!("distill.teacher_precision = \"bf16\" on a CPU without native bfloat16 (AVX512-BF16 or AMX): libtorch emulates it and the teachers run many times slower than in fp32");
+        obs.phase(
+            "warning: teacher_precision = bf16 on a CPU without native bfloat16: the teachers \
+             will run many times slower than in fp32",
+        );
+    }
     let mut pool = Vec::new();
     for (i, t) in cfg.teachers.iter().enumerate() {
         let member = if let Some(arch) = t.arch {
             let (weights, top1) = ensure_native_teacher(cfg, i, t, obs)?;
-            let teacher = NativeTeacher::load(
+            let mut teacher = NativeTeacher::load(
                 &t.name,
                 arch,
                 teacher_head(cfg, t),
@@ -188,6 +203,9 @@ pub(super) fn build_pool(
                 device,
             )
             .with_context(|| format!("loading teacher `{}` from {}", t.name, weights.display()))?;
+            teacher
+                .set_precision(precision)
+                .with_context(|| format!("distill.teacher_precision = \"{precision}\""))?;
             PoolMember {
                 teacher: Box::new(teacher),
                 source: format!("mtkd {arch} ({})", weights.display()),
@@ -219,7 +237,7 @@ pub(super) fn build_pool(
                     .then(|| task.logits_shape(data.num_classes(), (in_shape.1, in_shape.2))[1]),
             };
             let teacher: Box<dyn Teacher> = Box::new(
-                TorchScriptTeacher::load(&t.name, path, device, &expect)
+                TorchScriptTeacher::load_in(&t.name, path, device, &expect, precision)
                     .with_context(|| format!("loading teacher `{}`", t.name))?,
             );
             let teacher: Box<dyn Teacher> = match transform {

@@ -1,0 +1,123 @@
+//! A teacher trained by mtkd run in bfloat16 (`distill.teacher_precision = "bf16"`): its logits
+//! are PyTorch's for the same network and weights run in bfloat16 (the PyTorch twin of
+//! `scripts/student_zoo.py`, through `scripts/teacher_logits.py --native --precision bf16`).
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::{Precision, Teacher};
+use mtkd_student::{Arch, HeadKind, NativeTeacher, Network};
+
+fn python_logits(arch: &str, weights: &Path, precision: &str, out: &Path) -> Vec<f64> {
+    let python = std::env::var("MTKD_TORCH_PYTHON").expect(
+        "MTKD_TORCH_PYTHON names the Python with torch 2.13.0; run the tests through `cargo xtask test`",
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/teacher_logits.py");
+    let run = Command::new(python)
+        .arg(script)
+        .args(["--native", arch, "--weights"])
+        .arg(weights)
+        .args([
+            "--classes",
+            "10",
+            "--shape",
+            "2,1,28,28",
+            "--precision",
+            precision,
+        ])
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "teacher_logits.py failed:\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn a_native_teacher_in_bf16_gives_pytorchs_bf16_logits() {
+    let dir = std::env::temp_dir().join(format!("mtkd-student-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = dir.join("resnet8.safetensors");
+    tch::manual_seed(3);
+    {
+        let vs = VarStore::new(Device::Cpu);
+        let _net = Network::new(&vs.root(), Arch::Resnet8, (1, 28, 28), 10).unwrap();
+        vs.save(&weights).unwrap();
+    }
+    let load = || {
+        NativeTeacher::load(
+            "r8",
+            Arch::Resnet8,
+            HeadKind::Classifier,
+            &weights,
+            (1, 28, 28),
+            10,
+            Device::Cpu,
+        )
+        .unwrap()
+    };
+    let x = Tensor::arange(2 * 28 * 28, (Kind::Float, Device::Cpu))
+        .view([2, 1, 28, 28])
+        .sin();
+    let logits = |t: &NativeTeacher| -> Vec<f64> {
+        let out = t.forward(&x).unwrap();
+        assert_eq!(
+            out.logits.kind(),
+            Kind::Float,
+            "outputs reach the losses as float32"
+        );
+        assert_eq!(out.features.as_ref().unwrap().kind(), Kind::Float);
+        Vec::try_from(&out.logits.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+    };
+    let fp32 = load();
+    let mut bf16 = load();
+    bf16.set_precision(Precision::Bf16).unwrap();
+    assert_eq!(bf16.precision(), Precision::Bf16);
+    let (a, b) = (logits(&fp32), logits(&bf16));
+
+    let py32 = python_logits("resnet8", &weights, "fp32", &dir.join("fp32.json"));
+    let py16 = python_logits("resnet8", &weights, "bf16", &dir.join("bf16.json"));
+    let scale = py32.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    assert!(
+        max_diff(&a, &py32) <= 1e-4 * scale,
+        "fp32 twin: {}",
+        max_diff(&a, &py32)
+    );
+    assert!(
+        max_diff(&b, &py16) <= 1e-2 * scale,
+        "rust bf16 vs python bf16: {} (scale {scale})",
+        max_diff(&b, &py16)
+    );
+    let off = max_diff(&b, &a);
+    assert!(
+        off > 0.0 && off <= 0.1 * scale,
+        "bf16 vs fp32: {off} (scale {scale}): the cast did not happen or broke the network"
+    );
+    // Back to fp32 gives fp32's logits again (the weights were cast, not replaced).
+    bf16.set_precision(Precision::Fp32).unwrap();
+    assert!(max_diff(&logits(&bf16), &a) <= 0.1 * scale);
+    let _ = std::fs::remove_dir_all(&dir);
+}
