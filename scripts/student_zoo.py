@@ -6,7 +6,9 @@ Writes crates/student/tests/golden/state_dicts.json, which crates/student/tests/
 with the Rust networks: for every architecture of crates/student/src/arch.rs and for two inputs,
 (1, 28, 28) with 10 classes and (3, 32, 32) with 100 classes, the ordered state_dict keys with
 their shapes (BatchNorm running statistics included, `num_batches_tracked` excluded: tch has no
-such buffer), the feature-map shape [C, H, W] and the number of trainable parameters.
+such buffer), the feature-map shape [C, H, W] and the number of trainable parameters; and, under
+`head_cases`, the same for the dense heads (crates/student/src/head.rs: fcn, aspp, fcos) on a few
+backbones, with their logits' shape per sample.
 
 The modules here are written to match the Rust ones name for name, so a state_dict saved from
 them loads into mtkd (and back). Every model's forward(x) returns (logits, feature_map): the
@@ -16,6 +18,7 @@ layer named `fc`. MobileNetV2 and ShuffleNetV2 follow HobbitLong/RepDistiller
 `classifier.0`, `linear`), the input channel count is a parameter, and pooling is global.
 """
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,34 +30,37 @@ OUT = ROOT / "crates/student/tests/golden/state_dicts.json"
 CASES = [((1, 28, 28), 10), ((3, 32, 32), 100)]
 
 
-class Classifier(nn.Module):
-    """A backbone returning its last feature map, global average pooling and `fc`."""
+class Twin(nn.Module):
+    """A backbone (`features`: its last feature map) and a head: the classifier `fc` after
+    global average pooling (every constructor below makes it), or, through `build(..., head)`,
+    a dense head under `head.` (`SegHead`, `DetHead`) that replaces `fc`."""
 
-    def __init__(self, channels, num_classes):
-        super().__init__()
-        self.fc = nn.Linear(channels, num_classes)
-
-    def backbone(self, x):
+    def features(self, x):
         raise NotImplementedError
 
     def forward(self, x):
-        f = self.backbone(x)
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        f = self.features(x)
+        head = self._modules.get("head")
+        if head is None:
+            return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        return head(f, x.shape[2:])
 
 
 # ---------------------------------------------------------------------------------- cnn-small
 
 class ConvBlock(nn.Module):
-    def __init__(self, cin, cout):
+    """conv (k x k, padding dilation * (k - 1) / 2, no bias) -> BN -> ReLU (crates/student/src/layers.rs)."""
+
+    def __init__(self, cin, cout, k=3, dilation=1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.conv = nn.Conv2d(cin, cout, k, padding=dilation * (k - 1) // 2, dilation=dilation, bias=False)
         self.bn = nn.BatchNorm2d(cout)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
 
-class CnnSmall(nn.Module):
+class CnnSmall(Twin):
     def __init__(self, in_channels, num_classes):
         super().__init__()
         self.block1 = ConvBlock(in_channels, 32)
@@ -62,11 +68,10 @@ class CnnSmall(nn.Module):
         self.block3 = ConvBlock(64, 64)
         self.fc = nn.Linear(64, num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = F.max_pool2d(self.block1(x), 2)
         x = F.max_pool2d(self.block2(x), 2)
-        f = self.block3(x)
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        return self.block3(x)
 
 
 # ------------------------------------------------------------------------------- CIFAR ResNet
@@ -90,7 +95,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + res)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(Twin):
     def __init__(self, in_channels, num_classes, depth, filters):
         super().__init__()
         n = (depth - 2) // 6
@@ -105,10 +110,9 @@ class CifarResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.fc = nn.Linear(filters[3], num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
-        f = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        return self.layer3(self.layer2(self.layer1(x)))
 
 
 # ---------------------------------------------------------------------------------- Wide ResNet
@@ -140,7 +144,7 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(Twin):
     def __init__(self, in_channels, num_classes, depth, k):
         super().__init__()
         n = (depth - 4) // 6
@@ -152,10 +156,9 @@ class WideResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = self.block3(self.block2(self.block1(self.conv1(x))))
-        f = F.relu(self.bn1(x))
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        return F.relu(self.bn1(x))
 
 
 # ------------------------------------------------------------------------ MobileNetV2 (CIFAR)
@@ -193,7 +196,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_res_connect else out
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Twin):
     def __init__(self, in_channels, num_classes, width_mult, expansion=MBV2_EXPANSION):
         super().__init__()
         t = expansion
@@ -221,12 +224,11 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_bn_relu(cin, self.last_channel, 1, 1)
         self.fc = nn.Linear(self.last_channel, num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = self.conv1(x)
         for b in self.blocks:
             x = b(x)
-        f = self.conv2(x)
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        return self.conv2(x)
 
 
 # ----------------------------------------------------------------------- ShuffleNetV2 (CIFAR)
@@ -290,7 +292,7 @@ class DownBlock(nn.Module):
         return channel_shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(Twin):
     def __init__(self, in_channels, num_classes, net_size):
         super().__init__()
         out_channels, num_blocks = SHUFFLENETV2_CONFIGS[net_size]
@@ -307,11 +309,113 @@ class ShuffleNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels[3])
         self.fc = nn.Linear(out_channels[3], num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        f = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(F.adaptive_avg_pool2d(f, 1).flatten(1)), f
+        return F.relu(self.bn2(self.conv2(x)))
+
+
+# ------------------------------------------------------------------------ dense heads (head.rs)
+
+class FcnHead(nn.Module):
+    """FCN head: 3x3 conv-BN-ReLU to max(C / 4, 32) channels, 1x1 classifier; logits upsampled
+    bilinearly (align_corners=False) to the input's size. Returns (logits, head features)."""
+
+    def __init__(self, cin, num_classes):
+        super().__init__()
+        c = max(cin // 4, 32)
+        self.block = ConvBlock(cin, c, 3)
+        self.classifier = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x, out_hw):
+        f = self.block(x)
+        return upsample(self.classifier(f), out_hw), f
+
+
+class AsppHead(nn.Module):
+    """Light DeepLabV3 head: 1x1, 3x3 dilation 2 and 4, and image-pooling branches of 64
+    channels, a 1x1 projection, a 3x3 refinement and a 1x1 classifier."""
+
+    def __init__(self, cin, num_classes):
+        super().__init__()
+        c = 64
+        self.aspp0 = ConvBlock(cin, c, 1)
+        self.aspp1 = ConvBlock(cin, c, 3, 2)
+        self.aspp2 = ConvBlock(cin, c, 3, 4)
+        self.pool = ConvBlock(cin, c, 1)
+        self.project = ConvBlock(4 * c, c, 1)
+        self.refine = ConvBlock(c, c, 3)
+        self.classifier = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x, out_hw):
+        g = self.pool(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, x.shape[2], x.shape[3])
+        cat = torch.cat([self.aspp0(x), self.aspp1(x), self.aspp2(x), g], 1)
+        f = self.refine(self.project(cat))
+        return upsample(self.classifier(f), out_hw), f
+
+
+def upsample(logits, out_hw):
+    if tuple(logits.shape[2:]) == tuple(out_hw):
+        return logits
+    return F.interpolate(logits, size=tuple(out_hw), mode="bilinear", align_corners=False)
+
+
+FPN_CHANNELS = 64
+DET_STRIDES = (4, 8, 16)
+
+
+class GnBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gn = nn.GroupNorm(16, c)
+
+    def forward(self, x):
+        return F.relu(self.gn(self.conv(x)))
+
+
+class FcosHead(nn.Module):
+    """The FCOS-style detection head: a 64-channel FPN on the stride-4 map (1x1 lateral, two
+    stride-2 3x3 levels, top-down nearest upsampling, a 3x3 smoothing conv per level), shared
+    class and box towers (two 3x3 conv-GroupNorm(16)-ReLU blocks), class / box (ReLU) /
+    centerness 3x3 convs. Returns (outputs [B, K + 5, L], features [B, 64, L, 1])."""
+
+    def __init__(self, cin, num_classes):
+        super().__init__()
+        c = FPN_CHANNELS
+        self.lateral = nn.Conv2d(cin, c, 1)
+        self.down1 = nn.Conv2d(c, c, 3, 2, 1)
+        self.down2 = nn.Conv2d(c, c, 3, 2, 1)
+        self.smooth0 = nn.Conv2d(c, c, 3, 1, 1)
+        self.smooth1 = nn.Conv2d(c, c, 3, 1, 1)
+        self.smooth2 = nn.Conv2d(c, c, 3, 1, 1)
+        self.cls_tower = nn.Sequential(GnBlock(c), GnBlock(c))
+        self.box_tower = nn.Sequential(GnBlock(c), GnBlock(c))
+        self.cls_logits = nn.Conv2d(c, num_classes, 3, 1, 1)
+        self.bbox_reg = nn.Conv2d(c, 4, 3, 1, 1)
+        self.centerness = nn.Conv2d(c, 1, 3, 1, 1)
+        for conv, bias in [(self.cls_logits, -math.log((1 - 0.01) / 0.01)), (self.bbox_reg, 1.0),
+                           (self.centerness, 0.0)]:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.constant_(conv.bias, bias)
+
+    def forward(self, x, out_hw):
+        p4 = self.lateral(x)
+        p8 = self.down1(p4)
+        p16 = self.down2(F.relu(p8))
+        p8 = p8 + F.interpolate(p16, size=p8.shape[2:], mode="nearest")
+        p4 = p4 + F.interpolate(p8, size=p4.shape[2:], mode="nearest")
+        outs, feats = [], []
+        for f, smooth in zip((p4, p8, p16), (self.smooth0, self.smooth1, self.smooth2)):
+            f = smooth(f)
+            ct, bt = self.cls_tower(f), self.box_tower(f)
+            o = torch.cat([self.cls_logits(ct), F.relu(self.bbox_reg(bt)), self.centerness(bt)], 1)
+            outs.append(o.flatten(2))
+            feats.append(f.flatten(2))
+        return torch.cat(outs, 2), torch.cat(feats, 2).unsqueeze(-1)
+
+
+HEADS = {"fcn": FcnHead, "aspp": AsppHead, "fcos": FcosHead}
 
 
 # ---------------------------------------------------------------------------------- catalogue
@@ -339,14 +443,28 @@ ZOO = {
 }
 
 
-def build(name, in_channels, num_classes):
-    """The PyTorch twin of mtkd's `name` (an arch.rs name)."""
-    return ZOO[name](in_channels, num_classes)
+def build(name, in_channels, num_classes, head="classifier"):
+    """The PyTorch twin of mtkd's `name` (an arch.rs name) with `head` (head.rs: classifier,
+    fcn, aspp or fcos): a dense head replaces `fc` under the name `head`."""
+    model = ZOO[name](in_channels, num_classes)
+    if head != "classifier":
+        channels = model.fc.in_features
+        del model.fc
+        model.head = HEADS[head](channels, num_classes)
+    return model
 
 
-def case(name, in_shape, num_classes):
+# The dense heads on a few backbones (head_cases): (arch, head, input, classes).
+HEAD_CASES = [
+    (arch, head, (1, 48, 48), 10 if head == "fcos" else 11)
+    for head in ("fcn", "aspp", "fcos")
+    for arch in ("cnn-small", "resnet8", "resnet14")
+] + [("wrn-16-1", "aspp", (3, 32, 32), 5)]
+
+
+def case(name, in_shape, num_classes, head="classifier"):
     torch.manual_seed(0)
-    model = build(name, in_shape[0], num_classes).eval()
+    model = build(name, in_shape[0], num_classes, head).eval()
     state = [
         [k, list(v.shape)]
         for k, v in model.state_dict().items()
@@ -354,46 +472,54 @@ def case(name, in_shape, num_classes):
     ]
     with torch.no_grad():
         logits, f = model(torch.zeros(2, *in_shape))
-    assert list(logits.shape) == [2, num_classes], (name, logits.shape)
-    return {
-        "arch": name,
+    if head == "classifier":
+        assert list(logits.shape) == [2, num_classes], (name, logits.shape)
+    out = {"arch": name}
+    if head != "classifier":
+        out["head"] = head
+        out["logits_shape"] = list(logits.shape[1:])
+    out.update({
         "in_shape": list(in_shape),
         "num_classes": num_classes,
         "feature_shape": list(f.shape[1:]),
         "parameter_count": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "state_dict": state,
-    }
+    })
+    return out
 
 
-def dump(cases):
+def dump(cases, head_cases):
     """JSON with one state_dict entry per line (readable diffs, moderate size)."""
-    out = ["{", '"generator": "scripts/student_zoo.py",', '"cases": [']
-    for i, c in enumerate(cases):
-        head = {k: v for k, v in c.items() if k != "state_dict"}
-        out.append("{")
-        for k, v in head.items():
-            out.append(f"{json.dumps(k)}: {json.dumps(v)},")
-        out.append('"state_dict": [')
-        entries = [json.dumps(e, separators=(", ", ": ")) for e in c["state_dict"]]
-        out.append(",\n".join(entries))
-        out.append("]")
-        out.append("}," if i + 1 < len(cases) else "}")
-    out.append("]")
+    out = ["{", '"generator": "scripts/student_zoo.py",']
+    for key, group, last in (("cases", cases, False), ("head_cases", head_cases, True)):
+        out.append(f'"{key}": [')
+        for i, c in enumerate(group):
+            head = {k: v for k, v in c.items() if k != "state_dict"}
+            out.append("{")
+            for k, v in head.items():
+                out.append(f"{json.dumps(k)}: {json.dumps(v)},")
+            out.append('"state_dict": [')
+            entries = [json.dumps(e, separators=(", ", ": ")) for e in c["state_dict"]]
+            out.append(",\n".join(entries))
+            out.append("]")
+            out.append("}," if i + 1 < len(group) else "}")
+        out.append("]" if last else "],")
     out.append("}")
     return "\n".join(out) + "\n"
 
 
 def main():
     cases = [case(name, s, k) for name in ZOO for s, k in CASES]
-    text = dump(cases)
+    head_cases = [case(name, s, k, head) for name, head, s, k in HEAD_CASES]
+    text = dump(cases, head_cases)
     json.loads(text)  # well-formed
     OUT.parent.mkdir(parents=True, exist_ok=True)
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(text)
     tmp.replace(OUT)
-    for c in cases:
+    for c in cases + head_cases:
         print(
-            f"{c['arch']:>17} {str(tuple(c['in_shape'])):>12} -> features {c['feature_shape']}, "
+            f"{c['arch'] + ' ' + c.get('head', ''):>22} {str(tuple(c['in_shape'])):>12} -> features {c['feature_shape']}, "
             f"{c['parameter_count']} parameters, {len(c['state_dict'])} tensors"
         )
     print(f"wrote {OUT.relative_to(ROOT)} ({OUT.stat().st_size} bytes)")

@@ -172,7 +172,7 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
             settings.push(Setting {
                 label,
                 config: PathBuf::from(cfg),
-                eager: false,
+                eager: true,
             });
         }
     }

@@ -1,5 +1,6 @@
 //! Every student architecture against its PyTorch twin (`scripts/student_zoo.py`): parameter
-//! names and shapes, feature-map shape, trainable parameter count, and a forward pass.
+//! names and shapes, feature-map shape, trainable parameter count, and a forward pass; and the
+//! dense heads (fcn, aspp, fcos) on a few backbones the same way (`head_cases`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -8,7 +9,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use mtkd_student::arch::parameter_count;
-use mtkd_student::{Arch, Network};
+use mtkd_student::{Arch, HeadKind, Network};
 
 fn golden() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/state_dicts.json");
@@ -32,15 +33,20 @@ fn check_case(case: &Value) -> Vec<String> {
     let in_shape = ints(&case["in_shape"]);
     let (c, h, w) = (in_shape[0], in_shape[1], in_shape[2]);
     let classes = case["num_classes"].as_i64().unwrap();
-    let tag = format!("{name} {in_shape:?}/{classes}");
+    let head_name = case["head"].as_str().unwrap_or("classifier");
+    let tag = format!("{name} ({head_name}) {in_shape:?}/{classes}");
     let mut problems = Vec::new();
 
     let arch: Arch = match name.parse() {
         Ok(a) => a,
         Err(e) => return vec![format!("{tag}: {e}")],
     };
+    let head: HeadKind = match head_name.parse() {
+        Ok(h) => h,
+        Err(e) => return vec![format!("{tag}: {e}")],
+    };
     let vs = VarStore::new(Device::Cpu);
-    let net = Network::new(&vs.root(), arch, (c, h, w), classes).unwrap();
+    let net = Network::with_head(&vs.root(), arch, head, (c, h, w), classes).unwrap();
 
     // Parameter names and shapes.
     let want: BTreeMap<String, Vec<i64>> = case["state_dict"]
@@ -96,8 +102,15 @@ fn check_case(case: &Value) -> Vec<String> {
             false,
         )
     });
-    if out.logits.size() != [2, classes] {
-        problems.push(format!("{tag}: logits {:?}", out.logits.size()));
+    let want_logits: Vec<i64> = match case.get("logits_shape") {
+        Some(s) => std::iter::once(2).chain(ints(s)).collect(),
+        None => vec![2, classes],
+    };
+    if out.logits.size() != want_logits {
+        problems.push(format!(
+            "{tag}: logits {:?}, PyTorch {want_logits:?}",
+            out.logits.size()
+        ));
     }
     let features = out.features.as_ref().map(Tensor::size);
     if features != Some(vec![2, fs[0], fs[1], fs[2]]) {
@@ -124,6 +137,33 @@ fn every_architecture_matches_its_pytorch_twin() {
         if n != 2 {
             problems.push(format!(
                 "{arch}: {n} golden cases, expected 2 (rerun scripts/student_zoo.py)"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn every_dense_head_matches_its_pytorch_twin() {
+    let golden = golden();
+    let cases = golden["head_cases"]
+        .as_array()
+        .expect("no head_cases in the golden file (rerun scripts/student_zoo.py)");
+    let mut problems = Vec::new();
+    let mut heads = BTreeSet::new();
+    for case in cases {
+        heads.insert(case["head"].as_str().unwrap().to_owned());
+        problems.extend(check_case(case));
+    }
+    for h in ["fcn", "aspp", "fcos"] {
+        if !heads.contains(h) {
+            problems.push(format!(
+                "head {h}: no golden case (rerun scripts/student_zoo.py)"
             ));
         }
     }

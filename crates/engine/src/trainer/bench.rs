@@ -79,7 +79,16 @@ pub struct StepTiming {
 /// What a reference implementation needs to run the same steps (`scripts/bench_eager.py`).
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchPlan {
+    /// The task: `classification`, `segmentation` or `detection`.
+    pub task: mtkd_vision_tasks::task::TaskKind,
     pub student: String,
+    /// The student's head: `classifier`, `fcn`, `aspp` or `fcos`.
+    pub student_head: String,
+    /// The student's variables (BatchNorm statistics included), sorted by name, with their
+    /// shapes: the reference's PyTorch twin must have the same `state_dict`.
+    pub student_state: Vec<(String, Vec<i64>)>,
+    /// The student's trainable parameter count.
+    pub student_parameters: i64,
     pub input: (i64, i64, i64),
     pub num_classes: i64,
     pub batch_size: i64,
@@ -89,10 +98,23 @@ pub struct BenchPlan {
     pub teachers: Vec<Option<PathBuf>>,
     /// Teachers trained by mtkd, pool order: `(arch, weights .safetensors)`.
     pub native_teachers: Vec<Option<(String, PathBuf)>>,
+    /// The heads of the teachers trained by mtkd, pool order (`None` for the others).
+    pub native_teacher_heads: Vec<Option<String>>,
     pub temperature: f64,
     pub ce_weight: f64,
     pub kd_weight: f64,
     pub feature_weight: f64,
+    /// The feature term's loss (`distill.feature_loss`: `mse`, `cwd`, `pearson`).
+    pub feature_loss: crate::config::FeatureLoss,
+    /// Segmentation: the KD loss on logits (`kl`, `cwd`), how teacher weights vary inside an
+    /// image (`image`, `confidence`) and the mask label that does not count.
+    pub dense_kd: mtkd_vision_tasks::task::DenseKd,
+    pub pixel_weights: crate::config::PixelWeights,
+    pub ignore_index: i64,
+    /// Detection: the box KD weight inside each teacher's KD term, and the layout and loss
+    /// settings (`None` for other tasks).
+    pub box_kd_weight: f64,
+    pub detection: Option<DetectionPlan>,
     pub lr: f64,
     pub momentum: f64,
     pub nesterov: bool,
@@ -104,8 +126,23 @@ pub struct BenchPlan {
     pub agent_step: usize,
     /// Clean and meta modes: the agent's bounded buffer, in steps.
     pub agent_buffer_steps: usize,
+    /// Clean mode: the policy's standard deviation and the epochs of equal weights.
+    pub agent_sigma: f64,
+    pub agent_warmup_epochs: usize,
     /// Training steps per epoch of the config.
     pub epoch_steps: usize,
+}
+
+/// The detection settings of a [`BenchPlan`] (`mtkd_vision_tasks::detection::{layout, loss}`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DetectionPlan {
+    pub strides: Vec<i64>,
+    pub center_radius: f64,
+    pub size_factor: f64,
+    pub focal_alpha: f64,
+    pub focal_gamma: f64,
+    /// The most boxes of one image among the timed batches (the padded `N` of `[B, N, 6]`).
+    pub max_objects: i64,
 }
 
 /// The config a mode runs: `cfg` with its strategy replaced; the run never reaches the last
@@ -185,8 +222,29 @@ pub fn bench_steps(
         .clone()
         .ok_or_else(|| anyhow!("the config has no [distill] table"))?;
     let agent = d.agent.clone().unwrap_or_default();
-    let plan = BenchPlan {
+    let task = cfg.data.task();
+    let detection = (task == mtkd_vision_tasks::task::TaskKind::Detection).then(|| {
+        use mtkd_vision_tasks::detection::{layout, loss};
+        DetectionPlan {
+            strides: layout::STRIDES.to_vec(),
+            center_radius: layout::CENTER_RADIUS,
+            size_factor: layout::SIZE_FACTOR,
+            focal_alpha: loss::FOCAL_ALPHA,
+            focal_gamma: loss::FOCAL_GAMMA,
+            max_objects: batches
+                .iter()
+                .filter_map(|b| b.boxes.as_ref().map(|t| t.size()[1]))
+                .max()
+                .unwrap_or(0),
+        }
+    });
+    let mut plan = BenchPlan {
+        task,
         student: cfg.student.arch.to_string(),
+        student_head: cfg.student.head.to_string(),
+        // Filled from the first mode's trainer.
+        student_state: Vec::new(),
+        student_parameters: 0,
         input: in_shape,
         num_classes: data.num_classes(),
         batch_size: bs as i64,
@@ -209,10 +267,25 @@ pub fn bench_steps(
                     .map(|a| (a.to_string(), p.file.clone()))
             })
             .collect(),
+        native_teacher_heads: cfg
+            .teachers
+            .iter()
+            .zip(&pool)
+            .map(|(t, p)| {
+                (t.arch.is_some() && p.file.extension().is_some_and(|e| e == "safetensors"))
+                    .then(|| teacher_head(cfg, t).to_string())
+            })
+            .collect(),
         temperature: d.temperature,
         ce_weight: d.ce_weight,
         kd_weight: d.kd_weight,
         feature_weight: d.feature_weight,
+        feature_loss: d.feature_loss,
+        dense_kd: d.dense_kd,
+        pixel_weights: d.pixel_weights,
+        ignore_index: i64::from(mtkd_vision_tasks::segmentation::IGNORE),
+        box_kd_weight: d.box_kd_weight,
+        detection,
         lr: cfg.train.lr,
         momentum: cfg.train.momentum,
         nesterov: cfg.train.nesterov,
@@ -222,6 +295,8 @@ pub fn bench_steps(
         agent_lr: agent.lr,
         agent_step: agent.agent_step,
         agent_buffer_steps: agent.buffer_steps,
+        agent_sigma: agent.sigma,
+        agent_warmup_epochs: agent.warmup_epochs,
         epoch_steps: loader.num_batches(),
     };
     let mut out = Vec::new();
@@ -243,6 +318,17 @@ pub fn bench_steps(
             String::new(),
         )?;
         tr.open_output_cache()?;
+        if plan.student_state.is_empty() {
+            let mut state: Vec<(String, Vec<i64>)> = tr
+                .student_vs
+                .variables()
+                .into_iter()
+                .map(|(n, t)| (n, t.size()))
+                .collect();
+            state.sort();
+            plan.student_state = state;
+            plan.student_parameters = mtkd_student::arch::parameter_count(&tr.student_vs);
+        }
         let timing = (|| -> Result<StepTiming> {
             let mut sums = Sums::new(device, tr.pool.len());
             tr.strategy.start_epoch(1)?;
@@ -714,11 +800,17 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         let first: Option<serde_json::Value> = m.first().map(|f| read_json(f)).transpose()?;
         if let Some(v) = &first {
             let p = &v["plan"];
+            let student = match p["student_head"].as_str() {
+                Some(h) if h != "classifier" => {
+                    format!("{} with the {h} head", p["student"].as_str().unwrap_or("?"))
+                }
+                _ => p["student"].as_str().unwrap_or("?").to_owned(),
+            };
             md.push_str(&format!(
                 "Config `{}`: student {}, input {}, {} classes, batch {}, {} teachers, \
                  feature KD weight {}, agent mode {}.\n\n",
                 v["config"].as_str().unwrap_or("?"),
-                p["student"].as_str().unwrap_or("?"),
+                student,
                 p["input"],
                 p["num_classes"],
                 p["batch_size"],
@@ -791,6 +883,40 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                 100.0 * share,
                 num(tg),
                 pct(tg, peak.0),
+            ));
+        }
+        let task = first
+            .as_ref()
+            .and_then(|v| v["plan"]["task"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        if has_eager && (task == "segmentation" || task == "detection") {
+            md.push_str(&format!(
+                "\nThe eager {task} step: the student's PyTorch twin with the same head \
+                 (`scripts/student_zoo.py`; its parameter names and shapes are checked against \
+                 mtkd's student) and the mtkd-trained teachers rebuilt from their weights, run \
+                 through TorchScript; random images with random {} whose FLOPs do not depend \
+                 on their values; {}. KD1 and AVER compute only what their loss uses (mtkd also \
+                 computes the strategies' signals, each teacher's {} among them); MTKD-RL \
+                 computes the agent's state from them, and in clean mode the student's two \
+                 eval-mode forward passes around the update for the reward, which the GFLOP/s \
+                 count.\n",
+                if task == "segmentation" {
+                    "masks"
+                } else {
+                    "boxes (1 to the batches' most objects per image)"
+                },
+                if task == "segmentation" {
+                    "per-pixel cross-entropy and pixel-wise KD averaged over each image's \
+                     labelled pixels"
+                } else {
+                    "the FCOS assignment of the boxes to the locations in every step, focal, \
+                     GIoU and centerness losses, foreground-weighted class KD and box KD"
+                },
+                if task == "segmentation" {
+                    "pixel cross-entropy and entropy"
+                } else {
+                    "FCOS loss and the entropy of its pooled class logits"
+                },
             ));
         }
         if mf.contains_key(BenchMode::MtkdRlCached.name()) {
