@@ -604,10 +604,27 @@ def read_safetensors(path):
     return out
 
 
-def native_teacher(arch, weights, shape, num_classes, head="classifier"):
+class InPrecision(nn.Module):
+    """A teacher computing in another float type (the plan's `teacher_precision`, as mtkd's
+    `distill.teacher_precision`): its weights cast to it, the batch cast on the way in, the
+    outputs back to float32."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        out = self.model(x.to(self.dtype))
+        if isinstance(out, tuple):
+            return tuple(t.float() for t in out)
+        return out.float()
+
+
+def native_teacher(arch, weights, shape, num_classes, head="classifier", dtype=torch.float32):
     """A teacher trained by mtkd, rebuilt as its PyTorch twin (scripts/student_zoo.py, the same
-    parameter names, its head) with its weights, in eval mode; run through TorchScript like a
-    user's."""
+    parameter names, its head) with its weights, in eval mode, in `dtype`; run through
+    TorchScript like a user's."""
     model = student_zoo.build(arch, shape[0], num_classes, head or "classifier")
     state = read_safetensors(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -615,6 +632,8 @@ def native_teacher(arch, weights, shape, num_classes, head="classifier"):
     if missing or unexpected:
         raise SystemExit(f"bench_eager: {weights} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.eval()
+    if dtype != torch.float32:
+        model = InPrecision(model, dtype).eval()
     with torch.no_grad():
         return torch.jit.trace(model, torch.zeros(2, *shape))
 
@@ -637,11 +656,16 @@ def main():
     teachers = []
     natives = plan.get("native_teachers") or [None] * len(plan["teachers"])
     heads = plan.get("native_teacher_heads") or [None] * len(plan["teachers"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan.get("teacher_precision", "fp32")]
     for f, native, head in zip(plan["teachers"], natives, heads):
         if f is not None:
-            teachers.append(torch.jit.load(f, map_location="cpu").eval())
+            t = torch.jit.load(f, map_location="cpu").eval()
+            if dtype != torch.float32:
+                with torch.no_grad():
+                    t = torch.jit.trace(InPrecision(t, dtype).eval(), torch.zeros(2, c, h, w))
+            teachers.append(t)
         elif native is not None:
-            teachers.append(native_teacher(native[0], native[1], (c, h, w), plan["num_classes"], head))
+            teachers.append(native_teacher(native[0], native[1], (c, h, w), plan["num_classes"], head, dtype))
         else:
             raise SystemExit("bench_eager: a teacher of the plan is neither TorchScript nor trained by mtkd")
     b = plan["batch_size"]

@@ -163,6 +163,29 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
         config: PathBuf::from("configs/default.toml"),
         eager: true,
     });
+    if native_bf16() {
+        // The same teachers (trained by mtkd in fp32) run in bfloat16 by mtkd itself
+        // (`distill.teacher_precision`); the eager reference casts its twins the same way.
+        let text = std::fs::read_to_string("configs/default.toml")
+            .context("reading configs/default.toml")?;
+        if !text.contains("\n[distill]\n") {
+            bail!("configs/default.toml has no [distill] table");
+        }
+        let p = work.join("default-bf16.toml");
+        std::fs::write(
+            &p,
+            text.replacen(
+                "\n[distill]\n",
+                "\n[distill]\nteacher_precision = \"bf16\"\n",
+                1,
+            ),
+        )?;
+        settings.push(Setting {
+            label: "fmnist-default-bf16",
+            config: p,
+            eager: true,
+        });
+    }
     if o.dense {
         for (label, cfg) in [
             ("seg-scenes", "configs/seg-scenes.toml"),
@@ -209,7 +232,9 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
                     a.push("--peak".to_owned());
                 }
                 // The cached step runs no teacher: one CIFAR row of it is enough.
-                if st.label.starts_with("cifar-") && st.label != "cifar-fp32" {
+                if (st.label.starts_with("cifar-") && st.label != "cifar-fp32")
+                    || st.label.ends_with("-bf16")
+                {
                     a.push("--modes".to_owned());
                     a.push("ce,kd1,aver,mtkd-rl".to_owned());
                 }

@@ -98,6 +98,8 @@ pub struct BenchPlan {
     pub teachers: Vec<Option<PathBuf>>,
     /// Teachers trained by mtkd, pool order: `(arch, weights .safetensors)`.
     pub native_teachers: Vec<Option<(String, PathBuf)>>,
+    /// What the teachers compute in (`distill.teacher_precision`).
+    pub teacher_precision: mtkd_distill_core::Precision,
     /// The heads of the teachers trained by mtkd, pool order (`None` for the others).
     pub native_teacher_heads: Vec<Option<String>>,
     pub temperature: f64,
@@ -267,6 +269,7 @@ pub fn bench_steps(
                     .map(|a| (a.to_string(), p.file.clone()))
             })
             .collect(),
+        teacher_precision: d.teacher_precision,
         native_teacher_heads: cfg
             .teachers
             .iter()
@@ -636,6 +639,15 @@ fn human_ns(ns: f64) -> String {
 /// Write the performance report (markdown) from the raw JSON files of `cargo xtask bench`
 /// (`<setting>-mtkd-r<N>.json` from `mtkd bench-steps`, `<setting>-eager-r<N>.json` from
 /// `scripts/bench_eager.py`) and, optionally, criterion's results.
+/// The fp32 setting a reduced-precision setting of `cargo xtask bench` derives from.
+fn fp32_base(setting: &str) -> Option<&'static str> {
+    match setting {
+        "cifar-bf16" => Some("cifar-fp32"),
+        "fmnist-default-bf16" => Some("fmnist-default"),
+        _ => None,
+    }
+}
+
 pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &Path) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(raw)
         .with_context(|| format!("reading {}", raw.display()))?
@@ -679,9 +691,10 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         "cifar-frozen-channels-last" => 2,
         "cifar-bf16" => 3,
         "fmnist-default" => 4,
-        "seg-scenes" => 5,
-        "det-scenes" => 6,
-        _ => 7,
+        "fmnist-default-bf16" => 5,
+        "seg-scenes" => 6,
+        "det-scenes" => 7,
+        _ => 8,
     };
     order.sort_by_key(|s| rank(s));
     let mut peak = (0.0f64, 0.0f64, 0.0f64);
@@ -788,8 +801,10 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
          `scripts/export_teacher.py --optimize` (frozen: BatchNorm folded into the \
          convolutions) and `--optimize --channels-last`; `cifar-bf16` (`--precision bf16`) runs \
          only on a CPU with native bfloat16 (AVX512-BF16 or AMX), since libtorch emulates it \
-         elsewhere. The eager reference loads the same files, so a faster export speeds up \
-         both sides alike.\n\n",
+         elsewhere; `fmnist-default-bf16` (same condition) runs the default config's \
+         teachers, trained by mtkd in fp32, in bfloat16 through `distill.teacher_precision = \
+         \"bf16\"`, and the eager reference casts its twins of them the same way. The eager \
+         reference loads the same files, so a faster export speeds up both sides alike.\n\n",
     );
     for s in &order {
         let (m, e) = &by[s];
@@ -966,6 +981,41 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                 "\nMTKD-RL / AVER (mtkd): {:.3} of AVER's images/s.\n",
                 median(r.ips.clone()) / median(a.ips.clone())
             ));
+        }
+        // A reduced-precision setting against the fp32 setting it derives from: mtkd with
+        // bf16 teachers against the eager fp32 step a user would otherwise run.
+        if let Some(base) = fp32_base(s).filter(|b| by.contains_key(*b)) {
+            let (bm, be) = &by[base];
+            let (bmf, bef) = (collect(bm)?, collect(be)?);
+            md.push_str(&format!(
+                "\nAgainst the fp32 setting `{base}` (the reduced-precision target: mtkd with \
+                 bf16 teachers against the eager step with fp32 teachers, same student, data \
+                 and losses):\n\n| mode | mtkd bf16 images/s | mtkd fp32 images/s | eager fp32 \
+                 images/s | mtkd bf16 / eager fp32 | mtkd bf16 / mtkd fp32 |\n|---|---|---|---|---|---|\n"
+            ));
+            for mode in [BenchMode::Kd1, BenchMode::Aver, BenchMode::MtkdRl] {
+                let (Some(a), Some(b), Some(c)) = (
+                    mf.get(mode.name()),
+                    bmf.get(mode.name()),
+                    bef.get(mode.name()),
+                ) else {
+                    continue;
+                };
+                let (x, y, z) = (
+                    median(a.ips.clone()),
+                    median(b.ips.clone()),
+                    median(c.ips.clone()),
+                );
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {:.2} | {:.2} |\n",
+                    mode.name(),
+                    spread(&a.ips),
+                    spread(&b.ips),
+                    spread(&c.ips),
+                    x / z,
+                    x / y
+                ));
+            }
         }
         md.push('\n');
     }
