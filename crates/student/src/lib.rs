@@ -14,7 +14,7 @@ mod wrn;
 
 pub use arch::{Arch, Network};
 pub use head::HeadKind;
-pub use teacher::NativeTeacher;
+pub use teacher::{to_channels_last, NativeTeacher};
 
 /// Errors of the student crate.
 #[derive(Debug, thiserror::Error)]

@@ -119,5 +119,36 @@ fn a_native_teacher_in_bf16_gives_pytorchs_bf16_logits() {
     // Back to fp32 gives fp32's logits again (the weights were cast, not replaced).
     bf16.set_precision(Precision::Fp32).unwrap();
     assert!(max_diff(&logits(&bf16), &a) <= 0.1 * scale);
+
+    // Channels-last layout: the same logits up to summation order, contiguous outputs.
+    let mut cl = load();
+    cl.set_channels_last(true);
+    assert!(cl.channels_last());
+    let out = cl.forward(&x).unwrap();
+    assert!(out.logits.is_contiguous() && out.features.as_ref().unwrap().is_contiguous());
+    let c = logits(&cl);
+    assert!(
+        max_diff(&c, &py32) <= 1e-4 * scale,
+        "channels-last: {}",
+        max_diff(&c, &py32)
+    );
+    // In bf16 too (PyTorch's bf16 logits).
+    cl.set_precision(Precision::Bf16).unwrap();
+    let d = logits(&cl);
+    assert!(
+        max_diff(&d, &py16) <= 1e-2 * scale,
+        "channels-last bf16: {}",
+        max_diff(&d, &py16)
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn channels_last_relays_the_weights_and_keeps_the_values() {
+    let w = Tensor::arange(2 * 3 * 4 * 5, (Kind::Float, Device::Cpu)).view([2, 3, 4, 5]);
+    let cl = mtkd_student::to_channels_last(&w);
+    assert_eq!(cl.size(), vec![2, 3, 4, 5]);
+    // NHWC in memory: the channel stride is 1, the width stride is C.
+    assert_eq!(cl.stride(), vec![60, 1, 15, 3]);
+    assert!(cl.equal(&w));
 }

@@ -179,6 +179,7 @@ pub(super) fn build_pool(
         .as_ref()
         .map(|d| d.teacher_precision)
         .unwrap_or_default();
+    let channels_last = cfg.distill.as_ref().is_none_or(|d| d.teacher_channels_last);
     if precision == Precision::Bf16
         && device == Device::Cpu
         && !mtkd_distill_core::cpu_has_native_bf16()
@@ -206,6 +207,7 @@ pub(super) fn build_pool(
             teacher
                 .set_precision(precision)
                 .with_context(|| format!("distill.teacher_precision = \"{precision}\""))?;
+            teacher.set_channels_last(channels_last && device == Device::Cpu);
             PoolMember {
                 teacher: Box::new(teacher),
                 source: format!("mtkd {arch} ({})", weights.display()),
