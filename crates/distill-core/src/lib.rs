@@ -90,6 +90,13 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// `t` with channels-last strides (NHWC in memory, still indexed `[N, C, H, W]`): what
+/// PyTorch's `contiguous(memory_format=torch.channels_last)` gives, made with a permuted copy
+/// since tch has no memory-format argument. oneDNN's convolutions on the CPU prefer it.
+pub fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
 /// Whether this machine's CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16, read from
 /// `/proc/cpuinfo`; false where it cannot be read).
 pub fn cpu_has_native_bf16() -> bool {

@@ -100,7 +100,7 @@ pub fn save(
     std::fs::create_dir_all(&tmp)?;
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu)))
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
         .collect();
     let state = tmp.join("state.safetensors");
     crate::fsio::write_atomic_with(&state, |p| {

@@ -50,6 +50,14 @@ pub struct RunConfig {
     /// Write every training sample's teacher weights to `weights.csv` (for audits; large).
     #[serde(default)]
     pub weight_log: bool,
+    /// On the CPU, run the student, its adapters and the teachers in channels-last layout
+    /// (default true): convolution weights are re-laid at the start and the teachers get each
+    /// batch channels-last, which oneDNN's convolutions prefer. The same numbers up to the
+    /// order of float sums; 1.2-1.4x faster steps on the presets (docs/PERF.md). A frozen
+    /// TorchScript teacher keeps the layout it was exported with (`export-teacher
+    /// --channels-last`). Not used on a GPU.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub channels_last: bool,
 }
 
 fn default_out_dir() -> PathBuf {
@@ -402,12 +410,6 @@ pub struct DistillConfig {
     /// is exported in bf16 instead (`export-teacher --precision bf16`) and left at `fp32` here.
     #[serde(default, skip_serializing_if = "is_fp32")]
     pub teacher_precision: mtkd_distill_core::Precision,
-    /// On the CPU, run the teachers trained by mtkd (`arch` teachers) in channels-last layout
-    /// (default true): the same numbers up to summation order, 1.3-1.7x faster on the small
-    /// teachers of the presets (docs/PERF.md). TorchScript files keep the layout they were
-    /// exported with (`export-teacher --channels-last`).
-    #[serde(default = "default_true", skip_serializing_if = "is_true")]
-    pub teacher_channels_last: bool,
 }
 
 fn is_true(v: &bool) -> bool {

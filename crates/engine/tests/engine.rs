@@ -1891,3 +1891,38 @@ fn teachers_in_bf16_keep_their_accuracy_and_their_own_shared_outputs() {
         trainer::share_teacher_outputs(&bf16, &s.join("out"), None, &mut Silent).unwrap();
     assert_ne!(key_a, key_b, "bf16 outputs must not be read as fp32 ones");
 }
+
+/// `run.channels_last` (default true on the CPU) changes the layout, not the training: a run
+/// with it and one without give the same losses and accuracy up to the order of float sums,
+/// and the saved weights (written contiguous) load into either.
+#[test]
+fn channels_last_changes_the_layout_not_the_training() {
+    let _serial = serial();
+    let s = scratch("cl");
+    let extra = "[distill]\nstrategy = \"equal\"\nfeature_weight = 5.0\n\
+         [[teachers]]\nname = \"t1\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let on = parse(&tiny(extra, &s)).unwrap();
+    assert!(on.run.channels_last, "the default");
+    let mut off = on.clone();
+    off.run.channels_last = false;
+    let a = run_in(&on, &s.join("on"), &RunOptions::default()).unwrap();
+    let b = run_in(&off, &s.join("off"), &RunOptions::default()).unwrap();
+    for (x, y) in history(&s.join("on")).iter().zip(&history(&s.join("off"))) {
+        for (what, u, v) in [
+            ("loss", x.train_loss, y.train_loss),
+            ("kd", x.train_kd, y.train_kd),
+            ("feature", x.train_feature, y.train_feature),
+        ] {
+            assert!(
+                (u - v).abs() <= 1e-3 * u.abs().max(1.0),
+                "epoch {} {what}: {u} vs {v}",
+                x.epoch
+            );
+        }
+    }
+    assert!((a.summary.final_value - b.summary.final_value).abs() <= 1.0);
+    // The weights file of the channels-last run is an ordinary safetensors file.
+    let w = tch::Tensor::read_safetensors(a.dir.join("student.safetensors")).unwrap();
+    assert!(!w.is_empty() && w.iter().all(|(_, t)| t.is_contiguous()));
+}

@@ -14,7 +14,8 @@ mod wrn;
 
 pub use arch::{Arch, Network};
 pub use head::HeadKind;
-pub use teacher::{to_channels_last, NativeTeacher};
+pub use mtkd_distill_core::to_channels_last;
+pub use teacher::NativeTeacher;
 
 /// Errors of the student crate.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@ use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::{Arch, Error, Network, Result};
-use mtkd_distill_core::{FeatureShape, ModelOutput, Precision, Teacher};
+use mtkd_distill_core::{to_channels_last, FeatureShape, ModelOutput, Precision, Teacher};
 
 /// A frozen mtkd network loaded from a weight file.
 #[derive(Debug)]
@@ -18,13 +18,6 @@ pub struct NativeTeacher {
     precision: Precision,
     /// Weights and each batch in channels-last layout (NHWC strides); outputs contiguous.
     channels_last: bool,
-}
-
-/// `t` with channels-last strides (NHWC in memory, still indexed `[N, C, H, W]`): what
-/// PyTorch's `contiguous(memory_format=torch.channels_last)` gives, made with a permuted copy
-/// since tch has no memory-format argument. oneDNN's convolutions on the CPU prefer it.
-pub fn to_channels_last(t: &Tensor) -> Tensor {
-    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 impl NativeTeacher {

@@ -79,6 +79,8 @@ pub struct TorchScriptTeacher {
     device: Device,
     /// What the module computes in (its weights were cast to it at load).
     precision: Precision,
+    /// Its 4-D parameters re-laid channels-last: each batch is passed channels-last too.
+    channels_last: bool,
 }
 
 impl TorchScriptTeacher {
@@ -121,6 +123,7 @@ impl TorchScriptTeacher {
             resize_to: None,
             device,
             precision,
+            channels_last: false,
         };
         t.validate(expect).map_err(|e| match (precision, e) {
             (Precision::Fp32, e) => e,
@@ -246,6 +249,16 @@ impl TorchScriptTeacher {
         Ok(())
     }
 
+    /// The batch as the module takes it: in its precision and layout.
+    fn input(&self, images: &Tensor) -> Tensor {
+        let x = self.precision.input(images);
+        if self.channels_last && x.dim() == 4 {
+            mtkd_distill_core::to_channels_last(&x)
+        } else {
+            x
+        }
+    }
+
     fn raw_forward(&self, images: &Tensor) -> Result<ModelOutput> {
         let fwd = |source| Error::Forward {
             name: self.name.clone(),
@@ -253,10 +266,12 @@ impl TorchScriptTeacher {
         };
         let out = tch::no_grad(|| {
             self.module
-                .forward_is(&[IValue::Tensor(self.precision.input(images))])
+                .forward_is(&[IValue::Tensor(self.input(images))])
         })
         .map_err(fwd)?;
+        let cl = self.channels_last;
         let as_float = |t: Tensor| {
+            let t = if cl { t.contiguous() } else { t };
             if t.kind() == Kind::Float {
                 t
             } else {
@@ -303,6 +318,47 @@ impl TorchScriptTeacher {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Run in channels-last layout (or back): the module's 4-D parameters (convolution
+    /// weights) are re-laid in place and each batch is passed channels-last, so oneDNN's CPU
+    /// convolutions skip their layout conversions; the outputs are made contiguous again.
+    /// Returns whether the layout is now channels-last: a frozen module keeps its weights as
+    /// constants, which cannot be re-laid, and is left as it is (it can be exported
+    /// channels-last instead, `export-teacher --channels-last`).
+    pub fn set_channels_last(&mut self, on: bool) -> Result<bool> {
+        if on == self.channels_last {
+            return Ok(on);
+        }
+        let params = self.module.named_parameters().map_err(|e| Error::Corrupt {
+            path: self.path.clone(),
+            reason: first_line(&e.to_string()),
+        })?;
+        let four: Vec<Tensor> = params
+            .into_iter()
+            .map(|(_, t)| t)
+            .filter(|t| t.dim() == 4)
+            .collect();
+        if four.is_empty() {
+            return Ok(self.channels_last);
+        }
+        tch::no_grad(|| {
+            for mut p in four {
+                let laid = if on {
+                    mtkd_distill_core::to_channels_last(&p)
+                } else {
+                    p.contiguous()
+                };
+                p.set_data(&laid);
+            }
+        });
+        self.channels_last = on;
+        tracing::info!(teacher = %self.name, channels_last = on, "teacher layout");
+        Ok(on)
+    }
+
+    pub fn channels_last(&self) -> bool {
+        self.channels_last
     }
 }
 

@@ -270,8 +270,9 @@ fn pretrained_rgb_weights_export_to_one_channel() {
 /// `teacher_precision = "bf16"` on a plain TorchScript file: its weights are cast to bfloat16 at
 /// load, and the logits are PyTorch's for the same model run in bfloat16 (the export tool's
 /// `--precision bf16`); a frozen file, whose weights are constants, is refused with the way out.
+/// Channels-last layout keeps the logits and leaves a frozen file as it is.
 #[test]
-fn a_teacher_cast_to_bf16_gives_pytorchs_bf16_logits() {
+fn a_teacher_in_bf16_or_channels_last_gives_pytorchs_logits() {
     let dir = scratch("bf16");
     let plain = export(&dir, "resnet18", &[]);
     let in_bf16 = export(&dir.join("py-bf16"), "resnet18", &["--precision", "bf16"]);
@@ -324,7 +325,47 @@ fn a_teacher_cast_to_bf16_gives_pytorchs_bf16_logits() {
         "bf16 vs fp32: max diff {worst_fp32} (scale {scale}): the cast did not happen or broke the model"
     );
 
+    // Channels-last (what the engine does on the CPU): fp32's logits up to summation order,
+    // contiguous outputs; in bf16 too.
+    let mut cl = TorchScriptTeacher::load("r18", &plain, Device::Cpu, &expectation(true)).unwrap();
+    assert!(cl.set_channels_last(true).unwrap());
+    let c = logits(&cl);
+    let worst_cl = c
+        .iter()
+        .zip(&a)
+        .map(|(g, p)| (g - p).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst_cl <= 1e-4 * scale,
+        "channels-last vs contiguous: {worst_cl}"
+    );
+    let out = cl.forward(&input()).unwrap();
+    assert!(out.logits.is_contiguous() && out.features.as_ref().unwrap().is_contiguous());
+    let mut cl16 = TorchScriptTeacher::load_in(
+        "r18",
+        &plain,
+        Device::Cpu,
+        &expectation(true),
+        Precision::Bf16,
+    )
+    .unwrap();
+    assert!(cl16.set_channels_last(true).unwrap());
+    let d = logits(&cl16);
+    let worst_cl16 = d
+        .iter()
+        .zip(&py)
+        .map(|(g, p)| (g - p).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst_cl16 <= 1e-2 * scale,
+        "channels-last bf16 vs python bf16: {worst_cl16}"
+    );
+
     let frozen = export(&dir.join("frozen"), "resnet18", &["--optimize"]);
+    // A frozen module has no parameters to re-lay: it keeps its layout.
+    let mut f = TorchScriptTeacher::load("r18", &frozen, Device::Cpu, &expectation(true)).unwrap();
+    assert!(!f.set_channels_last(true).unwrap());
+    assert!(!f.channels_last());
     let err = TorchScriptTeacher::load_in(
         "r18",
         &frozen,

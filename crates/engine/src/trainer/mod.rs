@@ -323,6 +323,10 @@ impl<'a> Trainer<'a> {
                 ));
             }
         }
+        if cfg.run.channels_last && device == Device::Cpu {
+            state::relay_channels_last(&student_vs);
+            state::relay_channels_last(&adapter_vs);
+        }
         let strategy = strategy::build(cfg, &pool, data.num_classes(), device)?;
         let mut params = Vec::new();
         for (name, t) in trainable(&student_vs) {
@@ -613,9 +617,9 @@ impl<'a> Trainer<'a> {
     fn finish(mut self, meta: &Meta, report: &MetricReport) -> Result<Outcome> {
         let dir = &self.dir;
         let weights = dir.join("student.safetensors");
-        let vs = &self.student_vs;
+        let named = state::contiguous_vars(&self.student_vs);
         crate::fsio::write_atomic_with(&weights, |tmp| {
-            vs.save(tmp).map_err(|e| e.to_string().into())
+            Tensor::write_safetensors(&named, tmp).map_err(|e| e.to_string().into())
         })?;
         export_torchscript(&self.student, &self.student_vs, dir.join("student.pt"))?;
         let names: Vec<String> = self

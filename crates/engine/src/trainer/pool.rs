@@ -179,7 +179,7 @@ pub(super) fn build_pool(
         .as_ref()
         .map(|d| d.teacher_precision)
         .unwrap_or_default();
-    let channels_last = cfg.distill.as_ref().is_none_or(|d| d.teacher_channels_last);
+    let channels_last = cfg.run.channels_last;
     if precision == Precision::Bf16
         && device == Device::Cpu
         && !mtkd_distill_core::cpu_has_native_bf16()
@@ -238,10 +238,11 @@ pub(super) fn build_pool(
                 det_locations: (task.kind() == mtkd_vision_tasks::task::TaskKind::Detection)
                     .then(|| task.logits_shape(data.num_classes(), (in_shape.1, in_shape.2))[1]),
             };
-            let teacher: Box<dyn Teacher> = Box::new(
-                TorchScriptTeacher::load_in(&t.name, path, device, &expect, precision)
-                    .with_context(|| format!("loading teacher `{}`", t.name))?,
-            );
+            let mut ts = TorchScriptTeacher::load_in(&t.name, path, device, &expect, precision)
+                .with_context(|| format!("loading teacher `{}`", t.name))?;
+            ts.set_channels_last(channels_last && device == Device::Cpu)
+                .with_context(|| format!("teacher `{}`", t.name))?;
+            let teacher: Box<dyn Teacher> = Box::new(ts);
             let teacher: Box<dyn Teacher> = match transform {
                 Some(transform) => Box::new(crate::teacher_input::InputAdapted {
                     inner: teacher,

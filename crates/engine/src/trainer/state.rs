@@ -183,6 +183,28 @@ pub(super) fn trainable(vs: &VarStore) -> Vec<(String, Tensor)> {
     v
 }
 
+/// Re-lay every 4-D variable of `vs` (convolution weights) channels-last, in place: the
+/// modules keep their handles, and gradients and momentum follow the parameters' layout.
+pub(super) fn relay_channels_last(vs: &VarStore) {
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                let laid = mtkd_distill_core::to_channels_last(&v);
+                v.set_data(&laid);
+            }
+        }
+    });
+}
+
+/// The variables of `vs` by name, each contiguous (safetensors stores row-major data; a
+/// channels-last weight is copied).
+pub(super) fn contiguous_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
+    sorted_vars(vs)
+        .into_iter()
+        .map(|(n, t)| (n, t.contiguous()))
+        .collect()
+}
+
 pub(super) fn sorted_vars(vs: &VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
