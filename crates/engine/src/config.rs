@@ -53,7 +53,8 @@ pub struct RunConfig {
     /// On the CPU, run the student, its adapters and the teachers in channels-last layout
     /// (default true): convolution weights are re-laid at the start and the teachers get each
     /// batch channels-last, which oneDNN's convolutions prefer. The same numbers up to the
-    /// order of float sums; 1.2-1.4x faster steps on the presets (docs/PERF.md). A frozen
+    /// order of float sums. Measured A/B (docs/RESULTS.md, step 8): 1.17x on the CIFAR
+    /// setting's MTKD-RL step, within noise on the Fashion-MNIST default's small CNNs. A frozen
     /// TorchScript teacher keeps the layout it was exported with (`export-teacher
     /// --channels-last`). Not used on a GPU.
     #[serde(default = "default_true", skip_serializing_if = "is_true")]

@@ -804,7 +804,10 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
          elsewhere; `fmnist-default-bf16` (same condition) runs the default config's \
          teachers, trained by mtkd in fp32, in bfloat16 through `distill.teacher_precision = \
          \"bf16\"`, and the eager reference casts its twins of them the same way. The eager \
-         reference loads the same files, so a faster export speeds up both sides alike.\n\n",
+         reference loads the same files, so a faster export speeds up both sides alike. mtkd \
+         runs with its defaults, which on the CPU include `run.channels_last` (the student's, \
+         adapters' and teachers' convolution weights re-laid NHWC, a frozen file excepted); \
+         the eager step is written as a PyTorch user writes it, in NCHW.\n\n",
     );
     for s in &order {
         let (m, e) = &by[s];

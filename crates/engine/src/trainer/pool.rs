@@ -208,11 +208,19 @@ pub(super) fn build_pool(
                 .set_precision(precision)
                 .with_context(|| format!("distill.teacher_precision = \"{precision}\""))?;
             teacher.set_channels_last(channels_last && device == Device::Cpu);
+            // Its cached test metric was measured in fp32 when it was trained; in another
+            // precision it is measured again, as it will run.
+            let test_value = if precision == Precision::Fp32 {
+                top1
+            } else {
+                obs.phase(&format!("evaluating teacher `{}` in {precision}", t.name));
+                evaluate_teacher(&teacher, &weights, cfg, data, device, task.as_ref())?
+            };
             PoolMember {
                 teacher: Box::new(teacher),
                 source: format!("mtkd {arch} ({})", weights.display()),
                 file: weights,
-                test_value: Some(top1),
+                test_value: Some(test_value),
             }
         } else {
             let path = t
@@ -251,41 +259,55 @@ pub(super) fn build_pool(
                 None => teacher,
             };
             obs.phase(&format!("evaluating teacher `{}`", t.name));
-            let loader = data.test_loader(&cfg.data, cfg.train.eval_batch_size)?;
-            // Its outputs are checked on every test batch: a teacher that is NaN on real
-            // images (past the probe) is refused here, not skipped batch after batch later.
-            let (report, _) = evaluate(
-                &|x| {
-                    let out = teacher.forward(x)?;
-                    if loss::ensure_finite("logits", &out.logits).is_err()
-                        || out
-                            .features
-                            .as_ref()
-                            .is_some_and(|f| loss::ensure_finite("features", f).is_err())
-                    {
-                        bail!(
-                            "teacher `{}` ({}) gives NaN or infinite outputs on the test set",
-                            t.name,
-                            path.display()
-                        );
-                    }
-                    Ok(out)
-                },
-                &loader,
-                device,
-                task.as_ref(),
-                data.test.num_classes,
-            )?;
+            let test_value =
+                evaluate_teacher(teacher.as_ref(), path, cfg, data, device, task.as_ref())?;
             PoolMember {
                 teacher,
                 source: format!("TorchScript {}", path.display()),
                 file: path.clone(),
-                test_value: Some(report.value),
+                test_value: Some(test_value),
             }
         };
         pool.push(member);
     }
     Ok(pool)
+}
+
+/// A teacher's primary metric on the test split, as it runs in the pool (precision, layout,
+/// input adaptation). Its outputs are checked on every test batch: a teacher that is NaN on
+/// real images (past the load-time probe) is refused here, not skipped batch after batch later.
+fn evaluate_teacher(
+    teacher: &dyn Teacher,
+    file: &Path,
+    cfg: &Config,
+    data: &Datasets,
+    device: Device,
+    task: &dyn Task,
+) -> Result<f64> {
+    let loader = data.test_loader(&cfg.data, cfg.train.eval_batch_size)?;
+    let (report, _) = evaluate(
+        &|x| {
+            let out = teacher.forward(x)?;
+            if loss::ensure_finite("logits", &out.logits).is_err()
+                || out
+                    .features
+                    .as_ref()
+                    .is_some_and(|f| loss::ensure_finite("features", f).is_err())
+            {
+                bail!(
+                    "teacher `{}` ({}) gives NaN or infinite outputs on the test set",
+                    teacher.name(),
+                    file.display()
+                );
+            }
+            Ok(out)
+        },
+        &loader,
+        device,
+        task,
+        data.test.num_classes,
+    )?;
+    Ok(report.value)
 }
 
 /// The head of an `arch` teacher: its own, else the student's.
