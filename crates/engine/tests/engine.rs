@@ -1879,6 +1879,52 @@ fn teachers_in_bf16_keep_their_accuracy_and_their_own_shared_outputs() {
             ta.name
         );
     }
+    // The bf16 figure is measured once and kept beside each teacher's weights, for the weights
+    // it was measured on: a changed figure file is read back as is (not measured again), one
+    // written for other weights is measured again and rewritten.
+    let mut stored: Vec<PathBuf> = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("test-bf16-nhwc-cpu.json"))
+        .filter(|p| p.is_file())
+        .collect();
+    stored.sort();
+    assert_eq!(stored.len(), 2, "one bf16 figure per cached teacher");
+    let figure = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let values: Vec<f64> = stored
+        .iter()
+        .map(|p| figure(p)["value"].as_f64().unwrap())
+        .collect();
+    let mut from_run: Vec<f64> = b
+        .summary
+        .teachers
+        .iter()
+        .map(|t| t.test_value.unwrap())
+        .collect();
+    let mut sorted_values = values.clone();
+    sorted_values.sort_by(f64::total_cmp);
+    from_run.sort_by(f64::total_cmp);
+    assert_eq!(sorted_values, from_run);
+    let mut edited = figure(&stored[0]);
+    edited["value"] = serde_json::json!(12.5);
+    std::fs::write(&stored[0], serde_json::to_vec(&edited).unwrap()).unwrap();
+    let mut other = figure(&stored[1]);
+    other["weights_hash"] = serde_json::json!("0000000000000000");
+    other["value"] = serde_json::json!(12.5);
+    std::fs::write(&stored[1], serde_json::to_vec(&other).unwrap()).unwrap();
+    let again: Vec<f64> = trainer::prepare_teachers(&bf16, &mut Silent)
+        .unwrap()
+        .iter()
+        .map(|t| t.test_value.unwrap())
+        .collect();
+    assert!(again.contains(&12.5), "the kept figure is read: {again:?}");
+    assert!(
+        again.iter().filter(|v| **v == 12.5).count() == 1,
+        "a figure of other weights is measured again: {again:?}"
+    );
+    assert_eq!(figure(&stored[1])["value"].as_f64(), Some(values[1]));
     let (ha, hb) = (history(&s.join("fp32")), history(&s.join("bf16")));
     let (ka, kb) = (ha[0].train_kd, hb[0].train_kd);
     assert!(

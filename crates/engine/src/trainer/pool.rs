@@ -209,12 +209,23 @@ pub(super) fn build_pool(
                 .with_context(|| format!("distill.teacher_precision = \"{precision}\""))?;
             teacher.set_channels_last(channels_last && device == Device::Cpu);
             // Its cached test metric was measured in fp32 when it was trained; in another
-            // precision it is measured again, as it will run.
+            // precision it is measured once as it will run, and kept beside its weights.
             let test_value = if precision == Precision::Fp32 {
                 top1
             } else {
-                obs.phase(&format!("evaluating teacher `{}` in {precision}", t.name));
-                evaluate_teacher(&teacher, &weights, cfg, data, device, task.as_ref())?
+                let layout = channels_last && device == Device::Cpu;
+                let (value, measured) = metric_in(&weights, precision, layout, device, || {
+                    obs.phase(&format!("evaluating teacher `{}` in {precision}", t.name));
+                    evaluate_teacher(&teacher, &weights, cfg, data, device, task.as_ref())
+                })?;
+                if !measured {
+                    obs.phase(&format!(
+                        "teacher `{}` in {precision}: test {} {value:.2}% (measured once, kept in the teacher cache)",
+                        t.name,
+                        mtkd_vision_tasks::task::metric_label(task.primary()),
+                    ));
+                }
+                value
             };
             PoolMember {
                 teacher: Box::new(teacher),
@@ -271,6 +282,61 @@ pub(super) fn build_pool(
         pool.push(member);
     }
     Ok(pool)
+}
+
+/// The test metric of a cached mtkd teacher run in `precision` (and layout, on `device`): read
+/// from `test-<precision>-<layout>-<device>.json` beside its weights when that file was written
+/// for these very weights, else measured by `measure` and written there. Returns the value and
+/// whether it was measured now.
+fn metric_in(
+    weights: &Path,
+    precision: Precision,
+    channels_last: bool,
+    device: Device,
+    measure: impl FnOnce() -> Result<f64>,
+) -> Result<(f64, bool)> {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Stored {
+        precision: String,
+        channels_last: bool,
+        device: String,
+        /// [`crate::config::stable_hash`] of the weights file the value was measured on.
+        weights_hash: String,
+        value: f64,
+    }
+    let device_name = match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        _ => "other",
+    };
+    let layout = if channels_last { "nhwc" } else { "nchw" };
+    let dir = weights.parent().unwrap_or(Path::new("."));
+    let path = dir.join(format!("test-{precision}-{layout}-{device_name}.json"));
+    let bytes =
+        std::fs::read(weights).with_context(|| format!("reading {}", weights.display()))?;
+    let weights_hash = crate::config::stable_hash(&bytes);
+    if let Ok(old) = std::fs::read(&path) {
+        match serde_json::from_slice::<Stored>(&old) {
+            Ok(s) if s.weights_hash == weights_hash && s.value.is_finite() => {
+                tracing::info!(file = %path.display(), value = s.value, "teacher metric in {precision} from cache");
+                return Ok((s.value, false));
+            }
+            Ok(_) => tracing::info!(file = %path.display(), "teacher metric written for other weights: measured again"),
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "unreadable teacher metric: measured again"),
+        }
+    }
+    let value = measure()?;
+    crate::fsio::write_json_atomic(
+        &path,
+        &Stored {
+            precision: precision.to_string(),
+            channels_last,
+            device: device_name.to_owned(),
+            weights_hash,
+            value,
+        },
+    )?;
+    Ok((value, true))
 }
 
 /// A teacher's primary metric on the test split, as it runs in the pool (precision, layout,
@@ -418,7 +484,7 @@ pub(super) fn ensure_native_teacher(
             .with_context(|| format!("reading {}", summary_path.display()))?;
         tracing::info!(teacher = %t.name, dir = %dir.display(), top1 = s.final_value, "teacher found in cache");
         obs.phase(&format!(
-            "teacher `{}` ({}) from cache: test {} {:.2}%",
+            "teacher `{}` ({}) from cache: test {} {:.2}% (fp32)",
             t.name,
             tcfg.student.arch,
             mtkd_vision_tasks::task::metric_label(&s.metric),
