@@ -1771,7 +1771,35 @@ fn bench_steps_times_every_mode_with_the_trainers_step() {
         if agent {
             assert_eq!(t.buffered_bytes % (2 * 32 * 4), 0, "{}", t.buffered_bytes);
         }
+        // The breakdown: signals and the strategy run in every distillation mode, inside the
+        // timed steps; the parity agent asks for no reward forward.
+        let kd = t.mode != BenchMode::Ce;
+        assert_eq!(t.signal_seconds > 0.0, kd, "{:?}", t.mode);
+        assert_eq!(t.strategy_seconds > 0.0, kd, "{:?}", t.mode);
+        assert_eq!(t.reward_seconds, 0.0, "{:?}", t.mode);
+        let parts = t.teacher_seconds + t.signal_seconds + t.strategy_seconds;
+        assert!(parts < t.step_seconds.iter().sum::<f64>(), "{t:?}");
     }
+    // The clean agent's reward costs two eval-mode student forwards per step past its warm-up.
+    let cfg = parse(&tiny(
+        "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 1.0\n\
+         [distill.agent]\nmode = \"clean\"\nwarmup_epochs = 1\n\
+         [[teachers]]\nname = \"x\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"y\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n",
+        &s,
+    ))
+    .unwrap();
+    let (_, timings) = bench_steps(
+        &cfg,
+        &[BenchMode::Aver, BenchMode::MtkdRl],
+        1,
+        2,
+        &mut Silent,
+    )
+    .unwrap();
+    assert_eq!(timings[0].reward_seconds, 0.0);
+    assert!(timings[1].reward_seconds > 0.0, "{:?}", timings[1]);
 }
 
 #[test]

@@ -68,6 +68,14 @@ pub struct StepTiming {
     pub step_seconds: Vec<f64>,
     /// Seconds spent in the teachers' forward passes over the timed steps.
     pub teacher_seconds: f64,
+    /// Seconds spent computing the strategies' signals over the timed steps.
+    pub signal_seconds: f64,
+    /// Seconds spent in the strategy's weights and feedback over the timed steps (the agent's
+    /// state, policy and buffered updates), the reward's forward passes excluded.
+    pub strategy_seconds: f64,
+    /// Seconds of the student's eval-mode forward passes for the reward (clean and meta agents)
+    /// over the timed steps.
+    pub reward_seconds: f64,
     /// Seconds of the end of the timed epoch (the agent's update for MTKD-RL).
     pub end_epoch_seconds: f64,
     /// Images per second over the timed steps and the end of the epoch.
@@ -366,6 +374,9 @@ pub fn bench_steps(
                 images_per_second: (steps * bs) as f64 / total,
                 step_seconds,
                 teacher_seconds: sums.teacher_seconds,
+                signal_seconds: sums.signal_seconds,
+                strategy_seconds: sums.strategy_seconds,
+                reward_seconds: sums.reward_seconds,
                 end_epoch_seconds,
                 buffered_bytes,
             })
@@ -494,6 +505,10 @@ struct ModeFigures {
     teacher_step_seconds: Vec<f64>,
     flops: Option<f64>,
     teacher_flops: Option<f64>,
+    /// Per round, ms per step: the whole step (the end of the epoch spread over the steps),
+    /// teachers, signals, strategy, reward forwards, end of epoch (absent in files of mtkd
+    /// before the breakdown).
+    parts: Vec<[f64; 6]>,
 }
 
 type SettingFigures = std::collections::BTreeMap<String, ModeFigures>;
@@ -520,6 +535,22 @@ fn collect(files: &[PathBuf]) -> Result<SettingFigures> {
             if !steps.is_empty() {
                 e.teacher_step_seconds.push(teach / steps.len() as f64);
             }
+            if let (Some(sig), Some(strat), Some(rew), false) = (
+                t["signal_seconds"].as_f64(),
+                t["strategy_seconds"].as_f64(),
+                t["reward_seconds"].as_f64(),
+                steps.is_empty(),
+            ) {
+                let per = |x: f64| 1e3 * x / steps.len() as f64;
+                e.parts.push([
+                    per(total),
+                    per(teach),
+                    per(sig),
+                    per(strat),
+                    per(rew),
+                    per(t["end_epoch_seconds"].as_f64().unwrap_or(0.0)),
+                ]);
+            }
             if let Some(x) = t["flops_per_step"].as_f64() {
                 e.flops = Some(x);
             }
@@ -529,6 +560,70 @@ fn collect(files: &[PathBuf]) -> Result<SettingFigures> {
         }
     }
     Ok(out)
+}
+
+/// Where a step's time goes in mtkd, per mode with a distillation step (from the timings'
+/// breakdown; empty when the files have none).
+fn breakdown(mf: &SettingFigures) -> String {
+    let rows: Vec<(BenchMode, [f64; 6])> = [BenchMode::Kd1, BenchMode::Aver, BenchMode::MtkdRl]
+        .into_iter()
+        .filter_map(|m| {
+            let f = mf.get(m.name())?;
+            if f.parts.is_empty() {
+                return None;
+            }
+            let mut med = [0.0; 6];
+            for (i, x) in med.iter_mut().enumerate() {
+                *x = median(f.parts.iter().map(|p| p[i]).collect());
+            }
+            Some((m, med))
+        })
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut md =
+        "\nWhere a step's time goes in mtkd (ms per step, median over the rounds; the end \
+                  of the epoch, the published agent's update, spread over the timed steps; the \
+                  rest is the student's forward and backward, the losses and the optimizer):\n\n\
+                  | mode | step | teachers | signals | strategy (state, policy, feedback) | \
+                  reward forwards | end of epoch | the rest |\n|---|---|---|---|---|---|---|---|\n"
+            .to_owned();
+    for (m, p) in &rows {
+        let rest = p[0] - p[1..].iter().sum::<f64>();
+        md.push_str(&format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            m.name(),
+            p[0],
+            p[1],
+            p[2],
+            p[3],
+            p[4],
+            p[5],
+            rest
+        ));
+    }
+    // The agent's own cost against the reward it is given: the clean and meta rewards are
+    // defined on two eval-mode forwards of the student per step (before and after its update).
+    let get = |m: BenchMode| rows.iter().find(|(x, _)| *x == m).map(|(_, p)| *p);
+    if let (Some(a), Some(r)) = (get(BenchMode::Aver), get(BenchMode::MtkdRl)) {
+        if r[4] > 0.0 {
+            md.push_str(&format!(
+                "
+The agent's own work (state, policy, feedback, end-of-epoch update) is \
+                 {:.1} ms per step; the reward of its mode (clean or meta: the student's \
+                 cross-entropy in eval mode before and after its update, two forwards per step \
+                 by definition) is {:.1} ms, {:.0}% of the MTKD-RL step. Without those forwards \
+                 the step would run at {:.3} of AVER's rate (derived from the medians above, \
+                 not timed on its own).\n",
+                r[3] + r[5],
+                r[4],
+                100.0 * r[4] / r[0],
+                a[0] / (r[0] - r[4]),
+            ));
+        }
+    }
+    md
 }
 
 fn spread(v: &[f64]) -> String {
@@ -985,6 +1080,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                 median(r.ips.clone()) / median(a.ips.clone())
             ));
         }
+        md.push_str(&breakdown(&mf));
         // A reduced-precision setting against the fp32 setting it derives from: mtkd with
         // bf16 teachers against the eager fp32 step a user would otherwise run.
         if let Some(base) = fp32_base(s).filter(|b| by.contains_key(*b)) {
@@ -1039,4 +1135,61 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
     }
     crate::fsio::write_atomic(out, md.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breakdown_shows_each_part_and_the_reward_share() {
+        let mut mf = SettingFigures::new();
+        let put = |mf: &mut SettingFigures, mode: BenchMode, parts: Vec<[f64; 6]>| {
+            mf.insert(
+                mode.name().to_owned(),
+                ModeFigures {
+                    parts,
+                    ..Default::default()
+                },
+            );
+        };
+        // Files of mtkd before the breakdown carry no parts: nothing is written.
+        put(&mut mf, BenchMode::Aver, vec![]);
+        assert_eq!(breakdown(&mf), "");
+        put(
+            &mut mf,
+            BenchMode::Aver,
+            vec![[100.0, 60.0, 5.0, 0.1, 0.0, 0.0]],
+        );
+        // Two rounds: the median of each part.
+        put(
+            &mut mf,
+            BenchMode::MtkdRl,
+            vec![
+                [140.0, 60.0, 5.0, 0.5, 30.0, 1.0],
+                [150.0, 62.0, 5.0, 0.7, 34.0, 1.0],
+            ],
+        );
+        let md = breakdown(&mf);
+        assert!(
+            md.contains("| aver | 100.0 | 60.0 | 5.0 | 0.1 | 0.0 | 0.0 | 34.9 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| mtkd-rl | 145.0 | 61.0 | 5.0 | 0.6 | 32.0 | 1.0 | 45.4 |"),
+            "{md}"
+        );
+        assert!(!md.contains("| kd1 |"), "{md}");
+        // Reward 32.0 ms of 145.0 (22%); AVER 100 / (145 - 32) = 0.885; agent 0.6 + 1.0.
+        assert!(md.contains("is 1.6 ms per step"), "{md}");
+        assert!(md.contains("is 32.0 ms, 22% of the MTKD-RL step"), "{md}");
+        assert!(md.contains("at 0.885 of AVER's rate"), "{md}");
+        // A parity agent has no reward forwards: no such sentence.
+        put(
+            &mut mf,
+            BenchMode::MtkdRl,
+            vec![[101.0, 60.0, 5.0, 0.5, 0.0, 1.0]],
+        );
+        assert!(!breakdown(&mf).contains("reward of its mode"));
+    }
 }

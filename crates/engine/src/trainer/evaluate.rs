@@ -48,6 +48,14 @@ pub(super) struct Sums {
     pub(super) last_loss: f64,
     /// Wall time spent getting the teachers' outputs (forward passes or shared reads).
     pub(super) teacher_seconds: f64,
+    /// Wall time spent computing the strategies' signals from the outputs.
+    pub(super) signal_seconds: f64,
+    /// Wall time spent in the strategy's weights and feedback (the agent's state, policy and
+    /// updates), the reward's forward passes excluded.
+    pub(super) strategy_seconds: f64,
+    /// Wall time of the student's eval-mode forward passes for a strategy that asks for them
+    /// (the clean and meta agents' reward).
+    pub(super) reward_seconds: f64,
 }
 
 impl Sums {
@@ -67,6 +75,9 @@ impl Sums {
             skip_causes: Default::default(),
             last_loss: f64::NAN,
             teacher_seconds: 0.0,
+            signal_seconds: 0.0,
+            strategy_seconds: 0.0,
+            reward_seconds: 0.0,
         }
     }
 

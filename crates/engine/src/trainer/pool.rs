@@ -312,8 +312,7 @@ fn metric_in(
     let layout = if channels_last { "nhwc" } else { "nchw" };
     let dir = weights.parent().unwrap_or(Path::new("."));
     let path = dir.join(format!("test-{precision}-{layout}-{device_name}.json"));
-    let bytes =
-        std::fs::read(weights).with_context(|| format!("reading {}", weights.display()))?;
+    let bytes = std::fs::read(weights).with_context(|| format!("reading {}", weights.display()))?;
     let weights_hash = crate::config::stable_hash(&bytes);
     if let Ok(old) = std::fs::read(&path) {
         match serde_json::from_slice::<Stored>(&old) {
@@ -321,8 +320,12 @@ fn metric_in(
                 tracing::info!(file = %path.display(), value = s.value, "teacher metric in {precision} from cache");
                 return Ok((s.value, false));
             }
-            Ok(_) => tracing::info!(file = %path.display(), "teacher metric written for other weights: measured again"),
-            Err(e) => tracing::warn!(file = %path.display(), error = %e, "unreadable teacher metric: measured again"),
+            Ok(_) => {
+                tracing::info!(file = %path.display(), "teacher metric written for other weights: measured again")
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "unreadable teacher metric: measured again")
+            }
         }
     }
     let value = measure()?;

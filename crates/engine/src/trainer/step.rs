@@ -84,6 +84,7 @@ impl<'a> Trainer<'a> {
                     .iter()
                     .map(|t| self.task.kd(&out.logits, &t.logits, d.temperature, targets))
                     .collect::<std::result::Result<_, _>>()?;
+                let t1 = Instant::now();
                 let mut signals = self.task.signals(
                     &out.logits,
                     &projected,
@@ -105,6 +106,8 @@ impl<'a> Trainer<'a> {
                         lr: self.opt.lr,
                     });
                 }
+                sums.signal_seconds += t1.elapsed().as_secs_f64();
+                let t2 = Instant::now();
                 let w = self.strategy.weights(&signals).with_context(|| {
                     format!(
                         "strategy `{}` at epoch {} step {step}",
@@ -112,6 +115,7 @@ impl<'a> Trainer<'a> {
                         epoch + 1
                     )
                 })?;
+                sums.strategy_seconds += t2.elapsed().as_secs_f64();
                 let mut kd = Tensor::zeros([b], (Kind::Float, self.device));
                 let mut feat = Tensor::zeros([b], (Kind::Float, self.device));
                 // `distill.pixel_weights = "confidence"`: each teacher's per-image weight is
@@ -201,8 +205,11 @@ impl<'a> Trainer<'a> {
             return self.non_finite(epoch, step, &what, sums);
         }
         let eval_before = if weights_mean.is_some() && self.strategy.wants_eval_ce() {
+            let t3 = Instant::now();
             let before = tch::no_grad(|| self.student.forward_t(images, false));
-            Some(self.task.loss(&before.logits, targets)?)
+            let ce = self.task.loss(&before.logits, targets)?;
+            sums.reward_seconds += t3.elapsed().as_secs_f64();
+            Some(ce)
         } else {
             None
         };
@@ -229,11 +236,15 @@ impl<'a> Trainer<'a> {
             }
             let eval_ce = match eval_before {
                 Some(before) => {
+                    let t4 = Instant::now();
                     let after = tch::no_grad(|| self.student.forward_t(images, false));
-                    Some((before, self.task.loss(&after.logits, targets)?))
+                    let ce = self.task.loss(&after.logits, targets)?;
+                    sums.reward_seconds += t4.elapsed().as_secs_f64();
+                    Some((before, ce))
                 }
                 None => None,
             };
+            let t5 = Instant::now();
             let feedback = Feedback {
                 per_sample_loss: per_sample.detach(),
                 pre_step_ce: ce.detach(),
@@ -249,6 +260,7 @@ impl<'a> Trainer<'a> {
                         epoch + 1
                     )
                 })?;
+            sums.strategy_seconds += t5.elapsed().as_secs_f64();
         }
         Ok(true)
     }
