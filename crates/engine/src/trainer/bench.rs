@@ -609,8 +609,7 @@ fn breakdown(mf: &SettingFigures) -> String {
     if let (Some(a), Some(r)) = (get(BenchMode::Aver), get(BenchMode::MtkdRl)) {
         if r[4] > 0.0 {
             md.push_str(&format!(
-                "
-The agent's own work (state, policy, feedback, end-of-epoch update) is \
+                "\nThe agent's own work (state, policy, feedback, end-of-epoch update) is \
                  {:.1} ms per step; the reward of its mode (clean or meta: the student's \
                  cross-entropy in eval mode before and after its update, two forwards per step \
                  by definition) is {:.1} ms, {:.0}% of the MTKD-RL step. Without those forwards \
