@@ -11,7 +11,17 @@
 
 use serde::Serialize;
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use super::evaluate::Sums;
+use super::pool::build_pool;
+use super::{device_of, teacher_head, Observer, Trainer};
+use crate::config::{Config, StrategyKind};
+use crate::dataset::Datasets;
 
 /// A step mode of the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -331,6 +341,7 @@ pub fn bench_steps(
         tr.open_output_cache()?;
         if plan.student_state.is_empty() {
             let mut state: Vec<(String, Vec<i64>)> = tr
+                .step
                 .student_vs
                 .variables()
                 .into_iter()
@@ -338,34 +349,34 @@ pub fn bench_steps(
                 .collect();
             state.sort();
             plan.student_state = state;
-            plan.student_parameters = mtkd_student::arch::parameter_count(&tr.student_vs);
+            plan.student_parameters = mtkd_student::arch::parameter_count(&tr.step.student_vs);
         }
         let timing = (|| -> Result<StepTiming> {
-            let mut sums = Sums::new(device, tr.pool.len());
-            tr.strategy.start_epoch(1)?;
+            let mut sums = Sums::new(device, tr.step.pool.len());
+            tr.step.distiller.strategy.start_epoch(1)?;
             if mode == BenchMode::MtkdRlCached {
                 // The first epoch: the timed batches' samples go into the cache.
                 for (i, b) in batches[warmup..].iter().enumerate() {
-                    tr.step(b, &mut sums, None, 1, i as u64)?;
+                    tr.step.run(b, &mut sums, 1, i as u64)?;
                 }
             }
             for (i, b) in batches[..warmup].iter().enumerate() {
-                tr.step(b, &mut sums, None, 1, i as u64)?;
+                tr.step.run(b, &mut sums, 1, i as u64)?;
             }
-            tr.strategy.end_epoch(1)?;
-            tr.strategy.start_epoch(2)?;
-            let mut sums = Sums::new(device, tr.pool.len());
+            tr.step.distiller.strategy.end_epoch(1)?;
+            tr.step.distiller.strategy.start_epoch(2)?;
+            let mut sums = Sums::new(device, tr.step.pool.len());
             let mut step_seconds = Vec::with_capacity(steps);
             for (i, b) in batches[warmup..].iter().enumerate() {
                 let t0 = Instant::now();
-                tr.step(b, &mut sums, None, 2, (warmup + i) as u64)?;
+                tr.step.run(b, &mut sums, 2, (warmup + i) as u64)?;
                 // The step's results are read back as training reads them (the loss sum).
                 let _ = sums.loss.double_value(&[]);
                 step_seconds.push(t0.elapsed().as_secs_f64());
             }
-            let buffered_bytes = tr.strategy.buffered_bytes();
+            let buffered_bytes = tr.step.distiller.strategy.buffered_bytes();
             let t0 = Instant::now();
-            tr.strategy.end_epoch(2)?;
+            tr.step.distiller.strategy.end_epoch(2)?;
             let end_epoch_seconds = t0.elapsed().as_secs_f64();
             let total: f64 = step_seconds.iter().sum::<f64>() + end_epoch_seconds;
             Ok(StepTiming {
@@ -389,7 +400,7 @@ pub fn bench_steps(
         );
         out.push(timing);
         if mode != BenchMode::Ce {
-            pool = std::mem::take(&mut tr.pool);
+            pool = std::mem::take(&mut tr.step.pool.members);
         }
     }
     Ok((plan, out))

@@ -8,7 +8,15 @@
 //! batch (and stores it), so what the step sees is always what the teachers computed for that
 //! image. The cache lives in memory only: a resumed run fills it again in its first epoch.
 
-use super::*;
+use anyhow::{bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::ModelOutput;
+use mtkd_vision_tasks::loader::Batch;
+
+use super::pool::Pool;
+use super::source::TeacherSource;
+use crate::shared::Layout;
 
 /// Per-teacher stored outputs of every training sample.
 pub(super) struct OutputCache {
@@ -155,5 +163,24 @@ impl OutputCache {
         self.hits = 0;
         self.misses = 0;
         c
+    }
+}
+
+impl TeacherSource for OutputCache {
+    fn outputs(&mut self, pool: &Pool, batch: &Batch) -> Result<Vec<ModelOutput>> {
+        OutputCache::outputs(self, &pool.active, &batch.indices, |which| {
+            pool.run(which, &batch.images)
+        })
+    }
+
+    fn end_epoch(&mut self, epoch: usize) -> Result<Option<u64>> {
+        let (hits, misses) = self.take_counts();
+        tracing::info!(
+            epoch = epoch + 1,
+            hits,
+            misses,
+            "teacher output cache (batches)"
+        );
+        Ok(Some(hits))
     }
 }

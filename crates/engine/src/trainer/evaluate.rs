@@ -1,7 +1,16 @@
 //! Evaluation over a loader (the task's metric and loss) and the running sums of a training
 //! epoch that become its [`EpochRecord`].
 
-use super::*;
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::weighting::TeacherWeights;
+use mtkd_distill_core::ModelOutput;
+use mtkd_vision_tasks::loader::BatchLoader;
+use mtkd_vision_tasks::task::{MetricReport, Task};
+
+use super::distiller::Terms;
+use crate::record::EpochRecord;
 
 /// Evaluate a forward function over a loader: accuracy report and mean cross-entropy.
 pub fn evaluate(
@@ -81,30 +90,34 @@ impl Sums {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Add an applied step: its batch size `b`, mean loss, per-image CE, with distillation
+    /// the terms and the full-pool weights, and the per-image training score sum.
     pub(super) fn add(
         &mut self,
         b: i64,
         loss: &Tensor,
         ce: &Tensor,
-        kd: Option<&Tensor>,
-        feat: Option<&Tensor>,
+        distilled: Option<(&Terms, &TeacherWeights)>,
         correct: &Tensor,
-        w: Option<&Tensor>,
     ) {
         self.n += b;
         self.batches += 1;
         self.loss += loss.to_kind(Kind::Double) * b as f64;
         self.ce += ce.sum(Kind::Double);
-        if let Some(k) = kd {
-            self.kd += k.detach().sum(Kind::Double);
-        }
-        if let Some(f) = feat {
-            self.feat += f.detach().sum(Kind::Double);
+        if let Some((terms, _)) = distilled {
+            self.kd += terms.kd.detach().sum(Kind::Double);
+            self.feat += terms.feature.detach().sum(Kind::Double);
         }
         self.correct += correct;
-        if let Some(w) = w {
-            self.weights += w.to_kind(Kind::Double);
+        if let Some((_, full)) = distilled {
+            let mean = Tensor::stack(
+                &[
+                    full.logit.mean_dim(0, false, Kind::Float),
+                    full.feature.mean_dim(0, false, Kind::Float),
+                ],
+                0,
+            );
+            self.weights += mean.to_kind(Kind::Double);
             self.weight_batches += 1;
         }
         if self.batches.is_multiple_of(20) {

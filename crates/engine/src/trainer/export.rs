@@ -1,9 +1,28 @@
 //! What a finished run writes besides its records: the TorchScript export and the
 //! segmentation plots.
 
-use super::*;
+use std::path::{Path, PathBuf};
 
-impl<'a> Trainer<'a> {
+use anyhow::{anyhow, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_student::Network;
+use mtkd_vision_tasks::task::MetricReport;
+
+use super::step::DistillStep;
+use crate::config::Config;
+use crate::dataset::Datasets;
+
+/// A finished run, as its end-of-run outputs see it.
+pub(super) struct FinishedRun<'r> {
+    pub(super) cfg: &'r Config,
+    pub(super) data: &'r Datasets,
+    pub(super) dir: &'r Path,
+    pub(super) step: &'r DistillStep,
+}
+
+impl FinishedRun<'_> {
     /// `plots/overlays.png` (a few test images: truth, student, each teacher) and
     /// `plots/class_iou.png` (the student's final IoU per class).
     pub(super) fn segmentation_plots(&self, report: &MetricReport) -> Result<()> {
@@ -18,7 +37,7 @@ impl<'a> Trainer<'a> {
             true,
         )?;
         let loader = self.data.test_loader(&self.cfg.data, 4)?;
-        let Some(batch) = loader.epoch(0, 0, self.device).next() else {
+        let Some(batch) = loader.epoch(0, 0, self.step.device).next() else {
             return Ok(());
         };
         let argmax = |logits: &Tensor| -> Result<Vec<i64>> {
@@ -31,6 +50,7 @@ impl<'a> Trainer<'a> {
         };
         let mut maps = vec![Vec::<i64>::try_from(
             &self
+                .step
                 .task
                 .targets(&batch)?
                 .to_device(Device::Cpu)
@@ -38,9 +58,9 @@ impl<'a> Trainer<'a> {
         )?];
         let mut titles = vec!["truth".to_owned(), "student".to_owned()];
         maps.push(argmax(
-            &tch::no_grad(|| self.student.forward_t(&batch.images, false)).logits,
+            &tch::no_grad(|| self.step.student.forward_t(&batch.images, false)).logits,
         )?);
-        for p in &self.pool {
+        for p in &self.step.pool.members {
             maps.push(argmax(&p.teacher.forward(&batch.images)?.logits)?);
             titles.push(format!("teacher {}", p.teacher.name()));
         }
@@ -76,7 +96,7 @@ impl<'a> Trainer<'a> {
     }
 }
 
-impl<'a> Trainer<'a> {
+impl FinishedRun<'_> {
     /// A detection run's outputs: `detections.json` (the student's test detections in COCO's
     /// result format), `plots/class_ap.png` (AP per class) and `plots/boxes.png` (a few test
     /// images: truth, student and every teacher's boxes).
@@ -99,8 +119,8 @@ impl<'a> Trainer<'a> {
             .data
             .test_loader(&self.cfg.data, self.cfg.train.eval_batch_size)?;
         let mut metric = det::DetMetric::new(layout.clone(), k as usize);
-        for batch in loader.epoch(0, 0, self.device) {
-            let out = tch::no_grad(|| self.student.forward_t(&batch.images, false));
+        for batch in loader.epoch(0, 0, self.step.device) {
+            let out = tch::no_grad(|| self.step.student.forward_t(&batch.images, false));
             metric.update_batch(&out.logits, &batch)?;
         }
         let (ids, cats) = self.data.test_coco_ids.clone().unwrap_or_default();
@@ -113,7 +133,7 @@ impl<'a> Trainer<'a> {
         .context("writing detections.json")?;
         // The overlays: the first four test images.
         let loader = self.data.test_loader(&self.cfg.data, 4)?;
-        let Some(batch) = loader.epoch(0, 0, self.device).next() else {
+        let Some(batch) = loader.epoch(0, 0, self.step.device).next() else {
             return Ok(());
         };
         let shown = det::Postprocess {
@@ -153,9 +173,9 @@ impl<'a> Trainer<'a> {
             })
             .collect()];
         let mut titles = vec!["truth".to_owned(), "student".to_owned()];
-        let out = tch::no_grad(|| self.student.forward_t(&batch.images, false));
+        let out = tch::no_grad(|| self.step.student.forward_t(&batch.images, false));
         columns.push(draw(det::postprocess(&layout, &out.logits, k, &shown)?));
-        for p in &self.pool {
+        for p in &self.step.pool.members {
             let out = p.teacher.forward(&batch.images)?;
             columns.push(draw(det::postprocess(&layout, &out.logits, k, &shown)?));
             titles.push(format!("teacher {}", p.teacher.name()));

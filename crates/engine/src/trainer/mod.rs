@@ -3,51 +3,47 @@
 //! epoch, exact resume, and the run folder's records (metrics.jsonl, summary.json, plots,
 //! exported student).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Meta};
-use crate::config::{Config, DistillConfig, NonFinitePolicy, StrategyKind, TeacherConfig};
+use crate::config::{Config, NonFinitePolicy, StrategyKind};
 use crate::dataset::Datasets;
 use crate::optim::{multistep_lr, Sgd};
 use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, TeacherSummary};
-use crate::shared::{EpochOutputs, Layout};
-use mtkd_distill_core::adapter::Adapter;
-use mtkd_distill_core::loss;
-use mtkd_distill_core::signals::StudentHead;
-use mtkd_distill_core::weighting::{
-    Equal, EqualOnesWarmup, Feedback, NoKd, Single, StrategyState, TeacherWeights,
-    WeightingStrategy,
-};
-use mtkd_distill_core::{ModelOutput, Precision, Teacher};
-use mtkd_student::{NativeTeacher, Network};
-use mtkd_teachers::{Expectation, TorchScriptTeacher};
-use mtkd_vision_tasks::loader::{Batch, BatchLoader};
+use crate::shared::Layout;
+use mtkd_student::Network;
+use mtkd_vision_tasks::loader::BatchLoader;
 use mtkd_vision_tasks::task::{MetricReport, Task};
 
 pub mod bench;
 mod cache;
+mod distiller;
 mod evaluate;
 mod export;
 mod pool;
+mod source;
 mod state;
 mod step;
 mod strategy;
 mod weights;
 
+use distiller::Distiller;
 pub use evaluate::evaluate;
 use evaluate::Sums;
 pub use export::export_torchscript;
-use pool::{build_pool, pool_layout, teacher_outputs, teacher_outputs_of, PoolMember};
+use pool::{build_pool, pool_layout, Pool, PoolMember};
 pub use pool::{
     prepare_teachers, share_teacher_outputs, teacher_config, teacher_head, TeacherPass, TooLarge,
 };
+use source::{Live, Shared};
 use state::{init_weights, trainable};
+use step::{DistillStep, StepOutcome};
+use weights::WeightRecords;
 
 /// Hooks through which a binary shows progress; the library itself prints nothing.
 pub trait Observer {
@@ -109,6 +105,17 @@ fn stopped_message(dir: &Path, completed: usize, mid_epoch: bool) -> String {
             n + 1,
             n + 1
         ),
+    }
+}
+
+/// What to do about a non-finite loss, given what was not finite.
+fn non_finite_advice(what: &str) -> &'static str {
+    if what.starts_with("the logits of teacher") {
+        "the teacher itself gives NaN or infinite outputs on this batch, which no training \
+         setting fixes: check the teacher's file (evaluate it with `mtkd eval`, export it again) \
+         or leave it out of [[teachers]]"
+    } else {
+        "lower train.lr or set train.on_nonfinite = \"skip\""
     }
 }
 
@@ -231,42 +238,19 @@ pub fn detection_side(data: &crate::config::DataConfig) -> i64 {
     }
 }
 
+/// The loop of one run: epochs of [`DistillStep`]s, evaluation, records, checkpoints.
 struct Trainer<'a> {
     cfg: &'a Config,
-    /// What the loop trains: the task's loss, KD, signals and metric.
-    task: Box<dyn Task>,
     data: Datasets,
-    pool: Vec<PoolMember>,
-    device: Device,
     dir: PathBuf,
     config_hash: String,
     label: String,
-    student_vs: VarStore,
-    student: Network,
-    adapter_vs: VarStore,
-    adapters: Vec<Adapter>,
-    strategy: Box<dyn WeightingStrategy>,
-    opt: Sgd,
-    /// Sums of logit and feature weights `[K, M]` (full pool order) and sample counts `[K]`
-    /// per class over the current epoch.
-    per_class: Option<(Tensor, Tensor, Tensor)>,
-    /// Positions (full pool order) of the teachers still in the pool (`[distill.prune]`).
-    active: Vec<usize>,
-    /// Per teacher: consecutive epochs under the pruning threshold.
-    prune_counts: Vec<usize>,
-    /// The last epoch's most disagreed-on training samples (for `audit.json`).
-    audit: Vec<crate::audit::Candidate>,
-    /// `weights.csv` when `run.weight_log` is on.
-    weight_log: Option<std::io::BufWriter<std::fs::File>>,
-    /// Folder of the shared teacher outputs for this run's batches (`RunOptions::teacher_outputs`).
-    shared: Option<PathBuf>,
+    /// The student, its optimizer, the pool and its teacher source, the distiller.
+    step: DistillStep,
+    /// What the run keeps of the teachers' weights (per class, the audit, `weights.csv`).
+    records: WeightRecords,
     /// Batches per training epoch (the skip budget is a share of them).
     epoch_batches: usize,
-    /// The non-trainable variables of the student and the adapters (BatchNorm's running
-    /// statistics), shallow handles: put back after a skipped batch.
-    buffers: Vec<Tensor>,
-    /// The teachers' outputs kept across epochs (`distill.output_cache_mb`).
-    output_cache: Option<cache::OutputCache>,
 }
 
 impl<'a> Trainer<'a> {
@@ -280,7 +264,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self> {
         tch::manual_seed(cfg.run.seed as i64);
         let in_shape = data.input_shape(&cfg.data)?;
-        let student_vs = VarStore::new(device);
+        let mut student_vs = VarStore::new(device);
         let student = Network::with_head(
             &student_vs.root(),
             cfg.student.arch,
@@ -289,7 +273,6 @@ impl<'a> Trainer<'a> {
             data.num_classes(),
         )
         .with_context(|| format!("building student {}", cfg.student.arch))?;
-        let mut student_vs = student_vs;
         if let Some(init) = &cfg.student.init {
             let file = init_weights(init, cfg.student.arch)?;
             student_vs.load(&file).with_context(|| {
@@ -301,38 +284,17 @@ impl<'a> Trainer<'a> {
             })?;
             tracing::info!(from = %file.display(), "student initialised from earlier weights");
         }
-        let adapter_vs = VarStore::new(device);
-        let mut adapters = Vec::new();
-        let distill = cfg.distill.clone();
-        if distill
-            .as_ref()
-            .is_some_and(|d| d.feature_weight > 0.0 && d.strategy != StrategyKind::None)
-        {
-            for (m, member) in pool.iter().enumerate() {
-                let shape = member.teacher.feature_shape().ok_or_else(|| {
-                    anyhow!(
-                        "teacher `{}` gives logits only, but distill.feature_weight > 0 asks for feature KD; \
-                         set distill.feature_weight = 0 or use a teacher that returns its feature map",
-                        member.teacher.name()
-                    )
-                })?;
-                adapters.push(Adapter::new(
-                    &(adapter_vs.root() / m),
-                    student.feature_shape(),
-                    shape,
-                ));
-            }
-        }
+        let pool = Pool::new(pool);
+        let distiller = Distiller::new(cfg, &pool, &student, data.num_classes(), device)?;
         if cfg.run.channels_last && device == Device::Cpu {
             state::relay_channels_last(&student_vs);
-            state::relay_channels_last(&adapter_vs);
+            state::relay_channels_last(&distiller.adapter_vs);
         }
-        let strategy = strategy::build(cfg, &pool, data.num_classes(), device)?;
         let mut params = Vec::new();
         for (name, t) in trainable(&student_vs) {
             params.push((format!("student.{name}"), t));
         }
-        for (name, t) in trainable(&adapter_vs) {
+        for (name, t) in trainable(&distiller.adapter_vs) {
             params.push((format!("adapter.{name}"), t));
         }
         let t = &cfg.train;
@@ -342,62 +304,61 @@ impl<'a> Trainer<'a> {
         } else {
             format!("{} <- {} teachers", cfg.student.arch, pool.len())
         };
-        let m = pool.len();
-        let mut tr = Trainer {
+        let buffers = student_vs
+            .variables()
+            .into_values()
+            .chain(distiller.adapter_vs.variables().into_values())
+            .filter(|t| !t.requires_grad())
+            .collect();
+        let single = pool.len() > 1
+            && distiller
+                .settings()
+                .is_some_and(|d| d.strategy == StrategyKind::Single);
+        let mut step = DistillStep {
             task: task_of(cfg),
-            per_class: None,
-            active: (0..m).collect(),
-            prune_counts: vec![0; m],
-            audit: Vec::new(),
-            weight_log: None,
-            shared: None,
-            output_cache: None,
-            epoch_batches: 0,
-            buffers: student_vs
-                .variables()
-                .into_values()
-                .chain(adapter_vs.variables().into_values())
-                .filter(|t| !t.requires_grad())
-                .collect(),
-            cfg,
-            data,
-            pool,
             device,
-            dir,
-            config_hash,
-            label,
             student_vs,
             student,
-            adapter_vs,
-            adapters,
-            strategy,
             opt,
+            pool,
+            distiller,
+            source: Box::new(Live),
+            buffers,
+            restore_buffers: cfg.train.on_nonfinite == NonFinitePolicy::Skip,
         };
         // Single-teacher KD inside a pool runs only its teacher: the others would get weight 0
         // (docs/ARCHITECTURE.md, performance).
-        if m > 1
-            && tr
-                .distill()
-                .is_some_and(|d| d.strategy == StrategyKind::Single)
-        {
-            let idx = strategy::single_teacher(cfg, &tr.pool)?;
-            tr.set_active(vec![idx])?;
+        if single {
+            let idx = strategy::single_teacher(cfg, &step.pool.members)?;
+            step.set_active(vec![idx])?;
         }
-        Ok(tr)
+        Ok(Trainer {
+            cfg,
+            data,
+            dir,
+            config_hash,
+            label,
+            step,
+            records: WeightRecords::default(),
+            epoch_batches: 0,
+        })
     }
 
-    /// Allocate the teacher output cache when the config asks for one (`distill.output_cache_mb`).
+    /// Keep the teachers' outputs in memory across epochs when the config asks for it
+    /// (`distill.output_cache_mb`).
     fn open_output_cache(&mut self) -> Result<()> {
         if let Some(mb) = self
-            .distill()
+            .step
+            .distiller
+            .settings()
             .map(|d| d.output_cache_mb)
             .filter(|&mb| mb > 0)
         {
-            self.output_cache = Some(cache::OutputCache::new(
+            self.step.source = Box::new(cache::OutputCache::new(
                 self.data.train.len(),
                 &self.layout(),
                 mb,
-                self.device,
+                self.step.device,
             )?);
         }
         Ok(())
@@ -410,100 +371,120 @@ impl<'a> Trainer<'a> {
 
     /// What a shared-output record holds for this run's pool.
     fn layout(&self) -> Layout {
-        pool_layout(self.cfg, &self.pool, self.student.in_shape())
+        pool_layout(
+            self.cfg,
+            &self.step.pool.members,
+            self.step.student.in_shape(),
+        )
     }
 
-    fn distill(&self) -> Option<&DistillConfig> {
-        self.cfg
-            .distill
-            .as_ref()
-            .filter(|d| d.strategy != StrategyKind::None && !self.pool.is_empty())
+    /// Evaluate the student on the test split.
+    fn evaluate(&self, loader: &BatchLoader) -> Result<(MetricReport, f64)> {
+        evaluate(
+            &|x| Ok(self.step.student.forward_t(x, false)),
+            loader,
+            self.step.device,
+            self.step.task.as_ref(),
+            self.data.train.num_classes,
+        )
+    }
+
+    /// Resume from the last checkpoint, or start: the checkpoint's state and bookkeeping.
+    fn start(&mut self, ckpt_dir: &Path, obs: &mut dyn Observer) -> Result<Meta> {
+        let cfg = self.cfg;
+        let Some((tensors, meta)) = checkpoint::load_latest(ckpt_dir)? else {
+            if let (Some(init), true) = (&cfg.student.init, cfg.student.init_strategy) {
+                state::init_strategy_from(&mut self.step, init)?;
+            }
+            return Ok(Meta {
+                epoch: 0,
+                step: 0,
+                history: Vec::new(),
+                elapsed_seconds: 0.0,
+                config_hash: self.config_hash.clone(),
+                strategy_json: String::new(),
+                active_teachers: None,
+                prune_counts: Vec::new(),
+            });
+        };
+        if meta.config_hash != self.config_hash {
+            bail!(
+                "the checkpoints in {} belong to another configuration",
+                ckpt_dir.display()
+            );
+        }
+        if let Some(active) = meta.active_teachers.clone() {
+            self.step.set_active(active)?;
+        }
+        if !meta.prune_counts.is_empty() {
+            self.step.pool.prune_counts = meta.prune_counts.clone();
+        }
+        state::restore(&mut self.step, tensors, &meta.strategy_json)?;
+        tracing::info!(dir = %self.dir.display(), epoch = meta.epoch, "resuming from checkpoint");
+        obs.phase(&format!(
+            "resuming {} after epoch {}",
+            self.dir.display(),
+            meta.epoch
+        ));
+        Ok(meta)
     }
 
     fn fit(mut self, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Outcome> {
         let cfg = self.cfg;
         let tc = &cfg.train;
         let ckpt_dir = self.dir.join("checkpoints");
-        let mut meta = match checkpoint::load_latest(&ckpt_dir)? {
-            Some((tensors, meta)) => {
-                if meta.config_hash != self.config_hash {
-                    bail!(
-                        "the checkpoints in {} belong to another configuration",
-                        ckpt_dir.display()
-                    );
-                }
-                if let Some(active) = meta.active_teachers.clone() {
-                    self.set_active(active)?;
-                }
-                if !meta.prune_counts.is_empty() {
-                    self.prune_counts = meta.prune_counts.clone();
-                }
-                self.restore(tensors, &meta.strategy_json)?;
-                tracing::info!(dir = %self.dir.display(), epoch = meta.epoch, "resuming from checkpoint");
-                obs.phase(&format!(
-                    "resuming {} after epoch {}",
-                    self.dir.display(),
-                    meta.epoch
-                ));
-                meta
+        let mut meta = self.start(&ckpt_dir, obs)?;
+        let distils = self.step.distiller.settings().is_some();
+        match &opts.teacher_outputs {
+            Some(root) if distils => {
+                let files: Vec<PathBuf> = self
+                    .step
+                    .pool
+                    .members
+                    .iter()
+                    .map(|p| p.file.clone())
+                    .collect();
+                let dir = crate::shared::key_dir(root, cfg, &files, self.step.device)?;
+                self.step.source = Box::new(Shared::new(dir));
             }
-            None => {
-                if let (Some(init), true) = (&cfg.student.init, cfg.student.init_strategy) {
-                    self.init_strategy_from(init)?;
-                }
-                Meta {
-                    epoch: 0,
-                    step: 0,
-                    history: Vec::new(),
-                    elapsed_seconds: 0.0,
-                    config_hash: self.config_hash.clone(),
-                    strategy_json: String::new(),
-                    active_teachers: None,
-                    prune_counts: Vec::new(),
-                }
-            }
-        };
-        if let (Some(root), Some(_)) = (&opts.teacher_outputs, self.distill()) {
-            let files: Vec<PathBuf> = self.pool.iter().map(|p| p.file.clone()).collect();
-            self.shared = Some(crate::shared::key_dir(root, cfg, &files, self.device)?);
-        } else {
             // Shared outputs serve every epoch: with them, an in-memory cache would never be read.
-            self.open_output_cache()?;
+            _ => self.open_output_cache()?,
         }
         let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
-        if cfg.run.weight_log && !self.pool.is_empty() {
-            self.weight_log = Some(self.open_weight_log(meta.epoch)?);
+        if cfg.run.weight_log && !self.step.pool.is_empty() {
+            self.records.weight_log = Some(weights::open_weight_log(
+                &self.dir,
+                &self.step.pool,
+                meta.epoch,
+            )?);
         }
         let train_loader = self
             .data
             .train_loader(&cfg.data, tc.batch_size, cfg.run.seed)?;
         let test_loader = self.data.test_loader(&cfg.data, tc.eval_batch_size)?;
         self.epoch_batches = train_loader.num_batches();
-        let num_classes = self.data.train.num_classes;
-        let task = task_of(cfg);
         let session_start = Instant::now();
         let elapsed_before = meta.elapsed_seconds;
         let mut session_steps = 0u64;
         let mut last_report: Option<MetricReport> = None;
+        let layout = self.layout();
         for epoch in meta.epoch..tc.epochs {
             let t0 = Instant::now();
             let lr = multistep_lr(tc.lr, &tc.milestones, tc.gamma, epoch);
-            self.opt.lr = lr;
+            self.step.opt.lr = lr;
             obs.epoch_start(
                 &self.label,
                 epoch + 1,
                 tc.epochs,
                 train_loader.num_batches(),
             );
-            self.strategy.start_epoch(epoch)?;
-            self.per_class = None;
-            self.audit.clear();
-            let mut sums = Sums::new(self.device, self.pool.len());
-            let mut shared = match &self.shared {
-                Some(dir) => Some(EpochOutputs::open(dir, epoch, self.layout())?),
-                None => None,
-            };
-            for batch in train_loader.epoch(epoch as u64, 0, self.device) {
+            self.step.distiller.strategy.start_epoch(epoch)?;
+            self.records.start_epoch();
+            let mut sums = Sums::new(self.step.device, self.step.pool.len());
+            if distils {
+                self.step.source.start_epoch(epoch, &layout)?;
+            }
+            for batch in train_loader.epoch(epoch as u64, 0, self.step.device) {
                 if let Some(limit) = opts.halt_after_steps {
                     if session_steps >= limit {
                         return Err(anyhow::Error::new(Interrupted(session_steps)));
@@ -516,35 +497,35 @@ impl<'a> Trainer<'a> {
                         mid_epoch: true,
                     }));
                 }
-                let step_ok = self.step(&batch, &mut sums, shared.as_mut(), epoch, meta.step)?;
-                if step_ok {
-                    meta.step += 1;
-                    session_steps += 1;
+                match self.step.run(&batch, &mut sums, epoch, meta.step)? {
+                    StepOutcome::Applied(distilled) => {
+                        if let Some(d) = distilled {
+                            let last = epoch + 1 == tc.epochs;
+                            self.records.add(
+                                &d,
+                                &batch,
+                                self.data.num_classes(),
+                                &self.step.pool.active,
+                                (epoch, meta.step, last),
+                            )?;
+                        }
+                        meta.step += 1;
+                        session_steps += 1;
+                    }
+                    StepOutcome::NonFinite(what) => {
+                        self.non_finite(epoch, meta.step, &what, &mut sums)?
+                    }
                 }
                 let show = sums.batches.is_multiple_of(20);
                 obs.batch(show.then_some(sums.last_loss));
             }
-            if let Some(shared) = shared {
-                shared.finish()?;
-            }
-            let cached_batches = self.output_cache.as_mut().map(|c| {
-                let (hits, misses) = c.take_counts();
-                tracing::info!(
-                    epoch = epoch + 1,
-                    hits,
-                    misses,
-                    "teacher output cache (batches)"
-                );
-                hits
-            });
-            self.strategy.end_epoch(epoch)?;
-            let (report, test_loss) = evaluate(
-                &|x| Ok(self.student.forward_t(x, false)),
-                &test_loader,
-                self.device,
-                task.as_ref(),
-                num_classes,
-            )?;
+            let cached_batches = if distils {
+                self.step.source.end_epoch(epoch)?
+            } else {
+                None
+            };
+            self.step.distiller.strategy.end_epoch(epoch)?;
+            let (report, test_loss) = self.evaluate(&test_loader)?;
             let mut rec = sums.record(
                 epoch + 1,
                 lr,
@@ -552,30 +533,33 @@ impl<'a> Trainer<'a> {
                 test_loss,
                 t0.elapsed().as_secs_f64(),
             );
-            rec.strategy_metrics = self.strategy.take_epoch_metrics().into_iter().collect();
+            rec.strategy_metrics = self
+                .step
+                .distiller
+                .strategy
+                .take_epoch_metrics()
+                .into_iter()
+                .collect();
             rec.cached_batches = cached_batches;
-            self.class_weights_into(&mut rec)?;
-            if self.active.len() < self.pool.len() {
-                rec.active_teachers = Some(self.active_names());
+            self.records
+                .class_weights_into(&mut rec, self.step.pool.len())?;
+            if self.step.pool.active.len() < self.step.pool.len() {
+                rec.active_teachers = Some(self.step.pool.active_names());
             }
             rec.pruned = self.prune_after_epoch(&rec)?;
-            if self.active.len() < self.pool.len() {
-                meta.active_teachers = Some(self.active.clone());
+            if self.step.pool.active.len() < self.step.pool.len() {
+                meta.active_teachers = Some(self.step.pool.active.clone());
             }
             if cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
-                meta.prune_counts = self.prune_counts.clone();
+                meta.prune_counts = self.step.pool.prune_counts.clone();
             }
             meta.epoch = epoch + 1;
             meta.history.push(rec.clone());
             meta.elapsed_seconds = elapsed_before + session_start.elapsed().as_secs_f64();
-            if let Some(log) = &mut self.weight_log {
-                log.flush()
-                    .and_then(|()| log.get_ref().sync_data())
-                    .context("writing weights.csv")?;
-            }
-            let (strategy_tensors, strategy_json) = self.strategy_state()?;
+            self.records.sync_weight_log()?;
+            let (strategy_tensors, strategy_json) = state::strategy_state(&self.step)?;
             meta.strategy_json = strategy_json;
-            let mut tensors = self.state_tensors();
+            let mut tensors = state::state_tensors(&self.step);
             tensors.extend(strategy_tensors);
             checkpoint::save(&ckpt_dir, &tensors, &meta, 0)
                 .with_context(|| format!("checkpointing epoch {}", epoch + 1))?;
@@ -600,47 +584,130 @@ impl<'a> Trainer<'a> {
         // A run resumed after its last epoch re-evaluates to fill the summary.
         let report = match last_report {
             Some(r) => r,
-            None => {
-                evaluate(
-                    &|x| Ok(self.student.forward_t(x, false)),
-                    &test_loader,
-                    self.device,
-                    task.as_ref(),
-                    num_classes,
-                )?
-                .0
-            }
+            None => self.evaluate(&test_loader)?.0,
         };
         self.finish(&meta, &report)
+    }
+
+    /// `[distill.prune]` at the end of an epoch: the teachers whose weight stayed low leave
+    /// the pool (never below `min_teachers`). Returns the names that left.
+    fn prune_after_epoch(&mut self, rec: &EpochRecord) -> Result<Vec<String>> {
+        let Some(p) = self.step.distiller.settings().and_then(|d| d.prune.clone()) else {
+            return Ok(Vec::new());
+        };
+        let leaving = weights::leaving(&mut self.step.pool, &p, rec);
+        if leaving.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<String> = leaving
+            .iter()
+            .map(|&(_, i)| self.step.pool.members[i].teacher.name().to_owned())
+            .collect();
+        let active: Vec<usize> = self
+            .step
+            .pool
+            .active
+            .iter()
+            .copied()
+            .filter(|i| !leaving.iter().any(|&(_, g)| g == *i))
+            .collect();
+        self.step.set_active(active)?;
+        for (n, (w, _)) in names.iter().zip(&leaving) {
+            tracing::info!(teacher = %n, epoch = rec.epoch, mean_weight = w, threshold = p.threshold,
+                "teacher leaves the pool (distill.prune)");
+        }
+        Ok(names)
+    }
+
+    /// A non-finite loss under `train.on_nonfinite`: stop with what was not finite, or skip
+    /// the batch within `train.skip_budget`.
+    fn non_finite(&self, epoch: usize, step: u64, what: &str, sums: &mut Sums) -> Result<()> {
+        let ckpt_dir = self.dir.join("checkpoints");
+        let kept = if checkpoint::any(&ckpt_dir) {
+            format!(
+                "The last good checkpoint is kept in {} (mtkd train --resume {} continues from it)",
+                ckpt_dir.display(),
+                self.dir.display()
+            )
+        } else {
+            "No epoch finished, so there is no checkpoint".to_owned()
+        };
+        match self.cfg.train.on_nonfinite {
+            NonFinitePolicy::Stop => bail!(
+                "non-finite loss at epoch {} (global step {}): {what} is NaN or infinite. {kept}; \
+                 {}",
+                epoch + 1,
+                step,
+                non_finite_advice(what)
+            ),
+            NonFinitePolicy::Skip => {
+                tracing::warn!(
+                    epoch = epoch + 1,
+                    step,
+                    what,
+                    "non-finite loss: batch skipped"
+                );
+                sums.skipped += 1;
+                sums.batches += 1;
+                *sums.skip_causes.entry(what.to_owned()).or_default() += 1;
+                let budget = self.cfg.train.skip_budget;
+                let allowed = (budget * self.epoch_batches as f64).floor() as usize;
+                if sums.skipped > allowed {
+                    let mut causes: Vec<(&String, &usize)> = sums.skip_causes.iter().collect();
+                    causes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                    bail!(
+                        "train.on_nonfinite = \"skip\": {} of the {} batches of epoch {} had a non-finite \
+                         loss, over train.skip_budget = {budget} ({allowed} batches). Cause: {}. {kept}",
+                        sums.skipped,
+                        self.epoch_batches,
+                        epoch + 1,
+                        causes
+                            .iter()
+                            .map(|(w, n)| format!("{w} ({n} batches)"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 
     fn finish(mut self, meta: &Meta, report: &MetricReport) -> Result<Outcome> {
         let dir = &self.dir;
         let weights = dir.join("student.safetensors");
-        let named = state::contiguous_vars(&self.student_vs);
+        let named = state::contiguous_vars(&self.step.student_vs);
         crate::fsio::write_atomic_with(&weights, |tmp| {
             Tensor::write_safetensors(&named, tmp).map_err(|e| e.to_string().into())
         })?;
-        export_torchscript(&self.student, &self.student_vs, dir.join("student.pt"))?;
-        let names: Vec<String> = self
-            .pool
-            .iter()
-            .map(|p| p.teacher.name().to_owned())
-            .collect();
+        export_torchscript(
+            &self.step.student,
+            &self.step.student_vs,
+            dir.join("student.pt"),
+        )?;
+        let names = self.step.pool.names();
         crate::plot::plot_run(&dir.join("plots"), &meta.history, &names)?;
-        match self.task.kind() {
-            mtkd_vision_tasks::task::TaskKind::Segmentation => self.segmentation_plots(report)?,
-            mtkd_vision_tasks::task::TaskKind::Detection => self.detection_outputs(report)?,
+        let run = export::FinishedRun {
+            cfg: self.cfg,
+            data: &self.data,
+            dir,
+            step: &self.step,
+        };
+        match self.step.task.kind() {
+            mtkd_vision_tasks::task::TaskKind::Segmentation => run.segmentation_plots(report)?,
+            mtkd_vision_tasks::task::TaskKind::Detection => run.detection_outputs(report)?,
             mtkd_vision_tasks::task::TaskKind::Classification => {}
         }
-        if !self.audit.is_empty() {
-            let audit =
-                crate::audit::finish(&self.audit, &self.data.train, &names, self.cfg.train.epochs)?;
+        if !self.records.audit.is_empty() {
+            let audit = crate::audit::finish(
+                &self.records.audit,
+                &self.data.train,
+                &names,
+                self.cfg.train.epochs,
+            )?;
             write_json_atomic(&dir.join("audit.json"), &audit)?;
         }
-        if let Some(log) = &mut self.weight_log {
-            log.flush().context("writing weights.csv")?;
-        }
+        self.records.sync_weight_log()?;
         // The first epoch with the highest primary metric.
         let best_rec = meta
             .history
@@ -655,8 +722,8 @@ impl<'a> Trainer<'a> {
         };
         let summary = Summary {
             run: dir.display().to_string(),
-            strategy: if self.distill().is_some() {
-                self.strategy.name().to_owned()
+            strategy: if self.step.distiller.settings().is_some() {
+                self.step.distiller.strategy.name().to_owned()
             } else {
                 "no-kd".into()
             },
@@ -665,7 +732,7 @@ impl<'a> Trainer<'a> {
             } else {
                 self.cfg.student.arch.to_string()
             },
-            student_parameters: mtkd_student::arch::parameter_count(&self.student_vs),
+            student_parameters: mtkd_student::arch::parameter_count(&self.step.student_vs),
             seed: self.cfg.run.seed,
             metric: report.primary.clone(),
             final_value: report.value,
@@ -676,7 +743,9 @@ impl<'a> Trainer<'a> {
             epochs: meta.epoch,
             wall_seconds: meta.elapsed_seconds,
             teachers: self
+                .step
                 .pool
+                .members
                 .iter()
                 .map(|p| TeacherSummary {
                     name: p.teacher.name().to_owned(),
@@ -685,7 +754,7 @@ impl<'a> Trainer<'a> {
                 })
                 .collect(),
             mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
-            device: format!("{:?}", self.device),
+            device: format!("{:?}", self.step.device),
             peak_rss_mb: crate::record::peak_rss_mb(),
             init: self.cfg.student.init.as_ref().map(|p| {
                 format!(

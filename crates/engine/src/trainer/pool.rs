@@ -2,7 +2,24 @@
 //! teacher cache), running it on a batch, the teacher pass of shared outputs, and the
 //! config that trains an `arch` teacher.
 
-use super::*;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::loss;
+use mtkd_distill_core::weighting::TeacherWeights;
+use mtkd_distill_core::{ModelOutput, Precision, Teacher};
+use mtkd_student::NativeTeacher;
+use mtkd_teachers::{Expectation, TorchScriptTeacher};
+use mtkd_vision_tasks::task::Task;
+
+use super::{device_of, evaluate, stable_hash, task_of, Observer, RunOptions, Trainer};
+use crate::config::{Config, TeacherConfig};
+use crate::dataset::Datasets;
+use crate::record::{write_json_atomic, Summary, TeacherSummary};
+use crate::shared::{EpochOutputs, Layout};
 
 /// One teacher of the pool and where it came from.
 pub(super) struct PoolMember {
@@ -12,6 +29,89 @@ pub(super) struct PoolMember {
     pub(super) file: PathBuf,
     /// The teacher's primary test metric.
     pub(super) test_value: Option<f64>,
+}
+
+/// The teacher pool of a run and which of its teachers are still in it.
+pub(crate) struct Pool {
+    pub(crate) members: Vec<PoolMember>,
+    /// Positions of the teachers still in the pool (`[distill.prune]`, single-teacher KD),
+    /// increasing.
+    pub(crate) active: Vec<usize>,
+    /// Per teacher: consecutive epochs under the pruning threshold.
+    pub(crate) prune_counts: Vec<usize>,
+}
+
+impl Pool {
+    pub(crate) fn new(members: Vec<PoolMember>) -> Pool {
+        let m = members.len();
+        Pool {
+            members,
+            active: (0..m).collect(),
+            prune_counts: vec![0; m],
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Every position, active or not.
+    pub(crate) fn all(&self) -> Vec<usize> {
+        (0..self.members.len()).collect()
+    }
+
+    /// Every teacher's name, in pool order.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|p| p.teacher.name().to_owned())
+            .collect()
+    }
+
+    /// The names of the active teachers.
+    pub(crate) fn active_names(&self) -> Vec<String> {
+        self.active
+            .iter()
+            .map(|&i| self.members[i].teacher.name().to_owned())
+            .collect()
+    }
+
+    /// The outputs of the teachers at `which` (pool positions), in that order.
+    pub(crate) fn run(&self, which: &[usize], images: &Tensor) -> Result<Vec<ModelOutput>> {
+        teacher_outputs_of(&self.members, which, images)
+    }
+
+    /// Weights of the active teachers `[B, M_active]` spread over the full pool `[B, M]` (0 for
+    /// a pruned teacher), detached.
+    pub(crate) fn to_full(&self, w: &TeacherWeights, device: Device) -> Result<TeacherWeights> {
+        let m = self.members.len();
+        if self.active.len() == m {
+            return Ok(TeacherWeights {
+                logit: w.logit.detach(),
+                feature: w.feature.detach(),
+            });
+        }
+        let idx = Tensor::from_slice(&self.active.iter().map(|&i| i as i64).collect::<Vec<_>>())
+            .to_device(device);
+        let spread = |t: &Tensor| -> Result<Tensor> {
+            let b = t.size()[0];
+            Ok(
+                Tensor::zeros([b, m as i64], (Kind::Float, device)).f_index_copy(
+                    1,
+                    &idx,
+                    &t.detach().to_kind(Kind::Float),
+                )?,
+            )
+        };
+        Ok(TeacherWeights {
+            logit: spread(&w.logit)?,
+            feature: spread(&w.feature)?,
+        })
+    }
 }
 
 /// Every teacher's output for a batch.

@@ -1,146 +1,155 @@
 //! The run's state for checkpoints: every tensor by name, restoring it, the strategy's state,
 //! and `student.init` / `student.init_strategy`.
 
-use super::*;
+use std::path::{Path, PathBuf};
 
-impl<'a> Trainer<'a> {
-    /// Every tensor of the run's state, by checkpoint name.
-    pub(super) fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::new();
-        for (n, t) in sorted_vars(&self.student_vs) {
-            out.push((format!("student.{n}"), t));
-        }
-        for (n, t) in sorted_vars(&self.adapter_vs) {
-            out.push((format!("adapter.{n}"), t));
-        }
-        for (n, t) in self.opt.state() {
-            out.push((format!("optim.{n}"), t));
-        }
-        out
+use anyhow::{anyhow, bail, Context, Result};
+use tch::nn::VarStore;
+use tch::Tensor;
+
+use mtkd_distill_core::weighting::StrategyState;
+
+use super::step::DistillStep;
+use crate::checkpoint;
+use crate::config::Config;
+
+/// Every tensor of the run's state, by checkpoint name.
+pub(super) fn state_tensors(step: &DistillStep) -> Vec<(String, Tensor)> {
+    let mut out = Vec::new();
+    for (n, t) in sorted_vars(&step.student_vs) {
+        out.push((format!("student.{n}"), t));
     }
-
-    /// The strategy's state: tensors prefixed `strategy.` and its JSON bookkeeping.
-    pub(super) fn strategy_state(&self) -> Result<(Vec<(String, Tensor)>, String)> {
-        let st = self.strategy.save_state()?;
-        Ok((
-            st.tensors
-                .into_iter()
-                .map(|(n, t)| (format!("strategy.{n}"), t))
-                .collect(),
-            st.json,
-        ))
+    for (n, t) in sorted_vars(&step.distiller.adapter_vs) {
+        out.push((format!("adapter.{n}"), t));
     }
+    for (n, t) in step.opt.state() {
+        out.push((format!("optim.{n}"), t));
+    }
+    out
+}
 
-    pub(super) fn restore(
-        &mut self,
-        tensors: Vec<(String, Tensor)>,
-        strategy_json: &str,
-    ) -> Result<()> {
-        let (strategy, tensors): (Vec<_>, Vec<_>) = tensors
+/// The strategy's state: tensors prefixed `strategy.` and its JSON bookkeeping.
+pub(super) fn strategy_state(step: &DistillStep) -> Result<(Vec<(String, Tensor)>, String)> {
+    let st = step.distiller.strategy.save_state()?;
+    Ok((
+        st.tensors
             .into_iter()
-            .partition(|(n, _)| n.starts_with("strategy."));
-        let st = StrategyState {
-            tensors: strategy
-                .into_iter()
-                .map(|(n, t)| (n["strategy.".len()..].to_owned(), t))
-                .collect(),
-            json: strategy_json.to_owned(),
-        };
-        if !st.tensors.is_empty() || !st.json.is_empty() {
-            self.strategy
-                .load_state(&st)
-                .context("restoring the weighting strategy from the checkpoint")?;
-        }
-        let student = self.student_vs.variables();
-        let adapter = self.adapter_vs.variables();
-        let mut optim = Vec::new();
-        let mut restored = std::collections::HashSet::new();
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in tensors {
-                let (store, key) = if let Some(k) = name.strip_prefix("student.") {
-                    (&student, k)
-                } else if let Some(k) = name.strip_prefix("adapter.") {
-                    (&adapter, k)
-                } else if let Some(k) = name.strip_prefix("optim.") {
-                    optim.push((k.to_owned(), t));
-                    continue;
-                } else {
-                    bail!("checkpoint holds an unknown tensor `{name}`");
-                };
-                let mut var = store
-                    .get(key)
-                    .ok_or_else(|| {
-                        anyhow!("checkpoint tensor `{name}` has no matching variable in this model")
-                    })?
-                    .shallow_clone();
-                if var.size() != t.size() {
-                    bail!(
-                        "checkpoint tensor `{name}` has shape {:?}, the model {:?}",
-                        t.size(),
-                        var.size()
-                    );
-                }
-                var.copy_(&t);
-                restored.insert(name);
-            }
-            Ok(())
-        })?;
-        let missing: Vec<String> = student
-            .keys()
-            .map(|k| format!("student.{k}"))
-            .chain(adapter.keys().map(|k| format!("adapter.{k}")))
-            .filter(|k| !restored.contains(k))
-            .collect();
-        if !missing.is_empty() {
-            bail!(
-                "the checkpoint lacks {} variable(s) of this model, e.g. `{}`",
-                missing.len(),
-                missing[0]
-            );
-        }
-        self.opt
-            .load_state(&optim)
-            .map_err(|e| anyhow!("checkpoint optimizer state: {e}"))?;
-        Ok(())
-    }
+            .map(|(n, t)| (format!("strategy.{n}"), t))
+            .collect(),
+        st.json,
+    ))
+}
 
-    /// `student.init_strategy`: the strategy's state from the last checkpoint of the run `init`.
-    pub(super) fn init_strategy_from(&mut self, init: &Path) -> Result<()> {
-        let ckpt = init.join("checkpoints");
-        let (tensors, meta) = checkpoint::load_latest(&ckpt)?.ok_or_else(|| {
-            anyhow!(
-                "student.init_strategy: {} has no checkpoint to take the strategy's state from",
-                init.display()
-            )
-        })?;
-        if meta.active_teachers.is_some() {
-            bail!(
+pub(super) fn restore(
+    step: &mut DistillStep,
+    tensors: Vec<(String, Tensor)>,
+    strategy_json: &str,
+) -> Result<()> {
+    let (strategy, tensors): (Vec<_>, Vec<_>) = tensors
+        .into_iter()
+        .partition(|(n, _)| n.starts_with("strategy."));
+    let st = StrategyState {
+        tensors: strategy
+            .into_iter()
+            .map(|(n, t)| (n["strategy.".len()..].to_owned(), t))
+            .collect(),
+        json: strategy_json.to_owned(),
+    };
+    if !st.tensors.is_empty() || !st.json.is_empty() {
+        step.distiller
+            .strategy
+            .load_state(&st)
+            .context("restoring the weighting strategy from the checkpoint")?;
+    }
+    let student = step.student_vs.variables();
+    let adapter = step.distiller.adapter_vs.variables();
+    let mut optim = Vec::new();
+    let mut restored = std::collections::HashSet::new();
+    tch::no_grad(|| -> Result<()> {
+        for (name, t) in tensors {
+            let (store, key) = if let Some(k) = name.strip_prefix("student.") {
+                (&student, k)
+            } else if let Some(k) = name.strip_prefix("adapter.") {
+                (&adapter, k)
+            } else if let Some(k) = name.strip_prefix("optim.") {
+                optim.push((k.to_owned(), t));
+                continue;
+            } else {
+                bail!("checkpoint holds an unknown tensor `{name}`");
+            };
+            let mut var = store
+                .get(key)
+                .ok_or_else(|| {
+                    anyhow!("checkpoint tensor `{name}` has no matching variable in this model")
+                })?
+                .shallow_clone();
+            if var.size() != t.size() {
+                bail!(
+                    "checkpoint tensor `{name}` has shape {:?}, the model {:?}",
+                    t.size(),
+                    var.size()
+                );
+            }
+            var.copy_(&t);
+            restored.insert(name);
+        }
+        Ok(())
+    })?;
+    let missing: Vec<String> = student
+        .keys()
+        .map(|k| format!("student.{k}"))
+        .chain(adapter.keys().map(|k| format!("adapter.{k}")))
+        .filter(|k| !restored.contains(k))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the checkpoint lacks {} variable(s) of this model, e.g. `{}`",
+            missing.len(),
+            missing[0]
+        );
+    }
+    step.opt
+        .load_state(&optim)
+        .map_err(|e| anyhow!("checkpoint optimizer state: {e}"))?;
+    Ok(())
+}
+
+/// `student.init_strategy`: the strategy's state from the last checkpoint of the run `init`.
+pub(super) fn init_strategy_from(step: &mut DistillStep, init: &Path) -> Result<()> {
+    let ckpt = init.join("checkpoints");
+    let (tensors, meta) = checkpoint::load_latest(&ckpt)?.ok_or_else(|| {
+        anyhow!(
+            "student.init_strategy: {} has no checkpoint to take the strategy's state from",
+            init.display()
+        )
+    })?;
+    if meta.active_teachers.is_some() {
+        bail!(
                 "student.init_strategy: teachers left the pool of {} (pruning); its strategy state does not fit the whole pool",
                 init.display()
             );
-        }
-        let st = StrategyState {
-            tensors: tensors
-                .into_iter()
-                .filter_map(|(n, t)| n.strip_prefix("strategy.").map(|k| (k.to_owned(), t)))
-                .collect(),
-            json: meta.strategy_json,
-        };
-        if st.tensors.is_empty() && st.json.is_empty() {
-            bail!(
+    }
+    let st = StrategyState {
+        tensors: tensors
+            .into_iter()
+            .filter_map(|(n, t)| n.strip_prefix("strategy.").map(|k| (k.to_owned(), t)))
+            .collect(),
+        json: meta.strategy_json,
+    };
+    if st.tensors.is_empty() && st.json.is_empty() {
+        bail!(
                 "student.init_strategy: the run {} kept no strategy state (its strategy learns nothing)",
                 init.display()
             );
-        }
-        self.strategy.load_state(&st).with_context(|| {
+    }
+    step.distiller.strategy.load_state(&st).with_context(|| {
             format!(
                 "student.init_strategy: the strategy state of {} does not fit this run's strategy and pool",
                 init.display()
             )
         })?;
-        tracing::info!(from = %init.display(), epoch = meta.epoch, "strategy state carried over");
-        Ok(())
-    }
+    tracing::info!(from = %init.display(), epoch = meta.epoch, "strategy state carried over");
+    Ok(())
 }
 
 /// The weights file `student.init` names: a run folder's `student.safetensors` (its architecture

@@ -1,200 +1,109 @@
-//! One optimizer step: the task loss, the teachers' outputs, the signals, the strategy's
-//! weights, the weighted KD and feature terms, the non-finite policy and the strategy's feedback.
+//! One optimizer step ([`DistillStep`]): the student's forward pass and task loss, the teachers'
+//! outputs from the run's [`TeacherSource`], the [`Distiller`]'s terms, the non-finite check,
+//! the update and the strategy's feedback. The loop, `mtkd bench-steps` and, later,
+//! data-parallel ranks drive this same step; what it applied comes back as a [`StepOutcome`]
+//! and the loop keeps the records.
 
-use super::*;
+use std::time::Instant;
 
-impl<'a> Trainer<'a> {
-    /// One optimizer step on a batch. Returns false when the batch was skipped (non-finite loss
-    /// under the `skip` policy).
-    pub(super) fn step(
+use anyhow::{Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::loss;
+use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::weighting::{Feedback, TeacherWeights};
+use mtkd_student::Network;
+use mtkd_vision_tasks::loader::Batch;
+use mtkd_vision_tasks::task::Task;
+
+use super::distiller::{Distiller, Terms};
+use super::evaluate::Sums;
+use super::pool::Pool;
+use super::source::TeacherSource;
+use crate::optim::Sgd;
+
+/// What a step did.
+pub(crate) enum StepOutcome {
+    /// The update was applied; with distillation, what the records keep of it.
+    Applied(Option<Distilled>),
+    /// The loss was not finite (the message names what): nothing was applied, and BatchNorm's
+    /// running statistics were put back when `restore_buffers` asked for it.
+    NonFinite(String),
+}
+
+/// The teachers' part of an applied step, for the run's records.
+pub(crate) struct Distilled {
+    /// The weights spread over the full pool `[B, M]` (0 for a pruned teacher), detached.
+    pub(crate) weights: TeacherWeights,
+    pub(crate) signals: BatchSignals,
+}
+
+/// The student, its optimizer, the teacher pool with its source of outputs, and the distiller.
+pub(crate) struct DistillStep {
+    pub(crate) task: Box<dyn Task>,
+    pub(crate) device: Device,
+    pub(crate) student_vs: VarStore,
+    pub(crate) student: Network,
+    pub(crate) opt: Sgd,
+    pub(crate) pool: Pool,
+    pub(crate) distiller: Distiller,
+    pub(crate) source: Box<dyn TeacherSource>,
+    /// The non-trainable variables of the student and the adapters (BatchNorm's running
+    /// statistics), shallow handles: put back after a skipped batch.
+    pub(crate) buffers: Vec<Tensor>,
+    /// Copy the buffers before each step, to put them back when the loss is not finite
+    /// (`train.on_nonfinite = "skip"`).
+    pub(crate) restore_buffers: bool,
+}
+
+impl DistillStep {
+    /// One optimizer step on `batch` (`epoch` 0-based, `step` the run's global step).
+    pub(crate) fn run(
         &mut self,
         batch: &Batch,
         sums: &mut Sums,
-        shared: Option<&mut EpochOutputs>,
         epoch: usize,
         step: u64,
-    ) -> Result<bool> {
+    ) -> Result<StepOutcome> {
+        let strategy = self.distiller.strategy.name().to_owned();
+        let context = || format!("strategy `{strategy}` at epoch {} step {step}", epoch + 1);
         // A skipped batch must leave no trace: BatchNorm's running statistics, updated by the
         // training-mode forward, are put back when the batch is skipped.
-        let saved: Option<Vec<Tensor>> = (self.cfg.train.on_nonfinite == NonFinitePolicy::Skip)
+        let saved: Option<Vec<Tensor>> = self
+            .restore_buffers
             .then(|| self.buffers.iter().map(Tensor::copy).collect());
-        let (images, labels, indices) = (&batch.images, &batch.labels, &batch.indices[..]);
-        let targets = &self.task.targets(batch)?;
-        let out = self.student.forward_t(images, true);
-        let ce = self.task.loss(&out.logits, targets)?;
-        let b = labels.size()[0];
-        let distill = self.distill().cloned();
-        let (per_sample, kd, feat, weights_mean) = match &distill {
-            None => (&ce * 1.0, None, None, None),
-            Some(d) => {
-                let t0 = Instant::now();
-                let pool = &self.pool;
-                let active = &self.active;
-                let t_outs = match shared {
-                    // Stored outputs hold the whole pool; a pruned teacher's column is dropped.
-                    Some(shared) => {
-                        let all =
-                            shared.batch(indices, self.device, || teacher_outputs(pool, images))?;
-                        if active.len() == all.len() {
-                            all
-                        } else {
-                            all.into_iter()
-                                .enumerate()
-                                .filter(|(i, _)| active.contains(i))
-                                .map(|(_, o)| o)
-                                .collect()
-                        }
-                    }
-                    None => match self.output_cache.as_mut() {
-                        Some(cache) => cache.outputs(active, indices, |which| {
-                            teacher_outputs_of(pool, which, images)
-                        })?,
-                        None => teacher_outputs_of(pool, active, images)?,
-                    },
-                };
-                // Without feature KD the teachers' maps are not used, and shared outputs do not
-                // store them: drop them here too, so that the strategy sees the same signals
-                // whether the outputs were computed or read.
-                let t_outs: Vec<ModelOutput> = if crate::shared::with_features(self.cfg) {
-                    t_outs
-                } else {
-                    t_outs
-                        .into_iter()
-                        .map(|o| ModelOutput {
-                            logits: o.logits,
-                            features: None,
-                        })
-                        .collect()
-                };
-                sums.teacher_seconds += t0.elapsed().as_secs_f64();
-                let features = out
-                    .features
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("the student gives no feature map"))?;
-                let projected: Vec<Option<Tensor>> = if self.adapters.is_empty() {
-                    (0..t_outs.len()).map(|_| None).collect()
-                } else {
-                    self.active
-                        .iter()
-                        .map(|&i| self.adapters[i].forward(features, true).map(Some))
-                        .collect::<std::result::Result<_, _>>()?
-                };
-                // The KL terms with gradient, once; the signals get them detached.
-                let kl_terms: Vec<Tensor> = t_outs
-                    .iter()
-                    .map(|t| self.task.kd(&out.logits, &t.logits, d.temperature, targets))
-                    .collect::<std::result::Result<_, _>>()?;
-                let t1 = Instant::now();
-                let mut signals = self.task.signals(
-                    &out.logits,
-                    &projected,
-                    &t_outs,
-                    targets,
-                    labels,
-                    d.temperature,
-                    Some(&kl_terms),
-                )?;
-                if self.strategy.wants_student_head() {
-                    let (weight, bias) = self.student.classifier();
-                    signals.student_head = Some(StudentHead {
-                        embedding: out
-                            .embedding()
-                            .ok_or_else(|| anyhow!("the student gives no feature map"))?
-                            .detach(),
-                        weight: weight.detach(),
-                        bias: bias.as_ref().map(Tensor::detach),
-                        lr: self.opt.lr,
-                    });
-                }
-                sums.signal_seconds += t1.elapsed().as_secs_f64();
-                let t2 = Instant::now();
-                let w = self.strategy.weights(&signals).with_context(|| {
-                    format!(
-                        "strategy `{}` at epoch {} step {step}",
-                        self.strategy.name(),
-                        epoch + 1
-                    )
-                })?;
-                sums.strategy_seconds += t2.elapsed().as_secs_f64();
-                let mut kd = Tensor::zeros([b], (Kind::Float, self.device));
-                let mut feat = Tensor::zeros([b], (Kind::Float, self.device));
-                // `distill.pixel_weights = "confidence"`: each teacher's per-image weight is
-                // spread over the image's pixels by its confidence there (docs/METHOD.md
-                // section 13); the KD term is then recomputed per pixel.
-                let per_pixel = match d.pixel_weights {
-                    crate::config::PixelWeights::Image => None,
-                    crate::config::PixelWeights::Confidence => Some(loss::pixel_weighted_kd(
-                        &out.logits,
-                        &t_outs
-                            .iter()
-                            .map(|t| t.logits.shallow_clone())
-                            .collect::<Vec<_>>(),
-                        &w.logit,
-                        targets,
-                        i64::from(mtkd_vision_tasks::segmentation::IGNORE),
-                        d.temperature,
-                    )?),
-                };
-                for (m, (t, term)) in t_outs.iter().zip(&kl_terms).enumerate() {
-                    if per_pixel.is_none() {
-                        kd += w.logit.select(1, m as i64) * term;
-                    }
-                    if let (Some(p), Some(tf)) = (&projected[m], &t.features) {
-                        let term = match d.feature_loss {
-                            crate::config::FeatureLoss::Mse => loss::feature_mse(p, tf)?,
-                            crate::config::FeatureLoss::Cwd => loss::cwd(p, tf, d.temperature)?,
-                            crate::config::FeatureLoss::Pearson => loss::feature_pearson(p, tf)?,
-                        };
-                        feat += w.feature.select(1, m as i64) * term;
-                    }
-                }
-                if let Some(k) = per_pixel {
-                    kd = k;
-                }
-                let total = &ce * d.ce_weight + &kd * d.kd_weight + &feat * d.feature_weight;
-                let full = self.to_full(&w)?;
-                let wm = Tensor::stack(
-                    &[
-                        full.logit.mean_dim(0, false, Kind::Float),
-                        full.feature.mean_dim(0, false, Kind::Float),
-                    ],
-                    0,
-                );
-                (
-                    total,
-                    Some(kd),
-                    Some(feat),
-                    Some((wm, signals, w, t_outs, full)),
-                )
-            }
+        let targets = self.task.targets(batch)?;
+        let out = self.student.forward_t(&batch.images, true);
+        let ce = self.task.loss(&out.logits, &targets)?;
+        let terms = if self.distiller.settings().is_some() {
+            let t0 = Instant::now();
+            let teachers = self.source.outputs(&self.pool, batch)?;
+            sums.teacher_seconds += t0.elapsed().as_secs_f64();
+            let head = self
+                .distiller
+                .student_head(&self.student, &out, self.opt.lr)?;
+            Some(self.distiller.terms(
+                self.task.as_ref(),
+                &out,
+                &ce,
+                &targets,
+                &batch.labels,
+                teachers,
+                &self.pool.active,
+                head,
+                sums,
+                &context,
+            )?)
+        } else {
+            None
         };
-        let loss = per_sample.mean(Kind::Float);
-        // One check per step; the diagnosis below runs only when it fails.
+        let loss = match &terms {
+            Some(t) => t.total.mean(Kind::Float),
+            None => (&ce * 1.0).mean(Kind::Float),
+        };
+        // One check per step; the diagnosis runs only when it fails.
         if loss::ensure_finite("loss", &loss).is_err() {
-            let bad = |t: &Tensor| loss::ensure_finite("", t).is_err();
-            let mut what = None;
-            if let Some((_, _, w, t_outs, _)) = &weights_mean {
-                for (p, t) in self.active.iter().map(|&i| &self.pool[i]).zip(t_outs) {
-                    if what.is_none() && bad(&t.logits) {
-                        what = Some(format!("the logits of teacher `{}`", p.teacher.name()));
-                    }
-                }
-                if what.is_none() && (bad(&w.logit) || bad(&w.feature)) {
-                    what = Some(format!(
-                        "the weights of strategy `{}`",
-                        self.strategy.name()
-                    ));
-                }
-            }
-            let what = what.unwrap_or_else(|| {
-                if bad(&ce) {
-                    "the cross-entropy term".to_owned()
-                } else if kd.as_ref().is_some_and(bad) {
-                    "the KD term".to_owned()
-                } else {
-                    "the feature term".to_owned()
-                }
-            });
             if let Some(saved) = saved {
                 tch::no_grad(|| {
                     for (var, copy) in self.buffers.iter_mut().zip(&saved) {
@@ -202,14 +111,11 @@ impl<'a> Trainer<'a> {
                     }
                 });
             }
-            return self.non_finite(epoch, step, &what, sums);
+            return Ok(StepOutcome::NonFinite(self.diagnose(&ce, terms.as_ref())));
         }
-        let eval_before = if weights_mean.is_some() && self.strategy.wants_eval_ce() {
-            let t3 = Instant::now();
-            let before = tch::no_grad(|| self.student.forward_t(images, false));
-            let ce = self.task.loss(&before.logits, targets)?;
-            sums.reward_seconds += t3.elapsed().as_secs_f64();
-            Some(ce)
+        let reward = terms.is_some() && self.distiller.strategy.wants_eval_ce();
+        let eval_before = if reward {
+            Some(self.eval_ce(&batch.images, &targets, sums)?)
         } else {
             None
         };
@@ -218,135 +124,104 @@ impl<'a> Trainer<'a> {
         self.opt.step();
         let correct = self
             .task
-            .train_score(&out.logits.detach(), targets)?
+            .train_score(&out.logits.detach(), &targets)?
             .sum(Kind::Double);
+        let Some(terms) = terms else {
+            sums.add(
+                batch.indices.len() as i64,
+                &loss.detach(),
+                &ce.detach(),
+                None,
+                &correct,
+            );
+            return Ok(StepOutcome::Applied(None));
+        };
+        let full = self.pool.to_full(&terms.weights, self.device)?;
         sums.add(
-            b,
+            batch.indices.len() as i64,
             &loss.detach(),
             &ce.detach(),
-            kd.as_ref(),
-            feat.as_ref(),
+            Some((&terms, &full)),
             &correct,
-            weights_mean.as_ref().map(|x| &x.0),
         );
-        if let Some((_, signals, w, _, full)) = weights_mean {
-            self.record_weights(&full, labels, indices, epoch, step)?;
-            if epoch + 1 == self.cfg.train.epochs {
-                crate::audit::collect(&mut self.audit, &signals, &full, &self.active, indices)?;
-            }
-            let eval_ce = match eval_before {
-                Some(before) => {
-                    let t4 = Instant::now();
-                    let after = tch::no_grad(|| self.student.forward_t(images, false));
-                    let ce = self.task.loss(&after.logits, targets)?;
-                    sums.reward_seconds += t4.elapsed().as_secs_f64();
-                    Some((before, ce))
-                }
-                None => None,
-            };
-            let t5 = Instant::now();
-            let feedback = Feedback {
-                per_sample_loss: per_sample.detach(),
-                pre_step_ce: ce.detach(),
-                eval_ce,
-                step,
-            };
-            self.strategy
-                .observe(&signals, &w, &feedback)
-                .with_context(|| {
-                    format!(
-                        "strategy `{}` at epoch {} step {step}",
-                        self.strategy.name(),
-                        epoch + 1
-                    )
-                })?;
-            sums.strategy_seconds += t5.elapsed().as_secs_f64();
-        }
-        Ok(true)
+        let eval_ce = match eval_before {
+            Some(before) => Some((before, self.eval_ce(&batch.images, &targets, sums)?)),
+            None => None,
+        };
+        let t5 = Instant::now();
+        let feedback = Feedback {
+            per_sample_loss: terms.total.detach(),
+            pre_step_ce: ce.detach(),
+            eval_ce,
+            step,
+        };
+        self.distiller
+            .observe(&terms, &feedback)
+            .with_context(context)?;
+        sums.strategy_seconds += t5.elapsed().as_secs_f64();
+        Ok(StepOutcome::Applied(Some(Distilled {
+            weights: full,
+            signals: terms.signals,
+        })))
     }
 
-    /// Weights of the active teachers `[B, M_active]` spread over the full pool `[B, M]` (0 for
-    /// a pruned teacher), detached.
-    pub(super) fn to_full(&self, w: &TeacherWeights) -> Result<TeacherWeights> {
-        let m = self.pool.len();
-        if self.active.len() == m {
-            return Ok(TeacherWeights {
-                logit: w.logit.detach(),
-                feature: w.feature.detach(),
-            });
+    /// Keep only the teachers at `active` (full pool positions, increasing); the strategy
+    /// drops the others from its state.
+    pub(crate) fn set_active(&mut self, active: Vec<usize>) -> Result<()> {
+        let pool = &mut self.pool;
+        if active.is_empty() || active.iter().any(|&i| i >= pool.len()) {
+            anyhow::bail!(
+                "the checkpoint's active teachers {active:?} do not fit a pool of {}",
+                pool.len()
+            );
         }
-        let idx = Tensor::from_slice(&self.active.iter().map(|&i| i as i64).collect::<Vec<_>>())
-            .to_device(self.device);
-        let spread = |t: &Tensor| -> Result<Tensor> {
-            let b = t.size()[0];
-            Ok(
-                Tensor::zeros([b, m as i64], (Kind::Float, self.device)).f_index_copy(
-                    1,
-                    &idx,
-                    &t.detach().to_kind(Kind::Float),
-                )?,
-            )
-        };
-        Ok(TeacherWeights {
-            logit: spread(&w.logit)?,
-            feature: spread(&w.feature)?,
-        })
+        let keep: Vec<usize> = active
+            .iter()
+            .map(|i| pool.active.iter().position(|a| a == i))
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow::anyhow!("a pruned teacher cannot come back to the pool"))?;
+        let strategy = &mut self.distiller.strategy;
+        strategy
+            .retain_teachers(&keep)
+            .with_context(|| format!("strategy `{}`", strategy.name()))?;
+        pool.active = active;
+        Ok(())
     }
 
-    pub(super) fn non_finite(
-        &self,
-        epoch: usize,
-        step: u64,
-        what: &str,
-        sums: &mut Sums,
-    ) -> Result<bool> {
-        let ckpt_dir = self.dir.join("checkpoints");
-        let kept = if checkpoint::any(&ckpt_dir) {
-            format!(
-                "The last good checkpoint is kept in {} (mtkd train --resume {} continues from it)",
-                ckpt_dir.display(),
-                self.dir.display()
-            )
-        } else {
-            "No epoch finished, so there is no checkpoint".to_owned()
-        };
-        match self.cfg.train.on_nonfinite {
-            NonFinitePolicy::Stop => bail!(
-                "non-finite loss at epoch {} (global step {}): {what} is NaN or infinite. {kept}; \
-                 lower train.lr or set train.on_nonfinite = \"skip\"",
-                epoch + 1,
-                step,
-            ),
-            NonFinitePolicy::Skip => {
-                tracing::warn!(
-                    epoch = epoch + 1,
-                    step,
-                    what,
-                    "non-finite loss: batch skipped"
-                );
-                sums.skipped += 1;
-                sums.batches += 1;
-                *sums.skip_causes.entry(what.to_owned()).or_default() += 1;
-                let budget = self.cfg.train.skip_budget;
-                let allowed = (budget * self.epoch_batches as f64).floor() as usize;
-                if sums.skipped > allowed {
-                    let mut causes: Vec<(&String, &usize)> = sums.skip_causes.iter().collect();
-                    causes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-                    bail!(
-                        "train.on_nonfinite = \"skip\": {} of the {} batches of epoch {} had a non-finite \
-                         loss, over train.skip_budget = {budget} ({allowed} batches). Cause: {}. {kept}",
-                        sums.skipped,
-                        self.epoch_batches,
-                        epoch + 1,
-                        causes
-                            .iter()
-                            .map(|(w, n)| format!("{w} ({n} batches)"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
+    /// The task loss of the student in eval mode (the clean and meta agents' reward).
+    fn eval_ce(&self, images: &Tensor, targets: &Tensor, sums: &mut Sums) -> Result<Tensor> {
+        let t = Instant::now();
+        let out = tch::no_grad(|| self.student.forward_t(images, false));
+        let ce = self.task.loss(&out.logits, targets)?;
+        sums.reward_seconds += t.elapsed().as_secs_f64();
+        Ok(ce)
+    }
+
+    /// What made the loss non-finite: a teacher's logits, the strategy's weights, or a term.
+    fn diagnose(&self, ce: &Tensor, terms: Option<&Terms>) -> String {
+        let bad = |t: &Tensor| loss::ensure_finite("", t).is_err();
+        if let Some(terms) = terms {
+            for (&i, t) in self.pool.active.iter().zip(&terms.teachers) {
+                if bad(&t.logits) {
+                    return format!(
+                        "the logits of teacher `{}`",
+                        self.pool.members[i].teacher.name()
                     );
                 }
-                Ok(false)
             }
+            if bad(&terms.weights.logit) || bad(&terms.weights.feature) {
+                return format!(
+                    "the weights of strategy `{}`",
+                    self.distiller.strategy.name()
+                );
+            }
+        }
+        if bad(ce) {
+            "the cross-entropy term".to_owned()
+        } else if terms.is_some_and(|t| bad(&t.kd)) {
+            "the KD term".to_owned()
+        } else {
+            "the feature term".to_owned()
         }
     }
 }

@@ -1,6 +1,12 @@
 //! The weighting strategy a config names, built for its pool (the strategy factory).
 
-use super::*;
+use anyhow::{anyhow, Context, Result};
+use tch::Device;
+
+use mtkd_distill_core::weighting::{Equal, EqualOnesWarmup, NoKd, Single, WeightingStrategy};
+
+use super::pool::PoolMember;
+use crate::config::{Config, StrategyKind};
 
 /// The strategy of `cfg.distill` for `pool` (no KD without a distill section).
 pub(super) fn build(

@@ -1,137 +1,79 @@
-//! Teacher membership and weight records: pruning (`[distill.prune]`), per-class weights and
-//! `weights.csv`.
+//! What a run keeps of the teachers' weights ([`WeightRecords`]: per-class means, the audit's
+//! candidates, `weights.csv`) and who leaves the pool under `[distill.prune]`.
 
-use super::*;
+use std::io::Write;
+use std::path::Path;
 
-impl<'a> Trainer<'a> {
-    pub(super) fn active_names(&self) -> Vec<String> {
-        self.active
-            .iter()
-            .map(|&i| self.pool[i].teacher.name().to_owned())
-            .collect()
+use anyhow::{Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use mtkd_vision_tasks::loader::Batch;
+
+use super::pool::Pool;
+use super::step::Distilled;
+use crate::config::PruneConfig;
+use crate::record::EpochRecord;
+
+/// The weight records of a run, filled step by step.
+#[derive(Default)]
+pub(super) struct WeightRecords {
+    /// Sums of logit and feature weights `[K, M]` (full pool order) and sample counts `[K]`
+    /// per class over the current epoch.
+    per_class: Option<(Tensor, Tensor, Tensor)>,
+    /// The last epoch's most disagreed-on training samples (for `audit.json`).
+    pub(super) audit: Vec<crate::audit::Candidate>,
+    /// `weights.csv` when `run.weight_log` is on.
+    pub(super) weight_log: Option<std::io::BufWriter<std::fs::File>>,
+}
+
+impl WeightRecords {
+    /// An epoch begins: the per-class sums and the audit start over.
+    pub(super) fn start_epoch(&mut self) {
+        self.per_class = None;
+        self.audit.clear();
     }
 
-    /// Keep only the teachers at `active` (full pool positions, increasing).
-    pub(super) fn set_active(&mut self, active: Vec<usize>) -> Result<()> {
-        if active.is_empty() || active.iter().any(|&i| i >= self.pool.len()) {
-            bail!(
-                "the checkpoint's active teachers {active:?} do not fit a pool of {}",
-                self.pool.len()
-            );
-        }
-        let keep: Vec<usize> = active
-            .iter()
-            .map(|i| self.active.iter().position(|a| a == i))
-            .collect::<Option<_>>()
-            .ok_or_else(|| anyhow!("a pruned teacher cannot come back to the pool"))?;
-        self.strategy
-            .retain_teachers(&keep)
-            .with_context(|| format!("strategy `{}`", self.strategy.name()))?;
-        self.active = active;
-        Ok(())
-    }
-
-    /// `[distill.prune]` at the end of an epoch: count the epochs each active teacher spent under
-    /// the threshold and drop those past their patience. Returns the names that left.
-    pub(super) fn prune_after_epoch(&mut self, rec: &EpochRecord) -> Result<Vec<String>> {
-        let Some(p) = self.distill().and_then(|d| d.prune.clone()) else {
-            return Ok(Vec::new());
-        };
-        let mut leaving = Vec::new();
-        for &i in &self.active {
-            let w = rec.teacher_weights.get(i).copied().unwrap_or(f64::NAN);
-            if w < p.threshold {
-                self.prune_counts[i] += 1;
-            } else {
-                self.prune_counts[i] = 0;
-            }
-            if self.prune_counts[i] >= p.patience {
-                leaving.push((w, i));
-            }
-        }
-        // Lowest weight first, never below min_teachers.
-        leaving.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        let room = self.active.len().saturating_sub(p.min_teachers);
-        leaving.truncate(room);
-        if leaving.is_empty() {
-            return Ok(Vec::new());
-        }
-        let gone: Vec<usize> = leaving.iter().map(|&(_, i)| i).collect();
-        let names: Vec<String> = gone
-            .iter()
-            .map(|&i| self.pool[i].teacher.name().to_owned())
-            .collect();
-        let active: Vec<usize> = self
-            .active
-            .iter()
-            .copied()
-            .filter(|i| !gone.contains(i))
-            .collect();
-        self.set_active(active)?;
-        for (n, (w, _)) in names.iter().zip(&leaving) {
-            tracing::info!(teacher = %n, epoch = rec.epoch, mean_weight = w, threshold = p.threshold,
-                "teacher leaves the pool (distill.prune)");
-        }
-        Ok(names)
-    }
-
-    /// The epoch's per-class mean weights into its record.
-    pub(super) fn class_weights_into(&self, rec: &mut EpochRecord) -> Result<()> {
-        if let Some((sums, fsums, counts)) = &self.per_class {
-            let m = self.pool.len().max(1);
-            let grid = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
-                let mean = t / counts.clamp_min(1.0).unsqueeze(1);
-                let v: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
-                Ok(v.chunks(m).map(<[f64]>::to_vec).collect())
-            };
-            rec.class_weights = grid(sums)?;
-            rec.class_feature_weights = grid(fsums)?;
+    /// Record a distilled step: per-class sums, the audit's candidates in the last epoch
+    /// (`at.2`), `weights.csv`. `at` is (epoch, global step, last epoch).
+    pub(super) fn add(
+        &mut self,
+        d: &Distilled,
+        batch: &Batch,
+        num_classes: i64,
+        active: &[usize],
+        at: (usize, u64, bool),
+    ) -> Result<()> {
+        let (epoch, step, last) = at;
+        self.per_class_and_log(
+            &d.weights,
+            &batch.labels,
+            &batch.indices,
+            num_classes,
+            epoch,
+            step,
+        )?;
+        if last {
+            crate::audit::collect(
+                &mut self.audit,
+                &d.signals,
+                &d.weights,
+                active,
+                &batch.indices,
+            )?;
         }
         Ok(())
-    }
-
-    /// Open `weights.csv` for appending, keeping only the lines of the `done` completed epochs
-    /// (a resumed run replays the interrupted epoch, so its partial lines go).
-    pub(super) fn open_weight_log(&self, done: usize) -> Result<std::io::BufWriter<std::fs::File>> {
-        let path = self.dir.join("weights.csv");
-        let mut header = "epoch,step,index,label".to_owned();
-        for kind in ["logit", "feature"] {
-            for p in &self.pool {
-                header.push_str(&format!(",{kind}:{}", p.teacher.name()));
-            }
-        }
-        let mut kept = header + "\n";
-        if let Ok(old) = std::fs::read_to_string(&path) {
-            for line in old.lines().skip(1) {
-                let epoch: usize = line
-                    .split(',')
-                    .next()
-                    .and_then(|e| e.parse().ok())
-                    .unwrap_or(usize::MAX);
-                if epoch <= done {
-                    kept.push_str(line);
-                    kept.push('\n');
-                }
-            }
-        }
-        crate::fsio::write_atomic(&path, kept.as_bytes())?;
-        let f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        Ok(std::io::BufWriter::new(f))
     }
 
     /// Per-class mean logit weights (for the heatmap) and the optional per-sample CSV log.
-    pub(super) fn record_weights(
+    fn per_class_and_log(
         &mut self,
-        w: &TeacherWeights,
+        w: &mtkd_distill_core::weighting::TeacherWeights,
         labels: &Tensor,
         indices: &[usize],
+        k: i64,
         epoch: usize,
         step: u64,
     ) -> Result<()> {
-        let k = self.data.num_classes();
         let onehot = labels.onehot(k).to_kind(Kind::Double); // [B, K]
         let sums = onehot
             .transpose(0, 1)
@@ -163,4 +105,87 @@ impl<'a> Trainer<'a> {
         }
         Ok(())
     }
+
+    /// The epoch's per-class mean weights into its record (`m` teachers in the pool).
+    pub(super) fn class_weights_into(&self, rec: &mut EpochRecord, m: usize) -> Result<()> {
+        if let Some((sums, fsums, counts)) = &self.per_class {
+            let m = m.max(1);
+            let grid = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
+                let mean = t / counts.clamp_min(1.0).unsqueeze(1);
+                let v: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
+                Ok(v.chunks(m).map(<[f64]>::to_vec).collect())
+            };
+            rec.class_weights = grid(sums)?;
+            rec.class_feature_weights = grid(fsums)?;
+        }
+        Ok(())
+    }
+
+    /// Flush and sync `weights.csv` (at each checkpoint and at the end).
+    pub(super) fn sync_weight_log(&mut self) -> Result<()> {
+        if let Some(log) = &mut self.weight_log {
+            log.flush()
+                .and_then(|()| log.get_ref().sync_data())
+                .context("writing weights.csv")?;
+        }
+        Ok(())
+    }
+}
+
+/// Open `weights.csv` in `dir` for appending, keeping only the lines of the `done` completed
+/// epochs (a resumed run replays the interrupted epoch, so its partial lines go).
+pub(super) fn open_weight_log(
+    dir: &Path,
+    pool: &Pool,
+    done: usize,
+) -> Result<std::io::BufWriter<std::fs::File>> {
+    let path = dir.join("weights.csv");
+    let mut header = "epoch,step,index,label".to_owned();
+    for kind in ["logit", "feature"] {
+        for name in pool.names() {
+            header.push_str(&format!(",{kind}:{name}"));
+        }
+    }
+    let mut kept = header + "\n";
+    if let Ok(old) = std::fs::read_to_string(&path) {
+        for line in old.lines().skip(1) {
+            let epoch: usize = line
+                .split(',')
+                .next()
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(usize::MAX);
+            if epoch <= done {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    crate::fsio::write_atomic(&path, kept.as_bytes())?;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok(std::io::BufWriter::new(f))
+}
+
+/// `[distill.prune]` after an epoch: count the epochs each active teacher spent under the
+/// threshold and return those past their patience as (mean weight, pool position), lowest
+/// weight first, never leaving fewer than `min_teachers`.
+pub(super) fn leaving(pool: &mut Pool, p: &PruneConfig, rec: &EpochRecord) -> Vec<(f64, usize)> {
+    let mut leaving = Vec::new();
+    for &i in &pool.active {
+        let w = rec.teacher_weights.get(i).copied().unwrap_or(f64::NAN);
+        if w < p.threshold {
+            pool.prune_counts[i] += 1;
+        } else {
+            pool.prune_counts[i] = 0;
+        }
+        if pool.prune_counts[i] >= p.patience {
+            leaving.push((w, i));
+        }
+    }
+    leaving.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let room = pool.active.len().saturating_sub(p.min_teachers);
+    leaving.truncate(room);
+    leaving
 }

@@ -1,0 +1,245 @@
+//! The distiller, built once from `[distill]` and the pool: the adapters that project the
+//! student's feature map onto each teacher's, the KD and feature terms, per-pixel weighting and
+//! the weighting strategy. Per batch it turns the student's output and the teachers' outputs
+//! into named [`Terms`] that the step adds up; the step knows nothing of KD beyond them.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use mtkd_distill_core::adapter::Adapter;
+use mtkd_distill_core::loss;
+use mtkd_distill_core::signals::{BatchSignals, StudentHead};
+use mtkd_distill_core::weighting::{Feedback, TeacherWeights, WeightingStrategy};
+use mtkd_distill_core::ModelOutput;
+use mtkd_student::Network;
+use mtkd_vision_tasks::task::Task;
+
+use super::evaluate::Sums;
+use super::pool::Pool;
+use crate::config::{Config, DistillConfig, FeatureLoss, PixelWeights, StrategyKind};
+
+/// A batch's distillation, term by term.
+///
+/// # Shapes
+/// Per-sample terms are `[B]`; `weights` are `[B, M_active]` (the active teachers, pool order).
+pub(crate) struct Terms {
+    /// `ce_weight * CE + kd_weight * KD + feature_weight * feature`, with gradient.
+    pub(crate) total: Tensor,
+    /// The teacher-weighted KD term (per image).
+    pub(crate) kd: Tensor,
+    /// The teacher-weighted feature term (per image; zeros without feature KD).
+    pub(crate) feature: Tensor,
+    /// What the strategy saw (detached).
+    pub(crate) signals: BatchSignals,
+    /// What the strategy gave.
+    pub(crate) weights: TeacherWeights,
+    /// The active teachers' outputs the terms were computed from.
+    pub(crate) teachers: Vec<ModelOutput>,
+}
+
+/// Adapters, loss terms and the weighting strategy of a run.
+pub(crate) struct Distiller {
+    /// The `[distill]` table when the run distils (a pool, a strategy other than `none`).
+    settings: Option<DistillConfig>,
+    /// Whether the teachers' feature maps are used (feature KD); without, they are dropped so
+    /// that the strategy sees the same signals whatever the teacher source.
+    with_features: bool,
+    pub(crate) adapter_vs: VarStore,
+    pub(crate) adapters: Vec<Adapter>,
+    pub(crate) strategy: Box<dyn WeightingStrategy>,
+}
+
+impl Distiller {
+    /// The distiller of `cfg` for `pool` and the student `student`.
+    pub(crate) fn new(
+        cfg: &Config,
+        pool: &Pool,
+        student: &Network,
+        num_classes: i64,
+        device: Device,
+    ) -> Result<Distiller> {
+        let settings = cfg
+            .distill
+            .clone()
+            .filter(|d| d.strategy != StrategyKind::None && !pool.is_empty());
+        let adapter_vs = VarStore::new(device);
+        let mut adapters = Vec::new();
+        if cfg
+            .distill
+            .as_ref()
+            .is_some_and(|d| d.feature_weight > 0.0 && d.strategy != StrategyKind::None)
+        {
+            for (m, member) in pool.members.iter().enumerate() {
+                let shape = member.teacher.feature_shape().ok_or_else(|| {
+                    anyhow!(
+                        "teacher `{}` gives logits only, but distill.feature_weight > 0 asks for feature KD; \
+                         set distill.feature_weight = 0 or use a teacher that returns its feature map",
+                        member.teacher.name()
+                    )
+                })?;
+                adapters.push(Adapter::new(
+                    &(adapter_vs.root() / m),
+                    student.feature_shape(),
+                    shape,
+                ));
+            }
+        }
+        let strategy = super::strategy::build(cfg, &pool.members, num_classes, device)?;
+        Ok(Distiller {
+            settings,
+            with_features: crate::shared::with_features(cfg),
+            adapter_vs,
+            adapters,
+            strategy,
+        })
+    }
+
+    /// The `[distill]` table when the run distils.
+    pub(crate) fn settings(&self) -> Option<&DistillConfig> {
+        self.settings.as_ref()
+    }
+
+    /// The student's classifier and its input, when the strategy reads them (MMKD, the meta
+    /// agent's look-ahead).
+    pub(crate) fn student_head(
+        &self,
+        student: &Network,
+        out: &ModelOutput,
+        lr: f64,
+    ) -> Result<Option<StudentHead>> {
+        if !self.strategy.wants_student_head() {
+            return Ok(None);
+        }
+        let (weight, bias) = student.classifier();
+        Ok(Some(StudentHead {
+            embedding: out
+                .embedding()
+                .ok_or_else(|| anyhow!("the student gives no feature map"))?
+                .detach(),
+            weight: weight.detach(),
+            bias: bias.as_ref().map(Tensor::detach),
+            lr,
+        }))
+    }
+
+    /// The terms of one batch: `out` is the student's training-mode output, `ce` its per-image
+    /// task loss, `teachers` the active teachers' outputs (`active`: their pool positions).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn terms(
+        &mut self,
+        task: &dyn Task,
+        out: &ModelOutput,
+        ce: &Tensor,
+        targets: &Tensor,
+        labels: &Tensor,
+        teachers: Vec<ModelOutput>,
+        active: &[usize],
+        head: Option<StudentHead>,
+        sums: &mut Sums,
+        context: &dyn Fn() -> String,
+    ) -> Result<Terms> {
+        let d = self
+            .settings
+            .clone()
+            .context("the distiller was asked for terms in a run without distillation")?;
+        let teachers = if self.with_features {
+            teachers
+        } else {
+            teachers
+                .into_iter()
+                .map(|o| ModelOutput {
+                    logits: o.logits,
+                    features: None,
+                })
+                .collect()
+        };
+        let features = out
+            .features
+            .as_ref()
+            .ok_or_else(|| anyhow!("the student gives no feature map"))?;
+        let projected: Vec<Option<Tensor>> = if self.adapters.is_empty() {
+            (0..teachers.len()).map(|_| None).collect()
+        } else {
+            active
+                .iter()
+                .map(|&i| self.adapters[i].forward(features, true).map(Some))
+                .collect::<std::result::Result<_, _>>()?
+        };
+        // The KL terms with gradient, once; the signals get them detached.
+        let kl_terms: Vec<Tensor> = teachers
+            .iter()
+            .map(|t| task.kd(&out.logits, &t.logits, d.temperature, targets))
+            .collect::<std::result::Result<_, _>>()?;
+        let t1 = Instant::now();
+        let mut signals = task.signals(
+            &out.logits,
+            &projected,
+            &teachers,
+            targets,
+            labels,
+            d.temperature,
+            Some(&kl_terms),
+        )?;
+        signals.student_head = head;
+        sums.signal_seconds += t1.elapsed().as_secs_f64();
+        let t2 = Instant::now();
+        let weights = self.strategy.weights(&signals).with_context(context)?;
+        sums.strategy_seconds += t2.elapsed().as_secs_f64();
+        let b = ce.size()[0];
+        let device = ce.device();
+        let mut kd = Tensor::zeros([b], (Kind::Float, device));
+        let mut feature = Tensor::zeros([b], (Kind::Float, device));
+        // `distill.pixel_weights = "confidence"`: each teacher's per-image weight is spread
+        // over the image's pixels by its confidence there (docs/METHOD.md section 13); the KD
+        // term is then recomputed per pixel.
+        let per_pixel = match d.pixel_weights {
+            PixelWeights::Image => None,
+            PixelWeights::Confidence => Some(loss::pixel_weighted_kd(
+                &out.logits,
+                &teachers
+                    .iter()
+                    .map(|t| t.logits.shallow_clone())
+                    .collect::<Vec<_>>(),
+                &weights.logit,
+                targets,
+                i64::from(mtkd_vision_tasks::segmentation::IGNORE),
+                d.temperature,
+            )?),
+        };
+        for (m, (t, term)) in teachers.iter().zip(&kl_terms).enumerate() {
+            if per_pixel.is_none() {
+                kd += weights.logit.select(1, m as i64) * term;
+            }
+            if let (Some(p), Some(tf)) = (&projected[m], &t.features) {
+                let term = match d.feature_loss {
+                    FeatureLoss::Mse => loss::feature_mse(p, tf)?,
+                    FeatureLoss::Cwd => loss::cwd(p, tf, d.temperature)?,
+                    FeatureLoss::Pearson => loss::feature_pearson(p, tf)?,
+                };
+                feature += weights.feature.select(1, m as i64) * term;
+            }
+        }
+        if let Some(k) = per_pixel {
+            kd = k;
+        }
+        let total = ce * d.ce_weight + &kd * d.kd_weight + &feature * d.feature_weight;
+        Ok(Terms {
+            total,
+            kd,
+            feature,
+            signals,
+            weights,
+            teachers,
+        })
+    }
+
+    /// The strategy learns from what its weights led to.
+    pub(crate) fn observe(&mut self, terms: &Terms, feedback: &Feedback) -> Result<()> {
+        self.strategy
+            .observe(&terms.signals, &terms.weights, feedback)?;
+        Ok(())
+    }
+}
