@@ -67,6 +67,15 @@ pub fn any(root: &Path) -> bool {
     list(root).map(|l| !l.is_empty()).unwrap_or(false)
 }
 
+/// The config hash recorded by the newest checkpoint, read from its `meta.json` alone (no
+/// checksums, no tensors): for refusing a resume with another configuration before any work.
+/// None when there is no checkpoint or its meta cannot be read (the full load decides then).
+pub fn latest_config_hash(root: &Path) -> Option<String> {
+    let (_, dir) = list(root).ok()?.into_iter().max_by_key(|(n, _)| *n)?;
+    let meta: Meta = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).ok()?).ok()?;
+    Some(meta.config_hash)
+}
+
 fn epoch_dir(root: &Path, epoch: usize) -> PathBuf {
     root.join(format!("epoch-{epoch:04}"))
 }
@@ -98,22 +107,12 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let cpu: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
-        .collect();
-    let state = tmp.join("state.safetensors");
-    crate::fsio::write_atomic_with(&state, |p| {
-        Tensor::write_safetensors(&cpu, p).map_err(|e| e.to_string().into())
-    })?;
-    crate::fsio::write_atomic(&tmp.join("meta.json"), &serde_json::to_vec_pretty(meta)?)?;
-    let sums = Checksums {
-        files: FILES
-            .iter()
-            .map(|f| Ok(((*f).to_owned(), FileSum::of(&tmp.join(f))?)))
-            .collect::<Result<_>>()?,
-    };
-    crate::fsio::write_json_atomic(&tmp.join(CHECKSUMS), &sums)?;
+    // A write that fails (a full disk) leaves no half-made folder behind.
+    let written = write_into(&tmp, tensors, meta);
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
     }
@@ -131,6 +130,27 @@ pub fn save(
         }
     }
     Ok(final_dir)
+}
+
+/// The checkpoint's files, written into the folder `tmp`.
+fn write_into(tmp: &Path, tensors: &[(String, Tensor)], meta: &Meta) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
+        .collect();
+    let state = tmp.join("state.safetensors");
+    crate::fsio::write_atomic_with(&state, |p| {
+        Tensor::write_safetensors(&cpu, p).map_err(|e| e.to_string().into())
+    })?;
+    crate::fsio::write_atomic(&tmp.join("meta.json"), &serde_json::to_vec_pretty(meta)?)?;
+    let sums = Checksums {
+        files: FILES
+            .iter()
+            .map(|f| Ok(((*f).to_owned(), FileSum::of(&tmp.join(f))?)))
+            .collect::<Result<_>>()?,
+    };
+    crate::fsio::write_json_atomic(&tmp.join(CHECKSUMS), &sums)?;
+    Ok(())
 }
 
 fn list(root: &Path) -> Result<Vec<(usize, PathBuf)>> {

@@ -146,8 +146,10 @@ pub struct DataConfig {
     /// otherwise name the classes "0", "1", ...). Must have one name per class.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub class_names: Vec<String>,
-    /// `segmentation-folder`: the number of classes (background included; default: the
-    /// number of `class_names`).
+    /// The number of classes: `segmentation-folder` (background included; default: the
+    /// number of `class_names`) and `mnist` (IDX files: default 10, as MNIST and
+    /// Fashion-MNIST; EMNIST's splits have others). For any other kind the format says how
+    /// many, and a different value here is an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_classes: Option<usize>,
     /// `synthetic-scenes`: how the scenes are made.
@@ -1087,6 +1089,33 @@ fn apply_override(table: &mut toml::Table, o: &str) -> Result<(), ConfigError> {
 }
 
 /// Stable 64-bit FNV-1a hash, hex (config identity for caches and resume checks).
+/// The dotted keys whose values differ between two configurations (a key set in one and not
+/// the other counts), sorted.
+pub fn differences(a: &Config, b: &Config) -> Result<Vec<String>, toml::ser::Error> {
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, x.get(k), y.get(k), out);
+                }
+            }
+            (x, y) if x != y => out.push(prefix.to_owned()),
+            _ => {}
+        }
+    }
+    let a = toml::Value::try_from(a)?;
+    let b = toml::Value::try_from(b)?;
+    let mut out = Vec::new();
+    walk("", Some(&a), Some(&b), &mut out);
+    Ok(out)
+}
+
 pub fn stable_hash(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {

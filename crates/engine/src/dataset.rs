@@ -62,7 +62,9 @@ impl Datasets {
         };
         let read = || -> Result<ImageSet> {
             let set = match cfg.kind {
-                DatasetKind::Mnist => data::read_mnist_dir(&root, split)?,
+                DatasetKind::Mnist => {
+                    data::read_idx_dir(&root, split, cfg.num_classes.unwrap_or(10))?
+                }
                 DatasetKind::Cifar10 => data::read_cifar_dir(&root, split, false)?,
                 DatasetKind::Cifar100 => data::read_cifar_dir(&root, split, true)?,
                 DatasetKind::ImageFolder => {
@@ -119,6 +121,14 @@ impl Datasets {
             crate::config::SubsetKind::First => set.take(n),
             crate::config::SubsetKind::Stratified => set.stratified(n, seed),
         };
+        if let Some(k) = cfg.num_classes.filter(|&k| k != set.num_classes) {
+            anyhow::bail!(
+                "data.num_classes = {k}, but the {which} split of {} has {} classes (the format \
+                 says how many); remove data.num_classes or correct it",
+                root.display(),
+                set.num_classes
+            );
+        }
         if !cfg.class_names.is_empty() {
             if cfg.class_names.len() != set.num_classes {
                 anyhow::bail!(

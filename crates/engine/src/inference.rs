@@ -196,6 +196,7 @@ impl Model {
             ModelSource::Run(dir) => {
                 let arch = src.arch()?.ok_or_else(|| anyhow!("no architecture"))?;
                 let w = dir.join("student.safetensors");
+                check_weights_fit(&w, arch, src.head()?, input, num_classes)?;
                 (
                     Box::new(
                         NativeTeacher::load(
@@ -213,18 +214,27 @@ impl Model {
                 )
             }
             ModelSource::Weights { path, arch } => (
-                Box::new(
-                    NativeTeacher::load(
-                        "student",
+                {
+                    check_weights_fit(
+                        path,
                         *arch,
                         mtkd_student::HeadKind::Classifier,
-                        path,
                         input,
                         num_classes,
-                        device,
+                    )?;
+                    Box::new(
+                        NativeTeacher::load(
+                            "student",
+                            *arch,
+                            mtkd_student::HeadKind::Classifier,
+                            path,
+                            input,
+                            num_classes,
+                            device,
+                        )
+                        .with_context(|| format!("loading {} as {arch}", path.display()))?,
                     )
-                    .with_context(|| format!("loading {} as {arch}", path.display()))?,
-                ),
+                },
                 format!("{arch} weights {}", path.display()),
             ),
             ModelSource::TorchScript(path) => {
@@ -235,13 +245,25 @@ impl Model {
                     dense,
                     det_locations: None,
                 };
-                (
-                    Box::new(
-                        mtkd_teachers::TorchScriptTeacher::load("model", path, device, &expect)
-                            .with_context(|| format!("loading {}", path.display()))?,
-                    ),
-                    format!("TorchScript {}", path.display()),
-                )
+                // The teacher crate's contract, worded for a model being used, not taught from.
+                let module =
+                    mtkd_teachers::TorchScriptTeacher::load("model", path, device, &expect)
+                        .map_err(|e| match e {
+                            mtkd_teachers::Error::TeacherContract { path, reason } => anyhow!(
+                                "the model {} does not fit these data: {reason}",
+                                path.display()
+                            ),
+                            mtkd_teachers::Error::Missing { path } => {
+                                anyhow!("the model {} does not exist", path.display())
+                            }
+                            mtkd_teachers::Error::Corrupt { path, reason } => anyhow!(
+                                "the model {} is not a loadable TorchScript module: {reason}",
+                                path.display()
+                            ),
+                            other => anyhow::Error::new(other)
+                                .context(format!("loading {}", path.display())),
+                        })?;
+                (Box::new(module), format!("TorchScript {}", path.display()))
             }
         };
         Ok(Model { net, source })
@@ -251,6 +273,55 @@ impl Model {
     pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.net.forward(images)?.logits)
     }
+}
+
+/// Refuse, with the variable and both shapes, a weights file that does not fit an `arch`
+/// network for `input` and `num_classes` (libtorch's own refusal is a C++ backtrace).
+fn check_weights_fit(
+    path: &Path,
+    arch: Arch,
+    head: mtkd_student::HeadKind,
+    input: (i64, i64, i64),
+    num_classes: i64,
+) -> Result<()> {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    mtkd_student::Network::with_head(&vs.root(), arch, head, input, num_classes)
+        .with_context(|| format!("building a {arch} network"))?;
+    let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .collect();
+    let mut wanted: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &wanted {
+        let Some(t) = stored.get(name) else {
+            bail!(
+                "{} is not a {arch} model: it has no variable `{name}`",
+                path.display()
+            );
+        };
+        if t.size() != var.size() {
+            let classes = var.size().first().copied() == Some(num_classes)
+                && t.size().len() == var.size().len()
+                && t.size()[1..] == var.size()[1..];
+            if classes {
+                bail!(
+                    "{} holds a model for {} classes (`{name}` is {:?}), but these data have {num_classes} classes",
+                    path.display(),
+                    t.size()[0],
+                    t.size()
+                );
+            }
+            bail!(
+                "{}: `{name}` is {:?}, but a {arch} network for inputs {input:?} and \
+                 {num_classes} classes needs {:?}",
+                path.display(),
+                t.size(),
+                var.size()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One class's line of an [`EvalReport`].
@@ -436,27 +507,33 @@ pub struct TopClass {
     pub probability: f64,
 }
 
+/// The class folders of an ImageFolder dataset (its `train/` sub-folders, sorted: the label
+/// order the reader gives), None when they cannot be read.
+pub fn class_folders(data: &DataConfig) -> Option<Vec<String>> {
+    if data.kind != DatasetKind::ImageFolder {
+        return None;
+    }
+    let root = crate::dataset::resolve_root(&data.root).join("train");
+    let mut v: Vec<String> = std::fs::read_dir(&root)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    (!v.is_empty()).then_some(v)
+}
+
 /// The class names of `data`: `data.class_names`, the class folders of an ImageFolder, or the
 /// label numbers.
 pub fn class_names(data: &DataConfig, num_classes: usize) -> Vec<String> {
     if !data.class_names.is_empty() {
         return data.class_names.clone();
     }
-    if data.kind == DatasetKind::ImageFolder {
-        let root = crate::dataset::resolve_root(&data.root).join("train");
-        if let Ok(rd) = std::fs::read_dir(&root) {
-            let mut v: Vec<String> = rd
-                .flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect();
-            v.sort();
-            if v.len() == num_classes {
-                return v;
-            }
-        }
+    match class_folders(data) {
+        Some(v) if v.len() == num_classes => v,
+        _ => (0..num_classes).map(|i| i.to_string()).collect(),
     }
-    (0..num_classes).map(|i| i.to_string()).collect()
 }
 
 /// The top-`k` classes of each image file, read and normalised as the data's test split is.
@@ -473,10 +550,18 @@ pub fn predict(
     if images.is_empty() {
         bail!("give at least one image file");
     }
+    if k == 0 {
+        bail!("--top-k must be at least 1 (it is the number of classes shown per image)");
+    }
     let num_classes = match num_classes {
         Some(n) => n,
         None if !data.class_names.is_empty() => data.class_names.len(),
         None => match data.kind {
+            DatasetKind::Mnist | DatasetKind::Cifar10 | DatasetKind::Cifar100
+                if data.num_classes.is_some() =>
+            {
+                data.num_classes.unwrap_or(0)
+            }
             DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
             DatasetKind::Cifar100 => 100,
             DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
@@ -485,13 +570,12 @@ pub fn predict(
             DatasetKind::Coco | DatasetKind::SyntheticDetection => {
                 bail!("{DET_NOT_YET}")
             }
-            DatasetKind::ImageFolder => {
-                let n = class_names(data, 0).len();
-                if n == 0 {
-                    bail!("give the class count with --classes (the data's class folders are not readable)");
-                }
-                n
-            }
+            DatasetKind::ImageFolder => class_folders(data).map(|v| v.len()).ok_or_else(|| {
+                anyhow!(
+                    "give the class count with --classes: the data's class folders ({}) cannot be read",
+                    crate::dataset::resolve_root(&data.root).join("train").display()
+                )
+            })?,
         },
     };
     let (size, channels) = geometry(data);

@@ -1076,6 +1076,24 @@ fn a_nan_teacher_is_caught_and_skipped_batches_leave_no_trace() {
         err.contains("the logits of teacher `ts` (1 batches)") && err.contains("skip_budget"),
         "{err}"
     );
+    // Under the stop policy the message blames the teacher, not the learning rate.
+    let stop = parse(
+        &tiny(
+            &format!(
+                "[distill]\nstrategy = \"equal\"\nfeature_weight = 0.0\n[[teachers]]\nname = \"ts\"\ntorchscript = \"{}\"\n",
+                train_only.display()
+            ),
+            &s,
+        ),
+    )
+    .unwrap();
+    let err = run_err(&stop, &s.join("r-stop"));
+    assert!(
+        err.contains("the logits of teacher `ts`")
+            && err.contains("teacher's file")
+            && !err.contains("lower train.lr"),
+        "{err}"
+    );
     // A budget of the whole epoch: every batch skipped, and the skipped batches changed nothing,
     // BatchNorm's running statistics included (they are the fresh network's).
     let mut cfg = with(&train_only, "skip_budget = 1.0\n");
@@ -1999,4 +2017,218 @@ fn channels_last_changes_the_layout_not_the_training() {
     // The weights file of the channels-last run is an ordinary safetensors file.
     let w = tch::Tensor::read_safetensors(a.dir.join("student.safetensors")).unwrap();
     assert!(!w.is_empty() && w.iter().all(|(_, t)| t.is_contiguous()));
+}
+
+/// The run folder's saved config is compared as a configuration: a comment added to it still
+/// resumes; a changed key is refused with its name, and a config edited behind the checkpoints'
+/// back is refused before the data are even loaded.
+#[test]
+fn a_commented_config_resumes_and_a_changed_one_is_refused_before_any_work() {
+    let _serial = serial();
+    let s = scratch("configresume");
+    let path = s.join("c.toml");
+    std::fs::write(&path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let dir = s.join("run");
+    let train = |extra: &[&str]| {
+        let mut args = vec![os("train"), os("--resume"), dir.as_os_str()];
+        args.extend(extra.iter().map(|a| os(a)));
+        mtkd(&args)
+    };
+    let (code, err) = mtkd(&[
+        os("train"),
+        os("--config"),
+        path.as_os_str(),
+        os("--out"),
+        dir.as_os_str(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let saved = dir.join("config.toml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    std::fs::write(&saved, format!("# trained for the spring line\n{text}")).unwrap();
+    let (code, err) = train(&[]);
+    assert_eq!(
+        code,
+        Some(0),
+        "a comment is not another configuration: {err}"
+    );
+    assert!(
+        std::fs::read_to_string(&saved)
+            .unwrap()
+            .starts_with("# trained"),
+        "the user's file is kept as it is"
+    );
+    // A changed key is named.
+    let (code, err) = train(&["--set", "train.lr=0.01", "--set", "run.seed=4"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("another configuration") && err.contains("run.seed, train.lr"),
+        "{err}"
+    );
+    // Edited in place after the checkpoints were written: refused before loading anything.
+    std::fs::write(&saved, text.replace("lr = 0.05", "lr = 0.01")).unwrap();
+    let (code, err) = train(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("belong to another configuration") && !err.contains("loading data"),
+        "{err}"
+    );
+}
+
+/// A checkpoint whose write fails (the file-size limit stands in for a full disk) ends the
+/// run with an error and leaves no half-written `.tmp-epoch-N` folder behind.
+#[test]
+fn a_checkpoint_that_cannot_be_written_leaves_no_temporary_folder() {
+    let _serial = serial();
+    let s = scratch("fullckpt");
+    let path = s.join("c.toml");
+    std::fs::write(&path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let dir = s.join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 16; exec \"$0\" train --config \"$1\" --out \"$2\"")
+        .arg(env!("CARGO_BIN_EXE_mtkd"))
+        .arg(&path)
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("checkpointing epoch 1") && err.contains("file too large"),
+        "{err}"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Write `n` test images of class `c` of the mini Fashion-MNIST as PNG files into `dir`.
+fn write_pngs(set: &mtkd_vision_tasks::data::ImageSet, c: i64, n: usize, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let idx: Vec<usize> = (0..set.len())
+        .filter(|&i| set.labels[i] == c)
+        .take(n)
+        .collect();
+    for (k, i) in idx.into_iter().enumerate() {
+        let px: Vec<u8> = set
+            .images
+            .slice(ndarray::s![i, 0, .., ..])
+            .iter()
+            .copied()
+            .collect();
+        image::GrayImage::from_raw(28, 28, px)
+            .unwrap()
+            .save(dir.join(format!("{k}.png")))
+            .unwrap();
+    }
+}
+
+/// What a new user of eval and predict runs into: an ImageFolder run predicts with its class
+/// folders' names, a model for other classes is refused in plain words (not a C++ backtrace,
+/// not called a teacher), `--top-k 0` is refused, and `data.num_classes` is honoured for IDX
+/// data and checked everywhere else.
+#[test]
+fn eval_and_predict_refuse_what_does_not_fit_and_read_class_folders() {
+    let _serial = serial();
+    let s = scratch("evalfit");
+    let mini = root().join("data/fashion-mnist-mini");
+    let test = mtkd_vision_tasks::data::read_mnist_dir(&mini, mtkd_vision_tasks::data::Split::Test)
+        .unwrap();
+    let names = ["boot", "coat", "dress", "shirt", "trouser"];
+    let classes = [9i64, 4, 3, 6, 1];
+    for (name, c) in names.iter().zip(classes) {
+        write_pngs(&test, c, 12, &s.join(format!("folder/train/{name}")));
+        write_pngs(&test, c, 4, &s.join(format!("folder/val/{name}")));
+    }
+    let folder_data = format!(
+        "[data]\nkind = \"image-folder\"\nroot = \"{}\"\nimage_size = 28\nchannels = 1\nnormalize = {{ mean = [0.2860], std = [0.3530] }}\n",
+        s.join("folder").display()
+    );
+    let data_path = s.join("folder.toml");
+    std::fs::write(&data_path, &folder_data).unwrap();
+    // A 10-class Fashion-MNIST student.
+    let cfg_path = s.join("c.toml");
+    std::fs::write(&cfg_path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    let cfg = parse(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let ten = s.join("ten");
+    run_in(&cfg, &ten, &RunOptions::default()).unwrap();
+    for (model, extra) in [
+        (ten.join("student.safetensors"), vec!["--arch", "cnn-small"]),
+        (ten.join("student.pt"), vec![]),
+    ] {
+        let mut args = vec![
+            os("eval"),
+            model.as_os_str(),
+            os("--data"),
+            data_path.as_os_str(),
+        ];
+        args.extend(extra.iter().map(|a| os(a)));
+        let (code, err) = mtkd(&args);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("10 classes") && err.contains('5') && !err.contains("teacher"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("Exception raised") && !err.contains("frame #"),
+            "{err}"
+        );
+    }
+    // A student trained on the folder: predict names its classes by the folders.
+    let folder_cfg = format!(
+        "[run]\nname = \"folder\"\nout_dir = \"{}\"\nseed = 1\nthreads = 1\n{folder_data}[student]\narch = \"cnn-small\"\n[train]\nepochs = 1\nbatch_size = 16\nlr = 0.05\n",
+        s.join("runs").display()
+    );
+    let five = s.join("five");
+    run_in(&parse(&folder_cfg).unwrap(), &five, &RunOptions::default()).unwrap();
+    let img = s.join("folder/val/coat/0.png");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .args([
+            os("predict"),
+            five.as_os_str(),
+            os("--json"),
+            img.as_os_str(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds: Vec<mtkd_engine::inference::Prediction> = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(preds[0].top.len(), 5);
+    for t in &preds[0].top {
+        assert_eq!(t.class, names[t.label], "{t:?}");
+    }
+    let (code, err) = mtkd(&[
+        os("predict"),
+        five.as_os_str(),
+        os("--top-k"),
+        os("0"),
+        img.as_os_str(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--top-k must be at least 1"), "{err}");
+    // data.num_classes: honoured for IDX files, checked for other kinds.
+    let mut idx = cfg.clone();
+    idx.data.num_classes = Some(12);
+    let set = mtkd_engine::dataset::Datasets::load(&idx.data).unwrap();
+    assert_eq!(set.num_classes(), 12);
+    idx.data.num_classes = Some(5);
+    let err = format!(
+        "{:#}",
+        mtkd_engine::dataset::Datasets::load(&idx.data).unwrap_err()
+    );
+    assert!(err.contains("label") && err.contains("5 classes"), "{err}");
+    let mut folder = parse(&folder_cfg).unwrap();
+    folder.data.num_classes = Some(6);
+    let err = format!(
+        "{:#}",
+        mtkd_engine::dataset::Datasets::load(&folder.data).unwrap_err()
+    );
+    assert!(
+        err.contains("data.num_classes = 6") && err.contains("has 5 classes"),
+        "{err}"
+    );
 }

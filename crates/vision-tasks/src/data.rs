@@ -251,6 +251,14 @@ pub enum Split {
 
 /// MNIST-layout folder (`train-images-idx3-ubyte[.gz]`, `t10k-...`), 10 classes.
 pub fn read_mnist_dir(root: &Path, split: Split) -> Result<ImageSet> {
+    read_idx_dir(root, split, 10)
+}
+
+/// An MNIST-style folder of IDX files (`train-images-idx3-ubyte[.gz]`,
+/// `t10k-labels-idx1-ubyte[.gz]`, ...) with `num_classes` classes (10 for MNIST and
+/// Fashion-MNIST; EMNIST's splits have others): a label outside `0..num_classes` is an error
+/// naming the file.
+pub fn read_idx_dir(root: &Path, split: Split, num_classes: usize) -> Result<ImageSet> {
     let prefix = match split {
         Split::Train => "train",
         Split::Test => "t10k",
@@ -272,7 +280,7 @@ pub fn read_mnist_dir(root: &Path, split: Split) -> Result<ImageSet> {
     };
     let images = find(format!("{prefix}-images-idx3-ubyte"))?;
     let labels = find(format!("{prefix}-labels-idx1-ubyte"))?;
-    read_idx_pair(&images, &labels, 10)
+    read_idx_pair(&images, &labels, num_classes)
 }
 
 /// CIFAR binary batches. `label_bytes` is 1 for CIFAR-10 and 2 for CIFAR-100 (coarse, fine:

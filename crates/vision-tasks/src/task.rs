@@ -158,6 +158,25 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     fn table_scalars(&self) -> &'static [&'static str];
     /// The logits' shape per sample, given the input's `(H, W)` and `K`.
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64>;
+    /// Per-image KD `[B]` with each teacher's per-image weight `weights [B, M]` moved, pixel
+    /// by pixel, to the teachers that are right there (`distill.pixel_weights =
+    /// "confidence"`, docs/METHOD.md section 13). Dense tasks only: the default refuses.
+    fn confidence_weighted_kd(
+        &self,
+        _student: &Tensor,
+        _teachers: &[Tensor],
+        _weights: &Tensor,
+        _targets: &Tensor,
+        _temperature: f64,
+    ) -> Result<Tensor> {
+        Err(Error::Invalid {
+            what: "distill.pixel_weights".into(),
+            reason: format!(
+                "per-pixel teacher weights need a segmentation task, not {:?}",
+                self.kind()
+            ),
+        })
+    }
 }
 
 /// Image classification: cross-entropy, logit KD, top-1.
@@ -323,6 +342,23 @@ impl Task for Segmentation {
     }
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64> {
         vec![num_classes, hw.0, hw.1]
+    }
+    fn confidence_weighted_kd(
+        &self,
+        student: &Tensor,
+        teachers: &[Tensor],
+        weights: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        Ok(loss::pixel_weighted_kd(
+            student,
+            teachers,
+            weights,
+            targets,
+            i64::from(IGNORE),
+            temperature,
+        )?)
     }
 }
 

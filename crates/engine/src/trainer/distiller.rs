@@ -197,17 +197,18 @@ impl Distiller {
         // term is then recomputed per pixel.
         let per_pixel = match d.pixel_weights {
             PixelWeights::Image => None,
-            PixelWeights::Confidence => Some(loss::pixel_weighted_kd(
-                &out.logits,
-                &teachers
-                    .iter()
-                    .map(|t| t.logits.shallow_clone())
-                    .collect::<Vec<_>>(),
-                &weights.logit,
-                targets,
-                i64::from(mtkd_vision_tasks::segmentation::IGNORE),
-                d.temperature,
-            )?),
+            PixelWeights::Confidence => Some(
+                task.confidence_weighted_kd(
+                    &out.logits,
+                    &teachers
+                        .iter()
+                        .map(|t| t.logits.shallow_clone())
+                        .collect::<Vec<_>>(),
+                    &weights.logit,
+                    targets,
+                    d.temperature,
+                )?,
+            ),
         };
         for (m, (t, term)) in teachers.iter().zip(&kl_terms).enumerate() {
             if per_pixel.is_none() {

@@ -174,16 +174,30 @@ pub fn new_run_dir(cfg: &Config) -> Result<PathBuf> {
 
 pub use crate::config::stable_hash;
 
-/// Write the resolved config into the run folder (before the first step).
+/// Write the resolved config into the run folder (before the first step). A folder that has
+/// one already keeps it when it holds the same configuration (comments and layout aside); when
+/// it holds another, the run is refused with the keys that differ. Returns the config's hash.
 pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
     let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
     let path = dir.join("config.toml");
     if path.exists() {
-        let old = std::fs::read_to_string(&path)?;
-        if old != text {
+        let old_text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let old = Config::parse(&old_text, &path, &[])
+            .with_context(|| format!("reading back the run's configuration {}", path.display()))?;
+        let differ = crate::config::differences(&old, cfg)?;
+        if !differ.is_empty() {
             bail!(
-                "{} was made with another configuration; resume it with its own config (mtkd train --resume {}) or start a new run",
+                "{} was made with another configuration ({} differ{}: {}); resume it with its own \
+                 config (mtkd train --resume {}) or start a new run",
                 dir.display(),
+                if differ.len() == 1 {
+                    "this key"
+                } else {
+                    "these keys"
+                },
+                if differ.len() == 1 { "s" } else { "" },
+                differ.join(", "),
                 dir.display()
             );
         }
@@ -204,6 +218,18 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     // process ends).
     let _lock = crate::fsio::DirLock::try_acquire(dir, "run folder")?;
     let config_hash = write_resolved_config(dir, cfg)?;
+    // A changed configuration is refused before any work (data, teachers).
+    let ckpt_dir = dir.join("checkpoints");
+    if let Some(theirs) = checkpoint::latest_config_hash(&ckpt_dir) {
+        if theirs != config_hash {
+            bail!(
+                "the checkpoints in {} belong to another configuration than {} (was it edited \
+                 after the run started?); put the configuration back or start a new run",
+                ckpt_dir.display(),
+                dir.join("config.toml").display()
+            );
+        }
+    }
     obs.phase("loading data");
     let data = Datasets::load(&cfg.data)?;
     let pool = if cfg.uses_teachers() {
