@@ -99,14 +99,22 @@ fn xtask_never_links_libtorch_or_workspace_crates() {
 
 #[test]
 fn library_crates_respect_the_dependency_rules() {
-    // teachers, student, rl-weighting and vision-tasks depend on distill-core only (among
-    // workspace crates); distill-core on none; only the engine sees them all.
-    let leaves = ["teachers", "student", "rl-weighting", "vision-tasks"];
-    for c in leaves {
+    // Among workspace crates: teachers, student and rl-weighting depend on distill-core only,
+    // vision-tasks on distill-core and records; distill-core and records on none; report on
+    // records only; only the engine sees them all.
+    let allowed: [(&str, &[&str]); 6] = [
+        ("teachers", &["mtkd-distill-core"]),
+        ("student", &["mtkd-distill-core"]),
+        ("rl-weighting", &["mtkd-distill-core"]),
+        ("vision-tasks", &["mtkd-distill-core", "mtkd-records"]),
+        ("records", &[]),
+        ("report", &["mtkd-records"]),
+    ];
+    for (c, ok) in allowed {
         let deps = dependency_names(&read(&format!("crates/{c}/Cargo.toml")));
         for d in deps.iter().filter(|d| d.starts_with("mtkd-")) {
-            assert_eq!(
-                d, "mtkd-distill-core",
+            assert!(
+                ok.contains(&d.as_str()),
                 "crates/{c} must not depend on {d} (see docs/ARCHITECTURE.md)"
             );
         }
@@ -116,6 +124,161 @@ fn library_crates_respect_the_dependency_rules() {
         core.iter().all(|d| !d.starts_with("mtkd-")),
         "distill-core depends on no workspace crate"
     );
+    // Records and their views build without libtorch: cheap to change and to test.
+    for c in ["records", "report"] {
+        let deps = dependency_names(&read(&format!("crates/{c}/Cargo.toml")));
+        assert!(
+            deps.iter().all(|d| d != "tch" && d != "torch-sys"),
+            "crates/{c} must build without libtorch, but depends on tch or torch-sys"
+        );
+    }
+}
+
+/// The top-level modules of a crate's `src/` (`a.rs` or `a/mod.rs`) and, for each, the other
+/// top-level modules its files name through `crate::` paths (test modules excluded).
+fn module_graph(
+    src: &Path,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let module_of = |f: &Path| -> Option<String> {
+        let rel = f.strip_prefix(src).ok()?;
+        let first = rel
+            .components()
+            .next()?
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned();
+        let name = first.trim_end_matches(".rs").to_owned();
+        (name != "lib" && name != "main" && name != "bin").then_some(name)
+    };
+    let mods: std::collections::BTreeSet<String> =
+        files.iter().filter_map(|f| module_of(f)).collect();
+    let mut graph = std::collections::BTreeMap::new();
+    for f in &files {
+        let Some(m) = module_of(f) else { continue };
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        // Code before the first test module, comments (doc links) left out.
+        let code: String = text
+            .split("#[cfg(test)]")
+            .next()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let entry: &mut std::collections::BTreeSet<String> = graph.entry(m.clone()).or_default();
+        for (i, _) in code.match_indices("crate::") {
+            let rest = &code[i + "crate::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            // `crate::{a, b}`: every name in the braces.
+            let names: Vec<String> = if rest.starts_with('{') {
+                rest[1..rest.find('}').unwrap_or(1)]
+                    .split(',')
+                    .map(|n| n.trim().split("::").next().unwrap_or_default().to_owned())
+                    .collect()
+            } else {
+                vec![name]
+            };
+            for n in names {
+                if n != m && mods.contains(&n) {
+                    entry.insert(n);
+                }
+            }
+        }
+    }
+    graph
+}
+
+/// A cycle in `graph`, as the modules along it, if there is one.
+fn find_cycle(
+    graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Option<Vec<String>> {
+    fn visit(
+        n: &str,
+        graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == n) {
+            let mut c = path[i..].to_vec();
+            c.push(n.to_owned());
+            return Some(c);
+        }
+        if done.contains(n) {
+            return None;
+        }
+        path.push(n.to_owned());
+        for next in graph.get(n).into_iter().flatten() {
+            if let Some(c) = visit(next, graph, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.insert(n.to_owned());
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    for n in graph.keys() {
+        if let Some(c) = visit(n, graph, &mut Vec::new(), &mut done) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn no_crate_has_an_import_cycle_between_its_modules() {
+    for c in [
+        "distill-core",
+        "teachers",
+        "student",
+        "rl-weighting",
+        "vision-tasks",
+        "records",
+        "report",
+        "engine",
+    ] {
+        let graph = module_graph(&root().join(format!("crates/{c}/src")));
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!(
+                "crates/{c}: the modules {} import each other in a cycle (see docs/ARCHITECTURE.md)",
+                cycle.join(" -> ")
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cycle_check_finds_a_cycle_and_accepts_a_tree() {
+    let g = |edges: &[(&str, &str)]| {
+        let mut m: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+            Default::default();
+        for (a, b) in edges {
+            m.entry((*a).to_owned())
+                .or_default()
+                .insert((*b).to_owned());
+            m.entry((*b).to_owned()).or_default();
+        }
+        m
+    };
+    assert_eq!(
+        find_cycle(&g(&[
+            ("data", "detection"),
+            ("detection", "loader"),
+            ("loader", "data")
+        ])),
+        Some(vec![
+            "data".into(),
+            "detection".into(),
+            "loader".into(),
+            "data".into()
+        ])
+    );
+    assert_eq!(find_cycle(&g(&[("a", "b"), ("a", "c"), ("b", "c")])), None);
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -80,46 +80,20 @@ impl BatchSignals {
         temperature: f64,
         kl_terms: Option<&[Tensor]>,
     ) -> Result<BatchSignals> {
-        if let Some(k) = kl_terms {
-            if k.len() != teachers.len() {
-                return Err(Error::Invalid {
-                    what: "precomputed KL terms".into(),
-                    reason: format!("{} terms for {} teachers", k.len(), teachers.len()),
-                });
-            }
-        }
-        if teachers.is_empty() {
-            return Err(Error::Invalid {
-                what: "teachers".into(),
-                reason: "signals need at least one teacher".into(),
-            });
-        }
+        check_teachers(teachers, kl_terms)?;
         tch::no_grad(|| {
             let s = student_logits.detach();
-            let mut ce = Vec::with_capacity(teachers.len());
-            let mut kl = Vec::with_capacity(teachers.len());
-            let mut ent = Vec::with_capacity(teachers.len());
+            let mut c = TeacherColumns::with_capacity(teachers.len());
             for (m, t) in teachers.iter().enumerate() {
-                ce.push(loss::cross_entropy(&t.logits, labels)?);
-                kl.push(match kl_terms {
+                c.ce.push(loss::cross_entropy(&t.logits, labels)?);
+                c.kl.push(match kl_terms {
                     Some(k) => k[m].detach(),
                     None => loss::kd_kl(&s, &t.logits, temperature)?,
                 });
-                ent.push(loss::entropy(&t.logits)?);
+                c.entropy.push(loss::entropy(&t.logits)?);
+                c.logits.push(t.logits.detach());
             }
-            let (cos, embeddings) = cosines(projected, teachers)?;
-            Ok(BatchSignals {
-                ce: Tensor::f_stack(&ce, 1)?,
-                kl: Tensor::f_stack(&kl, 1)?,
-                cos,
-                entropy: Tensor::f_stack(&ent, 1)?,
-                teacher_logits: teachers.iter().map(|t| t.logits.detach()).collect(),
-                teacher_embeddings: embeddings,
-                student_logits: s,
-                labels: labels.shallow_clone(),
-                temperature,
-                student_head: None,
-            })
+            c.into_signals(projected, teachers, s, labels, temperature)
         })
     }
 
@@ -146,55 +120,28 @@ impl BatchSignals {
         temperature: f64,
         kl_terms: Option<&[Tensor]>,
     ) -> Result<BatchSignals> {
-        if teachers.is_empty() {
-            return Err(Error::Invalid {
-                what: "teachers".into(),
-                reason: "signals need at least one teacher".into(),
-            });
-        }
-        if let Some(k) = kl_terms {
-            if k.len() != teachers.len() {
-                return Err(Error::Invalid {
-                    what: "precomputed KL terms".into(),
-                    reason: format!("{} terms for {} teachers", k.len(), teachers.len()),
-                });
-            }
-        }
+        check_teachers(teachers, kl_terms)?;
         tch::no_grad(|| {
             let s = student_logits.detach();
             let valid = loss::valid_pixels(targets, ignore_index)?;
-            let mut ce = Vec::with_capacity(teachers.len());
-            let mut kl = Vec::with_capacity(teachers.len());
-            let mut ent = Vec::with_capacity(teachers.len());
-            let mut pooled = Vec::with_capacity(teachers.len());
+            let mut c = TeacherColumns::with_capacity(teachers.len());
             for (m, t) in teachers.iter().enumerate() {
-                ce.push(loss::pixel_cross_entropy(&t.logits, targets, ignore_index)?);
-                kl.push(match kl_terms {
+                c.ce.push(loss::pixel_cross_entropy(&t.logits, targets, ignore_index)?);
+                c.kl.push(match kl_terms {
                     Some(k) => k[m].detach(),
                     None => loss::masked_image_mean(
                         &loss::pixel_kd_kl(&s, &t.logits, temperature)?,
                         &valid,
                     )?,
                 });
-                ent.push(loss::masked_image_mean(
+                c.entropy.push(loss::masked_image_mean(
                     &loss::pixel_entropy(&t.logits)?,
                     &valid,
                 )?);
-                pooled.push(loss::pooled_logits(&t.logits, &valid)?);
+                c.logits.push(loss::pooled_logits(&t.logits, &valid)?);
             }
-            let (cos, embeddings) = cosines(projected, teachers)?;
-            Ok(BatchSignals {
-                ce: Tensor::f_stack(&ce, 1)?,
-                kl: Tensor::f_stack(&kl, 1)?,
-                cos,
-                entropy: Tensor::f_stack(&ent, 1)?,
-                teacher_logits: pooled,
-                teacher_embeddings: embeddings,
-                student_logits: loss::pooled_logits(&s, &valid)?,
-                labels: image_labels.shallow_clone(),
-                temperature,
-                student_head: None,
-            })
+            let student = loss::pooled_logits(&s, &valid)?;
+            c.into_signals(projected, teachers, student, image_labels, temperature)
         })
     }
 
@@ -213,6 +160,73 @@ impl BatchSignals {
         let means = t.mean_dim(0, false, Kind::Double);
         Vec::<f64>::try_from(&means).unwrap_or_default()
     }
+}
+
+/// A batch's signals per teacher before they are stacked: each entry is one teacher's `[B]`
+/// column (pooled logits `[B, K]`), in pool order.
+#[derive(Debug, Default)]
+pub struct TeacherColumns {
+    pub ce: Vec<Tensor>,
+    pub kl: Vec<Tensor>,
+    pub entropy: Vec<Tensor>,
+    pub logits: Vec<Tensor>,
+}
+
+impl TeacherColumns {
+    /// Empty columns for `m` teachers.
+    pub fn with_capacity(m: usize) -> TeacherColumns {
+        TeacherColumns {
+            ce: Vec::with_capacity(m),
+            kl: Vec::with_capacity(m),
+            entropy: Vec::with_capacity(m),
+            logits: Vec::with_capacity(m),
+        }
+    }
+
+    /// The [`BatchSignals`]: columns stacked to `[B, M]`, with the cosines of `projected` to
+    /// the teachers' embeddings, the student's (pooled) logits and the per-image labels.
+    pub fn into_signals(
+        self,
+        projected: &[Option<Tensor>],
+        teachers: &[ModelOutput],
+        student_logits: Tensor,
+        labels: &Tensor,
+        temperature: f64,
+    ) -> Result<BatchSignals> {
+        let (cos, embeddings) = cosines(projected, teachers)?;
+        Ok(BatchSignals {
+            ce: Tensor::f_stack(&self.ce, 1)?,
+            kl: Tensor::f_stack(&self.kl, 1)?,
+            cos,
+            entropy: Tensor::f_stack(&self.entropy, 1)?,
+            teacher_logits: self.logits,
+            teacher_embeddings: embeddings,
+            student_logits,
+            labels: labels.shallow_clone(),
+            temperature,
+            student_head: None,
+        })
+    }
+}
+
+/// The inputs every signal computation refuses: no teacher, or precomputed KL terms that do
+/// not match the teachers.
+pub fn check_teachers(teachers: &[ModelOutput], kl_terms: Option<&[Tensor]>) -> Result<()> {
+    if teachers.is_empty() {
+        return Err(Error::Invalid {
+            what: "teachers".into(),
+            reason: "signals need at least one teacher".into(),
+        });
+    }
+    if let Some(k) = kl_terms {
+        if k.len() != teachers.len() {
+            return Err(Error::Invalid {
+                what: "precomputed KL terms".into(),
+                reason: format!("{} terms for {} teachers", k.len(), teachers.len()),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Cosine of each teacher's embedding and the pooled projected student map `[B, M]` (`None`

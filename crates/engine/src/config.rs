@@ -61,6 +61,26 @@ pub struct RunConfig {
     pub channels_last: bool,
 }
 
+impl RunConfig {
+    fn check(&self) -> Checked {
+        if self.name.trim().is_empty() || self.name.contains('/') {
+            return bad("run.name", "must be a non-empty name without '/'".into());
+        }
+        let dev = self.device.as_str();
+        let dev_ok = matches!(dev, "cpu" | "cuda" | "auto")
+            || dev
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !dev_ok {
+            return bad(
+                "run.device",
+                format!("`{dev}` is not one of cpu, cuda, cuda:N, auto"),
+            );
+        }
+        Ok(())
+    }
+}
+
 fn default_out_dir() -> PathBuf {
     PathBuf::from("runs")
 }
@@ -158,6 +178,90 @@ pub struct DataConfig {
 }
 
 impl DataConfig {
+    /// The data section's own rules and those of its task (augmentations that follow masks or
+    /// boxes, what a kind needs).
+    fn check(&self) -> Checked {
+        let task = self.task();
+        if matches!(
+            self.kind,
+            DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection
+        ) {
+            match &self.scenes {
+                None => {
+                    return bad(
+                        "data.scenes",
+                        format!(
+                            "{} needs [data] scenes = {{ train = N, test = N, ... }}",
+                            serde_plain(&self.kind)
+                        ),
+                    )
+                }
+                Some(sc) => {
+                    if let Err(r) = sc.check() {
+                        return bad("data.scenes", r);
+                    }
+                }
+            }
+        } else if self.scenes.is_some() {
+            return bad(
+                "data.scenes",
+                "only data.kind = \"synthetic-scenes\" or \"synthetic-detection\" makes scenes"
+                    .into(),
+            );
+        }
+        if self.kind == DatasetKind::Coco && self.image_size.is_none() {
+            return bad(
+                "data.image_size",
+                "coco needs image_size: every image (and its boxes) is resized to it".into(),
+            );
+        }
+        if task == TaskKind::Detection {
+            let a = &self.augment;
+            if a.crop_padding > 0
+                || a.random_resized_crop.is_some()
+                || a.scale.is_some()
+                || self.eval_resize.is_some()
+            {
+                return bad(
+                    "data.augment",
+                    "detection boxes follow only the horizontal flip (hflip); crop_padding, \
+                     scale, random_resized_crop and eval_resize are not built for boxes"
+                        .into(),
+                );
+            }
+        }
+        if self.kind == DatasetKind::SegmentationFolder
+            && self.num_classes.is_none()
+            && self.class_names.is_empty()
+        {
+            return bad(
+                "data.num_classes",
+                "segmentation-folder needs num_classes (or class_names)".into(),
+            );
+        }
+        if task == TaskKind::Segmentation {
+            if self.augment.random_resized_crop.is_some() || self.eval_resize.is_some() {
+                return bad(
+                    "data.augment",
+                    "segmentation keeps the image size: use augment.scale and crop_padding, not random_resized_crop or eval_resize".into(),
+                );
+            }
+        } else if self.augment.scale.is_some() {
+            return bad(
+                "data.augment.scale",
+                "is a segmentation augmentation".into(),
+            );
+        }
+        if let Some(c) = self.channels {
+            if c != 1 && c != 3 {
+                return bad("data.channels", format!("must be 1 or 3, got {c}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DataConfig {
     pub fn task(&self) -> TaskKind {
         self.kind.task()
     }
@@ -232,6 +336,18 @@ pub struct StudentConfig {
     pub init_teachers: bool,
 }
 
+impl StudentConfig {
+    fn check(&self) -> Checked {
+        if self.init_strategy && self.init.is_none() {
+            return bad(
+                "student.init_strategy",
+                "needs student.init, the run folder whose strategy state is carried over".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What to do when a loss becomes NaN or infinite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -274,10 +390,62 @@ pub struct TrainConfig {
     pub skip_budget: f64,
 }
 
+impl TrainConfig {
+    /// The section's own rules; `sec` is its name (`train` or `teacher_training`).
+    fn check(&self, sec: &str) -> Checked {
+        if self.epochs == 0 {
+            return bad(&format!("{sec}.epochs"), "must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return bad(&format!("{sec}.batch_size"), "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.skip_budget) {
+            return bad(
+                &format!("{sec}.skip_budget"),
+                format!(
+                    "must be a share of the epoch's batches in [0, 1], got {}",
+                    self.skip_budget
+                ),
+            );
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(
+                &format!("{sec}.lr"),
+                format!("must be positive, got {}", self.lr),
+            );
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad(
+                &format!("{sec}.momentum"),
+                format!("must be in [0, 1), got {}", self.momentum),
+            );
+        }
+        if self.nesterov && self.momentum == 0.0 {
+            return bad(
+                &format!("{sec}.nesterov"),
+                "nesterov needs momentum > 0".into(),
+            );
+        }
+        if self.weight_decay < 0.0 {
+            return bad(
+                &format!("{sec}.weight_decay"),
+                "must not be negative".into(),
+            );
+        }
+        if self.milestones.windows(2).any(|w| w[0] >= w[1]) {
+            return bad(
+                &format!("{sec}.milestones"),
+                "must be strictly increasing".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The training seed of an `arch` teacher without `seed`: derived from the run's seed and the
 /// teacher's name, so reordering or extending the pool keeps every cached teacher.
 pub fn teacher_seed(run_seed: u64, name: &str) -> u64 {
-    let h = crate::trainer::stable_hash(name.as_bytes());
+    let h = stable_hash(name.as_bytes());
     let h = u64::from_str_radix(&h, 16).unwrap_or(0);
     run_seed.wrapping_add(1000 + h % 1_000_000)
 }
@@ -413,6 +581,154 @@ pub struct DistillConfig {
     /// is exported in bf16 instead (`export-teacher --precision bf16`) and left at `fp32` here.
     #[serde(default, skip_serializing_if = "is_fp32")]
     pub teacher_precision: mtkd_distill_core::Precision,
+}
+
+impl DistillConfig {
+    /// The distill section's rules, with what they depend on elsewhere (the task, the teachers,
+    /// the augmentation).
+    fn check(&self, cfg: &Config) -> Checked {
+        let task = cfg.data.task();
+        if task == TaskKind::Detection {
+            let meta = self.strategy == StrategyKind::MtkdRl
+                && self
+                    .agent
+                    .as_ref()
+                    .is_some_and(|a| a.mode == mtkd_rl_weighting::agent::Mode::Meta);
+            if self.strategy == StrategyKind::Mmkd || meta {
+                return bad(
+                    "distill.strategy",
+                    "mmkd and the agent's meta mode look ahead through the student's last \
+                     linear layer on pooled features; a detector's class conv over a pyramid \
+                     has none (use the agent's clean or parity mode)"
+                        .into(),
+                );
+            }
+            if !(self.box_kd_weight >= 0.0 && self.box_kd_weight.is_finite()) {
+                return bad(
+                    "distill.box_kd_weight",
+                    format!("must be >= 0, got {}", self.box_kd_weight),
+                );
+            }
+        } else if self.box_kd_weight != 1.0 {
+            return bad("distill.box_kd_weight", "is a detection setting".into());
+        }
+        if self.pixel_weights != PixelWeights::Image
+            && (task != TaskKind::Segmentation || self.dense_kd != DenseKd::Kl)
+        {
+            return bad(
+                "distill.pixel_weights",
+                "per-pixel weights apply to segmentation with dense_kd = \"kl\"".into(),
+            );
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(
+                "distill.temperature",
+                format!("must be positive, got {}", self.temperature),
+            );
+        }
+        for (f, v) in [
+            ("ce_weight", self.ce_weight),
+            ("kd_weight", self.kd_weight),
+            ("feature_weight", self.feature_weight),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(&format!("distill.{f}"), format!("must be >= 0, got {v}"));
+            }
+        }
+        if self.output_cache_mb > 0 && cfg.data.augment.is_random() {
+            return bad(
+                "distill.output_cache_mb",
+                "reuses each sample's teacher outputs across epochs, so its image must be \
+                 the same every epoch: turn data.augment off (crop_padding = 0, hflip = \
+                 false, no random_resized_crop or scale) or set output_cache_mb = 0"
+                    .into(),
+            );
+        }
+        if let Some(a) = &self.agent {
+            if let Err((f, r)) = a.check() {
+                return bad(&format!("distill.agent.{f}"), r);
+            }
+        }
+        if let Some(c) = &self.mmkd {
+            if let Err((f, r)) = c.check() {
+                return bad(&format!("distill.mmkd.{f}"), r);
+            }
+        }
+        let m = cfg.teachers.len();
+        for (field, table) in [
+            ("distill.fixed", &self.fixed),
+            ("distill.oracle", &self.oracle),
+        ] {
+            if let Some(t) = table {
+                if let Err(r) = t.check(m) {
+                    return bad(field, r);
+                }
+            }
+        }
+        if let Some(p) = &self.prune {
+            if !(p.threshold > 0.0 && p.threshold < 1.0) {
+                return bad(
+                    "distill.prune.threshold",
+                    format!("must be in (0, 1), got {}", p.threshold),
+                );
+            }
+            if p.patience == 0 || p.min_teachers == 0 {
+                return bad(
+                    "distill.prune",
+                    "patience and min_teachers must be at least 1".into(),
+                );
+            }
+        }
+        if self.strategy == StrategyKind::Fixed && self.fixed.is_none() {
+            return bad(
+                "distill.fixed",
+                "strategy `fixed` needs a [distill.fixed] table (weights = [...] per teacher or per_class = [[...], ...])".into(),
+            );
+        }
+        if self.strategy == StrategyKind::Aekd && !(self.aekd_cap > 0.0 && self.aekd_cap <= 1.0) {
+            return bad(
+                "distill.aekd_cap",
+                format!("must be in (0, 1], got {}", self.aekd_cap),
+            );
+        }
+        if self.strategy == StrategyKind::Aekd && m > 1 && self.aekd_cap * (m as f64) < 1.0 {
+            return bad(
+                "distill.aekd_cap",
+                format!(
+                    "{} x {m} teachers < 1: no weights on the simplex respect the cap",
+                    self.aekd_cap
+                ),
+            );
+        }
+        if self.strategy != StrategyKind::None && cfg.teachers.is_empty() {
+            return bad(
+                "teachers",
+                format!(
+                    "strategy `{:?}` needs at least one [[teachers]] entry",
+                    self.strategy
+                ),
+            );
+        }
+        if self.strategy == StrategyKind::Single {
+            match &self.teacher {
+                None => {
+                    return bad(
+                        "distill.teacher",
+                        "strategy `single` needs the teacher's name".into(),
+                    )
+                }
+                Some(n) if !cfg.teachers.iter().any(|t| &t.name == n) => {
+                    let names: Vec<&str> = cfg.teachers.iter().map(|t| t.name.as_str()).collect();
+                    return bad(
+                        "distill.teacher",
+                        format!("no teacher named `{n}`; teachers are {names:?}"),
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_true(v: &bool) -> bool {
@@ -563,6 +879,13 @@ fn is_false(v: &bool) -> bool {
     !*v
 }
 
+/// A field's problem, as the section checks find it: the dotted field and the reason.
+type Checked = Result<(), (String, String)>;
+
+fn bad(field: &str, reason: String) -> Checked {
+    Err((field.to_owned(), reason))
+}
+
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -623,81 +946,35 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks that need no IO: ranges, names, cross-field rules.
+    /// Checks that need no IO: ranges, names, cross-field rules; each section checks its own
+    /// fields next to its definition, the rules across sections are below.
     pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let bad = |field: &str, reason: String| {
-            Err(ConfigError::Field {
+        self.problem()
+            .map_err(|(field, reason)| ConfigError::Field {
                 path: path.to_path_buf(),
-                field: field.into(),
+                field,
                 reason,
             })
-        };
-        let tcs = std::iter::once(("train", &self.train)).chain(
-            self.teacher_training
-                .as_ref()
-                .map(|t| ("teacher_training", t)),
-        );
-        for (sec, t) in tcs {
-            if t.epochs == 0 {
-                return bad(&format!("{sec}.epochs"), "must be at least 1".into());
-            }
-            if t.batch_size == 0 || t.eval_batch_size == 0 {
-                return bad(&format!("{sec}.batch_size"), "must be at least 1".into());
-            }
-            if !(0.0..=1.0).contains(&t.skip_budget) {
-                return bad(
-                    &format!("{sec}.skip_budget"),
-                    format!(
-                        "must be a share of the epoch's batches in [0, 1], got {}",
-                        t.skip_budget
-                    ),
-                );
-            }
-            if !(t.lr > 0.0 && t.lr.is_finite()) {
-                return bad(
-                    &format!("{sec}.lr"),
-                    format!("must be positive, got {}", t.lr),
-                );
-            }
-            if !(0.0..1.0).contains(&t.momentum) {
-                return bad(
-                    &format!("{sec}.momentum"),
-                    format!("must be in [0, 1), got {}", t.momentum),
-                );
-            }
-            if t.nesterov && t.momentum == 0.0 {
-                return bad(
-                    &format!("{sec}.nesterov"),
-                    "nesterov needs momentum > 0".into(),
-                );
-            }
-            if t.weight_decay < 0.0 {
-                return bad(
-                    &format!("{sec}.weight_decay"),
-                    "must not be negative".into(),
-                );
-            }
-            if t.milestones.windows(2).any(|w| w[0] >= w[1]) {
-                return bad(
-                    &format!("{sec}.milestones"),
-                    "must be strictly increasing".into(),
-                );
-            }
+    }
+
+    fn problem(&self) -> Checked {
+        self.train.check("train")?;
+        if let Some(t) = &self.teacher_training {
+            t.check("teacher_training")?;
         }
-        if self.run.name.trim().is_empty() || self.run.name.contains('/') {
-            return bad("run.name", "must be a non-empty name without '/'".into());
+        self.run.check()?;
+        self.check_heads()?;
+        self.data.check()?;
+        if let Some(d) = &self.distill {
+            d.check(self)?;
         }
-        let dev = self.run.device.as_str();
-        let dev_ok = matches!(dev, "cpu" | "cuda" | "auto")
-            || dev
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<usize>().is_ok());
-        if !dev_ok {
-            return bad(
-                "run.device",
-                format!("`{dev}` is not one of cpu, cuda, cuda:N, auto"),
-            );
-        }
+        self.student.check()?;
+        self.check_teachers()
+    }
+
+    /// The student's and the `arch` teachers' heads fit the task; label edits only where
+    /// there are labels to edit.
+    fn check_heads(&self) -> Checked {
         let task = self.data.task();
         let head_task = |h: HeadKind| {
             if h.is_detector() {
@@ -753,229 +1030,11 @@ impl Config {
                 }
             }
         }
-        if matches!(
-            self.data.kind,
-            DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection
-        ) {
-            match &self.data.scenes {
-                None => {
-                    return bad(
-                        "data.scenes",
-                        format!(
-                            "{} needs [data] scenes = {{ train = N, test = N, ... }}",
-                            serde_plain(&self.data.kind)
-                        ),
-                    )
-                }
-                Some(sc) => {
-                    if let Err(r) = sc.check() {
-                        return bad("data.scenes", r);
-                    }
-                }
-            }
-        } else if self.data.scenes.is_some() {
-            return bad(
-                "data.scenes",
-                "only data.kind = \"synthetic-scenes\" or \"synthetic-detection\" makes scenes"
-                    .into(),
-            );
-        }
-        if self.data.kind == DatasetKind::Coco && self.data.image_size.is_none() {
-            return bad(
-                "data.image_size",
-                "coco needs image_size: every image (and its boxes) is resized to it".into(),
-            );
-        }
-        if task == TaskKind::Detection {
-            let a = &self.data.augment;
-            if a.crop_padding > 0
-                || a.random_resized_crop.is_some()
-                || a.scale.is_some()
-                || self.data.eval_resize.is_some()
-            {
-                return bad(
-                    "data.augment",
-                    "detection boxes follow only the horizontal flip (hflip); crop_padding, \
-                     scale, random_resized_crop and eval_resize are not built for boxes"
-                        .into(),
-                );
-            }
-            if let Some(d) = &self.distill {
-                let meta = d.strategy == StrategyKind::MtkdRl
-                    && d.agent
-                        .as_ref()
-                        .is_some_and(|a| a.mode == mtkd_rl_weighting::agent::Mode::Meta);
-                if d.strategy == StrategyKind::Mmkd || meta {
-                    return bad(
-                        "distill.strategy",
-                        "mmkd and the agent's meta mode look ahead through the student's last \
-                         linear layer on pooled features; a detector's class conv over a pyramid \
-                         has none (use the agent's clean or parity mode)"
-                            .into(),
-                    );
-                }
-                if !(d.box_kd_weight >= 0.0 && d.box_kd_weight.is_finite()) {
-                    return bad(
-                        "distill.box_kd_weight",
-                        format!("must be >= 0, got {}", d.box_kd_weight),
-                    );
-                }
-            }
-        } else if self
-            .distill
-            .as_ref()
-            .is_some_and(|d| d.box_kd_weight != 1.0)
-        {
-            return bad("distill.box_kd_weight", "is a detection setting".into());
-        }
-        if self.data.kind == DatasetKind::SegmentationFolder
-            && self.data.num_classes.is_none()
-            && self.data.class_names.is_empty()
-        {
-            return bad(
-                "data.num_classes",
-                "segmentation-folder needs num_classes (or class_names)".into(),
-            );
-        }
-        if task == TaskKind::Segmentation {
-            if self.data.augment.random_resized_crop.is_some() || self.data.eval_resize.is_some() {
-                return bad(
-                    "data.augment",
-                    "segmentation keeps the image size: use augment.scale and crop_padding, not random_resized_crop or eval_resize".into(),
-                );
-            }
-        } else if self.data.augment.scale.is_some() {
-            return bad(
-                "data.augment.scale",
-                "is a segmentation augmentation".into(),
-            );
-        }
-        if let Some(c) = self.data.channels {
-            if c != 1 && c != 3 {
-                return bad("data.channels", format!("must be 1 or 3, got {c}"));
-            }
-        }
-        if let Some(d) = &self.distill {
-            if d.pixel_weights != PixelWeights::Image
-                && (task != TaskKind::Segmentation || d.dense_kd != DenseKd::Kl)
-            {
-                return bad(
-                    "distill.pixel_weights",
-                    "per-pixel weights apply to segmentation with dense_kd = \"kl\"".into(),
-                );
-            }
-            if !(d.temperature > 0.0 && d.temperature.is_finite()) {
-                return bad(
-                    "distill.temperature",
-                    format!("must be positive, got {}", d.temperature),
-                );
-            }
-            for (f, v) in [
-                ("ce_weight", d.ce_weight),
-                ("kd_weight", d.kd_weight),
-                ("feature_weight", d.feature_weight),
-            ] {
-                if !(v >= 0.0 && v.is_finite()) {
-                    return bad(&format!("distill.{f}"), format!("must be >= 0, got {v}"));
-                }
-            }
-            if d.output_cache_mb > 0 && self.data.augment.is_random() {
-                return bad(
-                    "distill.output_cache_mb",
-                    "reuses each sample's teacher outputs across epochs, so its image must be \
-                     the same every epoch: turn data.augment off (crop_padding = 0, hflip = \
-                     false, no random_resized_crop or scale) or set output_cache_mb = 0"
-                        .into(),
-                );
-            }
-            if let Some(a) = &d.agent {
-                if let Err((f, r)) = a.check() {
-                    return bad(&format!("distill.agent.{f}"), r);
-                }
-            }
-            if let Some(c) = &d.mmkd {
-                if let Err((f, r)) = c.check() {
-                    return bad(&format!("distill.mmkd.{f}"), r);
-                }
-            }
-            let m = self.teachers.len();
-            for (field, table) in [("distill.fixed", &d.fixed), ("distill.oracle", &d.oracle)] {
-                if let Some(t) = table {
-                    if let Err(r) = t.check(m) {
-                        return bad(field, r);
-                    }
-                }
-            }
-            if let Some(p) = &d.prune {
-                if !(p.threshold > 0.0 && p.threshold < 1.0) {
-                    return bad(
-                        "distill.prune.threshold",
-                        format!("must be in (0, 1), got {}", p.threshold),
-                    );
-                }
-                if p.patience == 0 || p.min_teachers == 0 {
-                    return bad(
-                        "distill.prune",
-                        "patience and min_teachers must be at least 1".into(),
-                    );
-                }
-            }
-            if d.strategy == StrategyKind::Fixed && d.fixed.is_none() {
-                return bad(
-                    "distill.fixed",
-                    "strategy `fixed` needs a [distill.fixed] table (weights = [...] per teacher or per_class = [[...], ...])".into(),
-                );
-            }
-            if d.strategy == StrategyKind::Aekd && !(d.aekd_cap > 0.0 && d.aekd_cap <= 1.0) {
-                return bad(
-                    "distill.aekd_cap",
-                    format!("must be in (0, 1], got {}", d.aekd_cap),
-                );
-            }
-            if d.strategy == StrategyKind::Aekd && m > 1 && d.aekd_cap * (m as f64) < 1.0 {
-                return bad(
-                    "distill.aekd_cap",
-                    format!(
-                        "{} x {m} teachers < 1: no weights on the simplex respect the cap",
-                        d.aekd_cap
-                    ),
-                );
-            }
-            if d.strategy != StrategyKind::None && self.teachers.is_empty() {
-                return bad(
-                    "teachers",
-                    format!(
-                        "strategy `{:?}` needs at least one [[teachers]] entry",
-                        d.strategy
-                    ),
-                );
-            }
-            if d.strategy == StrategyKind::Single {
-                match &d.teacher {
-                    None => {
-                        return bad(
-                            "distill.teacher",
-                            "strategy `single` needs the teacher's name".into(),
-                        )
-                    }
-                    Some(n) if !self.teachers.iter().any(|t| &t.name == n) => {
-                        let names: Vec<&str> =
-                            self.teachers.iter().map(|t| t.name.as_str()).collect();
-                        return bad(
-                            "distill.teacher",
-                            format!("no teacher named `{n}`; teachers are {names:?}"),
-                        );
-                    }
-                    _ => {}
-                }
-            }
-        }
-        if self.student.init_strategy && self.student.init.is_none() {
-            return bad(
-                "student.init_strategy",
-                "needs student.init, the run folder whose strategy state is carried over".into(),
-            );
-        }
+        Ok(())
+    }
+
+    /// Each `[[teachers]]` entry: one source, a unique name, settings that fit its source.
+    fn check_teachers(&self) -> Checked {
         let mut seen = std::collections::HashSet::new();
         for (i, t) in self.teachers.iter().enumerate() {
             let field = format!("teachers[{i}]");

@@ -139,6 +139,15 @@ fn geometry(data: &DataConfig) -> (u32, usize) {
     }
 }
 
+/// How reports name a dataset: its kind and resolved root.
+fn describe(data: &DataConfig) -> String {
+    format!(
+        "{:?} {}",
+        data.kind,
+        crate::dataset::resolve_root(&data.root).display()
+    )
+}
+
 fn eval_loader(set: Arc<ImageSet>, data: &DataConfig, batch_size: usize) -> Result<BatchLoader> {
     BatchLoader::new(
         set,
@@ -417,11 +426,7 @@ pub fn evaluate(
         .collect();
     Ok(EvalReport {
         model: model.source,
-        data: format!(
-            "{:?} {}",
-            data.kind,
-            crate::dataset::resolve_root(&data.root).display()
-        ),
+        data: describe(data),
         split: format!("{split:?}").to_lowercase(),
         samples: set.len(),
         top1: report.top1,
@@ -478,11 +483,7 @@ pub fn evaluate_segmentation(
     )?;
     Ok(SegEvalReport {
         model: model.source.clone(),
-        data: format!(
-            "{:?} {}",
-            data.kind,
-            crate::dataset::resolve_root(&data.root).display()
-        ),
+        data: describe(data),
         split: format!("{split:?}").to_lowercase(),
         samples: set.len(),
         report,

@@ -8,16 +8,17 @@ pub mod compare;
 pub mod config;
 pub mod dataset;
 pub mod doctor;
-pub mod fsio;
 pub mod inference;
 pub mod optim;
-pub mod plot;
-pub mod record;
-pub mod report;
 pub mod shared;
 pub mod stop;
 pub mod teacher_input;
 pub mod trainer;
+
+// Records, the atomic writer and the views of a run live in their own crates (no libtorch);
+// their paths stay the engine's for the engine's own modules and for library users.
+pub use mtkd_records::{fsio, record};
+pub use mtkd_report::{html as report, plot};
 
 pub use config::Config;
 pub use trainer::{run, Observer, Outcome, RunOptions, Silent};

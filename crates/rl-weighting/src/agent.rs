@@ -348,9 +348,8 @@ impl MtkdAgent {
         if cfg.mode == Mode::Meta {
             return Err(Error::Invalid {
                 what: "distill.agent.mode".into(),
-                reason:
-                    "the meta mode is built by mtkd_rl_weighting::build (crate::meta::MetaAgent)"
-                        .into(),
+                reason: "the meta mode is built by mtkd_rl_weighting::build (meta::MetaAgent)"
+                    .into(),
             });
         }
         let m = embedding_dims.len() as i64;

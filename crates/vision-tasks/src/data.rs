@@ -21,8 +21,8 @@ pub struct ImageSet {
     /// stratify by and per-class weight records group by). `None` for classification.
     pub masks: Option<ndarray::Array3<u8>>,
     /// Detection: the objects of every image (`labels` then hold each image's most frequent
-    /// class, [`crate::detection::coco::image_label`]). `None` for the other tasks.
-    pub boxes: Option<Vec<Vec<crate::detection::Object>>>,
+    /// class, [`crate::objects::image_label`]). `None` for the other tasks.
+    pub boxes: Option<Vec<Vec<crate::objects::Object>>>,
 }
 
 impl ImageSet {

@@ -8,6 +8,7 @@ pub mod data;
 pub mod detection;
 pub mod error;
 pub mod loader;
+pub mod objects;
 pub mod segmentation;
 pub mod task;
 pub mod transform;

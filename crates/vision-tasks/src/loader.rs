@@ -163,7 +163,7 @@ impl BatchLoader {
                 let mut pixels = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
                 let mut masks = set.masks.as_ref().map(|_| vec![0i64; idx.len() * oh * ow]);
-                let mut objects: Vec<Vec<crate::detection::Object>> = Vec::new();
+                let mut objects: Vec<Vec<crate::objects::Object>> = Vec::new();
                 for (k, &i) in idx.iter().enumerate() {
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ mix(epoch ^ mix(i as u64))));
@@ -219,9 +219,9 @@ impl BatchLoader {
                         labels,
                         masks,
                         boxes: set.boxes.as_ref().map(|_| {
-                            let refs: Vec<&[crate::detection::Object]> =
+                            let refs: Vec<&[crate::objects::Object]> =
                                 objects.iter().map(Vec::as_slice).collect();
-                            crate::detection::pack_objects(&refs)
+                            crate::objects::pack_objects(&refs)
                         }),
                         indices: idx,
                     })

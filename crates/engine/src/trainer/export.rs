@@ -23,6 +23,17 @@ pub(super) struct FinishedRun<'r> {
 }
 
 impl FinishedRun<'_> {
+    /// The pixels of test image `i` `[C, H, W]`, as the overlays draw them.
+    fn test_image(&self, i: usize) -> Vec<u8> {
+        self.data
+            .test
+            .images
+            .index_axis(ndarray::Axis(0), i)
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// `plots/overlays.png` (a few test images: truth, student, each teacher) and
     /// `plots/class_iou.png` (the student's final IoU per class).
     pub(super) fn segmentation_plots(&self, report: &MetricReport) -> Result<()> {
@@ -48,14 +59,20 @@ impl FinishedRun<'_> {
                     .flatten(0, -1),
             )?)
         };
-        let mut maps = vec![Vec::<i64>::try_from(
+        // The overlays draw a negative class as "not labelled".
+        let ignore = i64::from(mtkd_vision_tasks::segmentation::IGNORE);
+        let truth = Vec::<i64>::try_from(
             &self
                 .step
                 .task
                 .targets(&batch)?
                 .to_device(Device::Cpu)
                 .flatten(0, -1),
-        )?];
+        )?;
+        let mut maps = vec![truth
+            .into_iter()
+            .map(|c| if c == ignore { -1 } else { c })
+            .collect::<Vec<_>>()];
         let mut titles = vec!["truth".to_owned(), "student".to_owned()];
         maps.push(argmax(
             &tch::no_grad(|| self.step.student.forward_t(&batch.images, false)).logits,
@@ -71,14 +88,7 @@ impl FinishedRun<'_> {
             .iter()
             .enumerate()
             .map(|(k, &i)| crate::plot::OverlayRow {
-                image: self
-                    .data
-                    .test
-                    .images
-                    .index_axis(ndarray::Axis(0), i)
-                    .iter()
-                    .copied()
-                    .collect(),
+                image: self.test_image(i),
                 channels: c,
                 maps: maps
                     .iter()
@@ -94,9 +104,7 @@ impl FinishedRun<'_> {
             &rows,
         )
     }
-}
 
-impl FinishedRun<'_> {
     /// A detection run's outputs: `detections.json` (the student's test detections in COCO's
     /// result format), `plots/class_ap.png` (AP per class) and `plots/boxes.png` (a few test
     /// images: truth, student and every teacher's boxes).
@@ -186,14 +194,7 @@ impl FinishedRun<'_> {
             .iter()
             .enumerate()
             .map(|(r, &i)| crate::plot::BoxRow {
-                image: self
-                    .data
-                    .test
-                    .images
-                    .index_axis(ndarray::Axis(0), i)
-                    .iter()
-                    .copied()
-                    .collect(),
+                image: self.test_image(i),
                 channels: c,
                 boxes: columns.iter().map(|col| col[r].clone()).collect(),
             })

@@ -100,23 +100,10 @@ pub fn annotation_path(root: &Path, split: &str) -> PathBuf {
         .join(format!("instances_{split}.json"))
 }
 
-/// The most frequent class among an image's objects (the smallest on ties; 0 for an image
-/// without objects): what subsets stratify by and per-class weight records group by.
-pub fn image_label(objects: &[Object]) -> i64 {
-    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-    for o in objects {
-        *counts.entry(o.class).or_default() += 1;
-    }
-    counts
-        .iter()
-        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-        .map(|(c, _)| *c as i64)
-        .unwrap_or(0)
-}
+pub use crate::objects::image_label;
 
-/// The image ids (file order) and category ids (sorted, the class order) of a COCO split,
-/// without reading images.
-pub fn read_coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+/// The annotation file of a split, parsed, with its path.
+fn read_annotations(root: &Path, split: &str) -> Result<(PathBuf, CocoFile)> {
     let json = annotation_path(root, split);
     let text = std::fs::read_to_string(&json).map_err(io_err(&json))?;
     let file: CocoFile = serde_json::from_str(&text).map_err(|e| Error::Format {
@@ -124,6 +111,13 @@ pub fn read_coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
         format: "COCO annotation (JSON)",
         reason: e.to_string(),
     })?;
+    Ok((json, file))
+}
+
+/// The image ids (file order) and category ids (sorted, the class order) of a COCO split,
+/// without reading images.
+pub fn read_coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
+    let (_, file) = read_annotations(root, split)?;
     let mut cats: Vec<u64> = file.categories.iter().map(|c| c.id).collect();
     cats.sort_unstable();
     Ok((file.images.iter().map(|i| i.id).collect(), cats))
@@ -137,13 +131,7 @@ pub fn read_coco(
     channels: usize,
     size: Option<usize>,
 ) -> Result<CocoSet> {
-    let json = annotation_path(root, split);
-    let text = std::fs::read_to_string(&json).map_err(io_err(&json))?;
-    let file: CocoFile = serde_json::from_str(&text).map_err(|e| Error::Format {
-        path: json.clone(),
-        format: "COCO annotation (JSON)",
-        reason: e.to_string(),
-    })?;
+    let (json, file) = read_annotations(root, split)?;
     let bad = |reason: String| Error::Format {
         path: json.clone(),
         format: "COCO annotation (JSON)",

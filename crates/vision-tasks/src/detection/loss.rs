@@ -15,7 +15,7 @@ use tch::{Kind, Reduction, Tensor};
 use super::boxes::giou_loss;
 use super::layout::{DetLayout, Targets};
 use crate::error::Result;
-use mtkd_distill_core::signals::{cosines, BatchSignals};
+use mtkd_distill_core::signals::{BatchSignals, TeacherColumns};
 use mtkd_distill_core::ModelOutput;
 
 pub const FOCAL_ALPHA: f64 = 0.25;
@@ -168,35 +168,23 @@ pub fn detection_signals(
     temperature: f64,
     kl_terms: &[Tensor],
 ) -> Result<BatchSignals> {
+    mtkd_distill_core::signals::check_teachers(teachers, Some(kl_terms))?;
     tch::no_grad(|| {
         let s = student.detach();
-        let mut ce = Vec::with_capacity(teachers.len());
-        let mut ent = Vec::with_capacity(teachers.len());
-        let mut pooled = Vec::with_capacity(teachers.len());
-        for t in teachers {
-            ce.push(fcos_loss(layout, &t.logits, targets, num_classes)?);
+        let mut c = TeacherColumns::with_capacity(teachers.len());
+        for (t, kl) in teachers.iter().zip(kl_terms) {
+            c.ce.push(fcos_loss(layout, &t.logits, targets, num_classes)?);
             let p = pooled_class_logits(&t.logits, targets, num_classes);
             let logp = p.log_softmax(1, Kind::Float);
-            ent.push(
+            c.entropy.push(
                 (logp.exp() * &logp)
                     .sum_dim_intlist(1, false, Kind::Float)
                     .neg(),
             );
-            pooled.push(p);
+            c.logits.push(p);
+            c.kl.push(kl.detach());
         }
-        let kl: Vec<Tensor> = kl_terms.iter().map(Tensor::detach).collect();
-        let (cos, embeddings) = cosines(projected, teachers)?;
-        Ok(BatchSignals {
-            ce: Tensor::f_stack(&ce, 1)?,
-            kl: Tensor::f_stack(&kl, 1)?,
-            cos,
-            entropy: Tensor::f_stack(&ent, 1)?,
-            teacher_logits: pooled,
-            teacher_embeddings: embeddings,
-            student_logits: pooled_class_logits(&s, targets, num_classes),
-            labels: image_labels.shallow_clone(),
-            temperature,
-            student_head: None,
-        })
+        let pooled = pooled_class_logits(&s, targets, num_classes);
+        Ok(c.into_signals(projected, teachers, pooled, image_labels, temperature)?)
     })
 }

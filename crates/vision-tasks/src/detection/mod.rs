@@ -16,14 +16,7 @@ use crate::loader::Batch;
 use eval::{CocoStats, DetBox, GtBox};
 use layout::DetLayout;
 
-/// One ground-truth object of an image: class index, box `[x1, y1, x2, y2]` in pixels, area
-/// (the annotation's, which COCO's size ranges use; the box's when it has none).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Object {
-    pub class: usize,
-    pub bbox: [f32; 4],
-    pub area: f32,
-}
+pub use crate::objects::{pack_objects, Object};
 
 /// Post-processing of a detector's output into detections (torchvision's FCOS defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -131,26 +124,6 @@ pub fn batch_objects(gt: &Tensor) -> Result<Vec<Vec<Object>>> {
                 .collect()
         })
         .collect())
-}
-
-/// A batch's objects padded into one tensor `[B, N, 6]` (`N` at least 1).
-pub fn pack_objects(objects: &[&[Object]]) -> Tensor {
-    let n = objects.iter().map(|o| o.len()).max().unwrap_or(0).max(1);
-    let mut v = vec![0f32; objects.len() * n * 6];
-    for (i, objs) in objects.iter().enumerate() {
-        for j in 0..n {
-            let r = &mut v[(i * n + j) * 6..(i * n + j + 1) * 6];
-            match objs.get(j) {
-                Some(o) => {
-                    r[..4].copy_from_slice(&o.bbox);
-                    r[4] = o.class as f32;
-                    r[5] = o.area;
-                }
-                None => r[4] = -1.0,
-            }
-        }
-    }
-    Tensor::from_slice(&v).view([objects.len() as i64, n as i64, 6])
 }
 
 fn xywh(b: [f32; 4]) -> [f64; 4] {

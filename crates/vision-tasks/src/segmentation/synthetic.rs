@@ -103,7 +103,7 @@ pub fn generate_detection(
     let (seg, objects, dropped) = scenes(source, n, cfg, seed)?;
     let labels = objects
         .iter()
-        .map(|o| crate::detection::coco::image_label(o))
+        .map(|o| crate::objects::image_label(o))
         .collect();
     let mut set = ImageSet::new(seg.images, labels, source.num_classes)?;
     set.class_names = source.class_names.clone();
@@ -119,7 +119,7 @@ pub fn generate_detection(
     Ok((set, dropped))
 }
 
-type Scenes = (ImageSet, Vec<Vec<crate::detection::Object>>, usize);
+type Scenes = (ImageSet, Vec<Vec<crate::objects::Object>>, usize);
 
 fn scenes(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Result<Scenes> {
     cfg.check().map_err(|reason| Error::Invalid {
@@ -233,7 +233,7 @@ fn scenes(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Result<S
                 dropped += 1;
                 continue;
             }
-            objs.push(crate::detection::Object {
+            objs.push(crate::objects::Object {
                 class,
                 bbox: [e.0 as f32, e.1 as f32, e.2 as f32, e.3 as f32],
                 area: e.4 as f32,

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-pub use mtkd_vision_tasks::task::MetricReport;
+pub use crate::metric::MetricReport;
 
 /// One epoch's numbers. Losses are means over the epoch's samples; metrics in percent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

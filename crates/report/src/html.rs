@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::record::{Audit, AuditSample, AuditTeacher, EpochRecord, Summary};
+use mtkd_records::record::{Audit, AuditSample, AuditTeacher, EpochRecord, Summary};
 
 /// Another run of the same comparison (a folder next to the run that holds a `summary.json`).
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
     let inputs = load(run_dir)?;
     let html = render(&inputs);
     let path = run_dir.join("report.html");
-    crate::fsio::write_atomic(&path, html.as_bytes())?;
+    mtkd_records::fsio::write_atomic(&path, html.as_bytes())?;
     tracing::info!(path = %path.display(), "report written");
     Ok(path)
 }
@@ -784,7 +784,7 @@ impl<'a> Page<'a> {
             dash,
             points,
         };
-        let metric = mtkd_vision_tasks::task::metric_label(&self.inp.summary.metric);
+        let metric = mtkd_records::metric::metric_label(&self.inp.summary.metric);
         let (test_name, train_name) = if self.inp.summary.metric == "top1" {
             ("test top-1".to_owned(), "train top-1".to_owned())
         } else if self.inp.summary.metric == "ap" {
@@ -1845,7 +1845,7 @@ fn place_label(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::TeacherSummary;
+    use mtkd_records::record::TeacherSummary;
 
     fn record(epoch: usize, weights: Vec<f64>) -> EpochRecord {
         EpochRecord {
@@ -1857,7 +1857,7 @@ mod tests {
             train_feature: 0.1,
             train_metric: 60.0 + epoch as f64,
             test_loss: 0.8,
-            test: crate::record::MetricReport {
+            test: mtkd_records::record::MetricReport {
                 primary: "top1".into(),
                 value: 70.0 + epoch as f64,
                 scalars: [
@@ -1893,13 +1893,13 @@ mod tests {
             final_value: 72.0,
             best_value: 72.5,
             best_epoch: 1,
-            final_report: crate::record::MetricReport {
+            final_report: mtkd_records::record::MetricReport {
                 primary: "top1".into(),
                 value: 80.0,
                 scalars: Default::default(),
                 per_class: (0..10).map(|c| 50.0 + c as f64).collect(),
             },
-            best_report: crate::record::MetricReport {
+            best_report: mtkd_records::record::MetricReport {
                 primary: "top1".into(),
                 value: 80.0,
                 scalars: Default::default(),

@@ -7,7 +7,7 @@ use std::sync::Once;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use crate::record::EpochRecord;
+use mtkd_records::record::EpochRecord;
 
 static FONT: Once = Once::new();
 
@@ -104,7 +104,7 @@ pub fn write_png(path: &Path, w: u32, h: u32, rgb: Vec<u8>) -> Result<()> {
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|x| anyhow!("encoding {}: {x}", path.display()))?;
-    crate::fsio::write_atomic(path, &png)
+    mtkd_records::fsio::write_atomic(path, &png)
 }
 
 /// `loss.png`, `accuracy.png` and, with teachers, `teacher_weights.png` in `dir`.
@@ -239,7 +239,8 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
     Ok(())
 }
 
-/// Colour of class `c` in overlays: background black, then distinct colours; unlabelled grey.
+/// Colour of class `c` in overlays: background black, then distinct colours; unlabelled (a
+/// negative value) grey.
 fn class_colour(c: i64) -> [u8; 3] {
     const COLOURS: [[u8; 3]; 12] = [
         [230, 25, 75],
@@ -257,14 +258,13 @@ fn class_colour(c: i64) -> [u8; 3] {
     ];
     match c {
         0 => [0, 0, 0],
-        c if c == i64::from(mtkd_vision_tasks::segmentation::IGNORE) => [128, 128, 128],
         c if c > 0 => COLOURS[(c as usize - 1) % COLOURS.len()],
         _ => [128, 128, 128],
     }
 }
 
 /// One row of [`segmentation_overlays`]: the image `[C, H, W]` (u8, C = 1 or 3) and the class
-/// maps `[H, W]` to show beside it (ground truth first).
+/// maps `[H, W]` to show beside it (ground truth first; a negative value is not labelled).
 pub struct OverlayRow {
     pub image: Vec<u8>,
     pub channels: usize,
