@@ -75,8 +75,7 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         with(StrategyKind::CaMkd),
     ));
     out.push(("aekd".to_owned(), with(StrategyKind::Aekd)));
-    // A detector has no last linear layer for the look-ahead of mmkd and the meta mode.
-    let look_ahead = base.data.task() != crate::config::TaskKind::Detection;
+    let look_ahead = base.data.task().look_ahead();
     if look_ahead {
         out.push((
             "mmkd (last-layer look-ahead)".to_owned(),

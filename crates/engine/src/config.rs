@@ -588,21 +588,21 @@ impl DistillConfig {
     /// the augmentation).
     fn check(&self, cfg: &Config) -> Checked {
         let task = cfg.data.task();
+        let meta = self.strategy == StrategyKind::MtkdRl
+            && self
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.mode == mtkd_rl_weighting::agent::Mode::Meta);
+        if (self.strategy == StrategyKind::Mmkd || meta) && !task.look_ahead() {
+            return bad(
+                "distill.strategy",
+                "mmkd and the agent's meta mode look ahead through the student's last \
+                 linear layer on pooled features; a detector's class conv over a pyramid \
+                 has none (use the agent's clean or parity mode)"
+                    .into(),
+            );
+        }
         if task == TaskKind::Detection {
-            let meta = self.strategy == StrategyKind::MtkdRl
-                && self
-                    .agent
-                    .as_ref()
-                    .is_some_and(|a| a.mode == mtkd_rl_weighting::agent::Mode::Meta);
-            if self.strategy == StrategyKind::Mmkd || meta {
-                return bad(
-                    "distill.strategy",
-                    "mmkd and the agent's meta mode look ahead through the student's last \
-                     linear layer on pooled features; a detector's class conv over a pyramid \
-                     has none (use the agent's clean or parity mode)"
-                        .into(),
-                );
-            }
             if !(self.box_kd_weight >= 0.0 && self.box_kd_weight.is_finite()) {
                 return bad(
                     "distill.box_kd_weight",

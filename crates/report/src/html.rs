@@ -775,7 +775,7 @@ impl<'a> Page<'a> {
 
     fn curves_section(&self) -> String {
         let m = &self.inp.metrics;
-        let pts = |f: fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
+        let pts = |f: &dyn Fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
             m.iter().map(|r| (r.epoch as f64, f(r))).collect()
         };
         let s = |name: &str, colour: &str, dash: Option<&'static str>, points| Series {
@@ -785,31 +785,34 @@ impl<'a> Page<'a> {
             points,
         };
         let metric = mtkd_records::metric::metric_label(&self.inp.summary.metric);
-        let (test_name, train_name) = if self.inp.summary.metric == "top1" {
-            ("test top-1".to_owned(), "train top-1".to_owned())
-        } else if self.inp.summary.metric == "ap" {
-            (
-                format!("test {metric}"),
-                "train positive-location acc.".to_owned(),
-            )
-        } else {
-            (format!("test {metric}"), "train pixel acc.".to_owned())
-        };
+        let kind = mtkd_records::metric::metric_kind(&self.inp.summary.metric);
+        let (test_name, train_name) = (format!("test {metric}"), kind.train_label.to_owned());
         let acc = Chart {
-            title: if self.inp.summary.metric == "top1" {
-                "Accuracy".into()
-            } else if self.inp.summary.metric == "ap" {
-                format!("{metric} and training accuracy at positive locations")
-            } else {
-                format!("{metric} and training pixel accuracy")
-            },
+            title: kind.chart_title.into(),
             x_label: "epoch".into(),
             y_label: format!("{metric} (%)"),
             y: YAxis::Auto { zero: false },
-            series: vec![
-                s(&test_name, "#111827", None, pts(|r| r.test.value)),
-                s(&train_name, "#6b7280", Some("5 4"), pts(|r| r.train_metric)),
-            ],
+            series: std::iter::once(s(&test_name, "#111827", None, pts(&|r| r.test.value)))
+                .chain(
+                    kind.curves
+                        .iter()
+                        .zip(["#2563eb", "#9333ea"])
+                        .map(|(k, colour)| {
+                            s(
+                                &format!("test {}", mtkd_records::metric::metric_label(k)),
+                                colour,
+                                Some("2 3"),
+                                pts(&|r| r.test.get(k)),
+                            )
+                        }),
+                )
+                .chain(std::iter::once(s(
+                    &train_name,
+                    "#6b7280",
+                    Some("5 4"),
+                    pts(&|r| r.train_metric),
+                )))
+                .collect(),
             vlines: Vec::new(),
             notes: Vec::new(),
         };
@@ -819,14 +822,19 @@ impl<'a> Page<'a> {
             y_label: "loss (epoch mean)".into(),
             y: YAxis::Auto { zero: true },
             series: vec![
-                s("total", "#111827", None, pts(|r| r.train_loss)),
-                s("cross-entropy", "#0f766e", Some("6 3"), pts(|r| r.train_ce)),
-                s("KD", "#b45309", Some("2 3"), pts(|r| r.train_kd)),
+                s("total", "#111827", None, pts(&|r| r.train_loss)),
+                s(
+                    "cross-entropy",
+                    "#0f766e",
+                    Some("6 3"),
+                    pts(&|r| r.train_ce),
+                ),
+                s("KD", "#b45309", Some("2 3"), pts(&|r| r.train_kd)),
                 s(
                     "feature",
                     "#7c3aed",
                     Some("8 3 2 3"),
-                    pts(|r| r.train_feature),
+                    pts(&|r| r.train_feature),
                 ),
             ],
             vlines: Vec::new(),
@@ -838,12 +846,12 @@ impl<'a> Page<'a> {
             y_label: "seconds".into(),
             y: YAxis::Auto { zero: true },
             series: vec![
-                s("whole epoch", "#111827", None, pts(|r| r.seconds)),
+                s("whole epoch", "#111827", None, pts(&|r| r.seconds)),
                 s(
                     "teachers' outputs",
                     "#b45309",
                     Some("5 4"),
-                    pts(|r| r.teacher_seconds),
+                    pts(&|r| r.teacher_seconds),
                 ),
             ],
             vlines: Vec::new(),

@@ -135,69 +135,34 @@ pub fn plot_run(dir: &Path, history: &[EpochRecord], teacher_names: &[String]) -
             },
         ],
     )?;
-    let primary = history
-        .first()
-        .map(|r| r.test.primary.as_str())
-        .unwrap_or("");
-    if primary == "ap" {
+    if let Some(first) = history.first() {
+        let kind = first.test.kind();
+        let label = mtkd_records::metric::metric_label(kind.primary);
+        let names: Vec<String> = kind
+            .curves
+            .iter()
+            .map(|k| format!("test {}", mtkd_records::metric::metric_label(k)))
+            .collect();
+        let mut series = vec![Series {
+            name: kind.train_label,
+            points: pts(&|r| r.train_metric),
+        }];
+        for (k, name) in kind.curves.iter().zip(&names) {
+            series.push(Series {
+                name,
+                points: pts(&|r| r.test.get(k)),
+            });
+        }
+        let test = format!("test {label}");
+        series.push(Series {
+            name: &test,
+            points: pts(&|r| r.test.value),
+        });
         line_chart(
             &dir.join("accuracy.png"),
-            "Detection: test AP, AP50, AP75",
+            kind.chart_title,
             "percent",
-            &[
-                Series {
-                    name: "train positive-location acc.",
-                    points: pts(&|r| r.train_metric),
-                },
-                Series {
-                    name: "test AP50",
-                    points: pts(&|r| r.test.get("ap50")),
-                },
-                Series {
-                    name: "test AP75",
-                    points: pts(&|r| r.test.get("ap75")),
-                },
-                Series {
-                    name: "test AP",
-                    points: pts(&|r| r.test.value),
-                },
-            ],
-        )?;
-    } else if primary == "miou" {
-        line_chart(
-            &dir.join("accuracy.png"),
-            "Segmentation: mIoU and pixel accuracy",
-            "percent",
-            &[
-                Series {
-                    name: "train pixel acc.",
-                    points: pts(&|r| r.train_metric),
-                },
-                Series {
-                    name: "test pixel acc.",
-                    points: pts(&|r| r.test.get("pixel_accuracy")),
-                },
-                Series {
-                    name: "test mIoU",
-                    points: pts(&|r| r.test.value),
-                },
-            ],
-        )?;
-    } else {
-        line_chart(
-            &dir.join("accuracy.png"),
-            "Top-1 accuracy",
-            "top-1 (%)",
-            &[
-                Series {
-                    name: "train",
-                    points: pts(&|r| r.train_metric),
-                },
-                Series {
-                    name: "test",
-                    points: pts(&|r| r.test.value),
-                },
-            ],
+            &series,
         )?;
     }
     if !teacher_names.is_empty()

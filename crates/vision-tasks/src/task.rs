@@ -32,16 +32,20 @@ pub enum TaskKind {
     Detection,
 }
 
+impl TaskKind {
+    /// Whether a look-ahead strategy (MMKD, the agent's meta mode) applies: they look ahead
+    /// through the student's last linear layer on pooled features, which a detector's class
+    /// conv over a pyramid is not.
+    pub fn look_ahead(self) -> bool {
+        self != TaskKind::Detection
+    }
+}
+
 pub use mtkd_records::metric::{metric_label, MetricReport};
 
-/// The scalars besides the primary metric `primary` that comparison tables show (what
-/// [`Task::table_scalars`] says for the task whose primary metric it is).
+/// The scalars besides the primary metric `primary` that comparison tables show.
 pub fn table_scalars_for(primary: &str) -> &'static [&'static str] {
-    match primary {
-        "miou" => Segmentation::default().table_scalars(),
-        "ap" => DETECTION_TABLE,
-        _ => Classification.table_scalars(),
-    }
+    mtkd_records::metric::metric_kind(primary).table
 }
 
 /// Accumulates a metric over evaluation batches.
@@ -173,7 +177,7 @@ impl Task for Classification {
         "top1"
     }
     fn table_scalars(&self) -> &'static [&'static str] {
-        &[]
+        table_scalars_for(self.primary())
     }
     fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
         vec![num_classes]
@@ -280,7 +284,7 @@ impl Task for Segmentation {
         "miou"
     }
     fn table_scalars(&self) -> &'static [&'static str] {
-        &["pixel_accuracy"]
+        table_scalars_for(self.primary())
     }
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64> {
         vec![num_classes, hw.0, hw.1]
@@ -323,8 +327,6 @@ impl Metric for Confusion {
         }
     }
 }
-
-const DETECTION_TABLE: &[&str] = &["ap50", "ap75"];
 
 /// Object detection (docs/METHOD.md, section 14): an FCOS-style output `[B, K + 5, L]` over
 /// the locations of `layout`, the FCOS loss, foreground-weighted class KD plus box KD at
@@ -455,7 +457,7 @@ impl Task for Detection {
         "ap"
     }
     fn table_scalars(&self) -> &'static [&'static str] {
-        DETECTION_TABLE
+        table_scalars_for(self.primary())
     }
     fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
         vec![num_classes + 5, self.layout.len()]

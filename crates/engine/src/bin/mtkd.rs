@@ -969,9 +969,10 @@ fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()
         .iter()
         .filter(|(k, _)| **k != s.metric)
         .filter(|(k, _)| {
-            // Detection: the AP family; COCO's recalls and size ranges are in summary.json.
-            s.metric != "ap"
-                || mtkd_vision_tasks::task::table_scalars_for("ap").contains(&k.as_str())
+            s.final_report
+                .kind()
+                .final_line
+                .is_none_or(|shown| shown.contains(&k.as_str()))
         })
         .map(|(k, v)| format!(", {} {v:.2}%", mtkd_vision_tasks::task::metric_label(k)))
         .collect();
@@ -1030,37 +1031,7 @@ impl Observer for Bars {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
-        let label = mtkd_vision_tasks::task::metric_label;
-        let (train, test) = if r.test.primary == "top1" {
-            (
-                "train top-1",
-                format!(
-                    "test top-1 {:.2}%  top-5 {:.2}%",
-                    r.test.value,
-                    r.test.get("top5")
-                ),
-            )
-        } else if r.test.primary == "ap" {
-            (
-                "train positive-location acc.",
-                format!(
-                    "test AP {:.2}%  AP50 {:.2}%  AP75 {:.2}%",
-                    r.test.value,
-                    r.test.get("ap50"),
-                    r.test.get("ap75")
-                ),
-            )
-        } else {
-            (
-                "train pixel acc.",
-                format!(
-                    "test {} {:.2}%  pixel acc. {:.2}%",
-                    label(&r.test.primary),
-                    r.test.value,
-                    r.test.get("pixel_accuracy")
-                ),
-            )
-        };
+        let (train, test) = (r.test.kind().train_label, r.test.epoch_line());
         eprintln!(
             "  epoch {:>3}: loss {:.4} (ce {:.4}, kd {:.4}, feat {:.4}) {train} {:.2}%  {test}  lr {:.4}  {:.1}s",
             r.epoch, r.train_loss, r.train_ce, r.train_kd, r.train_feature, r.train_metric, r.lr, r.seconds
