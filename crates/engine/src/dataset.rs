@@ -160,11 +160,7 @@ impl Datasets {
         }
         tracing::info!(root = %root.display(), train = train.len(), test = test.len(),
             shape = ?train.image_shape(), classes = train.num_classes, "dataset loaded");
-        let test_coco_ids = if cfg.kind == DatasetKind::Coco && cfg.test_subset == 0 {
-            Some(coco_ids(&root, coco_split(&root, Split::Test))?)
-        } else {
-            None
-        };
+        let test_coco_ids = coco_ids_of(cfg, Split::Test)?;
         Ok(Datasets {
             train: Arc::new(train),
             test: Arc::new(test),
@@ -298,6 +294,21 @@ fn scenes_coco(cfg: &DataConfig, root: &Path, split: Split) -> Result<ImageSet> 
 
 /// The image ids (file order, as the reader keeps them) and category ids (sorted by id, the
 /// reader's class order) of a COCO split.
+/// The COCO ids of a split's images (in set order) and of the categories (in class order),
+/// for result files: `Some` for COCO data read whole, `None` when ids are index + 1 (a subset,
+/// or data that is not a COCO folder of the user's).
+pub fn coco_ids_of(cfg: &DataConfig, split: Split) -> Result<Option<(Vec<u64>, Vec<u64>)>> {
+    let subset = match split {
+        Split::Train => cfg.train_subset,
+        Split::Test => cfg.test_subset,
+    };
+    if cfg.kind != DatasetKind::Coco || subset != 0 {
+        return Ok(None);
+    }
+    let root = resolve_root(&cfg.root);
+    Ok(Some(coco_ids(&root, coco_split(&root, split))?))
+}
+
 fn coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
     let c = mtkd_vision_tasks::detection::coco::read_coco_ids(root, split)?;
     Ok(c)

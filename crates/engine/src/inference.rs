@@ -108,23 +108,16 @@ pub fn data_table(path: &Path) -> Result<DataConfig> {
         .with_context(|| format!("{}: the [data] table", path.display()))
 }
 
-/// What eval and predict say of segmentation data.
+/// What predict says of segmentation data.
 const SEG_NOT_YET: &str =
-    "mtkd eval and mtkd predict handle classification models; a segmentation run's \
-     test mIoU, pixel accuracy and per-class IoU are in its summary.json and metrics.jsonl, its \
-     prediction overlays in plots/";
-
-/// What eval says of detection data.
-const DET_EVAL_NOT_YET: &str =
-    "mtkd eval handles classification and segmentation models; a detection run's test AP, AP50, \
-     AP75, AP by size and per-class AP are in its summary.json and metrics.jsonl, its test \
-     detections in detections.json (COCO result format)";
+    "mtkd predict handles classification models; `mtkd eval` gives a segmentation model's \
+     mIoU, pixel accuracy and per-class IoU, and a run's prediction overlays are in plots/";
 
 /// What predict says of detection data.
 const DET_NOT_YET: &str =
-    "mtkd predict handles classification models; a detection run's test AP, AP50, AP75 and \
-     per-class AP are in its summary.json and metrics.jsonl, its detections in \
-     detections.json (COCO result format), its box overlays in plots/";
+    "mtkd predict handles classification models; `mtkd eval --detections FILE` gives a \
+     detection model's AP and its detections in COCO's result format, and a run's box overlays \
+     are in plots/";
 
 /// The size and channels images of a dataset kind are read at.
 fn geometry(data: &DataConfig) -> (u32, usize) {
@@ -164,6 +157,17 @@ fn eval_loader(set: Arc<ImageSet>, data: &DataConfig, batch_size: usize) -> Resu
     .context("data.normalize / data.eval_resize")
 }
 
+/// What a model's output is, for loading and checking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Class logits `[B, K]`.
+    Classes,
+    /// Per-pixel logits `[B, K, H, W]` (segmentation).
+    Dense,
+    /// A detector's `[B, K + 5, L]` over `locations` locations.
+    Boxes { locations: i64 },
+}
+
 /// A loaded model, ready to classify batches.
 pub struct Model {
     net: Box<dyn Teacher>,
@@ -187,19 +191,19 @@ impl Model {
         num_classes: i64,
         device: Device,
     ) -> Result<Model> {
-        Self::load_for(src, input, num_classes, device, false)
+        Self::load_for(src, input, num_classes, device, Output::Classes)
     }
 
-    /// As [`Model::load`]; `dense`: a segmentation model (per-pixel logits).
+    /// As [`Model::load`], for a model whose output is `output`.
     pub fn load_for(
         src: &ModelSource,
         input: (i64, i64, i64),
         num_classes: i64,
         device: Device,
-        dense: bool,
+        output: Output,
     ) -> Result<Model> {
-        if dense && matches!(src, ModelSource::Weights { .. }) {
-            bail!("a segmentation student's weights need their head: pass its run folder (or its student.pt)");
+        if output != Output::Classes && matches!(src, ModelSource::Weights { .. }) {
+            bail!("a segmentation or detection student's weights need their head: pass its run folder (or its student.pt)");
         }
         let (net, source): (Box<dyn Teacher>, String) = match src {
             ModelSource::Run(dir) => {
@@ -251,8 +255,11 @@ impl Model {
                     input,
                     num_classes,
                     needs_features: false,
-                    dense,
-                    det_locations: None,
+                    dense: output == Output::Dense,
+                    det_locations: match output {
+                        Output::Boxes { locations } => Some(locations),
+                        _ => None,
+                    },
                 };
                 // The teacher crate's contract, worded for a model being used, not taught from.
                 let module =
@@ -363,13 +370,18 @@ pub enum EvalSplit {
     Train,
 }
 
+impl From<EvalSplit> for mtkd_vision_tasks::data::Split {
+    fn from(s: EvalSplit) -> Self {
+        match s {
+            EvalSplit::Test => mtkd_vision_tasks::data::Split::Test,
+            EvalSplit::Train => mtkd_vision_tasks::data::Split::Train,
+        }
+    }
+}
+
 /// Load one split of `data` (its subset settings applied; the other split is not read).
 pub fn load_split(data: &DataConfig, split: EvalSplit) -> Result<ImageSet> {
-    let split = match split {
-        EvalSplit::Test => mtkd_vision_tasks::data::Split::Test,
-        EvalSplit::Train => mtkd_vision_tasks::data::Split::Train,
-    };
-    crate::dataset::Datasets::load_split(data, split)
+    crate::dataset::Datasets::load_split(data, split.into())
 }
 
 /// Evaluate `src` on a split of `data`.
@@ -385,7 +397,9 @@ pub fn evaluate(
         crate::config::TaskKind::Segmentation => bail!(
             "this is segmentation data: use inference::evaluate_segmentation (`mtkd eval` does)"
         ),
-        crate::config::TaskKind::Detection => bail!("{DET_EVAL_NOT_YET}"),
+        crate::config::TaskKind::Detection => {
+            bail!("this is detection data: use inference::evaluate_detection (`mtkd eval` does)")
+        }
     }
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
@@ -465,7 +479,13 @@ pub fn evaluate_segmentation(
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
     let (c, h, w) = loader.output_shape();
     let k = set.num_classes;
-    let model = Model::load_for(src, (c as i64, h as i64, w as i64), k as i64, device, true)?;
+    let model = Model::load_for(
+        src,
+        (c as i64, h as i64, w as i64),
+        k as i64,
+        device,
+        Output::Dense,
+    )?;
     let (report, ce) = crate::trainer::evaluate(
         &|x| {
             let logits = model.logits(x)?;
@@ -489,6 +509,90 @@ pub fn evaluate_segmentation(
         report,
         class_names: set.class_names.clone(),
         mean_cross_entropy: ce,
+    })
+}
+
+/// What `mtkd eval` reports of a detection model (percent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetEvalReport {
+    pub model: String,
+    pub data: String,
+    pub split: String,
+    pub samples: usize,
+    /// AP@[.5:.95] (`value`), AP50, AP75, AP by size, AR, AP per class: COCO's evaluation.
+    pub report: crate::record::MetricReport,
+    pub class_names: Vec<String>,
+    /// Mean over images of the FCOS loss against the ground truth.
+    pub mean_loss: f64,
+    /// Where the detections were written in COCO's result format, when asked.
+    pub detections: Option<PathBuf>,
+}
+
+/// Evaluate a detection model `src` on a split of `data` through the trainer's evaluation
+/// (the same assignment, post-processing and COCO AP); with `detections`, write the
+/// detections there in COCO's result format, with the data's COCO ids when the split was read
+/// whole (else index + 1), as a run's `detections.json` is.
+pub fn evaluate_detection(
+    src: &ModelSource,
+    data: &DataConfig,
+    split: EvalSplit,
+    batch_size: usize,
+    device: Device,
+    detections: Option<&Path>,
+) -> Result<DetEvalReport> {
+    use mtkd_vision_tasks::detection::{coco, layout::DetLayout, DetMetric};
+    use mtkd_vision_tasks::task::{task_of, Metric, TaskParams};
+    let set = Arc::new(load_split(data, split)?);
+    let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
+    let (c, h, w) = loader.output_shape();
+    let hw = (h as i64, w as i64);
+    let k = set.num_classes;
+    let task = task_of(
+        crate::config::TaskKind::Detection,
+        &TaskParams {
+            image: hw,
+            box_kd_weight: 1.0,
+            ..TaskParams::default()
+        },
+    );
+    let locations = task.logits_shape(k as i64, hw)[1];
+    let model = Model::load_for(
+        src,
+        (c as i64, hw.0, hw.1),
+        k as i64,
+        device,
+        Output::Boxes { locations },
+    )?;
+    let mut metric = DetMetric::new(DetLayout::standard(hw), k);
+    let mean_loss = crate::trainer::evaluate_into(
+        &|x| {
+            let logits = model.logits(x)?;
+            mtkd_distill_core::loss::ensure_finite("logits", &logits)
+                .map_err(|_| anyhow!("{} gives NaN or infinite outputs", model.source))?;
+            Ok(mtkd_distill_core::ModelOutput {
+                logits,
+                features: None,
+            })
+        },
+        &loader,
+        device,
+        task.as_ref(),
+        &mut metric,
+    )?;
+    if let Some(path) = detections {
+        let (ids, cats) = crate::dataset::coco_ids_of(data, split.into())?.unwrap_or_default();
+        coco::write_results(path, metric.detections(), &ids, &cats)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(DetEvalReport {
+        model: model.source.clone(),
+        data: describe(data),
+        split: format!("{split:?}").to_lowercase(),
+        samples: set.len(),
+        report: metric.report(),
+        class_names: set.class_names.clone(),
+        mean_loss,
+        detections: detections.map(Path::to_path_buf),
     })
 }
 

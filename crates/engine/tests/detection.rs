@@ -182,6 +182,60 @@ fn detection_distills_resumes_exactly_and_shares_teacher_outputs() {
         "the scenes went through COCO files"
     );
 
+    // mtkd eval of the run folder: the run's own AP, per class, and its detections.
+    let written = s.join("eval-detections.json");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .arg("eval")
+        .arg(&full)
+        .arg("--json")
+        .arg("--detections")
+        .arg(&written)
+        .args(["--batch-size", "16"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: mtkd_engine::inference::DetEvalReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r.report.value, sum.final_value);
+    assert_eq!(r.report.get("ap50"), sum.final_report.get("ap50"));
+    assert_eq!(
+        serde_json::to_string(&r.report.per_class).unwrap(),
+        serde_json::to_string(&sum.final_report.per_class).unwrap()
+    );
+    assert_eq!(r.samples, 16);
+    // The run's own detections, up to the last printed digit of a box (the run's student
+    // computes channels-last, the loaded one contiguous).
+    let ours: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&written).unwrap()).unwrap();
+    assert_eq!(ours.len(), dets.len());
+    for (a, b) in ours.iter().zip(dets) {
+        assert_eq!(a["image_id"], b["image_id"]);
+        assert_eq!(a["category_id"], b["category_id"]);
+        let close = |x: &serde_json::Value, y: &serde_json::Value, tol: f64| {
+            (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() <= tol
+        };
+        assert!(close(&a["score"], &b["score"], 2e-5), "{a} vs {b}");
+        for i in 0..4 {
+            assert!(close(&a["bbox"][i], &b["bbox"][i], 0.011), "{a} vs {b}");
+        }
+    }
+    // Its TorchScript export, given the run's [data], says the same.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .arg("eval")
+        .arg(full.join("student.pt"))
+        .arg("--data")
+        .arg(full.join("config.toml"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: mtkd_engine::inference::DetEvalReport = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        (r.report.value - sum.final_value).abs() < 1e-6,
+        "{} vs {}",
+        r.report.value,
+        sum.final_value
+    );
+
     // Killed after 3 steps, resumed: the same records, metric for metric.
     let halted = s.join("halted");
     let opts = RunOptions {

@@ -129,6 +129,9 @@ enum Cmd {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Detection: also write the detections to FILE in COCO's result format.
+        #[arg(long, value_name = "FILE")]
+        detections: Option<PathBuf>,
     },
     /// The top-k classes of image files (PNG, JPEG), preprocessed as the data's test split.
     Predict {
@@ -256,7 +259,10 @@ fn main() -> std::process::ExitCode {
             json,
             batch_size,
             device,
-        } => eval(model, data, root, split, arch, json, batch_size, device),
+            detections,
+        } => eval(
+            model, data, root, split, arch, json, batch_size, device, detections,
+        ),
         Cmd::Predict {
             model,
             images,
@@ -381,6 +387,7 @@ fn eval(
     json: bool,
     batch_size: usize,
     device: String,
+    detections: Option<PathBuf>,
 ) -> Result<()> {
     init_logging(None);
     let (src, mut data) = model_and_data(&model, data, arch)?;
@@ -388,6 +395,63 @@ fn eval(
         data.root = r;
     }
     let device = trainer::device_of(&device)?;
+    if data.task() == mtkd_engine::config::TaskKind::Detection {
+        let r = mtkd_engine::inference::evaluate_detection(
+            &src,
+            &data,
+            split,
+            batch_size.max(1),
+            device,
+            detections.as_deref(),
+        )?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!("model: {}", r.model);
+        println!(
+            "data:  {} ({} split, {} images)",
+            r.data, r.split, r.samples
+        );
+        let line: Vec<String> = [
+            "ap",
+            "ap50",
+            "ap75",
+            "ap_small",
+            "ap_medium",
+            "ap_large",
+            "ar100",
+        ]
+        .iter()
+        .map(|k| {
+            format!(
+                "{} {:.2}%",
+                mtkd_vision_tasks::task::metric_label(k),
+                r.report.get(k)
+            )
+        })
+        .collect();
+        println!("{}   mean loss {:.4}\n", line.join("   "), r.mean_loss);
+        let width = r
+            .class_names
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        println!("{:<width$}  {:>7}", "class", "AP");
+        for (name, ap) in r.class_names.iter().zip(&r.report.per_class) {
+            if ap.is_nan() {
+                println!("{name:<width$}  {:>7}", "absent");
+            } else {
+                println!("{name:<width$}  {ap:>6.2}%");
+            }
+        }
+        if let Some(p) = &r.detections {
+            println!("\ndetections (COCO result format): {}", p.display());
+        }
+        return Ok(());
+    }
     if data.task() == mtkd_engine::config::TaskKind::Segmentation {
         let r = mtkd_engine::inference::evaluate_segmentation(
             &src,

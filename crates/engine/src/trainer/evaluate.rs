@@ -7,12 +7,12 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::weighting::TeacherWeights;
 use mtkd_distill_core::ModelOutput;
 use mtkd_vision_tasks::loader::BatchLoader;
-use mtkd_vision_tasks::task::{MetricReport, Task};
+use mtkd_vision_tasks::task::{Metric, MetricReport, Task};
 
 use super::distiller::Terms;
 use crate::record::EpochRecord;
 
-/// Evaluate a forward function over a loader: accuracy report and mean cross-entropy.
+/// Evaluate a forward function over a loader: the task's metric report and mean task loss.
 pub fn evaluate(
     forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
     loader: &BatchLoader,
@@ -21,6 +21,19 @@ pub fn evaluate(
     num_classes: usize,
 ) -> Result<(MetricReport, f64)> {
     let mut metric = task.metric(num_classes);
+    let loss = evaluate_into(forward, loader, device, task, metric.as_mut())?;
+    Ok((metric.report(), loss))
+}
+
+/// As [`evaluate`], into a metric the caller keeps (to read more than its report, e.g. a
+/// detector's detections); returns the mean task loss.
+pub fn evaluate_into(
+    forward: &dyn Fn(&Tensor) -> Result<ModelOutput>,
+    loader: &BatchLoader,
+    device: Device,
+    task: &dyn Task,
+    metric: &mut dyn Metric,
+) -> Result<f64> {
     let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
     let mut n = 0usize;
     tch::no_grad(|| -> Result<()> {
@@ -34,10 +47,7 @@ pub fn evaluate(
         }
         Ok(())
     })?;
-    Ok((
-        metric.report(),
-        loss_sum.double_value(&[]) / n.max(1) as f64,
-    ))
+    Ok(loss_sum.double_value(&[]) / n.max(1) as f64)
 }
 
 /// Running sums of an epoch, kept as tensors (no device sync per batch).

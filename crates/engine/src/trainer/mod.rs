@@ -33,8 +33,8 @@ mod strategy;
 mod weights;
 
 use distiller::Distiller;
-pub use evaluate::evaluate;
 use evaluate::Sums;
+pub use evaluate::{evaluate, evaluate_into};
 pub use export::export_torchscript;
 use pool::{build_pool, pool_layout, Pool, PoolMember};
 pub use pool::{
