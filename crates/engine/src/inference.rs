@@ -108,11 +108,6 @@ pub fn data_table(path: &Path) -> Result<DataConfig> {
         .with_context(|| format!("{}: the [data] table", path.display()))
 }
 
-/// What predict says of segmentation data.
-const SEG_NOT_YET: &str =
-    "mtkd predict handles classification models; `mtkd eval` gives a segmentation model's \
-     mIoU, pixel accuracy and per-class IoU, and a run's prediction overlays are in plots/";
-
 /// What predict says of detection data.
 const DET_NOT_YET: &str =
     "mtkd predict handles classification models; `mtkd eval --detections FILE` gives a \
@@ -596,6 +591,127 @@ pub fn evaluate_detection(
     })
 }
 
+/// One image's segmentation from `mtkd predict`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SegPrediction {
+    pub image: String,
+    /// The predicted class of every pixel, an 8-bit index PNG of the image's size.
+    pub mask: PathBuf,
+    /// The image with the prediction drawn over it and a legend of the classes.
+    pub overlay: PathBuf,
+    /// The classes predicted, with their share of the image's pixels, largest first.
+    pub classes: Vec<ClassShare>,
+}
+
+/// A class's share of a predicted mask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassShare {
+    pub class: String,
+    pub label: usize,
+    pub share: f64,
+}
+
+/// Segment each image file with a segmentation model, read and normalised as the data's test
+/// split is (its own size, grey or RGB): per image `<stem>.mask.png` (the class of every pixel
+/// as an 8-bit index PNG, the format of a mask folder) and `<stem>.overlay.png` under `out`.
+/// The class count comes from `num_classes`, the data's `num_classes` or its `class_names`.
+pub fn predict_segmentation(
+    src: &ModelSource,
+    data: &DataConfig,
+    images: &[PathBuf],
+    out: &Path,
+    num_classes: Option<usize>,
+    device: Device,
+) -> Result<Vec<SegPrediction>> {
+    if images.is_empty() {
+        bail!("give at least one image file");
+    }
+    let k = num_classes
+        .or(data.num_classes)
+        .or((!data.class_names.is_empty()).then_some(data.class_names.len()))
+        .ok_or_else(|| {
+            anyhow!("give the class count with --classes (the [data] table has neither num_classes nor class_names)")
+        })?;
+    let names = class_names(data, k);
+    let channels = data.channels.unwrap_or(geometry(data).1);
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut preds = Vec::new();
+    for path in images {
+        let (w, h) = image::image_dimensions(path)
+            .with_context(|| format!("reading the image {}", path.display()))?;
+        let pixels = mtkd_vision_tasks::data::read_image(path, 0, channels)
+            .with_context(|| format!("reading the image {}", path.display()))?;
+        let arr =
+            ndarray::Array4::from_shape_vec((1, channels, h as usize, w as usize), pixels.clone())?;
+        let set = Arc::new(ImageSet::new(arr, vec![0], k)?);
+        let loader = eval_loader(set, data, 1)?;
+        let (c, lh, lw) = loader.output_shape();
+        let model = Model::load_for(
+            src,
+            (c as i64, lh as i64, lw as i64),
+            k as i64,
+            device,
+            Output::Dense,
+        )?;
+        let batch = loader
+            .epoch(0, 0, device)
+            .next()
+            .ok_or_else(|| anyhow!("no batch from {}", path.display()))?;
+        let logits = tch::no_grad(|| model.logits(&batch.images))?;
+        let classes = Vec::<i64>::try_from(
+            &logits
+                .argmax(1, false)
+                .to_device(Device::Cpu)
+                .flatten(0, -1),
+        )?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into());
+        let mask_path = out.join(format!("{stem}.mask.png"));
+        let bytes: Vec<u8> = classes.iter().map(|&c| c as u8).collect();
+        let mut png = Vec::new();
+        image::GrayImage::from_raw(lw as u32, lh as u32, bytes)
+            .ok_or_else(|| anyhow!("the prediction does not match the image's size"))?
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        crate::fsio::write_atomic(&mask_path, &png)?;
+        let overlay = out.join(format!("{stem}.overlay.png"));
+        crate::plot::segmentation_overlays(
+            &overlay,
+            (lh, lw),
+            &["prediction".to_owned()],
+            &names,
+            &[crate::plot::OverlayRow {
+                image: pixels,
+                channels: c,
+                maps: vec![classes.clone()],
+            }],
+        )?;
+        let mut counts = vec![0usize; k];
+        for &c in &classes {
+            counts[c as usize] += 1;
+        }
+        let mut shares: Vec<ClassShare> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &n)| n > 0)
+            .map(|(label, &n)| ClassShare {
+                class: names[label].clone(),
+                label,
+                share: n as f64 / classes.len() as f64,
+            })
+            .collect();
+        shares.sort_by(|a, b| b.share.total_cmp(&a.share).then(a.label.cmp(&b.label)));
+        preds.push(SegPrediction {
+            image: path.display().to_string(),
+            mask: mask_path,
+            overlay,
+            classes: shares,
+        });
+    }
+    Ok(preds)
+}
+
 /// One image's answer from `mtkd predict`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
@@ -670,7 +786,7 @@ pub fn predict(
             DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
             DatasetKind::Cifar100 => 100,
             DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
-                bail!("{SEG_NOT_YET}")
+                bail!("this is segmentation data: use inference::predict_segmentation (`mtkd predict` does)")
             }
             DatasetKind::Coco | DatasetKind::SyntheticDetection => {
                 bail!("{DET_NOT_YET}")

@@ -412,6 +412,45 @@ fn a_segmentation_folder_trains_and_a_bad_mask_is_named() {
     assert_eq!(out.summary.final_report.per_class.len(), 3);
     assert_eq!(out.summary.student, "cnn-small + aspp");
 
+    // mtkd predict on the test images: masks of the images' size whose pixel accuracy against
+    // the test masks is the run's own, and overlays.
+    let preds_dir = s.join("preds");
+    let images: Vec<PathBuf> = (0..4)
+        .map(|i| data.join(format!("val/images/{i:02}.png")))
+        .collect();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .arg("predict")
+        .arg(s.join("ok"))
+        .arg("--json")
+        .arg("--out")
+        .arg(&preds_dir)
+        .args(&images)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds: Vec<mtkd_engine::inference::SegPrediction> =
+        serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(preds.len(), 4);
+    let (mut right, mut all) = (0usize, 0usize);
+    for (i, p) in preds.iter().enumerate() {
+        let mask = image::open(&p.mask).unwrap().to_luma8();
+        assert_eq!(mask.dimensions(), (24, 24));
+        let truth = image::open(data.join(format!("val/masks/{i:02}.png")))
+            .unwrap()
+            .to_luma8();
+        for (a, b) in mask.pixels().zip(truth.pixels()) {
+            assert!(a[0] < 3, "class {} of 3", a[0]);
+            right += usize::from(a[0] == b[0]);
+            all += 1;
+        }
+        assert!(p.overlay.is_file());
+        let total: f64 = p.classes.iter().map(|c| c.share).sum();
+        assert!((total - 1.0).abs() < 1e-9, "{total}");
+    }
+    let acc = 100.0 * right as f64 / all as f64;
+    let want = out.summary.final_report.get("pixel_accuracy");
+    assert!((acc - want).abs() < 0.2, "{acc} vs the run's {want}");
+
     // A mask with a class outside 0..3: the run fails before training, naming the file.
     write_split(&data.join("val"), 4, 24, Some(2));
     let err = format!(

@@ -253,7 +253,8 @@ pub fn segmentation_overlays(
     let (gap, head) = (8usize, 28usize);
     let cols = titles.len() + 1;
     let legend_rows = class_names.len().div_ceil(6);
-    let width = cols * (pw + gap) + gap;
+    // Room for six legend entries per row however few columns there are.
+    let width = (cols * (pw + gap) + gap).max(6 * 120);
     let height = head + rows.len() * (ph + gap) + gap + 22 * legend_rows + 8;
     let mut px = vec![255u8; width * height * 3];
     let put = |px: &mut Vec<u8>, x: usize, y: usize, c: [u8; 3]| {

@@ -153,6 +153,9 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Segmentation: the folder the masks and overlays are written to.
+        #[arg(long, value_name = "DIR", default_value = "predictions")]
+        out: PathBuf,
     },
     /// Time the training step of a config in the step modes of the performance report (CE only,
     /// one-teacher KD, AVER, MTKD-RL, MTKD-RL with the teacher output cache) and write the
@@ -272,7 +275,8 @@ fn main() -> std::process::ExitCode {
             top_k,
             json,
             device,
-        } => predict(model, images, data, arch, classes, top_k, json, device),
+            out,
+        } => predict(model, images, data, arch, classes, top_k, json, device, out),
         Cmd::Report { run } => mtkd_engine::report::write_report(&run).map(|p| {
             println!("{}", p.display());
         }),
@@ -542,10 +546,35 @@ fn predict(
     top_k: usize,
     json: bool,
     device: String,
+    out: PathBuf,
 ) -> Result<()> {
     init_logging(None);
     let (src, data) = model_and_data(&model, data, arch)?;
     let device = trainer::device_of(&device)?;
+    if data.task() == mtkd_engine::config::TaskKind::Segmentation {
+        let preds = mtkd_engine::inference::predict_segmentation(
+            &src, &data, &images, &out, classes, device,
+        )?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&preds)?);
+            return Ok(());
+        }
+        for p in preds {
+            let shares: Vec<String> = p
+                .classes
+                .iter()
+                .map(|c| format!("{} {:.1}%", c.class, 100.0 * c.share))
+                .collect();
+            println!(
+                "{}: {} (mask {}, overlay {})",
+                p.image,
+                shares.join(", "),
+                p.mask.display(),
+                p.overlay.display()
+            );
+        }
+        return Ok(());
+    }
     let preds = mtkd_engine::inference::predict(&src, &data, &images, top_k, classes, device)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&preds)?);
