@@ -284,6 +284,18 @@ impl Model {
     pub fn logits(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.net.forward(images)?.logits)
     }
+
+    /// The output of a normalised batch, as an evaluation takes it: an error naming the model
+    /// when it is NaN or infinite.
+    pub fn checked_output(&self, images: &Tensor) -> Result<mtkd_distill_core::ModelOutput> {
+        let logits = self.logits(images)?;
+        mtkd_distill_core::loss::ensure_finite("logits", &logits)
+            .map_err(|_| anyhow!("{} gives NaN or infinite outputs", self.source))?;
+        Ok(mtkd_distill_core::ModelOutput {
+            logits,
+            features: None,
+        })
+    }
 }
 
 /// Refuse, with the variable and both shapes, a weights file that does not fit an `arch`
@@ -481,21 +493,8 @@ pub fn evaluate_segmentation(
         device,
         Output::Dense,
     )?;
-    let (report, ce) = crate::trainer::evaluate(
-        &|x| {
-            let logits = model.logits(x)?;
-            mtkd_distill_core::loss::ensure_finite("logits", &logits)
-                .map_err(|_| anyhow!("{} gives NaN or infinite logits", model.source))?;
-            Ok(mtkd_distill_core::ModelOutput {
-                logits,
-                features: None,
-            })
-        },
-        &loader,
-        device,
-        &task,
-        k,
-    )?;
+    let (report, ce) =
+        crate::trainer::evaluate(&|x| model.checked_output(x), &loader, device, &task, k)?;
     Ok(SegEvalReport {
         model: model.source.clone(),
         data: describe(data),
@@ -560,15 +559,7 @@ pub fn evaluate_detection(
     )?;
     let mut metric = DetMetric::new(DetLayout::standard(hw), k);
     let mean_loss = crate::trainer::evaluate_into(
-        &|x| {
-            let logits = model.logits(x)?;
-            mtkd_distill_core::loss::ensure_finite("logits", &logits)
-                .map_err(|_| anyhow!("{} gives NaN or infinite outputs", model.source))?;
-            Ok(mtkd_distill_core::ModelOutput {
-                logits,
-                features: None,
-            })
-        },
+        &|x| model.checked_output(x),
         &loader,
         device,
         task.as_ref(),

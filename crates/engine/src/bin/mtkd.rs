@@ -417,40 +417,20 @@ fn eval(
             "data:  {} ({} split, {} images)",
             r.data, r.split, r.samples
         );
-        let line: Vec<String> = [
-            "ap",
-            "ap50",
-            "ap75",
-            "ap_small",
-            "ap_medium",
-            "ap_large",
-            "ar100",
-        ]
-        .iter()
-        .map(|k| {
-            format!(
-                "{} {:.2}%",
-                mtkd_vision_tasks::task::metric_label(k),
-                r.report.get(k)
-            )
-        })
-        .collect();
+        let line: Vec<String> = r
+            .report
+            .scalars
+            .keys()
+            .map(|k| {
+                format!(
+                    "{} {:.2}%",
+                    mtkd_vision_tasks::task::metric_label(k),
+                    r.report.get(k)
+                )
+            })
+            .collect();
         println!("{}   mean loss {:.4}\n", line.join("   "), r.mean_loss);
-        let width = r
-            .class_names
-            .iter()
-            .map(String::len)
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        println!("{:<width$}  {:>7}", "class", "AP");
-        for (name, ap) in r.class_names.iter().zip(&r.report.per_class) {
-            if ap.is_nan() {
-                println!("{name:<width$}  {:>7}", "absent");
-            } else {
-                println!("{name:<width$}  {ap:>6.2}%");
-            }
-        }
+        print_per_class(&r.class_names, &r.report.per_class, "AP");
         if let Some(p) = &r.detections {
             println!("\ndetections (COCO result format): {}", p.display());
         }
@@ -479,21 +459,7 @@ fn eval(
             r.report.get("pixel_accuracy"),
             r.mean_cross_entropy
         );
-        let width = r
-            .class_names
-            .iter()
-            .map(String::len)
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        println!("{:<width$}  {:>7}", "class", "IoU");
-        for (name, iou) in r.class_names.iter().zip(&r.report.per_class) {
-            if iou.is_nan() {
-                println!("{name:<width$}  {:>7}", "absent");
-            } else {
-                println!("{name:<width$}  {iou:>6.2}%");
-            }
-        }
+        print_per_class(&r.class_names, &r.report.per_class, "IoU");
         return Ok(());
     }
     let r = mtkd_engine::inference::evaluate(&src, &data, split, batch_size.max(1), device)?;
@@ -589,6 +555,20 @@ fn predict(
         println!("{}: {}", p.image, top.join(", "));
     }
     Ok(())
+}
+
+/// A per-class table of an evaluation: the class, then its value (`absent` when NaN: the class
+/// is in neither truth nor predictions).
+fn print_per_class(names: &[String], values: &[f64], what: &str) {
+    let width = names.iter().map(String::len).max().unwrap_or(5).max(5);
+    println!("{:<width$}  {:>7}", "class", what);
+    for (name, v) in names.iter().zip(values) {
+        if v.is_nan() {
+            println!("{name:<width$}  {:>7}", "absent");
+        } else {
+            println!("{name:<width$}  {v:>6.2}%");
+        }
+    }
 }
 
 fn doctor() -> Result<()> {
