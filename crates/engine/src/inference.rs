@@ -72,6 +72,17 @@ impl ModelSource {
         }
     }
 
+    /// The class count of a run folder's student, from its summary (None for a bare model file
+    /// or a run that did not finish).
+    pub fn run_classes(&self) -> Option<usize> {
+        let ModelSource::Run(dir) = self else {
+            return None;
+        };
+        let text = std::fs::read(dir.join("summary.json")).ok()?;
+        let s: crate::record::Summary = serde_json::from_slice(&text).ok()?;
+        Some(s.final_report.per_class.len()).filter(|&k| k > 0)
+    }
+
     /// The head of a run folder's student (a classifier for bare weights).
     fn head(&self) -> Result<mtkd_student::HeadKind> {
         match self {
@@ -107,12 +118,6 @@ pub fn data_table(path: &Path) -> Result<DataConfig> {
     data.try_into()
         .with_context(|| format!("{}: the [data] table", path.display()))
 }
-
-/// What predict says of detection data.
-const DET_NOT_YET: &str =
-    "mtkd predict handles classification models; `mtkd eval --detections FILE` gives a \
-     detection model's AP and its detections in COCO's result format, and a run's box overlays \
-     are in plots/";
 
 /// The size and channels images of a dataset kind are read at.
 fn geometry(data: &DataConfig) -> (u32, usize) {
@@ -620,6 +625,7 @@ pub fn predict_segmentation(
     let k = num_classes
         .or(data.num_classes)
         .or((!data.class_names.is_empty()).then_some(data.class_names.len()))
+        .or_else(|| src.run_classes())
         .ok_or_else(|| {
             anyhow!("give the class count with --classes (the [data] table has neither num_classes nor class_names)")
         })?;
@@ -703,6 +709,136 @@ pub fn predict_segmentation(
     Ok(preds)
 }
 
+/// One image's detections from `mtkd predict`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetPrediction {
+    pub image: String,
+    /// The image with its boxes drawn, their class's colour, scores beside them.
+    pub drawn: PathBuf,
+    /// The boxes above the score threshold, best first, in the pixels of the network's input
+    /// (the data's image size).
+    pub boxes: Vec<PredictedBox>,
+}
+
+/// One detected object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictedBox {
+    pub class: String,
+    pub label: usize,
+    pub score: f64,
+    /// `[x1, y1, x2, y2]`.
+    pub bbox: [f32; 4],
+}
+
+/// Detect objects in each image file with a detection model, read and normalised as the data's
+/// test split is (resized to the data's image size): the boxes scoring at least `min_score`
+/// after the training's post-processing (class-aware NMS), and `<stem>.boxes.png` under `out`.
+pub fn predict_detection(
+    src: &ModelSource,
+    data: &DataConfig,
+    images: &[PathBuf],
+    out: &Path,
+    min_score: f64,
+    num_classes: Option<usize>,
+    device: Device,
+) -> Result<Vec<DetPrediction>> {
+    use mtkd_vision_tasks::detection::{self as det, layout::DetLayout};
+    if images.is_empty() {
+        bail!("give at least one image file");
+    }
+    if !(0.0..=1.0).contains(&min_score) {
+        bail!("--min-score must be in [0, 1], got {min_score}");
+    }
+    let k = num_classes
+        .or(data.num_classes)
+        .or((!data.class_names.is_empty()).then_some(data.class_names.len()))
+        .or_else(|| src.run_classes())
+        .ok_or_else(|| {
+            anyhow!("give the class count with --classes (the [data] table has neither num_classes nor class_names)")
+        })?;
+    let names = class_names(data, k);
+    let side = crate::trainer::detection_side(data);
+    if side <= 0 {
+        bail!("the [data] table gives no image size for the detector (data.image_size)");
+    }
+    let channels = data.channels.unwrap_or(geometry(data).1);
+    let mut pixels = Vec::new();
+    for p in images {
+        pixels.extend(
+            mtkd_vision_tasks::data::read_image(p, side as u32, channels)
+                .with_context(|| format!("reading the image {}", p.display()))?,
+        );
+    }
+    let n = images.len();
+    let arr = ndarray::Array4::from_shape_vec(
+        (n, channels, side as usize, side as usize),
+        pixels.clone(),
+    )?;
+    let set = Arc::new(ImageSet::new(arr, vec![0; n], k)?);
+    let loader = eval_loader(set, data, 16)?;
+    let (c, h, w) = loader.output_shape();
+    let layout = DetLayout::standard((h as i64, w as i64));
+    let model = Model::load_for(
+        src,
+        (c as i64, h as i64, w as i64),
+        k as i64,
+        device,
+        Output::Boxes {
+            locations: layout.len(),
+        },
+    )?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let pp = det::Postprocess {
+        score_threshold: min_score,
+        ..Default::default()
+    };
+    let per_image = channels * side as usize * side as usize;
+    let mut preds = Vec::new();
+    for batch in loader.epoch(0, 0, device) {
+        let logits = tch::no_grad(|| model.checked_output(&batch.images))?.logits;
+        let dets = det::postprocess(&layout, &logits, k as i64, &pp)?;
+        for (&i, ds) in batch.indices.iter().zip(dets) {
+            let stem = images[i]
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "image".into());
+            let drawn = out.join(format!("{stem}.boxes.png"));
+            crate::plot::detection_overlays(
+                &drawn,
+                (h, w),
+                &["prediction".to_owned()],
+                &names,
+                &[crate::plot::BoxRow {
+                    image: pixels[i * per_image..(i + 1) * per_image].to_vec(),
+                    channels,
+                    boxes: vec![ds
+                        .iter()
+                        .map(|d| crate::plot::DrawBox {
+                            class: d.class,
+                            bbox: d.bbox,
+                            score: Some(d.score),
+                        })
+                        .collect()],
+                }],
+            )?;
+            preds.push(DetPrediction {
+                image: images[i].display().to_string(),
+                drawn,
+                boxes: ds
+                    .iter()
+                    .map(|d| PredictedBox {
+                        class: names[d.class].clone(),
+                        label: d.class,
+                        score: f64::from(d.score),
+                        bbox: d.bbox,
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(preds)
+}
+
 /// One image's answer from `mtkd predict`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
@@ -780,7 +916,7 @@ pub fn predict(
                 bail!("this is segmentation data: use inference::predict_segmentation (`mtkd predict` does)")
             }
             DatasetKind::Coco | DatasetKind::SyntheticDetection => {
-                bail!("{DET_NOT_YET}")
+                bail!("this is detection data: use inference::predict_detection (`mtkd predict` does)")
             }
             DatasetKind::ImageFolder => class_folders(data).map(|v| v.len()).ok_or_else(|| {
                 anyhow!(

@@ -218,6 +218,53 @@ fn detection_distills_resumes_exactly_and_shares_teacher_outputs() {
             assert!(close(&a["bbox"][i], &b["bbox"][i], 0.011), "{a} vs {b}");
         }
     }
+    // mtkd predict on three test images (the files of the scenes' COCO folder): at the
+    // training's score threshold, the boxes of detections.json for those images.
+    let coco = std::fs::read_dir(data_dir().join("scenes-coco"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("annotations/instances_val.json").is_file())
+        .unwrap();
+    let ann: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(coco.join("annotations/instances_val.json")).unwrap(),
+    )
+    .unwrap();
+    let shown: Vec<(u64, PathBuf)> = ann["images"].as_array().unwrap()[..3]
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_u64().unwrap(),
+                coco.join("val").join(i["file_name"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+        .arg("predict")
+        .arg(&full)
+        .args(["--json", "--min-score", "0.05", "--out"])
+        .arg(s.join("drawn"))
+        .args(shown.iter().map(|(_, p)| p))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let preds: Vec<mtkd_engine::inference::DetPrediction> =
+        serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(preds.len(), 3);
+    for ((id, _), p) in shown.iter().zip(&preds) {
+        assert!(p.drawn.is_file());
+        let theirs: Vec<&serde_json::Value> =
+            dets.iter().filter(|d| d["image_id"] == *id).collect();
+        assert_eq!(p.boxes.len(), theirs.len(), "image {id}");
+        for (b, d) in p.boxes.iter().zip(theirs) {
+            assert_eq!(b.label as u64 + 1, d["category_id"].as_u64().unwrap());
+            assert!((b.score - d["score"].as_f64().unwrap()).abs() < 2e-5);
+            // detections.json holds x, y, w, h.
+            let x = d["bbox"][0].as_f64().unwrap();
+            assert!((f64::from(b.bbox[0]) - x).abs() < 0.011, "{b:?} vs {d}");
+        }
+    }
+
     // Its TorchScript export, given the run's [data], says the same.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
         .arg("eval")

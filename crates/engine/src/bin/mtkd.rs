@@ -153,9 +153,13 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Segmentation: the folder the masks and overlays are written to.
+        /// Segmentation and detection: the folder the masks, overlays and drawn boxes are
+        /// written to.
         #[arg(long, value_name = "DIR", default_value = "predictions")]
         out: PathBuf,
+        /// Detection: the lowest score of a box kept.
+        #[arg(long, default_value_t = 0.3)]
+        min_score: f64,
     },
     /// Time the training step of a config in the step modes of the performance report (CE only,
     /// one-teacher KD, AVER, MTKD-RL, MTKD-RL with the teacher output cache) and write the
@@ -276,7 +280,10 @@ fn main() -> std::process::ExitCode {
             json,
             device,
             out,
-        } => predict(model, images, data, arch, classes, top_k, json, device, out),
+            min_score,
+        } => predict(
+            model, images, data, arch, classes, top_k, json, device, out, min_score,
+        ),
         Cmd::Report { run } => mtkd_engine::report::write_report(&run).map(|p| {
             println!("{}", p.display());
         }),
@@ -513,10 +520,41 @@ fn predict(
     json: bool,
     device: String,
     out: PathBuf,
+    min_score: f64,
 ) -> Result<()> {
     init_logging(None);
     let (src, data) = model_and_data(&model, data, arch)?;
     let device = trainer::device_of(&device)?;
+    if data.task() == mtkd_engine::config::TaskKind::Detection {
+        let preds = mtkd_engine::inference::predict_detection(
+            &src, &data, &images, &out, min_score, classes, device,
+        )?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&preds)?);
+            return Ok(());
+        }
+        for p in preds {
+            let boxes: Vec<String> = p
+                .boxes
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {:.2} at [{:.0}, {:.0}, {:.0}, {:.0}]",
+                        b.class, b.score, b.bbox[0], b.bbox[1], b.bbox[2], b.bbox[3]
+                    )
+                })
+                .collect();
+            println!(
+                "{}: {} box(es){}{} (drawn {})",
+                p.image,
+                boxes.len(),
+                if boxes.is_empty() { "" } else { ": " },
+                boxes.join("; "),
+                p.drawn.display()
+            );
+        }
+        return Ok(());
+    }
     if data.task() == mtkd_engine::config::TaskKind::Segmentation {
         let preds = mtkd_engine::inference::predict_segmentation(
             &src, &data, &images, &out, classes, device,
