@@ -104,6 +104,12 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     fn table_scalars(&self) -> &'static [&'static str];
     /// The logits' shape per sample, given the input's `(H, W)` and `K`.
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64>;
+    /// What a teacher's logits look like for this task, so that a loaded model can be checked:
+    /// per-pixel `[B, K, H, W]` (`dense`), or a detector's `[B, K + 5, L]` over `locations`.
+    fn teacher_output(&self, num_classes: i64, hw: (i64, i64)) -> TeacherOutput {
+        let _ = (num_classes, hw);
+        TeacherOutput::default()
+    }
     /// Per-image KD `[B]` with each teacher's per-image weight `weights [B, M]` moved, pixel
     /// by pixel, to the teachers that are right there (`distill.pixel_weights =
     /// "confidence"`, docs/METHOD.md section 13). Dense tasks only: the default refuses.
@@ -123,6 +129,16 @@ pub trait Task: std::fmt::Debug + Send + Sync {
             ),
         })
     }
+}
+
+/// The shape of a teacher's output a task expects ([`Task::teacher_output`]): class logits by
+/// default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TeacherOutput {
+    /// Per-pixel logits `[B, K, H, W]`.
+    pub dense: bool,
+    /// A detector's location count `L` of `[B, K + 5, L]`.
+    pub locations: Option<i64>,
 }
 
 /// Image classification: cross-entropy, logit KD, top-1.
@@ -288,6 +304,12 @@ impl Task for Segmentation {
     }
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64> {
         vec![num_classes, hw.0, hw.1]
+    }
+    fn teacher_output(&self, _: i64, _: (i64, i64)) -> TeacherOutput {
+        TeacherOutput {
+            dense: true,
+            locations: None,
+        }
     }
     fn confidence_weighted_kd(
         &self,
@@ -461,6 +483,12 @@ impl Task for Detection {
     }
     fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
         vec![num_classes + 5, self.layout.len()]
+    }
+    fn teacher_output(&self, num_classes: i64, hw: (i64, i64)) -> TeacherOutput {
+        TeacherOutput {
+            dense: false,
+            locations: Some(self.logits_shape(num_classes, hw)[1]),
+        }
     }
 }
 

@@ -346,6 +346,7 @@ pub(super) fn build_pool(
                     device,
                 )
             });
+            let output = task.teacher_output(data.num_classes(), (in_shape.1, in_shape.2));
             let expect = Expectation {
                 input: transform
                     .as_ref()
@@ -353,9 +354,8 @@ pub(super) fn build_pool(
                     .unwrap_or(in_shape),
                 num_classes: data.num_classes(),
                 needs_features,
-                dense: task.kind() == mtkd_vision_tasks::task::TaskKind::Segmentation,
-                det_locations: (task.kind() == mtkd_vision_tasks::task::TaskKind::Detection)
-                    .then(|| task.logits_shape(data.num_classes(), (in_shape.1, in_shape.2))[1]),
+                dense: output.dense,
+                det_locations: output.locations,
             };
             let mut ts = TorchScriptTeacher::load_in(&t.name, path, device, &expect, precision)
                 .with_context(|| format!("loading teacher `{}`", t.name))?;
