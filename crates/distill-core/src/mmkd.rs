@@ -483,23 +483,19 @@ impl WeightingStrategy for Mmkd {
             tensors.push(("quiz.embedding".into(), h.shallow_clone()));
             tensors.push(("quiz.labels".into(), y.shallow_clone()));
         }
-        let json = serde_json::to_string(&Bookkeeping {
-            adam_t: self.adam_t,
-            calls: self.calls,
-            has_quiz: self.quiz.is_some(),
-        })
-        .map_err(|e| Error::Invalid {
-            what: "mmkd checkpoint".into(),
-            reason: e.to_string(),
-        })?;
+        let json = StrategyState::json_of(
+            "mmkd checkpoint",
+            &Bookkeeping {
+                adam_t: self.adam_t,
+                calls: self.calls,
+                has_quiz: self.quiz.is_some(),
+            },
+        )?;
         Ok(StrategyState { tensors, json })
     }
 
     fn load_state(&mut self, state: &StrategyState) -> Result<()> {
-        let book: Bookkeeping = serde_json::from_str(&state.json).map_err(|e| Error::Invalid {
-            what: "mmkd checkpoint".into(),
-            reason: format!("unreadable bookkeeping: {e}"),
-        })?;
+        let book: Bookkeeping = state.bookkeeping("mmkd checkpoint")?;
         let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
         let find = |key: &str| -> Result<&Tensor> {
             state

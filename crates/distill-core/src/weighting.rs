@@ -136,6 +136,24 @@ pub struct StrategyState {
     pub json: String,
 }
 
+impl StrategyState {
+    /// A strategy's bookkeeping as the state's JSON; `what` names the checkpoint in errors.
+    pub fn json_of<T: serde::Serialize>(what: &str, book: &T) -> Result<String> {
+        serde_json::to_string(book).map_err(|e| Error::Invalid {
+            what: what.into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The bookkeeping read back from the state's JSON; `what` names the checkpoint in errors.
+    pub fn bookkeeping<T: serde::de::DeserializeOwned>(&self, what: &str) -> Result<T> {
+        serde_json::from_str(&self.json).map_err(|e| Error::Invalid {
+            what: what.into(),
+            reason: format!("unreadable bookkeeping: {e}"),
+        })
+    }
+}
+
 /// Copy `value` into the variable `name` of a strategy's var store (checkpoint restore; `owner`
 /// names the strategy in errors: an unknown name or another shape is an error).
 pub fn restore_variable(

@@ -905,10 +905,7 @@ impl WeightingStrategy for MtkdAgent {
             steps_since_update: self.steps_since_update,
             norm_count: self.norm.count,
         };
-        let json = serde_json::to_string(&book).map_err(|e| Error::Invalid {
-            what: "agent state".into(),
-            reason: e.to_string(),
-        })?;
+        let json = StrategyState::json_of("agent state", &book)?;
         if !self.buffer.is_empty() {
             return Err(Error::Invalid {
                 what: "agent state".into(),
@@ -930,10 +927,7 @@ impl WeightingStrategy for MtkdAgent {
                 self.norm.var = t.to_device(self.vs.device());
             }
         }
-        let book: Bookkeeping = serde_json::from_str(&state.json).map_err(|e| Error::Invalid {
-            what: "agent checkpoint".into(),
-            reason: e.to_string(),
-        })?;
+        let book: Bookkeeping = state.bookkeeping("agent checkpoint")?;
         self.epoch = book.epoch;
         self.calls = book.calls;
         self.steps_since_update = book.steps_since_update;

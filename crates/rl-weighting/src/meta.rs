@@ -383,26 +383,22 @@ impl WeightingStrategy for MetaAgent {
             tensors.push(("quiz.embedding".into(), h.shallow_clone()));
             tensors.push(("quiz.labels".into(), y.shallow_clone()));
         }
-        let json = serde_json::to_string(&Bookkeeping {
-            adam_t: self.adam_t,
-            calls: self.calls,
-            norm_count: self.norm.count,
-            credit_count: self.credit_count,
-            has_quiz: self.quiz.is_some(),
-            active: self.active.clone(),
-        })
-        .map_err(|e| Error::Invalid {
-            what: "mtkd-rl meta checkpoint".into(),
-            reason: e.to_string(),
-        })?;
+        let json = StrategyState::json_of(
+            "mtkd-rl meta checkpoint",
+            &Bookkeeping {
+                adam_t: self.adam_t,
+                calls: self.calls,
+                norm_count: self.norm.count,
+                credit_count: self.credit_count,
+                has_quiz: self.quiz.is_some(),
+                active: self.active.clone(),
+            },
+        )?;
         Ok(StrategyState { tensors, json })
     }
 
     fn load_state(&mut self, state: &StrategyState) -> Result<()> {
-        let book: Bookkeeping = serde_json::from_str(&state.json).map_err(|e| Error::Invalid {
-            what: "mtkd-rl meta checkpoint".into(),
-            reason: format!("unreadable bookkeeping: {e}"),
-        })?;
+        let book: Bookkeeping = state.bookkeeping("mtkd-rl meta checkpoint")?;
         let find = |key: &str| -> Result<&Tensor> {
             state
                 .tensors
