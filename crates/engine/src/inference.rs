@@ -209,7 +209,6 @@ impl Model {
             ModelSource::Run(dir) => {
                 let arch = src.arch()?.ok_or_else(|| anyhow!("no architecture"))?;
                 let w = dir.join("student.safetensors");
-                check_weights_fit(&w, arch, src.head()?, input, num_classes)?;
                 (
                     Box::new(
                         NativeTeacher::load(
@@ -227,27 +226,18 @@ impl Model {
                 )
             }
             ModelSource::Weights { path, arch } => (
-                {
-                    check_weights_fit(
-                        path,
+                Box::new(
+                    NativeTeacher::load(
+                        "student",
                         *arch,
                         mtkd_student::HeadKind::Classifier,
+                        path,
                         input,
                         num_classes,
-                    )?;
-                    Box::new(
-                        NativeTeacher::load(
-                            "student",
-                            *arch,
-                            mtkd_student::HeadKind::Classifier,
-                            path,
-                            input,
-                            num_classes,
-                            device,
-                        )
-                        .with_context(|| format!("loading {} as {arch}", path.display()))?,
+                        device,
                     )
-                },
+                    .with_context(|| format!("loading {} as {arch}", path.display()))?,
+                ),
                 format!("{arch} weights {}", path.display()),
             ),
             ModelSource::TorchScript(path) => {
@@ -301,55 +291,6 @@ impl Model {
             features: None,
         })
     }
-}
-
-/// Refuse, with the variable and both shapes, a weights file that does not fit an `arch`
-/// network for `input` and `num_classes` (libtorch's own refusal is a C++ backtrace).
-fn check_weights_fit(
-    path: &Path,
-    arch: Arch,
-    head: mtkd_student::HeadKind,
-    input: (i64, i64, i64),
-    num_classes: i64,
-) -> Result<()> {
-    let vs = tch::nn::VarStore::new(Device::Cpu);
-    mtkd_student::Network::with_head(&vs.root(), arch, head, input, num_classes)
-        .with_context(|| format!("building a {arch} network"))?;
-    let stored: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .into_iter()
-        .collect();
-    let mut wanted: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    wanted.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, var) in &wanted {
-        let Some(t) = stored.get(name) else {
-            bail!(
-                "{} is not a {arch} model: it has no variable `{name}`",
-                path.display()
-            );
-        };
-        if t.size() != var.size() {
-            let classes = var.size().first().copied() == Some(num_classes)
-                && t.size().len() == var.size().len()
-                && t.size()[1..] == var.size()[1..];
-            if classes {
-                bail!(
-                    "{} holds a model for {} classes (`{name}` is {:?}), but these data have {num_classes} classes",
-                    path.display(),
-                    t.size()[0],
-                    t.size()
-                );
-            }
-            bail!(
-                "{}: `{name}` is {:?}, but a {arch} network for inputs {input:?} and \
-                 {num_classes} classes needs {:?}",
-                path.display(),
-                t.size(),
-                var.size()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// One class's line of an [`EvalReport`].
@@ -607,6 +548,26 @@ pub struct ClassShare {
     pub share: f64,
 }
 
+/// The class count of a dense model's predictions (`--classes`, the data's `num_classes` or
+/// `class_names`, a run's summary), and at least one image to predict.
+fn dense_classes(
+    src: &ModelSource,
+    data: &DataConfig,
+    images: &[PathBuf],
+    num_classes: Option<usize>,
+) -> Result<usize> {
+    if images.is_empty() {
+        bail!("give at least one image file");
+    }
+    num_classes
+        .or(data.num_classes)
+        .or((!data.class_names.is_empty()).then_some(data.class_names.len()))
+        .or_else(|| src.run_classes())
+        .ok_or_else(|| {
+            anyhow!("give the class count with --classes (the [data] table has neither num_classes nor class_names)")
+        })
+}
+
 /// Segment each image file with a segmentation model, read and normalised as the data's test
 /// split is (its own size, grey or RGB): per image `<stem>.mask.png` (the class of every pixel
 /// as an 8-bit index PNG, the format of a mask folder) and `<stem>.overlay.png` under `out`.
@@ -619,16 +580,7 @@ pub fn predict_segmentation(
     num_classes: Option<usize>,
     device: Device,
 ) -> Result<Vec<SegPrediction>> {
-    if images.is_empty() {
-        bail!("give at least one image file");
-    }
-    let k = num_classes
-        .or(data.num_classes)
-        .or((!data.class_names.is_empty()).then_some(data.class_names.len()))
-        .or_else(|| src.run_classes())
-        .ok_or_else(|| {
-            anyhow!("give the class count with --classes (the [data] table has neither num_classes nor class_names)")
-        })?;
+    let k = dense_classes(src, data, images, num_classes)?;
     let names = class_names(data, k);
     let channels = data.channels.unwrap_or(geometry(data).1);
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -743,19 +695,10 @@ pub fn predict_detection(
     device: Device,
 ) -> Result<Vec<DetPrediction>> {
     use mtkd_vision_tasks::detection::{self as det, layout::DetLayout};
-    if images.is_empty() {
-        bail!("give at least one image file");
-    }
     if !(0.0..=1.0).contains(&min_score) {
         bail!("--min-score must be in [0, 1], got {min_score}");
     }
-    let k = num_classes
-        .or(data.num_classes)
-        .or((!data.class_names.is_empty()).then_some(data.class_names.len()))
-        .or_else(|| src.run_classes())
-        .ok_or_else(|| {
-            anyhow!("give the class count with --classes (the [data] table has neither num_classes nor class_names)")
-        })?;
+    let k = dense_classes(src, data, images, num_classes)?;
     let names = class_names(data, k);
     let side = crate::trainer::detection_side(data);
     if side <= 0 {

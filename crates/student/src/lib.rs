@@ -29,6 +29,13 @@ pub enum Error {
         #[source]
         source: tch::TchError,
     },
+    /// A weights file that does not fit the network it is loaded into (checked before
+    /// libtorch is asked, whose own refusal is a C++ backtrace).
+    #[error("{path}{reason}")]
+    WeightsMismatch {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("teacher `{name}` cannot run in {precision}: {reason}")]
     Precision {
         name: String,

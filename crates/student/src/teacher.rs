@@ -33,6 +33,7 @@ impl NativeTeacher {
     ) -> Result<NativeTeacher> {
         let mut vs = VarStore::new(device);
         let net = Network::with_head(&vs.root(), arch, head, in_shape, num_classes)?;
+        check_fit(&vs, weights, arch, in_shape, num_classes)?;
         vs.load(weights).map_err(|source| Error::Weights {
             action: "load",
             path: weights.to_path_buf(),
@@ -150,4 +151,55 @@ impl Teacher for NativeTeacher {
             .into_float()
         }))
     }
+}
+
+/// Refuse, with the variable and both shapes, a weights file that does not fit the `arch`
+/// network in `vs` (built for `input` and `num_classes`): a missing variable, another shape,
+/// or (said so) a model for another number of classes.
+fn check_fit(
+    vs: &VarStore,
+    path: &Path,
+    arch: Arch,
+    input: (i64, i64, i64),
+    num_classes: i64,
+) -> Result<()> {
+    let stored: std::collections::HashMap<String, tch::Tensor> =
+        tch::Tensor::read_safetensors(path)
+            .map_err(|source| Error::Weights {
+                action: "read",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .into_iter()
+            .collect();
+    let mismatch = |reason: String| Error::WeightsMismatch {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut wanted: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, var) in &wanted {
+        let Some(t) = stored.get(name) else {
+            return Err(mismatch(format!(
+                " is not a {arch} model: it has no variable `{name}`"
+            )));
+        };
+        let (got, want) = (t.size(), var.size());
+        if got == want {
+            continue;
+        }
+        let classes =
+            want.first() == Some(&num_classes) && got.len() == want.len() && got[1..] == want[1..];
+        return Err(mismatch(if classes {
+            format!(
+                " holds a model for {} classes (`{name}` is {got:?}), but these data have {num_classes} classes",
+                got[0]
+            )
+        } else {
+            format!(
+                ": `{name}` is {got:?}, but a {arch} network for inputs {input:?} and {num_classes} classes needs {want:?}"
+            )
+        }));
+    }
+    Ok(())
 }

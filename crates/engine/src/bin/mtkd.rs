@@ -529,11 +529,7 @@ fn predict(
         let preds = mtkd_engine::inference::predict_detection(
             &src, &data, &images, &out, min_score, classes, device,
         )?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&preds)?);
-            return Ok(());
-        }
-        for p in preds {
+        return answer(&preds, json, |p| {
             let boxes: Vec<String> = p
                 .boxes
                 .iter()
@@ -544,53 +540,54 @@ fn predict(
                     )
                 })
                 .collect();
-            println!(
+            format!(
                 "{}: {} box(es){}{} (drawn {})",
                 p.image,
                 boxes.len(),
                 if boxes.is_empty() { "" } else { ": " },
                 boxes.join("; "),
                 p.drawn.display()
-            );
-        }
-        return Ok(());
+            )
+        });
     }
     if data.task() == mtkd_engine::config::TaskKind::Segmentation {
         let preds = mtkd_engine::inference::predict_segmentation(
             &src, &data, &images, &out, classes, device,
         )?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&preds)?);
-            return Ok(());
-        }
-        for p in preds {
+        return answer(&preds, json, |p| {
             let shares: Vec<String> = p
                 .classes
                 .iter()
                 .map(|c| format!("{} {:.1}%", c.class, 100.0 * c.share))
                 .collect();
-            println!(
+            format!(
                 "{}: {} (mask {}, overlay {})",
                 p.image,
                 shares.join(", "),
                 p.mask.display(),
                 p.overlay.display()
-            );
-        }
-        return Ok(());
+            )
+        });
     }
     let preds = mtkd_engine::inference::predict(&src, &data, &images, top_k, classes, device)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&preds)?);
-        return Ok(());
-    }
-    for p in preds {
+    answer(&preds, json, |p| {
         let top: Vec<String> = p
             .top
             .iter()
             .map(|t| format!("{} {:.1}%", t.class, 100.0 * t.probability))
             .collect();
-        println!("{}: {}", p.image, top.join(", "));
+        format!("{}: {}", p.image, top.join(", "))
+    })
+}
+
+/// Print the answers of `mtkd predict`: JSON, or one line per image.
+fn answer<T: serde::Serialize>(preds: &[T], json: bool, line: impl Fn(&T) -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(preds)?);
+    } else {
+        for p in preds {
+            println!("{}", line(p));
+        }
     }
     Ok(())
 }

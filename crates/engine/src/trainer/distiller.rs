@@ -40,10 +40,26 @@ pub(crate) struct Terms {
     pub(crate) teachers: Vec<ModelOutput>,
 }
 
+/// The `[distill]` values a batch's terms use (copied once: no table clone per step).
+#[derive(Debug, Clone, Copy)]
+struct TermSettings {
+    temperature: f64,
+    ce_weight: f64,
+    kd_weight: f64,
+    feature_weight: f64,
+    pixel_weights: PixelWeights,
+    feature_loss: FeatureLoss,
+}
+
+/// Where a step is, for the strategy's errors: `(epoch, global step)`, epoch 0-based.
+pub(crate) type At = (usize, u64);
+
 /// Adapters, loss terms and the weighting strategy of a run.
 pub(crate) struct Distiller {
     /// The `[distill]` table when the run distils (a pool, a strategy other than `none`).
     settings: Option<DistillConfig>,
+    /// Its values the terms use.
+    terms: Option<TermSettings>,
     /// Whether the teachers' feature maps are used (feature KD); without, they are dropped so
     /// that the strategy sees the same signals whatever the teacher source.
     with_features: bool,
@@ -88,8 +104,17 @@ impl Distiller {
             }
         }
         let strategy = super::strategy::build(cfg, &pool.members, num_classes, device)?;
+        let terms = settings.as_ref().map(|d| TermSettings {
+            temperature: d.temperature,
+            ce_weight: d.ce_weight,
+            kd_weight: d.kd_weight,
+            feature_weight: d.feature_weight,
+            pixel_weights: d.pixel_weights,
+            feature_loss: d.feature_loss,
+        });
         Ok(Distiller {
             settings,
+            terms,
             with_features: crate::shared::with_features(cfg),
             adapter_vs,
             adapters,
@@ -139,11 +164,10 @@ impl Distiller {
         active: &[usize],
         head: Option<StudentHead>,
         sums: &mut Sums,
-        context: &dyn Fn() -> String,
+        at: At,
     ) -> Result<Terms> {
         let d = self
-            .settings
-            .clone()
+            .terms
             .context("the distiller was asked for terms in a run without distillation")?;
         let teachers = if self.with_features {
             teachers
@@ -186,7 +210,10 @@ impl Distiller {
         signals.student_head = head;
         sums.signal_seconds += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
-        let weights = self.strategy.weights(&signals).with_context(context)?;
+        let weights = self
+            .strategy
+            .weights(&signals)
+            .with_context(|| self.strategy_at(at))?;
         sums.strategy_seconds += t2.elapsed().as_secs_f64();
         let b = ce.size()[0];
         let device = ce.device();
@@ -238,9 +265,19 @@ impl Distiller {
     }
 
     /// The strategy learns from what its weights led to.
-    pub(crate) fn observe(&mut self, terms: &Terms, feedback: &Feedback) -> Result<()> {
+    pub(crate) fn observe(&mut self, terms: &Terms, feedback: &Feedback, at: At) -> Result<()> {
         self.strategy
-            .observe(&terms.signals, &terms.weights, feedback)?;
+            .observe(&terms.signals, &terms.weights, feedback)
+            .with_context(|| self.strategy_at(at))?;
         Ok(())
+    }
+
+    /// `strategy `NAME` at epoch E step S`, the context of the strategy's errors.
+    fn strategy_at(&self, (epoch, step): At) -> String {
+        format!(
+            "strategy `{}` at epoch {} step {step}",
+            self.strategy.name(),
+            epoch + 1
+        )
     }
 }

@@ -114,12 +114,10 @@ impl Sums {
         self.batches += 1;
         self.loss += loss.to_kind(Kind::Double) * b as f64;
         self.ce += ce.sum(Kind::Double);
-        if let Some((terms, _)) = distilled {
+        self.correct += correct;
+        if let Some((terms, full)) = distilled {
             self.kd += terms.kd.detach().sum(Kind::Double);
             self.feat += terms.feature.detach().sum(Kind::Double);
-        }
-        self.correct += correct;
-        if let Some((_, full)) = distilled {
             let mean = Tensor::stack(
                 &[
                     full.logit.mean_dim(0, false, Kind::Float),

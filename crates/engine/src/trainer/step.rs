@@ -66,8 +66,6 @@ impl DistillStep {
         epoch: usize,
         step: u64,
     ) -> Result<StepOutcome> {
-        let strategy = self.distiller.strategy.name().to_owned();
-        let context = || format!("strategy `{strategy}` at epoch {} step {step}", epoch + 1);
         // A skipped batch must leave no trace: BatchNorm's running statistics, updated by the
         // training-mode forward, are put back when the batch is skipped.
         let saved: Option<Vec<Tensor>> = self
@@ -93,14 +91,14 @@ impl DistillStep {
                 &self.pool.active,
                 head,
                 sums,
-                &context,
+                (epoch, step),
             )?)
         } else {
             None
         };
         let loss = match &terms {
             Some(t) => t.total.mean(Kind::Float),
-            None => (&ce * 1.0).mean(Kind::Float),
+            None => ce.mean(Kind::Float),
         };
         // One check per step; the diagnosis runs only when it fails.
         if loss::ensure_finite("loss", &loss).is_err() {
@@ -155,9 +153,7 @@ impl DistillStep {
             eval_ce,
             step,
         };
-        self.distiller
-            .observe(&terms, &feedback)
-            .with_context(context)?;
+        self.distiller.observe(&terms, &feedback, (epoch, step))?;
         sums.strategy_seconds += t5.elapsed().as_secs_f64();
         Ok(StepOutcome::Applied(Some(Distilled {
             weights: full,
