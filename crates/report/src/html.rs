@@ -319,8 +319,15 @@ impl<'a> Page<'a> {
 
     // --- 1. header --------------------------------------------------------------------------
 
+    /// How people read the run's primary metric (`top-1`, `mIoU`, `AP`).
+    fn metric(&self) -> &str {
+        mtkd_records::metric::metric_label(&self.inp.summary.metric)
+    }
+
     fn header_section(&self) -> String {
         let s = &self.inp.summary;
+        let final_label = format!("final test {}", self.metric());
+        let best_label = format!("best test {}", self.metric());
         let strategy = match self.agent_mode() {
             Some(m) => format!("{} (agent mode: {})", s.strategy, m),
             None => s.strategy.clone(),
@@ -332,9 +339,9 @@ impl<'a> Page<'a> {
                 format!("{} ({} parameters)", s.student, s.student_parameters),
             ),
             ("seed", s.seed.to_string()),
-            ("final test top-1", pct(s.final_value)),
+            (final_label.as_str(), pct(s.final_value)),
             (
-                "best test top-1",
+                best_label.as_str(),
                 format!("{} (epoch {})", pct(s.best_value), s.best_epoch),
             ),
             ("epochs", s.epochs.to_string()),
@@ -379,8 +386,9 @@ impl<'a> Page<'a> {
             "<h3>Teachers</h3>\n<p class=\"how\">Each teacher's accuracy on the test set, and the \
              mean weight the strategy gave its logits (and features) over the last epoch's \
              training samples.</p>\n<div class=\"scroll\"><table>\n<tr><th>teacher</th><th>source</th>\
-             <th>test top-1</th><th>logit weight, last epoch</th>",
-        );
+             <th>test {}</th><th>logit weight, last epoch</th>",
+        )
+        .replace("{}", self.metric());
         if has_fw {
             t.push_str("<th>feature weight, last epoch</th>");
         }
@@ -454,7 +462,7 @@ impl<'a> Page<'a> {
         out.push_str(&format!(
             "<div class=\"narrow\">{}</div>\n",
             scatter(
-                "teacher test top-1 (%)",
+                &format!("teacher test {} (%)", self.metric()),
                 "mean logit weight, last epoch",
                 &dots
             )
@@ -632,7 +640,7 @@ impl<'a> Page<'a> {
         for (i, name) in self.teachers.iter().enumerate().take(cols) {
             t.push_str(&format!("<th>{}</th>", swatch_name(name, i)));
         }
-        t.push_str("<th>student top-1 (%)</th></tr>\n");
+        t.push_str(&format!("<th>student {} (%)</th></tr>\n", self.metric()));
         for c in 0..k {
             t.push_str(&format!("<tr><th>{}</th>", escape(&self.class_name(c))));
             for (j, name) in self.teachers.iter().enumerate().take(cols) {
@@ -980,10 +988,11 @@ impl<'a> Page<'a> {
         let mut t = String::from(
             "<p class=\"how\">The other runs in this run's folder, grouped by folder name without \
              the seed: mean &plusmn; sample standard deviation over seeds of the final and the \
-             best test top-1 (%), best first. The highlighted row is this run's group.</p>\n\
+             best test {m} (%), best first. The highlighted row is this run's group.</p>\n\
              <div class=\"scroll\"><table>\n<tr><th>runs</th><th>strategy</th><th>seeds</th>\
-             <th>final top-1 (%)</th><th>best top-1 (%)</th></tr>\n",
-        );
+             <th>final {m} (%)</th><th>best {m} (%)</th></tr>\n",
+        )
+        .replace("{m}", self.metric());
         for (name, g) in &rows {
             let this = *name == current;
             t.push_str(&format!(
