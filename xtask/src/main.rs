@@ -300,7 +300,7 @@ fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
         "--release",
         "--quiet",
         "--package",
-        "mtkd-engine",
+        "mtkd-cli",
         "--bin",
         "mtkd",
         "--",

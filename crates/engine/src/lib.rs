@@ -1,14 +1,12 @@
-//! mtkd-engine: the training engine and the `mtkd` binary. It alone sees every other crate:
+//! mtkd-engine: the training engine (the `mtkd` binary is mtkd-cli's). It alone sees every other crate:
 //! it resolves a [`config::Config`] into data, a student, a teacher pool, a weighting strategy
 //! and an optimizer, and runs the loop in [`trainer`].
 
 pub mod audit;
 pub mod checkpoint;
-pub mod compare;
 pub mod config;
 pub mod dataset;
 pub mod doctor;
-pub mod inference;
 pub mod optim;
 pub mod shared;
 pub mod stop;

@@ -3,137 +3,17 @@
 //! per-image signals, exact resume, shared teacher outputs, a torchvision segmentation teacher
 //! exported to TorchScript, and the errors of bad segmentation input.
 
-use std::path::{Path, PathBuf};
-
-use mtkd_engine::config::Config;
-use mtkd_engine::record::{EpochRecord, Summary};
+use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::{self, Interrupted, RunOptions, Silent};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mtkd-seg-engine-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    TORCH_RNG
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// 64 training and 16 test scenes of 32 x 32; two dense teachers, one epoch each.
-fn scenes(extra: &str, s: &Path) -> String {
-    format!(
-        r#"
-[run]
-name = "seg"
-out_dir = "{out}"
-teacher_cache = "{cache}"
-seed = 1
-threads = 1
-
-[data]
-kind = "synthetic-scenes"
-root = "{data}"
-normalize = {{ mean = [0.25], std = [0.25] }}
-augment = {{ hflip = true, scale = [0.8, 1.25], crop_padding = 2 }}
-scenes = {{ train = 64, test = 16, size = 32, objects = [1, 2], scale = [0.6, 1.0] }}
-
-[student]
-arch = "cnn-small"
-head = "fcn"
-
-[train]
-epochs = 2
-batch_size = 16
-eval_batch_size = 16
-lr = 0.05
-milestones = [1]
-
-[teacher_training]
-epochs = 1
-batch_size = 16
-lr = 0.05
-{extra}
-"#,
-        out = s.join("runs").display(),
-        cache = s.join("teachers").display(),
-        data = root().join("data/fashion-mnist-mini").display(),
-    )
-}
-
-const POOL: &str = r#"
-[distill]
-strategy = "mtkd-rl"
-temperature = 2.0
-feature_weight = 1.0
-
-[distill.agent]
-mode = "meta"
-
-[[teachers]]
-name = "r8-aspp"
-arch = "resnet8"
-head = "aspp"
-
-[[teachers]]
-name = "small-fcn"
-arch = "cnn-small"
-"#;
-
-/// Run `scripts/export_teacher.py` with `args` (the set-up's Python); its stdout.
-fn export_teacher(args: &[&std::ffi::OsStr]) -> String {
-    let python = std::env::var("MTKD_TORCH_PYTHON")
-        .expect("MTKD_TORCH_PYTHON names the Python that has torch; run the tests through `cargo xtask test`");
-    let out = std::process::Command::new(python)
-        .arg(root().join("scripts/export_teacher.py"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn parse(text: &str) -> Result<Config, String> {
-    Config::parse(text, Path::new("seg.toml"), &[]).map_err(|e| e.to_string())
-}
-
-fn history(dir: &Path) -> Vec<EpochRecord> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn strip_time(h: &[EpochRecord]) -> Vec<EpochRecord> {
-    h.iter()
-        .map(|r| EpochRecord {
-            seconds: 0.0,
-            teacher_seconds: 0.0,
-            ..r.clone()
-        })
-        .collect()
-}
+mod common;
+use common::*;
 
 #[test]
 fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
     let _g = serial();
     let s = scratch("e2e");
-    let cfg = parse(&scenes(POOL, &s)).unwrap();
+    let cfg = parse(&seg_scenes(SEG_POOL, &s)).unwrap();
     let full = s.join("full");
     let out = trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
     let sum: Summary =
@@ -174,22 +54,6 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
         assert!(full.join("plots").join(p).is_file(), "plots/{p}");
     }
     assert!(full.join("student.pt").is_file() && full.join("report.html").is_file());
-    // `mtkd eval` of the run folder and of its TorchScript export repeats the final evaluation.
-    use mtkd_engine::inference::{evaluate_segmentation, EvalSplit, ModelSource};
-    let data = mtkd_engine::inference::data_table(&full.join("config.toml")).unwrap();
-    for src in [
-        ModelSource::Run(full.clone()),
-        ModelSource::TorchScript(full.join("student.pt")),
-    ] {
-        let r = evaluate_segmentation(&src, &data, EvalSplit::Test, 8, tch::Device::Cpu).unwrap();
-        assert!(
-            (r.report.value - sum.final_value).abs() < 1e-3,
-            "{src:?}: {} vs {}",
-            r.report.value,
-            sum.final_value
-        );
-        assert!((r.report.get("pixel_accuracy") - pa).abs() < 1e-3);
-    }
 
     // Killed after 5 steps, resumed: the same records, metric for metric.
     let halted = s.join("halted");
@@ -225,10 +89,10 @@ fn the_parity_agent_without_feature_kd_reads_shared_outputs_exactly() {
     // the teachers ran or their outputs were read (it once differed by the embeddings' width).
     let _g = serial();
     let s = scratch("parity");
-    let pool = POOL
+    let pool = SEG_POOL
         .replace("feature_weight = 1.0", "feature_weight = 0.0")
         .replace("mode = \"meta\"", "mode = \"parity\"");
-    let text = scenes(&pool, &s)
+    let text = seg_scenes(&pool, &s)
         .replace("epochs = 2\n", "epochs = 1\n")
         .replace("milestones = [1]\n", "");
     let cfg = parse(&text).unwrap();
@@ -256,19 +120,19 @@ fn the_parity_agent_without_feature_kd_reads_shared_outputs_exactly() {
 #[test]
 fn segmentation_config_errors_name_the_field() {
     let s = scratch("cfg");
-    let no_head = scenes("", &s).replace("head = \"fcn\"\n", "");
+    let no_head = seg_scenes("", &s).replace("head = \"fcn\"\n", "");
     let e = parse(&no_head).unwrap_err();
     assert!(
         e.contains("student.head") && e.contains("segmentation head"),
         "{e}"
     );
-    let edits = scenes(
+    let edits = seg_scenes(
         "[[teachers]]\nname = \"t\"\narch = \"resnet8\"\nlabel_noise = 0.2\n",
         &s,
     );
     let e = parse(&edits).unwrap_err();
     assert!(e.contains("teachers[0]") && e.contains("not masks"), "{e}");
-    let rrc = scenes("", &s).replace(
+    let rrc = seg_scenes("", &s).replace(
         "crop_padding = 2 }",
         "crop_padding = 2, random_resized_crop = 24 }",
     );
@@ -277,9 +141,9 @@ fn segmentation_config_errors_name_the_field() {
         e.contains("data.augment") && e.contains("keeps the image size"),
         "{e}"
     );
-    let no_scenes = scenes("", &s).replace("scenes = {", "# scenes = {");
+    let no_scenes = seg_scenes("", &s).replace("scenes = {", "# scenes = {");
     assert!(parse(&no_scenes).unwrap_err().contains("data.scenes"));
-    let classif = scenes("", &s)
+    let classif = seg_scenes("", &s)
         .replace("kind = \"synthetic-scenes\"", "kind = \"mnist\"")
         .replace("scenes = {", "# scenes = {")
         .replace(", scale = [0.8, 1.25]", "");
@@ -295,12 +159,12 @@ fn segmentation_config_errors_name_the_field() {
 fn per_pixel_weights_move_trust_inside_the_image() {
     let _g = serial();
     let s = scratch("pixel");
-    let pool = POOL
+    let pool = SEG_POOL
         .replace("strategy = \"mtkd-rl\"", "strategy = \"ca-mkd\"")
         .replace("feature_weight = 1.0", "feature_weight = 0.0")
         .replace("[distill.agent]\nmode = \"meta\"\n", "");
-    let image = parse(&scenes(&pool, &s)).unwrap();
-    let pixel = parse(&scenes(
+    let image = parse(&seg_scenes(&pool, &s)).unwrap();
+    let pixel = parse(&seg_scenes(
         &pool.replace(
             "temperature = 2.0",
             "temperature = 2.0\npixel_weights = \"confidence\"",
@@ -331,7 +195,7 @@ fn per_pixel_weights_move_trust_inside_the_image() {
     );
     assert!(b.iter().all(|r| r.train_kd.is_finite() && r.train_kd > 0.0));
     assert_ne!(a[0].train_kd, b[0].train_kd);
-    let e = parse(&scenes(
+    let e = parse(&seg_scenes(
         &pool.replace(
             "temperature = 2.0",
             "temperature = 2.0\npixel_weights = \"confidence\"\ndense_kd = \"cwd\"",
@@ -340,127 +204,6 @@ fn per_pixel_weights_move_trust_inside_the_image() {
     ))
     .unwrap_err();
     assert!(e.contains("distill.pixel_weights"), "{e}");
-    let _ = std::fs::remove_dir_all(&s);
-}
-
-fn folder_config(root_dir: &Path, s: &Path, extra: &str) -> String {
-    format!(
-        r#"
-[run]
-name = "folder"
-out_dir = "{out}"
-teacher_cache = "{out}/teachers"
-seed = 0
-threads = 1
-
-[data]
-kind = "segmentation-folder"
-root = "{root}"
-channels = 1
-num_classes = 3
-normalize = {{ mean = [0.5], std = [0.25] }}
-
-[student]
-arch = "cnn-small"
-head = "aspp"
-
-[train]
-epochs = 1
-batch_size = 4
-eval_batch_size = 4
-lr = 0.05
-{extra}
-"#,
-        out = s.join("runs").display(),
-        root = root_dir.display(),
-    )
-}
-
-fn write_split(dir: &Path, n: usize, size: u32, bad: Option<usize>) {
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::fs::create_dir_all(dir.join("masks")).unwrap();
-    for i in 0..n {
-        let img = image::GrayImage::from_fn(size, size, |x, y| {
-            image::Luma([((x * 7 + y * 3 + i as u32) % 256) as u8])
-        });
-        img.save(dir.join(format!("images/{i:02}.png"))).unwrap();
-        let mut m: Vec<u8> = (0..size * size)
-            .map(|p| ((p % size) * 3 / size) as u8)
-            .collect();
-        if bad == Some(i) {
-            m[5] = 9;
-        }
-        mtkd_vision_tasks::segmentation::data::write_index_mask(
-            &dir.join(format!("masks/{i:02}.png")),
-            size as usize,
-            size as usize,
-            &m,
-        )
-        .unwrap();
-    }
-}
-
-#[test]
-fn a_segmentation_folder_trains_and_a_bad_mask_is_named() {
-    let _g = serial();
-    let s = scratch("folder");
-    let data = s.join("data");
-    write_split(&data.join("train"), 8, 24, None);
-    write_split(&data.join("val"), 4, 24, None);
-    let cfg = parse(&folder_config(&data, &s, "")).unwrap();
-    let out = trainer::run(&cfg, &s.join("ok"), &RunOptions::default(), &mut Silent).unwrap();
-    assert_eq!(out.summary.final_report.per_class.len(), 3);
-    assert_eq!(out.summary.student, "cnn-small + aspp");
-
-    // mtkd predict on the test images: masks of the images' size whose pixel accuracy against
-    // the test masks is the run's own, and overlays.
-    let preds_dir = s.join("preds");
-    let images: Vec<PathBuf> = (0..4)
-        .map(|i| data.join(format!("val/images/{i:02}.png")))
-        .collect();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
-        .arg("predict")
-        .arg(s.join("ok"))
-        .arg("--json")
-        .arg("--out")
-        .arg(&preds_dir)
-        .args(&images)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let preds: Vec<mtkd_engine::inference::SegPrediction> =
-        serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(preds.len(), 4);
-    let (mut right, mut all) = (0usize, 0usize);
-    for (i, p) in preds.iter().enumerate() {
-        let mask = image::open(&p.mask).unwrap().to_luma8();
-        assert_eq!(mask.dimensions(), (24, 24));
-        let truth = image::open(data.join(format!("val/masks/{i:02}.png")))
-            .unwrap()
-            .to_luma8();
-        for (a, b) in mask.pixels().zip(truth.pixels()) {
-            assert!(a[0] < 3, "class {} of 3", a[0]);
-            right += usize::from(a[0] == b[0]);
-            all += 1;
-        }
-        assert!(p.overlay.is_file());
-        let total: f64 = p.classes.iter().map(|c| c.share).sum();
-        assert!((total - 1.0).abs() < 1e-9, "{total}");
-    }
-    let acc = 100.0 * right as f64 / all as f64;
-    let want = out.summary.final_report.get("pixel_accuracy");
-    assert!((acc - want).abs() < 0.2, "{acc} vs the run's {want}");
-
-    // A mask with a class outside 0..3: the run fails before training, naming the file.
-    write_split(&data.join("val"), 4, 24, Some(2));
-    let err = format!(
-        "{:#}",
-        trainer::run(&cfg, &s.join("bad"), &RunOptions::default(), &mut Silent).unwrap_err()
-    );
-    assert!(
-        err.contains("val/masks/02.png") && err.contains("class 9, outside 0..3"),
-        "{err}"
-    );
     let _ = std::fs::remove_dir_all(&s);
 }
 
@@ -489,7 +232,7 @@ fn a_torchvision_segmentation_teacher_joins_the_pool() {
         "[distill]\nstrategy = \"equal\"\n\n[[teachers]]\nname = \"lraspp\"\ntorchscript = \"{}\"\ninput = {{ channels = 3 }}\n",
         pt.display()
     );
-    let mut text = scenes(&extra, &s);
+    let mut text = seg_scenes(&extra, &s);
     text = text
         .replace("epochs = 2\n", "epochs = 1\n")
         .replace("milestones = [1]\n", "");
@@ -545,7 +288,7 @@ fn a_teacher_at_another_resolution_is_resized_to_the_mask() {
         "[distill]\nstrategy = \"equal\"\n\n[[teachers]]\nname = \"half\"\ntorchscript = \"{}\"\n",
         pt.display()
     );
-    let text = scenes(&extra, &s)
+    let text = seg_scenes(&extra, &s)
         .replace("epochs = 2\n", "epochs = 1\n")
         .replace("milestones = [1]\n", "");
     let cfg = parse(&text).unwrap();

@@ -12,8 +12,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{DataConfig, DatasetKind};
 use mtkd_distill_core::Teacher;
+use mtkd_engine::config::{DataConfig, DatasetKind};
 use mtkd_student::{Arch, NativeTeacher};
 use mtkd_vision_tasks::classification::Accuracy;
 use mtkd_vision_tasks::data::ImageSet;
@@ -79,14 +79,14 @@ impl ModelSource {
             return None;
         };
         let text = std::fs::read(dir.join("summary.json")).ok()?;
-        let s: crate::record::Summary = serde_json::from_slice(&text).ok()?;
+        let s: mtkd_engine::record::Summary = serde_json::from_slice(&text).ok()?;
         Some(s.final_report.per_class.len()).filter(|&k| k > 0)
     }
 
     /// The head of a run folder's student (a classifier for bare weights).
     fn head(&self) -> Result<mtkd_student::HeadKind> {
         match self {
-            ModelSource::Run(dir) => Ok(crate::Config::load(&dir.join("config.toml"), &[])?
+            ModelSource::Run(dir) => Ok(mtkd_engine::Config::load(&dir.join("config.toml"), &[])?
                 .student
                 .head),
             _ => Ok(mtkd_student::HeadKind::Classifier),
@@ -96,7 +96,7 @@ impl ModelSource {
     fn arch(&self) -> Result<Option<Arch>> {
         match self {
             ModelSource::Run(dir) => {
-                let cfg = crate::Config::load(&dir.join("config.toml"), &[])?;
+                let cfg = mtkd_engine::Config::load(&dir.join("config.toml"), &[])?;
                 Ok(Some(cfg.student.arch))
             }
             ModelSource::Weights { arch, .. } => Ok(Some(*arch)),
@@ -137,7 +137,7 @@ fn describe(data: &DataConfig) -> String {
     format!(
         "{:?} {}",
         data.kind,
-        crate::dataset::resolve_root(&data.root).display()
+        mtkd_engine::dataset::resolve_root(&data.root).display()
     )
 }
 
@@ -334,7 +334,7 @@ impl From<EvalSplit> for mtkd_vision_tasks::data::Split {
 
 /// Load one split of `data` (its subset settings applied; the other split is not read).
 pub fn load_split(data: &DataConfig, split: EvalSplit) -> Result<ImageSet> {
-    crate::dataset::Datasets::load_split(data, split.into())
+    mtkd_engine::dataset::Datasets::load_split(data, split.into())
 }
 
 /// Evaluate `src` on a split of `data`.
@@ -346,11 +346,11 @@ pub fn evaluate(
     device: Device,
 ) -> Result<EvalReport> {
     match data.task() {
-        crate::config::TaskKind::Classification => {}
-        crate::config::TaskKind::Segmentation => bail!(
+        mtkd_engine::config::TaskKind::Classification => {}
+        mtkd_engine::config::TaskKind::Segmentation => bail!(
             "this is segmentation data: use inference::evaluate_segmentation (`mtkd eval` does)"
         ),
-        crate::config::TaskKind::Detection => {
+        mtkd_engine::config::TaskKind::Detection => {
             bail!("this is detection data: use inference::evaluate_detection (`mtkd eval` does)")
         }
     }
@@ -412,7 +412,7 @@ pub struct SegEvalReport {
     pub split: String,
     pub samples: usize,
     /// mIoU (`value`), pixel accuracy, per-class IoU.
-    pub report: crate::record::MetricReport,
+    pub report: mtkd_engine::record::MetricReport,
     pub class_names: Vec<String>,
     /// Mean over images of the per-pixel cross-entropy.
     pub mean_cross_entropy: f64,
@@ -440,7 +440,7 @@ pub fn evaluate_segmentation(
         Output::Dense,
     )?;
     let (report, ce) =
-        crate::trainer::evaluate(&|x| model.checked_output(x), &loader, device, &task, k)?;
+        mtkd_engine::trainer::evaluate(&|x| model.checked_output(x), &loader, device, &task, k)?;
     Ok(SegEvalReport {
         model: model.source.clone(),
         data: describe(data),
@@ -460,7 +460,7 @@ pub struct DetEvalReport {
     pub split: String,
     pub samples: usize,
     /// AP@[.5:.95] (`value`), AP50, AP75, AP by size, AR, AP per class: COCO's evaluation.
-    pub report: crate::record::MetricReport,
+    pub report: mtkd_engine::record::MetricReport,
     pub class_names: Vec<String>,
     /// Mean over images of the FCOS loss against the ground truth.
     pub mean_loss: f64,
@@ -488,7 +488,7 @@ pub fn evaluate_detection(
     let hw = (h as i64, w as i64);
     let k = set.num_classes;
     let task = task_of(
-        crate::config::TaskKind::Detection,
+        mtkd_engine::config::TaskKind::Detection,
         &TaskParams {
             image: hw,
             box_kd_weight: 1.0,
@@ -504,7 +504,7 @@ pub fn evaluate_detection(
         Output::Boxes { locations },
     )?;
     let mut metric = DetMetric::new(DetLayout::standard(hw), k);
-    let mean_loss = crate::trainer::evaluate_into(
+    let mean_loss = mtkd_engine::trainer::evaluate_into(
         &|x| model.checked_output(x),
         &loader,
         device,
@@ -512,7 +512,8 @@ pub fn evaluate_detection(
         &mut metric,
     )?;
     if let Some(path) = detections {
-        let (ids, cats) = crate::dataset::coco_ids_of(data, split.into())?.unwrap_or_default();
+        let (ids, cats) =
+            mtkd_engine::dataset::coco_ids_of(data, split.into())?.unwrap_or_default();
         coco::write_results(path, metric.detections(), &ids, &cats)
             .with_context(|| format!("writing {}", path.display()))?;
     }
@@ -623,14 +624,14 @@ pub fn predict_segmentation(
         image::GrayImage::from_raw(lw as u32, lh as u32, bytes)
             .ok_or_else(|| anyhow!("the prediction does not match the image's size"))?
             .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-        crate::fsio::write_atomic(&mask_path, &png)?;
+        mtkd_engine::fsio::write_atomic(&mask_path, &png)?;
         let overlay = out.join(format!("{stem}.overlay.png"));
-        crate::plot::segmentation_overlays(
+        mtkd_engine::plot::segmentation_overlays(
             &overlay,
             (lh, lw),
             &["prediction".to_owned()],
             &names,
-            &[crate::plot::OverlayRow {
+            &[mtkd_engine::plot::OverlayRow {
                 image: pixels,
                 channels: c,
                 maps: vec![classes.clone()],
@@ -700,7 +701,7 @@ pub fn predict_detection(
     }
     let k = dense_classes(src, data, images, num_classes)?;
     let names = class_names(data, k);
-    let side = crate::trainer::detection_side(data);
+    let side = mtkd_engine::trainer::detection_side(data);
     if side <= 0 {
         bail!("the [data] table gives no image size for the detector (data.image_size)");
     }
@@ -746,17 +747,17 @@ pub fn predict_detection(
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "image".into());
             let drawn = out.join(format!("{stem}.boxes.png"));
-            crate::plot::detection_overlays(
+            mtkd_engine::plot::detection_overlays(
                 &drawn,
                 (h, w),
                 &["prediction".to_owned()],
                 &names,
-                &[crate::plot::BoxRow {
+                &[mtkd_engine::plot::BoxRow {
                     image: pixels[i * per_image..(i + 1) * per_image].to_vec(),
                     channels,
                     boxes: vec![ds
                         .iter()
-                        .map(|d| crate::plot::DrawBox {
+                        .map(|d| mtkd_engine::plot::DrawBox {
                             class: d.class,
                             bbox: d.bbox,
                             score: Some(d.score),
@@ -804,7 +805,7 @@ pub fn class_folders(data: &DataConfig) -> Option<Vec<String>> {
     if data.kind != DatasetKind::ImageFolder {
         return None;
     }
-    let root = crate::dataset::resolve_root(&data.root).join("train");
+    let root = mtkd_engine::dataset::resolve_root(&data.root).join("train");
     let mut v: Vec<String> = std::fs::read_dir(&root)
         .ok()?
         .flatten()
@@ -864,7 +865,7 @@ pub fn predict(
             DatasetKind::ImageFolder => class_folders(data).map(|v| v.len()).ok_or_else(|| {
                 anyhow!(
                     "give the class count with --classes: the data's class folders ({}) cannot be read",
-                    crate::dataset::resolve_root(&data.root).join("train").display()
+                    mtkd_engine::dataset::resolve_root(&data.root).join("train").display()
                 )
             })?,
         },

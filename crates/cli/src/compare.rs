@@ -8,8 +8,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{Config, DistillConfig, StrategyKind};
-use crate::record::{EpochRecord, Summary};
+use mtkd_engine::config::{Config, DistillConfig, StrategyKind};
+use mtkd_engine::record::{EpochRecord, Summary};
 use mtkd_rl_weighting::agent::{AgentConfig, Mix, Mode};
 
 /// One planned run.
@@ -189,7 +189,7 @@ pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Pl
             // Teachers stay the same across seeds: pin their seeds to the base run's defaults.
             for t in c.teachers.iter_mut() {
                 if t.arch.is_some() && t.seed.is_none() {
-                    t.seed = Some(crate::config::teacher_seed(base.run.seed, &t.name));
+                    t.seed = Some(mtkd_engine::config::teacher_seed(base.run.seed, &t.name));
                 }
             }
             c.run.name = format!("{}-{}", base.run.name, slug(label));
@@ -379,7 +379,7 @@ pub fn table(results: &[RunResult]) -> String {
 }
 
 /// The paragraph under the table on where the teachers' cost went.
-pub fn teacher_note(passes: &[crate::trainer::TeacherPass], shared: bool) -> String {
+pub fn teacher_note(passes: &[mtkd_engine::trainer::TeacherPass], shared: bool) -> String {
     if !shared {
         return "\nEvery run computed its own teacher outputs (`--no-shared-teachers`): \
                 \"of which teachers\" is the time of the teachers' forward passes.\n"

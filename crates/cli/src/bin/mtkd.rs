@@ -117,7 +117,7 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         root: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "test")]
-        split: mtkd_engine::inference::EvalSplit,
+        split: mtkd_cli::inference::EvalSplit,
         /// The student architecture of a .safetensors model (e.g. cnn-small).
         #[arg(long)]
         arch: Option<mtkd_student::Arch>,
@@ -294,7 +294,7 @@ fn main() -> std::process::ExitCode {
             ..
         } if list => Config::load(&config, &overrides)
             .map_err(anyhow::Error::from)
-            .and_then(|cfg| mtkd_engine::compare::names(&cfg))
+            .and_then(|cfg| mtkd_cli::compare::names(&cfg))
             .map(|names| {
                 for n in names {
                     println!("{n}");
@@ -371,10 +371,10 @@ fn model_and_data(
     data: Option<PathBuf>,
     arch: Option<mtkd_student::Arch>,
 ) -> Result<(
-    mtkd_engine::inference::ModelSource,
+    mtkd_cli::inference::ModelSource,
     mtkd_engine::config::DataConfig,
 )> {
-    use mtkd_engine::inference::{data_table, ModelSource};
+    use mtkd_cli::inference::{data_table, ModelSource};
     let src = ModelSource::of(model, arch)?;
     let data = match data {
         Some(f) => data_table(&f)?,
@@ -393,7 +393,7 @@ fn eval(
     model: PathBuf,
     data: Option<PathBuf>,
     root: Option<PathBuf>,
-    split: mtkd_engine::inference::EvalSplit,
+    split: mtkd_cli::inference::EvalSplit,
     arch: Option<mtkd_student::Arch>,
     json: bool,
     batch_size: usize,
@@ -407,7 +407,7 @@ fn eval(
     }
     let device = trainer::device_of(&device)?;
     if data.task() == mtkd_engine::config::TaskKind::Detection {
-        let r = mtkd_engine::inference::evaluate_detection(
+        let r = mtkd_cli::inference::evaluate_detection(
             &src,
             &data,
             split,
@@ -444,7 +444,7 @@ fn eval(
         return Ok(());
     }
     if data.task() == mtkd_engine::config::TaskKind::Segmentation {
-        let r = mtkd_engine::inference::evaluate_segmentation(
+        let r = mtkd_cli::inference::evaluate_segmentation(
             &src,
             &data,
             split,
@@ -469,7 +469,7 @@ fn eval(
         print_per_class(&r.class_names, &r.report.per_class, "IoU");
         return Ok(());
     }
-    let r = mtkd_engine::inference::evaluate(&src, &data, split, batch_size.max(1), device)?;
+    let r = mtkd_cli::inference::evaluate(&src, &data, split, batch_size.max(1), device)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -526,7 +526,7 @@ fn predict(
     let (src, data) = model_and_data(&model, data, arch)?;
     let device = trainer::device_of(&device)?;
     if data.task() == mtkd_engine::config::TaskKind::Detection {
-        let preds = mtkd_engine::inference::predict_detection(
+        let preds = mtkd_cli::inference::predict_detection(
             &src, &data, &images, &out, min_score, classes, device,
         )?;
         return answer(&preds, json, |p| {
@@ -551,9 +551,8 @@ fn predict(
         });
     }
     if data.task() == mtkd_engine::config::TaskKind::Segmentation {
-        let preds = mtkd_engine::inference::predict_segmentation(
-            &src, &data, &images, &out, classes, device,
-        )?;
+        let preds =
+            mtkd_cli::inference::predict_segmentation(&src, &data, &images, &out, classes, device)?;
         return answer(&preds, json, |p| {
             let shares: Vec<String> = p
                 .classes
@@ -569,7 +568,7 @@ fn predict(
             )
         });
     }
-    let preds = mtkd_engine::inference::predict(&src, &data, &images, top_k, classes, device)?;
+    let preds = mtkd_cli::inference::predict(&src, &data, &images, top_k, classes, device)?;
     answer(&preds, json, |p| {
         let top: Vec<String> = p
             .top
@@ -710,7 +709,7 @@ fn compare(
     share_max_gb: Option<f64>,
 ) -> Result<()> {
     let share = share_max_gb.is_some();
-    use mtkd_engine::compare;
+    use mtkd_cli::compare;
     let cfg = Config::load(&config, &overrides)?;
     let plan = compare::plan(&cfg, seeds.max(1), only.as_deref())?;
     let out_arg = out.clone();

@@ -1,0 +1,312 @@
+//! What the end-to-end tests share: the repository root, scratch folders, the lock that keeps
+//! libtorch's global generator reproducible, the tiny configs of the three tasks, the run
+//! records, and the set-up's Python. Used by the engine's tests and, through `#[path]`, by
+//! mtkd-cli's tests of the binary (which run the same configs through `mtkd`).
+
+#![allow(dead_code)] // each test binary uses a part
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use mtkd_engine::config::Config;
+use mtkd_engine::record::EpochRecord;
+use mtkd_engine::trainer::{self, Interrupted, RunOptions, Silent};
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// An empty folder for one test of this test binary and process.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "mtkd-{}-{}-{name}",
+        env!("CARGO_CRATE_NAME"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// libtorch's random generator (used to initialise networks after `manual_seed`) is global to
+/// the process, and the tests of one binary run on parallel threads: every test that builds a
+/// network holds this lock so that each run's initialisation is reproducible.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(text, Path::new("test.toml"), &[]).map_err(|e| e.to_string())
+}
+
+pub fn history(dir: &Path) -> Vec<EpochRecord> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The records without their times, as JSON (COCO's undefined size ranges are NaN, written
+/// `null`, which compares equal).
+pub fn strip_time(h: &[EpochRecord]) -> String {
+    let h: Vec<EpochRecord> = h
+        .iter()
+        .map(|r| EpochRecord {
+            seconds: 0.0,
+            teacher_seconds: 0.0,
+            ..r.clone()
+        })
+        .collect();
+    serde_json::to_string_pretty(&h).unwrap()
+}
+
+/// A tiny classification config on the committed subset: 256 training and 200 test images.
+pub fn tiny(extra: &str, scratch_dir: &Path) -> String {
+    format!(
+        r#"
+[run]
+name = "tiny"
+out_dir = "{out}"
+teacher_cache = "{cache}"
+seed = 3
+threads = 1
+
+[data]
+kind = "mnist"
+root = "{data}"
+train_subset = 256
+test_subset = 200
+normalize = {{ mean = [0.2860], std = [0.3530] }}
+augment = {{ crop_padding = 2, hflip = true }}
+
+[student]
+arch = "cnn-small"
+
+[train]
+epochs = 2
+batch_size = 32
+lr = 0.05
+milestones = [1]
+{extra}
+"#,
+        out = scratch_dir.join("runs").display(),
+        cache = scratch_dir.join("teachers").display(),
+        data = root().join("data/fashion-mnist-mini").display(),
+    )
+}
+
+/// Segmentation: 64 training and 16 test scenes of 32 x 32; teachers trained one epoch.
+pub fn seg_scenes(extra: &str, s: &Path) -> String {
+    format!(
+        r#"
+[run]
+name = "seg"
+out_dir = "{out}"
+teacher_cache = "{cache}"
+seed = 1
+threads = 1
+
+[data]
+kind = "synthetic-scenes"
+root = "{data}"
+normalize = {{ mean = [0.25], std = [0.25] }}
+augment = {{ hflip = true, scale = [0.8, 1.25], crop_padding = 2 }}
+scenes = {{ train = 64, test = 16, size = 32, objects = [1, 2], scale = [0.6, 1.0] }}
+
+[student]
+arch = "cnn-small"
+head = "fcn"
+
+[train]
+epochs = 2
+batch_size = 16
+eval_batch_size = 16
+lr = 0.05
+milestones = [1]
+
+[teacher_training]
+epochs = 1
+batch_size = 16
+lr = 0.05
+{extra}
+"#,
+        out = s.join("runs").display(),
+        cache = s.join("teachers").display(),
+        data = root().join("data/fashion-mnist-mini").display(),
+    )
+}
+
+/// Two dense teachers and the agent in meta mode.
+pub const SEG_POOL: &str = r#"
+[distill]
+strategy = "mtkd-rl"
+temperature = 2.0
+feature_weight = 1.0
+
+[distill.agent]
+mode = "meta"
+
+[[teachers]]
+name = "r8-aspp"
+arch = "resnet8"
+head = "aspp"
+
+[[teachers]]
+name = "small-fcn"
+arch = "cnn-small"
+"#;
+
+/// Detection: 64 training and 16 test scenes of 32 x 32 with boxes (written as a COCO folder
+/// under [`det_data_dir`]).
+pub fn det_scenes(extra: &str, s: &Path) -> String {
+    det_data_dir();
+    format!(
+        r#"
+[run]
+name = "det"
+out_dir = "{out}"
+teacher_cache = "{cache}"
+seed = 1
+threads = 1
+
+[data]
+kind = "synthetic-detection"
+root = "{data}"
+normalize = {{ mean = [0.25], std = [0.25] }}
+augment = {{ hflip = true }}
+scenes = {{ train = 64, test = 16, size = 32, objects = [1, 2], scale = [0.6, 1.0] }}
+
+[student]
+arch = "cnn-small"
+head = "fcos"
+
+[train]
+epochs = 2
+batch_size = 16
+eval_batch_size = 16
+lr = 0.02
+milestones = [1]
+
+[teacher_training]
+epochs = 1
+batch_size = 16
+lr = 0.02
+{extra}
+"#,
+        out = s.join("runs").display(),
+        cache = s.join("teachers").display(),
+        data = root().join("data/fashion-mnist-mini").display(),
+    )
+}
+
+/// The detection scenes' COCO folders go under `$MTKD_DATA_DIR`: one folder for this test
+/// process, set once (tests run on several threads; child `mtkd` processes inherit it).
+pub fn det_data_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!(
+            "mtkd-{}-data-{}",
+            env!("CARGO_CRATE_NAME"),
+            std::process::id()
+        ));
+        std::env::set_var("MTKD_DATA_DIR", &d);
+        d
+    })
+    .clone()
+}
+
+/// Two FCOS teachers and the agent in clean mode.
+pub const DET_POOL: &str = r#"
+[distill]
+strategy = "mtkd-rl"
+temperature = 1.0
+feature_weight = 1.0
+
+[distill.agent]
+mode = "clean"
+
+[[teachers]]
+name = "r8-fcos"
+arch = "resnet8"
+head = "fcos"
+
+[[teachers]]
+name = "small-fcos"
+arch = "cnn-small"
+head = "fcos"
+"#;
+
+/// The Python that has the build's torch (set by `cargo xtask test`).
+pub fn torch_python() -> String {
+    std::env::var("MTKD_TORCH_PYTHON").expect(
+        "MTKD_TORCH_PYTHON names the Python that has torch 2.13.0; run the tests through `cargo xtask test`",
+    )
+}
+
+/// Write `script` to `file` and run it with [`torch_python`] (torch.jit.script reads a class's
+/// source, so scripts that define modules run from a file, not `python -c`).
+pub fn run_python_file(file: &Path, script: &str) {
+    std::fs::write(file, script).unwrap();
+    let out = std::process::Command::new(torch_python())
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python {} failed: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Run `scripts/export_teacher.py` with `args`; its stdout.
+pub fn export_teacher<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = std::process::Command::new(torch_python())
+        .arg(root().join("scripts/export_teacher.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+pub fn run_in(cfg: &Config, dir: &Path, opts: &RunOptions) -> anyhow::Result<trainer::Outcome> {
+    trainer::run(cfg, dir, opts, &mut Silent)
+}
+
+/// Run `cfg` in `dir` and stop it after `steps` optimizer steps, as if killed.
+pub fn halt_run(cfg: &Config, dir: &Path, steps: u64) {
+    let opts = RunOptions {
+        halt_after_steps: Some(steps),
+        ..RunOptions::default()
+    };
+    let err = run_in(cfg, dir, &opts).unwrap_err();
+    assert!(
+        err.root_cause().downcast_ref::<Interrupted>().is_some(),
+        "{err:#}"
+    );
+}
+
+/// The error of a run that must fail, with its causes.
+pub fn run_err(cfg: &Config, dir: &Path) -> String {
+    format!(
+        "{:#}",
+        run_in(cfg, dir, &RunOptions::default()).unwrap_err()
+    )
+}
