@@ -1399,3 +1399,68 @@ fn channels_last_changes_the_layout_not_the_training() {
     let w = tch::Tensor::read_safetensors(a.dir.join("student.safetensors")).unwrap();
     assert!(!w.is_empty() && w.iter().all(|(_, t)| t.is_contiguous()));
 }
+
+/// `DistillStep` is the library's step: a user who builds it from a config and drives it over
+/// an epoch by hand gets the trainer's own first epoch, loss and test accuracy to the bit.
+#[test]
+fn a_distill_step_driven_by_hand_repeats_the_trainers_epoch() {
+    use mtkd_engine::dataset::Datasets;
+    use mtkd_engine::trainer::{build_pool, evaluate, DistillStep, StepOutcome, Sums};
+    let _serial = serial();
+    let s = scratch("step-by-hand");
+    let cfg = parse(
+        &tiny(
+            "[distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 1.0\n\
+         [[teachers]]\nname = \"x\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"y\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n",
+            &s,
+        )
+        .replace(
+            "epochs = 2\nbatch_size = 32\nlr = 0.05\nmilestones = [1]",
+            "epochs = 1\nbatch_size = 32\nlr = 0.05",
+        ),
+    )
+    .unwrap();
+    assert_eq!(cfg.train.epochs, 1);
+    let dir = s.join("run");
+    run_in(&cfg, &dir, &RunOptions::default()).unwrap();
+    let rec = &history(&dir)[0];
+
+    let device = tch::Device::Cpu;
+    let data = Datasets::load(&cfg.data).unwrap();
+    let members = build_pool(&cfg, &data, device, &mut Silent).unwrap();
+    let mut step = DistillStep::new(&cfg, members, &data, device).unwrap();
+    let loader = data
+        .train_loader(&cfg.data, cfg.train.batch_size, cfg.run.seed)
+        .unwrap();
+    let mut sums = Sums::new(device, 2);
+    step.start_epoch(0, cfg.train.lr).unwrap();
+    let mut weights = 0;
+    for (i, batch) in loader.epoch(0, 0, device).enumerate() {
+        match step.run(&batch, &mut sums, 0, i as u64).unwrap() {
+            StepOutcome::Applied(Some(d)) => {
+                assert_eq!(d.weights.logit.size(), [batch.indices.len() as i64, 2]);
+                weights += 1;
+            }
+            StepOutcome::Applied(None) => panic!("a distillation step without teachers' weights"),
+            StepOutcome::NonFinite(what) => panic!("not finite: {what}"),
+        }
+    }
+    assert_eq!(weights, loader.num_batches());
+    assert_eq!(step.end_epoch(0).unwrap(), None, "no output cache");
+    assert_eq!(sums.mean_loss().to_bits(), rec.train_loss.to_bits());
+    let test = data
+        .test_loader(&cfg.data, cfg.train.eval_batch_size)
+        .unwrap();
+    let (report, _) = evaluate(
+        &|x| Ok(step.student().forward_t(x, false)),
+        &test,
+        device,
+        step.task(),
+        data.train.num_classes,
+    )
+    .unwrap();
+    assert_eq!(report.value, rec.test.value);
+    let _ = std::fs::remove_dir_all(&s);
+}

@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::evaluate::Sums;
 use super::pool::build_pool;
-use super::{device_of, teacher_head, Observer, Trainer};
+use super::{device_of, teacher_head, DistillStep, Observer};
 use crate::config::{Config, StrategyKind};
 use crate::dataset::Datasets;
 pub use mtkd_report::bench::{cpu_model, utc_now, write_report, BenchMode, PEAK_CONV_SHAPES};
@@ -285,18 +285,10 @@ pub fn bench_steps(
             std::mem::take(&mut pool)
         };
         // The modes change only [distill]: the loaded sets serve every mode.
-        let mut tr = Trainer::new(
-            &mcfg,
-            data.clone(),
-            members,
-            device,
-            std::env::temp_dir(),
-            String::new(),
-        )?;
-        tr.open_output_cache()?;
+        let mut step = DistillStep::new(&mcfg, members, &data, device)?;
+        step.open_output_cache(data.train.len())?;
         if plan.student_state.is_empty() {
-            let mut state: Vec<(String, Vec<i64>)> = tr
-                .step
+            let mut state: Vec<(String, Vec<i64>)> = step
                 .student_vs
                 .variables()
                 .into_iter()
@@ -304,34 +296,34 @@ pub fn bench_steps(
                 .collect();
             state.sort();
             plan.student_state = state;
-            plan.student_parameters = mtkd_student::arch::parameter_count(&tr.step.student_vs);
+            plan.student_parameters = mtkd_student::arch::parameter_count(&step.student_vs);
         }
         let timing = (|| -> Result<StepTiming> {
-            let mut sums = Sums::new(device, tr.step.pool.len());
-            tr.step.distiller.strategy.start_epoch(1)?;
+            let mut sums = Sums::new(device, step.pool.len());
+            step.start_epoch(1, mcfg.train.lr)?;
             if mode == BenchMode::MtkdRlCached {
                 // The first epoch: the timed batches' samples go into the cache.
                 for (i, b) in batches[warmup..].iter().enumerate() {
-                    tr.step.run(b, &mut sums, 1, i as u64)?;
+                    step.run(b, &mut sums, 1, i as u64)?;
                 }
             }
             for (i, b) in batches[..warmup].iter().enumerate() {
-                tr.step.run(b, &mut sums, 1, i as u64)?;
+                step.run(b, &mut sums, 1, i as u64)?;
             }
-            tr.step.distiller.strategy.end_epoch(1)?;
-            tr.step.distiller.strategy.start_epoch(2)?;
-            let mut sums = Sums::new(device, tr.step.pool.len());
+            step.end_epoch(1)?;
+            step.start_epoch(2, mcfg.train.lr)?;
+            let mut sums = Sums::new(device, step.pool.len());
             let mut step_seconds = Vec::with_capacity(steps);
             for (i, b) in batches[warmup..].iter().enumerate() {
                 let t0 = Instant::now();
-                tr.step.run(b, &mut sums, 2, (warmup + i) as u64)?;
+                step.run(b, &mut sums, 2, (warmup + i) as u64)?;
                 // The step's results are read back as training reads them (the loss sum).
                 let _ = sums.loss.double_value(&[]);
                 step_seconds.push(t0.elapsed().as_secs_f64());
             }
-            let buffered_bytes = tr.step.distiller.strategy.buffered_bytes();
+            let buffered_bytes = step.distiller.strategy.buffered_bytes();
             let t0 = Instant::now();
-            tr.step.distiller.strategy.end_epoch(2)?;
+            step.end_epoch(2)?;
             let end_epoch_seconds = t0.elapsed().as_secs_f64();
             let total: f64 = step_seconds.iter().sum::<f64>() + end_epoch_seconds;
             Ok(StepTiming {
@@ -355,7 +347,7 @@ pub fn bench_steps(
         );
         out.push(timing);
         if mode != BenchMode::Ce {
-            pool = std::mem::take(&mut tr.step.pool.members);
+            pool = std::mem::take(&mut step.pool.members);
         }
     }
     Ok((plan, out))

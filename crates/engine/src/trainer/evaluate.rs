@@ -51,7 +51,7 @@ pub fn evaluate_into(
 }
 
 /// Running sums of an epoch, kept as tensors (no device sync per batch).
-pub(super) struct Sums {
+pub struct Sums {
     pub(super) n: i64,
     pub(super) batches: usize,
     pub(super) skipped: usize,
@@ -78,7 +78,7 @@ pub(super) struct Sums {
 }
 
 impl Sums {
-    pub(super) fn new(device: Device, m: usize) -> Sums {
+    pub fn new(device: Device, m: usize) -> Sums {
         let z = || Tensor::zeros([], (Kind::Double, device));
         Sums {
             n: 0,
@@ -98,6 +98,11 @@ impl Sums {
             strategy_seconds: 0.0,
             reward_seconds: 0.0,
         }
+    }
+
+    /// The mean training loss over the applied steps' samples so far.
+    pub fn mean_loss(&self) -> f64 {
+        self.loss.double_value(&[]) / self.n.max(1) as f64
     }
 
     /// Add an applied step: its batch size `b`, mean loss, per-image CE, with distillation

@@ -7,16 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Meta};
-use crate::config::{Config, NonFinitePolicy, StrategyKind};
+use crate::config::{Config, NonFinitePolicy};
 use crate::dataset::Datasets;
-use crate::optim::{multistep_lr, Sgd};
+use crate::optim::multistep_lr;
 use crate::record::{write_json_atomic, EpochRecord, MetricsSink, Summary, TeacherSummary};
-use crate::shared::Layout;
-use mtkd_student::Network;
 use mtkd_vision_tasks::loader::BatchLoader;
 use mtkd_vision_tasks::task::{MetricReport, Task};
 
@@ -32,17 +29,14 @@ mod step;
 mod strategy;
 mod weights;
 
-use distiller::Distiller;
-use evaluate::Sums;
-pub use evaluate::{evaluate, evaluate_into};
+pub use evaluate::{evaluate, evaluate_into, Sums};
 pub use export::export_torchscript;
-use pool::{build_pool, pool_layout, Pool, PoolMember};
 pub use pool::{
-    prepare_teachers, share_teacher_outputs, teacher_config, teacher_head, TeacherPass, TooLarge,
+    build_pool, prepare_teachers, share_teacher_outputs, teacher_config, teacher_head, Pool,
+    PoolMember, TeacherPass, TooLarge,
 };
-use source::{Live, Shared};
-use state::{init_weights, trainable};
-use step::{DistillStep, StepOutcome};
+use source::Shared;
+pub use step::{DistillStep, Distilled, StepOutcome};
 use weights::WeightRecords;
 
 /// Hooks through which a binary shows progress; the library itself prints nothing.
@@ -288,76 +282,12 @@ impl<'a> Trainer<'a> {
         dir: PathBuf,
         config_hash: String,
     ) -> Result<Self> {
-        tch::manual_seed(cfg.run.seed as i64);
-        let in_shape = data.input_shape(&cfg.data)?;
-        let mut student_vs = VarStore::new(device);
-        let student = Network::with_head(
-            &student_vs.root(),
-            cfg.student.arch,
-            cfg.student.head,
-            in_shape,
-            data.num_classes(),
-        )
-        .with_context(|| format!("building student {}", cfg.student.arch))?;
-        if let Some(init) = &cfg.student.init {
-            let file = init_weights(init, cfg.student.arch)?;
-            student_vs.load(&file).with_context(|| {
-                format!(
-                    "student.init: loading {} into a {} student",
-                    file.display(),
-                    cfg.student.arch
-                )
-            })?;
-            tracing::info!(from = %file.display(), "student initialised from earlier weights");
-        }
-        let pool = Pool::new(pool);
-        let distiller = Distiller::new(cfg, &pool, &student, data.num_classes(), device)?;
-        if cfg.run.channels_last && device == Device::Cpu {
-            state::relay_channels_last(&student_vs);
-            state::relay_channels_last(&distiller.adapter_vs);
-        }
-        let mut params = Vec::new();
-        for (name, t) in trainable(&student_vs) {
-            params.push((format!("student.{name}"), t));
-        }
-        for (name, t) in trainable(&distiller.adapter_vs) {
-            params.push((format!("adapter.{name}"), t));
-        }
-        let t = &cfg.train;
-        let opt = Sgd::new(params, t.lr, t.momentum, t.nesterov, t.weight_decay);
-        let label = if pool.is_empty() {
+        let step = DistillStep::new(cfg, pool, &data, device)?;
+        let label = if step.pool.is_empty() {
             format!("{}", cfg.student.arch)
         } else {
-            format!("{} <- {} teachers", cfg.student.arch, pool.len())
+            format!("{} <- {} teachers", cfg.student.arch, step.pool.len())
         };
-        let buffers = student_vs
-            .variables()
-            .into_values()
-            .chain(distiller.adapter_vs.variables().into_values())
-            .filter(|t| !t.requires_grad())
-            .collect();
-        let single = pool.len() > 1
-            && distiller
-                .settings()
-                .is_some_and(|d| d.strategy == StrategyKind::Single);
-        let mut step = DistillStep {
-            task: task_of(cfg),
-            device,
-            student_vs,
-            student,
-            opt,
-            pool,
-            distiller,
-            source: Box::new(Live),
-            buffers,
-            restore_buffers: cfg.train.on_nonfinite == NonFinitePolicy::Skip,
-        };
-        // Single-teacher KD inside a pool runs only its teacher: the others would get weight 0
-        // (docs/ARCHITECTURE.md, performance).
-        if single {
-            let idx = strategy::single_teacher(cfg, &step.pool.members)?;
-            step.set_active(vec![idx])?;
-        }
         Ok(Trainer {
             cfg,
             data,
@@ -373,35 +303,12 @@ impl<'a> Trainer<'a> {
     /// Keep the teachers' outputs in memory across epochs when the config asks for it
     /// (`distill.output_cache_mb`).
     fn open_output_cache(&mut self) -> Result<()> {
-        if let Some(mb) = self
-            .step
-            .distiller
-            .settings()
-            .map(|d| d.output_cache_mb)
-            .filter(|&mb| mb > 0)
-        {
-            self.step.source = Box::new(cache::OutputCache::new(
-                self.data.train.len(),
-                &self.layout(),
-                mb,
-                self.step.device,
-            )?);
-        }
-        Ok(())
+        self.step.open_output_cache(self.data.train.len())
     }
 
     fn with_label(mut self, label: String) -> Self {
         self.label = label;
         self
-    }
-
-    /// What a shared-output record holds for this run's pool.
-    fn layout(&self) -> Layout {
-        pool_layout(
-            self.cfg,
-            &self.step.pool.members,
-            self.step.student.in_shape(),
-        )
     }
 
     /// Evaluate the student on the test split.
@@ -493,23 +400,18 @@ impl<'a> Trainer<'a> {
         let elapsed_before = meta.elapsed_seconds;
         let mut session_steps = 0u64;
         let mut last_report: Option<MetricReport> = None;
-        let layout = self.layout();
         for epoch in meta.epoch..tc.epochs {
             let t0 = Instant::now();
             let lr = multistep_lr(tc.lr, &tc.milestones, tc.gamma, epoch);
-            self.step.opt.lr = lr;
             obs.epoch_start(
                 &self.label,
                 epoch + 1,
                 tc.epochs,
                 train_loader.num_batches(),
             );
-            self.step.distiller.strategy.start_epoch(epoch)?;
+            self.step.start_epoch(epoch, lr)?;
             self.records.start_epoch();
             let mut sums = Sums::new(self.step.device, self.step.pool.len());
-            if distils {
-                self.step.source.start_epoch(epoch, &layout)?;
-            }
             for batch in train_loader.epoch(epoch as u64, 0, self.step.device) {
                 if let Some(limit) = opts.halt_after_steps {
                     if session_steps >= limit {
@@ -545,12 +447,7 @@ impl<'a> Trainer<'a> {
                 let show = sums.batches.is_multiple_of(20);
                 obs.batch(show.then_some(sums.last_loss));
             }
-            let cached_batches = if distils {
-                self.step.source.end_epoch(epoch)?
-            } else {
-                None
-            };
-            self.step.distiller.strategy.end_epoch(epoch)?;
+            let cached_batches = self.step.end_epoch(epoch)?;
             let (report, test_loss) = self.evaluate(&test_loader)?;
             let mut rec = sums.record(
                 epoch + 1,

@@ -22,7 +22,7 @@ use crate::record::{write_json_atomic, Summary, TeacherSummary};
 use crate::shared::{EpochOutputs, Layout};
 
 /// One teacher of the pool and where it came from.
-pub(super) struct PoolMember {
+pub struct PoolMember {
     pub(super) teacher: Box<dyn Teacher>,
     pub(super) source: String,
     /// The weights or TorchScript file the teacher was loaded from.
@@ -32,7 +32,7 @@ pub(super) struct PoolMember {
 }
 
 /// The teacher pool of a run and which of its teachers are still in it.
-pub(crate) struct Pool {
+pub struct Pool {
     pub(crate) members: Vec<PoolMember>,
     /// Positions of the teachers still in the pool (`[distill.prune]`, single-teacher KD),
     /// increasing.
@@ -265,7 +265,7 @@ pub fn prepare_teachers(cfg: &Config, obs: &mut dyn Observer) -> Result<Vec<Teac
         .collect())
 }
 
-pub(super) fn build_pool(
+pub fn build_pool(
     cfg: &Config,
     data: &Datasets,
     device: Device,

@@ -17,14 +17,21 @@ use mtkd_student::Network;
 use mtkd_vision_tasks::loader::Batch;
 use mtkd_vision_tasks::task::Task;
 
+use super::cache::OutputCache;
 use super::distiller::{Distiller, Terms};
 use super::evaluate::Sums;
-use super::pool::Pool;
-use super::source::TeacherSource;
+use super::pool::{pool_layout, Pool, PoolMember};
+use super::source::{Live, TeacherSource};
+use super::state::{init_weights, relay_channels_last, trainable};
+use super::strategy::single_teacher;
+use super::task_of;
+use crate::config::{Config, NonFinitePolicy, StrategyKind};
+use crate::dataset::Datasets;
 use crate::optim::Sgd;
+use crate::shared::Layout;
 
 /// What a step did.
-pub(crate) enum StepOutcome {
+pub enum StepOutcome {
     /// The update was applied; with distillation, what the records keep of it.
     Applied(Option<Distilled>),
     /// The loss was not finite (the message names what): nothing was applied, and BatchNorm's
@@ -33,14 +40,14 @@ pub(crate) enum StepOutcome {
 }
 
 /// The teachers' part of an applied step, for the run's records.
-pub(crate) struct Distilled {
+pub struct Distilled {
     /// The weights spread over the full pool `[B, M]` (0 for a pruned teacher), detached.
-    pub(crate) weights: TeacherWeights,
-    pub(crate) signals: BatchSignals,
+    pub weights: TeacherWeights,
+    pub signals: BatchSignals,
 }
 
 /// The student, its optimizer, the teacher pool with its source of outputs, and the distiller.
-pub(crate) struct DistillStep {
+pub struct DistillStep {
     pub(crate) task: Box<dyn Task>,
     pub(crate) device: Device,
     pub(crate) student_vs: VarStore,
@@ -49,6 +56,8 @@ pub(crate) struct DistillStep {
     pub(crate) pool: Pool,
     pub(crate) distiller: Distiller,
     pub(crate) source: Box<dyn TeacherSource>,
+    /// What a shared-output record of this pool holds (all members, pruned or not).
+    pub(crate) layout: Layout,
     /// The non-trainable variables of the student and the adapters (BatchNorm's running
     /// statistics), shallow handles: put back after a skipped batch.
     pub(crate) buffers: Vec<Tensor>,
@@ -58,8 +67,135 @@ pub(crate) struct DistillStep {
 }
 
 impl DistillStep {
+    /// The step of `cfg`: the student (seeded by `run.seed`, from `student.init` when set) for
+    /// `data`'s images and classes, the distiller with its adapters and strategy over
+    /// `members`, SGD over the student's and the adapters' parameters, teachers run live.
+    /// Single-teacher KD inside a pool keeps only its teacher active.
+    pub fn new(
+        cfg: &Config,
+        members: Vec<PoolMember>,
+        data: &Datasets,
+        device: Device,
+    ) -> Result<DistillStep> {
+        tch::manual_seed(cfg.run.seed as i64);
+        let in_shape = data.input_shape(&cfg.data)?;
+        let mut student_vs = VarStore::new(device);
+        let student = Network::with_head(
+            &student_vs.root(),
+            cfg.student.arch,
+            cfg.student.head,
+            in_shape,
+            data.num_classes(),
+        )
+        .with_context(|| format!("building student {}", cfg.student.arch))?;
+        if let Some(init) = &cfg.student.init {
+            let file = init_weights(init, cfg.student.arch)?;
+            student_vs.load(&file).with_context(|| {
+                format!(
+                    "student.init: loading {} into a {} student",
+                    file.display(),
+                    cfg.student.arch
+                )
+            })?;
+            tracing::info!(from = %file.display(), "student initialised from earlier weights");
+        }
+        let pool = Pool::new(members);
+        let layout = pool_layout(cfg, &pool.members, in_shape);
+        let distiller = Distiller::new(cfg, &pool, &student, data.num_classes(), device)?;
+        if cfg.run.channels_last && device == Device::Cpu {
+            relay_channels_last(&student_vs);
+            relay_channels_last(&distiller.adapter_vs);
+        }
+        let mut params = Vec::new();
+        for (name, t) in trainable(&student_vs) {
+            params.push((format!("student.{name}"), t));
+        }
+        for (name, t) in trainable(&distiller.adapter_vs) {
+            params.push((format!("adapter.{name}"), t));
+        }
+        let t = &cfg.train;
+        let opt = Sgd::new(params, t.lr, t.momentum, t.nesterov, t.weight_decay);
+        let buffers = student_vs
+            .variables()
+            .into_values()
+            .chain(distiller.adapter_vs.variables().into_values())
+            .filter(|t| !t.requires_grad())
+            .collect();
+        let single = pool.len() > 1
+            && distiller
+                .settings()
+                .is_some_and(|d| d.strategy == StrategyKind::Single);
+        let mut step = DistillStep {
+            task: task_of(cfg),
+            device,
+            student_vs,
+            student,
+            opt,
+            pool,
+            distiller,
+            source: Box::new(Live),
+            layout,
+            buffers,
+            restore_buffers: cfg.train.on_nonfinite == NonFinitePolicy::Skip,
+        };
+        // Single-teacher KD inside a pool runs only its teacher: the others would get weight 0
+        // (docs/ARCHITECTURE.md, performance).
+        if single {
+            let idx = single_teacher(cfg, &step.pool.members)?;
+            step.set_active(vec![idx])?;
+        }
+        Ok(step)
+    }
+
+    /// Keep the teachers' outputs in memory across epochs when the config asks for it
+    /// (`distill.output_cache_mb`); `train_len` is the training set's size.
+    pub fn open_output_cache(&mut self, train_len: usize) -> Result<()> {
+        if let Some(mb) = self
+            .distiller
+            .settings()
+            .map(|d| d.output_cache_mb)
+            .filter(|&mb| mb > 0)
+        {
+            self.source = Box::new(OutputCache::new(train_len, &self.layout, mb, self.device)?);
+        }
+        Ok(())
+    }
+
+    /// The student being trained.
+    pub fn student(&self) -> &Network {
+        &self.student
+    }
+
+    /// The task the step trains for.
+    pub fn task(&self) -> &dyn Task {
+        self.task.as_ref()
+    }
+
+    /// Start epoch `epoch` (0-based) at learning rate `lr`: the strategy's and the teacher
+    /// source's epoch bookkeeping.
+    pub fn start_epoch(&mut self, epoch: usize, lr: f64) -> Result<()> {
+        self.opt.lr = lr;
+        self.distiller.strategy.start_epoch(epoch)?;
+        if self.distiller.settings().is_some() {
+            self.source.start_epoch(epoch, &self.layout)?;
+        }
+        Ok(())
+    }
+
+    /// End epoch `epoch`: the teacher source's count of batches served from memory (`None`
+    /// when it keeps none), then the strategy's end of epoch (the agent's buffered updates).
+    pub fn end_epoch(&mut self, epoch: usize) -> Result<Option<u64>> {
+        let cached = if self.distiller.settings().is_some() {
+            self.source.end_epoch(epoch)?
+        } else {
+            None
+        };
+        self.distiller.strategy.end_epoch(epoch)?;
+        Ok(cached)
+    }
+
     /// One optimizer step on `batch` (`epoch` 0-based, `step` the run's global step).
-    pub(crate) fn run(
+    pub fn run(
         &mut self,
         batch: &Batch,
         sums: &mut Sums,
@@ -163,7 +299,7 @@ impl DistillStep {
 
     /// Keep only the teachers at `active` (full pool positions, increasing); the strategy
     /// drops the others from its state.
-    pub(crate) fn set_active(&mut self, active: Vec<usize>) -> Result<()> {
+    pub fn set_active(&mut self, active: Vec<usize>) -> Result<()> {
         let pool = &mut self.pool;
         if active.is_empty() || active.iter().any(|&i| i >= pool.len()) {
             anyhow::bail!(
