@@ -10,6 +10,11 @@ use anyhow::{Context, Result};
 
 use mtkd_records::record::{Audit, AuditSample, AuditTeacher, EpochRecord, Summary};
 
+use crate::chart::{
+    self, auto_range, nice_ceil, nice_step, teacher_colour, BandLabel, Frame, Line, LineChart, Rgb,
+    Series, Tick, Weights,
+};
+
 /// Another run of the same comparison (a folder next to the run that holds a `summary.json`).
 #[derive(Debug, Clone)]
 pub struct SiblingRun {
@@ -32,6 +37,30 @@ pub struct ReportInputs {
     pub audit: Option<Audit>,
     /// Every run in the run folder's parent that has a `summary.json`, this run included.
     pub runs: Vec<SiblingRun>,
+}
+
+impl ReportInputs {
+    /// The teachers in pool order, as the page and the plots name them: the summary's names,
+    /// then (for weights of more teachers than it names) the audit's, else `teacher i`.
+    pub fn teacher_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .summary
+            .teachers
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        let width = self
+            .metrics
+            .iter()
+            .map(|r| r.teacher_weights.len().max(r.teacher_feature_weights.len()))
+            .max()
+            .unwrap_or(0);
+        for i in names.len()..width {
+            let audit_name = self.audit.as_ref().and_then(|a| a.teachers.get(i)).cloned();
+            names.push(audit_name.unwrap_or_else(|| format!("teacher {i}")));
+        }
+        names
+    }
 }
 
 /// Read `run_dir` and write `run_dir/report.html`; returns its path.
@@ -218,16 +247,6 @@ pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:12px;max-height:600p
 details summary{cursor:pointer;font-weight:600}
 ";
 
-/// Tableau 10: one colour per teacher (pool order), the same on every chart and table.
-const PALETTE: [&str; 10] = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
-];
-
-fn teacher_colour(i: usize) -> &'static str {
-    PALETTE[i % PALETTE.len()]
-}
-
 struct Page<'a> {
     inp: &'a ReportInputs,
     cfg: toml::Table,
@@ -255,7 +274,7 @@ impl<'a> Page<'a> {
             })
             .unwrap_or_default();
         let classes = class_names(&cfg, inp);
-        let teachers = teacher_names(inp);
+        let teachers = inp.teacher_names();
         let has_weights = inp.metrics.iter().any(|r| !r.teacher_weights.is_empty());
         let has_teachers = !teachers.is_empty();
         let strategy = inp.summary.strategy.as_str();
@@ -355,9 +374,10 @@ impl<'a> Page<'a> {
         ];
         let mut out = format!(
             "<h1>Run {}</h1>\n<p class=\"how\">A finished distillation run: the student's final and \
-             best test accuracy, what it cost, and the teachers it learned from. Accuracies are \
-             percentages of the test set.</p>\n<div class=\"kpis\">",
-            escape(&self.inp.dir_name)
+             best test {m}, what it cost, and the teachers it learned from. The {m} is a \
+             percentage, on the test split.</p>\n<div class=\"kpis\">",
+            escape(&self.inp.dir_name),
+            m = escape(self.metric()),
         );
         for (label, value) in kpis {
             out.push_str(&format!(
@@ -502,86 +522,31 @@ impl<'a> Page<'a> {
         }
         out.push_str(&notes);
         out.push_str("<div class=\"charts\">\n");
-        out.push_str(&self.weight_chart("Logit weights", |r| &r.teacher_weights));
+        out.push_str(&self.weight_chart(Weights::Logit));
         if self
             .inp
             .metrics
             .iter()
             .any(|r| !r.teacher_feature_weights.is_empty())
         {
-            out.push_str(&self.weight_chart("Feature weights", |r| &r.teacher_feature_weights));
+            out.push_str(&self.weight_chart(Weights::Feature));
         }
         out.push_str("</div>\n");
         section("weights", "Teacher weights per epoch", &out)
     }
 
-    fn weight_chart(&self, title: &str, pick: fn(&EpochRecord) -> &Vec<f64>) -> String {
-        let metrics = &self.inp.metrics;
-        let series: Vec<Series> = self
-            .teachers
-            .iter()
-            .enumerate()
-            .map(|(i, name)| Series {
-                name: name.clone(),
-                colour: teacher_colour(i).to_owned(),
-                dash: None,
-                points: metrics
-                    .iter()
-                    .filter(|r| r.active_teachers.as_ref().is_none_or(|a| a.contains(name)))
-                    .map(|r| (r.epoch as f64, pick(r).get(i).copied().unwrap_or(f64::NAN)))
-                    .collect(),
-            })
-            .collect();
-        let max = series
-            .iter()
-            .flat_map(|s| s.points.iter().map(|p| p.1))
-            .filter(|v| v.is_finite())
-            .fold(1.0_f64, f64::max);
-        let hi = if max > 1.0 { nice_ceil(max) } else { 1.0 };
-        let mut notes = Vec::new();
-        if self.ones_epochs > 0 {
-            if let Some(r) = metrics.iter().find(|r| r.epoch == 1) {
-                let y = pick(r)
-                    .iter()
-                    .copied()
-                    .filter(|v| v.is_finite())
-                    .fold(0.0_f64, f64::max);
-                let what = if self.is_parity() {
-                    "all-ones warm-up"
-                } else {
-                    "all-ones (control)"
-                };
-                notes.push(Note {
-                    x: 1.0,
-                    y,
-                    text: format!(
-                        "epoch 1: {what}, weights sum to M = {}",
-                        self.teachers.len()
-                    ),
-                });
-            }
-        }
-        line_chart(&Chart {
-            title: title.to_owned(),
-            x_label: "epoch".to_owned(),
-            y_label: "mean weight".to_owned(),
-            y: YAxis::Fixed(0.0, hi),
-            series,
-            vlines: self.pruning_lines(),
-            notes,
-        })
-    }
-
-    fn pruning_lines(&self) -> Vec<VLine> {
-        self.inp
-            .metrics
-            .iter()
-            .filter(|r| !r.pruned.is_empty())
-            .map(|r| VLine {
-                x: r.epoch as f64,
-                label: format!("pruned: {}", r.pruned.join(", ")),
-            })
-            .collect()
+    fn weight_chart(&self, which: Weights) -> String {
+        let ones = (self.ones_epochs > 0).then_some(if self.is_parity() {
+            "all-ones warm-up"
+        } else {
+            "all-ones (control)"
+        });
+        line_chart(&chart::teacher_weights(
+            &self.inp.metrics,
+            &self.teachers,
+            which,
+            ones,
+        ))
     }
 
     // --- 3. weights per class ---------------------------------------------------------------
@@ -783,96 +748,14 @@ impl<'a> Page<'a> {
 
     fn curves_section(&self) -> String {
         let m = &self.inp.metrics;
-        let pts = |f: &dyn Fn(&EpochRecord) -> f64| -> Vec<(f64, f64)> {
-            m.iter().map(|r| (r.epoch as f64, f(r))).collect()
-        };
-        let s = |name: &str, colour: &str, dash: Option<&'static str>, points| Series {
-            name: name.to_owned(),
-            colour: colour.to_owned(),
-            dash,
-            points,
-        };
-        let metric = mtkd_records::metric::metric_label(&self.inp.summary.metric);
-        let kind = mtkd_records::metric::metric_kind(&self.inp.summary.metric);
-        let (test_name, train_name) = (format!("test {metric}"), kind.train_label.to_owned());
-        let acc = Chart {
-            title: kind.chart_title.into(),
-            x_label: "epoch".into(),
-            y_label: format!("{metric} (%)"),
-            y: YAxis::Auto { zero: false },
-            series: std::iter::once(s(&test_name, "#111827", None, pts(&|r| r.test.value)))
-                .chain(
-                    kind.curves
-                        .iter()
-                        .zip(["#2563eb", "#9333ea"])
-                        .map(|(k, colour)| {
-                            s(
-                                &format!("test {}", mtkd_records::metric::metric_label(k)),
-                                colour,
-                                Some("2 3"),
-                                pts(&|r| r.test.get(k)),
-                            )
-                        }),
-                )
-                .chain(std::iter::once(s(
-                    &train_name,
-                    "#6b7280",
-                    Some("5 4"),
-                    pts(&|r| r.train_metric),
-                )))
-                .collect(),
-            vlines: Vec::new(),
-            notes: Vec::new(),
-        };
-        let loss = Chart {
-            title: "Training losses".into(),
-            x_label: "epoch".into(),
-            y_label: "loss (epoch mean)".into(),
-            y: YAxis::Auto { zero: true },
-            series: vec![
-                s("total", "#111827", None, pts(&|r| r.train_loss)),
-                s(
-                    "cross-entropy",
-                    "#0f766e",
-                    Some("6 3"),
-                    pts(&|r| r.train_ce),
-                ),
-                s("KD", "#b45309", Some("2 3"), pts(&|r| r.train_kd)),
-                s(
-                    "feature",
-                    "#7c3aed",
-                    Some("8 3 2 3"),
-                    pts(&|r| r.train_feature),
-                ),
-            ],
-            vlines: Vec::new(),
-            notes: Vec::new(),
-        };
-        let time = Chart {
-            title: "Time per epoch".into(),
-            x_label: "epoch".into(),
-            y_label: "seconds".into(),
-            y: YAxis::Auto { zero: true },
-            series: vec![
-                s("whole epoch", "#111827", None, pts(&|r| r.seconds)),
-                s(
-                    "teachers' outputs",
-                    "#b45309",
-                    Some("5 4"),
-                    pts(&|r| r.teacher_seconds),
-                ),
-            ],
-            vlines: Vec::new(),
-            notes: Vec::new(),
-        };
         let out = format!(
             "<p class=\"how\">Test and training accuracy per epoch, the training loss and its \
              parts (cross-entropy with the labels, KD towards the weighted teachers, feature \
              matching; each as an epoch mean, the total includes the loss weights), and the time \
              each epoch took.</p>\n<div class=\"charts\">\n{}{}{}</div>\n",
-            line_chart(&acc),
-            line_chart(&loss),
-            line_chart(&time)
+            line_chart(&chart::accuracy(m, &self.inp.summary.metric)),
+            line_chart(&chart::losses(m)),
+            line_chart(&chart::epoch_time(m))
         );
         section("curves", "Training curves", &out)
     }
@@ -1066,27 +949,6 @@ fn class_names(cfg: &toml::Table, inp: &ReportInputs) -> Vec<String> {
         .unwrap_or(0);
     for i in names.len()..k {
         names.push(i.to_string());
-    }
-    names
-}
-
-/// Teacher names in pool order: the summary's, extended for weights the summary does not name.
-fn teacher_names(inp: &ReportInputs) -> Vec<String> {
-    let mut names: Vec<String> = inp
-        .summary
-        .teachers
-        .iter()
-        .map(|t| t.name.clone())
-        .collect();
-    let width = inp
-        .metrics
-        .iter()
-        .map(|r| r.teacher_weights.len().max(r.teacher_feature_weights.len()))
-        .max()
-        .unwrap_or(0);
-    for i in names.len()..width {
-        let audit_name = inp.audit.as_ref().and_then(|a| a.teachers.get(i)).cloned();
-        names.push(audit_name.unwrap_or_else(|| format!("teacher {i}")));
     }
     names
 }
@@ -1301,158 +1163,6 @@ fn mean_std(v: &[f64]) -> String {
 // SVG charts
 // ---------------------------------------------------------------------------------------------
 
-struct Series {
-    name: String,
-    colour: String,
-    /// `stroke-dasharray`, `None` = solid.
-    dash: Option<&'static str>,
-    /// (x, y); a non-finite y breaks the line.
-    points: Vec<(f64, f64)>,
-}
-
-/// A dashed vertical line with a label (e.g. a pruning event).
-struct VLine {
-    x: f64,
-    label: String,
-}
-
-/// A text label at a data point.
-struct Note {
-    x: f64,
-    y: f64,
-    text: String,
-}
-
-enum YAxis {
-    Fixed(f64, f64),
-    /// From the data, widened to whole ticks; `zero`: include 0.
-    Auto {
-        zero: bool,
-    },
-}
-
-struct Chart {
-    title: String,
-    x_label: String,
-    y_label: String,
-    y: YAxis,
-    series: Vec<Series>,
-    vlines: Vec<VLine>,
-    notes: Vec<Note>,
-}
-
-/// The plot area inside an SVG of `w` x `h` with margins, and the data ranges it maps.
-struct Frame {
-    w: f64,
-    h: f64,
-    left: f64,
-    right: f64,
-    top: f64,
-    bottom: f64,
-    x0: f64,
-    x1: f64,
-    y0: f64,
-    y1: f64,
-}
-
-impl Frame {
-    fn px(&self, x: f64) -> f64 {
-        self.left + (x - self.x0) / (self.x1 - self.x0) * (self.w - self.left - self.right)
-    }
-    fn py(&self, y: f64) -> f64 {
-        self.h
-            - self.bottom
-            - (y - self.y0) / (self.y1 - self.y0) * (self.h - self.top - self.bottom)
-    }
-}
-
-/// A "nice" step (1, 2, 2.5 or 5 times a power of ten) near `raw`.
-fn nice_step(raw: f64) -> f64 {
-    if !(raw.is_finite() && raw > 0.0) {
-        return 1.0;
-    }
-    let p = 10f64.powf(raw.log10().floor());
-    let f = raw / p;
-    let m = if f <= 1.0 {
-        1.0
-    } else if f <= 2.0 {
-        2.0
-    } else if f <= 2.5 {
-        2.5
-    } else if f <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    m * p
-}
-
-/// `v` rounded up to a multiple of a nice step (for a y range).
-fn nice_ceil(v: f64) -> f64 {
-    let step = nice_step(v / 4.0);
-    (v / step - 1e-9).ceil() * step
-}
-
-fn ticks(lo: f64, hi: f64, step: f64) -> Vec<f64> {
-    let mut out = Vec::new();
-    if step.is_nan() || step <= 0.0 || !lo.is_finite() || !hi.is_finite() {
-        return out;
-    }
-    let mut v = (lo / step - 1e-9).ceil() * step;
-    while v <= hi + step * 1e-9 && out.len() < 60 {
-        out.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
-        v += step;
-    }
-    out
-}
-
-/// A tick value with as many decimals as the step needs.
-fn tick_label(v: f64, step: f64) -> String {
-    let mut d = 0;
-    while d < 6 {
-        let scaled = step * 10f64.powi(d as i32);
-        if (scaled - scaled.round()).abs() < 1e-6 {
-            break;
-        }
-        d += 1;
-    }
-    format!("{v:.d$}")
-}
-
-/// Data range -> (lo, hi, step) widened to whole ticks.
-fn auto_range(values: &[f64], zero: bool, n_ticks: f64) -> (f64, f64, f64) {
-    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    let (mut lo, mut hi) = match (
-        finite.iter().copied().reduce(f64::min),
-        finite.iter().copied().reduce(f64::max),
-    ) {
-        (Some(a), Some(b)) => (a, b),
-        _ => (0.0, 1.0),
-    };
-    if zero {
-        lo = lo.min(0.0);
-        hi = hi.max(0.0);
-    }
-    if hi - lo < 1e-12 {
-        let pad = if hi.abs() > 1e-12 {
-            hi.abs() * 0.1
-        } else {
-            1.0
-        };
-        lo -= pad;
-        hi += pad;
-        if zero && finite.iter().all(|v| *v >= 0.0) {
-            lo = lo.max(0.0);
-        }
-    }
-    let step = nice_step((hi - lo) / n_ticks);
-    (
-        (lo / step + 1e-9).floor() * step,
-        (hi / step - 1e-9).ceil() * step,
-        step,
-    )
-}
-
 fn svg_open(w: f64, h: f64, label: &str) -> String {
     format!(
         "<svg viewBox=\"0 0 {w} {h}\" width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"{}\" \
@@ -1463,35 +1173,23 @@ fn svg_open(w: f64, h: f64, label: &str) -> String {
 }
 
 /// Grid, axes, tick labels and axis titles.
-fn axes(
-    f: &Frame,
-    xt: &[f64],
-    x_step: f64,
-    yt: &[f64],
-    y_step: f64,
-    x_label: &str,
-    y_label: &str,
-) -> String {
+fn axes(f: &Frame, xt: &[Tick], yt: &[Tick], x_label: &str, y_label: &str) -> String {
     let (l, r, t, b) = (f.left, f.w - f.right, f.top, f.h - f.bottom);
     let mut s = String::new();
-    for &y in yt {
-        let py = f.py(y);
+    for Tick { at: py, text } in yt {
         s.push_str(&format!(
             "<line x1=\"{l:.1}\" y1=\"{py:.1}\" x2=\"{r:.1}\" y2=\"{py:.1}\" stroke=\"#eceef1\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{text}</text>",
             l - 6.0,
             py + 3.5,
-            tick_label(y, y_step)
         ));
     }
-    for &x in xt {
-        let px = f.px(x);
+    for Tick { at: px, text } in xt {
         s.push_str(&format!(
             "<line x1=\"{px:.1}\" y1=\"{b:.1}\" x2=\"{px:.1}\" y2=\"{:.1}\" stroke=\"#555\"/>\
-             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+             <text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{text}</text>",
             b + 4.0,
             b + 16.0,
-            tick_label(x, x_step)
         ));
     }
     s.push_str(&format!(
@@ -1507,16 +1205,22 @@ fn axes(
     s
 }
 
+/// ` stroke-dasharray="..."` for a dashed series, nothing for a solid one.
+fn dash_attr(dash: Option<&[u8]>) -> String {
+    dash.map_or(String::new(), |d| {
+        let d: Vec<String> = d.iter().map(u8::to_string).collect();
+        format!(" stroke-dasharray=\"{}\"", d.join(" "))
+    })
+}
+
 fn legend(series: &[Series]) -> String {
     let mut s = String::from("<div class=\"legend\">");
     for se in series {
-        let dash = se
-            .dash
-            .map_or(String::new(), |d| format!(" stroke-dasharray=\"{d}\""));
         s.push_str(&format!(
             "<span><svg width=\"24\" height=\"10\"><line x1=\"1\" y1=\"5\" x2=\"23\" y2=\"5\" \
-             stroke=\"{}\" stroke-width=\"2.5\"{dash}/></svg>{}</span>",
-            escape(&se.colour),
+             stroke=\"{}\" stroke-width=\"2.5\"{}/></svg>{}</span>",
+            se.colour,
+            dash_attr(se.dash),
             escape(&se.name)
         ));
     }
@@ -1524,92 +1228,36 @@ fn legend(series: &[Series]) -> String {
     s
 }
 
-/// The x frame of an epoch axis: integer ticks, a little room at both ends.
-fn epoch_range(xs: &[f64]) -> (f64, f64, f64) {
-    let lo = xs
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .reduce(f64::min)
-        .unwrap_or(1.0);
-    let hi = xs
-        .iter()
-        .copied()
-        .filter(|v| v.is_finite())
-        .reduce(f64::max)
-        .unwrap_or(1.0);
-    let span = hi - lo;
-    let step = nice_step(span / 8.0).ceil().max(1.0);
-    if span < 1e-9 {
-        (lo - 0.5, hi + 0.5, step)
-    } else {
-        (lo - span * 0.03, hi + span * 0.03, step)
-    }
-}
-
-/// A line chart over epochs, with a legend under it (HTML). Pruning markers and notes get their
-/// labels in a band above the plot (one row each where they would overlap), joined to their
-/// epoch by a line, so no label covers the data.
-fn line_chart(c: &Chart) -> String {
-    let xs: Vec<f64> = c
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .collect();
-    let ys: Vec<f64> = c
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .collect();
-    if !ys.iter().any(|v| v.is_finite()) {
+/// A [`LineChart`] as a figure: caption, inline SVG (placed by [`LineChart::layout`], as the PNG
+/// is) and the legend under it (HTML).
+fn line_chart(c: &LineChart) -> String {
+    let Some(l) = c.layout() else {
         return format!(
             "<figure><figcaption>{}</figcaption><p class=\"muted\">no data</p></figure>\n",
             escape(&c.title)
         );
-    }
-    let (x0, x1, x_step) = epoch_range(&xs);
-    let (y0, y1, y_step) = match c.y {
-        YAxis::Fixed(lo, hi) => (lo, hi, nice_step((hi - lo) / 4.0)),
-        YAxis::Auto { zero } => auto_range(&ys, zero, 4.0),
     };
-    let plot_h = 218.0;
-    let mut f = Frame {
-        w: 520.0,
-        h: 0.0,
-        left: 52.0,
-        right: 14.0,
-        top: 0.0,
-        bottom: 38.0,
-        x0,
-        x1,
-        y0,
-        y1,
-    };
-    let labels = band_labels(&f, c);
-    let rows = labels.iter().map(|l| l.row + 1).max().unwrap_or(0);
-    f.top = 14.0 + 14.0 * rows as f64;
-    f.h = f.top + plot_h + f.bottom;
+    let f = &l.frame;
     let mut s = svg_open(f.w, f.h, &c.title);
-    s.push_str(&axes(
-        &f,
-        &ticks(x0, x1, x_step),
-        x_step,
-        &ticks(y0, y1, y_step),
-        y_step,
-        &c.x_label,
-        &c.y_label,
-    ));
-    for v in &c.vlines {
-        s.push_str(&vline_svg(&f, v));
+    s.push_str(&axes(f, &l.x_ticks, &l.y_ticks, &c.x_label, &c.y_label));
+    let (t, b) = (f.top, f.h - f.bottom);
+    for px in &l.markers {
+        s.push_str(&format!(
+            "<line x1=\"{px:.1}\" y1=\"{t:.1}\" x2=\"{px:.1}\" y2=\"{b:.1}\" stroke=\"#6b7280\" \
+             stroke-width=\"1.2\" stroke-dasharray=\"5 4\"/>"
+        ));
     }
-    for se in &c.series {
-        s.push_str(&series_svg(&f, se));
+    for (se, line) in c.series.iter().zip(&l.lines) {
+        s.push_str(&series_svg(se, line));
     }
-    for n in &c.notes {
-        s.push_str(&note_ring_svg(&f, n));
+    for (px, py) in &l.rings {
+        s.push_str(&format!(
+            "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"6\" fill=\"none\" stroke=\"#111\" \
+             stroke-width=\"1.3\"/>"
+        ));
     }
-    for l in &labels {
-        s.push_str(&band_label_svg(&f, l));
+    for label in &l.labels {
+        s.push_str(&band_label_svg(label));
     }
     s.push_str("</svg>");
     format!(
@@ -1619,141 +1267,50 @@ fn line_chart(c: &Chart) -> String {
     )
 }
 
-/// A label in the band above the plot: its text, row, where it starts, and the point (x in
-/// pixels; y in pixels for a note, `None` for a vertical marker) it belongs to.
-struct BandLabel {
-    text: String,
-    bold: bool,
-    row: usize,
-    x_start: f64,
-    anchor_px: f64,
-    point_py: Option<f64>,
-}
-
-fn band_labels(f: &Frame, c: &Chart) -> Vec<BandLabel> {
-    let mut wanted: Vec<(String, bool, f64, Option<f64>)> = Vec::new();
-    for n in &c.notes {
-        if n.x.is_finite() && n.y.is_finite() {
-            wanted.push((n.text.clone(), true, f.px(n.x.clamp(f.x0, f.x1)), Some(n.y)));
-        }
-    }
-    for v in &c.vlines {
-        if v.x.is_finite() {
-            wanted.push((v.label.clone(), false, f.px(v.x.clamp(f.x0, f.x1)), None));
-        }
-    }
-    let mut rows: Vec<Vec<(f64, f64)>> = Vec::new();
-    let mut out = Vec::new();
-    for (text, bold, px, y) in wanted {
-        let width = text.chars().count() as f64 * if bold { 6.4 } else { 6.0 };
-        let x_start = if px + 4.0 + width <= f.w - 4.0 {
-            px + 4.0
-        } else {
-            (px - 4.0 - width).max(2.0)
-        };
-        let span = (x_start - 8.0, x_start + width + 8.0);
-        let row = rows
-            .iter()
-            .position(|r| r.iter().all(|&(a, b)| span.1 <= a || b <= span.0))
-            .unwrap_or(rows.len());
-        if row == rows.len() {
-            rows.push(Vec::new());
-        }
-        rows[row].push(span);
-        out.push(BandLabel {
-            text,
-            bold,
-            row,
-            x_start,
-            anchor_px: px,
-            point_py: y.map(|y| y.clamp(f.y0, f.y1)),
-        });
-    }
-    out
-}
-
-fn band_label_svg(f: &Frame, l: &BandLabel) -> String {
-    let baseline = 14.0 + 14.0 * l.row as f64;
-    // A leader from the text down to the point (a note) or to the top of the plot (a marker).
-    let end = match l.point_py {
-        Some(y) => f.py(y) - 7.0,
-        None => f.top,
-    };
-    let leader = if end > baseline + 3.0 {
+fn band_label_svg(l: &BandLabel) -> String {
+    let leader = l.leader.map_or(String::new(), |(x, from, to)| {
         format!(
-            "<line x1=\"{x:.1}\" y1=\"{:.1}\" x2=\"{x:.1}\" y2=\"{end:.1}\" stroke=\"#9aa1ab\" \
-             stroke-width=\"1\"/>",
-            baseline + 3.0,
-            x = l.anchor_px
+            "<line x1=\"{x:.1}\" y1=\"{from:.1}\" x2=\"{x:.1}\" y2=\"{to:.1}\" stroke=\"#9aa1ab\" \
+             stroke-width=\"1\"/>"
         )
-    } else {
-        String::new()
-    };
+    });
     format!(
-        "{leader}<text x=\"{:.1}\" y=\"{baseline:.1}\" text-anchor=\"start\"{} fill=\"{}\">{}</text>",
-        l.x_start,
+        "{leader}<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"start\"{} fill=\"{}\">{}</text>",
+        l.x,
+        l.baseline,
         if l.bold { " font-weight=\"600\"" } else { "" },
         if l.bold { "#111111" } else { "#4b5563" },
         escape(&l.text)
     )
 }
 
-fn series_svg(f: &Frame, se: &Series) -> String {
+fn series_svg(se: &Series, line: &Line) -> String {
     let mut d = String::new();
-    let mut pen_down = false;
-    let mut dots = String::new();
-    let show_dots = se.points.len() <= 40;
-    for &(x, y) in &se.points {
-        if !(x.is_finite() && y.is_finite()) {
-            pen_down = false;
-            continue;
-        }
-        let (px, py) = (f.px(x), f.py(y.clamp(f.y0, f.y1)));
-        d.push_str(&format!(
-            "{}{px:.1},{py:.1} ",
-            if pen_down { "L" } else { "M" }
-        ));
-        pen_down = true;
-        if show_dots {
-            dots.push_str(&format!(
-                "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"2.8\" fill=\"{}\"/>",
-                escape(&se.colour)
+    for run in &line.runs {
+        for (i, (px, py)) in run.iter().enumerate() {
+            d.push_str(&format!(
+                "{}{px:.1},{py:.1} ",
+                if i == 0 { "M" } else { "L" }
             ));
         }
     }
-    let dash = se
-        .dash
-        .map_or(String::new(), |d| format!(" stroke-dasharray=\"{d}\""));
+    let dots: String = line
+        .dots
+        .iter()
+        .map(|(px, py)| {
+            format!(
+                "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"2.8\" fill=\"{}\"/>",
+                se.colour
+            )
+        })
+        .collect();
     format!(
         "<g><title>{}</title><path d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" \
-         stroke-linejoin=\"round\"{dash}/>{dots}</g>",
+         stroke-linejoin=\"round\"{}/>{dots}</g>",
         escape(&se.name),
         d.trim_end(),
-        escape(&se.colour)
-    )
-}
-
-fn vline_svg(f: &Frame, v: &VLine) -> String {
-    if !v.x.is_finite() {
-        return String::new();
-    }
-    let px = f.px(v.x.clamp(f.x0, f.x1));
-    let (t, b) = (f.top, f.h - f.bottom);
-    format!(
-        "<line x1=\"{px:.1}\" y1=\"{t:.1}\" x2=\"{px:.1}\" y2=\"{b:.1}\" stroke=\"#6b7280\" \
-         stroke-width=\"1.2\" stroke-dasharray=\"5 4\"/>"
-    )
-}
-
-/// The ring around a noted point (its text is a [`BandLabel`]).
-fn note_ring_svg(f: &Frame, n: &Note) -> String {
-    if !(n.x.is_finite() && n.y.is_finite()) {
-        return String::new();
-    }
-    let (px, py) = (f.px(n.x.clamp(f.x0, f.x1)), f.py(n.y.clamp(f.y0, f.y1)));
-    format!(
-        "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"6\" fill=\"none\" stroke=\"#111\" \
-         stroke-width=\"1.3\"/>"
+        se.colour,
+        dash_attr(se.dash)
     )
 }
 
@@ -1761,7 +1318,7 @@ struct Dot {
     x: f64,
     y: f64,
     label: String,
-    colour: &'static str,
+    colour: Rgb,
 }
 
 /// A scatter plot with a text label at each point (moved down while it would overlap another).
@@ -1793,10 +1350,8 @@ fn scatter(x_label: &str, y_label: &str, dots: &[Dot]) -> String {
     let mut s = svg_open(f.w, f.h, "trust vs accuracy");
     s.push_str(&axes(
         &f,
-        &ticks(x0, x1, x_step),
-        x_step,
-        &ticks(0.0, y1, y_step),
-        y_step,
+        &f.x_ticks(x_step),
+        &f.y_ticks(y_step),
         x_label,
         y_label,
     ));
@@ -1860,11 +1415,12 @@ fn place_label(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::chart::{tick_label, ticks};
     use mtkd_records::record::TeacherSummary;
 
-    fn record(epoch: usize, weights: Vec<f64>) -> EpochRecord {
+    pub(crate) fn record(epoch: usize, weights: Vec<f64>) -> EpochRecord {
         EpochRecord {
             epoch,
             lr: 0.05,
@@ -1945,7 +1501,7 @@ mod tests {
         [distill]\nstrategy = \"mtkd-rl\"\n[distill.agent]\nmode = \"meta\"\n";
 
     /// Three teachers, two epochs, per-class weights, a pruning event after epoch 1.
-    fn inputs() -> ReportInputs {
+    pub(crate) fn inputs() -> ReportInputs {
         let mut e1 = record(1, vec![0.5, 0.3, 0.2]);
         e1.pruned = vec!["weak".into()];
         e1.strategy_metrics.insert("agent_loss".into(), 0.123456);
