@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::Teacher;
-use mtkd_engine::config::{DataConfig, DatasetKind};
+use mtkd_engine::config::{DataConfig, TaskKind};
 use mtkd_student::{Arch, NativeTeacher};
 use mtkd_vision_tasks::classification::Accuracy;
 use mtkd_vision_tasks::data::ImageSet;
@@ -119,17 +119,10 @@ pub fn data_table(path: &Path) -> Result<DataConfig> {
         .with_context(|| format!("{}: the [data] table", path.display()))
 }
 
-/// The size and channels images of a dataset kind are read at.
+/// The size and channels single images of `data` are read at.
 fn geometry(data: &DataConfig) -> (u32, usize) {
-    match data.kind {
-        DatasetKind::Mnist => (28, 1),
-        DatasetKind::Cifar10 | DatasetKind::Cifar100 => (32, 3),
-        DatasetKind::ImageFolder => (data.image_size.unwrap_or(32), data.channels.unwrap_or(3)),
-        // Segmentation images keep their own size.
-        DatasetKind::SegmentationFolder => (0, data.channels.unwrap_or(3)),
-        DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection => (0, 1),
-        DatasetKind::Coco => (data.image_size.unwrap_or(0), data.channels.unwrap_or(3)),
-    }
+    let root = mtkd_engine::dataset::resolve_root(&data.root);
+    data.source(&root).geometry()
 }
 
 /// How reports name a dataset: its kind and resolved root.
@@ -345,14 +338,12 @@ pub fn evaluate(
     batch_size: usize,
     device: Device,
 ) -> Result<EvalReport> {
-    match data.task() {
-        mtkd_engine::config::TaskKind::Classification => {}
-        mtkd_engine::config::TaskKind::Segmentation => bail!(
-            "this is segmentation data: use inference::evaluate_segmentation (`mtkd eval` does)"
-        ),
-        mtkd_engine::config::TaskKind::Detection => {
-            bail!("this is detection data: use inference::evaluate_detection (`mtkd eval` does)")
-        }
+    if data.task() != TaskKind::Classification {
+        bail!(
+            "this is {} data: use inference::evaluate_{} (`mtkd eval` does)",
+            data.task().name(),
+            data.task().name()
+        );
     }
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
@@ -488,7 +479,7 @@ pub fn evaluate_detection(
     let hw = (h as i64, w as i64);
     let k = set.num_classes;
     let task = task_of(
-        mtkd_engine::config::TaskKind::Detection,
+        TaskKind::Detection,
         &TaskParams {
             image: hw,
             box_kd_weight: 1.0,
@@ -802,18 +793,8 @@ pub struct TopClass {
 /// The class folders of an ImageFolder dataset (its `train/` sub-folders, sorted: the label
 /// order the reader gives), None when they cannot be read.
 pub fn class_folders(data: &DataConfig) -> Option<Vec<String>> {
-    if data.kind != DatasetKind::ImageFolder {
-        return None;
-    }
-    let root = mtkd_engine::dataset::resolve_root(&data.root).join("train");
-    let mut v: Vec<String> = std::fs::read_dir(&root)
-        .ok()?
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    (!v.is_empty()).then_some(v)
+    let root = mtkd_engine::dataset::resolve_root(&data.root);
+    data.source(&root).class_folders()
 }
 
 /// The class names of `data`: `data.class_names`, the class folders of an ImageFolder, or the
@@ -848,27 +829,24 @@ pub fn predict(
     let num_classes = match num_classes {
         Some(n) => n,
         None if !data.class_names.is_empty() => data.class_names.len(),
-        None => match data.kind {
-            DatasetKind::Mnist | DatasetKind::Cifar10 | DatasetKind::Cifar100
-                if data.num_classes.is_some() =>
-            {
-                data.num_classes.unwrap_or(0)
+        None => {
+            let root = mtkd_engine::dataset::resolve_root(&data.root);
+            let source = data.source(&root);
+            if data.task() != TaskKind::Classification {
+                bail!(
+                    "this is {} data: use inference::predict_{} (`mtkd predict` does)",
+                    data.task().name(),
+                    data.task().name()
+                );
             }
-            DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
-            DatasetKind::Cifar100 => 100,
-            DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
-                bail!("this is segmentation data: use inference::predict_segmentation (`mtkd predict` does)")
-            }
-            DatasetKind::Coco | DatasetKind::SyntheticDetection => {
-                bail!("this is detection data: use inference::predict_detection (`mtkd predict` does)")
-            }
-            DatasetKind::ImageFolder => class_folders(data).map(|v| v.len()).ok_or_else(|| {
-                anyhow!(
+            match source.known_classes().or_else(|| source.class_folders().map(|v| v.len())) {
+                Some(k) => k,
+                None => bail!(
                     "give the class count with --classes: the data's class folders ({}) cannot be read",
-                    mtkd_engine::dataset::resolve_root(&data.root).join("train").display()
-                )
-            })?,
-        },
+                    root.join("train").display()
+                ),
+            }
+        }
     };
     let (size, channels) = geometry(data);
     let mut pixels = Vec::new();

@@ -91,46 +91,7 @@ fn default_teacher_cache() -> PathBuf {
     PathBuf::from("runs/teachers")
 }
 
-/// Dataset formats that mtkd reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DatasetKind {
-    /// MNIST layout (Fashion-MNIST, MNIST): IDX files, gzip or not.
-    Mnist,
-    /// CIFAR-10 binary version.
-    Cifar10,
-    /// CIFAR-100 binary version.
-    Cifar100,
-    /// `root/train/<class>/*.png|jpg` and `root/val/<class>/...` (or `test/`).
-    ImageFolder,
-    /// Segmentation: `root/train/{images,masks}/` and `root/val/...` (or `test/`); masks are
-    /// 8-bit index PNGs, 255 = not labelled (`mtkd_vision_tasks::segmentation::data`).
-    SegmentationFolder,
-    /// Segmentation: seeded synthetic scenes (`[data] scenes`) of objects from the MNIST-layout
-    /// set at `root` (Fashion-MNIST) pasted onto textured canvases, exact masks.
-    SyntheticScenes,
-    /// Detection: COCO-JSON, `root/annotations/instances_{train,val}.json` with the images in
-    /// `root/train/` and `root/val/` (`mtkd_vision_tasks::detection::coco`); every image is
-    /// resized to `image_size` (boxes with it).
-    Coco,
-    /// Detection: the synthetic scenes of `synthetic-scenes` with the exact box of every
-    /// object's visible pixels, written once as a COCO folder and read back through the COCO
-    /// reader (`$MTKD_DATA_DIR/scenes-coco/<hash>/`).
-    SyntheticDetection,
-}
-
-impl DatasetKind {
-    /// The task this kind of data trains.
-    pub fn task(self) -> TaskKind {
-        match self {
-            DatasetKind::SegmentationFolder | DatasetKind::SyntheticScenes => {
-                TaskKind::Segmentation
-            }
-            DatasetKind::Coco | DatasetKind::SyntheticDetection => TaskKind::Detection,
-            _ => TaskKind::Classification,
-        }
-    }
-}
+pub use mtkd_vision_tasks::source::DatasetKind;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,10 +139,23 @@ pub struct DataConfig {
 }
 
 impl DataConfig {
+    /// The dataset this section describes, its folder resolved ([`crate::dataset::resolve_root`]
+    /// gives `root`), for the readers of vision-tasks.
+    pub fn source<'a>(&'a self, root: &'a Path) -> mtkd_vision_tasks::source::Source<'a> {
+        mtkd_vision_tasks::source::Source {
+            kind: self.kind,
+            root,
+            num_classes: self.num_classes,
+            class_names: self.class_names.len(),
+            image_size: self.image_size,
+            channels: self.channels,
+            scenes: self.scenes.as_ref(),
+        }
+    }
+
     /// The data section's own rules and those of its task (augmentations that follow masks or
     /// boxes, what a kind needs).
     fn check(&self) -> Checked {
-        let task = self.task();
         if matches!(
             self.kind,
             DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection
@@ -215,21 +189,6 @@ impl DataConfig {
                 "coco needs image_size: every image (and its boxes) is resized to it".into(),
             );
         }
-        if task == TaskKind::Detection {
-            let a = &self.augment;
-            if a.crop_padding > 0
-                || a.random_resized_crop.is_some()
-                || a.scale.is_some()
-                || self.eval_resize.is_some()
-            {
-                return bad(
-                    "data.augment",
-                    "detection boxes follow only the horizontal flip (hflip); crop_padding, \
-                     scale, random_resized_crop and eval_resize are not built for boxes"
-                        .into(),
-                );
-            }
-        }
         if self.kind == DatasetKind::SegmentationFolder
             && self.num_classes.is_none()
             && self.class_names.is_empty()
@@ -239,18 +198,11 @@ impl DataConfig {
                 "segmentation-folder needs num_classes (or class_names)".into(),
             );
         }
-        if task == TaskKind::Segmentation {
-            if self.augment.random_resized_crop.is_some() || self.eval_resize.is_some() {
-                return bad(
-                    "data.augment",
-                    "segmentation keeps the image size: use augment.scale and crop_padding, not random_resized_crop or eval_resize".into(),
-                );
-            }
-        } else if self.augment.scale.is_some() {
-            return bad(
-                "data.augment.scale",
-                "is a segmentation augmentation".into(),
-            );
+        if let Err((field, why)) = self
+            .task()
+            .check_transforms(Some(&self.augment), self.eval_resize.as_ref())
+        {
+            return bad(field, why);
         }
         if let Some(c) = self.channels {
             if c != 1 && c != 3 {
@@ -1175,11 +1127,4 @@ pub fn differences(a: &Config, b: &Config) -> Result<Vec<String>, toml::ser::Err
     Ok(out)
 }
 
-pub fn stable_hash(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
+pub use mtkd_records::fsio::stable_hash;

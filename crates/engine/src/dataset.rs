@@ -5,36 +5,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::config::{DataConfig, DatasetKind};
-use mtkd_vision_tasks::data::{self, ImageSet, Split};
+use crate::config::DataConfig;
+use mtkd_vision_tasks::data::{ImageSet, Split};
 use mtkd_vision_tasks::loader::{BatchLoader, LoaderConfig};
 
-/// Resolve a dataset root: absolute as given; relative under `$MTKD_DATA_DIR` when it exists
-/// there, else relative to the working directory.
-pub fn resolve_root(root: &Path) -> PathBuf {
-    if root.is_absolute() {
-        return root.to_path_buf();
-    }
-    if let Some(dir) = std::env::var_os("MTKD_DATA_DIR") {
-        let cand = PathBuf::from(dir).join(root);
-        if cand.exists() {
-            return cand;
-        }
-    }
-    root.to_path_buf()
-}
-
-/// `root/train`, or for the test split `root/val` (or `root/test`).
-fn split_dir(root: &Path, split: Split) -> PathBuf {
-    match split {
-        Split::Train => root.join("train"),
-        Split::Test => ["val", "test"]
-            .iter()
-            .map(|s| root.join(s))
-            .find(|p| p.is_dir())
-            .unwrap_or_else(|| root.join("val")),
-    }
-}
+pub use mtkd_vision_tasks::source::resolve_root;
 
 /// The train and test sets of a config.
 #[derive(Debug, Clone)]
@@ -52,63 +27,18 @@ impl Datasets {
     /// `mtkd eval` reads without the other split).
     pub fn load_split(cfg: &DataConfig, split: Split) -> Result<ImageSet> {
         let root = resolve_root(&cfg.root);
-        let hint = match cfg.kind {
-            DatasetKind::Mnist | DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection
-                if cfg.root == Path::new("fashion-mnist") =>
-            {
-                "; run `cargo xtask data` to fetch Fashion-MNIST (Debian package dataset-fashion-mnist)"
-            }
-            _ => "",
-        };
-        let read = || -> Result<ImageSet> {
-            let set = match cfg.kind {
-                DatasetKind::Mnist => {
-                    data::read_idx_dir(&root, split, cfg.num_classes.unwrap_or(10))?
-                }
-                DatasetKind::Cifar10 => data::read_cifar_dir(&root, split, false)?,
-                DatasetKind::Cifar100 => data::read_cifar_dir(&root, split, true)?,
-                DatasetKind::ImageFolder => {
-                    let sub = split_dir(&root, split);
-                    data::read_image_folder(
-                        &sub,
-                        cfg.image_size.unwrap_or(32),
-                        cfg.channels.unwrap_or(3),
-                    )?
-                }
-                DatasetKind::SegmentationFolder => {
-                    let sub = split_dir(&root, split);
-                    let k = cfg.num_classes.unwrap_or(cfg.class_names.len());
-                    mtkd_vision_tasks::segmentation::data::read_seg_folder(
-                        &sub,
-                        k,
-                        cfg.channels.unwrap_or(3),
-                    )?
-                }
-                DatasetKind::SyntheticScenes => {
-                    let sc = cfg
-                        .scenes
-                        .as_ref()
-                        .ok_or_else(|| anyhow::anyhow!("data.scenes is missing"))?;
-                    let source = data::read_mnist_dir(&root, split)?;
-                    let (n, seed) = match split {
-                        Split::Train => (sc.train, sc.seed.wrapping_mul(2)),
-                        Split::Test => (sc.test, sc.seed.wrapping_mul(2).wrapping_add(1)),
-                    };
-                    mtkd_vision_tasks::segmentation::synthetic::generate(&source, n, sc, seed)?
-                }
-                DatasetKind::Coco => {
-                    let name = coco_split(&root, split);
-                    read_coco(cfg, &root, name)?
-                }
-                DatasetKind::SyntheticDetection => scenes_coco(cfg, &root, split)?,
-            };
-            Ok(set)
+        let hint = if cfg.kind.reads_mnist_files() && cfg.root == Path::new("fashion-mnist") {
+            "; run `cargo xtask data` to fetch Fashion-MNIST (Debian package dataset-fashion-mnist)"
+        } else {
+            ""
         };
         let which = match split {
             Split::Train => "training",
             Split::Test => "test",
         };
-        let set = read()
+        let set = cfg
+            .source(&root)
+            .read_split(split)
             .with_context(|| format!("loading the {which} split of {}{hint}", root.display()))?;
         // Subsets are seeded and stratified by class (the same for every run seed, so the runs
         // of a comparison see the same images); `subset = "first"` keeps the first N.
@@ -219,81 +149,6 @@ impl Datasets {
     }
 }
 
-/// The COCO split name of `split`: `train`, or for the test split `val` (or `test`).
-fn coco_split(root: &Path, split: Split) -> &'static str {
-    match split {
-        Split::Train => "train",
-        Split::Test => ["val", "test"]
-            .into_iter()
-            .find(|s| mtkd_vision_tasks::detection::coco::annotation_path(root, s).is_file())
-            .unwrap_or("val"),
-    }
-}
-
-fn read_coco(cfg: &DataConfig, root: &Path, split: &str) -> Result<ImageSet> {
-    let c = mtkd_vision_tasks::detection::coco::read_coco(
-        root,
-        split,
-        cfg.channels.unwrap_or(3),
-        cfg.image_size.map(|s| s as usize),
-    )?;
-    let r = &c.report;
-    tracing::info!(
-        split,
-        images = r.images,
-        boxes = r.boxes,
-        negatives = r.negatives,
-        clipped = r.clipped,
-        degenerate = r.degenerate,
-        crowd = r.crowd,
-        "COCO split read"
-    );
-    Ok(c.set)
-}
-
-/// The synthetic detection scenes of a split, as a COCO folder under
-/// `$MTKD_DATA_DIR/scenes-coco/<hash of the scene settings and split>/` (written on first use,
-/// then read like any COCO data).
-fn scenes_coco(cfg: &DataConfig, root: &Path, split: Split) -> Result<ImageSet> {
-    let sc = cfg
-        .scenes
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("data.scenes is missing"))?;
-    let (n, seed, name) = match split {
-        Split::Train => (sc.train, sc.seed.wrapping_mul(2), "train"),
-        Split::Test => (sc.test, sc.seed.wrapping_mul(2).wrapping_add(1), "val"),
-    };
-    let key = serde_json::to_string(&(sc, name, "mtkd scenes-coco v1"))?;
-    let base = std::env::var_os("MTKD_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("runs"));
-    let dir = base
-        .join("scenes-coco")
-        .join(crate::config::stable_hash(key.as_bytes()));
-    let ann = mtkd_vision_tasks::detection::coco::annotation_path(&dir, name);
-    if !ann.is_file() {
-        let source = data::read_mnist_dir(root, split)?;
-        let (set, dropped) =
-            mtkd_vision_tasks::segmentation::synthetic::generate_detection(&source, n, sc, seed)?;
-        tracing::info!(dir = %dir.display(), split = name, scenes = n, dropped,
-            "writing the synthetic detection scenes as COCO");
-        mtkd_vision_tasks::detection::coco::write_coco(&dir, name, &set)
-            .with_context(|| format!("writing the synthetic scenes to {}", dir.display()))?;
-    }
-    let set = read_coco(
-        &DataConfig {
-            channels: Some(1),
-            image_size: None,
-            ..cfg.clone()
-        },
-        &dir,
-        name,
-    )?;
-    Ok(set)
-}
-
-/// The image ids (file order, as the reader keeps them) and category ids (sorted by id, the
-/// reader's class order) of a COCO split.
 /// The COCO ids of a split's images (in set order) and of the categories (in class order),
 /// for result files: `Some` for COCO data read whole, `None` when ids are index + 1 (a subset,
 /// or data that is not a COCO folder of the user's).
@@ -302,14 +157,9 @@ pub fn coco_ids_of(cfg: &DataConfig, split: Split) -> Result<Option<(Vec<u64>, V
         Split::Train => cfg.train_subset,
         Split::Test => cfg.test_subset,
     };
-    if cfg.kind != DatasetKind::Coco || subset != 0 {
+    if subset != 0 {
         return Ok(None);
     }
     let root = resolve_root(&cfg.root);
-    Ok(Some(coco_ids(&root, coco_split(&root, split))?))
-}
-
-fn coco_ids(root: &Path, split: &str) -> Result<(Vec<u64>, Vec<u64>)> {
-    let c = mtkd_vision_tasks::detection::coco::read_coco_ids(root, split)?;
-    Ok(c)
+    Ok(cfg.source(&root).coco_ids(split)?)
 }

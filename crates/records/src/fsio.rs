@@ -238,6 +238,18 @@ impl DirLock {
     }
 }
 
+/// A stable 16-hex-digit hash of `bytes` (64-bit FNV-1a): names of cached files and folders
+/// (teachers, shared outputs, generated data) and the identity of a run's configuration. The
+/// same on every machine and in every version, unlike `std`'s hasher.
+pub fn stable_hash(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,21 +8,77 @@ use ndarray::{s, Array4};
 
 use crate::error::{io_err, Error, Result};
 
+/// What the images of a set are annotated with beyond their class: each task's own targets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Annotations {
+    /// Classification: the class is the whole target.
+    Classes,
+    /// Segmentation: the class of every pixel `[N, H, W]` (`segmentation::IGNORE` = not
+    /// labelled).
+    Masks(ndarray::Array3<u8>),
+    /// Detection: the objects of every image.
+    Objects(Vec<Vec<crate::objects::Object>>),
+}
+
+impl Annotations {
+    /// The task these annotations are the targets of.
+    pub fn task(&self) -> crate::kind::TaskKind {
+        match self {
+            Annotations::Classes => crate::kind::TaskKind::Classification,
+            Annotations::Masks(_) => crate::kind::TaskKind::Segmentation,
+            Annotations::Objects(_) => crate::kind::TaskKind::Detection,
+        }
+    }
+
+    /// Segmentation's masks, `None` for the other tasks.
+    pub fn masks(&self) -> Option<&ndarray::Array3<u8>> {
+        match self {
+            Annotations::Masks(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Detection's objects, `None` for the other tasks.
+    pub fn objects(&self) -> Option<&[Vec<crate::objects::Object>]> {
+        match self {
+            Annotations::Objects(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The annotations of the images at `indices`, in that order.
+    fn select(&self, indices: &[usize]) -> Annotations {
+        match self {
+            Annotations::Classes => Annotations::Classes,
+            Annotations::Masks(m) => {
+                let (_, h, w) = m.dim();
+                let mut out = ndarray::Array3::<u8>::zeros((indices.len(), h, w));
+                for (dst, &src) in indices.iter().enumerate() {
+                    out.slice_mut(s![dst, .., ..])
+                        .assign(&m.slice(s![src, .., ..]));
+                }
+                Annotations::Masks(out)
+            }
+            Annotations::Objects(o) => {
+                Annotations::Objects(indices.iter().map(|&i| o[i].clone()).collect())
+            }
+        }
+    }
+}
+
 /// Images as `u8` `[N, C, H, W]` with integer labels, fully in memory.
 #[derive(Debug, Clone)]
 pub struct ImageSet {
     pub images: Array4<u8>,
+    /// Each image's class. For segmentation and detection, the image's most frequent
+    /// (foreground) class ([`crate::objects::image_label`]): what subsets stratify by and
+    /// per-class weight records group by.
     pub labels: Vec<i64>,
     pub num_classes: usize,
     /// Class names in label order (numbers when the format has none).
     pub class_names: Vec<String>,
-    /// Segmentation: the class of every pixel `[N, H, W]` (`segmentation::IGNORE` = not
-    /// labelled); `labels` then hold each image's most frequent foreground class (what subsets
-    /// stratify by and per-class weight records group by). `None` for classification.
-    pub masks: Option<ndarray::Array3<u8>>,
-    /// Detection: the objects of every image (`labels` then hold each image's most frequent
-    /// class, [`crate::objects::image_label`]). `None` for the other tasks.
-    pub boxes: Option<Vec<Vec<crate::objects::Object>>>,
+    /// The task's targets beyond the class.
+    pub annotations: Annotations,
 }
 
 impl ImageSet {
@@ -46,8 +102,7 @@ impl ImageSet {
             labels,
             num_classes,
             class_names,
-            masks: None,
-            boxes: None,
+            annotations: Annotations::Classes,
         })
     }
 
@@ -67,18 +122,7 @@ impl ImageSet {
 
     /// The first `n` samples (or all of them), e.g. for quick runs.
     pub fn take(&self, n: usize) -> ImageSet {
-        let n = n.min(self.len());
-        ImageSet {
-            images: self.images.slice(s![..n, .., .., ..]).to_owned(),
-            labels: self.labels[..n].to_vec(),
-            num_classes: self.num_classes,
-            class_names: self.class_names.clone(),
-            masks: self
-                .masks
-                .as_ref()
-                .map(|m| m.slice(s![..n, .., ..]).to_owned()),
-            boxes: self.boxes.as_ref().map(|b| b[..n].to_vec()),
-        }
+        self.range(0, n.min(self.len()))
     }
 
     /// A seeded subset of `n` samples in which every class keeps its share of the set (largest
@@ -97,42 +141,24 @@ impl ImageSet {
                 .slice_mut(s![dst, .., .., ..])
                 .assign(&self.images.slice(s![src, .., .., ..]));
         }
-        let masks = self.masks.as_ref().map(|m| {
-            let mut out = ndarray::Array3::<u8>::zeros((indices.len(), h, w));
-            for (dst, &src) in indices.iter().enumerate() {
-                out.slice_mut(s![dst, .., ..])
-                    .assign(&m.slice(s![src, .., ..]));
-            }
-            out
-        });
         ImageSet {
             images,
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
-            masks,
-            boxes: self
-                .boxes
-                .as_ref()
-                .map(|b| indices.iter().map(|&i| b[i].clone()).collect()),
+            annotations: self.annotations.select(indices),
         }
     }
 
     /// Split off the last `n` samples as a second set: `(first, last)`.
     pub fn split_tail(&self, n: usize) -> (ImageSet, ImageSet) {
         let k = self.len().saturating_sub(n);
-        let part = |a: usize, b: usize| ImageSet {
-            images: self.images.slice(s![a..b, .., .., ..]).to_owned(),
-            labels: self.labels[a..b].to_vec(),
-            num_classes: self.num_classes,
-            class_names: self.class_names.clone(),
-            masks: self
-                .masks
-                .as_ref()
-                .map(|m| m.slice(s![a..b, .., ..]).to_owned()),
-            boxes: self.boxes.as_ref().map(|x| x[a..b].to_vec()),
-        };
-        (part(0, k), part(k, self.len()))
+        (self.range(0, k), self.range(k, self.len()))
+    }
+
+    /// The samples `a..b`.
+    fn range(&self, a: usize, b: usize) -> ImageSet {
+        self.select(&(a..b).collect::<Vec<_>>())
     }
 }
 

@@ -7,9 +7,11 @@ pub mod classification;
 pub mod data;
 pub mod detection;
 pub mod error;
+pub mod kind;
 pub mod loader;
 pub mod objects;
 pub mod segmentation;
+pub mod source;
 pub mod task;
 pub mod transform;
 

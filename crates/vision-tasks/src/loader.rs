@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::ImageSet;
+use crate::data::{Annotations, ImageSet};
 use crate::error::{Error, Result};
 use crate::transform::{self, Augment, EvalResize, Normalize};
 
@@ -33,26 +33,60 @@ pub struct LoaderConfig {
 /// One batch, on the requested device.
 ///
 /// # Shapes
-/// `images [B, C, H, W]` float, `labels [B]` int64, `masks [B, H, W]` int64.
+/// `images [B, C, H, W]` float, `labels [B]` int64; the targets as [`BatchTargets`] says.
 #[derive(Debug)]
 pub struct Batch {
     pub images: Tensor,
     pub labels: Tensor,
-    /// Segmentation: the masks, transformed with the images (`segmentation::IGNORE` where not
-    /// labelled).
-    pub masks: Option<Tensor>,
-    /// Detection: the objects `[B, N, 6]` (`x1, y1, x2, y2, class, area`, class `-1` for
-    /// padding), flipped with the images.
-    pub boxes: Option<Tensor>,
+    /// The task's targets beyond the labels.
+    pub targets: BatchTargets,
     /// Dataset indices of the samples, in batch order.
     pub indices: Vec<usize>,
+}
+
+/// A batch's targets beyond its labels: each task's own (the batch form of
+/// [`crate::data::Annotations`]).
+#[derive(Debug)]
+pub enum BatchTargets {
+    /// Classification: the labels are the targets.
+    Classes,
+    /// Segmentation: the masks `[B, H, W]` int64, transformed with the images
+    /// (`segmentation::IGNORE` where not labelled).
+    Masks(Tensor),
+    /// Detection: the objects `[B, N, 6]` (`x1, y1, x2, y2, class, area`, class `-1` for
+    /// padding), flipped with the images.
+    Objects(Tensor),
+}
+
+impl BatchTargets {
+    /// Segmentation's masks, `None` for the other tasks.
+    pub fn masks(&self) -> Option<&Tensor> {
+        match self {
+            BatchTargets::Masks(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Detection's objects, `None` for the other tasks.
+    pub fn objects(&self) -> Option<&Tensor> {
+        match self {
+            BatchTargets::Objects(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// [`BatchTargets`] on the loader's thread, before they go to the device.
+enum CpuTargets {
+    Classes,
+    Masks(Vec<i64>),
+    Objects(Tensor),
 }
 
 struct CpuBatch {
     pixels: Vec<f32>,
     labels: Vec<i64>,
-    masks: Option<Vec<i64>>,
-    boxes: Option<Tensor>,
+    targets: CpuTargets,
     indices: Vec<usize>,
 }
 
@@ -92,27 +126,16 @@ impl BatchLoader {
             reason,
         })?;
         let out_hw = transform::output_size((h, w), cfg.augment.as_ref(), cfg.eval_resize.as_ref());
-        if set.masks.is_some() && out_hw != (h, w) {
+        // The task's rules (config::check applies the same ones to the [data] section).
+        if let Err((what, reason)) = set
+            .annotations
+            .task()
+            .check_transforms(cfg.augment.as_ref(), cfg.eval_resize.as_ref())
+        {
             return Err(Error::Invalid {
-                what: "segmentation transforms".into(),
-                reason: "random_resized_crop and eval_resize change the image size; segmentation \
-                         keeps it (use augment.scale and crop_padding)"
-                    .into(),
+                what: what.into(),
+                reason,
             });
-        }
-        if set.boxes.is_some() {
-            let geometric = cfg.augment.as_ref().is_some_and(|a| {
-                a.crop_padding > 0 || a.random_resized_crop.is_some() || a.scale.is_some()
-            });
-            if geometric || out_hw != (h, w) {
-                return Err(Error::Invalid {
-                    what: "detection transforms".into(),
-                    reason: "detection boxes follow only the horizontal flip (augment.hflip); \
-                             crop_padding, scale, random_resized_crop and eval_resize are not \
-                             built for boxes"
-                        .into(),
-                });
-            }
         }
         Ok(BatchLoader { set, cfg, out_hw })
     }
@@ -162,67 +185,68 @@ impl BatchLoader {
                 let idx: Vec<usize> = order[b * bs..((b + 1) * bs).min(order.len())].to_vec();
                 let mut pixels = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
-                let mut masks = set.masks.as_ref().map(|_| vec![0i64; idx.len() * oh * ow]);
+                let mut masks = match set.annotations {
+                    Annotations::Masks(_) => vec![0i64; idx.len() * oh * ow],
+                    _ => Vec::new(),
+                };
                 let mut objects: Vec<Vec<crate::objects::Object>> = Vec::new();
                 for (k, &i) in idx.iter().enumerate() {
                     let mut rng =
                         ChaCha8Rng::seed_from_u64(mix(cfg.seed ^ mix(epoch ^ mix(i as u64))));
                     let dst = &mut pixels[k * per..(k + 1) * per];
-                    if let Some(all) = &set.boxes {
-                        // Detection: the image as it is, or flipped with its boxes.
-                        let flip =
-                            cfg.augment.as_ref().is_some_and(|a| a.hflip) && rng.gen_bool(0.5);
-                        transform::apply(
-                            set.images.index_axis(ndarray::Axis(0), i),
-                            None,
-                            None,
+                    let image = set.images.index_axis(ndarray::Axis(0), i);
+                    match &set.annotations {
+                        Annotations::Objects(all) => {
+                            // Detection: the image as it is, or flipped with its boxes.
+                            let flip =
+                                cfg.augment.as_ref().is_some_and(|a| a.hflip) && rng.gen_bool(0.5);
+                            transform::apply(image, None, None, &mut rng, dst);
+                            let mut objs = all[i].clone();
+                            if flip {
+                                for row in dst.chunks_mut(ow) {
+                                    row.reverse();
+                                }
+                                for o in &mut objs {
+                                    let [x1, y1, x2, y2] = o.bbox;
+                                    o.bbox = [ow as f32 - x2, y1, ow as f32 - x1, y2];
+                                }
+                            }
+                            objects.push(objs);
+                        }
+                        Annotations::Masks(m) => transform::apply_joint(
+                            image,
+                            m.index_axis(ndarray::Axis(0), i),
+                            cfg.augment.as_ref(),
+                            crate::segmentation::IGNORE,
                             &mut rng,
                             dst,
-                        );
-                        let mut objs = all[i].clone();
-                        if flip {
-                            for row in dst.chunks_mut(ow) {
-                                row.reverse();
-                            }
-                            for o in &mut objs {
-                                let [x1, y1, x2, y2] = o.bbox;
-                                o.bbox = [ow as f32 - x2, y1, ow as f32 - x1, y2];
-                            }
-                        }
-                        objects.push(objs);
-                    } else {
-                        match (&set.masks, masks.as_mut()) {
-                            (Some(m), Some(out)) => transform::apply_joint(
-                                set.images.index_axis(ndarray::Axis(0), i),
-                                m.index_axis(ndarray::Axis(0), i),
-                                cfg.augment.as_ref(),
-                                crate::segmentation::IGNORE,
-                                &mut rng,
-                                dst,
-                                &mut out[k * oh * ow..(k + 1) * oh * ow],
-                            ),
-                            _ => transform::apply(
-                                set.images.index_axis(ndarray::Axis(0), i),
-                                cfg.augment.as_ref(),
-                                cfg.eval_resize.as_ref(),
-                                &mut rng,
-                                dst,
-                            ),
-                        }
+                            &mut masks[k * oh * ow..(k + 1) * oh * ow],
+                        ),
+                        Annotations::Classes => transform::apply(
+                            image,
+                            cfg.augment.as_ref(),
+                            cfg.eval_resize.as_ref(),
+                            &mut rng,
+                            dst,
+                        ),
                     }
                     transform::normalize(dst, &cfg.normalize, oh * ow);
                     labels.push(set.labels[i]);
                 }
+                let targets = match set.annotations {
+                    Annotations::Classes => CpuTargets::Classes,
+                    Annotations::Masks(_) => CpuTargets::Masks(masks),
+                    Annotations::Objects(_) => {
+                        let refs: Vec<&[crate::objects::Object]> =
+                            objects.iter().map(Vec::as_slice).collect();
+                        CpuTargets::Objects(crate::objects::pack_objects(&refs))
+                    }
+                };
                 if tx
                     .send(CpuBatch {
                         pixels,
                         labels,
-                        masks,
-                        boxes: set.boxes.as_ref().map(|_| {
-                            let refs: Vec<&[crate::objects::Object]> =
-                                objects.iter().map(Vec::as_slice).collect();
-                            crate::objects::pack_objects(&refs)
-                        }),
+                        targets,
                         indices: idx,
                     })
                     .is_err()
@@ -268,17 +292,19 @@ impl Iterator for EpochIter {
         let labels = Tensor::from_slice(&cpu.labels)
             .to_kind(Kind::Int64)
             .to_device(self.device);
-        let masks = cpu.masks.map(|m| {
-            Tensor::from_slice(&m)
-                .view([b, h, w])
-                .to_device(self.device)
-        });
-        let boxes = cpu.boxes.map(|b| b.to_device(self.device));
+        let targets = match cpu.targets {
+            CpuTargets::Classes => BatchTargets::Classes,
+            CpuTargets::Masks(m) => BatchTargets::Masks(
+                Tensor::from_slice(&m)
+                    .view([b, h, w])
+                    .to_device(self.device),
+            ),
+            CpuTargets::Objects(o) => BatchTargets::Objects(o.to_device(self.device)),
+        };
         Some(Batch {
             images,
             labels,
-            masks,
-            boxes,
+            targets,
             indices: cpu.indices,
         })
     }

@@ -22,24 +22,7 @@ use mtkd_distill_core::loss;
 use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::ModelOutput;
 
-/// Which task a run trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum TaskKind {
-    #[default]
-    Classification,
-    Segmentation,
-    Detection,
-}
-
-impl TaskKind {
-    /// Whether a look-ahead strategy (MMKD, the agent's meta mode) applies: they look ahead
-    /// through the student's last linear layer on pooled features, which a detector's class
-    /// conv over a pyramid is not.
-    pub fn look_ahead(self) -> bool {
-        self != TaskKind::Detection
-    }
-}
+pub use crate::kind::TaskKind;
 
 pub use mtkd_records::metric::{metric_label, MetricReport};
 
@@ -226,7 +209,7 @@ pub struct Segmentation {
 
 impl Segmentation {
     fn masks(batch: &Batch) -> Result<&Tensor> {
-        batch.masks.as_ref().ok_or_else(|| Error::Invalid {
+        batch.targets.masks().ok_or_else(|| Error::Invalid {
             what: "batch".into(),
             reason: "a segmentation batch carries no masks (the dataset has none)".into(),
         })
@@ -380,7 +363,7 @@ impl Task for Detection {
         TaskKind::Detection
     }
     fn targets(&self, batch: &Batch) -> Result<Tensor> {
-        let gt = batch.boxes.as_ref().ok_or_else(|| Error::Invalid {
+        let gt = batch.targets.objects().ok_or_else(|| Error::Invalid {
             what: "batch".into(),
             reason: "a detection batch carries no boxes (the dataset has none)".into(),
         })?;

@@ -11,7 +11,7 @@ use ndarray::Array4;
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-use mtkd_vision_tasks::data::ImageSet;
+use mtkd_vision_tasks::data::{Annotations, ImageSet};
 use mtkd_vision_tasks::detection::eval::{evaluate, DetBox, GtBox};
 use mtkd_vision_tasks::detection::layout::DetLayout;
 use mtkd_vision_tasks::detection::{boxes, coco, loss, pack_objects, DetMetric, Object};
@@ -351,7 +351,7 @@ fn tiny_set() -> ImageSet {
         .for_each(|(i, v)| *v = (i % 251) as u8);
     let mut set = ImageSet::new(images, vec![0, 1, 0], 2).unwrap();
     set.class_names = vec!["cat".into(), "dog".into()];
-    set.boxes = Some(vec![
+    set.annotations = Annotations::Objects(vec![
         vec![Object {
             class: 0,
             bbox: [1.0, 2.0, 9.0, 12.0],
@@ -381,7 +381,7 @@ fn coco_folders_round_trip_and_bad_files_are_named() {
     coco::write_coco(&dir, "train", &set).unwrap();
     let back = coco::read_coco(&dir, "train", 1, None).unwrap();
     assert_eq!(back.set.images, set.images);
-    assert_eq!(back.set.boxes, set.boxes);
+    assert_eq!(back.set.annotations, set.annotations);
     assert_eq!(back.set.class_names, set.class_names);
     assert_eq!(
         back.report.negatives, 1,
@@ -391,10 +391,10 @@ fn coco_folders_round_trip_and_bad_files_are_named() {
     // Resized on reading: boxes and areas scale with the image.
     let big = coco::read_coco(&dir, "train", 1, Some(32)).unwrap();
     assert_eq!(
-        big.set.boxes.as_ref().unwrap()[0][0].bbox,
+        big.set.annotations.objects().unwrap()[0][0].bbox,
         [2.0, 4.0, 18.0, 24.0]
     );
-    assert_eq!(big.set.boxes.as_ref().unwrap()[0][0].area, 320.0);
+    assert_eq!(big.set.annotations.objects().unwrap()[0][0].area, 320.0);
 
     let ann = coco::annotation_path(&dir, "train");
     let original = std::fs::read_to_string(&ann).unwrap();
@@ -416,7 +416,7 @@ fn coco_folders_round_trip_and_bad_files_are_named() {
         (1, 1, 2)
     );
     assert_eq!(
-        r.set.boxes.as_ref().unwrap()[0][0].bbox,
+        r.set.annotations.objects().unwrap()[0][0].bbox,
         [10.0, 10.0, 16.0, 16.0]
     );
     let err = |e: mtkd_vision_tasks::Error| e.to_string();
@@ -460,7 +460,7 @@ fn the_loader_flips_boxes_with_the_images() {
     };
     let plain = BatchLoader::new(Arc::clone(&set), cfg(None)).unwrap();
     let p = plain.epoch(0, 0, tch::Device::Cpu).next().unwrap();
-    assert_eq!(p.boxes.as_ref().unwrap().size(), [3, 2, 6]);
+    assert_eq!(p.targets.objects().unwrap().size(), [3, 2, 6]);
     let flip = Augment {
         hflip: true,
         ..Default::default()
@@ -474,8 +474,8 @@ fn the_loader_flips_boxes_with_the_images() {
             let mirrored = f.images.get(i).equal(&p.images.get(i).flip([2]));
             assert!(same || mirrored);
             let (bf, bp) = (
-                f.boxes.as_ref().unwrap().get(i),
-                p.boxes.as_ref().unwrap().get(i),
+                f.targets.objects().unwrap().get(i),
+                p.targets.objects().unwrap().get(i),
             );
             if mirrored && !same {
                 seen_flip = true;
@@ -522,8 +522,8 @@ fn synthetic_scenes_have_the_boxes_of_their_visible_pixels() {
     let (det, _) = synthetic::generate_detection(&source, 20, &cfg, 5).unwrap();
     assert_eq!(seg.images, det.images, "the same scenes");
     assert_eq!(det.num_classes, 10);
-    let masks = seg.masks.as_ref().unwrap();
-    for (i, objs) in det.boxes.as_ref().unwrap().iter().enumerate() {
+    let masks = seg.annotations.masks().unwrap();
+    for (i, objs) in det.annotations.objects().unwrap().iter().enumerate() {
         assert!(
             !objs.is_empty()
                 || masks

@@ -207,7 +207,7 @@ fn the_folder_reader_loads_index_and_palette_masks_and_names_bad_files() {
     let set = data::read_seg_folder(&dir, 3, 1).unwrap();
     assert_eq!(set.len(), 2);
     assert_eq!(set.image_shape(), (1, 3, 4));
-    let masks = set.masks.as_ref().unwrap();
+    let masks = set.annotations.masks().unwrap();
     assert_eq!(
         masks
             .index_axis(ndarray::Axis(0), 0)
@@ -223,7 +223,7 @@ fn the_folder_reader_loads_index_and_palette_masks_and_names_bad_files() {
     assert_eq!(set.labels, vec![2, 2]);
     // A subset keeps each image's mask with it.
     let one = set.select(&[1]);
-    assert!(one.masks.unwrap().iter().all(|&v| v == 2));
+    assert!(one.annotations.masks().unwrap().iter().all(|&v| v == 2));
 
     // Out-of-range class: the mask file and the pixel are named.
     let err = data::read_seg_folder(&dir, 2, 1).unwrap_err().to_string();
@@ -367,11 +367,11 @@ fn synthetic_scenes_are_seeded_and_their_masks_exact() {
     let b = synthetic::generate(&items(), 20, &cfg, 7).unwrap();
     let c = synthetic::generate(&items(), 20, &cfg, 8).unwrap();
     assert_eq!(a.images, b.images);
-    assert_eq!(a.masks, b.masks);
-    assert_ne!(a.masks, c.masks, "another seed, other scenes");
+    assert_eq!(a.annotations, b.annotations);
+    assert_ne!(a.annotations, c.annotations, "another seed, other scenes");
     assert_eq!(a.num_classes, 11);
     assert_eq!(a.class_names[0], "background");
-    let masks = a.masks.as_ref().unwrap();
+    let masks = a.annotations.masks().unwrap();
     // Object pixels are bright (the squares are 200 x contrast >= 0.7), background texture is
     // at most 120, and every scene holds at least one object.
     for i in 0..20 {

@@ -208,7 +208,7 @@ pub fn bench_steps(
             focal_gamma: loss::FOCAL_GAMMA,
             max_objects: batches
                 .iter()
-                .filter_map(|b| b.boxes.as_ref().map(|t| t.size()[1]))
+                .filter_map(|b| b.targets.objects().map(|t| t.size()[1]))
                 .max()
                 .unwrap_or(0),
         }

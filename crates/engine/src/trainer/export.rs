@@ -164,8 +164,8 @@ impl FinishedRun<'_> {
         };
         let truth = det::batch_objects(
             batch
-                .boxes
-                .as_ref()
+                .targets
+                .objects()
                 .ok_or_else(|| anyhow!("a detection batch has no boxes"))?,
         )?;
         let mut columns: Vec<Vec<Vec<crate::plot::DrawBox>>> = vec![truth

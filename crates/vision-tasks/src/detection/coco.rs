@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use super::eval::DetBox;
 use super::Object;
-use crate::data::{read_image, ImageSet};
+use crate::data::{read_image, Annotations, ImageSet};
 use crate::error::{io_err, Error, Result};
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -284,7 +284,7 @@ pub fn read_coco(
     let labels = objects.iter().map(|o| image_label(o)).collect();
     let mut set = ImageSet::new(images, labels, cats.len())?;
     set.class_names = cats.iter().map(|c| c.name.clone()).collect();
-    set.boxes = Some(objects);
+    set.annotations = Annotations::Objects(objects);
     Ok(CocoSet {
         set,
         image_ids: file.images.iter().map(|im| im.id).collect(),
@@ -297,7 +297,7 @@ pub fn read_coco(
 /// as PNG files `000000.png`, ... (ids from 1) and `annotations/instances_<split>.json`
 /// (category ids from 1, in class order). Files are written beside and renamed into place.
 pub fn write_coco(root: &Path, split: &str, set: &ImageSet) -> Result<()> {
-    let objects = set.boxes.as_ref().ok_or_else(|| Error::Invalid {
+    let objects = set.annotations.objects().ok_or_else(|| Error::Invalid {
         what: "write_coco".into(),
         reason: "the set has no boxes".into(),
     })?;

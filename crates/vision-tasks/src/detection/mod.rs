@@ -191,7 +191,7 @@ impl DetMetric {
 
     /// Update from a batch that carries boxes.
     pub fn update_batch(&mut self, out: &Tensor, batch: &Batch) -> Result<()> {
-        let gt = batch.boxes.as_ref().ok_or_else(|| Error::Invalid {
+        let gt = batch.targets.objects().ok_or_else(|| Error::Invalid {
             what: "batch".into(),
             reason: "a detection batch carries no boxes (the dataset has none)".into(),
         })?;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array3, Array4};
 
 use super::{image_label, IGNORE};
-use crate::data::ImageSet;
+use crate::data::{Annotations, ImageSet};
 use crate::error::{io_err, Error, Result};
 
 /// Read one 8-bit index mask: `(height, width, classes per pixel)`.
@@ -163,7 +163,7 @@ pub fn read_seg_folder(dir: &Path, num_classes: usize, channels: usize) -> Resul
     let images = Array4::from_shape_vec((n, channels, h, w), pixels).map_err(shape_err)?;
     let masks = Array3::from_shape_vec((n, h, w), masks).map_err(shape_err)?;
     let mut set = ImageSet::new(images, labels, num_classes)?;
-    set.masks = Some(masks);
+    set.annotations = Annotations::Masks(masks);
     Ok(set)
 }
 

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::image_label;
-use crate::data::ImageSet;
+use crate::data::{Annotations, ImageSet};
 use crate::error::{Error, Result};
 
 /// Intensity (0..255) above which a pasted object's pixel is the object.
@@ -107,7 +107,7 @@ pub fn generate_detection(
         .collect();
     let mut set = ImageSet::new(seg.images, labels, source.num_classes)?;
     set.class_names = source.class_names.clone();
-    set.boxes = Some(objects);
+    set.annotations = Annotations::Objects(objects);
     if dropped > 0 {
         tracing::info!(
             dropped,
@@ -258,6 +258,6 @@ fn scenes(source: &ImageSet, n: usize, cfg: &SceneConfig, seed: u64) -> Result<S
     set.class_names = std::iter::once("background".to_owned())
         .chain(source.class_names.iter().cloned())
         .collect();
-    set.masks = Some(masks);
+    set.annotations = Annotations::Masks(masks);
     Ok((set, objects, dropped))
 }
