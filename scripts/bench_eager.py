@@ -88,26 +88,54 @@ class Agent(nn.Module):
         return F.softmax(self.logit_head(h), 1), F.softmax(self.feature_head(h), 1)
 
 
-class Step:
-    def __init__(self, plan, mode, teachers):
+def parity_agent_loss(agent, state, c, d_l, d_f, per):
+    """The published agent's loss on a stored batch: reward clamp((r - mean) / std, 0, 1) of
+    r = -per, the fixed mix (a + c + d) / 3 of the current policy, -r_hat log w (log clamped
+    at -100) averaged, for the logit and the feature weights."""
+    r = -per
+    r_hat = torch.clamp((r - r.mean()) / r.std(), 0, 1)[:, None]
+    a_l, a_f = agent(state)
+    w_l, w_f = (a_l + c + d_l) / 3, (a_f + c + d_f) / 3
+    return (-r_hat * torch.clamp(torch.log(w_l), min=-100)).mean() + \
+        (-r_hat * torch.clamp(torch.log(w_f), min=-100)).mean()
+
+
+class StepSetup:
+    """What both steps (`Step`, `DenseStep`) set up alike."""
+
+    def start(self, plan, mode, teachers):
+        """Seed 0, the plan and mode, and the teachers the mode uses (ce none, kd1 the first)."""
         torch.manual_seed(0)
-        c, h, w = plan["input"]
-        k = plan["num_classes"]
-        self.plan, self.mode, self.k = plan, mode, k
+        self.plan, self.mode, self.k = plan, mode, plan["num_classes"]
         self.teachers = [] if mode == "ce" else (teachers[:1] if mode == "kd1" else teachers)
-        self.student = student_zoo.build(plan["student"], c, k).train()
+
+    def adapters_and_optimizer(self):
+        """Once the student is built: a probe batch through it (eval mode, then train again)
+        and through the teachers gives the maps' shapes; with feature KD, an adapter per
+        teacher; SGD over the student and the adapters. Returns the teachers' probe outputs."""
+        plan = self.plan
+        c, h, w = plan["input"]
         probe = torch.zeros(2, c, h, w)
         with torch.no_grad():
             _, fs = self.student.eval()(probe)
             self.student.train()
             touts = [t(probe) for t in self.teachers]
-        self.feat = plan["feature_weight"] > 0 and mode != "ce"
+        self.feat = plan["feature_weight"] > 0 and self.mode != "ce"
         self.adapters = nn.ModuleList(
             Adapter(fs.shape[1], o[1].shape[1], tuple(o[1].shape[2:])) for o in touts
         ) if self.feat else nn.ModuleList()
         params = list(self.student.parameters()) + list(self.adapters.parameters())
         self.opt = torch.optim.SGD(params, lr=plan["lr"], momentum=plan["momentum"],
                                    nesterov=plan["nesterov"], weight_decay=plan["weight_decay"])
+        return touts
+
+
+class Step(StepSetup):
+    def __init__(self, plan, mode, teachers):
+        self.start(plan, mode, teachers)
+        c, k = plan["input"][0], self.k
+        self.student = student_zoo.build(plan["student"], c, k).train()
+        touts = self.adapters_and_optimizer()
         self.agent = None
         if mode == "mtkd-rl":
             m = len(self.teachers)
@@ -169,13 +197,8 @@ class Step:
     def end_epoch(self):
         if self.agent is None:
             return
-        for state, c, d_l, d_f, loss in self.buffer:
-            r = -loss
-            r_hat = torch.clamp((r - r.mean()) / r.std(), 0, 1)[:, None]
-            a_l, a_f = self.agent(state)
-            w_l, w_f = (a_l + c + d_l) / 3, (a_f + c + d_f) / 3
-            al = (-r_hat * torch.clamp(torch.log(w_l), min=-100)).mean() + \
-                (-r_hat * torch.clamp(torch.log(w_f), min=-100)).mean()
+        for entry in self.buffer:
+            al = parity_agent_loss(self.agent, *entry)
             self.agent_opt.zero_grad()
             al.backward()
             self.agent_opt.step()
@@ -382,31 +405,17 @@ class RunningNorm:
         return ((x - self.mean) / (self.var + 1e-4).sqrt()).clamp(-5, 5)
 
 
-class DenseStep:
+class DenseStep(StepSetup):
     """The training step of a segmentation or detection setting (module docstring)."""
 
     def __init__(self, plan, mode, teachers):
-        torch.manual_seed(0)
-        c, h, w = plan["input"]
-        k = plan["num_classes"]
-        self.plan, self.mode, self.k = plan, mode, k
+        self.start(plan, mode, teachers)
+        c, k = plan["input"][0], self.k
         self.task = Segmentation(plan) if plan["task"] == "segmentation" else Detection(plan)
-        self.teachers = [] if mode == "ce" else (teachers[:1] if mode == "kd1" else teachers)
         self.student = student_zoo.build(plan["student"], c, k, plan["student_head"])
         check_student(self.student, plan)
         self.student.train()
-        probe = torch.zeros(2, c, h, w)
-        with torch.no_grad():
-            _, fs = self.student.eval()(probe)
-            self.student.train()
-            touts = [t(probe) for t in self.teachers]
-        self.feat = plan["feature_weight"] > 0 and mode != "ce"
-        self.adapters = nn.ModuleList(
-            Adapter(fs.shape[1], o[1].shape[1], tuple(o[1].shape[2:])) for o in touts
-        ) if self.feat else nn.ModuleList()
-        params = list(self.student.parameters()) + list(self.adapters.parameters())
-        self.opt = torch.optim.SGD(params, lr=plan["lr"], momentum=plan["momentum"],
-                                   nesterov=plan["nesterov"], weight_decay=plan["weight_decay"])
+        touts = self.adapters_and_optimizer()
         self.pixel_weights = plan.get("pixel_weights", "image") == "confidence"
         self.feature_loss = plan.get("feature_loss", "mse")
         self.agent, self.buffer, self.epoch = None, [], 1
@@ -529,13 +538,7 @@ class DenseStep:
                                + ((u_f - mu_f) / self.sigma).square().sum(1))
                 al = -(signal * logp).mean()
             else:
-                state, c, d_l, d_f, per = entry
-                r = -per
-                r_hat = torch.clamp((r - r.mean()) / r.std(), 0, 1)[:, None]
-                a_l, a_f = self.agent(state)
-                w_l, w_f = (a_l + c + d_l) / 3, (a_f + c + d_f) / 3
-                al = (-r_hat * torch.clamp(torch.log(w_l), min=-100)).mean() + \
-                    (-r_hat * torch.clamp(torch.log(w_f), min=-100)).mean()
+                al = parity_agent_loss(self.agent, *entry)
             self.agent_opt.zero_grad()
             al.backward()
             if self.agent_mode == "clean":

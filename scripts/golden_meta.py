@@ -15,17 +15,17 @@ for both quiz choices: with `previous`, the first only stores its quiz and the s
 each update the policy before their weights; with `current`, every batch is its own quiz.
 """
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lookahead_reference import lookahead_quiz_loss, random_batch, tensor  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "crates/rl-weighting/tests/golden/meta.json"
-
-
-def tensor(t):
-    return {"shape": list(t.shape), "data": [float(x) for x in t.detach().reshape(-1).tolist()]}
 
 
 class Norm:
@@ -77,12 +77,7 @@ def run(quiz_mode):
     batches = []
     quiz = None
     for b in sizes:
-        zt = torch.randn(M, b, K, generator=g) * 2.0
-        h = torch.randn(b, D, generator=g)
-        W = torch.randn(K, D, generator=g) * 0.5
-        bias = torch.randn(K, generator=g) * 0.1
-        y = torch.randint(0, K, (b,), generator=g)
-        zs = h @ W.t() + bias
+        zt, h, W, bias, y, zs, rec = random_batch(g, M, K, D, b)
         # Signals (docs/METHOD.md section 2): CE, T^2 KL(p_m || q), entropy at T = 1.
         logq = F.log_softmax(zs / T, 1)
         ce = torch.stack([F.cross_entropy(zt[m], y, reduction="none") for m in range(M)], 1)
@@ -92,31 +87,12 @@ def run(quiz_mode):
         feats = torch.stack([ce, kl, ent, torch.zeros_like(ce), ce - ce.mean(1, keepdim=True),
                              kl - kl.mean(1, keepdim=True)], 2)
         x = norm(feats.reshape(b * M, NF)).reshape(b, M, NF)
-        rec = {
-            "teacher_logits": tensor(zt),
-            "embedding": tensor(h),
-            "weight": tensor(W),
-            "bias": tensor(bias),
-            "labels": [int(v) for v in y.tolist()],
-        }
         if quiz_mode == "current":
             quiz = (h, y)
         if quiz is not None:
-            hq, yq = quiz
             w = policy(x)
             leaf = w.detach().clone().requires_grad_(True)
-            Wv = W.clone().requires_grad_(True)
-            bv = bias.clone().requires_grad_(True)
-            z = h @ Wv.t() + bv
-            lq = F.log_softmax(z / T, 1)
-            kd = torch.zeros(b)
-            for m in range(M):
-                p = F.softmax(zt[m] / T, 1)
-                kd = kd + leaf[:, m] * (p * (torch.log(p) - lq)).sum(1) * T * T
-            loss = (ce_w * F.cross_entropy(z, y, reduction="none") + kd_w * kd).mean()
-            gW, gb = torch.autograd.grad(loss, [Wv, bv], create_graph=True)
-            zq = hq @ (W - inner_lr * gW).t() + (bias - inner_lr * gb)
-            quiz_loss = F.cross_entropy(zq, yq)
+            quiz_loss = lookahead_quiz_loss(leaf, zt, h, W, bias, y, quiz, T, ce_w, kd_w, inner_lr)
             (gw,) = torch.autograd.grad(quiz_loss, [leaf])
             credit = -gw / inner_lr  # per unit of the student's learning rate
             centred = credit - credit.mean(1, keepdim=True)

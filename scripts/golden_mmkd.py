@@ -14,17 +14,17 @@ the cross-entropy of the virtually updated classifier on the previous batch's em
 stores its quiz, the second and third each make one meta-update before their weights.
 """
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lookahead_reference import lookahead_quiz_loss, random_batch, tensor  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "crates/distill-core/tests/golden/mmkd.json"
-
-
-def tensor(t):
-    return {"shape": list(t.shape), "data": [float(x) for x in t.detach().reshape(-1).tolist()]}
 
 
 def main():
@@ -53,36 +53,11 @@ def main():
     batches = []
     quiz = None
     for b in sizes:
-        zt = torch.randn(M, b, K, generator=g) * 2.0
-        h = torch.randn(b, D, generator=g)
-        W = torch.randn(K, D, generator=g) * 0.5
-        bias = torch.randn(K, generator=g) * 0.1
-        y = torch.randint(0, K, (b,), generator=g)
-        zs = h @ W.t() + bias
+        zt, h, W, bias, y, zs, rec = random_batch(g, M, K, D, b)
         x = torch.cat(list(zt) + [zs], 1)
-        rec = {
-            "teacher_logits": tensor(zt),
-            "embedding": tensor(h),
-            "weight": tensor(W),
-            "bias": tensor(bias),
-            "labels": [int(v) for v in y.tolist()],
-        }
         if quiz is not None:
-            hq, yq = quiz
             w = net(x)
-            Wv = W.clone().requires_grad_(True)
-            bv = bias.clone().requires_grad_(True)
-            z = h @ Wv.t() + bv
-            logq = F.log_softmax(z / T, 1)
-            kd = torch.zeros(b)
-            for m in range(M):
-                p = F.softmax(zt[m] / T, 1)
-                kl = (p * (torch.log(p) - logq)).sum(1) * T * T
-                kd = kd + w[:, m] * kl
-            loss = (ce_w * F.cross_entropy(z, y, reduction="none") + kd_w * kd).mean()
-            gW, gb = torch.autograd.grad(loss, [Wv, bv], create_graph=True)
-            zq = hq @ (W - inner_lr * gW).t() + (bias - inner_lr * gb)
-            meta = F.cross_entropy(zq, yq)
+            meta = lookahead_quiz_loss(w, zt, h, W, bias, y, quiz, T, ce_w, kd_w, inner_lr)
             opt.zero_grad()
             meta.backward()
             meta = meta.detach()

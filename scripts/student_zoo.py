@@ -167,12 +167,15 @@ MBV2_EXPANSION = 6
 MBV2_STEM_STRIDE = 2  # RepDistiller: conv_bn(3, input_channel, 2)
 
 
+def conv_bn(cin, cout, kernel, stride=1, groups=1):
+    """conv (kernel x kernel, padding (kernel - 1) / 2, no bias) and its BN, as a pair
+    (crates/student/src/layers.rs `conv_bn`); `groups == cin` makes the conv depthwise."""
+    conv = nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+    return conv, nn.BatchNorm2d(cout)
+
+
 def conv_bn_relu(cin, cout, kernel, stride):
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(*conv_bn(cin, cout, kernel, stride), nn.ReLU(inplace=True))
 
 
 class InvertedResidual(nn.Module):
@@ -253,12 +256,9 @@ class ShuffleBasicBlock(nn.Module):
         super().__init__()
         half = int(channels * 0.5)
         self.half = half
-        self.conv1 = nn.Conv2d(half, half, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(half)
-        self.conv2 = nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False)
-        self.bn2 = nn.BatchNorm2d(half)
-        self.conv3 = nn.Conv2d(half, half, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(half)
+        self.conv1, self.bn1 = conv_bn(half, half, 1)
+        self.conv2, self.bn2 = conv_bn(half, half, 3, 1, half)
+        self.conv3, self.bn3 = conv_bn(half, half, 1)
 
     def forward(self, x):
         x1, x2 = x[:, : self.half], x[:, self.half:]
@@ -273,17 +273,12 @@ class DownBlock(nn.Module):
         super().__init__()
         mid = cout // 2
         # left
-        self.conv1 = nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False)
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv2 = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv1, self.bn1 = conv_bn(cin, cin, 3, 2, cin)
+        self.conv2, self.bn2 = conv_bn(cin, mid, 1)
         # right
-        self.conv3 = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
-        self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
-        self.bn4 = nn.BatchNorm2d(mid)
-        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
-        self.bn5 = nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = conv_bn(cin, mid, 1)
+        self.conv4, self.bn4 = conv_bn(mid, mid, 3, 2, mid)
+        self.conv5, self.bn5 = conv_bn(mid, mid, 1)
 
     def forward(self, x):
         left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
@@ -297,16 +292,14 @@ class ShuffleNetV2(Twin):
         super().__init__()
         out_channels, num_blocks = SHUFFLENETV2_CONFIGS[net_size]
         # RepDistiller's stem is a 1x1 convolution (its 3x3 variant is commented out).
-        self.conv1 = nn.Conv2d(in_channels, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv_bn(in_channels, 24, 1)
         cin = 24
         for i in range(3):
             layers = [DownBlock(cin, out_channels[i])]
             layers += [ShuffleBasicBlock(out_channels[i]) for _ in range(num_blocks[i])]
             cin = out_channels[i]
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
-        self.conv2 = nn.Conv2d(cin, out_channels[3], 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels[3])
+        self.conv2, self.bn2 = conv_bn(cin, out_channels[3], 1)
         self.fc = nn.Linear(out_channels[3], num_classes)
 
     def features(self, x):

@@ -35,7 +35,9 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::error::{Error, Result};
 use crate::signals::{BatchSignals, StudentHead};
-use crate::weighting::{StrategyState, TeacherWeights, WeightingStrategy};
+use crate::weighting::{
+    restore_variable, sorted_variables, StrategyState, TeacherWeights, WeightingStrategy,
+};
 
 /// MMKD settings (`[distill.mmkd]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,8 +96,8 @@ const ADAM_EPS: f64 = 1e-8;
 
 /// One Adam step (betas 0.9 / 0.999, eps 1e-8, as `torch.optim.Adam`) on `params` in place,
 /// with moments `m` and `v` that the caller keeps (and checkpoints); `t` is the 1-based step
-/// number. Shared by MMKD and the agent's meta mode, whose moments go into checkpoints (tch's
-/// own optimizer does not expose them).
+/// number. Shared by MMKD and the agent's meta mode (through [`AdamMoments`]), whose moments go
+/// into checkpoints (tch's own optimizer does not expose them).
 pub fn adam_step(
     params: &[&Tensor],
     grads: &[Tensor],
@@ -120,6 +122,104 @@ pub fn adam_step(
     })
 }
 
+/// [`adam_step`]'s state for the variables of a var store, in [`sorted_variables`] order: the
+/// moments and the number of steps taken, and their checkpoint. Shared by MMKD and the agent's
+/// meta mode.
+#[derive(Debug)]
+pub struct AdamMoments {
+    pub m: Vec<Tensor>,
+    pub v: Vec<Tensor>,
+    /// Steps taken (the strategy keeps it in its checkpoint's bookkeeping).
+    pub t: u64,
+}
+
+impl AdamMoments {
+    /// Zero moments for `params`, no step taken.
+    pub fn zeros(params: &[(String, Tensor)]) -> AdamMoments {
+        AdamMoments {
+            m: params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            v: params.iter().map(|(_, p)| p.zeros_like()).collect(),
+            t: 0,
+        }
+    }
+
+    /// One [`adam_step`] on `params` (in the moments' order) at learning rate `lr`.
+    pub fn step(&mut self, params: &[&Tensor], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.t += 1;
+        adam_step(params, grads, &mut self.m, &mut self.v, self.t, lr)
+    }
+
+    /// Checkpoint tensors of `params` (a var store's, in [`sorted_variables`] order) with their
+    /// moments: per parameter `adam_m.{name}`, `adam_v.{name}`, `param.{name}`.
+    pub fn checkpoint_tensors(&self, params: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+        let mut tensors = Vec::new();
+        for (i, (name, p)) in params.into_iter().enumerate() {
+            tensors.push((format!("adam_m.{name}"), self.m[i].shallow_clone()));
+            tensors.push((format!("adam_v.{name}"), self.v[i].shallow_clone()));
+            tensors.push((format!("param.{name}"), p));
+        }
+        tensors
+    }
+
+    /// Restore what [`AdamMoments::checkpoint_tensors`] saved: every variable of `vs` and the
+    /// moments (deep copies on its device: they are updated in place). `owner` names the
+    /// strategy in errors; the step count is the caller's, from its bookkeeping.
+    pub fn restore(&mut self, state: &StrategyState, vs: &nn::VarStore, owner: &str) -> Result<()> {
+        let what = format!("{owner} checkpoint");
+        let device = vs.device();
+        let names: Vec<String> = sorted_variables(vs).into_iter().map(|(n, _)| n).collect();
+        for (i, name) in names.iter().enumerate() {
+            restore_variable(
+                vs,
+                owner,
+                name,
+                state.tensor(&what, &format!("param.{name}"))?,
+            )?;
+            self.m[i] = state
+                .tensor(&what, &format!("adam_m.{name}"))?
+                .to_device(device)
+                .copy();
+            self.v[i] = state
+                .tensor(&what, &format!("adam_v.{name}"))?
+                .to_device(device)
+                .copy();
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoint tensors of a held quiz batch `(embeddings, labels)`: `quiz.embedding` and
+/// `quiz.labels`; none without one.
+pub fn quiz_tensors(quiz: Option<&(Tensor, Tensor)>) -> Vec<(String, Tensor)> {
+    match quiz {
+        Some((h, y)) => vec![
+            ("quiz.embedding".into(), h.shallow_clone()),
+            ("quiz.labels".into(), y.shallow_clone()),
+        ],
+        None => Vec::new(),
+    }
+}
+
+/// The quiz batch that [`quiz_tensors`] saved, as copies on `device`, when the bookkeeping says
+/// one was `held`; `what` names the checkpoint in errors.
+pub fn restore_quiz(
+    state: &StrategyState,
+    what: &str,
+    held: bool,
+    device: Device,
+) -> Result<Option<(Tensor, Tensor)>> {
+    if !held {
+        return Ok(None);
+    }
+    Ok(Some((
+        state
+            .tensor(what, "quiz.embedding")?
+            .to_device(device)
+            .copy(),
+        state.tensor(what, "quiz.labels")?.to_device(device).copy(),
+    )))
+}
+
 /// The MMKD strategy. Needs [`BatchSignals::student_head`] (see
 /// [`WeightingStrategy::wants_student_head`]).
 #[derive(Debug)]
@@ -132,10 +232,8 @@ pub struct Mmkd {
     num_classes: i64,
     ce_weight: f64,
     kd_weight: f64,
-    /// Adam moments per parameter (sorted by name) and the number of Adam steps taken.
-    adam_m: Vec<Tensor>,
-    adam_v: Vec<Tensor>,
-    adam_t: u64,
+    /// Adam's moments per parameter (sorted by name) and the number of Adam steps taken.
+    adam: AdamMoments,
     /// Calls to `weights` so far (the meta-update schedule).
     calls: u64,
     /// The previous batch's classifier input `[B, D]` and labels `[B]`.
@@ -190,9 +288,7 @@ impl Mmkd {
             bias: true,
         };
         let l2 = nn::linear(&root / "l2", cfg.hidden, num_teachers, zero);
-        let params = sorted(&vs);
-        let adam_m = params.iter().map(|(_, p)| p.zeros_like()).collect();
-        let adam_v = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let adam = AdamMoments::zeros(&sorted_variables(&vs));
         Ok(Mmkd {
             cfg,
             vs,
@@ -202,9 +298,7 @@ impl Mmkd {
             num_classes,
             ce_weight,
             kd_weight,
-            adam_m,
-            adam_v,
-            adam_t: 0,
+            adam,
             calls: 0,
             quiz: None,
             meta_loss_sum: None,
@@ -214,12 +308,12 @@ impl Mmkd {
 
     /// The weight network's parameters by name (`l1.weight`, `l1.bias`, `l2.weight`, `l2.bias`).
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        sorted(&self.vs)
+        sorted_variables(&self.vs)
     }
 
     /// Overwrite parameter `name` (tests and checkpoints).
     pub fn set_parameter(&mut self, name: &str, value: &Tensor) -> Result<()> {
-        crate::weighting::restore_variable(&self.vs, "mmkd", name, value)
+        restore_variable(&self.vs, "mmkd", name, value)
     }
 
     /// The network's input: every teacher's logits, then the student's, `[B, (M + 1) K]`.
@@ -284,20 +378,8 @@ impl Mmkd {
             tracing::warn!("mmkd: non-finite meta-gradient, update skipped");
             return Ok(None);
         }
-        self.adam(&tensors, &grads)?;
+        self.adam.step(&tensors, &grads, self.cfg.lr)?;
         Ok(Some(meta.detach()))
-    }
-
-    fn adam(&mut self, params: &[&Tensor], grads: &[Tensor]) -> Result<()> {
-        self.adam_t += 1;
-        adam_step(
-            params,
-            grads,
-            &mut self.adam_m,
-            &mut self.adam_v,
-            self.adam_t,
-            self.cfg.lr,
-        )
     }
 }
 
@@ -348,12 +430,6 @@ pub fn lookahead_quiz_loss(
     Ok(zq.f_cross_entropy_loss::<Tensor>(yq, None, Reduction::Mean, -100, 0.0)?)
 }
 
-fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 impl WeightingStrategy for Mmkd {
     fn name(&self) -> &str {
         "mmkd"
@@ -394,8 +470,8 @@ impl WeightingStrategy for Mmkd {
             values.push((
                 name.clone(),
                 slice(name, &p.detach())?,
-                slice(name, &self.adam_m[i])?,
-                slice(name, &self.adam_v[i])?,
+                slice(name, &self.adam.m[i])?,
+                slice(name, &self.adam.v[i])?,
             ));
         }
         let vs = nn::VarStore::new(device);
@@ -416,12 +492,12 @@ impl WeightingStrategy for Mmkd {
         self.l1 = l1;
         self.l2 = l2;
         self.num_teachers = keep.len() as i64;
-        self.adam_m.clear();
-        self.adam_v.clear();
+        self.adam.m.clear();
+        self.adam.v.clear();
         for (name, p, am, av) in values {
             self.set_parameter(&name, &p)?;
-            self.adam_m.push(am);
-            self.adam_v.push(av);
+            self.adam.m.push(am);
+            self.adam.v.push(av);
         }
         Ok(())
     }
@@ -473,20 +549,12 @@ impl WeightingStrategy for Mmkd {
     }
 
     fn save_state(&self) -> Result<StrategyState> {
-        let mut tensors = Vec::new();
-        for (i, (name, p)) in self.parameters().into_iter().enumerate() {
-            tensors.push((format!("adam_m.{name}"), self.adam_m[i].shallow_clone()));
-            tensors.push((format!("adam_v.{name}"), self.adam_v[i].shallow_clone()));
-            tensors.push((format!("param.{name}"), p));
-        }
-        if let Some((h, y)) = &self.quiz {
-            tensors.push(("quiz.embedding".into(), h.shallow_clone()));
-            tensors.push(("quiz.labels".into(), y.shallow_clone()));
-        }
+        let mut tensors = self.adam.checkpoint_tensors(self.parameters());
+        tensors.extend(quiz_tensors(self.quiz.as_ref()));
         let json = StrategyState::json_of(
             "mmkd checkpoint",
             &Bookkeeping {
-                adam_t: self.adam_t,
+                adam_t: self.adam.t,
                 calls: self.calls,
                 has_quiz: self.quiz.is_some(),
             },
@@ -496,34 +564,9 @@ impl WeightingStrategy for Mmkd {
 
     fn load_state(&mut self, state: &StrategyState) -> Result<()> {
         let book: Bookkeeping = state.bookkeeping("mmkd checkpoint")?;
-        let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
-        let find = |key: &str| -> Result<&Tensor> {
-            state
-                .tensors
-                .iter()
-                .find(|(n, _)| n == key)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::Invalid {
-                    what: "mmkd checkpoint".into(),
-                    reason: format!("missing tensor `{key}`"),
-                })
-        };
-        let device = self.vs.device();
-        for (i, name) in names.iter().enumerate() {
-            self.set_parameter(name, find(&format!("param.{name}"))?)?;
-            // Deep copies: the moments are updated in place.
-            self.adam_m[i] = find(&format!("adam_m.{name}"))?.to_device(device).copy();
-            self.adam_v[i] = find(&format!("adam_v.{name}"))?.to_device(device).copy();
-        }
-        self.quiz = if book.has_quiz {
-            Some((
-                find("quiz.embedding")?.to_device(device),
-                find("quiz.labels")?.to_device(device),
-            ))
-        } else {
-            None
-        };
-        self.adam_t = book.adam_t;
+        self.adam.restore(state, &self.vs, "mmkd")?;
+        self.quiz = restore_quiz(state, "mmkd checkpoint", book.has_quiz, self.vs.device())?;
+        self.adam.t = book.adam_t;
         self.calls = book.calls;
         Ok(())
     }

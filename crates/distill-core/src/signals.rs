@@ -80,10 +80,7 @@ impl BatchSignals {
         temperature: f64,
         kl_terms: Option<&[Tensor]>,
     ) -> Result<BatchSignals> {
-        check_teachers(teachers, kl_terms)?;
-        tch::no_grad(|| {
-            let s = student_logits.detach();
-            let mut c = TeacherColumns::with_capacity(teachers.len());
+        with_columns(student_logits, teachers, kl_terms, |s, mut c| {
             for (m, t) in teachers.iter().enumerate() {
                 c.ce.push(loss::cross_entropy(&t.logits, labels)?);
                 c.kl.push(match kl_terms {
@@ -120,11 +117,8 @@ impl BatchSignals {
         temperature: f64,
         kl_terms: Option<&[Tensor]>,
     ) -> Result<BatchSignals> {
-        check_teachers(teachers, kl_terms)?;
-        tch::no_grad(|| {
-            let s = student_logits.detach();
+        with_columns(student_logits, teachers, kl_terms, |s, mut c| {
             let valid = loss::valid_pixels(targets, ignore_index)?;
-            let mut c = TeacherColumns::with_capacity(teachers.len());
             for (m, t) in teachers.iter().enumerate() {
                 c.ce.push(loss::pixel_cross_entropy(&t.logits, targets, ignore_index)?);
                 c.kl.push(match kl_terms {
@@ -227,6 +221,24 @@ pub fn check_teachers(teachers: &[ModelOutput], kl_terms: Option<&[Tensor]>) -> 
         }
     }
     Ok(())
+}
+
+/// The frame of a signal computation: the inputs checked ([`check_teachers`]), then, without
+/// gradient, `fill` given the detached student logits and empty columns for the teachers, from
+/// which it makes the [`BatchSignals`].
+pub fn with_columns(
+    student_logits: &Tensor,
+    teachers: &[ModelOutput],
+    kl_terms: Option<&[Tensor]>,
+    fill: impl FnOnce(Tensor, TeacherColumns) -> Result<BatchSignals>,
+) -> Result<BatchSignals> {
+    check_teachers(teachers, kl_terms)?;
+    tch::no_grad(|| {
+        fill(
+            student_logits.detach(),
+            TeacherColumns::with_capacity(teachers.len()),
+        )
+    })
 }
 
 /// Cosine of each teacher's embedding and the pooled projected student map `[B, M]` (`None`

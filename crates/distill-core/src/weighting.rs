@@ -152,6 +152,26 @@ impl StrategyState {
             reason: format!("unreadable bookkeeping: {e}"),
         })
     }
+
+    /// The tensor saved as `key`; `what` names the checkpoint in errors (a missing one is one).
+    pub fn tensor(&self, what: &str, key: &str) -> Result<&Tensor> {
+        self.tensors
+            .iter()
+            .find(|(n, _)| n == key)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::Invalid {
+                what: what.into(),
+                reason: format!("missing tensor `{key}`"),
+            })
+    }
+}
+
+/// The variables of a strategy's var store, sorted by name (the order its Adam moments and
+/// checkpoint tensors follow).
+pub fn sorted_variables(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// Copy `value` into the variable `name` of a strategy's var store (checkpoint restore; `owner`

@@ -13,25 +13,10 @@ use mtkd_distill_core::ModelOutput;
 
 #[path = "../../../test-support/golden.rs"]
 mod support;
-use support::{floats, tensor, values};
+use support::{assert_close, assert_close_values, floats, labels, tensor, values};
 
 fn golden() -> Value {
-    support::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/baselines.json"
-    ))
-}
-
-fn assert_close_f64(what: &str, got: &[f64], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs() / (1.0 + w.abs());
-        assert!(err < tol, "{what}[{i}]: got {g}, PyTorch {w}");
-    }
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
-    assert_close_f64(what, &values(got), want, tol);
+    support::golden_file("baselines.json")
 }
 
 struct Case {
@@ -87,14 +72,7 @@ fn cases() -> Vec<Case> {
                 .iter()
                 .map(tensor)
                 .collect(),
-            y: Tensor::from_slice(
-                &c["labels"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_i64().unwrap())
-                    .collect::<Vec<_>>(),
-            ),
+            y: labels(&c["labels"]),
             raw: c.clone(),
         })
         .collect()
@@ -195,10 +173,10 @@ fn aekd_matches_pytorch() {
         let g = aekd_gradients(&s.student_logits, &s.teacher_logits, s.temperature).unwrap();
         assert_eq!(g.len(), vectors.len(), "{}: aekd gradient count", c.name);
         for (m, (got, v)) in g.iter().zip(&vectors).enumerate() {
-            assert_close_f64(&format!("{}: aekd g_{m}", c.name), got, v, 1e-9);
+            assert_close_values(&format!("{}: aekd g_{m}", c.name), got, v, 1e-9);
         }
         let lambda = min_norm_capped_simplex(&vectors, c.cap).unwrap();
-        assert_close_f64(&format!("{}: aekd solver", c.name), &lambda, &want, 1e-8);
+        assert_close_values(&format!("{}: aekd solver", c.name), &lambda, &want, 1e-8);
         let total: f64 = lambda.iter().sum();
         assert!(
             (total - 1.0).abs() < 1e-9,
@@ -397,7 +375,7 @@ fn fixed_weights_per_teacher_and_per_class() {
         0.0, 1.0, 0.0, // class 1
         0.0, 0.75, 0.25, // class 3
     ];
-    assert_close_f64("per-class weights", &w, &want, 1e-6);
+    assert_close_values("per-class weights", &w, &want, 1e-6);
     // Teacher 1 leaves: class 1's row has no weight left and becomes uniform.
     f.retain_teachers(&[0, 2]).unwrap();
     let two: Vec<ModelOutput> = [0, 2]
@@ -409,7 +387,7 @@ fn fixed_weights_per_teacher_and_per_class() {
         .collect();
     let s2 = BatchSignals::compute(&student, &none[..2], &two, &labels, 4.0).unwrap();
     let w = values(&f.weights(&s2).unwrap().logit);
-    assert_close_f64(
+    assert_close_values(
         "after pruning",
         &w,
         &[1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 1.0],

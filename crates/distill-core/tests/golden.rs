@@ -13,22 +13,10 @@ use mtkd_distill_core::{loss, ModelOutput};
 
 #[path = "../../../test-support/golden.rs"]
 mod support;
-use support::{floats, tensor};
+use support::{assert_close, floats, labels, tensor};
 
 fn golden() -> Value {
-    support::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/core.json"
-    ))
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &[f64], tol: f64) {
-    let got: Vec<f64> = Vec::<f64>::try_from(&got.to_kind(Kind::Double).flatten(0, -1)).unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let err = (g - w).abs() / (1.0 + w.abs());
-        assert!(err < tol, "{what}[{i}]: got {g}, PyTorch {w}");
-    }
+    support::golden_file("core.json")
 }
 
 struct Case {
@@ -52,14 +40,7 @@ fn cases() -> Vec<Case> {
             t: c["temperature"].as_f64().unwrap(),
             zs: tensor(&c["student_logits"]),
             zt: tensor(&c["teacher_logits"]),
-            y: Tensor::from_slice(
-                &c["labels"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_i64().unwrap())
-                    .collect::<Vec<_>>(),
-            ),
+            y: labels(&c["labels"]),
             fs: tensor(&c["student_map"]),
             ft: tensor(&c["teacher_map"]),
             raw: c.clone(),
@@ -197,37 +178,22 @@ fn signals_stack_per_teacher_values() {
     .unwrap();
     assert_eq!(s.ce.size(), vec![c.zs.size()[0], 2]);
     let e = &c.raw["expected"];
-    assert_close(
-        "signals kl[:,0]",
-        &s.kl.select(1, 0),
-        &floats(&e["kd_kl"]),
-        1e-4,
-    );
-    assert_close(
-        "signals kl[:,1]",
-        &s.kl.select(1, 1),
-        &vec![0.0; c.zs.size()[0] as usize],
-        1e-5,
-    );
-    assert_close(
-        "signals ce[:,1]",
-        &s.ce.select(1, 1),
-        &floats(&e["cross_entropy"]),
-        1e-5,
-    );
-    assert_close(
-        "signals entropy[:,0]",
-        &s.entropy.select(1, 0),
-        &floats(&e["entropy"]),
-        1e-5,
-    );
     let cos = s.cos.as_ref().expect("both teachers have maps");
-    assert_close(
-        "signals cos[:,0]",
-        &cos.select(1, 0),
-        &floats(&e["cosine"]),
-        1e-4,
-    );
+    // (signal, its [B, M] matrix, teacher column, PyTorch's values, tolerance)
+    for (what, matrix, m, want, tol) in [
+        ("kl", &s.kl, 0, floats(&e["kd_kl"]), 1e-4),
+        ("kl", &s.kl, 1, vec![0.0; c.zs.size()[0] as usize], 1e-5),
+        ("ce", &s.ce, 1, floats(&e["cross_entropy"]), 1e-5),
+        ("entropy", &s.entropy, 0, floats(&e["entropy"]), 1e-5),
+        ("cos", cos, 0, floats(&e["cosine"]), 1e-4),
+    ] {
+        assert_close(
+            &format!("signals {what}[:,{m}]"),
+            &matrix.select(1, m),
+            &want,
+            tol,
+        );
+    }
     assert!(
         !s.kl.requires_grad() && !s.ce.requires_grad(),
         "signals must be detached"

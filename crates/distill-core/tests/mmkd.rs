@@ -4,32 +4,20 @@
 //! Also: the checkpointed state continues exactly, and bad inputs are errors.
 
 use serde_json::Value;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use mtkd_distill_core::mmkd::{Mmkd, MmkdConfig};
-use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::WeightingStrategy;
-use mtkd_distill_core::ModelOutput;
 
 #[path = "../../../test-support/golden.rs"]
 mod support;
 use support::{tensor, values};
+#[path = "../../../test-support/lookahead.rs"]
+mod lookahead;
+use lookahead::{check_batches, metric, signals};
 
 fn golden() -> Value {
-    support::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/mmkd.json"
-    ))
-}
-
-fn assert_close(what: &str, got: &Tensor, want: &Value, tol: f64) {
-    let want = values(&tensor(want));
-    let got = values(got);
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let err = (g - w).abs() / (1.0 + w.abs());
-        assert!(err < tol, "{what}[{i}]: got {g}, PyTorch {w}");
-    }
+    support::golden_file("mmkd.json")
 }
 
 fn mmkd(g: &Value) -> Mmkd {
@@ -53,76 +41,14 @@ fn mmkd(g: &Value) -> Mmkd {
     s
 }
 
-/// The signals of golden batch `b` (logits only), with the student's classifier attached.
-fn signals(g: &Value, b: &Value) -> BatchSignals {
-    let zt = tensor(&b["teacher_logits"]);
-    let h = tensor(&b["embedding"]);
-    let w = tensor(&b["weight"]);
-    let bias = tensor(&b["bias"]);
-    let labels: Vec<i64> = b["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    let y = Tensor::from_slice(&labels);
-    let zs = h.matmul(&w.tr()) + &bias;
-    let teachers: Vec<ModelOutput> = (0..zt.size()[0])
-        .map(|m| ModelOutput {
-            logits: zt.get(m),
-            features: None,
-        })
-        .collect();
-    let none: Vec<Option<Tensor>> = teachers.iter().map(|_| None).collect();
-    let mut s = BatchSignals::compute(
-        &zs,
-        &none,
-        &teachers,
-        &y,
-        g["temperature"].as_f64().unwrap(),
-    )
-    .unwrap();
-    s.student_head = Some(StudentHead {
-        embedding: h,
-        weight: w,
-        bias: Some(bias),
-        lr: g["inner_lr"].as_f64().unwrap(),
-    });
-    s
-}
-
 #[test]
 fn weights_and_meta_updates_match_pytorch() {
     let g = golden();
     let mut s = mmkd(&g);
-    for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
-        let w = s.weights(&signals(&g, b)).unwrap();
-        if let Some(after) = b.get("params_after") {
-            for (name, p) in s.parameters() {
-                assert_close(&format!("batch {i} {name}"), &p, &after[&name], 1e-4);
-            }
-        }
-        assert_close(&format!("batch {i} weights"), &w.logit, &b["weights"], 1e-4);
-        assert_close(
-            &format!("batch {i} feature weights"),
-            &w.feature,
-            &b["weights"],
-            1e-4,
-        );
-        let rows = w.logit.sum_dim_intlist(1i64, false, Kind::Float);
-        assert!(values(&rows).iter().all(|r| (r - 1.0).abs() < 1e-5));
-    }
+    let (updates, mean) = check_batches(&g, "", &mut s, Mmkd::parameters);
     let metrics = s.take_epoch_metrics();
-    let quiz: Vec<f64> = g["batches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|b| b["quiz_loss"].as_f64())
-        .collect();
-    let mean = quiz.iter().sum::<f64>() / quiz.len() as f64;
-    let get = |k: &str| metrics.iter().find(|(n, _)| n == k).unwrap().1;
-    assert_eq!(get("mmkd_meta_updates"), quiz.len() as f64);
-    assert!((get("mmkd_quiz_loss") - mean).abs() < 1e-4 * (1.0 + mean));
+    assert_eq!(metric(&metrics, "mmkd_meta_updates"), updates as f64);
+    assert!((metric(&metrics, "mmkd_quiz_loss") - mean).abs() < 1e-4 * (1.0 + mean));
 }
 
 #[test]

@@ -185,9 +185,26 @@ impl AgentConfig {
         }
         Ok(())
     }
+
+    /// [`AgentConfig::check`] as the agent's error, and a pool of at least one teacher: what
+    /// every mode's agent refuses to be built with.
+    pub(crate) fn check_pool(&self, num_teachers: usize) -> Result<()> {
+        self.check().map_err(|(f, r)| Error::Invalid {
+            what: format!("distill.agent.{f}"),
+            reason: r,
+        })?;
+        if num_teachers == 0 {
+            return Err(Error::Invalid {
+                what: "teachers".into(),
+                reason: "the agent needs at least one teacher".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// One buffered step.
+#[derive(Debug)]
 struct Stored {
     state: Tensor,
     ce: Tensor,
@@ -200,6 +217,7 @@ struct Stored {
 }
 
 /// Running mean and variance of the state features (clean mode).
+#[derive(Debug)]
 pub(crate) struct RunningNorm {
     pub(crate) mean: Tensor,
     pub(crate) var: Tensor,
@@ -231,7 +249,7 @@ impl RunningNorm {
     }
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct EpochStats {
     agent_loss: f64,
     updates: usize,
@@ -253,6 +271,7 @@ struct Bookkeeping {
 }
 
 /// The MTKD-RL agent.
+#[derive(Debug)]
 pub struct MtkdAgent {
     cfg: AgentConfig,
     name: String,
@@ -277,13 +296,13 @@ pub struct MtkdAgent {
     stats: EpochStats,
 }
 
-impl std::fmt::Debug for MtkdAgent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MtkdAgent")
-            .field("cfg", &self.cfg)
-            .field("state_dim", &self.state_dim)
-            .finish()
-    }
+/// The epoch metrics every mode's agent starts with: its updates, and the batches it did not
+/// learn from (`agent_skipped_samples`).
+pub(crate) fn update_counts(updates: f64, skipped: f64) -> Vec<(String, f64)> {
+    vec![
+        ("agent_updates".to_owned(), updates),
+        ("agent_skipped_samples".to_owned(), skipped),
+    ]
 }
 
 /// Width of the agent state: `sum_m (C_m + K + 3)`.
@@ -335,16 +354,7 @@ impl MtkdAgent {
         num_classes: i64,
         device: Device,
     ) -> Result<MtkdAgent> {
-        cfg.check().map_err(|(f, r)| Error::Invalid {
-            what: format!("distill.agent.{f}"),
-            reason: r,
-        })?;
-        if embedding_dims.is_empty() {
-            return Err(Error::Invalid {
-                what: "teachers".into(),
-                reason: "the agent needs at least one teacher".into(),
-            });
-        }
+        cfg.check_pool(embedding_dims.len())?;
         if cfg.mode == Mode::Meta {
             return Err(Error::Invalid {
                 what: "distill.agent.mode".into(),
@@ -392,11 +402,7 @@ impl MtkdAgent {
             (Mode::Meta, _) => "mtkd-rl-meta",
         }
         .to_owned();
-        let norm = RunningNorm {
-            mean: Tensor::zeros([d], (Kind::Float, device)),
-            var: Tensor::ones([d], (Kind::Float, device)),
-            count: 0.0,
-        };
+        let norm = RunningNorm::new(d, device);
         Ok(MtkdAgent {
             cfg,
             name,
@@ -848,10 +854,7 @@ impl WeightingStrategy for MtkdAgent {
 
     fn take_epoch_metrics(&mut self) -> Vec<(String, f64)> {
         let s = std::mem::take(&mut self.stats);
-        let mut out = vec![
-            ("agent_updates".to_owned(), s.updates as f64),
-            ("agent_skipped_samples".to_owned(), s.skipped as f64),
-        ];
+        let mut out = update_counts(s.updates as f64, s.skipped as f64);
         if s.updates > 0 {
             out.push(("agent_loss".to_owned(), s.agent_loss / s.updates as f64));
         }

@@ -25,20 +25,20 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use mtkd_distill_core::mmkd::{adam_step, lookahead_quiz_loss};
+use mtkd_distill_core::mmkd::{lookahead_quiz_loss, quiz_tensors, restore_quiz, AdamMoments};
 use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::{
-    restore_variable, StrategyState, TeacherWeights, WeightingStrategy,
+    restore_variable, sorted_variables, StrategyState, TeacherWeights, WeightingStrategy,
 };
 use mtkd_distill_core::{Error, Result};
 
-use crate::agent::{AgentConfig, Quiz, RunningNorm};
+use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm};
 
 /// Per-teacher features of the policy.
 pub const FEATURES: i64 = 6;
 const RMS_DECAY: f64 = 0.99;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Stats {
     updates: u64,
     skipped: u64,
@@ -59,6 +59,7 @@ struct Bookkeeping {
 }
 
 /// The MTKD-RL agent in meta mode.
+#[derive(Debug)]
 pub struct MetaAgent {
     cfg: AgentConfig,
     vs: nn::VarStore,
@@ -74,21 +75,10 @@ pub struct MetaAgent {
     /// EMA of the mean square of the centred credit (scalar, double).
     credit_ms: Tensor,
     credit_count: u64,
-    adam_m: Vec<Tensor>,
-    adam_v: Vec<Tensor>,
-    adam_t: u64,
+    adam: AdamMoments,
     quiz: Option<(Tensor, Tensor)>,
     calls: u64,
     stats: Stats,
-}
-
-impl std::fmt::Debug for MetaAgent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetaAgent")
-            .field("cfg", &self.cfg)
-            .field("active", &self.active)
-            .finish()
-    }
 }
 
 /// The policy's per-teacher features of a batch, unnormalised.
@@ -116,12 +106,6 @@ pub fn features(s: &BatchSignals) -> Result<Tensor> {
     )?)
 }
 
-fn sorted(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 impl MetaAgent {
     /// A meta-mode agent for `num_teachers` teachers; the student's loss is
     /// `ce_weight CE + kd_weight sum_m w_m KL_m (+ features)`. The first layer is initialised from
@@ -133,16 +117,7 @@ impl MetaAgent {
         kd_weight: f64,
         device: Device,
     ) -> Result<MetaAgent> {
-        cfg.check().map_err(|(f, r)| Error::Invalid {
-            what: format!("distill.agent.{f}"),
-            reason: r,
-        })?;
-        if num_teachers == 0 {
-            return Err(Error::Invalid {
-                what: "teachers".into(),
-                reason: "the agent needs at least one teacher".into(),
-            });
-        }
+        cfg.check_pool(num_teachers)?;
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let l1 = nn::linear(&root / "l1", FEATURES, cfg.hidden, Default::default());
@@ -154,11 +129,8 @@ impl MetaAgent {
         };
         let l2 = nn::linear(&root / "l2", cfg.hidden, 1, zero);
         let teacher_bias = root.zeros("teacher_bias", &[num_teachers as i64]);
-        let params = sorted(&vs);
         Ok(MetaAgent {
-            adam_m: params.iter().map(|(_, p)| p.zeros_like()).collect(),
-            adam_v: params.iter().map(|(_, p)| p.zeros_like()).collect(),
-            adam_t: 0,
+            adam: AdamMoments::zeros(&sorted_variables(&vs)),
             cfg,
             vs,
             l1,
@@ -178,7 +150,7 @@ impl MetaAgent {
 
     /// The policy's parameters by name (`l1.weight`, `l1.bias`, `l2.weight`, `teacher_bias`).
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        sorted(&self.vs)
+        sorted_variables(&self.vs)
     }
 
     /// Overwrite parameter `name` (tests and checkpoints).
@@ -233,7 +205,7 @@ impl MetaAgent {
         let params = self.parameters();
         let tensors: Vec<&Tensor> = params.iter().map(|(_, p)| p).collect();
         let grads = Tensor::f_run_backward(&[&loss], &tensors, false, false)?;
-        self.adam(&tensors, &grads)?;
+        self.adam.step(&tensors, &grads, self.cfg.meta_lr)?;
         self.stats.updates += 1;
         let ql = quiz_loss.detach().to_kind(Kind::Double);
         self.stats.quiz_loss = Some(match self.stats.quiz_loss.take() {
@@ -241,18 +213,6 @@ impl MetaAgent {
             None => ql,
         });
         Ok(())
-    }
-
-    fn adam(&mut self, params: &[&Tensor], grads: &[Tensor]) -> Result<()> {
-        self.adam_t += 1;
-        adam_step(
-            params,
-            grads,
-            &mut self.adam_m,
-            &mut self.adam_v,
-            self.adam_t,
-            self.cfg.meta_lr,
-        )
     }
 }
 
@@ -341,10 +301,7 @@ impl WeightingStrategy for MetaAgent {
 
     fn take_epoch_metrics(&mut self) -> Vec<(String, f64)> {
         let s = std::mem::take(&mut self.stats);
-        let mut out = vec![
-            ("agent_updates".to_owned(), s.updates as f64),
-            ("agent_skipped_samples".to_owned(), s.skipped as f64),
-        ];
+        let mut out = update_counts(s.updates as f64, s.skipped as f64);
         if let Some(q) = s.quiz_loss {
             out.push((
                 "agent_quiz_loss".to_owned(),
@@ -370,23 +327,15 @@ impl WeightingStrategy for MetaAgent {
     }
 
     fn save_state(&self) -> Result<StrategyState> {
-        let mut tensors = Vec::new();
-        for (i, (name, p)) in self.parameters().into_iter().enumerate() {
-            tensors.push((format!("adam_m.{name}"), self.adam_m[i].shallow_clone()));
-            tensors.push((format!("adam_v.{name}"), self.adam_v[i].shallow_clone()));
-            tensors.push((format!("param.{name}"), p));
-        }
+        let mut tensors = self.adam.checkpoint_tensors(self.parameters());
         tensors.push(("norm.mean".into(), self.norm.mean.shallow_clone()));
         tensors.push(("norm.var".into(), self.norm.var.shallow_clone()));
         tensors.push(("credit_ms".into(), self.credit_ms.shallow_clone()));
-        if let Some((h, y)) = &self.quiz {
-            tensors.push(("quiz.embedding".into(), h.shallow_clone()));
-            tensors.push(("quiz.labels".into(), y.shallow_clone()));
-        }
+        tensors.extend(quiz_tensors(self.quiz.as_ref()));
         let json = StrategyState::json_of(
             "mtkd-rl meta checkpoint",
             &Bookkeeping {
-                adam_t: self.adam_t,
+                adam_t: self.adam.t,
                 calls: self.calls,
                 norm_count: self.norm.count,
                 credit_count: self.credit_count,
@@ -398,43 +347,16 @@ impl WeightingStrategy for MetaAgent {
     }
 
     fn load_state(&mut self, state: &StrategyState) -> Result<()> {
-        let book: Bookkeeping = state.bookkeeping("mtkd-rl meta checkpoint")?;
-        let find = |key: &str| -> Result<&Tensor> {
-            state
-                .tensors
-                .iter()
-                .find(|(n, _)| n == key)
-                .map(|(_, t)| t)
-                .ok_or_else(|| Error::Invalid {
-                    what: "mtkd-rl meta checkpoint".into(),
-                    reason: format!("missing tensor `{key}`"),
-                })
-        };
+        const WHAT: &str = "mtkd-rl meta checkpoint";
+        let book: Bookkeeping = state.bookkeeping(WHAT)?;
         let device = self.vs.device();
-        let names: Vec<String> = self.parameters().into_iter().map(|(n, _)| n).collect();
-        for (i, name) in names.iter().enumerate() {
-            restore_variable(
-                &self.vs,
-                "mtkd-rl meta",
-                name,
-                find(&format!("param.{name}"))?,
-            )?;
-            self.adam_m[i] = find(&format!("adam_m.{name}"))?.to_device(device).copy();
-            self.adam_v[i] = find(&format!("adam_v.{name}"))?.to_device(device).copy();
-        }
-        self.norm.mean = find("norm.mean")?.to_device(device).copy();
-        self.norm.var = find("norm.var")?.to_device(device).copy();
+        self.adam.restore(state, &self.vs, "mtkd-rl meta")?;
+        self.norm.mean = state.tensor(WHAT, "norm.mean")?.to_device(device).copy();
+        self.norm.var = state.tensor(WHAT, "norm.var")?.to_device(device).copy();
         self.norm.count = book.norm_count;
-        self.credit_ms = find("credit_ms")?.to_device(device).copy();
-        self.quiz = if book.has_quiz {
-            Some((
-                find("quiz.embedding")?.to_device(device).copy(),
-                find("quiz.labels")?.to_device(device).copy(),
-            ))
-        } else {
-            None
-        };
-        self.adam_t = book.adam_t;
+        self.credit_ms = state.tensor(WHAT, "credit_ms")?.to_device(device).copy();
+        self.quiz = restore_quiz(state, WHAT, book.has_quiz, device)?;
+        self.adam.t = book.adam_t;
         self.calls = book.calls;
         self.credit_count = book.credit_count;
         self.active = book.active;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::signals::BatchSignals;
-use mtkd_distill_core::weighting::{Feedback, WeightingStrategy};
+use mtkd_distill_core::weighting::{Feedback, TeacherWeights, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
 use mtkd_rl_weighting::agent::{
     build_state, parity_reward, AgentConfig, Mix, Mode, MtkdAgent, Quiz,
@@ -17,12 +17,12 @@ use mtkd_rl_weighting::agent::{
 #[path = "../../../test-support/golden.rs"]
 mod support;
 use support::tensor;
+#[path = "../../../test-support/lookahead.rs"]
+mod lookahead;
+use lookahead::{check_batches, metric};
 
 fn golden() -> Value {
-    support::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/agent.json"
-    ))
+    support::golden_file("agent.json")
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
@@ -254,6 +254,29 @@ fn reward_is_undefined_for_tiny_or_flat_batches_and_the_agent_skips_them() {
     assert_eq!((m["agent_skipped_samples"], m["agent_updates"]), (1.0, 0.0));
 }
 
+/// Feedback of a step whose training loss and pre-step CE are `pre`, and whose eval-mode CE
+/// goes from `pre` to `post`.
+fn observe_eval_ce(
+    a: &mut MtkdAgent,
+    s: &BatchSignals,
+    w: &TeacherWeights,
+    pre: Tensor,
+    post: Tensor,
+    step: u64,
+) {
+    a.observe(
+        s,
+        w,
+        &Feedback {
+            per_sample_loss: pre.shallow_clone(),
+            pre_step_ce: pre.shallow_clone(),
+            eval_ce: Some((pre, post)),
+            step,
+        },
+    )
+    .unwrap();
+}
+
 fn clean(m: usize, buffer_steps: usize) -> MtkdAgent {
     let cfg = AgentConfig {
         mode: Mode::Clean,
@@ -318,17 +341,7 @@ fn clean_mode_warms_up_handles_one_teacher_and_bounds_its_buffer() {
         );
         let pre = Tensor::rand([8], (Kind::Float, Device::Cpu)) + 1.0;
         let post = &pre - Tensor::rand([8], (Kind::Float, Device::Cpu)) * 0.1;
-        a.observe(
-            &s,
-            &w,
-            &Feedback {
-                per_sample_loss: pre.shallow_clone(),
-                pre_step_ce: pre.shallow_clone(),
-                eval_ce: Some((pre, post)),
-                step,
-            },
-        )
-        .unwrap();
+        observe_eval_ce(&mut a, &s, &w, pre, post, step);
         let m: HashMap<String, f64> = a.take_epoch_metrics().into_iter().collect();
         updates += m["agent_updates"];
     }
@@ -340,17 +353,7 @@ fn clean_mode_warms_up_handles_one_teacher_and_bounds_its_buffer() {
     let s = random_signals(3, 1, 99);
     let w = a.weights(&s).unwrap();
     let one = Tensor::ones([1], (Kind::Float, Device::Cpu));
-    a.observe(
-        &s,
-        &w,
-        &Feedback {
-            per_sample_loss: one.shallow_clone(),
-            pre_step_ce: one.shallow_clone(),
-            eval_ce: Some((one.shallow_clone(), one)),
-            step: 10,
-        },
-    )
-    .unwrap();
+    observe_eval_ce(&mut a, &s, &w, one.shallow_clone(), one, 10);
     let m: HashMap<String, f64> = a.take_epoch_metrics().into_iter().collect();
     assert_eq!(m["agent_skipped_samples"], 1.0);
     // Dynamic mix is parity-only.
@@ -374,17 +377,7 @@ fn agent_state_round_trips_through_a_checkpoint() {
         let w = a.weights(&s).unwrap();
         let pre = Tensor::rand([6], (Kind::Float, Device::Cpu)) + 1.0;
         let post = &pre * 0.9;
-        a.observe(
-            &s,
-            &w,
-            &Feedback {
-                per_sample_loss: pre.shallow_clone(),
-                pre_step_ce: pre.shallow_clone(),
-                eval_ce: Some((pre, post)),
-                step,
-            },
-        )
-        .unwrap();
+        observe_eval_ce(&mut a, &s, &w, pre, post, step);
     }
     a.end_epoch(1).unwrap();
     let saved = a.save_state().unwrap();
@@ -404,70 +397,32 @@ fn agent_state_round_trips_through_a_checkpoint() {
 // ---- meta mode (docs/METHOD.md section 10) against scripts/golden_meta.py ----
 
 fn meta_golden_of(quiz: &str) -> Value {
-    support::load(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/meta.json"
-    ))[quiz]
-        .clone()
+    support::golden_file("meta.json")[quiz].clone()
 }
 
 fn meta_golden() -> Value {
     meta_golden_of("previous")
 }
 
-fn meta_signals(g: &Value, b: &Value) -> BatchSignals {
-    use mtkd_distill_core::signals::StudentHead;
-    let zt = tensor(&b["teacher_logits"]);
-    let h = tensor(&b["embedding"]);
-    let w = tensor(&b["weight"]);
-    let bias = tensor(&b["bias"]);
-    let labels: Vec<i64> = b["labels"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    let y = Tensor::from_slice(&labels);
-    let zs = h.matmul(&w.tr()) + &bias;
-    let teachers: Vec<ModelOutput> = (0..zt.size()[0])
-        .map(|m| ModelOutput {
-            logits: zt.get(m),
-            features: None,
-        })
-        .collect();
-    let none: Vec<Option<Tensor>> = teachers.iter().map(|_| None).collect();
-    let mut s = BatchSignals::compute(
-        &zs,
-        &none,
-        &teachers,
-        &y,
-        g["temperature"].as_f64().unwrap(),
-    )
-    .unwrap();
-    s.student_head = Some(StudentHead {
-        embedding: h,
-        weight: w,
-        bias: Some(bias),
-        lr: g["inner_lr"].as_f64().unwrap(),
-    });
-    s
-}
-
 fn meta_agent(g: &Value) -> mtkd_rl_weighting::meta::MetaAgent {
     meta_agent_with(g, Quiz::Previous)
 }
 
-fn meta_agent_with(g: &Value, quiz: Quiz) -> mtkd_rl_weighting::meta::MetaAgent {
-    let cfg = AgentConfig {
+/// The meta-mode settings of a golden file.
+fn meta_config(g: &Value, quiz: Quiz) -> AgentConfig {
+    AgentConfig {
         mode: Mode::Meta,
         quiz,
         hidden: g["hidden"].as_i64().unwrap(),
         meta_lr: g["meta_lr"].as_f64().unwrap(),
         entropy: g["entropy"].as_f64().unwrap(),
         ..AgentConfig::default()
-    };
+    }
+}
+
+fn meta_agent_with(g: &Value, quiz: Quiz) -> mtkd_rl_weighting::meta::MetaAgent {
     let mut a = mtkd_rl_weighting::meta::MetaAgent::new(
-        cfg,
+        meta_config(g, quiz),
         g["M"].as_u64().unwrap() as usize,
         g["ce_weight"].as_f64().unwrap(),
         g["kd_weight"].as_f64().unwrap(),
@@ -489,42 +444,15 @@ fn meta_mode_credit_update_and_weights_match_pytorch() {
 fn meta_matches_pytorch(which: &str, quiz: Quiz, updates: f64) {
     let g = meta_golden_of(which);
     let mut a = meta_agent_with(&g, quiz);
-    for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
-        let w = a.weights(&meta_signals(&g, b)).unwrap();
-        if let Some(after) = b.get("params_after") {
-            for (name, p) in a.parameters() {
-                assert_close(
-                    &format!("{which} batch {i} {name}"),
-                    &p,
-                    &tensor(&after[&name]),
-                    1e-4,
-                );
-            }
-        }
-        assert_close(
-            &format!("batch {i} weights"),
-            &w.logit,
-            &tensor(&b["weights"]),
-            1e-4,
-        );
-        assert_close(
-            &format!("batch {i} feature weights"),
-            &w.feature,
-            &tensor(&b["weights"]),
-            1e-4,
-        );
-    }
+    let (_, mean) = check_batches(
+        &g,
+        &format!("{which} "),
+        &mut a,
+        mtkd_rl_weighting::meta::MetaAgent::parameters,
+    );
     let metrics = a.take_epoch_metrics();
-    let get = |k: &str| metrics.iter().find(|(n, _)| n == k).unwrap().1;
-    assert_eq!(get("agent_updates"), updates, "{which}");
-    let quiz: Vec<f64> = g["batches"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|b| b["quiz_loss"].as_f64())
-        .collect();
-    let mean = quiz.iter().sum::<f64>() / quiz.len() as f64;
-    assert!((get("agent_quiz_loss") - mean).abs() < 1e-4 * (1.0 + mean));
+    assert_eq!(metric(&metrics, "agent_updates"), updates, "{which}");
+    assert!((metric(&metrics, "agent_quiz_loss") - mean).abs() < 1e-4 * (1.0 + mean));
 }
 
 #[test]
@@ -539,7 +467,7 @@ fn meta_mode_starts_at_equal_weights_and_resumes_exactly() {
         ..AgentConfig::default()
     };
     let mut fresh = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
-    let w = fresh.weights(&meta_signals(&g, &batches[0])).unwrap();
+    let w = fresh.weights(&lookahead::signals(&g, &batches[0])).unwrap();
     assert_close(
         "first weights",
         &w.logit,
@@ -548,19 +476,12 @@ fn meta_mode_starts_at_equal_weights_and_resumes_exactly() {
     );
     // Two batches, checkpoint, continue in a new agent: the same weights as uninterrupted.
     let mut a = meta_agent(&g);
-    a.weights(&meta_signals(&g, &batches[0])).unwrap();
-    a.weights(&meta_signals(&g, &batches[1])).unwrap();
+    a.weights(&lookahead::signals(&g, &batches[0])).unwrap();
+    a.weights(&lookahead::signals(&g, &batches[1])).unwrap();
     let state = a.save_state().unwrap();
     let mut b = meta_agent(&g);
     let mut c = mtkd_rl_weighting::meta::MetaAgent::new(
-        AgentConfig {
-            mode: Mode::Meta,
-            quiz: Quiz::Previous,
-            hidden: g["hidden"].as_i64().unwrap(),
-            meta_lr: g["meta_lr"].as_f64().unwrap(),
-            entropy: g["entropy"].as_f64().unwrap(),
-            ..AgentConfig::default()
-        },
+        meta_config(&g, Quiz::Previous),
         3,
         g["ce_weight"].as_f64().unwrap(),
         g["kd_weight"].as_f64().unwrap(),
@@ -568,12 +489,12 @@ fn meta_mode_starts_at_equal_weights_and_resumes_exactly() {
     )
     .unwrap();
     c.load_state(&state).unwrap();
-    let want = a.weights(&meta_signals(&g, &batches[2])).unwrap();
-    let got = c.weights(&meta_signals(&g, &batches[2])).unwrap();
+    let want = a.weights(&lookahead::signals(&g, &batches[2])).unwrap();
+    let got = c.weights(&lookahead::signals(&g, &batches[2])).unwrap();
     assert!(want.logit.equal(&got.logit), "resumed weights differ");
     // Without the state the third batch's weights differ (the check can fail).
-    b.weights(&meta_signals(&g, &batches[2])).unwrap();
-    let other = b.weights(&meta_signals(&g, &batches[2])).unwrap();
+    b.weights(&lookahead::signals(&g, &batches[2])).unwrap();
+    let other = b.weights(&lookahead::signals(&g, &batches[2])).unwrap();
     assert!(!want.logit.equal(&other.logit));
 }
 
@@ -582,10 +503,10 @@ fn meta_mode_drops_pruned_teachers_and_refuses_a_wrong_pool() {
     let g = meta_golden();
     let batches = g["batches"].as_array().unwrap();
     let mut a = meta_agent(&g);
-    a.weights(&meta_signals(&g, &batches[0])).unwrap();
+    a.weights(&lookahead::signals(&g, &batches[0])).unwrap();
     a.retain_teachers(&[0, 2]).unwrap();
     // A batch with all three teachers no longer fits.
-    let err = a.weights(&meta_signals(&g, &batches[1])).unwrap_err();
+    let err = a.weights(&lookahead::signals(&g, &batches[1])).unwrap_err();
     assert!(err.to_string().contains("teachers"), "{err}");
     let state = a.save_state().unwrap();
     assert!(state.json.contains("\"active\":[0,2]"), "{}", state.json);

@@ -7,34 +7,14 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use crate::layers::conv_bn;
+
 /// Expansion ratio `T` of RepDistiller's `mobile_half` / `mobilenetv2_T_w(6, W)`.
 const EXPANSION: i64 = 6;
 
 /// Stride of the first 3x3 convolution. RepDistiller's CIFAR file uses 2 (`conv_bn(3, c, 2)`),
 /// which gives a 2x2 feature map for 32x32 images.
 const STEM_STRIDE: i64 = 2;
-
-/// Convolution (no bias) followed by BatchNorm, named `{conv_name}` and `{bn_name}` under `p`.
-fn conv_bn(
-    p: &nn::Path,
-    names: (&str, &str),
-    cin: i64,
-    cout: i64,
-    kernel: i64,
-    stride: i64,
-    groups: i64,
-) -> nn::SequentialT {
-    let cfg = nn::ConvConfig {
-        stride,
-        padding: (kernel - 1) / 2,
-        groups,
-        bias: false,
-        ..Default::default()
-    };
-    nn::seq_t()
-        .add(nn::conv2d(p / names.0, cin, cout, kernel, cfg))
-        .add(nn::batch_norm2d(p / names.1, cout, Default::default()))
-}
 
 /// `InvertedResidual`: 1x1 expansion (kept even when the ratio is 1, as in RepDistiller),
 /// 3x3 depthwise, 1x1 linear projection; identity shortcut when the shapes allow it.

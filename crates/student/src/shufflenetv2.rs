@@ -7,6 +7,8 @@
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
+use crate::layers::conv_bn;
+
 /// Per-stage output channels (three stages and the last 1x1 conv) and basic blocks per stage.
 fn config(net_size: f64) -> ([i64; 4], [i64; 3]) {
     let sizes: [(f64, [i64; 4], [i64; 3]); 6] = [
@@ -26,22 +28,6 @@ fn config(net_size: f64) -> ([i64; 4], [i64; 3]) {
         })
 }
 
-/// Convolution without bias; `groups == cin` makes it depthwise.
-fn conv(p: nn::Path, cin: i64, cout: i64, kernel: i64, stride: i64, groups: i64) -> nn::Conv2D {
-    let cfg = nn::ConvConfig {
-        stride,
-        padding: (kernel - 1) / 2,
-        groups,
-        bias: false,
-        ..Default::default()
-    };
-    nn::conv2d(p, cin, cout, kernel, cfg)
-}
-
-fn bn(p: nn::Path, c: i64) -> nn::BatchNorm {
-    nn::batch_norm2d(p, c, Default::default())
-}
-
 /// Channel shuffle with 2 groups: `[N, C, H, W] -> [N, 2, C/2, H, W] -> [N, C/2, 2, H, W]`.
 fn shuffle(x: &Tensor) -> Tensor {
     const GROUPS: i64 = 2;
@@ -58,19 +44,16 @@ fn shuffle(x: &Tensor) -> Tensor {
 fn basic_block(p: &nn::Path, channels: i64) -> impl ModuleT + 'static {
     // RepDistiller: int(in_channels * split_ratio) with split_ratio 0.5.
     let half = channels / 2;
-    let conv1 = conv(p / "conv1", half, half, 1, 1, 1);
-    let bn1 = bn(p / "bn1", half);
-    let conv2 = conv(p / "conv2", half, half, 3, 1, half);
-    let bn2 = bn(p / "bn2", half);
-    let conv3 = conv(p / "conv3", half, half, 1, 1, 1);
-    let bn3 = bn(p / "bn3", half);
+    let cb1 = conv_bn(p, ("conv1", "bn1"), half, half, 1, 1, 1);
+    let cb2 = conv_bn(p, ("conv2", "bn2"), half, half, 3, 1, half);
+    let cb3 = conv_bn(p, ("conv3", "bn3"), half, half, 1, 1, 1);
     nn::func_t(move |x: &Tensor, train| {
         let c = x.size()[1];
         let x1 = x.narrow(1, 0, half);
         let x2 = x.narrow(1, half, c - half);
-        let out = x2.apply(&conv1).apply_t(&bn1, train).relu();
-        let out = out.apply(&conv2).apply_t(&bn2, train);
-        let out = out.apply(&conv3).apply_t(&bn3, train).relu();
+        let out = x2.apply_t(&cb1, train).relu();
+        let out = out.apply_t(&cb2, train);
+        let out = out.apply_t(&cb3, train).relu();
         shuffle(&Tensor::cat(&[x1, out], 1))
     })
 }
@@ -79,22 +62,17 @@ fn basic_block(p: &nn::Path, channels: i64) -> impl ModuleT + 'static {
 /// 1x1) of `cout / 2` channels each, concatenated and shuffled.
 fn down_block(p: &nn::Path, cin: i64, cout: i64) -> impl ModuleT + 'static {
     let mid = cout / 2;
-    let conv1 = conv(p / "conv1", cin, cin, 3, 2, cin);
-    let bn1 = bn(p / "bn1", cin);
-    let conv2 = conv(p / "conv2", cin, mid, 1, 1, 1);
-    let bn2 = bn(p / "bn2", mid);
-    let conv3 = conv(p / "conv3", cin, mid, 1, 1, 1);
-    let bn3 = bn(p / "bn3", mid);
-    let conv4 = conv(p / "conv4", mid, mid, 3, 2, mid);
-    let bn4 = bn(p / "bn4", mid);
-    let conv5 = conv(p / "conv5", mid, mid, 1, 1, 1);
-    let bn5 = bn(p / "bn5", mid);
+    let cb1 = conv_bn(p, ("conv1", "bn1"), cin, cin, 3, 2, cin);
+    let cb2 = conv_bn(p, ("conv2", "bn2"), cin, mid, 1, 1, 1);
+    let cb3 = conv_bn(p, ("conv3", "bn3"), cin, mid, 1, 1, 1);
+    let cb4 = conv_bn(p, ("conv4", "bn4"), mid, mid, 3, 2, mid);
+    let cb5 = conv_bn(p, ("conv5", "bn5"), mid, mid, 1, 1, 1);
     nn::func_t(move |x: &Tensor, train| {
-        let left = x.apply(&conv1).apply_t(&bn1, train);
-        let left = left.apply(&conv2).apply_t(&bn2, train).relu();
-        let right = x.apply(&conv3).apply_t(&bn3, train).relu();
-        let right = right.apply(&conv4).apply_t(&bn4, train);
-        let right = right.apply(&conv5).apply_t(&bn5, train).relu();
+        let left = x.apply_t(&cb1, train);
+        let left = left.apply_t(&cb2, train).relu();
+        let right = x.apply_t(&cb3, train).relu();
+        let right = right.apply_t(&cb4, train);
+        let right = right.apply_t(&cb5, train).relu();
         shuffle(&Tensor::cat(&[left, right], 1))
     })
 }
@@ -107,8 +85,7 @@ pub(crate) fn shufflenetv2(
 ) -> (nn::FuncT<'static>, i64) {
     let (out_channels, num_blocks) = config(net_size);
     // RepDistiller's stem is a 1x1 convolution (its 3x3 variant is commented out).
-    let conv1 = conv(p / "conv1", in_channels, 24, 1, 1, 1);
-    let bn1 = bn(p / "bn1", 24);
+    let stem = conv_bn(p, ("conv1", "bn1"), in_channels, 24, 1, 1, 1);
     let mut cin = 24;
     let mut layers = Vec::new();
     for (li, (&cout, &n)) in out_channels[..3].iter().zip(&num_blocks).enumerate() {
@@ -121,14 +98,13 @@ pub(crate) fn shufflenetv2(
         layers.push(seq);
     }
     let last = out_channels[3];
-    let conv2 = conv(p / "conv2", cin, last, 1, 1, 1);
-    let bn2 = bn(p / "bn2", last);
+    let last_conv = conv_bn(p, ("conv2", "bn2"), cin, last, 1, 1, 1);
     let f = nn::func_t(move |x, train| {
-        let mut x = x.apply(&conv1).apply_t(&bn1, train).relu();
+        let mut x = x.apply_t(&stem, train).relu();
         for l in &layers {
             x = x.apply_t(l, train);
         }
-        x.apply(&conv2).apply_t(&bn2, train).relu()
+        x.apply_t(&last_conv, train).relu()
     });
     (f, last)
 }

@@ -12,6 +12,12 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::{Precision, Teacher};
 use mtkd_student::{Arch, HeadKind, NativeTeacher, Network};
 
+#[path = "../../../test-support/outputs.rs"]
+mod outputs;
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use outputs::{float32_logits, max_diff};
+
 fn python_logits(arch: &str, weights: &Path, precision: &str, out: &Path) -> Vec<f64> {
     let python = std::env::var("MTKD_TORCH_PYTHON").expect(
         "MTKD_TORCH_PYTHON names the Python with torch 2.13.0; run the tests through `cargo xtask test`",
@@ -40,20 +46,7 @@ fn python_logits(arch: &str, weights: &Path, precision: &str, out: &Path) -> Vec
         String::from_utf8_lossy(&run.stderr)
     );
     let v: Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
-    v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    support::floats(&v["logits"])
 }
 
 #[test]
@@ -82,16 +75,7 @@ fn a_native_teacher_in_bf16_gives_pytorchs_bf16_logits() {
     let x = Tensor::arange(2 * 28 * 28, (Kind::Float, Device::Cpu))
         .view([2, 1, 28, 28])
         .sin();
-    let logits = |t: &NativeTeacher| -> Vec<f64> {
-        let out = t.forward(&x).unwrap();
-        assert_eq!(
-            out.logits.kind(),
-            Kind::Float,
-            "outputs reach the losses as float32"
-        );
-        assert_eq!(out.features.as_ref().unwrap().kind(), Kind::Float);
-        Vec::try_from(&out.logits.to_kind(Kind::Double).flatten(0, -1)).unwrap()
-    };
+    let logits = |t: &NativeTeacher| float32_logits(&t.forward(&x).unwrap());
     let fp32 = load();
     let mut bf16 = load();
     bf16.set_precision(Precision::Bf16).unwrap();

@@ -11,20 +11,16 @@ use tch::{Device, Kind, Tensor};
 use mtkd_student::arch::parameter_count;
 use mtkd_student::{Arch, HeadKind, Network};
 
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use support::ints;
+
 fn golden() -> Value {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/state_dicts.json");
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
         panic!("cannot read {path} ({e}); run scripts/student_zoo.py to write it")
     });
     serde_json::from_str(&text).unwrap()
-}
-
-fn ints(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
 }
 
 /// Compare one golden case with the Rust network; returns the problems found.

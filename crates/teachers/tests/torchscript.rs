@@ -11,6 +11,13 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::{Precision, Teacher};
 use mtkd_teachers::{Expectation, TorchScriptTeacher};
 
+#[path = "../../../test-support/golden.rs"]
+mod support;
+use support::{floats, ints, values};
+#[path = "../../../test-support/outputs.rs"]
+mod outputs;
+use outputs::{float32_logits, max_diff};
+
 fn python() -> String {
     std::env::var("MTKD_TORCH_PYTHON")
         .expect("MTKD_TORCH_PYTHON names the Python with torch 2.13.0 and torchvision; run the tests through `cargo xtask test`")
@@ -79,6 +86,26 @@ fn expectation(needs_features: bool) -> Expectation {
     }
 }
 
+/// `resnet18` of `path` as feature KD expects it ([`expectation`]), computing in `precision`.
+fn load_r18(path: &Path, precision: Precision) -> mtkd_teachers::Result<TorchScriptTeacher> {
+    TorchScriptTeacher::load_in("r18", path, Device::Cpu, &expectation(true), precision)
+}
+
+/// Loading `path` as `expect` describes it, in `precision`, fails with an error that holds
+/// every one of `needles`.
+fn assert_refused(
+    name: &str,
+    path: &Path,
+    expect: &Expectation,
+    precision: Precision,
+    needles: &[&str],
+) {
+    let err = TorchScriptTeacher::load_in(name, path, Device::Cpu, expect, precision)
+        .unwrap_err()
+        .to_string();
+    assert!(needles.iter().all(|n| err.contains(n)), "{err}");
+}
+
 fn input() -> Tensor {
     Tensor::arange(3 * 3 * 32 * 32, (Kind::Float, Device::Cpu))
         .view([3, 3, 32, 32])
@@ -100,14 +127,8 @@ fn torchvision_teachers_give_pythons_logits_in_rust() {
         );
         let out = t.forward(&input()).unwrap();
         assert!(!out.logits.requires_grad(), "teachers run without gradient");
-        let got: Vec<f64> =
-            Vec::try_from(&out.logits.to_kind(Kind::Double).flatten(0, -1)).unwrap();
-        let py: Vec<f64> = want["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let got = values(&out.logits);
+        let py = floats(&want["logits"]);
         assert_eq!(got.len(), 30, "{name}");
         for (g, p) in got.iter().zip(&py) {
             assert!(
@@ -126,12 +147,7 @@ fn torchvision_teachers_give_pythons_logits_in_rust() {
             (fsum - pysum).abs() < 1e-3 * (1.0 + pysum.abs()),
             "{name}: feature sum {fsum} vs {pysum}"
         );
-        let fshape: Vec<i64> = want["features_shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_i64().unwrap())
-            .collect();
+        let fshape = ints(&want["features_shape"]);
         assert_eq!(out.features.as_ref().unwrap().size(), fshape, "{name}");
     }
 }
@@ -145,61 +161,44 @@ fn contract_violations_name_the_file() {
         TorchScriptTeacher::load("r18", &logits_only, Device::Cpu, &expectation(false)).unwrap();
     assert_eq!(t.feature_shape(), None);
     // ...feature KD does not.
-    let err = TorchScriptTeacher::load("r18", &logits_only, Device::Cpu, &expectation(true))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("resnet18.pt") && err.contains("logits only"),
-        "{err}"
+    let fp32 = Precision::Fp32;
+    let e = expectation(true);
+    assert_refused(
+        "r18",
+        &logits_only,
+        &e,
+        fp32,
+        &["resnet18.pt", "logits only"],
     );
     // Class count.
-    let err = TorchScriptTeacher::load(
-        "r18",
-        &logits_only,
-        Device::Cpu,
-        &Expectation {
-            input: (3, 32, 32),
-            num_classes: 100,
-            needs_features: false,
-            dense: false,
-            det_locations: None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("10 classes") && err.contains("has 100"),
-        "{err}"
-    );
+    let e = Expectation {
+        num_classes: 100,
+        ..expectation(false)
+    };
+    assert_refused("r18", &logits_only, &e, fp32, &["10 classes", "has 100"]);
     // Input channels that the network cannot take.
-    let err = TorchScriptTeacher::load(
+    let e = Expectation {
+        input: (1, 28, 28),
+        ..expectation(false)
+    };
+    assert_refused(
         "r18",
         &logits_only,
-        Device::Cpu,
-        &Expectation {
-            input: (1, 28, 28),
-            num_classes: 10,
-            needs_features: false,
-            dense: false,
-            det_locations: None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("resnet18.pt") && err.contains("[2, 1, 28, 28]"),
-        "{err}"
+        &e,
+        fp32,
+        &["resnet18.pt", "[2, 1, 28, 28]"],
     );
     // A truncated archive.
     let bytes = std::fs::read(&logits_only).unwrap();
     let cut = dir.join("cut.pt");
     std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
-    let err = TorchScriptTeacher::load("cut", &cut, Device::Cpu, &expectation(false))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("cut.pt") && err.contains("not a loadable TorchScript"),
-        "{err}"
+    let e = expectation(false);
+    assert_refused(
+        "cut",
+        &cut,
+        &e,
+        fp32,
+        &["cut.pt", "not a loadable TorchScript"],
     );
 }
 
@@ -277,44 +276,15 @@ fn a_teacher_in_bf16_or_channels_last_gives_pytorchs_logits() {
     let plain = export(&dir, "resnet18", &[]);
     let in_bf16 = export(&dir.join("py-bf16"), "resnet18", &["--precision", "bf16"]);
     let want = python_outputs(&in_bf16, &dir.join("py-bf16.json"));
-    let py: Vec<f64> = want["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let logits = |t: &TorchScriptTeacher| -> Vec<f64> {
-        let out = t.forward(&input()).unwrap();
-        assert_eq!(
-            out.logits.kind(),
-            Kind::Float,
-            "outputs reach the losses as float32"
-        );
-        assert_eq!(out.features.as_ref().unwrap().kind(), Kind::Float);
-        Vec::try_from(&out.logits.to_kind(Kind::Double).flatten(0, -1)).unwrap()
-    };
-    let fp32 = TorchScriptTeacher::load("r18", &plain, Device::Cpu, &expectation(true)).unwrap();
-    let bf16 = TorchScriptTeacher::load_in(
-        "r18",
-        &plain,
-        Device::Cpu,
-        &expectation(true),
-        Precision::Bf16,
-    )
-    .unwrap();
+    let py = floats(&want["logits"]);
+    let logits = |t: &TorchScriptTeacher| float32_logits(&t.forward(&input()).unwrap());
+    let fp32 = load_r18(&plain, Precision::Fp32).unwrap();
+    let bf16 = load_r18(&plain, Precision::Bf16).unwrap();
     assert_eq!(bf16.precision(), Precision::Bf16);
     let (a, b) = (logits(&fp32), logits(&bf16));
     let scale = py.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let worst_py = b
-        .iter()
-        .zip(&py)
-        .map(|(g, p)| (g - p).abs())
-        .fold(0.0, f64::max);
-    let worst_fp32 = b
-        .iter()
-        .zip(&a)
-        .map(|(g, p)| (g - p).abs())
-        .fold(0.0, f64::max);
+    let worst_py = max_diff(&b, &py);
+    let worst_fp32 = max_diff(&b, &a);
     // Python and Rust run the same bf16 kernels: far closer than bf16 is to fp32.
     assert!(
         worst_py <= 1e-2 * scale,
@@ -327,35 +297,20 @@ fn a_teacher_in_bf16_or_channels_last_gives_pytorchs_logits() {
 
     // Channels-last (what the engine does on the CPU): fp32's logits up to summation order,
     // contiguous outputs; in bf16 too.
-    let mut cl = TorchScriptTeacher::load("r18", &plain, Device::Cpu, &expectation(true)).unwrap();
+    let mut cl = load_r18(&plain, Precision::Fp32).unwrap();
     assert!(cl.set_channels_last(true).unwrap());
     let c = logits(&cl);
-    let worst_cl = c
-        .iter()
-        .zip(&a)
-        .map(|(g, p)| (g - p).abs())
-        .fold(0.0, f64::max);
+    let worst_cl = max_diff(&c, &a);
     assert!(
         worst_cl <= 1e-4 * scale,
         "channels-last vs contiguous: {worst_cl}"
     );
     let out = cl.forward(&input()).unwrap();
     assert!(out.logits.is_contiguous() && out.features.as_ref().unwrap().is_contiguous());
-    let mut cl16 = TorchScriptTeacher::load_in(
-        "r18",
-        &plain,
-        Device::Cpu,
-        &expectation(true),
-        Precision::Bf16,
-    )
-    .unwrap();
+    let mut cl16 = load_r18(&plain, Precision::Bf16).unwrap();
     assert!(cl16.set_channels_last(true).unwrap());
     let d = logits(&cl16);
-    let worst_cl16 = d
-        .iter()
-        .zip(&py)
-        .map(|(g, p)| (g - p).abs())
-        .fold(0.0, f64::max);
+    let worst_cl16 = max_diff(&d, &py);
     assert!(
         worst_cl16 <= 1e-2 * scale,
         "channels-last bf16 vs python bf16: {worst_cl16}"
@@ -363,20 +318,15 @@ fn a_teacher_in_bf16_or_channels_last_gives_pytorchs_logits() {
 
     let frozen = export(&dir.join("frozen"), "resnet18", &["--optimize"]);
     // A frozen module has no parameters to re-lay: it keeps its layout.
-    let mut f = TorchScriptTeacher::load("r18", &frozen, Device::Cpu, &expectation(true)).unwrap();
+    let mut f = load_r18(&frozen, Precision::Fp32).unwrap();
     assert!(!f.set_channels_last(true).unwrap());
     assert!(!f.channels_last());
-    let err = TorchScriptTeacher::load_in(
+    let needles = [frozen.to_str().unwrap(), "--precision bf16"];
+    assert_refused(
         "r18",
         &frozen,
-        Device::Cpu,
         &expectation(true),
         Precision::Bf16,
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains(frozen.to_str().unwrap()) && err.contains("--precision bf16"),
-        "{err}"
+        &needles,
     );
 }
