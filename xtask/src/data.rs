@@ -43,12 +43,7 @@ pub fn ensure_fashion_mnist() -> Result<PathBuf> {
         "xtask: fetching Fashion-MNIST (Debian package {PACKAGE}, 31 MB) into {}",
         target.display()
     );
-    let work = target.join(".download");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)
-            .with_context(|| format!("cannot remove {}", work.display()))?;
-    }
-    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let work = fresh_download_dir(&target)?;
     let mut downloaded = apt_download(&work);
     if !downloaded && is_root() {
         // A fresh Debian image may have empty package lists: refresh them once.
@@ -148,4 +143,16 @@ fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     std::fs::rename(&tmp, to)
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), to.display()))?;
     Ok(())
+}
+
+/// An empty `.download` folder under `target` for a fetch to work in (what an interrupted
+/// fetch left there is removed).
+pub fn fresh_download_dir(target: &Path) -> Result<PathBuf> {
+    let work = target.join(".download");
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("cannot remove {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    Ok(work)
 }

@@ -166,12 +166,7 @@ pub fn ensure(python: &Path) -> Result<PathBuf> {
         "xtask: making the nuclei tiles from the PyPI wheel {WHEEL} into {}",
         target.display()
     );
-    let work = target.join(".download");
-    if work.exists() {
-        std::fs::remove_dir_all(&work)
-            .with_context(|| format!("cannot remove {}", work.display()))?;
-    }
-    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let work = crate::data::fresh_download_dir(&target)?;
     let status = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "-q", "-d"])
         .arg(&work)

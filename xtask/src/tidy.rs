@@ -59,6 +59,18 @@ fn tch_pin_and_installed_torch_agree() {
     );
 }
 
+/// The workspace's library crates (folders under `crates/`); `cli` is the application.
+const LIBRARY_CRATES: [&str; 8] = [
+    "distill-core",
+    "teachers",
+    "student",
+    "rl-weighting",
+    "vision-tasks",
+    "records",
+    "report",
+    "engine",
+];
+
 fn dependency_names(manifest: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut in_deps = false;
@@ -147,16 +159,7 @@ fn library_crates_respect_the_dependency_rules() {
     }
     // The terminal belongs to the binary: argument parsing, progress bars, signal handlers and
     // the log subscriber live in mtkd-cli; libraries return errors and emit tracing events.
-    for c in [
-        "distill-core",
-        "teachers",
-        "student",
-        "rl-weighting",
-        "vision-tasks",
-        "records",
-        "report",
-        "engine",
-    ] {
+    for c in LIBRARY_CRATES {
         let deps = dependency_names(&read(&format!("crates/{c}/Cargo.toml")));
         for d in ["clap", "indicatif", "ctrlc", "tracing-subscriber"] {
             assert!(
@@ -265,17 +268,7 @@ fn find_cycle(
 
 #[test]
 fn no_crate_has_an_import_cycle_between_its_modules() {
-    for c in [
-        "distill-core",
-        "teachers",
-        "student",
-        "rl-weighting",
-        "vision-tasks",
-        "records",
-        "report",
-        "engine",
-        "cli",
-    ] {
+    for c in LIBRARY_CRATES.iter().chain(&["cli"]) {
         let graph = module_graph(&root().join(format!("crates/{c}/src")));
         if let Some(cycle) = find_cycle(&graph) {
             panic!(

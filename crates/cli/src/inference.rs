@@ -294,13 +294,33 @@ pub struct ClassLine {
     pub top1: f64,
 }
 
-/// What `mtkd eval` reports.
+/// The model, the data and the split an evaluation ran on, and how many images it saw: the
+/// first fields of every `mtkd eval` report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalReport {
+pub struct Evaluated {
     pub model: String,
     pub data: String,
     pub split: String,
     pub samples: usize,
+}
+
+impl Evaluated {
+    fn new(model: &Model, data: &DataConfig, split: EvalSplit, samples: usize) -> Evaluated {
+        Evaluated {
+            model: model.source.clone(),
+            data: describe(data),
+            split: format!("{split:?}").to_lowercase(),
+            samples,
+        }
+    }
+}
+
+/// What `mtkd eval` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// What was evaluated on what.
+    #[serde(flatten)]
+    pub on: Evaluated,
     pub top1: f64,
     pub top5: f64,
     pub mean_cross_entropy: f64,
@@ -383,10 +403,7 @@ pub fn evaluate(
         })
         .collect();
     Ok(EvalReport {
-        model: model.source,
-        data: describe(data),
-        split: format!("{split:?}").to_lowercase(),
-        samples: set.len(),
+        on: Evaluated::new(&model, data, split, set.len()),
         top1: report.top1,
         top5: report.top5,
         mean_cross_entropy: ce / set.len().max(1) as f64,
@@ -398,10 +415,9 @@ pub fn evaluate(
 /// What `mtkd eval` reports of a segmentation model (percent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SegEvalReport {
-    pub model: String,
-    pub data: String,
-    pub split: String,
-    pub samples: usize,
+    /// What was evaluated on what.
+    #[serde(flatten)]
+    pub on: Evaluated,
     /// mIoU (`value`), pixel accuracy, per-class IoU.
     pub report: mtkd_engine::record::MetricReport,
     pub class_names: Vec<String>,
@@ -433,10 +449,7 @@ pub fn evaluate_segmentation(
     let (report, ce) =
         mtkd_engine::trainer::evaluate(&|x| model.checked_output(x), &loader, device, &task, k)?;
     Ok(SegEvalReport {
-        model: model.source.clone(),
-        data: describe(data),
-        split: format!("{split:?}").to_lowercase(),
-        samples: set.len(),
+        on: Evaluated::new(&model, data, split, set.len()),
         report,
         class_names: set.class_names.clone(),
         mean_cross_entropy: ce,
@@ -446,10 +459,9 @@ pub fn evaluate_segmentation(
 /// What `mtkd eval` reports of a detection model (percent).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DetEvalReport {
-    pub model: String,
-    pub data: String,
-    pub split: String,
-    pub samples: usize,
+    /// What was evaluated on what.
+    #[serde(flatten)]
+    pub on: Evaluated,
     /// AP@[.5:.95] (`value`), AP50, AP75, AP by size, AR, AP per class: COCO's evaluation.
     pub report: mtkd_engine::record::MetricReport,
     pub class_names: Vec<String>,
@@ -509,10 +521,7 @@ pub fn evaluate_detection(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(DetEvalReport {
-        model: model.source.clone(),
-        data: describe(data),
-        split: format!("{split:?}").to_lowercase(),
-        samples: set.len(),
+        on: Evaluated::new(&model, data, split, set.len()),
         report: metric.report(),
         class_names: set.class_names.clone(),
         mean_loss,

@@ -95,6 +95,22 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
     assert_eq!(finals, finals_own);
 }
 
+/// A one-epoch tiny config written to `file` under scratch folder `s`.
+fn write_one_epoch(file: &Path, s: &Path) {
+    std::fs::write(file, tiny("", s).replace("epochs = 2", "epochs = 1")).unwrap();
+}
+
+/// `mtkd train --config config --out dir`; returns (exit code, stderr).
+fn train_into(config: &Path, dir: &Path) -> (Option<i32>, String) {
+    mtkd(&[
+        os("train"),
+        os("--config"),
+        config.as_os_str(),
+        os("--out"),
+        dir.as_os_str(),
+    ])
+}
+
 /// The `mtkd` binary with arguments; returns (exit code, stderr).
 fn mtkd(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
@@ -183,15 +199,9 @@ fn a_full_disk_keeps_the_previous_outputs_and_ends_with_an_error() {
     let _serial = serial();
     let s = scratch("fulldisk");
     let path = s.join("c.toml");
-    std::fs::write(&path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    write_one_epoch(&path, &s);
     let dir = s.join("run");
-    let (code, err) = mtkd(&[
-        os("train"),
-        os("--config"),
-        path.as_os_str(),
-        os("--out"),
-        dir.as_os_str(),
-    ]);
+    let (code, err) = train_into(&path, &dir);
     assert_eq!(code, Some(0), "{err}");
     let before: Vec<Vec<u8>> = ["student.safetensors", "student.pt", "summary.json"]
         .iter()
@@ -255,17 +265,11 @@ fn failed_starts_leave_no_folder_and_log_errors_are_reported() {
 
     // A log that cannot be written (here: onto a full device) is said, and the run goes on.
     let good = s.join("good.toml");
-    std::fs::write(&good, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    write_one_epoch(&good, &s);
     let dir = s.join("full-log");
     std::fs::create_dir_all(&dir).unwrap();
     std::os::unix::fs::symlink("/dev/full", dir.join("mtkd.log")).unwrap();
-    let (code, err) = mtkd(&[
-        os("train"),
-        os("--config"),
-        good.as_os_str(),
-        os("--out"),
-        dir.as_os_str(),
-    ]);
+    let (code, err) = train_into(&good, &dir);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         err.matches("cannot write the log").count(),
@@ -386,7 +390,7 @@ fn eval_and_predict_use_a_trained_student_without_a_training_config() {
     let _serial = serial();
     let s = scratch("evalpredict");
     let cfg_path = s.join("c.toml");
-    std::fs::write(&cfg_path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    write_one_epoch(&cfg_path, &s);
     let cfg = parse(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let dir = s.join("run");
     let out = run_in(&cfg, &dir, &RunOptions::default()).unwrap();
@@ -510,20 +514,14 @@ fn a_commented_config_resumes_and_a_changed_one_is_refused_before_any_work() {
     let _serial = serial();
     let s = scratch("configresume");
     let path = s.join("c.toml");
-    std::fs::write(&path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    write_one_epoch(&path, &s);
     let dir = s.join("run");
     let train = |extra: &[&str]| {
         let mut args = vec![os("train"), os("--resume"), dir.as_os_str()];
         args.extend(extra.iter().map(|a| os(a)));
         mtkd(&args)
     };
-    let (code, err) = mtkd(&[
-        os("train"),
-        os("--config"),
-        path.as_os_str(),
-        os("--out"),
-        dir.as_os_str(),
-    ]);
+    let (code, err) = train_into(&path, &dir);
     assert_eq!(code, Some(0), "{err}");
     let saved = dir.join("config.toml");
     let text = std::fs::read_to_string(&saved).unwrap();
@@ -564,7 +562,7 @@ fn a_checkpoint_that_cannot_be_written_leaves_no_temporary_folder() {
     let _serial = serial();
     let s = scratch("fullckpt");
     let path = s.join("c.toml");
-    std::fs::write(&path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    write_one_epoch(&path, &s);
     let dir = s.join("run");
     std::fs::create_dir_all(&dir).unwrap();
     let out = std::process::Command::new("bash")
@@ -635,7 +633,7 @@ fn eval_and_predict_refuse_what_does_not_fit_and_read_class_folders() {
     std::fs::write(&data_path, &folder_data).unwrap();
     // A 10-class Fashion-MNIST student.
     let cfg_path = s.join("c.toml");
-    std::fs::write(&cfg_path, tiny("", &s).replace("epochs = 2", "epochs = 1")).unwrap();
+    write_one_epoch(&cfg_path, &s);
     let cfg = parse(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     let ten = s.join("ten");
     run_in(&cfg, &ten, &RunOptions::default()).unwrap();

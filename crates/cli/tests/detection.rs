@@ -43,7 +43,7 @@ fn eval_and_predict_of_a_detection_run_repeat_its_final_evaluation() {
         serde_json::to_string(&r.report.per_class).unwrap(),
         serde_json::to_string(&sum.final_report.per_class).unwrap()
     );
-    assert_eq!(r.samples, 16);
+    assert_eq!(r.on.samples, 16);
     // The run's own detections, up to the last printed digit of a box (the run's student
     // computes channels-last, the loaded one contiguous).
     let ours: Vec<serde_json::Value> =

@@ -5,7 +5,7 @@
 //! (random init) with Pearson feature KD; the errors of bad detection input.
 
 use mtkd_engine::record::Summary;
-use mtkd_engine::trainer::{self, Interrupted, RunOptions, Silent};
+use mtkd_engine::trainer::{self, RunOptions, Silent};
 
 mod common;
 use common::*;
@@ -61,31 +61,9 @@ fn detection_distills_resumes_exactly_and_shares_teacher_outputs() {
         "the scenes went through COCO files"
     );
 
-    // Killed after 3 steps, resumed: the same records, metric for metric.
-    let halted = s.join("halted");
-    let opts = RunOptions {
-        halt_after_steps: Some(3),
-        ..RunOptions::default()
-    };
-    let err = trainer::run(&cfg, &halted, &opts, &mut Silent).unwrap_err();
-    assert!(
-        err.root_cause().downcast_ref::<Interrupted>().is_some(),
-        "{err:#}"
-    );
-    trainer::run(&cfg, &halted, &RunOptions::default(), &mut Silent).unwrap();
-    assert_eq!(strip_time(&h), strip_time(&history(&halted)));
-
-    // Shared teacher outputs ([K + 5, L] and the pyramid features) change nothing.
-    let shared_root = s.join("outputs");
-    let (key, _) = trainer::share_teacher_outputs(&cfg, &shared_root, None, &mut Silent).unwrap();
-    assert!(key.join("epoch-1.bin").is_file());
-    let read = s.join("read");
-    let opts = RunOptions {
-        teacher_outputs: Some(shared_root),
-        ..RunOptions::default()
-    };
-    trainer::run(&cfg, &read, &opts, &mut Silent).unwrap();
-    assert_eq!(strip_time(&h), strip_time(&history(&read)));
+    // Killed after 3 steps and resumed, or reading shared teacher outputs (the pyramid features):
+    // the same records, metric for metric.
+    assert_resume_and_shared_outputs_repeat(&cfg, &s, &h, 3);
     let _ = std::fs::remove_dir_all(&s);
 }
 

@@ -112,6 +112,17 @@ impl Source<'_> {
         }
     }
 
+    /// The side of square images read at one size: the synthetic scenes' size, or
+    /// `image_size` (COCO, image folders); 0 when the images keep their own sizes.
+    pub fn square_side(&self) -> u32 {
+        match self.kind {
+            DatasetKind::SyntheticScenes | DatasetKind::SyntheticDetection => {
+                self.scenes.map_or(0, |s| s.size as u32)
+            }
+            _ => self.image_size.unwrap_or(0),
+        }
+    }
+
     /// The class count the format fixes without reading images: the binary formats (with
     /// `num_classes` for IDX files); `None` for folders and annotations, which say it.
     pub fn known_classes(&self) -> Option<usize> {

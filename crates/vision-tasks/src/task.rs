@@ -49,6 +49,23 @@ pub enum DenseKd {
     Cwd,
 }
 
+/// What a task's per-teacher signals are computed from ([`Task::signals`]).
+#[derive(Debug, Clone, Copy)]
+pub struct SignalInputs<'a> {
+    /// The student's logits (the task's shape).
+    pub student_logits: &'a Tensor,
+    /// The student's feature map adapted to each teacher's (`None` without feature KD).
+    pub projected: &'a [Option<Tensor>],
+    pub teachers: &'a [ModelOutput],
+    /// The batch's targets ([`Task::targets`]).
+    pub targets: &'a Tensor,
+    /// Each image's class (what per-class records group by).
+    pub image_labels: &'a Tensor,
+    pub temperature: f64,
+    /// Each teacher's per-image KD term, when the caller has computed them already.
+    pub kl_terms: Option<&'a [Tensor]>,
+}
+
 /// What the training loop asks of a task.
 pub trait Task: std::fmt::Debug + Send + Sync {
     fn kind(&self) -> TaskKind;
@@ -67,16 +84,7 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     ) -> Result<Tensor>;
     /// The per-image signals the weighting strategies see (detached).
     #[allow(clippy::too_many_arguments)]
-    fn signals(
-        &self,
-        student_logits: &Tensor,
-        projected: &[Option<Tensor>],
-        teachers: &[ModelOutput],
-        targets: &Tensor,
-        image_labels: &Tensor,
-        temperature: f64,
-        kl_terms: Option<&[Tensor]>,
-    ) -> Result<BatchSignals>;
+    fn signals(&self, i: &SignalInputs) -> Result<BatchSignals>;
     /// Per-image training score in `[0, 1]` `[B]` (top-1 correct, pixel accuracy).
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor>;
     /// A fresh evaluation metric.
@@ -84,7 +92,9 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     /// The primary metric's key.
     fn primary(&self) -> &'static str;
     /// Scalars besides the primary that comparison tables show.
-    fn table_scalars(&self) -> &'static [&'static str];
+    fn table_scalars(&self) -> &'static [&'static str] {
+        table_scalars_for(self.primary())
+    }
     /// The logits' shape per sample, given the input's `(H, W)` and `K`.
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64>;
     /// What a teacher's logits look like for this task, so that a loaded model can be checked:
@@ -147,23 +157,14 @@ impl Task for Classification {
     ) -> Result<Tensor> {
         Ok(loss::kd_kl(student, teacher, temperature)?)
     }
-    fn signals(
-        &self,
-        student_logits: &Tensor,
-        projected: &[Option<Tensor>],
-        teachers: &[ModelOutput],
-        targets: &Tensor,
-        _image_labels: &Tensor,
-        temperature: f64,
-        kl_terms: Option<&[Tensor]>,
-    ) -> Result<BatchSignals> {
+    fn signals(&self, i: &SignalInputs) -> Result<BatchSignals> {
         Ok(BatchSignals::compute_with_kl(
-            student_logits,
-            projected,
-            teachers,
-            targets,
-            temperature,
-            kl_terms,
+            i.student_logits,
+            i.projected,
+            i.teachers,
+            i.targets,
+            i.temperature,
+            i.kl_terms,
         )?)
     }
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -174,9 +175,6 @@ impl Task for Classification {
     }
     fn primary(&self) -> &'static str {
         "top1"
-    }
-    fn table_scalars(&self) -> &'static [&'static str] {
-        table_scalars_for(self.primary())
     }
     fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
         vec![num_classes]
@@ -245,25 +243,16 @@ impl Task for Segmentation {
             DenseKd::Cwd => loss::cwd(student, teacher, temperature)?,
         })
     }
-    fn signals(
-        &self,
-        student_logits: &Tensor,
-        projected: &[Option<Tensor>],
-        teachers: &[ModelOutput],
-        targets: &Tensor,
-        image_labels: &Tensor,
-        temperature: f64,
-        kl_terms: Option<&[Tensor]>,
-    ) -> Result<BatchSignals> {
+    fn signals(&self, i: &SignalInputs) -> Result<BatchSignals> {
         Ok(BatchSignals::compute_dense(
-            student_logits,
-            projected,
-            teachers,
-            targets,
-            image_labels,
+            i.student_logits,
+            i.projected,
+            i.teachers,
+            i.targets,
+            i.image_labels,
             i64::from(IGNORE),
-            temperature,
-            kl_terms,
+            i.temperature,
+            i.kl_terms,
         )?)
     }
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -281,9 +270,6 @@ impl Task for Segmentation {
     }
     fn primary(&self) -> &'static str {
         "miou"
-    }
-    fn table_scalars(&self) -> &'static [&'static str] {
-        table_scalars_for(self.primary())
     }
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64> {
         vec![num_classes, hw.0, hw.1]
@@ -404,36 +390,28 @@ impl Task for Detection {
             Ok(class)
         }
     }
-    fn signals(
-        &self,
-        student_logits: &Tensor,
-        projected: &[Option<Tensor>],
-        teachers: &[ModelOutput],
-        targets: &Tensor,
-        image_labels: &Tensor,
-        temperature: f64,
-        kl_terms: Option<&[Tensor]>,
-    ) -> Result<BatchSignals> {
+    fn signals(&self, i: &SignalInputs) -> Result<BatchSignals> {
         let owned;
-        let kl = match kl_terms {
+        let kl = match i.kl_terms {
             Some(k) => k,
             None => {
-                owned = teachers
+                owned = i
+                    .teachers
                     .iter()
-                    .map(|t| self.kd(student_logits, &t.logits, temperature, targets))
+                    .map(|t| self.kd(i.student_logits, &t.logits, i.temperature, i.targets))
                     .collect::<Result<Vec<_>>>()?;
                 &owned
             }
         };
         det_loss::detection_signals(
             &self.layout,
-            student_logits,
-            projected,
-            teachers,
-            &self.unpack(targets)?,
-            image_labels,
-            self.classes(student_logits)?,
-            temperature,
+            i.student_logits,
+            i.projected,
+            i.teachers,
+            &self.unpack(i.targets)?,
+            i.image_labels,
+            self.classes(i.student_logits)?,
+            i.temperature,
             kl,
         )
     }
@@ -460,9 +438,6 @@ impl Task for Detection {
     }
     fn primary(&self) -> &'static str {
         "ap"
-    }
-    fn table_scalars(&self) -> &'static [&'static str] {
-        table_scalars_for(self.primary())
     }
     fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
         vec![num_classes + 5, self.layout.len()]

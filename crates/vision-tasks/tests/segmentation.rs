@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 use mtkd_distill_core::ModelOutput;
 use mtkd_vision_tasks::data::ImageSet;
 use mtkd_vision_tasks::segmentation::{self, data, synthetic, Confusion, IGNORE};
-use mtkd_vision_tasks::task::{DenseKd, Segmentation, Task};
+use mtkd_vision_tasks::task::{DenseKd, Segmentation, SignalInputs, Task};
 use mtkd_vision_tasks::transform::{self, Augment};
 
 #[path = "../../../test-support/golden.rs"]
@@ -89,7 +89,15 @@ fn dense_losses_signals_and_metrics_match_the_references() {
         let b = zs.size()[0];
         let labels = Tensor::zeros([b], (Kind::Int64, tch::Device::Cpu));
         let s = kl_task
-            .signals(&zs, &[], &outs, &y, &labels, t, None)
+            .signals(&SignalInputs {
+                student_logits: &zs,
+                projected: &[],
+                teachers: &outs,
+                targets: &y,
+                image_labels: &labels,
+                temperature: t,
+                kl_terms: None,
+            })
             .unwrap();
         for m in 0..teachers.len() {
             let col = |x: &Tensor| x.select(1, m as i64);

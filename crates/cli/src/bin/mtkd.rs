@@ -415,15 +415,9 @@ fn eval(
             device,
             detections.as_deref(),
         )?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+        if !eval_head(json, &r, &r.on, "images")? {
             return Ok(());
         }
-        println!("model: {}", r.model);
-        println!(
-            "data:  {} ({} split, {} images)",
-            r.data, r.split, r.samples
-        );
         let line: Vec<String> = r
             .report
             .scalars
@@ -451,15 +445,9 @@ fn eval(
             batch_size.max(1),
             device,
         )?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&r)?);
+        if !eval_head(json, &r, &r.on, "images")? {
             return Ok(());
         }
-        println!("model: {}", r.model);
-        println!(
-            "data:  {} ({} split, {} images)",
-            r.data, r.split, r.samples
-        );
         println!(
             "mIoU {:.2}%   pixel accuracy {:.2}%   mean cross-entropy {:.4}\n",
             r.report.value,
@@ -470,15 +458,9 @@ fn eval(
         return Ok(());
     }
     let r = mtkd_cli::inference::evaluate(&src, &data, split, batch_size.max(1), device)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+    if !eval_head(json, &r, &r.on, "samples")? {
         return Ok(());
     }
-    println!("model: {}", r.model);
-    println!(
-        "data:  {} ({} split, {} samples)",
-        r.data, r.split, r.samples
-    );
     println!(
         "top-1 {:.2}%   top-5 {:.2}%   mean cross-entropy {:.4}\n",
         r.top1, r.top5, r.mean_cross_entropy
@@ -577,6 +559,26 @@ fn predict(
             .collect();
         format!("{}: {}", p.image, top.join(", "))
     })
+}
+
+/// The start of `mtkd eval`'s answer: the whole report `r` as JSON (`false`: nothing more to
+/// print), or the model and data lines (`true`: the task's lines follow).
+fn eval_head<T: serde::Serialize>(
+    json: bool,
+    r: &T,
+    on: &mtkd_cli::inference::Evaluated,
+    unit: &str,
+) -> Result<bool> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(false);
+    }
+    println!("model: {}", on.model);
+    println!(
+        "data:  {} ({} split, {} {unit})",
+        on.data, on.split, on.samples
+    );
+    Ok(true)
 }
 
 /// Print the answers of `mtkd predict`: JSON, or one line per image.

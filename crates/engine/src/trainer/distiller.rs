@@ -15,7 +15,7 @@ use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::{Feedback, TeacherWeights, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
 use mtkd_student::Network;
-use mtkd_vision_tasks::task::Task;
+use mtkd_vision_tasks::task::{SignalInputs, Task};
 
 use super::evaluate::Sums;
 use super::pool::Pool;
@@ -198,15 +198,15 @@ impl Distiller {
             .map(|t| task.kd(&out.logits, &t.logits, d.temperature, targets))
             .collect::<std::result::Result<_, _>>()?;
         let t1 = Instant::now();
-        let mut signals = task.signals(
-            &out.logits,
-            &projected,
-            &teachers,
+        let mut signals = task.signals(&SignalInputs {
+            student_logits: &out.logits,
+            projected: &projected,
+            teachers: &teachers,
             targets,
-            labels,
-            d.temperature,
-            Some(&kl_terms),
-        )?;
+            image_labels: labels,
+            temperature: d.temperature,
+            kl_terms: Some(&kl_terms),
+        })?;
         signals.student_head = head;
         sums.signal_seconds += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();

@@ -250,12 +250,8 @@ pub fn task_of(cfg: &Config) -> Box<dyn Task> {
 
 /// The side of a detection dataset's (square) images: the scenes' size or `image_size`.
 pub fn detection_side(data: &crate::config::DataConfig) -> i64 {
-    match data.kind {
-        crate::config::DatasetKind::SyntheticDetection => {
-            data.scenes.as_ref().map(|s| s.size as i64).unwrap_or(0)
-        }
-        _ => data.image_size.map(i64::from).unwrap_or(0),
-    }
+    let root = crate::dataset::resolve_root(&data.root);
+    i64::from(data.source(&root).square_side())
 }
 
 /// The loop of one run: epochs of [`DistillStep`]s, evaluation, records, checkpoints.

@@ -103,44 +103,62 @@ milestones = [1]
     )
 }
 
-/// Segmentation: 64 training and 16 test scenes of 32 x 32; teachers trained one epoch.
-pub fn seg_scenes(extra: &str, s: &Path) -> String {
+/// Run `name`: 64 training and 16 test scenes of 32 x 32 of `kind`, a `cnn-small` student with
+/// `head`, teachers trained one epoch, at learning rate `lr`.
+fn scenes_config(
+    (name, kind, head): (&str, &str, &str),
+    augment: &str,
+    lr: f64,
+    extra: &str,
+    s: &Path,
+) -> String {
     format!(
         r#"
 [run]
-name = "seg"
+name = "{name}"
 out_dir = "{out}"
 teacher_cache = "{cache}"
 seed = 1
 threads = 1
 
 [data]
-kind = "synthetic-scenes"
+kind = "{kind}"
 root = "{data}"
 normalize = {{ mean = [0.25], std = [0.25] }}
-augment = {{ hflip = true, scale = [0.8, 1.25], crop_padding = 2 }}
+augment = {augment}
 scenes = {{ train = 64, test = 16, size = 32, objects = [1, 2], scale = [0.6, 1.0] }}
 
 [student]
 arch = "cnn-small"
-head = "fcn"
+head = "{head}"
 
 [train]
 epochs = 2
 batch_size = 16
 eval_batch_size = 16
-lr = 0.05
+lr = {lr}
 milestones = [1]
 
 [teacher_training]
 epochs = 1
 batch_size = 16
-lr = 0.05
+lr = {lr}
 {extra}
 "#,
         out = s.join("runs").display(),
         cache = s.join("teachers").display(),
         data = root().join("data/fashion-mnist-mini").display(),
+    )
+}
+
+/// Segmentation scenes (`synthetic-scenes`, an FCN head, flips, zoom and shifts).
+pub fn seg_scenes(extra: &str, s: &Path) -> String {
+    scenes_config(
+        ("seg", "synthetic-scenes", "fcn"),
+        "{ hflip = true, scale = [0.8, 1.25], crop_padding = 2 }",
+        0.05,
+        extra,
+        s,
     )
 }
 
@@ -164,46 +182,16 @@ name = "small-fcn"
 arch = "cnn-small"
 "#;
 
-/// Detection: 64 training and 16 test scenes of 32 x 32 with boxes (written as a COCO folder
-/// under [`det_data_dir`]).
+/// Detection scenes with boxes (`synthetic-detection`, an FCOS head, flips; written as a COCO
+/// folder under [`det_data_dir`]).
 pub fn det_scenes(extra: &str, s: &Path) -> String {
     det_data_dir();
-    format!(
-        r#"
-[run]
-name = "det"
-out_dir = "{out}"
-teacher_cache = "{cache}"
-seed = 1
-threads = 1
-
-[data]
-kind = "synthetic-detection"
-root = "{data}"
-normalize = {{ mean = [0.25], std = [0.25] }}
-augment = {{ hflip = true }}
-scenes = {{ train = 64, test = 16, size = 32, objects = [1, 2], scale = [0.6, 1.0] }}
-
-[student]
-arch = "cnn-small"
-head = "fcos"
-
-[train]
-epochs = 2
-batch_size = 16
-eval_batch_size = 16
-lr = 0.02
-milestones = [1]
-
-[teacher_training]
-epochs = 1
-batch_size = 16
-lr = 0.02
-{extra}
-"#,
-        out = s.join("runs").display(),
-        cache = s.join("teachers").display(),
-        data = root().join("data/fashion-mnist-mini").display(),
+    scenes_config(
+        ("det", "synthetic-detection", "fcos"),
+        "{ hflip = true }",
+        0.02,
+        extra,
+        s,
     )
 }
 
@@ -309,4 +297,29 @@ pub fn run_err(cfg: &Config, dir: &Path) -> String {
         "{:#}",
         run_in(cfg, dir, &RunOptions::default()).unwrap_err()
     )
+}
+
+/// The records `h` of `cfg`'s uninterrupted run come back from a run killed after `steps`
+/// optimizer steps and resumed, and from a run that reads the teachers' outputs shared by
+/// `mtkd share-teachers` (folders under `s`).
+pub fn assert_resume_and_shared_outputs_repeat(
+    cfg: &Config,
+    s: &Path,
+    h: &[EpochRecord],
+    steps: u64,
+) {
+    let halted = s.join("halted");
+    halt_run(cfg, &halted, steps);
+    run_in(cfg, &halted, &RunOptions::default()).unwrap();
+    assert_eq!(strip_time(h), strip_time(&history(&halted)), "resumed");
+    let shared_root = s.join("outputs");
+    let (key, _) = trainer::share_teacher_outputs(cfg, &shared_root, None, &mut Silent).unwrap();
+    assert!(key.join("epoch-1.bin").is_file());
+    let read = s.join("read");
+    let opts = RunOptions {
+        teacher_outputs: Some(shared_root),
+        ..RunOptions::default()
+    };
+    run_in(cfg, &read, &opts).unwrap();
+    assert_eq!(strip_time(h), strip_time(&history(&read)), "shared outputs");
 }
