@@ -188,6 +188,24 @@ impl Model {
     }
 
     /// As [`Model::load`], for a model whose output is `output`.
+    /// [`Model::load_for`] with the input shape of `loader`'s batches.
+    pub fn for_loader(
+        src: &ModelSource,
+        loader: &BatchLoader,
+        num_classes: usize,
+        device: Device,
+        output: Output,
+    ) -> Result<Model> {
+        let (c, h, w) = loader.output_shape();
+        Self::load_for(
+            src,
+            (c as i64, h as i64, w as i64),
+            num_classes as i64,
+            device,
+            output,
+        )
+    }
+
     pub fn load_for(
         src: &ModelSource,
         input: (i64, i64, i64),
@@ -367,9 +385,8 @@ pub fn evaluate(
     }
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
-    let (c, h, w) = loader.output_shape();
     let k = set.num_classes;
-    let model = Model::load(src, (c as i64, h as i64, w as i64), k as i64, device)?;
+    let model = Model::for_loader(src, &loader, k, device, Output::Classes)?;
     let mut acc = Accuracy::new(k);
     let mut confusion = vec![vec![0u64; k]; k];
     let mut ce = 0.0f64;
@@ -437,15 +454,8 @@ pub fn evaluate_segmentation(
     let task = mtkd_vision_tasks::task::Segmentation::default();
     let set = Arc::new(load_split(data, split)?);
     let loader = eval_loader(Arc::clone(&set), data, batch_size)?;
-    let (c, h, w) = loader.output_shape();
     let k = set.num_classes;
-    let model = Model::load_for(
-        src,
-        (c as i64, h as i64, w as i64),
-        k as i64,
-        device,
-        Output::Dense,
-    )?;
+    let model = Model::for_loader(src, &loader, k, device, Output::Dense)?;
     let (report, ce) =
         mtkd_engine::trainer::evaluate(&|x| model.checked_output(x), &loader, device, &task, k)?;
     Ok(SegEvalReport {
@@ -596,13 +606,7 @@ pub fn predict_segmentation(
         let set = Arc::new(ImageSet::new(arr, vec![0], k)?);
         let loader = eval_loader(set, data, 1)?;
         let (c, lh, lw) = loader.output_shape();
-        let model = Model::load_for(
-            src,
-            (c as i64, lh as i64, lw as i64),
-            k as i64,
-            device,
-            Output::Dense,
-        )?;
+        let model = Model::for_loader(src, &loader, k, device, Output::Dense)?;
         let batch = loader
             .epoch(0, 0, device)
             .next()
@@ -720,12 +724,12 @@ pub fn predict_detection(
     )?;
     let set = Arc::new(ImageSet::new(arr, vec![0; n], k)?);
     let loader = eval_loader(set, data, 16)?;
-    let (c, h, w) = loader.output_shape();
+    let (_, h, w) = loader.output_shape();
     let layout = DetLayout::standard((h as i64, w as i64));
-    let model = Model::load_for(
+    let model = Model::for_loader(
         src,
-        (c as i64, h as i64, w as i64),
-        k as i64,
+        &loader,
+        k,
         device,
         Output::Boxes {
             locations: layout.len(),
@@ -871,13 +875,7 @@ pub fn predict(
     )?;
     let set = Arc::new(ImageSet::new(arr, vec![0; images.len()], num_classes)?);
     let loader = eval_loader(set, data, 64)?;
-    let (c, h, w) = loader.output_shape();
-    let model = Model::load(
-        src,
-        (c as i64, h as i64, w as i64),
-        num_classes as i64,
-        device,
-    )?;
+    let model = Model::for_loader(src, &loader, num_classes, device, Output::Classes)?;
     let names = class_names(data, num_classes);
     let mut out = Vec::new();
     tch::no_grad(|| -> Result<()> {
