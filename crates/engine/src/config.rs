@@ -928,21 +928,9 @@ impl Config {
     /// there are labels to edit.
     fn check_heads(&self) -> Checked {
         let task = self.data.task();
-        let head_task = |h: HeadKind| {
-            if h.is_detector() {
-                TaskKind::Detection
-            } else if h.is_dense() {
-                TaskKind::Segmentation
-            } else {
-                TaskKind::Classification
-            }
-        };
+        let head_task = |h: HeadKind| TaskKind::of_head(h.is_detector(), h.is_dense());
         if head_task(self.student.head) != task {
-            let want = match task {
-                TaskKind::Classification => "head = \"classifier\"",
-                TaskKind::Segmentation => "a segmentation head (head = \"fcn\" or \"aspp\")",
-                TaskKind::Detection => "a detection head (head = \"fcos\")",
-            };
+            let want = task.head_hint();
             return bad(
                 "student.head",
                 format!(
@@ -954,7 +942,7 @@ impl Config {
             );
         }
         for (i, t) in self.teachers.iter().enumerate() {
-            if task != TaskKind::Classification
+            if !task.labels_are_targets()
                 && (t.classes.is_some()
                     || t.label_noise > 0.0
                     || !t.flip_pairs.is_empty()
@@ -971,7 +959,11 @@ impl Config {
                 if head_task(h) != task {
                     return bad(
                         &format!("teachers[{i}].head"),
-                        format!("head `{h}` does not fit {task:?} data"),
+                        format!(
+                            "head `{h}` does not fit {} data: an arch teacher needs {}",
+                            task.name(),
+                            task.head_hint()
+                        ),
                     );
                 }
                 if t.arch.is_none() {

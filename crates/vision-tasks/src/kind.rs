@@ -16,6 +16,34 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
+    /// The task of a network whose head is a detector (`detector`), per-pixel (`dense`), or
+    /// neither (a classifier).
+    pub fn of_head(detector: bool, dense: bool) -> TaskKind {
+        if detector {
+            TaskKind::Detection
+        } else if dense {
+            TaskKind::Segmentation
+        } else {
+            TaskKind::Classification
+        }
+    }
+
+    /// The heads a network of this task needs, as the config writes them (for messages).
+    pub fn head_hint(self) -> &'static str {
+        match self {
+            TaskKind::Classification => "head = \"classifier\"",
+            TaskKind::Segmentation => "a segmentation head (head = \"fcn\" or \"aspp\")",
+            TaskKind::Detection => "a detection head (head = \"fcos\")",
+        }
+    }
+
+    /// Whether an image's label is the whole target, so that label edits (a class subset,
+    /// label noise, flips, permutations) make a teacher of another kind; masks and boxes are
+    /// not edited.
+    pub fn labels_are_targets(self) -> bool {
+        self == TaskKind::Classification
+    }
+
     /// Whether this task's targets can follow the transforms `augment` (training) and
     /// `eval_resize` (evaluation). Masks follow every transform that keeps the image size;
     /// boxes follow only the horizontal flip; `augment.scale` is a segmentation transform.
@@ -67,5 +95,63 @@ impl TaskKind {
     /// conv over a pyramid is not.
     pub fn look_ahead(self) -> bool {
         self != TaskKind::Detection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_task_names_the_transforms_its_targets_cannot_follow() {
+        let aug = |f: fn(&mut Augment)| {
+            let mut a = Augment::default();
+            f(&mut a);
+            a
+        };
+        let flip = aug(|a| a.hflip = true);
+        let shift = aug(|a| a.crop_padding = 2);
+        let zoom = aug(|a| a.scale = Some([0.8, 1.25]));
+        let rrc = aug(|a| a.random_resized_crop = Some(24));
+        let resize = EvalResize {
+            resize: 36,
+            crop: 32,
+        };
+        let ok = |t: TaskKind, a: &Augment, e: Option<&EvalResize>| {
+            t.check_transforms(Some(a), e).map_err(|(field, _)| field)
+        };
+        for t in [
+            TaskKind::Classification,
+            TaskKind::Segmentation,
+            TaskKind::Detection,
+        ] {
+            assert_eq!(ok(t, &flip, None), Ok(()), "{t:?}: a flip fits every task");
+        }
+        assert_eq!(ok(TaskKind::Classification, &rrc, Some(&resize)), Ok(()));
+        assert_eq!(
+            ok(TaskKind::Classification, &zoom, None),
+            Err("data.augment.scale")
+        );
+        assert_eq!(ok(TaskKind::Segmentation, &zoom, None), Ok(()));
+        assert_eq!(ok(TaskKind::Segmentation, &shift, None), Ok(()));
+        assert_eq!(
+            ok(TaskKind::Segmentation, &flip, Some(&resize)),
+            Err("data.augment")
+        );
+        assert_eq!(ok(TaskKind::Segmentation, &rrc, None), Err("data.augment"));
+        for a in [&shift, &zoom, &rrc] {
+            assert_eq!(ok(TaskKind::Detection, a, None), Err("data.augment"));
+        }
+        assert_eq!(TaskKind::Detection.check_transforms(None, None), Ok(()));
+    }
+
+    #[test]
+    fn a_head_says_its_task() {
+        assert_eq!(TaskKind::of_head(true, true), TaskKind::Detection);
+        assert_eq!(TaskKind::of_head(false, true), TaskKind::Segmentation);
+        assert_eq!(TaskKind::of_head(false, false), TaskKind::Classification);
+        assert!(TaskKind::Segmentation.head_hint().contains("aspp"));
+        assert!(TaskKind::Classification.labels_are_targets());
+        assert!(!TaskKind::Detection.labels_are_targets());
     }
 }
