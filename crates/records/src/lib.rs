@@ -5,4 +5,5 @@
 
 pub mod fsio;
 pub mod metric;
+pub mod picture;
 pub mod record;

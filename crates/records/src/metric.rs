@@ -84,6 +84,18 @@ pub struct MetricKind {
     pub final_line: Option<&'static [&'static str]>,
     /// The title of the accuracy chart.
     pub chart_title: &'static str,
+    /// The bar chart of the student's final value per class that a finished run draws, if any.
+    pub per_class_chart: Option<PerClassChart>,
+}
+
+/// A finished run's bar chart of its primary metric per class (`plots/<file>`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PerClassChart {
+    pub file: &'static str,
+    pub title: &'static str,
+    pub axis: &'static str,
+    /// The first class is the background (drawn apart).
+    pub background: bool,
 }
 
 /// Every kind of primary metric mtkd's tasks report.
@@ -96,6 +108,7 @@ pub const METRIC_KINDS: [MetricKind; 3] = [
         curves: &[],
         final_line: None,
         chart_title: "Top-1 accuracy",
+        per_class_chart: None,
     },
     MetricKind {
         primary: "miou",
@@ -105,6 +118,12 @@ pub const METRIC_KINDS: [MetricKind; 3] = [
         curves: &["pixel_accuracy"],
         final_line: None,
         chart_title: "mIoU and pixel accuracy",
+        per_class_chart: Some(PerClassChart {
+            file: "class_iou.png",
+            title: "Student: test IoU per class (last epoch)",
+            axis: "IoU (%)",
+            background: true,
+        }),
     },
     MetricKind {
         primary: "ap",
@@ -115,6 +134,12 @@ pub const METRIC_KINDS: [MetricKind; 3] = [
         // COCO's recalls and size ranges are in summary.json.
         final_line: Some(&["ap50", "ap75"]),
         chart_title: "AP, AP50, AP75 and training accuracy at positive locations",
+        per_class_chart: Some(PerClassChart {
+            file: "class_ap.png",
+            title: "Student: test AP@[.5:.95] per class (last epoch)",
+            axis: "AP (%)",
+            background: false,
+        }),
     },
 ];
 

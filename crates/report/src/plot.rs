@@ -11,6 +11,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use mtkd_records::picture::Picture;
 use mtkd_records::record::EpochRecord;
 
 use crate::chart::{self, LineChart, Rgb, Weights};
@@ -670,12 +671,7 @@ pub fn class_bars(
 
 /// One box of [`detection_overlays`]: class, `[x1, y1, x2, y2]` in pixels, score (`None` for
 /// ground truth).
-#[derive(Debug, Clone, Copy)]
-pub struct DrawBox {
-    pub class: usize,
-    pub bbox: [f32; 4],
-    pub score: Option<f32>,
-}
+pub use mtkd_records::picture::DrawBox;
 
 /// One row of [`detection_overlays`]: the image `[C, H, W]` (u8) and the boxes of every
 /// column (ground truth first).
@@ -736,6 +732,45 @@ pub fn detection_overlays(
         area.present().map_err(|x| e(&x))?;
     }
     write_png(path, grid.width as u32, grid.height as u32, px)
+}
+
+/// Draw a task's [`Picture`] of a batch into the folder `dir`: `overlays.png` for masks,
+/// `boxes.png` for boxes. `images` are the batch's images `[C, H, W]` (u8) of `hw` pixels,
+/// `titles` name the picture's columns (truth, student, teachers).
+pub fn draw_picture(
+    dir: &Path,
+    (hw, channels): ((usize, usize), usize),
+    images: &[Vec<u8>],
+    titles: &[String],
+    class_names: &[String],
+    picture: &Picture,
+) -> Result<()> {
+    match picture {
+        Picture::Masks(columns) => {
+            let rows: Vec<OverlayRow> = images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| OverlayRow {
+                    image: image.clone(),
+                    channels,
+                    maps: columns.iter().map(|c| c[i].clone()).collect(),
+                })
+                .collect();
+            segmentation_overlays(&dir.join("overlays.png"), hw, titles, class_names, &rows)
+        }
+        Picture::Boxes(columns) => {
+            let rows: Vec<BoxRow> = images
+                .iter()
+                .enumerate()
+                .map(|(i, image)| BoxRow {
+                    image: image.clone(),
+                    channels,
+                    boxes: columns.iter().map(|c| c[i].clone()).collect(),
+                })
+                .collect();
+            detection_overlays(&dir.join("boxes.png"), hw, titles, class_names, &rows)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use crate::segmentation::{Confusion, IGNORE};
 use mtkd_distill_core::loss;
 use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::ModelOutput;
+use mtkd_records::picture::{DrawBox, Picture};
 
 pub use crate::kind::TaskKind;
 
@@ -36,6 +37,21 @@ pub trait Metric {
     /// Add a batch's logits.
     fn update(&mut self, logits: &Tensor, batch: &Batch) -> Result<()>;
     fn report(&self) -> MetricReport;
+    /// The file a finished run writes this metric's individual results to (detection:
+    /// `detections.json`, COCO's result format); `None` when it keeps none.
+    fn result_file(&self) -> Option<&'static str> {
+        None
+    }
+    /// Write the individual results to `path`; `ids` are the data's COCO ids of the images
+    /// (in set order) and of the classes, `None` to number both from 1.
+    fn write_results(
+        &self,
+        path: &std::path::Path,
+        ids: Option<&(Vec<u64>, Vec<u64>)>,
+    ) -> Result<()> {
+        let _ = (path, ids);
+        Ok(())
+    }
 }
 
 /// The KD loss on a dense task's logits.
@@ -97,6 +113,13 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     }
     /// The logits' shape per sample, given the input's `(H, W)` and `K`.
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64>;
+    /// A picture of the predictions on `batch`: for each image the truth, then what each of
+    /// `logits` (the student's, then every teacher's) predicts, as a finished run draws it
+    /// (`plots/overlays.png`, `plots/boxes.png`). `None`: the task draws none.
+    fn picture(&self, batch: &Batch, logits: &[Tensor]) -> Result<Option<Picture>> {
+        let _ = (batch, logits);
+        Ok(None)
+    }
     /// What a teacher's logits look like for this task, so that a loaded model can be checked:
     /// per-pixel `[B, K, H, W]` (`dense`), or a detector's `[B, K + 5, L]` over `locations`.
     fn teacher_output(&self, num_classes: i64, hw: (i64, i64)) -> TeacherOutput {
@@ -274,6 +297,22 @@ impl Task for Segmentation {
     fn logits_shape(&self, num_classes: i64, hw: (i64, i64)) -> Vec<i64> {
         vec![num_classes, hw.0, hw.1]
     }
+    fn picture(&self, batch: &Batch, logits: &[Tensor]) -> Result<Option<Picture>> {
+        let per_image = |m: &Tensor| -> Result<Vec<Vec<i64>>> {
+            let m = m.f_to_device(tch::Device::Cpu)?;
+            (0..m.size()[0])
+                .map(|i| Ok(Vec::<i64>::try_from(&m.get(i).flatten(0, -1))?))
+                .collect()
+        };
+        // The truth draws a pixel that is not labelled as -1.
+        let masks = Self::masks(batch)?;
+        let truth = masks.where_self(&masks.ne(i64::from(IGNORE)), &masks.full_like(-1));
+        let mut columns = vec![per_image(&truth)?];
+        for l in logits {
+            columns.push(per_image(&l.f_argmax(1, false)?)?);
+        }
+        Ok(Some(Picture::Masks(columns)))
+    }
     fn teacher_output(&self, _: i64, _: (i64, i64)) -> TeacherOutput {
         TeacherOutput {
             dense: true,
@@ -442,6 +481,50 @@ impl Task for Detection {
     fn logits_shape(&self, num_classes: i64, _: (i64, i64)) -> Vec<i64> {
         vec![num_classes + 5, self.layout.len()]
     }
+    fn picture(&self, batch: &Batch, logits: &[Tensor]) -> Result<Option<Picture>> {
+        use crate::detection as det;
+        let gt = batch.targets.objects().ok_or_else(|| Error::Invalid {
+            what: "batch".into(),
+            reason: "a detection batch carries no boxes".into(),
+        })?;
+        let truth = det::batch_objects(gt)?
+            .into_iter()
+            .map(|objs| {
+                objs.into_iter()
+                    .map(|o| DrawBox {
+                        class: o.class,
+                        bbox: o.bbox,
+                        score: None,
+                    })
+                    .collect()
+            })
+            .collect();
+        // What a reader can see: confident boxes, a few per image.
+        let shown = det::Postprocess {
+            score_threshold: 0.3,
+            max_detections: 15,
+            ..Default::default()
+        };
+        let mut columns = vec![truth];
+        for l in logits {
+            let found = det::postprocess(&self.layout, l, self.classes(l)?, &shown)?;
+            columns.push(
+                found
+                    .into_iter()
+                    .map(|ds| {
+                        ds.into_iter()
+                            .map(|d| DrawBox {
+                                class: d.class,
+                                bbox: d.bbox,
+                                score: Some(d.score),
+                            })
+                            .collect()
+                    })
+                    .collect(),
+            );
+        }
+        Ok(Some(Picture::Boxes(columns)))
+    }
     fn teacher_output(&self, num_classes: i64, hw: (i64, i64)) -> TeacherOutput {
         TeacherOutput {
             dense: false,
@@ -453,6 +536,17 @@ impl Task for Detection {
 impl Metric for DetMetric {
     fn update(&mut self, logits: &Tensor, batch: &Batch) -> Result<()> {
         self.update_batch(logits, batch)
+    }
+    fn result_file(&self) -> Option<&'static str> {
+        Some("detections.json")
+    }
+    fn write_results(
+        &self,
+        path: &std::path::Path,
+        ids: Option<&(Vec<u64>, Vec<u64>)>,
+    ) -> Result<()> {
+        let (images, classes) = ids.cloned().unwrap_or_default();
+        crate::detection::coco::write_results(path, self.detections(), &images, &classes)
     }
     fn report(&self) -> MetricReport {
         let st = self.stats();

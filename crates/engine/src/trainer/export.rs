@@ -1,9 +1,9 @@
-//! What a finished run writes besides its records: the TorchScript export and the
-//! segmentation plots.
+//! What a finished run writes besides its records: the TorchScript export and what its task
+//! draws and writes of its test predictions.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -23,183 +23,88 @@ pub(super) struct FinishedRun<'r> {
 }
 
 impl FinishedRun<'_> {
-    /// The pixels of test image `i` `[C, H, W]`, as the overlays draw them.
-    fn test_image(&self, i: usize) -> Vec<u8> {
-        self.data
-            .test
-            .images
-            .index_axis(ndarray::Axis(0), i)
-            .iter()
-            .copied()
-            .collect()
-    }
-
-    /// `plots/overlays.png` (a few test images: truth, student, each teacher) and
-    /// `plots/class_iou.png` (the student's final IoU per class).
-    pub(super) fn segmentation_plots(&self, report: &MetricReport) -> Result<()> {
+    /// What a finished run draws and writes of its task's test predictions, as the task and
+    /// its metric say: the bar chart of the final value per class, a picture of the first test
+    /// images (truth, student, every teacher), and the metric's individual results.
+    pub(super) fn task_outputs(&self, report: &MetricReport) -> Result<()> {
         let plots = self.dir.join("plots");
         let names = &self.data.test.class_names;
-        crate::plot::class_bars(
-            &plots.join("class_iou.png"),
-            "Student: test IoU per class (last epoch)",
-            "IoU (%)",
-            names,
-            &report.per_class,
-            true,
-        )?;
+        if let Some(c) = report.kind().per_class_chart {
+            crate::plot::class_bars(
+                &plots.join(c.file),
+                c.title,
+                c.axis,
+                names,
+                &report.per_class,
+                c.background,
+            )?;
+        }
+        self.picture(&plots)?;
+        self.results()
+    }
+
+    /// The task's picture of the first four test images.
+    fn picture(&self, plots: &Path) -> Result<()> {
+        let task = self.step.task();
         let loader = self.data.test_loader(&self.cfg.data, 4)?;
         let Some(batch) = loader.epoch(0, 0, self.step.device).next() else {
             return Ok(());
         };
-        let argmax = |logits: &Tensor| -> Result<Vec<i64>> {
-            Ok(Vec::<i64>::try_from(
-                &logits
-                    .argmax(1, false)
-                    .to_device(Device::Cpu)
-                    .flatten(0, -1),
-            )?)
-        };
-        // The overlays draw a negative class as "not labelled".
-        let ignore = i64::from(mtkd_vision_tasks::segmentation::IGNORE);
-        let truth = Vec::<i64>::try_from(
-            &self
-                .step
-                .task
-                .targets(&batch)?
-                .to_device(Device::Cpu)
-                .flatten(0, -1),
-        )?;
-        let mut maps = vec![truth
-            .into_iter()
-            .map(|c| if c == ignore { -1 } else { c })
-            .collect::<Vec<_>>()];
+        let mut logits =
+            vec![tch::no_grad(|| self.step.student().forward_t(&batch.images, false)).logits];
         let mut titles = vec!["truth".to_owned(), "student".to_owned()];
-        maps.push(argmax(
-            &tch::no_grad(|| self.step.student.forward_t(&batch.images, false)).logits,
-        )?);
         for p in &self.step.pool.members {
-            maps.push(argmax(&p.teacher.forward(&batch.images)?.logits)?);
+            logits.push(p.teacher.forward(&batch.images)?.logits);
             titles.push(format!("teacher {}", p.teacher.name()));
         }
+        let Some(picture) = task.picture(&batch, &logits)? else {
+            return Ok(());
+        };
         let (c, h, w) = self.data.test.image_shape();
-        let per = h * w;
-        let rows: Vec<crate::plot::OverlayRow> = batch
+        let images: Vec<Vec<u8>> = batch
             .indices
             .iter()
-            .enumerate()
-            .map(|(k, &i)| crate::plot::OverlayRow {
-                image: self.test_image(i),
-                channels: c,
-                maps: maps
+            .map(|&i| {
+                self.data
+                    .test
+                    .images
+                    .index_axis(ndarray::Axis(0), i)
                     .iter()
-                    .map(|m| m[k * per..(k + 1) * per].to_vec())
-                    .collect(),
+                    .copied()
+                    .collect()
             })
             .collect();
-        crate::plot::segmentation_overlays(
-            &plots.join("overlays.png"),
-            (h, w),
+        crate::plot::draw_picture(
+            plots,
+            ((h, w), c),
+            &images,
             &titles,
-            names,
-            &rows,
+            &self.data.test.class_names,
+            &picture,
         )
     }
 
-    /// A detection run's outputs: `detections.json` (the student's test detections in COCO's
-    /// result format), `plots/class_ap.png` (AP per class) and `plots/boxes.png` (a few test
-    /// images: truth, student and every teacher's boxes).
-    pub(super) fn detection_outputs(&self, report: &MetricReport) -> Result<()> {
-        use mtkd_vision_tasks::detection::{self as det, layout::DetLayout};
-        let plots = self.dir.join("plots");
-        let names = &self.data.test.class_names;
-        crate::plot::class_bars(
-            &plots.join("class_ap.png"),
-            "Student: test AP@[.5:.95] per class (last epoch)",
-            "AP (%)",
-            names,
-            &report.per_class,
-            false,
-        )?;
-        let side = super::detection_side(&self.cfg.data);
-        let layout = DetLayout::standard((side, side));
-        let k = self.data.num_classes();
+    /// The metric's individual results of the student on the test split (detection:
+    /// `detections.json` in COCO's result format, with the data's COCO ids when it has them).
+    fn results(&self) -> Result<()> {
+        let task = self.step.task();
+        let mut metric = task.metric(self.data.train.num_classes);
+        let Some(file) = metric.result_file() else {
+            return Ok(());
+        };
         let loader = self
             .data
             .test_loader(&self.cfg.data, self.cfg.train.eval_batch_size)?;
-        let mut metric = det::DetMetric::new(layout.clone(), k as usize);
-        for batch in loader.epoch(0, 0, self.step.device) {
-            let out = tch::no_grad(|| self.step.student.forward_t(&batch.images, false));
-            metric.update_batch(&out.logits, &batch)?;
-        }
-        let (ids, cats) = self.data.test_coco_ids.clone().unwrap_or_default();
-        det::coco::write_results(
-            &self.dir.join("detections.json"),
-            metric.detections(),
-            &ids,
-            &cats,
-        )
-        .context("writing detections.json")?;
-        // The overlays: the first four test images.
-        let loader = self.data.test_loader(&self.cfg.data, 4)?;
-        let Some(batch) = loader.epoch(0, 0, self.step.device).next() else {
-            return Ok(());
-        };
-        let shown = det::Postprocess {
-            score_threshold: 0.3,
-            max_detections: 15,
-            ..Default::default()
-        };
-        let draw = |dets: Vec<Vec<det::Detection>>| -> Vec<Vec<crate::plot::DrawBox>> {
-            dets.into_iter()
-                .map(|d| {
-                    d.into_iter()
-                        .map(|d| crate::plot::DrawBox {
-                            class: d.class,
-                            bbox: d.bbox,
-                            score: Some(d.score),
-                        })
-                        .collect()
-                })
-                .collect()
-        };
-        let truth = det::batch_objects(
-            batch
-                .targets
-                .objects()
-                .ok_or_else(|| anyhow!("a detection batch has no boxes"))?,
+        super::evaluate_into(
+            &|x| Ok(self.step.student().forward_t(x, false)),
+            &loader,
+            self.step.device,
+            task,
+            metric.as_mut(),
         )?;
-        let mut columns: Vec<Vec<Vec<crate::plot::DrawBox>>> = vec![truth
-            .into_iter()
-            .map(|o| {
-                o.into_iter()
-                    .map(|o| crate::plot::DrawBox {
-                        class: o.class,
-                        bbox: o.bbox,
-                        score: None,
-                    })
-                    .collect()
-            })
-            .collect()];
-        let mut titles = vec!["truth".to_owned(), "student".to_owned()];
-        let out = tch::no_grad(|| self.step.student.forward_t(&batch.images, false));
-        columns.push(draw(det::postprocess(&layout, &out.logits, k, &shown)?));
-        for p in &self.step.pool.members {
-            let out = p.teacher.forward(&batch.images)?;
-            columns.push(draw(det::postprocess(&layout, &out.logits, k, &shown)?));
-            titles.push(format!("teacher {}", p.teacher.name()));
-        }
-        let (c, h, w) = self.data.test.image_shape();
-        let rows: Vec<crate::plot::BoxRow> = batch
-            .indices
-            .iter()
-            .enumerate()
-            .map(|(r, &i)| crate::plot::BoxRow {
-                image: self.test_image(i),
-                channels: c,
-                boxes: columns.iter().map(|col| col[r].clone()).collect(),
-            })
-            .collect();
-        crate::plot::detection_overlays(&plots.join("boxes.png"), (h, w), &titles, names, &rows)
+        metric
+            .write_results(&self.dir.join(file), self.data.test_coco_ids.as_ref())
+            .with_context(|| format!("writing {file}"))
     }
 }
 

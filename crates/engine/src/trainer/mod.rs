@@ -612,11 +612,7 @@ impl<'a> Trainer<'a> {
             dir,
             step: &self.step,
         };
-        match self.step.task.kind() {
-            mtkd_vision_tasks::task::TaskKind::Segmentation => run.segmentation_plots(report)?,
-            mtkd_vision_tasks::task::TaskKind::Detection => run.detection_outputs(report)?,
-            mtkd_vision_tasks::task::TaskKind::Classification => {}
-        }
+        run.task_outputs(report)?;
         if !self.records.audit.is_empty() {
             let audit = crate::audit::finish(
                 &self.records.audit,
