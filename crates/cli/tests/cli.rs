@@ -4,7 +4,7 @@
 //! checkpoint that cannot be written, and `mtkd eval` / `mtkd predict` of classification
 //! students (what they refuse, class folders).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::RunOptions;
@@ -98,6 +98,15 @@ fn compare_shares_one_teacher_pass_and_matches_standalone_runs() {
 /// A one-epoch tiny config written to `file` under scratch folder `s`.
 fn write_one_epoch(file: &Path, s: &Path) {
     std::fs::write(file, tiny("", s).replace("epochs = 2", "epochs = 1")).unwrap();
+}
+
+/// A scratch folder `name` with a one-epoch config `c.toml` in it, and the run folder to be
+/// (`run/`): `(config, run folder)`.
+fn one_epoch_setup(name: &str) -> (PathBuf, PathBuf) {
+    let s = scratch(name);
+    let path = s.join("c.toml");
+    write_one_epoch(&path, &s);
+    (path, s.join("run"))
 }
 
 /// `mtkd train --config config --out dir`; returns (exit code, stderr).
@@ -197,10 +206,7 @@ fn a_live_run_folder_is_refused_and_a_cache_entry_waits_for_its_trainer() {
 #[test]
 fn a_full_disk_keeps_the_previous_outputs_and_ends_with_an_error() {
     let _serial = serial();
-    let s = scratch("fulldisk");
-    let path = s.join("c.toml");
-    write_one_epoch(&path, &s);
-    let dir = s.join("run");
+    let (path, dir) = one_epoch_setup("fulldisk");
     let (code, err) = train_into(&path, &dir);
     assert_eq!(code, Some(0), "{err}");
     let before: Vec<Vec<u8>> = ["student.safetensors", "student.pt", "summary.json"]
@@ -512,10 +518,7 @@ fn eval_and_predict_use_a_trained_student_without_a_training_config() {
 #[test]
 fn a_commented_config_resumes_and_a_changed_one_is_refused_before_any_work() {
     let _serial = serial();
-    let s = scratch("configresume");
-    let path = s.join("c.toml");
-    write_one_epoch(&path, &s);
-    let dir = s.join("run");
+    let (path, dir) = one_epoch_setup("configresume");
     let train = |extra: &[&str]| {
         let mut args = vec![os("train"), os("--resume"), dir.as_os_str()];
         args.extend(extra.iter().map(|a| os(a)));
@@ -560,10 +563,7 @@ fn a_commented_config_resumes_and_a_changed_one_is_refused_before_any_work() {
 #[test]
 fn a_checkpoint_that_cannot_be_written_leaves_no_temporary_folder() {
     let _serial = serial();
-    let s = scratch("fullckpt");
-    let path = s.join("c.toml");
-    write_one_epoch(&path, &s);
-    let dir = s.join("run");
+    let (path, dir) = one_epoch_setup("fullckpt");
     std::fs::create_dir_all(&dir).unwrap();
     let out = std::process::Command::new("bash")
         .arg("-c")
