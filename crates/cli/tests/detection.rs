@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::{self, RunOptions, Silent};
 
 #[path = "../../engine/tests/common/mod.rs"]
@@ -18,8 +17,7 @@ fn eval_and_predict_of_a_detection_run_repeat_its_final_evaluation() {
     let cfg = parse(&det_scenes(DET_POOL, &s)).unwrap();
     let full = s.join("full");
     trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
-    let sum: Summary =
-        serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
+    let sum = summary(&full);
     let dets: serde_json::Value =
         serde_json::from_slice(&std::fs::read(full.join("detections.json")).unwrap()).unwrap();
     let dets = dets.as_array().unwrap();

@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::{self, RunOptions, Silent};
 
 #[path = "../../engine/tests/common/mod.rs"]
@@ -19,8 +18,7 @@ fn eval_of_a_segmentation_run_and_its_export_repeats_its_final_evaluation() {
     let cfg = parse(&seg_scenes(SEG_POOL, &s)).unwrap();
     let full = s.join("full");
     trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
-    let sum: Summary =
-        serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
+    let sum = summary(&full);
     let pa = sum.final_report.get("pixel_accuracy");
     // `mtkd eval` of the run folder and of its TorchScript export repeats the final evaluation.
     use mtkd_cli::inference::{evaluate_segmentation, EvalSplit, ModelSource};

@@ -4,7 +4,6 @@
 //! detections file and plots; torchvision FCOS and RetinaNet teachers exported to TorchScript
 //! (random init) with Pearson feature KD; the errors of bad detection input.
 
-use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::{self, RunOptions, Silent};
 
 mod common;
@@ -17,8 +16,7 @@ fn detection_distills_resumes_exactly_and_shares_teacher_outputs() {
     let cfg = parse(&det_scenes(DET_POOL, &s)).unwrap();
     let full = s.join("full");
     let out = trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
-    let sum: Summary =
-        serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
+    let sum = summary(&full);
     assert_eq!(sum.metric, "ap");
     assert_eq!(sum.student, "cnn-small + fcos");
     assert_eq!(out.summary.final_report.per_class.len(), 10);

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use mtkd_engine::config::Config;
-use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::{self, RunOptions, Silent};
 
 mod common;
@@ -217,8 +216,7 @@ fn a_run_killed_mid_epoch_resumes_to_identical_metrics() {
     );
 
     // The summary is what a user reads.
-    let summary: Summary =
-        serde_json::from_slice(&std::fs::read(b.join("summary.json")).unwrap()).unwrap();
+    let summary = summary(&b);
     assert_eq!(summary.strategy, "equal");
     assert_eq!(summary.epochs, 2);
     assert_eq!(summary.seed, 3);

@@ -3,7 +3,6 @@
 //! per-image signals, exact resume, shared teacher outputs, a torchvision segmentation teacher
 //! exported to TorchScript, and the errors of bad segmentation input.
 
-use mtkd_engine::record::Summary;
 use mtkd_engine::trainer::{self, RunOptions, Silent};
 
 mod common;
@@ -16,8 +15,7 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
     let cfg = parse(&seg_scenes(SEG_POOL, &s)).unwrap();
     let full = s.join("full");
     let out = trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
-    let sum: Summary =
-        serde_json::from_slice(&std::fs::read(full.join("summary.json")).unwrap()).unwrap();
+    let sum = summary(&full);
     assert_eq!(sum.metric, "miou");
     assert_eq!(sum.student, "cnn-small + fcn");
     assert_eq!(

@@ -46,6 +46,11 @@ pub fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("test.toml"), &[]).map_err(|e| e.to_string())
 }
 
+/// A finished run's `summary.json`.
+pub fn summary(dir: &Path) -> mtkd_engine::record::Summary {
+    serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap()
+}
+
 pub fn history(dir: &Path) -> Vec<EpochRecord> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
