@@ -374,15 +374,22 @@ pub fn read_cifar_dir(root: &Path, split: Split, hundred: bool) -> Result<ImageS
     }
 }
 
-/// An ImageFolder tree (`root/<class>/<image>`), classes sorted by name. Every image is resized
-/// (bilinear) to `size x size` and converted to `channels` (1 or 3).
-pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<ImageSet> {
+/// The class folders of an ImageFolder split `root` (its sub-folders), sorted: label `i` is
+/// the `i`-th.
+pub fn class_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(root)
         .map_err(io_err(root))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
         .collect();
     classes.sort();
+    Ok(classes)
+}
+
+/// An ImageFolder tree (`root/<class>/<image>`), classes sorted by name. Every image is resized
+/// (bilinear) to `size x size` and converted to `channels` (1 or 3).
+pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<ImageSet> {
+    let classes = class_dirs(root)?;
     if classes.is_empty() {
         return Err(Error::Invalid {
             what: root.display().to_string(),

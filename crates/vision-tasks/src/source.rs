@@ -140,13 +140,12 @@ impl Source<'_> {
         if self.kind != DatasetKind::ImageFolder {
             return None;
         }
-        let mut v: Vec<String> = std::fs::read_dir(self.root.join("train"))
+        let v: Vec<String> = data::class_dirs(&self.root.join("train"))
             .ok()?
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .iter()
+            .filter_map(|d| d.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
             .collect();
-        v.sort();
         (!v.is_empty()).then_some(v)
     }
 

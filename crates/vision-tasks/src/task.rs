@@ -545,8 +545,8 @@ impl Metric for DetMetric {
         path: &std::path::Path,
         ids: Option<&(Vec<u64>, Vec<u64>)>,
     ) -> Result<()> {
-        let (images, classes) = ids.cloned().unwrap_or_default();
-        crate::detection::coco::write_results(path, self.detections(), &images, &classes)
+        let (images, classes) = ids.map_or((&[][..], &[][..]), |(i, c)| (&i[..], &c[..]));
+        crate::detection::coco::write_results(path, self.detections(), images, classes)
     }
     fn report(&self) -> MetricReport {
         let st = self.stats();

@@ -250,8 +250,8 @@ pub fn task_of(cfg: &Config) -> Box<dyn Task> {
 
 /// The side of a detection dataset's (square) images: the scenes' size or `image_size`.
 pub fn detection_side(data: &crate::config::DataConfig) -> i64 {
-    let root = crate::dataset::resolve_root(&data.root);
-    i64::from(data.source(&root).square_side())
+    // The side is in the config: no need to look the folder up.
+    i64::from(data.source(&data.root).square_side())
 }
 
 /// The loop of one run: epochs of [`DistillStep`]s, evaluation, records, checkpoints.
