@@ -24,7 +24,7 @@ fn eval_and_predict_of_a_detection_run_repeat_its_final_evaluation() {
 
     // mtkd eval of the run folder: the run's own AP, per class, and its detections.
     let written = s.join("eval-detections.json");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+    let o = mtkd_one_thread()
         .arg("eval")
         .arg(&full)
         .arg("--json")
@@ -79,7 +79,7 @@ fn eval_and_predict_of_a_detection_run_repeat_its_final_evaluation() {
             )
         })
         .collect();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+    let o = mtkd_one_thread()
         .arg("predict")
         .arg(&full)
         .args(["--json", "--min-score", "0.05", "--out"])
@@ -105,7 +105,7 @@ fn eval_and_predict_of_a_detection_run_repeat_its_final_evaluation() {
     }
 
     // Its TorchScript export, given the run's [data], says the same.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"))
+    let o = mtkd_one_thread()
         .arg("eval")
         .arg(full.join("student.pt"))
         .arg("--data")
@@ -123,4 +123,13 @@ fn eval_and_predict_of_a_detection_run_repeat_its_final_evaluation() {
     );
 
     let _ = std::fs::remove_dir_all(&s);
+}
+
+/// The `mtkd` binary on one libtorch thread, as the run it reads was trained and evaluated
+/// (`run.threads = 1`): the thread count is part of the numerics (reductions split
+/// differently), and the scores are compared to 2e-5.
+fn mtkd_one_thread() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mtkd"));
+    c.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
+    c
 }
