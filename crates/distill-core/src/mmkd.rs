@@ -414,6 +414,9 @@ pub fn lookahead_quiz_loss(
     };
     let onehot = s.labels.f_one_hot(k)?.f_to_kind(Kind::Float)?;
     let mut g = (z.f_softmax(1, Kind::Float)? - onehot) * ce_weight;
+    if let Some(share) = s.ce_share()? {
+        g = g * share.unsqueeze(1);
+    }
     let q = (&z / t).f_softmax(1, Kind::Float)?;
     for (m, zt) in s.teacher_logits.iter().enumerate() {
         let p = (zt.detach() / t).f_softmax(1, Kind::Float)?;
@@ -517,8 +520,11 @@ impl WeightingStrategy for Mmkd {
             })?;
         let x = self.input(signals)?;
         let due = self.calls.is_multiple_of(self.cfg.every);
+        let mut held = None;
         if let (true, Some(quiz)) = (due, self.quiz.take()) {
-            if let Some(meta) = self.meta_step(signals, &x, head, &quiz)? {
+            let q = (quiz.0.shallow_clone(), quiz.1.shallow_clone());
+            held = Some(quiz);
+            if let Some(meta) = self.meta_step(signals, &x, head, &q)? {
                 self.meta_loss_sum = Some(match self.meta_loss_sum.take() {
                     Some(sum) => sum + meta,
                     None => meta,
@@ -527,10 +533,15 @@ impl WeightingStrategy for Mmkd {
             }
         }
         self.calls += 1;
-        self.quiz = Some((
-            head.embedding.detach().f_to_kind(Kind::Float)?,
-            signals.labels.detach(),
-        ));
+        // The next quiz: this batch's labelled samples (a batch without any keeps the last).
+        match signals.quiz(&head.embedding)? {
+            Some(q) => self.quiz = Some(q),
+            None => {
+                if self.quiz.is_none() {
+                    self.quiz = held;
+                }
+            }
+        }
         let w = tch::no_grad(|| self.forward(&x));
         Ok(TeacherWeights {
             feature: w.copy(),

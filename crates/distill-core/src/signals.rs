@@ -34,6 +34,10 @@ pub struct BatchSignals {
     /// The student's classifier, for strategies that look ahead through it (MMKD); set by the
     /// engine when [`crate::weighting::WeightingStrategy::wants_student_head`] says so.
     pub student_head: Option<StudentHead>,
+    /// Which samples carry their label `[B]` bool (`None`: all of them). The signals of the
+    /// others were computed against the teachers' pseudo-targets, which `labels` then holds
+    /// for them; set by the engine.
+    pub labelled: Option<Tensor>,
 }
 
 /// The student's linear classifier and its input for one batch: `logits = embedding W' + bias`.
@@ -50,6 +54,37 @@ pub struct StudentHead {
 }
 
 impl BatchSignals {
+    /// A look-ahead's quiz from this batch: the rows of `embedding` `[B, D]` and the labels of
+    /// the samples that carry their label (detached; `None` when none does).
+    pub fn quiz(&self, embedding: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let emb = embedding.detach().f_to_kind(Kind::Float)?;
+        match &self.labelled {
+            None => Ok(Some((emb, self.labels.detach()))),
+            Some(l) => {
+                let idx = l.f_nonzero()?.f_squeeze_dim(1)?;
+                if idx.size()[0] == 0 {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    emb.f_index_select(0, &idx)?,
+                    self.labels.detach().f_index_select(0, &idx)?,
+                )))
+            }
+        }
+    }
+
+    /// Each sample's share of the cross-entropy term `[B]` float: 1 everywhere when every
+    /// sample is labelled, else `B / n_labelled` on the labelled ones and 0 on the others (the
+    /// training step's task loss, averaged over the labelled samples).
+    pub fn ce_share(&self) -> Result<Option<Tensor>> {
+        let Some(l) = &self.labelled else {
+            return Ok(None);
+        };
+        let f = l.f_to_kind(Kind::Float)?;
+        let n = f.f_sum(Kind::Float)?.f_clamp_min(1.0)?;
+        Ok(Some(f * self.batch_size() as f64 / n))
+    }
+
     /// Compute all signals without gradient.
     ///
     /// `projected[m]` is adapter m's output for the student's map (`None` when feature KD is off).
@@ -199,6 +234,7 @@ impl TeacherColumns {
             labels: labels.shallow_clone(),
             temperature,
             student_head: None,
+            labelled: None,
         })
     }
 }

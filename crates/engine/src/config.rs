@@ -136,6 +136,51 @@ pub struct DataConfig {
     /// `synthetic-scenes`: how the scenes are made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scenes: Option<mtkd_vision_tasks::segmentation::synthetic::SceneConfig>,
+    /// Keep the labels of only part of the training set (`{ fraction = 0.1 }` or
+    /// `{ keep = 2000 }`, seeded and stratified by class); the rest is used without labels
+    /// (docs/METHOD.md section 15). The pool's `arch` teachers still train on every label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<LabelsConfig>,
+    /// A folder of images without labels used beside the training set (`{ root = "dir" }`:
+    /// PNG or JPEG, sub-folders included, the training images' size and channels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unlabelled: Option<UnlabelledConfig>,
+    /// How labelled and unlabelled samples mix in the batches: unset (default), each image
+    /// once per epoch, so a batch holds labelled samples in the set's proportion; a share s in
+    /// (0, 1) repeats the labelled samples (each copy augmented on its own) until they make
+    /// about s of an epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled_share: Option<f64>,
+}
+
+/// Which training labels a run keeps (`[data] labels`): exactly one of `fraction` and `keep`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsConfig {
+    /// The share of the training samples that keep their label, in (0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<f64>,
+    /// How many training samples keep their label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
+    /// Seed of the choice (the same labelled samples for every run seed).
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// A folder of unlabelled images (`[data] unlabelled`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnlabelledConfig {
+    /// The folder; a relative path is looked up as `data.root` is.
+    pub root: PathBuf,
+}
+
+impl DataConfig {
+    /// Whether some training samples carry no label (`labels` or `unlabelled`).
+    pub fn has_unlabelled(&self) -> bool {
+        self.labels.is_some() || self.unlabelled.is_some()
+    }
 }
 
 impl DataConfig {
@@ -207,6 +252,39 @@ impl DataConfig {
         if let Some(c) = self.channels {
             if c != 1 && c != 3 {
                 return bad("data.channels", format!("must be 1 or 3, got {c}"));
+            }
+        }
+        if let Some(l) = &self.labels {
+            match (l.fraction, l.keep) {
+                (Some(f), None) if !(f > 0.0 && f <= 1.0) => {
+                    return bad(
+                        "data.labels.fraction",
+                        format!("must be in (0, 1], got {f}"),
+                    )
+                }
+                (None, Some(0)) => {
+                    return bad("data.labels.keep", "must be at least 1".into())
+                }
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => {
+                    return bad(
+                        "data.labels",
+                        "give exactly one of fraction (a share of the training set) and keep                          (a number of samples)"
+                            .into(),
+                    )
+                }
+            }
+        }
+        if let Some(s) = self.labelled_share {
+            if !(s > 0.0 && s < 1.0) {
+                return bad("data.labelled_share", format!("must be in (0, 1), got {s}"));
+            }
+            if !self.has_unlabelled() {
+                return bad(
+                    "data.labelled_share",
+                    "mixes labelled and unlabelled samples: set data.labels or data.unlabelled"
+                        .into(),
+                );
             }
         }
         Ok(())

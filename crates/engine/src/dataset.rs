@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use crate::config::DataConfig;
+use crate::record::LabelledCount;
 use mtkd_vision_tasks::data::{ImageSet, Split};
 use mtkd_vision_tasks::loader::{BatchLoader, LoaderConfig};
 
@@ -20,6 +21,8 @@ pub struct Datasets {
     /// COCO data read whole: the COCO ids of the test images (in set order) and of the
     /// categories (in class order), for result files. `None`: ids are index + 1.
     pub test_coco_ids: Option<(Vec<u64>, Vec<u64>)>,
+    /// With unlabelled samples: how many the training set holds and how many are labelled.
+    pub labelled: Option<LabelledCount>,
 }
 
 impl Datasets {
@@ -73,10 +76,11 @@ impl Datasets {
         Ok(set)
     }
 
-    /// A COCO split read for a config (`image_size`, `channels`), its counts logged.
+    /// The train and test sets of a config, the training set with its unlabelled part
+    /// (`labels`, `unlabelled`, `labelled_share`), its counts logged.
     pub fn load(cfg: &DataConfig) -> Result<Datasets> {
         let root = resolve_root(&cfg.root);
-        let train = Self::load_split(cfg, Split::Train)?;
+        let (train, labelled) = with_unlabelled(cfg, Self::load_split(cfg, Split::Train)?)?;
         let test = Self::load_split(cfg, Split::Test)?;
         if train.image_shape() != test.image_shape() || train.num_classes != test.num_classes {
             anyhow::bail!(
@@ -96,7 +100,34 @@ impl Datasets {
             test: Arc::new(test),
             root,
             test_coco_ids,
+            labelled,
         })
+    }
+
+    /// The training set without its unlabelled samples, the labelled ones repeated (each copy
+    /// augmented on its own) to the length of the whole set: what a run that does not distil
+    /// trains on, so that it takes as many steps as a distilling run of the same config.
+    pub fn labelled_only(mut self) -> Datasets {
+        let set = &self.train;
+        if set.labelled.is_none() {
+            return self;
+        }
+        let keep: Vec<usize> = (0..set.len()).filter(|&i| set.is_labelled(i)).collect();
+        let idx: Vec<usize> = keep.iter().copied().cycle().take(set.len()).collect();
+        let mut only = set.select(&idx);
+        only.labelled = None;
+        self.labelled = self.labelled.map(|c| LabelledCount {
+            samples: only.len(),
+            labelled: only.len(),
+            distinct_labelled: c.distinct_labelled,
+        });
+        tracing::info!(
+            labelled = keep.len(),
+            samples = only.len(),
+            "no distillation: the unlabelled samples are dropped, the labelled ones repeated"
+        );
+        self.train = Arc::new(only);
+        self
     }
 
     /// Input `(C, H, W)` of the networks (after the training transforms).
@@ -147,6 +178,77 @@ impl Datasets {
         )
         .context("data.normalize")
     }
+}
+
+/// `set` with the unlabelled part of `cfg`: all but `labels`' share of its labels hidden, the
+/// images of `unlabelled` appended, the labelled samples repeated to `labelled_share`.
+fn with_unlabelled(
+    cfg: &DataConfig,
+    mut set: ImageSet,
+) -> Result<(ImageSet, Option<LabelledCount>)> {
+    if let Some(l) = &cfg.labels {
+        let n = match (l.fraction, l.keep) {
+            (Some(f), _) => ((f * set.len() as f64).round() as usize).max(1),
+            (None, Some(k)) if k > set.len() => anyhow::bail!(
+                "data.labels.keep = {k}, but the training set has {} samples",
+                set.len()
+            ),
+            (None, Some(k)) => k,
+            (None, None) => anyhow::bail!("data.labels needs fraction or keep"),
+        };
+        let keep = mtkd_vision_tasks::data::stratified_indices(
+            &set.labels,
+            set.num_classes,
+            n,
+            0x6c61_6265 ^ l.seed,
+        );
+        set = set.hide_labels(&keep);
+    }
+    if let Some(u) = &cfg.unlabelled {
+        let dir = resolve_root(&u.root);
+        let (c, h, w) = set.image_shape();
+        // Formats that resize their images resize these too; the others need their size.
+        let size = match cfg.kind {
+            crate::config::DatasetKind::ImageFolder | crate::config::DatasetKind::Coco => {
+                cfg.source(&dir).geometry().0
+            }
+            _ => 0,
+        };
+        let images = mtkd_vision_tasks::data::read_unlabelled_folder(&dir, size, c, (h, w))
+            .with_context(|| format!("data.unlabelled: reading {}", dir.display()))?;
+        set = set
+            .with_unlabelled(&images)
+            .with_context(|| format!("data.unlabelled: {}", dir.display()))?;
+    }
+    let distinct_labelled = set.labelled_count();
+    if let Some(share) = cfg.labelled_share {
+        let labelled: Vec<usize> = (0..set.len()).filter(|&i| set.is_labelled(i)).collect();
+        let (nl, nu) = (labelled.len(), set.len() - labelled.len());
+        if nl > 0 && nu > 0 {
+            let copies = ((share * nu as f64) / ((1.0 - share) * nl as f64))
+                .ceil()
+                .max(1.0) as usize;
+            let mut idx: Vec<usize> = (0..set.len()).collect();
+            for _ in 1..copies {
+                idx.extend_from_slice(&labelled);
+            }
+            set = set.select(&idx);
+        }
+    }
+    let count = set.labelled.is_some().then(|| LabelledCount {
+        samples: set.len(),
+        labelled: set.labelled_count(),
+        distinct_labelled,
+    });
+    if let Some(c) = &count {
+        tracing::info!(
+            samples = c.samples,
+            labelled = c.labelled,
+            distinct_labelled = c.distinct_labelled,
+            "training set with unlabelled samples"
+        );
+    }
+    Ok((set, count))
 }
 
 /// The COCO ids of a split's images (in set order) and of the categories (in class order),

@@ -163,6 +163,21 @@ pub struct Summary {
     /// Where the student's weights started (`student.init`); absent: a random initialisation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init: Option<String>,
+    /// A run with unlabelled samples (`[data] labels`, `unlabelled`): how many training
+    /// samples an epoch holds and how many of them carry their label. Absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labelled: Option<LabelledCount>,
+}
+
+/// How many of a run's training samples carry their label ([`Summary::labelled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelledCount {
+    /// Samples per epoch (labelled copies of `data.labelled_share` included).
+    pub samples: usize,
+    /// Of which labelled.
+    pub labelled: usize,
+    /// Distinct labelled samples (before `data.labelled_share`'s copies).
+    pub distinct_labelled: usize,
 }
 
 /// Peak resident set size of this process in MB (Linux; `None` elsewhere).

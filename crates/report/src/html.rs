@@ -351,6 +351,14 @@ impl<'a> Page<'a> {
             Some(m) => format!("{} (agent mode: {})", s.strategy, m),
             None => s.strategy.clone(),
         };
+        let labels = match &s.labelled {
+            Some(c) if c.labelled != c.distinct_labelled => format!(
+                "{} of {} ({} distinct, repeated)",
+                c.labelled, c.samples, c.distinct_labelled
+            ),
+            Some(c) => format!("{} of {}", c.labelled, c.samples),
+            None => "all".to_owned(),
+        };
         let kpis = [
             ("strategy", strategy),
             (
@@ -358,6 +366,7 @@ impl<'a> Page<'a> {
                 format!("{} ({} parameters)", s.student, s.student_parameters),
             ),
             ("seed", s.seed.to_string()),
+            ("training samples with labels", labels),
             (final_label.as_str(), pct(s.final_value)),
             (
                 best_label.as_str(),
@@ -1478,6 +1487,7 @@ pub(crate) mod tests {
                 scalars: Default::default(),
                 per_class: Vec::new(),
             },
+            labelled: None,
             epochs: 2,
             wall_seconds: 125.0,
             teachers: teachers

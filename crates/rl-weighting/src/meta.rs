@@ -255,13 +255,15 @@ impl WeightingStrategy for MetaAgent {
                 reason: "the signals carry no student classifier (BatchSignals::student_head)"
                     .into(),
             })?;
-        let current = (
-            head.embedding.detach().f_to_kind(Kind::Float)?,
-            signals.labels.detach(),
-        );
-        let quiz = match self.cfg.quiz {
-            Quiz::Previous => self.quiz.replace(current),
-            Quiz::Current => Some(current),
+        // The quiz: the labelled samples of a batch (a batch without any keeps the last).
+        let current = signals.quiz(&head.embedding)?;
+        let quiz = match (self.cfg.quiz, current) {
+            (Quiz::Previous, Some(c)) => self.quiz.replace(c),
+            (Quiz::Previous, None) => self
+                .quiz
+                .as_ref()
+                .map(|(h, y)| (h.shallow_clone(), y.shallow_clone())),
+            (Quiz::Current, c) => c,
         };
         if let Some(q) = quiz {
             self.update(signals, &x, &q)?;

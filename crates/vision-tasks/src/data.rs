@@ -79,6 +79,11 @@ pub struct ImageSet {
     pub class_names: Vec<String>,
     /// The task's targets beyond the class.
     pub annotations: Annotations,
+    /// Which samples carry their label (`None`: every one). An unlabelled sample's label,
+    /// mask or objects are placeholders (class 0, every pixel `segmentation::IGNORE`, no
+    /// objects) that nothing reads: the training step replaces them by the teachers'
+    /// pseudo-targets (`Task::pseudo_targets`).
+    pub labelled: Option<Vec<bool>>,
 }
 
 impl ImageSet {
@@ -103,6 +108,7 @@ impl ImageSet {
             num_classes,
             class_names,
             annotations: Annotations::Classes,
+            labelled: None,
         })
     }
 
@@ -147,7 +153,113 @@ impl ImageSet {
             num_classes: self.num_classes,
             class_names: self.class_names.clone(),
             annotations: self.annotations.select(indices),
+            labelled: self
+                .labelled
+                .as_ref()
+                .map(|l| indices.iter().map(|&i| l[i]).collect()),
         }
+    }
+
+    /// Whether sample `i` carries its label.
+    pub fn is_labelled(&self, i: usize) -> bool {
+        self.labelled.as_ref().is_none_or(|l| l[i])
+    }
+
+    /// How many samples carry their label.
+    pub fn labelled_count(&self) -> usize {
+        match &self.labelled {
+            Some(l) => l.iter().filter(|&&x| x).count(),
+            None => self.len(),
+        }
+    }
+
+    /// The set with only the samples at `keep` labelled: every other sample's label and
+    /// targets are replaced by placeholders (class 0, masks of `segmentation::IGNORE`, no
+    /// objects), so that nothing can read them.
+    pub fn hide_labels(&self, keep: &[usize]) -> ImageSet {
+        let mut flag = vec![false; self.len()];
+        for &i in keep {
+            flag[i] = self.is_labelled(i);
+        }
+        let mut out = self.clone();
+        for (i, &l) in flag.iter().enumerate() {
+            if !l {
+                out.labels[i] = 0;
+            }
+        }
+        match &mut out.annotations {
+            Annotations::Classes => {}
+            Annotations::Masks(m) => {
+                for (i, &l) in flag.iter().enumerate() {
+                    if !l {
+                        m.slice_mut(s![i, .., ..]).fill(crate::segmentation::IGNORE);
+                    }
+                }
+            }
+            Annotations::Objects(o) => {
+                for (i, &l) in flag.iter().enumerate() {
+                    if !l {
+                        o[i].clear();
+                    }
+                }
+            }
+        }
+        out.labelled = Some(flag);
+        out
+    }
+
+    /// This set followed by `images` `[N, C, H, W]` without labels (placeholders as
+    /// [`ImageSet::hide_labels`] writes them). The images must have this set's shape.
+    pub fn with_unlabelled(&self, images: &Array4<u8>) -> Result<ImageSet> {
+        let (c, h, w) = self.image_shape();
+        let s2 = images.shape();
+        if (s2[1], s2[2], s2[3]) != (c, h, w) {
+            return Err(Error::Invalid {
+                what: "unlabelled images".into(),
+                reason: format!(
+                    "are {} x {} x {} (C x H x W), the labelled ones {c} x {h} x {w}",
+                    s2[1], s2[2], s2[3]
+                ),
+            });
+        }
+        let n = s2[0];
+        let all = ndarray::concatenate(ndarray::Axis(0), &[self.images.view(), images.view()])
+            .map_err(|e| Error::Invalid {
+                what: "unlabelled images".into(),
+                reason: e.to_string(),
+            })?;
+        let annotations = match &self.annotations {
+            Annotations::Classes => Annotations::Classes,
+            Annotations::Masks(m) => {
+                let blank =
+                    ndarray::Array3::<u8>::from_elem((n, h, w), crate::segmentation::IGNORE);
+                Annotations::Masks(
+                    ndarray::concatenate(ndarray::Axis(0), &[m.view(), blank.view()]).map_err(
+                        |e| Error::Invalid {
+                            what: "unlabelled masks".into(),
+                            reason: e.to_string(),
+                        },
+                    )?,
+                )
+            }
+            Annotations::Objects(o) => {
+                let mut o = o.clone();
+                o.extend(std::iter::repeat_n(Vec::new(), n));
+                Annotations::Objects(o)
+            }
+        };
+        let mut labelled: Vec<bool> = (0..self.len()).map(|i| self.is_labelled(i)).collect();
+        labelled.extend(std::iter::repeat_n(false, n));
+        let mut labels = self.labels.clone();
+        labels.extend(std::iter::repeat_n(0, n));
+        Ok(ImageSet {
+            images: all,
+            labels,
+            num_classes: self.num_classes,
+            class_names: self.class_names.clone(),
+            annotations,
+            labelled: Some(labelled),
+        })
     }
 
     /// Split off the last `n` samples as a second set: `(first, last)`.
@@ -430,6 +542,83 @@ pub fn read_image_folder(root: &Path, size: u32, channels: usize) -> Result<Imag
         })
         .collect();
     Ok(set)
+}
+
+/// A folder of images without labels (PNG or JPEG, its sub-folders included, in sorted path
+/// order), each read as [`read_image`] does: resized to `size x size` (0: kept at its own
+/// size, which must then be `expect_hw`) in `channels`. An empty folder, an unreadable image
+/// or one of another size is an error that names the file.
+pub fn read_unlabelled_folder(
+    root: &Path,
+    size: u32,
+    channels: usize,
+    expect_hw: (usize, usize),
+) -> Result<Array4<u8>> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let p = e.map_err(io_err(dir))?.path();
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if p
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| matches!(x.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+            {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(root, &mut files)?;
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::Invalid {
+            what: root.display().to_string(),
+            reason: "holds no images (PNG or JPEG) for data.unlabelled".into(),
+        });
+    }
+    let (h, w) = expect_hw;
+    let mut pixels = Vec::with_capacity(files.len() * channels * h * w);
+    for f in &files {
+        let img = image::open(f).map_err(|e| Error::Format {
+            path: f.clone(),
+            format: "image",
+            reason: e.to_string(),
+        })?;
+        let native = img.color().channel_count() as usize;
+        let grey_native = matches!(native, 1 | 2);
+        if size == 0 && (img.height() as usize, img.width() as usize) != (h, w) {
+            return Err(Error::Format {
+                path: f.clone(),
+                format: "image",
+                reason: format!(
+                    "is {} x {} (W x H), the training images {w} x {h}",
+                    img.width(),
+                    img.height()
+                ),
+            });
+        }
+        if channels == 3 && grey_native {
+            return Err(Error::Format {
+                path: f.clone(),
+                format: "image",
+                reason: "is a grey image, the training images have 3 channels (RGB)".into(),
+            });
+        }
+        if channels == 1 && !grey_native {
+            return Err(Error::Format {
+                path: f.clone(),
+                format: "image",
+                reason: format!("has {native} channels, the training images are grey (1 channel)"),
+            });
+        }
+        pixels.extend(read_image(f, size, channels)?);
+    }
+    Array4::from_shape_vec((files.len(), channels, h, w), pixels).map_err(|e| Error::Invalid {
+        what: root.display().to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// One image file (PNG or JPEG) as ImageFolder reads it: resized (bilinear) to `size x size`

@@ -42,6 +42,20 @@ pub struct Batch {
     pub targets: BatchTargets,
     /// Dataset indices of the samples, in batch order.
     pub indices: Vec<usize>,
+    /// Which samples carry their label `[B]` bool; `None` when the set labels every sample.
+    /// An unlabelled sample's label and targets are placeholders
+    /// ([`crate::data::ImageSet::labelled`]).
+    pub labelled: Option<Tensor>,
+}
+
+impl Batch {
+    /// How many of the batch's samples carry their label.
+    pub fn labelled_count(&self) -> i64 {
+        match &self.labelled {
+            Some(l) => l.sum(Kind::Int64).int64_value(&[]),
+            None => self.indices.len() as i64,
+        }
+    }
 }
 
 /// A batch's targets beyond its labels: each task's own (the batch form of
@@ -88,6 +102,7 @@ struct CpuBatch {
     labels: Vec<i64>,
     targets: CpuTargets,
     indices: Vec<usize>,
+    labelled: Option<Vec<bool>>,
 }
 
 /// Splits a dataset into batches, epoch after epoch.
@@ -242,12 +257,17 @@ impl BatchLoader {
                         CpuTargets::Objects(crate::objects::pack_objects(&refs))
                     }
                 };
+                let labelled = set
+                    .labelled
+                    .as_ref()
+                    .map(|l| idx.iter().map(|&i| l[i]).collect());
                 if tx
                     .send(CpuBatch {
                         pixels,
                         labels,
                         targets,
                         indices: idx,
+                        labelled,
                     })
                     .is_err()
                 {
@@ -301,11 +321,15 @@ impl Iterator for EpochIter {
             ),
             CpuTargets::Objects(o) => BatchTargets::Objects(o.to_device(self.device)),
         };
+        let labelled = cpu
+            .labelled
+            .map(|l| Tensor::from_slice(&l).to_device(self.device));
         Some(Batch {
             images,
             labels,
             targets,
             indices: cpu.indices,
+            labelled,
         })
     }
 }

@@ -103,6 +103,17 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     fn signals(&self, i: &SignalInputs) -> Result<BatchSignals>;
     /// Per-image training score in `[0, 1]` `[B]` (top-1 correct, pixel accuracy).
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor>;
+    /// The batch's targets ([`Task::targets`]) and image classes `[B]` with the rows of the
+    /// samples that carry no label (`labelled [B]` bool false) replaced by the teachers'
+    /// pseudo-targets: what the ensemble of `teachers` (their logits, averaged) predicts
+    /// (docs/METHOD.md section 15). The labelled rows are kept as they are.
+    fn pseudo_targets(
+        &self,
+        targets: &Tensor,
+        image_labels: &Tensor,
+        teachers: &[Tensor],
+        labelled: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
     /// A fresh evaluation metric.
     fn metric(&self, num_classes: usize) -> Box<dyn Metric>;
     /// The primary metric's key.
@@ -157,6 +168,30 @@ pub struct TeacherOutput {
     pub locations: Option<i64>,
 }
 
+/// The mean of the teachers' class probabilities (softmax over dim 1), detached.
+fn ensemble_probs(teachers: &[Tensor]) -> Result<Tensor> {
+    let first = teachers.first().ok_or_else(|| Error::Invalid {
+        what: "pseudo-targets".into(),
+        reason: "an unlabelled sample needs at least one teacher".into(),
+    })?;
+    let mut p = first.detach().f_softmax(1, Kind::Float)?;
+    for t in &teachers[1..] {
+        p = p.f_add(&t.detach().f_softmax(1, Kind::Float)?)?;
+    }
+    Ok(p / teachers.len() as f64)
+}
+
+/// `labelled` `[B]` viewed to broadcast over a tensor of `dims` dimensions.
+fn rows(labelled: &Tensor, dims: usize) -> Result<Tensor> {
+    let mut shape = vec![-1i64];
+    shape.extend(std::iter::repeat_n(1, dims.saturating_sub(1)));
+    Ok(labelled.f_view(shape.as_slice())?)
+}
+
+/// The score a detection of the teachers' ensemble needs to become a pseudo-box on an
+/// unlabelled image (`sqrt(p_class * p_centerness)`, docs/METHOD.md section 15).
+pub const PSEUDO_BOX_SCORE: f64 = 0.5;
+
 /// Image classification: cross-entropy, logit KD, top-1.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Classification;
@@ -192,6 +227,17 @@ impl Task for Classification {
     }
     fn train_score(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         Ok(loss::topk_correct(logits, targets, 1)?)
+    }
+    fn pseudo_targets(
+        &self,
+        targets: &Tensor,
+        _: &Tensor,
+        teachers: &[Tensor],
+        labelled: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let pseudo = ensemble_probs(teachers)?.f_argmax(1, false)?;
+        let t = targets.f_where_self(labelled, &pseudo)?;
+        Ok((t.shallow_clone(), t))
     }
     fn metric(&self, num_classes: usize) -> Box<dyn Metric> {
         Box::new(Accuracy::new(num_classes))
@@ -287,6 +333,30 @@ impl Task for Segmentation {
             &right,
             &loss::valid_pixels(targets, i64::from(IGNORE))?,
         )?)
+    }
+    fn pseudo_targets(
+        &self,
+        targets: &Tensor,
+        image_labels: &Tensor,
+        teachers: &[Tensor],
+        labelled: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let probs = ensemble_probs(teachers)?;
+        let k = probs.size()[1];
+        let pseudo = probs.f_argmax(1, false)?; // [B, H, W]
+        let masks = targets.f_where_self(&rows(labelled, 3)?, &pseudo)?;
+        // An unlabelled image's class: its most frequent foreground class in the pseudo-mask
+        // (0 when it has none), as the readers label an image from its mask.
+        let counts = pseudo
+            .f_flatten(1, -1)?
+            .f_one_hot(k)?
+            .f_sum_dim_intlist(1, false, Kind::Float)?
+            .f_slice(1, 1, k, 1)?;
+        let any = counts.f_amax(1, false)?.f_gt(0.0)?;
+        let fg = (counts.f_argmax(1, false)? + 1i64)
+            .f_where_self(&any, &Tensor::zeros_like(&any).f_to_kind(Kind::Int64)?)?;
+        let labels = image_labels.f_where_self(labelled, &fg)?;
+        Ok((masks, labels))
     }
     fn metric(&self, num_classes: usize) -> Box<dyn Metric> {
         Box::new(Confusion::new(num_classes))
@@ -471,6 +541,57 @@ impl Task for Detection {
             / pos
                 .f_sum_dim_intlist(1, false, Kind::Float)?
                 .f_clamp_min(1.0)?)
+    }
+    fn pseudo_targets(
+        &self,
+        targets: &Tensor,
+        image_labels: &Tensor,
+        teachers: &[Tensor],
+        labelled: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let first = teachers.first().ok_or_else(|| Error::Invalid {
+            what: "pseudo-targets".into(),
+            reason: "an unlabelled image needs at least one teacher".into(),
+        })?;
+        // The ensemble: the teachers' raw outputs averaged, decoded and kept above
+        // PSEUDO_BOX_SCORE after NMS, then assigned to locations as ground truth is.
+        let mut mean = first.detach();
+        for t in &teachers[1..] {
+            mean = mean.f_add(&t.detach())?;
+        }
+        let mean = mean / teachers.len() as f64;
+        let k = self.classes(&mean)?;
+        let pp = crate::detection::Postprocess {
+            score_threshold: PSEUDO_BOX_SCORE,
+            ..Default::default()
+        };
+        let dets = crate::detection::postprocess(&self.layout, &mean, k, &pp)?;
+        let objects: Vec<Vec<crate::objects::Object>> = dets
+            .iter()
+            .map(|ds| {
+                ds.iter()
+                    .map(|d| {
+                        let [x1, y1, x2, y2] = d.bbox;
+                        crate::objects::Object {
+                            class: d.class,
+                            bbox: d.bbox,
+                            area: (x2 - x1).max(0.0) * (y2 - y1).max(0.0),
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[crate::objects::Object]> = objects.iter().map(Vec::as_slice).collect();
+        let gt = crate::objects::pack_objects(&refs).to_device(targets.device());
+        let pseudo = self.layout.assign(&gt.f_slice(2, 0, 5, 1)?)?.pack();
+        let assigned = targets.f_where_self(&rows(labelled, 3)?, &pseudo)?;
+        let classes: Vec<i64> = objects
+            .iter()
+            .map(|o| crate::objects::image_label(o))
+            .collect();
+        let fg = Tensor::from_slice(&classes).to_device(image_labels.device());
+        let labels = image_labels.f_where_self(labelled, &fg)?;
+        Ok((assigned, labels))
     }
     fn metric(&self, num_classes: usize) -> Box<dyn Metric> {
         Box::new(DetMetric::new(self.layout.clone(), num_classes))

@@ -151,7 +151,8 @@ impl Distiller {
     }
 
     /// The terms of one batch: `out` is the student's training-mode output, `ce` its per-image
-    /// task loss, `teachers` the active teachers' outputs (`active`: their pool positions).
+    /// task loss, `teachers` the active teachers' outputs (`active`: their pool positions),
+    /// `labelled` which samples carry their label (`None`: all).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn terms(
         &mut self,
@@ -160,6 +161,7 @@ impl Distiller {
         ce: &Tensor,
         targets: &Tensor,
         labels: &Tensor,
+        labelled: Option<&Tensor>,
         teachers: Vec<ModelOutput>,
         active: &[usize],
         head: Option<StudentHead>,
@@ -208,6 +210,7 @@ impl Distiller {
             kl_terms: Some(&kl_terms),
         })?;
         signals.student_head = head;
+        signals.labelled = labelled.map(Tensor::shallow_clone);
         sums.signal_seconds += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
         let weights = self

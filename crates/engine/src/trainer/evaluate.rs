@@ -53,6 +53,8 @@ pub fn evaluate_into(
 /// Running sums of an epoch, kept as tensors (no device sync per batch).
 pub struct Sums {
     pub(super) n: i64,
+    /// The samples that carried their label (the train CE and score are their means).
+    pub(super) labelled: i64,
     pub(super) batches: usize,
     pub(super) skipped: usize,
     pub(super) loss: Tensor,
@@ -82,6 +84,7 @@ impl Sums {
         let z = || Tensor::zeros([], (Kind::Double, device));
         Sums {
             n: 0,
+            labelled: 0,
             batches: 0,
             skipped: 0,
             loss: z(),
@@ -107,15 +110,17 @@ impl Sums {
 
     /// Add an applied step: its batch size `b`, mean loss, per-image CE, with distillation
     /// the terms and the full-pool weights, and the per-image training score sum.
+    /// Add a batch of `b` samples, `scored` of them labelled (what `ce` and `correct` cover).
     pub(super) fn add(
         &mut self,
-        b: i64,
+        (b, scored): (i64, i64),
         loss: &Tensor,
         ce: &Tensor,
         distilled: Option<(&Terms, &TeacherWeights)>,
         correct: &Tensor,
     ) {
         self.n += b;
+        self.labelled += scored;
         self.batches += 1;
         self.loss += loss.to_kind(Kind::Double) * b as f64;
         self.ce += ce.sum(Kind::Double);
@@ -147,6 +152,7 @@ impl Sums {
         seconds: f64,
     ) -> EpochRecord {
         let n = self.n.max(1) as f64;
+        let scored = self.labelled.max(1) as f64;
         let (weights, feature_weights) = if self.weight_batches > 0 {
             let mean = (&self.weights / self.weight_batches as f64).to_device(Device::Cpu);
             (
@@ -160,10 +166,10 @@ impl Sums {
             epoch,
             lr,
             train_loss: self.loss.double_value(&[]) / n,
-            train_ce: self.ce.double_value(&[]) / n,
+            train_ce: self.ce.double_value(&[]) / scored,
             train_kd: self.kd.double_value(&[]) / n,
             train_feature: self.feat.double_value(&[]) / n,
-            train_metric: 100.0 * self.correct.double_value(&[]) / n,
+            train_metric: 100.0 * self.correct.double_value(&[]) / scored,
             test_loss,
             test: report.clone(),
             teacher_weights: weights,

@@ -226,10 +226,12 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     }
     obs.phase("loading data");
     let data = Datasets::load(&cfg.data)?;
-    let pool = if cfg.uses_teachers() {
-        build_pool(cfg, &data, device, obs)?
+    // Without teachers, unlabelled samples have nothing to teach (docs/METHOD.md section 15).
+    let (data, pool) = if cfg.uses_teachers() {
+        let pool = build_pool(cfg, &data, device, obs)?;
+        (data, pool)
     } else {
-        Vec::new()
+        (data.labelled_only(), Vec::new())
     };
     Trainer::new(cfg, data, pool, device, dir.to_path_buf(), config_hash)?.fit(opts, obs)
 }
@@ -671,6 +673,7 @@ impl<'a> Trainer<'a> {
             mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
             device: format!("{:?}", self.step.device),
             peak_rss_mb: crate::record::peak_rss_mb(),
+            labelled: self.data.labelled,
             init: self.cfg.student.init.as_ref().map(|p| {
                 format!(
                     "{}{}",

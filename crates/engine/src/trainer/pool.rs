@@ -502,9 +502,15 @@ pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
     run.seed = t
         .seed
         .unwrap_or_else(|| crate::config::teacher_seed(cfg.run.seed, &t.name));
+    // The teachers train on every label: a student's `labels`, `unlabelled` and
+    // `labelled_share` are its own (docs/METHOD.md section 15).
+    let mut data = cfg.data.clone();
+    data.labels = None;
+    data.unlabelled = None;
+    data.labelled_share = None;
     Ok(Config {
         run,
-        data: cfg.data.clone(),
+        data,
         student: crate::config::StudentConfig {
             arch,
             head: teacher_head(cfg, t),

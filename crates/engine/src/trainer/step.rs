@@ -209,11 +209,52 @@ impl DistillStep {
             .then(|| self.buffers.iter().map(Tensor::copy).collect());
         let targets = self.task.targets(batch)?;
         let out = self.student.forward_t(&batch.images, true);
-        let ce = self.task.loss(&out.logits, &targets)?;
-        let terms = if self.distiller.settings().is_some() {
-            let t0 = Instant::now();
-            let teachers = self.source.outputs(&self.pool, batch)?;
-            sums.teacher_seconds += t0.elapsed().as_secs_f64();
+        let distils = self.distiller.settings().is_some();
+        // With unlabelled samples the teachers' outputs come first: their ensemble's
+        // pseudo-targets stand in for the missing labels (docs/METHOD.md section 15).
+        let mut fetched = None;
+        let (targets, labels) = match &batch.labelled {
+            None => (targets, batch.labels.shallow_clone()),
+            Some(_) if !distils => anyhow::bail!(
+                "a batch with unlabelled samples in a run that does not distil (the loader \
+                 should have dropped them)"
+            ),
+            Some(l) => {
+                let t0 = Instant::now();
+                let outs = self.source.outputs(&self.pool, batch)?;
+                sums.teacher_seconds += t0.elapsed().as_secs_f64();
+                let logits: Vec<Tensor> = outs.iter().map(|o| o.logits.shallow_clone()).collect();
+                let pseudo = self
+                    .task
+                    .pseudo_targets(&targets, &batch.labels, &logits, l)
+                    .context("the teachers' pseudo-targets for the unlabelled samples")?;
+                fetched = Some(outs);
+                pseudo
+            }
+        };
+        let ce_all = self.task.loss(&out.logits, &targets)?;
+        // The task loss reads the labelled samples only, averaged over them: a batch's labelled
+        // samples weigh as a fully labelled batch would (docs/METHOD.md section 15). `scored`
+        // is what the records keep (0 on unlabelled samples).
+        let (ce, scored, labelled) = match &batch.labelled {
+            None => (ce_all.shallow_clone(), ce_all.shallow_clone(), None),
+            Some(l) => {
+                let n = batch.labelled_count();
+                let masked = ce_all.where_self(l, &Tensor::zeros_like(&ce_all));
+                let scale = batch.indices.len() as f64 / n.max(1) as f64;
+                (&masked * scale, masked, Some((l, n)))
+            }
+        };
+        let terms = if distils {
+            let teachers = match fetched {
+                Some(t) => t,
+                None => {
+                    let t0 = Instant::now();
+                    let t = self.source.outputs(&self.pool, batch)?;
+                    sums.teacher_seconds += t0.elapsed().as_secs_f64();
+                    t
+                }
+            };
             let head = self
                 .distiller
                 .student_head(&self.student, &out, self.opt.lr)?;
@@ -222,7 +263,8 @@ impl DistillStep {
                 &out,
                 &ce,
                 &targets,
-                &batch.labels,
+                &labels,
+                batch.labelled.as_ref(),
                 teachers,
                 &self.pool.active,
                 head,
@@ -256,15 +298,21 @@ impl DistillStep {
         self.opt.zero_grad();
         loss.backward();
         self.opt.step();
-        let correct = self
-            .task
-            .train_score(&out.logits.detach(), &targets)?
-            .sum(Kind::Double);
+        let score = self.task.train_score(&out.logits.detach(), &targets)?;
+        let (correct, n_scored) = match labelled {
+            None => (score.sum(Kind::Double), batch.indices.len() as i64),
+            Some((l, n)) => (
+                score
+                    .where_self(l, &Tensor::zeros_like(&score))
+                    .sum(Kind::Double),
+                n,
+            ),
+        };
         let Some(terms) = terms else {
             sums.add(
-                batch.indices.len() as i64,
+                (batch.indices.len() as i64, n_scored),
                 &loss.detach(),
-                &ce.detach(),
+                &scored.detach(),
                 None,
                 &correct,
             );
@@ -272,9 +320,9 @@ impl DistillStep {
         };
         let full = self.pool.to_full(&terms.weights, self.device)?;
         sums.add(
-            batch.indices.len() as i64,
+            (batch.indices.len() as i64, n_scored),
             &loss.detach(),
-            &ce.detach(),
+            &scored.detach(),
             Some((&terms, &full)),
             &correct,
         );
@@ -285,7 +333,7 @@ impl DistillStep {
         let t5 = Instant::now();
         let feedback = Feedback {
             per_sample_loss: terms.total.detach(),
-            pre_step_ce: ce.detach(),
+            pre_step_ce: ce_all.detach(),
             eval_ce,
             step,
         };

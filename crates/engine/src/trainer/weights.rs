@@ -44,9 +44,11 @@ impl WeightRecords {
         at: (usize, u64, bool),
     ) -> Result<()> {
         let (epoch, step, last) = at;
+        // The signals' labels: the batch's, with the teachers' pseudo-classes for unlabelled
+        // samples.
         self.per_class_and_log(
             &d.weights,
-            &batch.labels,
+            &d.signals.labels,
             &batch.indices,
             num_classes,
             epoch,
