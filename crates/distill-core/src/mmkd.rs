@@ -415,7 +415,7 @@ pub fn lookahead_quiz_loss(
     let onehot = s.labels.f_one_hot(k)?.f_to_kind(Kind::Float)?;
     let mut g = (z.f_softmax(1, Kind::Float)? - onehot) * ce_weight;
     if let Some(share) = s.ce_share()? {
-        g = g * share.unsqueeze(1);
+        g *= share.unsqueeze(1);
     }
     let q = (&z / t).f_softmax(1, Kind::Float)?;
     for (m, zt) in s.teacher_logits.iter().enumerate() {

@@ -836,6 +836,19 @@ fn compare(
         cfg.data.kind,
         cfg.data.root.display()
     ));
+    // Runs with unlabelled samples: how many labels the student had (docs/METHOD.md 15).
+    if let Some(c) = results
+        .iter()
+        .filter(|r| r.summary.strategy != "no-kd")
+        .find_map(|r| r.summary.labelled)
+    {
+        md.push_str(&format!(
+            "Labels: the student's epochs hold {} training samples, {} of them labelled ({} \
+             distinct); the others take the teachers' pseudo-targets. The no-kd row trains on \
+             the labelled samples only, repeated to {} per epoch (docs/METHOD.md section 15).\n\n",
+            c.samples, c.labelled, c.distinct_labelled, c.samples
+        ));
+    }
     md.push_str(&format!(
         "Machine: {}; {} logical cores; libtorch threads {}; mtkd {}; {}\n\n",
         mtkd_engine::trainer::bench::cpu_model(),
