@@ -145,13 +145,17 @@ pub struct DataConfig {
     /// PNG or JPEG, sub-folders included, the training images' size and channels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unlabelled: Option<UnlabelledConfig>,
-    /// How labelled and unlabelled samples mix in the batches: unset (default), each image
-    /// once per epoch, so a batch holds labelled samples in the set's proportion; a share s in
-    /// (0, 1) repeats the labelled samples (each copy augmented on its own) until they make
-    /// about s of an epoch.
+    /// How labelled and unlabelled samples mix in the batches: a share s in (0, 1) repeats the
+    /// labelled samples (each copy augmented on its own) until they make about s of an epoch
+    /// (default [`DEFAULT_LABELLED_SHARE`], half of every batch); 0 takes each image once per
+    /// epoch, so a batch holds labelled samples in the set's proportion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labelled_share: Option<f64>,
 }
+
+/// `[data] labelled_share` when unset: half of every epoch is labelled samples (docs/METHOD.md
+/// section 15 and docs/RESULTS.md give the measurements that chose it).
+pub const DEFAULT_LABELLED_SHARE: f64 = 0.5;
 
 /// Which training labels a run keeps (`[data] labels`): exactly one of `fraction` and `keep`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,8 +280,11 @@ impl DataConfig {
             }
         }
         if let Some(s) = self.labelled_share {
-            if !(s > 0.0 && s < 1.0) {
-                return bad("data.labelled_share", format!("must be in (0, 1), got {s}"));
+            if !(0.0..1.0).contains(&s) {
+                return bad(
+                    "data.labelled_share",
+                    format!("must be in [0, 1) (0: each image once per epoch), got {s}"),
+                );
             }
             if !self.has_unlabelled() {
                 return bad(

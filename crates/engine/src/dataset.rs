@@ -181,7 +181,8 @@ impl Datasets {
 }
 
 /// `set` with the unlabelled part of `cfg`: all but `labels`' share of its labels hidden, the
-/// images of `unlabelled` appended, the labelled samples repeated to `labelled_share`.
+/// images of `unlabelled` appended, the labelled samples repeated to `labelled_share` (default
+/// [`crate::config::DEFAULT_LABELLED_SHARE`]).
 fn with_unlabelled(
     cfg: &DataConfig,
     mut set: ImageSet,
@@ -221,7 +222,10 @@ fn with_unlabelled(
             .with_context(|| format!("data.unlabelled: {}", dir.display()))?;
     }
     let distinct_labelled = set.labelled_count();
-    if let Some(share) = cfg.labelled_share {
+    let share = cfg
+        .labelled_share
+        .unwrap_or(crate::config::DEFAULT_LABELLED_SHARE);
+    if share > 0.0 {
         let labelled: Vec<usize> = (0..set.len()).filter(|&i| set.is_labelled(i)).collect();
         let (nl, nu) = (labelled.len(), set.len() - labelled.len());
         if nl > 0 && nu > 0 {

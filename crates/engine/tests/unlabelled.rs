@@ -43,7 +43,12 @@ fn write_png(path: &Path, w: u32, h: u32, rgb: bool) {
 fn classification_with_a_quarter_of_the_labels_distils_resumes_and_shares_outputs() {
     let _g = serial();
     let s = scratch("unlabelled-cls");
-    let cfg = parse(&with_data(&tiny(POOL, &s), "labels = { fraction = 0.25 }")).unwrap();
+    // Each image once per epoch (labelled_share = 0): 64 labelled of 256.
+    let cfg = parse(&with_data(
+        &tiny(POOL, &s),
+        "labels = { fraction = 0.25 }\nlabelled_share = 0",
+    ))
+    .unwrap();
     let full = s.join("full");
     let out = run_in(&cfg, &full, &RunOptions::default()).unwrap();
     let count = out.summary.labelled.expect("the summary counts the labels");
@@ -79,12 +84,9 @@ fn classification_with_a_quarter_of_the_labels_distils_resumes_and_shares_output
     );
     assert_eq!(out.summary.strategy, "no-kd");
 
-    // labelled_share repeats the labelled samples: 0.5 of 192 unlabelled -> 3 copies of 64.
-    let shared = parse(&with_data(
-        &tiny(POOL, &s),
-        "labels = { keep = 64 }\nlabelled_share = 0.5",
-    ))
-    .unwrap();
+    // The default labelled_share (0.5) repeats the labelled samples to half of the epoch: 3
+    // copies of the 64 beside the 192 unlabelled.
+    let shared = parse(&with_data(&tiny(POOL, &s), "labels = { keep = 64 }")).unwrap();
     let mut one = shared.clone();
     one.train.epochs = 1;
     one.train.milestones = vec![];
@@ -160,6 +162,10 @@ fn label_settings_outside_their_range_name_the_field() {
         ("labels = { keep = 0 }", "data.labels.keep"),
         ("labels = { fraction = 0.5, keep = 10 }", "data.labels"),
         ("labels = { fractoin = 0.5 }", "fractoin"),
+        (
+            "labels = { fraction = 0.5 }\nlabelled_share = -0.1",
+            "data.labelled_share",
+        ),
         ("labelled_share = 0.3", "data.labelled_share"),
         (
             "labels = { fraction = 0.5 }\nlabelled_share = 1.0",
@@ -182,7 +188,8 @@ fn segmentation_and_detection_distil_from_unlabelled_scenes() {
     let seg = parse(&seg_scenes(SEG_POOL, &s).replacen("scenes =", labels, 1)).unwrap();
     let dir = s.join("seg");
     let out = run_in(&seg, &dir, &RunOptions::default()).unwrap();
-    assert_eq!(out.summary.labelled.unwrap().labelled, 16);
+    // 16 labelled scenes, 3 copies each beside the 48 unlabelled (labelled_share 0.5).
+    assert_eq!(out.summary.labelled.unwrap().labelled, 48);
     let h = history(&dir);
     assert!(
         h.iter()
@@ -194,7 +201,8 @@ fn segmentation_and_detection_distil_from_unlabelled_scenes() {
     let det = parse(&det_scenes(DET_POOL, &s).replacen("scenes =", labels, 1)).unwrap();
     let dir = s.join("det");
     let out = trainer::run(&det, &dir, &RunOptions::default(), &mut Silent).unwrap();
-    assert_eq!(out.summary.labelled.unwrap().labelled, 16);
+    // 16 labelled scenes, 3 copies each beside the 48 unlabelled (labelled_share 0.5).
+    assert_eq!(out.summary.labelled.unwrap().labelled, 48);
     let h = history(&dir);
     assert!(
         h.iter()
