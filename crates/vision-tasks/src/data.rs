@@ -80,7 +80,7 @@ pub struct ImageSet {
     /// The task's targets beyond the class.
     pub annotations: Annotations,
     /// Which samples carry their label (`None`: every one). An unlabelled sample's label,
-    /// mask or objects are placeholders (class 0, every pixel `segmentation::IGNORE`, no
+    /// mask or objects are placeholders (class 0, every pixel `objects::IGNORE`, no
     /// objects) that nothing reads: the training step replaces them by the teachers'
     /// pseudo-targets (`Task::pseudo_targets`).
     pub labelled: Option<Vec<bool>>,
@@ -192,7 +192,7 @@ impl ImageSet {
             Annotations::Masks(m) => {
                 for (i, &l) in flag.iter().enumerate() {
                     if !l {
-                        m.slice_mut(s![i, .., ..]).fill(crate::segmentation::IGNORE);
+                        m.slice_mut(s![i, .., ..]).fill(crate::objects::IGNORE);
                     }
                 }
             }
@@ -231,8 +231,7 @@ impl ImageSet {
         let annotations = match &self.annotations {
             Annotations::Classes => Annotations::Classes,
             Annotations::Masks(m) => {
-                let blank =
-                    ndarray::Array3::<u8>::from_elem((n, h, w), crate::segmentation::IGNORE);
+                let blank = ndarray::Array3::<u8>::from_elem((n, h, w), crate::objects::IGNORE);
                 Annotations::Masks(
                     ndarray::concatenate(ndarray::Axis(0), &[m.view(), blank.view()]).map_err(
                         |e| Error::Invalid {

@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 
 use tch::Tensor;
 
+/// The mask value of pixels that carry no label (VOC's convention): they count in no loss and
+/// no metric.
+pub const IGNORE: u8 = 255;
+
 /// One ground-truth object of an image: class index, box `[x1, y1, x2, y2]` in pixels, area
 /// (the annotation's, which COCO's size ranges use; the box's when it has none).
 #[derive(Debug, Clone, Copy, PartialEq)]

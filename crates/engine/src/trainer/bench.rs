@@ -169,6 +169,13 @@ pub fn bench_steps(
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
+    if cfg.data.has_unlabelled() {
+        bail!(
+            "bench-steps times fully labelled steps (its CE mode has no teachers to give the \
+             unlabelled samples targets): remove data.labels, data.unlabelled and \
+             data.labelled_share from the config"
+        );
+    }
     let device = device_of(&cfg.run.device)?;
     obs.phase("loading data");
     let data = Datasets::load(&cfg.data)?;

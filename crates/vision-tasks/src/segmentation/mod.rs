@@ -8,9 +8,9 @@ pub mod synthetic;
 
 pub use metrics::{Confusion, SegReport};
 
-/// The mask value of pixels that carry no label (VOC's convention): they count in no loss and
-/// no metric.
-pub const IGNORE: u8 = 255;
+/// The mask value of a pixel without a label (defined with the ground-truth vocabulary in
+/// [`crate::objects`], which the readers share without importing this module).
+pub use crate::objects::IGNORE;
 
 /// The label of a whole image from its mask: the most frequent class other than 0 (class 0 is
 /// the background in every layout mtkd reads), 0 when only background or nothing is labelled.
