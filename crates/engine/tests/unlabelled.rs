@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use mtkd_engine::trainer::{self, RunOptions, Silent};
+use mtkd_engine::trainer::RunOptions;
 
 mod common;
 use common::*;
@@ -186,29 +186,22 @@ fn segmentation_and_detection_distil_from_unlabelled_scenes() {
     let s = scratch("unlabelled-dense");
     let labels = "labels = { fraction = 0.25 }\nscenes =";
     let seg = parse(&seg_scenes(SEG_POOL, &s).replacen("scenes =", labels, 1)).unwrap();
-    let dir = s.join("seg");
-    let out = run_in(&seg, &dir, &RunOptions::default()).unwrap();
-    // 16 labelled scenes, 3 copies each beside the 48 unlabelled (labelled_share 0.5).
-    assert_eq!(out.summary.labelled.unwrap().labelled, 48);
-    let h = history(&dir);
-    assert!(
-        h.iter()
-            .all(|r| r.train_kd > 0.0 && r.train_loss.is_finite()),
-        "{h:?}"
-    );
-    assert_resume_and_shared_outputs_repeat(&seg, &s.join("seg-repeat"), &h, 5);
-
     let det = parse(&det_scenes(DET_POOL, &s).replacen("scenes =", labels, 1)).unwrap();
-    let dir = s.join("det");
-    let out = trainer::run(&det, &dir, &RunOptions::default(), &mut Silent).unwrap();
-    // 16 labelled scenes, 3 copies each beside the 48 unlabelled (labelled_share 0.5).
-    assert_eq!(out.summary.labelled.unwrap().labelled, 48);
-    let h = history(&dir);
-    assert!(
-        h.iter()
-            .all(|r| r.train_kd > 0.0 && r.train_loss.is_finite()),
-        "{h:?}"
-    );
-    assert!(out.summary.final_value.is_finite());
+    for (name, cfg) in [("seg", &seg), ("det", &det)] {
+        let dir = s.join(name);
+        let out = run_in(cfg, &dir, &RunOptions::default()).unwrap();
+        // 16 labelled scenes, 3 copies each beside the 48 unlabelled (labelled_share 0.5).
+        assert_eq!(out.summary.labelled.unwrap().labelled, 48, "{name}");
+        assert!(out.summary.final_value.is_finite(), "{name}");
+        let h = history(&dir);
+        assert!(
+            h.iter()
+                .all(|r| r.train_kd > 0.0 && r.train_loss.is_finite()),
+            "{name}: {h:?}"
+        );
+        if name == "seg" {
+            assert_resume_and_shared_outputs_repeat(cfg, &s.join("seg-repeat"), &h, 5);
+        }
+    }
     let _ = std::fs::remove_dir_all(&s);
 }

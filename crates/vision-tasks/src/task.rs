@@ -168,17 +168,22 @@ pub struct TeacherOutput {
     pub locations: Option<i64>,
 }
 
-/// The mean of the teachers' class probabilities (softmax over dim 1), detached.
-fn ensemble_probs(teachers: &[Tensor]) -> Result<Tensor> {
+/// The mean over the teachers of `f(logits)` (detached): the ensemble the pseudo-targets read.
+fn ensemble_mean(teachers: &[Tensor], f: impl Fn(Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let first = teachers.first().ok_or_else(|| Error::Invalid {
         what: "pseudo-targets".into(),
         reason: "an unlabelled sample needs at least one teacher".into(),
     })?;
-    let mut p = first.detach().f_softmax(1, Kind::Float)?;
+    let mut sum = f(first.detach())?;
     for t in &teachers[1..] {
-        p = p.f_add(&t.detach().f_softmax(1, Kind::Float)?)?;
+        sum = sum.f_add(&f(t.detach())?)?;
     }
-    Ok(p / teachers.len() as f64)
+    Ok(sum / teachers.len() as f64)
+}
+
+/// The mean of the teachers' class probabilities (softmax over dim 1), detached.
+fn ensemble_probs(teachers: &[Tensor]) -> Result<Tensor> {
+    ensemble_mean(teachers, |t| Ok(t.f_softmax(1, Kind::Float)?))
 }
 
 /// `labelled` `[B]` viewed to broadcast over a tensor of `dims` dimensions.
@@ -549,17 +554,9 @@ impl Task for Detection {
         teachers: &[Tensor],
         labelled: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let first = teachers.first().ok_or_else(|| Error::Invalid {
-            what: "pseudo-targets".into(),
-            reason: "an unlabelled image needs at least one teacher".into(),
-        })?;
         // The ensemble: the teachers' raw outputs averaged, decoded and kept above
         // PSEUDO_BOX_SCORE after NMS, then assigned to locations as ground truth is.
-        let mut mean = first.detach();
-        for t in &teachers[1..] {
-            mean = mean.f_add(&t.detach())?;
-        }
-        let mean = mean / teachers.len() as f64;
+        let mean = ensemble_mean(teachers, Ok)?;
         let k = self.classes(&mean)?;
         let pp = crate::detection::Postprocess {
             score_threshold: PSEUDO_BOX_SCORE,

@@ -63,14 +63,8 @@ fn the_loader_says_which_samples_are_labelled() {
         LoaderConfig {
             batch_size: 4,
             shuffle: true,
-            drop_last: false,
-            augment: None,
-            eval_resize: None,
-            normalize: Normalize {
-                mean: vec![0.0],
-                std: vec![1.0],
-            },
             seed: 5,
+            ..loader_cfg()
         },
     )
     .unwrap();

@@ -53,8 +53,9 @@ pub fn evaluate_into(
 /// Running sums of an epoch, kept as tensors (no device sync per batch).
 pub struct Sums {
     pub(super) n: i64,
-    /// The samples that carried their label (the train CE and score are their means).
-    pub(super) labelled: i64,
+    /// The samples without their label (the train CE and score are the means over the
+    /// others), a tensor so that counting costs no host sync.
+    pub(super) unlabelled: Tensor,
     pub(super) batches: usize,
     pub(super) skipped: usize,
     pub(super) loss: Tensor,
@@ -84,7 +85,7 @@ impl Sums {
         let z = || Tensor::zeros([], (Kind::Double, device));
         Sums {
             n: 0,
-            labelled: 0,
+            unlabelled: z(),
             batches: 0,
             skipped: 0,
             loss: z(),
@@ -110,17 +111,21 @@ impl Sums {
 
     /// Add an applied step: its batch size `b`, mean loss, per-image CE, with distillation
     /// the terms and the full-pool weights, and the per-image training score sum.
-    /// Add a batch of `b` samples, `scored` of them labelled (what `ce` and `correct` cover).
+    /// Count a batch's unlabelled samples (`labelled [B]` bool), which its `ce` and `correct`
+    /// leave out.
+    pub(super) fn add_unlabelled(&mut self, labelled: &Tensor) {
+        self.unlabelled += labelled.logical_not().sum(Kind::Double);
+    }
+
     pub(super) fn add(
         &mut self,
-        (b, scored): (i64, i64),
+        b: i64,
         loss: &Tensor,
         ce: &Tensor,
         distilled: Option<(&Terms, &TeacherWeights)>,
         correct: &Tensor,
     ) {
         self.n += b;
-        self.labelled += scored;
         self.batches += 1;
         self.loss += loss.to_kind(Kind::Double) * b as f64;
         self.ce += ce.sum(Kind::Double);
@@ -152,7 +157,7 @@ impl Sums {
         seconds: f64,
     ) -> EpochRecord {
         let n = self.n.max(1) as f64;
-        let scored = self.labelled.max(1) as f64;
+        let scored = (self.n as f64 - self.unlabelled.double_value(&[])).max(1.0);
         let (weights, feature_weights) = if self.weight_batches > 0 {
             let mean = (&self.weights / self.weight_batches as f64).to_device(Device::Cpu);
             (

@@ -210,69 +210,64 @@ impl DistillStep {
         let targets = self.task.targets(batch)?;
         let out = self.student.forward_t(&batch.images, true);
         let distils = self.distiller.settings().is_some();
-        // With unlabelled samples the teachers' outputs come first: their ensemble's
-        // pseudo-targets stand in for the missing labels (docs/METHOD.md section 15).
-        let mut fetched = None;
-        let (targets, labels) = match &batch.labelled {
-            None => (targets, batch.labels.shallow_clone()),
-            Some(_) if !distils => anyhow::bail!(
+        let teachers = if distils {
+            let t0 = Instant::now();
+            let t = self.source.outputs(&self.pool, batch)?;
+            sums.teacher_seconds += t0.elapsed().as_secs_f64();
+            Some(t)
+        } else {
+            None
+        };
+        // Unlabelled samples take the teachers' ensemble's pseudo-targets (docs/METHOD.md
+        // section 15).
+        let (targets, labels) = match (&batch.labelled, &teachers) {
+            (None, _) => (targets, batch.labels.shallow_clone()),
+            (Some(_), None) => anyhow::bail!(
                 "a batch with unlabelled samples in a run that does not distil (the loader \
                  should have dropped them)"
             ),
-            Some(l) => {
-                let t0 = Instant::now();
-                let outs = self.source.outputs(&self.pool, batch)?;
-                sums.teacher_seconds += t0.elapsed().as_secs_f64();
+            (Some(l), Some(outs)) => {
                 let logits: Vec<Tensor> = outs.iter().map(|o| o.logits.shallow_clone()).collect();
-                let pseudo = self
-                    .task
+                self.task
                     .pseudo_targets(&targets, &batch.labels, &logits, l)
-                    .context("the teachers' pseudo-targets for the unlabelled samples")?;
-                fetched = Some(outs);
-                pseudo
+                    .context("the teachers' pseudo-targets for the unlabelled samples")?
             }
         };
         let ce_all = self.task.loss(&out.logits, &targets)?;
         // The task loss reads the labelled samples only, averaged over them: a batch's labelled
         // samples weigh as a fully labelled batch would (docs/METHOD.md section 15). `scored`
-        // is what the records keep (0 on unlabelled samples).
-        let (ce, scored, labelled) = match &batch.labelled {
-            None => (ce_all.shallow_clone(), ce_all.shallow_clone(), None),
+        // is what the records keep (0 on unlabelled samples). No host sync: the count stays a
+        // tensor.
+        let (ce, scored) = match &batch.labelled {
+            None => (ce_all.shallow_clone(), ce_all.shallow_clone()),
             Some(l) => {
-                let n = batch.labelled_count();
                 let masked = ce_all.where_self(l, &Tensor::zeros_like(&ce_all));
-                let scale = batch.indices.len() as f64 / n.max(1) as f64;
-                (&masked * scale, masked, Some((l, n)))
+                let n = l.sum(Kind::Float).clamp_min(1.0);
+                let scale =
+                    Tensor::full([], batch.indices.len() as f64, (Kind::Float, n.device())) / n;
+                (&masked * scale, masked)
             }
         };
-        let terms = if distils {
-            let teachers = match fetched {
-                Some(t) => t,
-                None => {
-                    let t0 = Instant::now();
-                    let t = self.source.outputs(&self.pool, batch)?;
-                    sums.teacher_seconds += t0.elapsed().as_secs_f64();
-                    t
-                }
-            };
-            let head = self
-                .distiller
-                .student_head(&self.student, &out, self.opt.lr)?;
-            Some(self.distiller.terms(
-                self.task.as_ref(),
-                &out,
-                &ce,
-                &targets,
-                &labels,
-                batch.labelled.as_ref(),
-                teachers,
-                &self.pool.active,
-                head,
-                sums,
-                (epoch, step),
-            )?)
-        } else {
-            None
+        let terms = match teachers {
+            Some(teachers) => {
+                let head = self
+                    .distiller
+                    .student_head(&self.student, &out, self.opt.lr)?;
+                Some(self.distiller.terms(
+                    self.task.as_ref(),
+                    &out,
+                    &ce,
+                    &targets,
+                    &labels,
+                    batch.labelled.as_ref(),
+                    teachers,
+                    &self.pool.active,
+                    head,
+                    sums,
+                    (epoch, step),
+                )?)
+            }
+            None => None,
         };
         let loss = match &terms {
             Some(t) => t.total.mean(Kind::Float),
@@ -299,18 +294,18 @@ impl DistillStep {
         loss.backward();
         self.opt.step();
         let score = self.task.train_score(&out.logits.detach(), &targets)?;
-        let (correct, n_scored) = match labelled {
-            None => (score.sum(Kind::Double), batch.indices.len() as i64),
-            Some((l, n)) => (
+        let correct = match &batch.labelled {
+            None => score.sum(Kind::Double),
+            Some(l) => {
+                sums.add_unlabelled(l);
                 score
                     .where_self(l, &Tensor::zeros_like(&score))
-                    .sum(Kind::Double),
-                n,
-            ),
+                    .sum(Kind::Double)
+            }
         };
         let Some(terms) = terms else {
             sums.add(
-                (batch.indices.len() as i64, n_scored),
+                batch.indices.len() as i64,
                 &loss.detach(),
                 &scored.detach(),
                 None,
@@ -320,7 +315,7 @@ impl DistillStep {
         };
         let full = self.pool.to_full(&terms.weights, self.device)?;
         sums.add(
-            (batch.indices.len() as i64, n_scored),
+            batch.indices.len() as i64,
             &loss.detach(),
             &scored.detach(),
             Some((&terms, &full)),
