@@ -42,6 +42,7 @@ pub fn signals(g: &Value, b: &Value) -> BatchSignals {
         weight: w,
         bias: Some(bias),
         lr: g["inner_lr"].as_f64().unwrap(),
+        pixel_embedding: None,
     });
     s
 }

@@ -57,6 +57,7 @@ fn bench(c: &mut Criterion) {
             weight: Tensor::randn([k, 64], opts) * 0.1,
             bias: Some(Tensor::zeros([k], opts)),
             lr: 0.05,
+            pixel_embedding: None,
         });
         let mut mmkd = Mmkd::new(MmkdConfig::default(), 3, k, 1.0, 1.0, Device::Cpu).unwrap();
         g.bench_with_input(BenchmarkId::new("mmkd", k), &k, |bch, _| {

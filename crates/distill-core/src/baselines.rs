@@ -33,6 +33,7 @@ impl WeightingStrategy for Ebkd {
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
         let w = tch::no_grad(|| entropy_weights(&signals.entropy))?;
         Ok(TeacherWeights {
+            pixel: None,
             feature: w.copy(),
             logit: w,
         })
@@ -83,6 +84,7 @@ impl WeightingStrategy for CaMkd {
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
         let c = tch::no_grad(|| confidence_weights(&signals.ce))?;
         Ok(TeacherWeights {
+            pixel: None,
             feature: c.copy(),
             logit: c,
         })

@@ -243,7 +243,6 @@ pub fn pixel_weighted_kd(
     )?;
     let m = teachers.len() as i64;
     check_shape("pixel_weighted_kd weights", w, &[student.size()[0], m])?;
-    let valid = valid_pixels(targets, ignore_index)?;
     let weights = tch::no_grad(|| -> Result<Tensor> {
         let ce: Vec<Tensor> = teachers
             .iter()
@@ -268,10 +267,44 @@ pub fn pixel_weighted_kd(
                 .f_clamp_min(1e-12)?
             * total)
     })?;
-    let mut kd = Tensor::f_zeros([student.size()[0]], (Kind::Float, student.device()))?;
+    per_pixel_weighted_kd(
+        student,
+        teachers,
+        &weights,
+        targets,
+        ignore_index,
+        temperature,
+    )
+}
+
+/// The KD term `[B]` of a segmentation batch with a weight per teacher and pixel: the sum over
+/// teachers of the mean over each image's labelled pixels of `w[b, m, p] T^2 KL_m[b, p]`. The
+/// weights carry no gradient.
+///
+/// # Shapes
+/// `student [B, K, H, W]`, `teachers[m] [B, K, H, W]`, `w [B, M, H, W]`, `targets [B, H, W]`
+/// -> `[B]`
+pub fn per_pixel_weighted_kd(
+    student: &Tensor,
+    teachers: &[Tensor],
+    w: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+    temperature: f64,
+) -> Result<Tensor> {
+    let s = student.size();
+    check_shape("per-pixel KD student logits", student, &[-1, -1, -1, -1])?;
+    check_shape(
+        "per-pixel teacher weights",
+        w,
+        &[s[0], teachers.len() as i64, s[2], s[3]],
+    )?;
+    let valid = valid_pixels(targets, ignore_index)?;
+    let w = w.detach();
+    let mut kd = Tensor::f_zeros([s[0]], (Kind::Float, student.device()))?;
     for (i, t) in teachers.iter().enumerate() {
         let kl = pixel_kd_kl(student, t, temperature)?;
-        kd += masked_image_mean(&(kl * weights.f_select(1, i as i64)?), &valid)?;
+        kd += masked_image_mean(&(kl * w.f_select(1, i as i64)?), &valid)?;
     }
     Ok(kd)
 }

@@ -544,6 +544,7 @@ impl WeightingStrategy for Mmkd {
         }
         let w = tch::no_grad(|| self.forward(&x));
         Ok(TeacherWeights {
+            pixel: None,
             feature: w.copy(),
             logit: w,
         })

@@ -38,6 +38,22 @@ pub struct BatchSignals {
     /// others were computed against the teachers' pseudo-targets, which `labels` then holds
     /// for them; set by the engine.
     pub labelled: Option<Tensor>,
+    /// A segmentation batch's per-pixel inputs, for strategies that weight each pixel
+    /// ([`crate::weighting::WeightingStrategy::wants_pixels`]); set by the engine.
+    pub pixels: Option<PixelInputs>,
+}
+
+/// A segmentation batch's per-pixel outputs and targets (detached).
+///
+/// # Shapes
+/// `teacher_logits[m]` and `student_logits` `[B, K, H, W]`, `targets` `[B, H, W]` int64 (the
+/// pseudo-targets on unlabelled images; `ignore_index` where a pixel has no label).
+#[derive(Debug)]
+pub struct PixelInputs {
+    pub teacher_logits: Vec<Tensor>,
+    pub student_logits: Tensor,
+    pub targets: Tensor,
+    pub ignore_index: i64,
 }
 
 /// The student's linear classifier and its input for one batch: `logits = embedding W' + bias`.
@@ -51,6 +67,11 @@ pub struct StudentHead {
     pub bias: Option<Tensor>,
     /// The student's learning rate at this step.
     pub lr: f64,
+    /// Segmentation, for strategies that weight each pixel: the input of the 1x1 classifier at
+    /// every pixel of the logits, `[B, D, H, W]` (the head's map, upsampled as the logits are:
+    /// bilinear interpolation commutes with a 1x1 convolution, so the logits at a pixel are
+    /// `weight` times its column plus `bias`).
+    pub pixel_embedding: Option<Tensor>,
 }
 
 impl BatchSignals {
@@ -235,6 +256,7 @@ impl TeacherColumns {
             temperature,
             student_head: None,
             labelled: None,
+            pixels: None,
         })
     }
 }

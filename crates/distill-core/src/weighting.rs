@@ -5,16 +5,20 @@
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::signals::BatchSignals;
+use crate::signals::{BatchSignals, PixelInputs};
 
 /// Weights for one batch.
 ///
 /// # Shapes
 /// `logit` and `feature` are `[B, M]`; a row usually sums to 1 (a strategy may say otherwise).
+/// `pixel`, when a strategy weights a segmentation batch pixel by pixel, is `[B, M, H, W]`
+/// (each pixel's weights sum to 1) and replaces `logit` in the KD term; `logit` then holds its
+/// mean over each image's labelled pixels, which is what the records keep.
 #[derive(Debug)]
 pub struct TeacherWeights {
     pub logit: Tensor,
     pub feature: Tensor,
+    pub pixel: Option<Tensor>,
 }
 
 impl TeacherWeights {
@@ -27,6 +31,7 @@ impl TeacherWeights {
             .expand([batch, row.len() as i64], true)
             .contiguous();
         TeacherWeights {
+            pixel: None,
             feature: w.copy(),
             logit: w,
         }
@@ -53,6 +58,13 @@ pub trait WeightingStrategy {
 
     /// Whether the strategy reads [`BatchSignals::student_head`] (the engine fills it only then).
     fn wants_student_head(&self) -> bool {
+        false
+    }
+
+    /// Whether the strategy weights a segmentation batch per pixel: the engine then fills
+    /// [`BatchSignals::pixels`] and [`crate::signals::StudentHead::pixel_embedding`], and
+    /// takes [`TeacherWeights::pixel`] when the strategy gives it.
+    fn wants_pixels(&self) -> bool {
         false
     }
 
@@ -440,12 +452,48 @@ impl Fixed {
     }
 }
 
+impl Fixed {
+    /// Segmentation, per class: the row of each pixel's class (its label, or the teachers'
+    /// pseudo-label on an unlabelled image); an image's weights are their mean over its
+    /// labelled pixels (its image label's row when it has none).
+    fn per_pixel(&self, px: &PixelInputs, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let t = px.targets.to_device(self.table.device());
+        let size = t.size();
+        let m = self.table.size()[1];
+        let valid = t.f_ne(px.ignore_index)?;
+        let classes = t.f_where_scalarother(&valid, 0)?;
+        let w = self
+            .table
+            .f_index_select(0, &classes.f_reshape([-1])?)?
+            .f_view([size[0], size[1], size[2], m])?
+            .f_permute([0, 3, 1, 2])?
+            .f_contiguous()?;
+        let v = valid.f_to_kind(Kind::Float)?.f_unsqueeze(1)?;
+        let n = v.f_sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)?;
+        let mean = (&w * &v).f_sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)?
+            / n.f_clamp_min(1.0)?;
+        let by_image = self
+            .table
+            .f_index_select(0, &signals.labels.to_device(self.table.device()))?;
+        let per_image = mean.f_where_self(&n.f_gt(0.0)?, &by_image)?;
+        Ok(TeacherWeights {
+            feature: per_image.copy(),
+            logit: per_image,
+            pixel: Some(w),
+        })
+    }
+}
+
 impl WeightingStrategy for Fixed {
     fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
         self.retain(keep)
     }
     fn name(&self) -> &str {
         "fixed"
+    }
+    /// Per class on segmentation: each pixel by its own class.
+    fn wants_pixels(&self) -> bool {
+        self.per_class
     }
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
         let m = signals.num_teachers();
@@ -456,6 +504,9 @@ impl WeightingStrategy for Fixed {
                 got: m.to_string(),
             });
         }
+        if let (true, Some(px)) = (self.per_class, &signals.pixels) {
+            return self.per_pixel(px, signals);
+        }
         let b = signals.batch_size();
         let w = if self.per_class {
             self.table
@@ -464,6 +515,7 @@ impl WeightingStrategy for Fixed {
             self.table.expand([b, m], true).contiguous()
         };
         Ok(TeacherWeights {
+            pixel: None,
             feature: w.copy(),
             logit: w,
         })

@@ -424,3 +424,65 @@ fn fixed_weights_per_teacher_and_per_class() {
         );
     }
 }
+
+/// `fixed` per class on a segmentation batch weights each pixel by its own class (the dense
+/// oracle); unlabelled pixels do not count in the image's mean, and an image without a labelled
+/// pixel takes its image label's row.
+#[test]
+fn fixed_per_class_weights_each_pixel_of_a_segmentation_batch() {
+    use mtkd_distill_core::signals::PixelInputs;
+    use mtkd_distill_core::weighting::{Fixed, FixedWeights};
+    let (k, ignore) = (3i64, 255i64);
+    let targets = Tensor::from_slice(&[0i64, 1, 2, ignore, 255, 255, 255, 255]).view([2, 2, 2]);
+    let image_labels = Tensor::from_slice(&[1i64, 2]);
+    let teachers: Vec<ModelOutput> = (0..2)
+        .map(|m| ModelOutput {
+            logits: Tensor::full([2, k, 2, 2], m as f64, (Kind::Float, tch::Device::Cpu)),
+            features: None,
+        })
+        .collect();
+    let student = Tensor::zeros([2, k, 2, 2], (Kind::Float, tch::Device::Cpu));
+    let mut s = BatchSignals::compute_dense(
+        &student,
+        &[None, None],
+        &teachers,
+        &targets,
+        &image_labels,
+        ignore,
+        2.0,
+        None,
+    )
+    .unwrap();
+    s.pixels = Some(PixelInputs {
+        teacher_logits: teachers.iter().map(|t| t.logits.shallow_clone()).collect(),
+        student_logits: student,
+        targets,
+        ignore_index: ignore,
+    });
+    let cfg = FixedWeights {
+        weights: None,
+        per_class: Some(vec![vec![1.0, 1.0], vec![1.0, 0.0], vec![0.0, 1.0]]),
+    };
+    let mut f = Fixed::new(&cfg, 2, k as usize, tch::Device::Cpu).unwrap();
+    assert!(f.wants_pixels());
+    let w = f.weights(&s).unwrap();
+    let pixel = w.pixel.expect("per-pixel weights");
+    assert_eq!(pixel.size(), [2, 2, 2, 2]);
+    // Image 0, teacher 0 at its four pixels (classes 0, 1, 2, unlabelled -> row 0).
+    assert_eq!(values(&pixel.get(0).get(0)), [0.5, 1.0, 0.0, 0.5]);
+    // Image means over labelled pixels: (0.5 + 1 + 0) / 3; image 1 has none: row of class 2.
+    assert_close_values(
+        "image weights",
+        &values(&w.logit),
+        &[0.5, 0.5, 0.0, 1.0],
+        1e-6,
+    );
+    // Per-teacher tables stay per image.
+    let cfg = FixedWeights {
+        weights: Some(vec![1.0, 1.0]),
+        per_class: None,
+    };
+    assert!(!Fixed::new(&cfg, 2, 3, tch::Device::Cpu)
+        .unwrap()
+        .wants_pixels());
+}

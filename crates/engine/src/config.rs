@@ -649,6 +649,36 @@ impl DistillConfig {
         } else if self.box_kd_weight != 1.0 {
             return bad("distill.box_kd_weight", "is a detection setting".into());
         }
+        if meta && task == TaskKind::Segmentation {
+            if self.dense_kd != DenseKd::Kl {
+                return bad(
+                    "distill.dense_kd",
+                    "the agent's meta mode weights each pixel's KL on segmentation; set \
+                     dense_kd = \"kl\" (or use another strategy with cwd)"
+                        .into(),
+                );
+            }
+            if self.pixel_weights != PixelWeights::Image {
+                return bad(
+                    "distill.pixel_weights",
+                    "the agent's meta mode learns a weight per pixel itself on segmentation; \
+                     remove pixel_weights"
+                        .into(),
+                );
+            }
+            if self
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.quiz == mtkd_rl_weighting::agent::Quiz::Previous)
+            {
+                return bad(
+                    "distill.agent.quiz",
+                    "on segmentation the meta mode's quiz is the current batch's labelled \
+                     pixels (docs/METHOD.md section 10.7); remove quiz = \"previous\""
+                        .into(),
+                );
+            }
+        }
         if self.pixel_weights != PixelWeights::Image
             && (task != TaskKind::Segmentation || self.dense_kd != DenseKd::Kl)
         {
@@ -1028,15 +1058,22 @@ impl Config {
         }
         for (i, t) in self.teachers.iter().enumerate() {
             if !task.labels_are_targets()
-                && (t.classes.is_some()
-                    || t.label_noise > 0.0
-                    || !t.flip_pairs.is_empty()
-                    || t.permute_labels)
+                && (t.label_noise > 0.0 || !t.flip_pairs.is_empty() || t.permute_labels)
             {
                 return bad(
                     &format!("teachers[{i}]"),
-                    "classes, label_noise, flip_pairs and permute_labels edit image labels, not masks or boxes; \
-                     a segmentation or detection teacher's set can only be cut (train_subset) or trained shorter (epochs)"
+                    "label_noise, flip_pairs and permute_labels edit image labels, not masks or boxes; \
+                     a segmentation or detection teacher's set can be cut (train_subset), trained shorter \
+                     (epochs) or kept to some classes (classes: the others lose their annotations)"
+                        .into(),
+                );
+            }
+            if task == TaskKind::Segmentation && t.classes.as_ref().is_some_and(|c| c.contains(&0))
+            {
+                return bad(
+                    &format!("teachers[{i}].classes"),
+                    "lists the foreground classes a segmentation specialist keeps; class 0 \
+                     (background) is always kept"
                         .into(),
                 );
             }

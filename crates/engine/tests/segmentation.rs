@@ -117,6 +117,43 @@ fn segmentation_config_errors_name_the_field() {
         e.contains("data.augment") && e.contains("keeps the image size"),
         "{e}"
     );
+    // The meta mode weights each pixel itself: no per-pixel rule on top, KL only, current quiz.
+    for (setting, field) in [
+        ("pixel_weights = \"confidence\"", "distill.pixel_weights"),
+        ("dense_kd = \"cwd\"", "distill.dense_kd"),
+    ] {
+        let text = seg_scenes(
+            &SEG_POOL.replace(
+                "temperature = 2.0",
+                &format!("temperature = 2.0\n{setting}"),
+            ),
+            &s,
+        );
+        let e = parse(&text).unwrap_err();
+        assert!(e.contains(field) && e.contains("meta"), "{e}");
+    }
+    let e = parse(&seg_scenes(
+        &SEG_POOL.replace("mode = \"meta\"", "mode = \"meta\"\nquiz = \"previous\""),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(e.contains("distill.agent.quiz"), "{e}");
+    // A specialist keeps foreground classes; background is always kept.
+    let specialist = |classes: &str| {
+        seg_scenes(
+            &SEG_POOL.replace(
+                "head = \"aspp\"",
+                &format!("head = \"aspp\"\nclasses = {classes}"),
+            ),
+            &s,
+        )
+    };
+    assert!(parse(&specialist("[1, 2]")).is_ok());
+    let e = parse(&specialist("[0, 1]")).unwrap_err();
+    assert!(
+        e.contains("teachers[0].classes") && e.contains("background"),
+        "{e}"
+    );
     let no_scenes = seg_scenes("", &s).replace("scenes = {", "# scenes = {");
     assert!(parse(&no_scenes).unwrap_err().contains("data.scenes"));
     let classif = seg_scenes("", &s)
@@ -307,6 +344,57 @@ fn a_teacher_at_another_resolution_is_resized_to_the_mask() {
     assert!(
         err.contains("flat.pt") && err.contains("[B, K, H, W]"),
         "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&s);
+}
+
+#[test]
+fn a_segmentation_specialist_and_the_per_pixel_oracle() {
+    // A teacher kept to five item classes (the others unannotated) and the oracle's table per
+    // pixel class: the KD term follows each pixel's row, not the image's.
+    let _g = serial();
+    let s = scratch("oracle");
+    let pool = |distill: &str| {
+        format!(
+            "{distill}\n[[teachers]]\nname = \"tops\"\narch = \"resnet8\"\nhead = \"aspp\"\nclasses = [1, 2, 3, 4, 5]\n\n[[teachers]]\nname = \"small-fcn\"\narch = \"cnn-small\"\n"
+        )
+    };
+    let rows = std::iter::once("[1, 1]".to_owned())
+        .chain((1..=10).map(|c| if c <= 5 { "[1, 0]" } else { "[0, 1]" }.to_owned()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let oracle = pool(&format!(
+        "[distill]\nstrategy = \"fixed\"\ntemperature = 2.0\nfeature_weight = 0.0\n\n[distill.fixed]\nper_class = [{rows}]\n"
+    ));
+    let even = pool(
+        "[distill]\nstrategy = \"fixed\"\ntemperature = 2.0\nfeature_weight = 0.0\n\n[distill.fixed]\nweights = [1, 1]\n",
+    );
+    let one_epoch = |t: String| {
+        t.replace("epochs = 2\n", "epochs = 1\n")
+            .replace("milestones = [1]\n", "")
+    };
+    let a = parse(&one_epoch(seg_scenes(&oracle, &s))).unwrap();
+    let b = parse(&one_epoch(seg_scenes(&even, &s))).unwrap();
+    trainer::run(&a, &s.join("oracle"), &RunOptions::default(), &mut Silent).unwrap();
+    trainer::run(&b, &s.join("even"), &RunOptions::default(), &mut Silent).unwrap();
+    let (ha, hb) = (history(&s.join("oracle")), history(&s.join("even")));
+    let w: f64 = ha[0].teacher_weights.iter().sum();
+    assert!((w - 1.0).abs() < 1e-4, "weights sum to 1: {w}");
+    // Per image the oracle's weights are the mean of its pixels' rows: mostly background
+    // ([0.5, 0.5]), pulled toward the owner of the items; not a row of the table.
+    assert!(ha[0].teacher_weights.iter().all(|&v| v > 0.05 && v < 0.95));
+    assert_ne!(
+        ha[0].train_kd, hb[0].train_kd,
+        "the KD term follows the pixels' rows"
+    );
+    // The specialist is its own cache entry (the class subset is part of the key).
+    let cached: Vec<String> = std::fs::read_dir(s.join("teachers"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        cached.iter().any(|n| n.starts_with("tops-resnet8-")),
+        "{cached:?}"
     );
     let _ = std::fs::remove_dir_all(&s);
 }

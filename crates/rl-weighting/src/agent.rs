@@ -234,6 +234,12 @@ impl RunningNorm {
     }
 
     pub(crate) fn update_and_apply(&mut self, x: &Tensor) -> Tensor {
+        self.update(x);
+        self.apply(x)
+    }
+
+    /// Fold the rows of `x` `[N, D]` into the running mean and variance.
+    pub(crate) fn update(&mut self, x: &Tensor) {
         let b = x.size()[0] as f64;
         let bm = x.mean_dim(0, false, Kind::Float);
         let bv = x.var_dim(0, false, false);
@@ -244,6 +250,10 @@ impl RunningNorm {
         self.var = m2 / total;
         self.mean = new_mean;
         self.count = total;
+    }
+
+    /// `x` standardised by the running statistics.
+    pub(crate) fn apply(&self, x: &Tensor) -> Tensor {
         // Clipped: a feature nearly constant so far must not become a huge input later.
         ((x - &self.mean) / (&self.var + 1e-4).sqrt()).clamp(-5.0, 5.0)
     }
@@ -468,6 +478,7 @@ impl MtkdAgent {
         let df = feature_gap(cos)?;
         Ok(match self.cfg.mix {
             Mix::Fixed => TeacherWeights {
+                pixel: None,
                 logit: (a_l + &c + dl) / 3.0,
                 feature: (a_f + &c + df) / 3.0,
             },
@@ -475,6 +486,7 @@ impl MtkdAgent {
                 let sl = self.theta_logit.softmax(0, Kind::Float);
                 let sf = self.theta_feature.softmax(0, Kind::Float);
                 TeacherWeights {
+                    pixel: None,
                     logit: a_l * sl.get(0) + &c * sl.get(1) + dl * sl.get(2),
                     feature: a_f * sf.get(0) + &c * sf.get(1) + df * sf.get(2),
                 }

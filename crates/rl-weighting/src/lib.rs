@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod meta;
+pub mod pixels;
 
 use tch::{Kind, Tensor};
 

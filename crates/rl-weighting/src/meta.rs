@@ -33,10 +33,14 @@ use mtkd_distill_core::weighting::{
 use mtkd_distill_core::{Error, Result};
 
 use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm};
+use crate::pixels::{pixel_batch, pixel_credit};
 
 /// Per-teacher features of the policy.
 pub const FEATURES: i64 = 6;
 const RMS_DECAY: f64 = 0.99;
+/// Segmentation: the labelled pixels one policy update reads at most (a stride over the
+/// batch's labelled pixels whose offset moves by one every step).
+pub const UPDATE_PIXELS: i64 = 8192;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -173,16 +177,117 @@ impl MetaAgent {
             what: "mtkd-rl meta".into(),
             reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
         })?;
-        let w = self.policy(x)?;
-        let leaf = w.detach().set_requires_grad(true);
+        let w = tch::no_grad(|| self.policy(x))?;
+        let leaf = w.set_requires_grad(true);
         let quiz_loss = lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
         let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
         // Per unit of learning rate: the look-ahead's effect is proportional to the step size,
         // so a schedule's lr drop must not shrink the advantage (while the running RMS catches
         // up, the entropy term would pull the weights back toward uniform).
         let credit = -&g[0] / head.lr.max(1e-12);
-        let centred = &credit - credit.mean_dim(1, true, Kind::Float);
-        let batch_ms = centred.square().mean(Kind::Double);
+        self.update_from_credit(x, &credit, &quiz_loss)
+    }
+}
+
+impl MetaAgent {
+    /// Segmentation (docs/METHOD.md section 10.7): weights per pixel from per-pixel features,
+    /// and one policy update from the per-pixel look-ahead credit on a stride of the labelled
+    /// pixels.
+    fn weights_per_pixel(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let px_in = signals.pixels.as_ref().ok_or_else(|| Error::Invalid {
+            what: "mtkd-rl meta".into(),
+            reason: "no per-pixel inputs".into(),
+        })?;
+        let head = signals
+            .student_head
+            .as_ref()
+            .ok_or_else(|| Error::Invalid {
+                what: "mtkd-rl meta".into(),
+                reason: "the signals carry no student classifier (BatchSignals::student_head)"
+                    .into(),
+            })?;
+        let m = signals.num_teachers();
+        let px = pixel_batch(signals, px_in, FEATURES)?;
+        let (b, h, w) = px.dims;
+        let n = b * h * w;
+        // The labelled pixels the update (and the normaliser) read: a stride whose offset moves.
+        let labelled = px.valid.f_nonzero()?.f_squeeze_dim(1)?;
+        let nv = labelled.size()[0];
+        let sel = if nv == 0 {
+            None
+        } else {
+            let stride = (nv + UPDATE_PIXELS - 1) / UPDATE_PIXELS;
+            let offset = (self.calls as i64) % stride;
+            Some(labelled.f_slice(0, offset, nv, stride)?)
+        };
+        let x = tch::no_grad(|| -> Result<Tensor> {
+            if let Some(sel) = &sel {
+                let sub = px.features.f_index_select(0, sel)?;
+                self.norm.update(&sub.f_reshape([-1, FEATURES])?);
+            }
+            Ok(self
+                .norm
+                .apply(&px.features.f_reshape([n * m, FEATURES])?)
+                .f_reshape([n, m, FEATURES])?)
+        })?;
+        if let Some(sel) = &sel {
+            let current = tch::no_grad(|| self.policy(&x))?;
+            if let Some((credit, quiz_loss)) =
+                pixel_credit(signals, &px, head, &current, self.ce_weight, self.kd_weight)?
+            {
+                let xs = x.f_index_select(0, sel)?;
+                let cs = credit.f_index_select(0, sel)?;
+                self.update_from_credit(&xs, &cs, &quiz_loss)?;
+            }
+        }
+        let wp = tch::no_grad(|| self.policy(&x))?; // [N, M]
+        let per_pixel = wp
+            .f_view([b, h, w, m])?
+            .f_permute([0, 3, 1, 2])?
+            .f_contiguous()?;
+        let (per_image, row) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+            let valid = px.valid.f_view([b, 1, h, w])?;
+            let n_b = valid.f_sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)?;
+            let mean = (&per_pixel * &valid).f_sum_dim_intlist(
+                [2i64, 3].as_slice(),
+                false,
+                Kind::Float,
+            )? / n_b.f_clamp_min(1.0)?;
+            // An image without a labelled pixel has no KD term; its row reads AVER's.
+            let per_image = mean.f_where_self(
+                &n_b.f_gt(0.0)?,
+                &Tensor::f_full([b, m], 1.0 / m as f64, (Kind::Float, mean.device()))?,
+            )?;
+            let vrows = px.valid.f_unsqueeze(1)?;
+            let count = px.valid.f_sum(Kind::Double)?.f_clamp_min(1.0)?;
+            let ent =
+                (-(&wp * wp.f_clamp_min(1e-12)?.f_log()?) * &vrows).f_sum(Kind::Double)? / &count;
+            let max = (wp.f_amax(1, true)? * &vrows).f_sum(Kind::Double)? / &count;
+            Ok((per_image, Tensor::f_stack(&[ent, max], 0)?))
+        })?;
+        self.stats.weights = Some(match self.stats.weights.take() {
+            Some(acc) => acc + row,
+            None => row,
+        });
+        self.stats.batches += 1;
+        Ok(TeacherWeights {
+            feature: per_image.copy(),
+            logit: per_image,
+            pixel: Some(per_pixel),
+        })
+    }
+
+    /// One Adam step of the policy on inputs `x [S, M, F]` (normalised) toward the credit
+    /// `credit [S, M]` (centred over teachers here, scaled by the running RMS), with the
+    /// entropy bonus; `quiz_loss` is recorded. A non-finite credit or quiz loss skips the step.
+    fn update_from_credit(
+        &mut self,
+        x: &Tensor,
+        credit: &Tensor,
+        quiz_loss: &Tensor,
+    ) -> Result<()> {
+        let centred = credit - credit.f_mean_dim(1, true, Kind::Float)?;
+        let batch_ms = centred.f_square()?.f_mean(Kind::Double)?;
         // One device sync per step: a non-finite batch must not reach the policy.
         let finite = quiz_loss
             .f_isfinite()?
@@ -197,6 +302,7 @@ impl MetaAgent {
         let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
         let rms = (&self.credit_ms / correction).sqrt().to_kind(Kind::Float) + 1e-20;
         let adv = (centred / rms).detach();
+        let w = self.policy(x)?;
         let entropy = -(&w * w.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
         let loss = -(&w * adv)
             .sum_dim_intlist(1, false, Kind::Float)
@@ -225,6 +331,10 @@ impl WeightingStrategy for MetaAgent {
         true
     }
 
+    fn wants_pixels(&self) -> bool {
+        true
+    }
+
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
         let b = signals.batch_size();
         let m = signals.num_teachers();
@@ -239,6 +349,9 @@ impl WeightingStrategy for MetaAgent {
         let device = signals.ce.device();
         if m == 1 {
             return Ok(TeacherWeights::broadcast(&[1.0], b, device));
+        }
+        if signals.pixels.is_some() {
+            return self.weights_per_pixel(signals);
         }
         let x = tch::no_grad(|| -> Result<Tensor> {
             let f = features(signals)?;
@@ -282,6 +395,7 @@ impl WeightingStrategy for MetaAgent {
         });
         self.stats.batches += 1;
         Ok(TeacherWeights {
+            pixel: None,
             feature: w.copy(),
             logit: w,
         })

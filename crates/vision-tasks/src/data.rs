@@ -208,6 +208,48 @@ impl ImageSet {
         out
     }
 
+    /// A dense set whose annotations keep only the classes in `classes` (a specialist
+    /// teacher's training set, docs/METHOD.md section 12): a mask's pixels of any other
+    /// foreground class become background (class 0), a detection image's objects of any other
+    /// class are dropped, as if nobody had annotated them. Every image is kept. Returns the set
+    /// and the number of pixels or objects changed; classification sets are refused (their
+    /// class subset drops samples instead).
+    pub fn keep_classes(&self, classes: &[usize]) -> Result<(ImageSet, usize)> {
+        let mut out = self.clone();
+        let mut changed = 0;
+        match &mut out.annotations {
+            Annotations::Classes => {
+                return Err(Error::Invalid {
+                    what: "classes".into(),
+                    reason: "a classification set keeps classes by dropping samples".into(),
+                })
+            }
+            Annotations::Masks(m) => {
+                let mut keep = [false; 256];
+                keep[0] = true;
+                keep[crate::objects::IGNORE as usize] = true;
+                for &c in classes {
+                    keep[c.min(255)] = true;
+                }
+                for v in m.iter_mut() {
+                    if !keep[*v as usize] {
+                        *v = 0;
+                        changed += 1;
+                    }
+                }
+            }
+            Annotations::Objects(o) => {
+                for (i, objs) in o.iter_mut().enumerate() {
+                    let before = objs.len();
+                    objs.retain(|ob| classes.contains(&ob.class));
+                    changed += before - objs.len();
+                    out.labels[i] = crate::objects::image_label(objs);
+                }
+            }
+        }
+        Ok((out, changed))
+    }
+
     /// This set followed by `images` `[N, C, H, W]` without labels (placeholders as
     /// [`ImageSet::hide_labels`] writes them). The images must have this set's shape.
     pub fn with_unlabelled(&self, images: &Array4<u8>) -> Result<ImageSet> {

@@ -137,6 +137,11 @@ pub trait Task: std::fmt::Debug + Send + Sync {
         let _ = (num_classes, hw);
         TeacherOutput::default()
     }
+    /// The label of a pixel without one, when the targets are per pixel (segmentation): a
+    /// strategy that weights each pixel reads it ([`mtkd_distill_core::signals::PixelInputs`]).
+    fn pixel_ignore(&self) -> Option<i64> {
+        None
+    }
     /// Per-image KD `[B]` with each teacher's per-image weight `weights [B, M]` moved, pixel
     /// by pixel, to the teachers that are right there (`distill.pixel_weights =
     /// "confidence"`, docs/METHOD.md section 13). Dense tasks only: the default refuses.
@@ -393,6 +398,9 @@ impl Task for Segmentation {
             dense: true,
             locations: None,
         }
+    }
+    fn pixel_ignore(&self) -> Option<i64> {
+        Some(i64::from(IGNORE))
     }
     fn confidence_weighted_kd(
         &self,

@@ -452,3 +452,53 @@ fn a_bad_label_names_the_file_and_the_sample() {
         "{err}"
     );
 }
+
+/// A dense specialist's training set (docs/METHOD.md section 12): the other classes lose their
+/// annotations (mask pixels become background, objects are dropped), every image stays, and a
+/// classification set is refused.
+#[test]
+fn keep_classes_unannotates_the_other_classes_of_dense_sets() {
+    use mtkd_vision_tasks::data::{Annotations, ImageSet};
+    use mtkd_vision_tasks::objects::{Object, IGNORE};
+    use ndarray::{Array3, Array4};
+
+    let images = Array4::<u8>::zeros((2, 1, 2, 3));
+    let mut s = ImageSet::new(images.clone(), vec![1, 3], 4).unwrap();
+    let masks =
+        Array3::from_shape_vec((2, 2, 3), vec![0, 1, 2, 3, IGNORE, 1, 3, 3, 0, 2, 2, 2]).unwrap();
+    s.annotations = Annotations::Masks(masks);
+    let (kept, changed) = s.keep_classes(&[1, 3]).unwrap();
+    assert_eq!(kept.len(), 2);
+    assert_eq!(changed, 4, "the four pixels of class 2");
+    assert_eq!(
+        kept.annotations
+            .masks()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![0, 1, 0, 3, IGNORE, 1, 3, 3, 0, 0, 0, 0]
+    );
+
+    let mut d = ImageSet::new(images.clone(), vec![0, 2], 3).unwrap();
+    let ob = |class| Object {
+        class,
+        bbox: [0.0, 0.0, 1.0, 1.0],
+        area: 1.0,
+    };
+    d.annotations =
+        Annotations::Objects(vec![vec![ob(0), ob(2), ob(0)], vec![ob(2), ob(2), ob(1)]]);
+    let (kept, changed) = d.keep_classes(&[1, 2]).unwrap();
+    assert_eq!(changed, 2);
+    let objs = kept.annotations.objects().unwrap();
+    assert_eq!(objs[0].iter().map(|o| o.class).collect::<Vec<_>>(), [2]);
+    assert_eq!(objs[1].len(), 3);
+    assert_eq!(
+        kept.labels,
+        vec![2, 2],
+        "image labels follow the kept objects"
+    );
+
+    let c = ImageSet::new(images, vec![0, 1], 2).unwrap();
+    assert!(c.keep_classes(&[0]).is_err());
+}

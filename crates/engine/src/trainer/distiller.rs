@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::adapter::Adapter;
 use mtkd_distill_core::loss;
-use mtkd_distill_core::signals::{BatchSignals, StudentHead};
+use mtkd_distill_core::signals::{BatchSignals, PixelInputs, StudentHead};
 use mtkd_distill_core::weighting::{Feedback, TeacherWeights, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
 use mtkd_student::Network;
@@ -131,6 +131,7 @@ impl Distiller {
     /// agent's look-ahead).
     pub(crate) fn student_head(
         &self,
+        task: &dyn Task,
         student: &Network,
         out: &ModelOutput,
         lr: f64,
@@ -139,6 +140,20 @@ impl Distiller {
             return Ok(None);
         }
         let (weight, bias) = student.classifier();
+        // Segmentation, per-pixel strategies: the classifier's input at every pixel of the
+        // logits (the head's map upsampled as the logits are).
+        let pixel_embedding = match (self.pixels(task), &out.features) {
+            (true, Some(f)) => {
+                let s = out.logits.size();
+                let f = f.detach();
+                Some(if f.size()[2..] == s[2..] {
+                    f
+                } else {
+                    f.upsample_bilinear2d([s[2], s[3]], false, None, None)
+                })
+            }
+            _ => None,
+        };
         Ok(Some(StudentHead {
             embedding: out
                 .embedding()
@@ -147,7 +162,13 @@ impl Distiller {
             weight: weight.detach(),
             bias: bias.as_ref().map(Tensor::detach),
             lr,
+            pixel_embedding,
         }))
+    }
+
+    /// Whether the strategy weights this task's batches per pixel.
+    fn pixels(&self, task: &dyn Task) -> bool {
+        self.strategy.wants_pixels() && task.pixel_ignore().is_some()
     }
 
     /// The terms of one batch: `out` is the student's training-mode output, `ce` its per-image
@@ -211,6 +232,14 @@ impl Distiller {
         })?;
         signals.student_head = head;
         signals.labelled = labelled.map(Tensor::shallow_clone);
+        if let (true, Some(ignore_index)) = (self.pixels(task), task.pixel_ignore()) {
+            signals.pixels = Some(PixelInputs {
+                teacher_logits: teachers.iter().map(|t| t.logits.detach()).collect(),
+                student_logits: out.logits.detach(),
+                targets: targets.shallow_clone(),
+                ignore_index,
+            });
+        }
         sums.signal_seconds += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
         let weights = self
@@ -225,20 +254,27 @@ impl Distiller {
         // `distill.pixel_weights = "confidence"`: each teacher's per-image weight is spread
         // over the image's pixels by its confidence there (docs/METHOD.md section 13); the KD
         // term is then recomputed per pixel.
-        let per_pixel = match d.pixel_weights {
-            PixelWeights::Image => None,
-            PixelWeights::Confidence => Some(
-                task.confidence_weighted_kd(
-                    &out.logits,
-                    &teachers
-                        .iter()
-                        .map(|t| t.logits.shallow_clone())
-                        .collect::<Vec<_>>(),
-                    &weights.logit,
-                    targets,
-                    d.temperature,
-                )?,
-            ),
+        let teacher_logits =
+            || -> Vec<Tensor> { teachers.iter().map(|t| t.logits.shallow_clone()).collect() };
+        let per_pixel = match (&weights.pixel, d.pixel_weights) {
+            // The strategy weighted each pixel itself.
+            (Some(w), _) => Some(loss::per_pixel_weighted_kd(
+                &out.logits,
+                &teacher_logits(),
+                w,
+                targets,
+                task.pixel_ignore()
+                    .context("per-pixel teacher weights on a task without per-pixel targets")?,
+                d.temperature,
+            )?),
+            (None, PixelWeights::Image) => None,
+            (None, PixelWeights::Confidence) => Some(task.confidence_weighted_kd(
+                &out.logits,
+                &teacher_logits(),
+                &weights.logit,
+                targets,
+                d.temperature,
+            )?),
         };
         for (m, (t, term)) in teachers.iter().zip(&kl_terms).enumerate() {
             if per_pixel.is_none() {

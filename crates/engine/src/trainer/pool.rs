@@ -91,6 +91,7 @@ impl Pool {
         let m = self.members.len();
         if self.active.len() == m {
             return Ok(TeacherWeights {
+                pixel: None,
                 logit: w.logit.detach(),
                 feature: w.feature.detach(),
             });
@@ -108,6 +109,7 @@ impl Pool {
             )
         };
         Ok(TeacherWeights {
+            pixel: None,
             logit: spread(&w.logit)?,
             feature: spread(&w.feature)?,
         })
@@ -616,6 +618,22 @@ pub(super) fn ensure_native_teacher(
     )?;
     let hash = key.clone();
     let mut data = Datasets::load(&tcfg.data)?;
+    // A dense specialist keeps every image; the other classes lose their annotations.
+    let mut edits = edits;
+    if !tcfg.data.task().labels_are_targets() {
+        if let Some(classes) = edits.classes.take() {
+            let (train, changed) = data
+                .train
+                .keep_classes(&classes)
+                .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
+            tracing::info!(teacher = %t.name, changed, "annotations of the other classes removed");
+            obs.phase(&format!(
+                "teacher `{}` trains on classes {classes:?} only: {changed} annotated pixels or objects of the other classes removed",
+                t.name
+            ));
+            data.train = std::sync::Arc::new(train);
+        }
+    }
     if !edits.is_identity() {
         let (train, report) =
             mtkd_vision_tasks::classification::labels::apply(&data.train, &edits, tcfg.run.seed)

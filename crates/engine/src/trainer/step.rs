@@ -250,9 +250,12 @@ impl DistillStep {
         };
         let terms = match teachers {
             Some(teachers) => {
-                let head = self
-                    .distiller
-                    .student_head(&self.student, &out, self.opt.lr)?;
+                let head = self.distiller.student_head(
+                    self.task.as_ref(),
+                    &self.student,
+                    &out,
+                    self.opt.lr,
+                )?;
                 Some(self.distiller.terms(
                     self.task.as_ref(),
                     &out,
