@@ -148,6 +148,7 @@ fn run() -> Result<()> {
                 "scripts/golden_baselines.py",
                 "scripts/golden_mmkd.py",
                 "scripts/golden_meta.py",
+                "scripts/golden_meta_pixels.py",
                 "scripts/golden_segmentation.py",
                 "scripts/student_zoo.py",
             ] {
