@@ -41,6 +41,30 @@ pub struct BatchSignals {
     /// A segmentation batch's per-pixel inputs, for strategies that weight each pixel
     /// ([`crate::weighting::WeightingStrategy::wants_pixels`]); set by the engine.
     pub pixels: Option<PixelInputs>,
+    /// A detection batch's per-location signals and look-ahead credit, for strategies that
+    /// weight each location ([`crate::weighting::WeightingStrategy::wants_locations`]); set by
+    /// the engine.
+    pub locations: Option<LocationSignals>,
+}
+
+/// Per-location signals of a detection batch (detached), computed by the task.
+///
+/// # Shapes
+/// `ce`, `kl`, `entropy` and `credit` are `[B, M, L]`; `valid` `[B, L]` float (1 where a
+/// strategy may learn from the location: the locations of labelled images).
+#[derive(Debug)]
+pub struct LocationSignals {
+    /// Each teacher's focal loss at the location against the assigned class.
+    pub ce: Tensor,
+    /// Each teacher's class KD term at the location.
+    pub kl: Tensor,
+    /// The binary entropy of each teacher's class probabilities there.
+    pub entropy: Tensor,
+    /// The look-ahead credit of each teacher at each location (docs/METHOD.md section 14).
+    pub credit: Tensor,
+    /// The quiz loss the credit was taken on (a scalar).
+    pub quiz_loss: Tensor,
+    pub valid: Tensor,
 }
 
 /// A segmentation batch's per-pixel outputs and targets (detached).
@@ -257,6 +281,7 @@ impl TeacherColumns {
             student_head: None,
             labelled: None,
             pixels: None,
+            locations: None,
         })
     }
 }

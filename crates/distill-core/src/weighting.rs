@@ -13,7 +13,8 @@ use crate::signals::{BatchSignals, PixelInputs};
 /// `logit` and `feature` are `[B, M]`; a row usually sums to 1 (a strategy may say otherwise).
 /// `pixel`, when a strategy weights a segmentation batch pixel by pixel, is `[B, M, H, W]`
 /// (each pixel's weights sum to 1) and replaces `logit` in the KD term; `logit` then holds its
-/// mean over each image's labelled pixels, which is what the records keep.
+/// mean over each image's labelled pixels, which is what the records keep. On detection it is
+/// `[B, M, L]`, a weight per pyramid location (`logit`: the mean over the image's locations).
 #[derive(Debug)]
 pub struct TeacherWeights {
     pub logit: Tensor,
@@ -65,6 +66,13 @@ pub trait WeightingStrategy {
     /// [`BatchSignals::pixels`] and [`crate::signals::StudentHead::pixel_embedding`], and
     /// takes [`TeacherWeights::pixel`] when the strategy gives it.
     fn wants_pixels(&self) -> bool {
+        false
+    }
+
+    /// Whether the strategy weights a detection batch per location: the engine then fills
+    /// [`BatchSignals::locations`], and takes [`TeacherWeights::pixel`] (`[B, M, L]`) when the
+    /// strategy gives it.
+    fn wants_locations(&self) -> bool {
         false
     }
 

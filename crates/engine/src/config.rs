@@ -630,12 +630,13 @@ impl DistillConfig {
                 .agent
                 .as_ref()
                 .is_some_and(|a| a.mode == mtkd_rl_weighting::agent::Mode::Meta);
-        if (self.strategy == StrategyKind::Mmkd || meta) && !task.look_ahead() {
+        if self.strategy == StrategyKind::Mmkd && !task.look_ahead() {
             return bad(
                 "distill.strategy",
-                "mmkd and the agent's meta mode look ahead through the student's last \
-                 linear layer on pooled features; a detector's class conv over a pyramid \
-                 has none (use the agent's clean or parity mode)"
+                "mmkd looks ahead through the student's last linear layer on pooled \
+                 features; a detector's class conv over a pyramid has none (the agent's meta \
+                 mode weights each location instead: strategy = \"mtkd-rl\" with \
+                 [distill.agent] mode = \"meta\")"
                     .into(),
             );
         }

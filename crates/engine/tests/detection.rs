@@ -78,8 +78,10 @@ fn detection_config_errors_name_the_field() {
     ))
     .unwrap_err();
     assert!(e.contains("data.augment") && e.contains("hflip"), "{e}");
-    let e = parse(&base.replace("mode = \"clean\"", "mode = \"meta\"")).unwrap_err();
-    assert!(e.contains("distill.strategy") && e.contains("meta"), "{e}");
+    // MMKD's look-ahead needs a linear last layer; the meta mode weights locations instead.
+    let e = parse(&base.replace("strategy = \"mtkd-rl\"", "strategy = \"mmkd\"")).unwrap_err();
+    assert!(e.contains("distill.strategy") && e.contains("mmkd"), "{e}");
+    assert!(parse(&base.replace("mode = \"clean\"", "mode = \"meta\"")).is_ok());
     let e = parse(
         &base
             .replace("kind = \"synthetic-detection\"", "kind = \"coco\"")
@@ -150,5 +152,29 @@ fn torchvision_fcos_and_retinanet_teachers_join_the_pool() {
         trainer::run(&bad, &s.join("bad"), &RunOptions::default(), &mut Silent).unwrap_err()
     );
     assert!(err.contains("retinanet_resnet50_fpn.pt"), "{err}");
+    let _ = std::fs::remove_dir_all(&s);
+}
+
+#[test]
+fn the_meta_agent_weights_each_location_and_resumes_exactly() {
+    // The meta mode on a detector: a weight per teacher and pyramid location from the
+    // per-location credit; the records keep each image's mean, which sums to 1; a killed run
+    // resumes to the same records and shared teacher outputs give them too.
+    let _g = serial();
+    let s = scratch("meta");
+    let pool = DET_POOL.replace("mode = \"clean\"", "mode = \"meta\"");
+    let cfg = parse(&det_scenes(&pool, &s)).unwrap();
+    let full = s.join("full");
+    trainer::run(&cfg, &full, &RunOptions::default(), &mut Silent).unwrap();
+    let h = history(&full);
+    assert_eq!(h.len(), 2);
+    for r in &h {
+        let w: f64 = r.teacher_weights.iter().sum();
+        assert!((w - 1.0).abs() < 1e-4, "weights sum to 1: {w}");
+        assert!(r.train_kd.is_finite() && r.train_kd > 0.0);
+        let m = &r.strategy_metrics;
+        assert!(m.get("agent_updates").copied().unwrap_or(0.0) > 0.0, "{m:?}");
+    }
+    assert_resume_and_shared_outputs_repeat(&cfg, &s, &h, 3);
     let _ = std::fs::remove_dir_all(&s);
 }

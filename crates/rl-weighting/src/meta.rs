@@ -209,35 +209,17 @@ impl MetaAgent {
         let m = signals.num_teachers();
         let px = pixel_batch(signals, px_in, FEATURES)?;
         let (b, h, w) = px.dims;
-        let n = b * h * w;
-        // The labelled pixels the update (and the normaliser) read: a stride whose offset moves.
-        let labelled = px.valid.f_nonzero()?.f_squeeze_dim(1)?;
-        let nv = labelled.size()[0];
-        let sel = if nv == 0 {
-            None
-        } else {
-            let stride = (nv + UPDATE_PIXELS - 1) / UPDATE_PIXELS;
-            let offset = (self.calls as i64) % stride;
-            Some(labelled.f_slice(0, offset, nv, stride)?)
-        };
-        let x = tch::no_grad(|| -> Result<Tensor> {
-            if let Some(sel) = &sel {
-                let sub = px.features.f_index_select(0, sel)?;
-                self.norm.update(&sub.f_reshape([-1, FEATURES])?);
-            }
-            Ok(self
-                .norm
-                .apply(&px.features.f_reshape([n * m, FEATURES])?)
-                .f_reshape([n, m, FEATURES])?)
-        })?;
+        let (x, sel) = self.dense_inputs(&px.features, &px.valid)?;
         if let Some(sel) = &sel {
             let current = tch::no_grad(|| self.policy(&x))?;
             if let Some((credit, quiz_loss)) =
                 pixel_credit(signals, &px, head, &current, self.ce_weight, self.kd_weight)?
             {
-                let xs = x.f_index_select(0, sel)?;
-                let cs = credit.f_index_select(0, sel)?;
-                self.update_from_credit(&xs, &cs, &quiz_loss)?;
+                self.update_from_credit(
+                    &x.f_index_select(0, sel)?,
+                    &credit.f_index_select(0, sel)?,
+                    &quiz_loss,
+                )?;
             }
         }
         let wp = tch::no_grad(|| self.policy(&x))?; // [N, M]
@@ -245,23 +227,112 @@ impl MetaAgent {
             .f_view([b, h, w, m])?
             .f_permute([0, 3, 1, 2])?
             .f_contiguous()?;
+        let per_image = self.dense_outputs(&wp, &px.valid, &per_pixel.f_view([b, m, h * w])?)?;
+        Ok(TeacherWeights {
+            feature: per_image.copy(),
+            logit: per_image,
+            pixel: Some(per_pixel),
+        })
+    }
+
+    /// Detection (docs/METHOD.md section 14): weights per pyramid location from per-location
+    /// features, and one policy update from the task's per-location credit.
+    fn weights_per_location(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
+        let loc = signals.locations.as_ref().ok_or_else(|| Error::Invalid {
+            what: "mtkd-rl meta".into(),
+            reason: "no per-location signals".into(),
+        })?;
+        let size = loc.ce.size();
+        let (b, m, l) = (size[0], size[1], size[2]);
+        let features = tch::no_grad(|| -> Result<Tensor> {
+            let cos = match &signals.cos {
+                Some(c) => c.to_kind(Kind::Float).view([b, m, 1]).expand([b, m, l], false),
+                None => loc.ce.zeros_like(),
+            };
+            let rel = |t: &Tensor| t - t.mean_dim(1, true, Kind::Float);
+            let f = Tensor::f_stack(
+                &[
+                    loc.ce.shallow_clone(),
+                    loc.kl.shallow_clone(),
+                    loc.entropy.shallow_clone(),
+                    cos,
+                    rel(&loc.ce),
+                    rel(&loc.kl),
+                ],
+                2,
+            )?; // [B, M, F, L]
+            Ok(f.f_permute([0, 3, 1, 2])?.f_reshape([b * l, m, FEATURES])?)
+        })?;
+        let valid = loc.valid.to_kind(Kind::Float).reshape([-1]);
+        let (x, sel) = self.dense_inputs(&features, &valid)?;
+        if let Some(sel) = &sel {
+            let credit = loc.credit.permute([0, 2, 1]).reshape([b * l, m]);
+            self.update_from_credit(
+                &x.f_index_select(0, sel)?,
+                &credit.f_index_select(0, sel)?,
+                &loc.quiz_loss,
+            )?;
+        }
+        let wp = tch::no_grad(|| self.policy(&x))?; // [N, M]
+        let per_location = wp.f_view([b, l, m])?.f_permute([0, 2, 1])?.f_contiguous()?;
+        // The records' per-image weights: the mean over every location of the image.
+        let every = Tensor::ones([b * l], (Kind::Float, wp.device()));
+        let per_image = self.dense_outputs(&wp, &every, &per_location)?;
+        Ok(TeacherWeights {
+            feature: per_image.copy(),
+            logit: per_image,
+            pixel: Some(per_location),
+        })
+    }
+
+    /// The policy's normalised inputs for rows `features [N, M, F]`, and the rows the update
+    /// reads: a stride of at most [`UPDATE_PIXELS`] of the rows where `valid [N]` is 1, whose
+    /// offset moves by one every step (`None` without such rows). The normaliser reads them.
+    fn dense_inputs(&mut self, features: &Tensor, valid: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let size = features.size();
+        let (n, m) = (size[0], size[1]);
+        let rows = valid.f_nonzero()?.f_squeeze_dim(1)?;
+        let nv = rows.size()[0];
+        let sel = if nv == 0 {
+            None
+        } else {
+            let stride = (nv + UPDATE_PIXELS - 1) / UPDATE_PIXELS;
+            let offset = (self.calls as i64) % stride;
+            Some(rows.f_slice(0, offset, nv, stride)?)
+        };
+        let x = tch::no_grad(|| -> Result<Tensor> {
+            if let Some(sel) = &sel {
+                let sub = features.f_index_select(0, sel)?;
+                self.norm.update(&sub.f_reshape([-1, FEATURES])?);
+            }
+            Ok(self
+                .norm
+                .apply(&features.f_reshape([n * m, FEATURES])?)
+                .f_reshape([n, m, FEATURES])?)
+        })?;
+        Ok((x, sel))
+    }
+
+    /// Per-image weights `[B, M]` from dense weights `dense [B, M, P]` (the mean over each
+    /// image's rows where `valid` is 1; AVER's row for an image without any), and the epoch
+    /// statistics of the row weights `wp [N, M]` over the valid rows.
+    fn dense_outputs(&mut self, wp: &Tensor, valid: &Tensor, dense: &Tensor) -> Result<Tensor> {
+        let size = dense.size();
+        let (b, m) = (size[0], size[1]);
         let (per_image, row) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
-            let valid = px.valid.f_view([b, 1, h, w])?;
-            let n_b = valid.f_sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)?;
-            let mean = (&per_pixel * &valid).f_sum_dim_intlist(
-                [2i64, 3].as_slice(),
-                false,
-                Kind::Float,
-            )? / n_b.f_clamp_min(1.0)?;
-            // An image without a labelled pixel has no KD term; its row reads AVER's.
+            let v = valid.f_view([b, 1, -1])?;
+            let n_b = v.f_sum_dim_intlist(2, false, Kind::Float)?;
+            let mean = (dense.f_reshape([b, m, -1])? * &v).f_sum_dim_intlist(2, false, Kind::Float)?
+                / n_b.f_clamp_min(1.0)?;
+            // An image without a valid row has no KD term there; its row reads AVER's.
             let per_image = mean.f_where_self(
                 &n_b.f_gt(0.0)?,
                 &Tensor::f_full([b, m], 1.0 / m as f64, (Kind::Float, mean.device()))?,
             )?;
-            let vrows = px.valid.f_unsqueeze(1)?;
-            let count = px.valid.f_sum(Kind::Double)?.f_clamp_min(1.0)?;
-            let ent =
-                (-(&wp * wp.f_clamp_min(1e-12)?.f_log()?) * &vrows).f_sum(Kind::Double)? / &count;
+            let vrows = valid.f_unsqueeze(1)?;
+            let count = valid.f_sum(Kind::Double)?.f_clamp_min(1.0)?;
+            let ent = (-(wp * wp.f_clamp_min(1e-12)?.f_log()?) * &vrows).f_sum(Kind::Double)?
+                / &count;
             let max = (wp.f_amax(1, true)? * &vrows).f_sum(Kind::Double)? / &count;
             Ok((per_image, Tensor::f_stack(&[ent, max], 0)?))
         })?;
@@ -270,11 +341,7 @@ impl MetaAgent {
             None => row,
         });
         self.stats.batches += 1;
-        Ok(TeacherWeights {
-            feature: per_image.copy(),
-            logit: per_image,
-            pixel: Some(per_pixel),
-        })
+        Ok(per_image)
     }
 
     /// One Adam step of the policy on inputs `x [S, M, F]` (normalised) toward the credit
@@ -335,6 +402,10 @@ impl WeightingStrategy for MetaAgent {
         true
     }
 
+    fn wants_locations(&self) -> bool {
+        true
+    }
+
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
         let b = signals.batch_size();
         let m = signals.num_teachers();
@@ -352,6 +423,9 @@ impl WeightingStrategy for MetaAgent {
         }
         if signals.pixels.is_some() {
             return self.weights_per_pixel(signals);
+        }
+        if signals.locations.is_some() {
+            return self.weights_per_location(signals);
         }
         let x = tch::no_grad(|| -> Result<Tensor> {
             let f = features(signals)?;

@@ -90,9 +90,9 @@ impl TaskKind {
         }
     }
 
-    /// Whether a look-ahead strategy (MMKD, the agent's meta mode) applies: they look ahead
-    /// through the student's last linear layer on pooled features, which a detector's class
-    /// conv over a pyramid is not.
+    /// Whether MMKD applies: it looks ahead through the student's last linear layer on pooled
+    /// features, which a detector's class conv over a pyramid is not (the agent's meta mode
+    /// weights a detector's locations from a credit in logit space instead).
     pub fn look_ahead(self) -> bool {
         self != TaskKind::Detection
     }

@@ -142,6 +142,41 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     fn pixel_ignore(&self) -> Option<i64> {
         None
     }
+    /// Per-image KD `[B]` with a weight per teacher and pixel (`[B, M, H, W]`, segmentation) or
+    /// location (`[B, M, L]`, detection) that a strategy gave ([`TeacherWeights::pixel`]).
+    /// Classification has neither: the default refuses.
+    ///
+    /// [`TeacherWeights::pixel`]: mtkd_distill_core::weighting::TeacherWeights::pixel
+    fn dense_weighted_kd(
+        &self,
+        _student: &Tensor,
+        _teachers: &[Tensor],
+        _weights: &Tensor,
+        _targets: &Tensor,
+        _temperature: f64,
+    ) -> Result<Tensor> {
+        Err(Error::Invalid {
+            what: "teacher weights".into(),
+            reason: format!(
+                "weights per pixel or location need a dense task, not {:?}",
+                self.kind()
+            ),
+        })
+    }
+    /// Detection: the per-location signals and look-ahead credit of a batch for strategies that
+    /// weight each location (`labelled [B]`: which images the quiz reads; `None`: all).
+    /// `None` for the other tasks.
+    fn location_signals(
+        &self,
+        _student: &Tensor,
+        _teachers: &[Tensor],
+        _targets: &Tensor,
+        _labelled: Option<&Tensor>,
+        _temperature: f64,
+        _kd_weight: f64,
+    ) -> Result<Option<mtkd_distill_core::signals::LocationSignals>> {
+        Ok(None)
+    }
     /// Per-image KD `[B]` with each teacher's per-image weight `weights [B, M]` moved, pixel
     /// by pixel, to the teachers that are right there (`distill.pixel_weights =
     /// "confidence"`, docs/METHOD.md section 13). Dense tasks only: the default refuses.
@@ -402,6 +437,23 @@ impl Task for Segmentation {
     fn pixel_ignore(&self) -> Option<i64> {
         Some(i64::from(IGNORE))
     }
+    fn dense_weighted_kd(
+        &self,
+        student: &Tensor,
+        teachers: &[Tensor],
+        weights: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        Ok(loss::per_pixel_weighted_kd(
+            student,
+            teachers,
+            weights,
+            targets,
+            i64::from(IGNORE),
+            temperature,
+        )?)
+    }
     fn confidence_weighted_kd(
         &self,
         student: &Tensor,
@@ -511,6 +563,50 @@ impl Task for Detection {
         } else {
             Ok(class)
         }
+    }
+    fn dense_weighted_kd(
+        &self,
+        student: &Tensor,
+        teachers: &[Tensor],
+        weights: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> Result<Tensor> {
+        let k = self.classes(student)?;
+        det_loss::location_weighted_kd(
+            &self.layout,
+            student,
+            teachers,
+            weights,
+            &self.unpack(targets)?,
+            k,
+            temperature,
+            self.box_kd_weight,
+        )
+    }
+    fn location_signals(
+        &self,
+        student: &Tensor,
+        teachers: &[Tensor],
+        targets: &Tensor,
+        labelled: Option<&Tensor>,
+        temperature: f64,
+        kd_weight: f64,
+    ) -> Result<Option<mtkd_distill_core::signals::LocationSignals>> {
+        let k = self.classes(student)?;
+        let rows = match labelled {
+            Some(l) => l.shallow_clone(),
+            None => Tensor::ones([student.size()[0]], (Kind::Bool, student.device())),
+        };
+        Ok(Some(det_loss::location_signals(
+            student,
+            teachers,
+            &self.unpack(targets)?,
+            &rows,
+            k,
+            temperature,
+            kd_weight,
+        )?))
     }
     fn signals(&self, i: &SignalInputs) -> Result<BatchSignals> {
         let owned;

@@ -240,6 +240,19 @@ impl Distiller {
                 ignore_index,
             });
         }
+        if self.strategy.wants_locations() {
+            signals.locations = task.location_signals(
+                &out.logits.detach(),
+                &teachers
+                    .iter()
+                    .map(|t| t.logits.detach())
+                    .collect::<Vec<_>>(),
+                targets,
+                labelled,
+                d.temperature,
+                d.kd_weight,
+            )?;
+        }
         sums.signal_seconds += t1.elapsed().as_secs_f64();
         let t2 = Instant::now();
         let weights = self
@@ -258,13 +271,11 @@ impl Distiller {
             || -> Vec<Tensor> { teachers.iter().map(|t| t.logits.shallow_clone()).collect() };
         let per_pixel = match (&weights.pixel, d.pixel_weights) {
             // The strategy weighted each pixel itself.
-            (Some(w), _) => Some(loss::per_pixel_weighted_kd(
+            (Some(w), _) => Some(task.dense_weighted_kd(
                 &out.logits,
                 &teacher_logits(),
                 w,
                 targets,
-                task.pixel_ignore()
-                    .context("per-pixel teacher weights on a task without per-pixel targets")?,
                 d.temperature,
             )?),
             (None, PixelWeights::Image) => None,

@@ -15,7 +15,7 @@ use tch::{Kind, Reduction, Tensor};
 use super::boxes::giou_loss;
 use super::layout::{DetLayout, Targets};
 use crate::error::Result;
-use mtkd_distill_core::signals::{BatchSignals, TeacherColumns};
+use mtkd_distill_core::signals::{BatchSignals, LocationSignals, TeacherColumns};
 use mtkd_distill_core::ModelOutput;
 
 pub const FOCAL_ALPHA: f64 = 0.25;
@@ -188,3 +188,138 @@ pub fn detection_signals(
         Ok(c.into_signals(projected, teachers, pooled, image_labels, temperature)?)
     })
 }
+
+/// `T^2` times the binary KL between a teacher's and the student's sigmoid probabilities at
+/// temperature T, summed over classes, per location `[B, L]` (gradient to the student only).
+///
+/// # Shapes
+/// `student [B, K, L]` and `teacher [B, K, L]` class logits -> `[B, L]`
+fn class_kl_per_location(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
+    let s = student / temperature;
+    let t = teacher.detach() / temperature;
+    let (lt, lnt) = (t.log_sigmoid(), t.neg().log_sigmoid());
+    let (ls, lns) = (s.log_sigmoid(), s.neg().log_sigmoid());
+    let pt = t.sigmoid();
+    let kl = &pt * (&lt - &ls) + (pt.neg() + 1.0) * (&lnt - &lns);
+    kl.sum_dim_intlist(1, false, Kind::Float) * (temperature * temperature)
+}
+
+/// The detection KD term per image `[B]` with a weight per teacher and location `w [B, M, L]`
+/// (docs/METHOD.md section 14): teacher m's class KD is `sum_l w f kl / sum_l f` (foreground
+/// weights `f` as [`class_kd`]) and its box KD `sum_pos w GIoU-loss / n_pos`; with `w = 1/M`
+/// everywhere this is AVER's term. The weights carry no gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn location_weighted_kd(
+    layout: &DetLayout,
+    student: &Tensor,
+    teachers: &[Tensor],
+    w: &Tensor,
+    targets: &Targets,
+    num_classes: i64,
+    temperature: f64,
+    box_kd_weight: f64,
+) -> Result<Tensor> {
+    let k = num_classes;
+    let s_cls = student.slice(1, 0, k, 1);
+    let w = w.detach();
+    let pos = targets.positive();
+    let ps = layout.boxes(student, k)?;
+    let mut kd = Tensor::zeros([student.size()[0]], (Kind::Float, student.device()));
+    for (m, t) in teachers.iter().enumerate() {
+        let wm = w.select(1, m as i64); // [B, L]
+        let kl = class_kl_per_location(&s_cls, &t.slice(1, 0, k, 1), temperature);
+        let f = foreground_weights(t, targets, k);
+        kd += (kl * &f * &wm).sum_dim_intlist(1, false, Kind::Float)
+            / f.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-6);
+        if box_kd_weight > 0.0 {
+            let pt = layout.boxes(&t.detach(), k)?;
+            let gl = giou_loss(&ps, &pt)?;
+            let gl = gl.where_self(&pos.ge(0.5), &Tensor::zeros_like(&gl));
+            kd += (gl * &wm).sum_dim_intlist(1, false, Kind::Float) / positives(targets)
+                * box_kd_weight;
+        }
+    }
+    Ok(kd)
+}
+
+/// The per-location signals of a detection batch and the look-ahead credit of each teacher at
+/// each location (docs/METHOD.md section 14), without gradient out:
+///
+/// - `ce[b, m, l]`: teacher m's focal loss at location l against the assigned class, summed
+///   over classes; `kl`: its class KD term there ([`class_kd`] before pooling); `entropy`: the
+///   binary entropy of its class probabilities, summed over classes.
+/// - The credit is a virtual SGD step in logit space: the student's class logits move by
+///   `-lr (dCE/dz + kd_weight sum_m w_m dKD_m/dz)`, and the quiz loss is the classification
+///   term of the FCOS loss (focal, over the labelled images `quiz_rows [B]`, averaged over
+///   them). To first order `-d quiz / d w[b, m, l] / lr = kd_weight <dFocal/dz, dKD_m/dz>` at
+///   that location: teacher m earns credit where its pull on the logits points the way the
+///   task loss's does. Scaled by `B^2` so that it does not depend on the batch size.
+#[allow(clippy::too_many_arguments)]
+pub fn location_signals(
+    student: &Tensor,
+    teachers: &[Tensor],
+    targets: &Targets,
+    quiz_rows: &Tensor,
+    num_classes: i64,
+    temperature: f64,
+    kd_weight: f64,
+) -> Result<LocationSignals> {
+    let k = num_classes;
+    let b = student.size()[0];
+    let z = student
+        .slice(1, 0, k, 1)
+        .detach()
+        .to_kind(Kind::Float)
+        .set_requires_grad(true); // [B, K, L]
+    let pos = targets.positive();
+    let onehot = (targets.classes.clamp_min(0).one_hot(k).to_kind(Kind::Float)
+        * pos.unsqueeze(-1))
+    .transpose(1, 2); // [B, K, L]
+    let npos = positives(targets);
+    let rows = quiz_rows.to_kind(Kind::Float);
+    let n_quiz = rows.sum(Kind::Float).clamp_min(1.0);
+    let focal = sigmoid_focal(&z, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?;
+    let quiz = ((focal.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float) / &npos) * &rows)
+        .sum(Kind::Float)
+        / &n_quiz;
+    let g_quiz = Tensor::f_run_backward(&[&quiz], &[&z], false, false)?
+        .pop()
+        .unwrap_or_else(|| z.zeros_like());
+    let (mut ce, mut kl, mut ent, mut credit) = (vec![], vec![], vec![], vec![]);
+    for t in teachers {
+        let tc = t.slice(1, 0, k, 1).detach().to_kind(Kind::Float);
+        let per_loc = class_kl_per_location(&z, &tc, temperature);
+        let f = foreground_weights(t, targets, k);
+        let kd = ((&per_loc * &f).sum_dim_intlist(1, false, Kind::Float)
+            / f.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-6))
+        .sum(Kind::Float)
+            / b as f64;
+        let g = Tensor::f_run_backward(&[&kd], &[&z], false, false)?
+            .pop()
+            .unwrap_or_else(|| z.zeros_like());
+        tch::no_grad(|| -> Result<()> {
+            credit.push(
+                (&g_quiz * &g).sum_dim_intlist(1, false, Kind::Float) * (kd_weight * (b * b) as f64),
+            );
+            kl.push(per_loc.detach());
+            ce.push(
+                sigmoid_focal(&tc, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?
+                    .sum_dim_intlist(1, false, Kind::Float),
+            );
+            let p = tc.sigmoid();
+            let h = -(&p * tc.log_sigmoid() + (p.neg() + 1.0) * tc.neg().log_sigmoid());
+            ent.push(h.sum_dim_intlist(1, false, Kind::Float));
+            Ok(())
+        })?;
+    }
+    let l = z.size()[2];
+    Ok(LocationSignals {
+        ce: Tensor::stack(&ce, 1),
+        kl: Tensor::stack(&kl, 1),
+        entropy: Tensor::stack(&ent, 1),
+        credit: Tensor::stack(&credit, 1),
+        quiz_loss: quiz.detach(),
+        valid: rows.view([b, 1]).expand([b, l], false).contiguous(),
+    })
+}
+
