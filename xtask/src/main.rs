@@ -149,6 +149,7 @@ fn run() -> Result<()> {
                 "scripts/golden_mmkd.py",
                 "scripts/golden_meta.py",
                 "scripts/golden_meta_pixels.py",
+                "scripts/golden_det_locations.py",
                 "scripts/golden_segmentation.py",
                 "scripts/student_zoo.py",
             ] {

@@ -173,7 +173,10 @@ fn the_meta_agent_weights_each_location_and_resumes_exactly() {
         assert!((w - 1.0).abs() < 1e-4, "weights sum to 1: {w}");
         assert!(r.train_kd.is_finite() && r.train_kd > 0.0);
         let m = &r.strategy_metrics;
-        assert!(m.get("agent_updates").copied().unwrap_or(0.0) > 0.0, "{m:?}");
+        assert!(
+            m.get("agent_updates").copied().unwrap_or(0.0) > 0.0,
+            "{m:?}"
+        );
     }
     assert_resume_and_shared_outputs_repeat(&cfg, &s, &h, 3);
     let _ = std::fs::remove_dir_all(&s);

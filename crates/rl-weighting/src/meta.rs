@@ -246,7 +246,10 @@ impl MetaAgent {
         let (b, m, l) = (size[0], size[1], size[2]);
         let features = tch::no_grad(|| -> Result<Tensor> {
             let cos = match &signals.cos {
-                Some(c) => c.to_kind(Kind::Float).view([b, m, 1]).expand([b, m, l], false),
+                Some(c) => c
+                    .to_kind(Kind::Float)
+                    .view([b, m, 1])
+                    .expand([b, m, l], false),
                 None => loc.ce.zeros_like(),
             };
             let rel = |t: &Tensor| t - t.mean_dim(1, true, Kind::Float);
@@ -288,7 +291,11 @@ impl MetaAgent {
     /// The policy's normalised inputs for rows `features [N, M, F]`, and the rows the update
     /// reads: a stride of at most [`UPDATE_PIXELS`] of the rows where `valid [N]` is 1, whose
     /// offset moves by one every step (`None` without such rows). The normaliser reads them.
-    fn dense_inputs(&mut self, features: &Tensor, valid: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    fn dense_inputs(
+        &mut self,
+        features: &Tensor,
+        valid: &Tensor,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let size = features.size();
         let (n, m) = (size[0], size[1]);
         let rows = valid.f_nonzero()?.f_squeeze_dim(1)?;
@@ -322,8 +329,9 @@ impl MetaAgent {
         let (per_image, row) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
             let v = valid.f_view([b, 1, -1])?;
             let n_b = v.f_sum_dim_intlist(2, false, Kind::Float)?;
-            let mean = (dense.f_reshape([b, m, -1])? * &v).f_sum_dim_intlist(2, false, Kind::Float)?
-                / n_b.f_clamp_min(1.0)?;
+            let mean =
+                (dense.f_reshape([b, m, -1])? * &v).f_sum_dim_intlist(2, false, Kind::Float)?
+                    / n_b.f_clamp_min(1.0)?;
             // An image without a valid row has no KD term there; its row reads AVER's.
             let per_image = mean.f_where_self(
                 &n_b.f_gt(0.0)?,
@@ -331,8 +339,8 @@ impl MetaAgent {
             )?;
             let vrows = valid.f_unsqueeze(1)?;
             let count = valid.f_sum(Kind::Double)?.f_clamp_min(1.0)?;
-            let ent = (-(wp * wp.f_clamp_min(1e-12)?.f_log()?) * &vrows).f_sum(Kind::Double)?
-                / &count;
+            let ent =
+                (-(wp * wp.f_clamp_min(1e-12)?.f_log()?) * &vrows).f_sum(Kind::Double)? / &count;
             let max = (wp.f_amax(1, true)? * &vrows).f_sum(Kind::Double)? / &count;
             Ok((per_image, Tensor::f_stack(&[ent, max], 0)?))
         })?;

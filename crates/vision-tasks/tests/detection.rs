@@ -545,3 +545,75 @@ fn synthetic_scenes_have_the_boxes_of_their_visible_pixels() {
         }
     }
 }
+
+/// The meta mode's per-location signals and credit on a detection batch, and the KD term with a
+/// weight per teacher and location, against autograd (`scripts/golden_det_locations.py`).
+#[test]
+fn per_location_signals_credit_and_weighted_kd_match_pytorch() {
+    use mtkd_vision_tasks::detection::layout::Targets;
+    let g = support::load(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/det_locations.json"
+    ));
+    let student = support::tensor(&g["student"]);
+    let teachers: Vec<Tensor> = g["teachers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(support::tensor)
+        .collect();
+    let (b, l) = (student.size()[0], student.size()[2]);
+    let k = student.size()[1] - 5;
+    let classes = Tensor::from_slice(&support::ints(&g["classes"])).view([b, l]);
+    let targets = Targets {
+        classes,
+        boxes: Tensor::zeros([b, l, 4], (Kind::Float, tch::Device::Cpu)),
+        centerness: Tensor::zeros([b, l], (Kind::Float, tch::Device::Cpu)),
+    };
+    let labelled: Vec<bool> = g["labelled"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_bool().unwrap())
+        .collect();
+    let t = g["temperature"].as_f64().unwrap();
+    let s = loss::location_signals(
+        &student,
+        &teachers,
+        &targets,
+        &Tensor::from_slice(&labelled),
+        k,
+        t,
+        g["kd_weight"].as_f64().unwrap(),
+    )
+    .unwrap();
+    for (name, got) in [
+        ("ce", &s.ce),
+        ("kl", &s.kl),
+        ("entropy", &s.entropy),
+        ("credit", &s.credit),
+    ] {
+        support::assert_close_to_stored(name, got, &g[name], 1e-4);
+    }
+    let q = s.quiz_loss.double_value(&[]);
+    let want = g["quiz_loss"].as_f64().unwrap();
+    assert!((q - want).abs() < 1e-5 * (1.0 + want), "quiz {q} vs {want}");
+    // The update reads the labelled images' locations only.
+    assert_eq!(
+        support::values(&s.valid.sum_dim_intlist(1i64, false, Kind::Float)),
+        [l as f64, l as f64, 0.0]
+    );
+    let layout = DetLayout::new((16, 16), &[4, 8, 16]);
+    let kd = loss::location_weighted_kd(
+        &layout,
+        &student,
+        &teachers,
+        &support::tensor(&g["weights"]),
+        &targets,
+        k,
+        t,
+        0.0,
+    )
+    .unwrap();
+    support::assert_close_to_stored("weighted KD", &kd, &g["weighted_kd"], 1e-4);
+}

@@ -223,7 +223,11 @@ pub fn location_weighted_kd(
     let s_cls = student.slice(1, 0, k, 1);
     let w = w.detach();
     let pos = targets.positive();
-    let ps = layout.boxes(student, k)?;
+    let ps = if box_kd_weight > 0.0 {
+        Some(layout.boxes(student, k)?)
+    } else {
+        None
+    };
     let mut kd = Tensor::zeros([student.size()[0]], (Kind::Float, student.device()));
     for (m, t) in teachers.iter().enumerate() {
         let wm = w.select(1, m as i64); // [B, L]
@@ -231,9 +235,9 @@ pub fn location_weighted_kd(
         let f = foreground_weights(t, targets, k);
         kd += (kl * &f * &wm).sum_dim_intlist(1, false, Kind::Float)
             / f.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-6);
-        if box_kd_weight > 0.0 {
+        if let Some(ps) = &ps {
             let pt = layout.boxes(&t.detach(), k)?;
-            let gl = giou_loss(&ps, &pt)?;
+            let gl = giou_loss(ps, &pt)?;
             let gl = gl.where_self(&pos.ge(0.5), &Tensor::zeros_like(&gl));
             kd += (gl * &wm).sum_dim_intlist(1, false, Kind::Float) / positives(targets)
                 * box_kd_weight;
@@ -272,9 +276,8 @@ pub fn location_signals(
         .to_kind(Kind::Float)
         .set_requires_grad(true); // [B, K, L]
     let pos = targets.positive();
-    let onehot = (targets.classes.clamp_min(0).one_hot(k).to_kind(Kind::Float)
-        * pos.unsqueeze(-1))
-    .transpose(1, 2); // [B, K, L]
+    let onehot = (targets.classes.clamp_min(0).one_hot(k).to_kind(Kind::Float) * pos.unsqueeze(-1))
+        .transpose(1, 2); // [B, K, L]
     let npos = positives(targets);
     let rows = quiz_rows.to_kind(Kind::Float);
     let n_quiz = rows.sum(Kind::Float).clamp_min(1.0);
@@ -299,12 +302,16 @@ pub fn location_signals(
             .unwrap_or_else(|| z.zeros_like());
         tch::no_grad(|| -> Result<()> {
             credit.push(
-                (&g_quiz * &g).sum_dim_intlist(1, false, Kind::Float) * (kd_weight * (b * b) as f64),
+                (&g_quiz * &g).sum_dim_intlist(1, false, Kind::Float)
+                    * (kd_weight * (b * b) as f64),
             );
             kl.push(per_loc.detach());
             ce.push(
-                sigmoid_focal(&tc, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?
-                    .sum_dim_intlist(1, false, Kind::Float),
+                sigmoid_focal(&tc, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?.sum_dim_intlist(
+                    1,
+                    false,
+                    Kind::Float,
+                ),
             );
             let p = tc.sigmoid();
             let h = -(&p * tc.log_sigmoid() + (p.neg() + 1.0) * tc.neg().log_sigmoid());
@@ -322,4 +329,3 @@ pub fn location_signals(
         valid: rows.view([b, 1]).expand([b, l], false).contiguous(),
     })
 }
-
