@@ -160,8 +160,8 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
     )?;
     // The MTKD-RL row measures the published agent (parity mode), which the eager reference
     // implements; the default run's own mode (meta) is measured by the criterion benches.
-    let text = std::fs::read_to_string("configs/default.toml")
-        .context("reading configs/default.toml")?;
+    let text =
+        std::fs::read_to_string("configs/default.toml").context("reading configs/default.toml")?;
     if !text.contains("\n[distill]\n") || !text.contains("\nmode = \"meta\"\n") {
         bail!("configs/default.toml has no [distill] table with [distill.agent] mode = \"meta\"");
     }

@@ -65,6 +65,8 @@ pub struct LocationSignals {
     /// The quiz loss the credit was taken on (a scalar).
     pub quiz_loss: Tensor,
     pub valid: Tensor,
+    /// The class of the box each location is assigned to, -1 where none `[B, L]` (int64).
+    pub classes: Tensor,
 }
 
 /// A segmentation batch's per-pixel outputs and targets (detached).

@@ -387,6 +387,16 @@ fn a_segmentation_specialist_and_the_per_pixel_oracle() {
         ha[0].train_kd, hb[0].train_kd,
         "the KD term follows the pixels' rows"
     );
+    // Trust per class is read per pixel: each class's row of the table (classes that occur).
+    let cw = &ha[0].class_weights;
+    assert_eq!(cw.len(), 11);
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+    assert!(close(&cw[0], &[0.5, 0.5]), "background: {:?}", cw[0]);
+    for (c, row) in cw.iter().enumerate().skip(1) {
+        let want: &[f64] = if c <= 5 { &[1.0, 0.0] } else { &[0.0, 1.0] };
+        assert!(row == &[0.0, 0.0] || close(row, want), "class {c}: {row:?}");
+    }
+    assert!(cw.iter().skip(1).filter(|r| r != &&vec![0.0, 0.0]).count() >= 5);
     // The specialist is its own cache entry (the class subset is part of the key).
     let cached: Vec<String> = std::fs::read_dir(s.join("teachers"))
         .unwrap()

@@ -91,7 +91,7 @@ impl Pool {
         let m = self.members.len();
         if self.active.len() == m {
             return Ok(TeacherWeights {
-                pixel: None,
+                pixel: w.pixel.as_ref().map(Tensor::detach),
                 logit: w.logit.detach(),
                 feature: w.feature.detach(),
             });
@@ -99,9 +99,10 @@ impl Pool {
         let idx = Tensor::from_slice(&self.active.iter().map(|&i| i as i64).collect::<Vec<_>>())
             .to_device(device);
         let spread = |t: &Tensor| -> Result<Tensor> {
-            let b = t.size()[0];
+            let mut size = t.size();
+            size[1] = m as i64;
             Ok(
-                Tensor::zeros([b, m as i64], (Kind::Float, device)).f_index_copy(
+                Tensor::zeros(size.as_slice(), (Kind::Float, device)).f_index_copy(
                     1,
                     &idx,
                     &t.detach().to_kind(Kind::Float),
@@ -109,7 +110,7 @@ impl Pool {
             )
         };
         Ok(TeacherWeights {
-            pixel: None,
+            pixel: w.pixel.as_ref().map(spread).transpose()?,
             logit: spread(&w.logit)?,
             feature: spread(&w.feature)?,
         })

@@ -17,9 +17,10 @@ use crate::record::EpochRecord;
 /// The weight records of a run, filled step by step.
 #[derive(Default)]
 pub(super) struct WeightRecords {
-    /// Sums of logit and feature weights `[K, M]` (full pool order) and sample counts `[K]`
-    /// per class over the current epoch.
-    per_class: Option<(Tensor, Tensor, Tensor)>,
+    /// Sums of logit and feature weights `[K, M]` (full pool order) and their counts `[K]`
+    /// per class over the current epoch (logit: samples, or pixels or boxes when the strategy
+    /// weights each; feature: samples).
+    per_class: Option<(Tensor, Tensor, Tensor, Tensor)>,
     /// The last epoch's most disagreed-on training samples (for `audit.json`).
     pub(super) audit: Vec<crate::audit::Candidate>,
     /// `weights.csv` when `run.weight_log` is on.
@@ -46,9 +47,19 @@ impl WeightRecords {
         let (epoch, step, last) = at;
         // The signals' labels: the batch's, with the teachers' pseudo-classes for unlabelled
         // samples.
+        // Segmentation: each pixel's class; detection: each location's box class (-1: none).
+        let dense_classes = match (&d.signals.pixels, &d.signals.locations) {
+            (Some(px), _) => Some(
+                px.targets
+                    .where_scalarother(&px.targets.ne(px.ignore_index), -1),
+            ),
+            (None, Some(loc)) => Some(loc.classes.shallow_clone()),
+            _ => None,
+        };
         self.per_class_and_log(
             &d.weights,
             &d.signals.labels,
+            dense_classes.as_ref(),
             &batch.indices,
             num_classes,
             epoch,
@@ -67,30 +78,59 @@ impl WeightRecords {
     }
 
     /// Per-class mean logit weights (for the heatmap) and the optional per-sample CSV log.
+    #[allow(clippy::too_many_arguments)]
     fn per_class_and_log(
         &mut self,
         w: &mtkd_distill_core::weighting::TeacherWeights,
         labels: &Tensor,
+        dense_classes: Option<&Tensor>,
         indices: &[usize],
         k: i64,
         epoch: usize,
         step: u64,
     ) -> Result<()> {
         let onehot = labels.onehot(k).to_kind(Kind::Double); // [B, K]
-        let sums = onehot
-            .transpose(0, 1)
-            .matmul(&w.logit.to_kind(Kind::Double)); // [K, M]
+                                                             // Weights per pixel or location: the logit weights by the class of each pixel or box
+                                                             // (its label, or the teachers' pseudo-label), not by the image's class.
+        let (sums, counts) = match (&w.pixel, dense_classes) {
+            (Some(px), Some(classes)) => {
+                let m = px.size()[1];
+                // [B, M, ...] -> [B, ..., M] -> [N, M], in the classes' order.
+                let mut perm: Vec<i64> = vec![0];
+                perm.extend(2..px.dim() as i64);
+                perm.push(1);
+                let rows = px
+                    .permute(perm.as_slice())
+                    .reshape([-1, m])
+                    .to_kind(Kind::Double);
+                let c = classes.reshape([-1]);
+                let keep = c.ge(0).logical_and(&c.lt(k));
+                let hot = c.clamp(0, k - 1).onehot(k).to_kind(Kind::Double)
+                    * keep.to_kind(Kind::Double).unsqueeze(1); // [N, K]
+                (
+                    hot.transpose(0, 1).matmul(&rows),
+                    hot.sum_dim_intlist(0, false, Kind::Double),
+                )
+            }
+            _ => (
+                onehot
+                    .transpose(0, 1)
+                    .matmul(&w.logit.to_kind(Kind::Double)), // [K, M]
+                onehot.sum_dim_intlist(0, false, Kind::Double), // [K]
+            ),
+        };
         let fsums = onehot
             .transpose(0, 1)
             .matmul(&w.feature.to_kind(Kind::Double)); // [K, M]
-        let counts = onehot.sum_dim_intlist(0, false, Kind::Double); // [K]
+        let fcounts = onehot.sum_dim_intlist(0, false, Kind::Double); // [K]
         match &mut self.per_class {
-            Some((s, f, c)) => {
+            Some((s, f, c, fc)) => {
                 *s += sums;
                 *f += fsums;
                 *c += counts;
+                *fc += fcounts;
             }
-            None => self.per_class = Some((sums, fsums, counts)),
+            None => self.per_class = Some((sums, fsums, counts, fcounts)),
         }
         if let Some(log) = &mut self.weight_log {
             let m = w.logit.size()[1] as usize;
@@ -110,15 +150,15 @@ impl WeightRecords {
 
     /// The epoch's per-class mean weights into its record (`m` teachers in the pool).
     pub(super) fn class_weights_into(&self, rec: &mut EpochRecord, m: usize) -> Result<()> {
-        if let Some((sums, fsums, counts)) = &self.per_class {
+        if let Some((sums, fsums, counts, fcounts)) = &self.per_class {
             let m = m.max(1);
-            let grid = |t: &Tensor| -> Result<Vec<Vec<f64>>> {
+            let grid = |t: &Tensor, counts: &Tensor| -> Result<Vec<Vec<f64>>> {
                 let mean = t / counts.clamp_min(1.0).unsqueeze(1);
                 let v: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
                 Ok(v.chunks(m).map(<[f64]>::to_vec).collect())
             };
-            rec.class_weights = grid(sums)?;
-            rec.class_feature_weights = grid(fsums)?;
+            rec.class_weights = grid(sums, counts)?;
+            rec.class_feature_weights = grid(fsums, fcounts)?;
         }
         Ok(())
     }

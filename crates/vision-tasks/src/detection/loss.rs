@@ -327,5 +327,6 @@ pub fn location_signals(
         credit: Tensor::stack(&credit, 1),
         quiz_loss: quiz.detach(),
         valid: rows.view([b, 1]).expand([b, l], false).contiguous(),
+        classes: targets.classes.shallow_clone(),
     })
 }
