@@ -89,9 +89,6 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
         ("mtkd-rl clean", Mode::Clean, Mix::Fixed),
         ("mtkd-rl meta", Mode::Meta, Mix::Fixed),
     ] {
-        if mode == Mode::Meta && !look_ahead {
-            continue;
-        }
         let a = AgentConfig {
             mode,
             mix,
@@ -105,20 +102,18 @@ pub fn strategies(base: &Config) -> Result<Vec<(String, DistillConfig)>> {
             },
         ));
     }
-    if look_ahead {
-        out.push((
-            "mtkd-rl meta + prune".to_owned(),
-            DistillConfig {
-                agent: Some(AgentConfig {
-                    mode: Mode::Meta,
-                    mix: Mix::Fixed,
-                    ..agent.clone()
-                }),
-                prune: Some(prune),
-                ..with(StrategyKind::MtkdRl)
-            },
-        ));
-    }
+    out.push((
+        "mtkd-rl meta + prune".to_owned(),
+        DistillConfig {
+            agent: Some(AgentConfig {
+                mode: Mode::Meta,
+                mix: Mix::Fixed,
+                ..agent.clone()
+            }),
+            prune: Some(prune),
+            ..with(StrategyKind::MtkdRl)
+        },
+    ));
     Ok(out)
 }
 
