@@ -101,12 +101,14 @@ pub fn collect(
     Ok(())
 }
 
-/// The audit with each sample's un-augmented image as a PNG.
+/// The audit with each sample's un-augmented image as a PNG (`dense`: a segmentation or
+/// detection run, whose disagreement reads pooled logits).
 pub fn finish(
     kept: &[Candidate],
     train: &ImageSet,
     teachers: &[String],
     epoch: usize,
+    dense: bool,
 ) -> Result<Audit> {
     let (c, h, w) = train.image_shape();
     let mut samples = Vec::new();
@@ -142,7 +144,28 @@ pub fn finish(
         teachers: teachers.to_vec(),
         class_names: train.class_names.clone(),
         epoch,
-        measure: "generalised Jensen-Shannon divergence of the teachers' softmax outputs (T = 1): H(mean p_m) - mean H(p_m), in nats".into(),
+        measure: if dense {
+            "generalised Jensen-Shannon divergence of the softmax of the teachers' logits pooled over the image (T = 1): H(mean p_m) - mean H(p_m), in nats".into()
+        } else {
+            "generalised Jensen-Shannon divergence of the teachers' softmax outputs (T = 1): H(mean p_m) - mean H(p_m), in nats".into()
+        },
         samples,
+        overlays_png_base64: None,
     })
+}
+
+/// How many of the audit's samples its overlay picture shows.
+pub const PICTURED: usize = 6;
+
+/// The PNG, base64, of a picture the task draws (`overlays.png` or `boxes.png` written into
+/// `dir`), or `None` when it drew none.
+pub fn picture_base64(dir: &std::path::Path) -> Result<Option<String>> {
+    for name in ["overlays.png", "boxes.png"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            return Ok(Some(base64::engine::general_purpose::STANDARD.encode(bytes)));
+        }
+    }
+    Ok(None)
 }

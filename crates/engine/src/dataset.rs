@@ -164,8 +164,18 @@ impl Datasets {
     }
 
     pub fn test_loader(&self, cfg: &DataConfig, batch_size: usize) -> Result<BatchLoader> {
+        self.eval_loader(cfg, Arc::clone(&self.test), batch_size)
+    }
+
+    /// Batches of `set` in order, prepared as the test split is (no augmentation).
+    pub fn eval_loader(
+        &self,
+        cfg: &DataConfig,
+        set: Arc<ImageSet>,
+        batch_size: usize,
+    ) -> Result<BatchLoader> {
         BatchLoader::new(
-            Arc::clone(&self.test),
+            set,
             LoaderConfig {
                 batch_size,
                 shuffle: false,

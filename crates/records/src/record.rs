@@ -97,6 +97,11 @@ pub struct Audit {
     pub measure: String,
     /// Most disagreed-on first.
     pub samples: Vec<AuditSample>,
+    /// Segmentation and detection: a picture of the first samples (rows, in order) with the
+    /// truth and what the student and every teacher predict on them (masks or boxes), as a
+    /// PNG, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlays_png_base64: Option<String>,
 }
 
 /// One training sample of [`Audit`].

@@ -237,6 +237,7 @@ figcaption{font-weight:600;font-size:13px;margin-bottom:2px}
 .card-top{display:flex;gap:12px;align-items:center;margin-bottom:6px}
 .card img{image-rendering:pixelated;image-rendering:crisp-edges;width:84px;height:84px;border:1px solid #c9ced4;flex:none;background:#000}
 .card table{width:100%;font-size:12px}.card th,.card td{padding:3px 5px}
+img.audit-overlays{max-width:100%;border:1px solid #c9ced4;margin-bottom:12px}
 .ok{color:#1a7f37}.bad{color:#cf222e}
 .bar{display:inline-block;width:46px;height:8px;background:#e6e9ed;border-radius:2px;vertical-align:middle;margin-right:5px;overflow:hidden}
 .bar>span{display:block;height:100%}
@@ -670,6 +671,21 @@ impl<'a> Page<'a> {
         if a.samples.is_empty() {
             out.push_str("<p class=\"muted\">audit.json holds no samples.</p>\n");
             return section("audit", title, &out);
+        }
+        if let Some(png) = a
+            .overlays_png_base64
+            .as_ref()
+            .filter(|p| !p.is_empty() && is_base64(p))
+        {
+            out.push_str(&format!(
+                "<p class=\"how\">The first {} samples below, one per row: the true masks or \
+                 boxes, then what the student and each teacher predict on the un-augmented \
+                 image at the end of training.</p>\n<img class=\"audit-overlays\" \
+                 alt=\"truth, student and teachers on the most disagreed-on training images\" \
+                 src=\"data:image/png;base64,{}\">\n",
+                a.samples.len().min(6),
+                escape(png)
+            ));
         }
         out.push_str("<div class=\"cards\">\n");
         for s in &a.samples {
@@ -1665,14 +1681,25 @@ pub(crate) mod tests {
                 disagreement: 0.8765,
                 teachers: vec![t(4, 0.7), t(6, 0.3), None],
             }],
+            overlays_png_base64: None,
         });
         let html = render(&inp);
+        assert!(!html.contains("class=\"audit-overlays\""));
         assert!(html.contains("epoch 1: all-ones warm-up, weights sum to M = 3"));
         assert!(html.contains("src=\"data:image/png;base64,iVBORw0KGgo=\""));
         assert!(html.contains("true class: <b>Coat</b>"));
         assert!(html.contains("<td class=\"cls bad\">Shirt</td>"));
         assert!(html.contains(">pruned</td>"));
         assert!(html.contains("width:70%"));
+        // A dense run's picture of the samples (truth, student, teachers) comes first.
+        if let Some(a) = &mut inp.audit {
+            a.overlays_png_base64 = Some("iVBORw0KGgoAAA=".into());
+        }
+        let html = render(&inp);
+        assert!(html.contains(
+            "class=\"audit-overlays\" alt=\"truth, student and teachers on the most \
+             disagreed-on training images\" src=\"data:image/png;base64,iVBORw0KGgoAAA=\""
+        ));
         inp.audit = None;
         assert!(render(&inp).contains("This run has no audit.json"));
     }

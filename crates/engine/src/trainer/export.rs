@@ -45,10 +45,33 @@ impl FinishedRun<'_> {
 
     /// The task's picture of the first four test images.
     fn picture(&self, plots: &Path) -> Result<()> {
-        let task = self.step.task();
         let loader = self.data.test_loader(&self.cfg.data, 4)?;
+        self.draw(&loader, &self.data.test, plots).map(|_| ())
+    }
+
+    /// The task's picture of the training images at `indices`, un-augmented (the audit's
+    /// most disagreed-on samples), into `dir`; `false` when the task draws none.
+    pub(super) fn train_picture(&self, indices: &[usize], dir: &Path) -> Result<bool> {
+        if indices.is_empty() {
+            return Ok(false);
+        }
+        let set = std::sync::Arc::new(self.data.train.select(indices));
+        let loader = self
+            .data
+            .eval_loader(&self.cfg.data, std::sync::Arc::clone(&set), indices.len())?;
+        self.draw(&loader, &set, dir)
+    }
+
+    /// Draw the first batch of `loader` over `set`: truth, student, every teacher.
+    fn draw(
+        &self,
+        loader: &mtkd_vision_tasks::loader::BatchLoader,
+        set: &mtkd_vision_tasks::data::ImageSet,
+        plots: &Path,
+    ) -> Result<bool> {
+        let task = self.step.task();
         let Some(batch) = loader.epoch(0, 0, self.step.device).next() else {
-            return Ok(());
+            return Ok(false);
         };
         let mut logits =
             vec![tch::no_grad(|| self.step.student().forward_t(&batch.images, false)).logits];
@@ -58,16 +81,14 @@ impl FinishedRun<'_> {
             titles.push(format!("teacher {}", p.teacher.name()));
         }
         let Some(picture) = task.picture(&batch, &logits)? else {
-            return Ok(());
+            return Ok(false);
         };
-        let (c, h, w) = self.data.test.image_shape();
+        let (c, h, w) = set.image_shape();
         let images: Vec<Vec<u8>> = batch
             .indices
             .iter()
             .map(|&i| {
-                self.data
-                    .test
-                    .images
+                set.images
                     .index_axis(ndarray::Axis(0), i)
                     .iter()
                     .copied()
@@ -79,9 +100,10 @@ impl FinishedRun<'_> {
             ((h, w), c),
             &images,
             &titles,
-            &self.data.test.class_names,
+            &set.class_names,
             &picture,
-        )
+        )?;
+        Ok(true)
     }
 
     /// The metric's individual results of the student on the test split (detection:

@@ -616,12 +616,29 @@ impl<'a> Trainer<'a> {
         };
         run.task_outputs(report)?;
         if !self.records.audit.is_empty() {
-            let audit = crate::audit::finish(
+            let dense = self.step.task().kind() != mtkd_vision_tasks::task::TaskKind::Classification;
+            let mut audit = crate::audit::finish(
                 &self.records.audit,
                 &self.data.train,
                 &names,
                 self.cfg.train.epochs,
+                dense,
             )?;
+            if dense {
+                let indices: Vec<usize> = self
+                    .records
+                    .audit
+                    .iter()
+                    .take(crate::audit::PICTURED)
+                    .map(|c| c.index)
+                    .collect();
+                let pictures = dir.join("plots").join("audit");
+                std::fs::create_dir_all(&pictures)
+                    .with_context(|| format!("cannot create {}", pictures.display()))?;
+                if run.train_picture(&indices, &pictures)? {
+                    audit.overlays_png_base64 = crate::audit::picture_base64(&pictures)?;
+                }
+            }
             write_json_atomic(&dir.join("audit.json"), &audit)?;
         }
         self.records.sync_weight_log()?;
