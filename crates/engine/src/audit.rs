@@ -164,7 +164,9 @@ pub fn picture_base64(dir: &std::path::Path) -> Result<Option<String>> {
         let p = dir.join(name);
         if p.is_file() {
             let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-            return Ok(Some(base64::engine::general_purpose::STANDARD.encode(bytes)));
+            return Ok(Some(
+                base64::engine::general_purpose::STANDARD.encode(bytes),
+            ));
         }
     }
     Ok(None)

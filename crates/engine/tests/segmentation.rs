@@ -59,7 +59,9 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
     assert!(full.join("plots/audit/overlays.png").is_file());
     let audit: serde_json::Value =
         serde_json::from_slice(&std::fs::read(full.join("audit.json")).unwrap()).unwrap();
-    assert!(audit["overlays_png_base64"].as_str().is_some_and(|p| p.len() > 100));
+    assert!(audit["overlays_png_base64"]
+        .as_str()
+        .is_some_and(|p| p.len() > 100));
     assert_resume_and_shared_outputs_repeat(&cfg, &s, &h, 5);
     let _ = std::fs::remove_dir_all(&s);
 }

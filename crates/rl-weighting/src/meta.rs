@@ -26,7 +26,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use mtkd_distill_core::mmkd::{lookahead_quiz_loss, quiz_tensors, restore_quiz, AdamMoments};
-use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::{
     restore_variable, sorted_variables, StrategyState, TeacherWeights, WeightingStrategy,
 };
@@ -83,6 +83,14 @@ pub struct MetaAgent {
     quiz: Option<(Tensor, Tensor)>,
     calls: u64,
     stats: Stats,
+}
+
+/// The student's classifier the look-ahead reads (the engine sets it for this strategy).
+fn student_head(s: &BatchSignals) -> Result<&StudentHead> {
+    s.student_head.as_ref().ok_or_else(|| Error::Invalid {
+        what: "mtkd-rl meta".into(),
+        reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
+    })
 }
 
 /// The policy's per-teacher features of a batch, unnormalised.
@@ -173,10 +181,7 @@ impl MetaAgent {
 
     /// One policy update from the look-ahead credit on `quiz`.
     fn update(&mut self, s: &BatchSignals, x: &Tensor, quiz: &(Tensor, Tensor)) -> Result<()> {
-        let head = s.student_head.as_ref().ok_or_else(|| Error::Invalid {
-            what: "mtkd-rl meta".into(),
-            reason: "the signals carry no student classifier (BatchSignals::student_head)".into(),
-        })?;
+        let head = student_head(s)?;
         let w = tch::no_grad(|| self.policy(x))?;
         let leaf = w.set_requires_grad(true);
         let quiz_loss = lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
@@ -198,14 +203,7 @@ impl MetaAgent {
             what: "mtkd-rl meta".into(),
             reason: "no per-pixel inputs".into(),
         })?;
-        let head = signals
-            .student_head
-            .as_ref()
-            .ok_or_else(|| Error::Invalid {
-                what: "mtkd-rl meta".into(),
-                reason: "the signals carry no student classifier (BatchSignals::student_head)"
-                    .into(),
-            })?;
+        let head = student_head(signals)?;
         let m = signals.num_teachers();
         let px = pixel_batch(signals, px_in, FEATURES)?;
         let (b, h, w) = px.dims;
@@ -442,14 +440,7 @@ impl WeightingStrategy for MetaAgent {
                 .update_and_apply(&f.view([b * m, FEATURES]))
                 .view([b, m, FEATURES]))
         })?;
-        let head = signals
-            .student_head
-            .as_ref()
-            .ok_or_else(|| Error::Invalid {
-                what: "mtkd-rl meta".into(),
-                reason: "the signals carry no student classifier (BatchSignals::student_head)"
-                    .into(),
-            })?;
+        let head = student_head(signals)?;
         // The quiz: the labelled samples of a batch (a batch without any keeps the last).
         let current = signals.quiz(&head.embedding)?;
         let quiz = match (self.cfg.quiz, current) {

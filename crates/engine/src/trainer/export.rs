@@ -56,9 +56,9 @@ impl FinishedRun<'_> {
             return Ok(false);
         }
         let set = std::sync::Arc::new(self.data.train.select(indices));
-        let loader = self
-            .data
-            .eval_loader(&self.cfg.data, std::sync::Arc::clone(&set), indices.len())?;
+        let loader =
+            self.data
+                .eval_loader(&self.cfg.data, std::sync::Arc::clone(&set), indices.len())?;
         self.draw(&loader, &set, dir)
     }
 

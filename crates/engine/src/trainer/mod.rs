@@ -616,7 +616,8 @@ impl<'a> Trainer<'a> {
         };
         run.task_outputs(report)?;
         if !self.records.audit.is_empty() {
-            let dense = self.step.task().kind() != mtkd_vision_tasks::task::TaskKind::Classification;
+            let dense =
+                self.step.task().kind() != mtkd_vision_tasks::task::TaskKind::Classification;
             let mut audit = crate::audit::finish(
                 &self.records.audit,
                 &self.data.train,

@@ -110,15 +110,11 @@ pub fn class_kd(
     temperature: f64,
 ) -> Result<Tensor> {
     let k = num_classes;
-    let s = student.slice(1, 0, k, 1) / temperature;
-    let t = teacher.slice(1, 0, k, 1).detach() / temperature;
-    // KL(Bern(p_t) || Bern(p_s)) = p_t (log p_t - log p_s) + (1 - p_t) (log(1 - p_t) - log(1 - p_s)),
-    // with log sigmoid for stability: log(1 - sigmoid(x)) = log sigmoid(-x).
-    let (lt, lnt) = (t.log_sigmoid(), t.neg().log_sigmoid());
-    let (ls, lns) = (s.log_sigmoid(), s.neg().log_sigmoid());
-    let pt = t.sigmoid();
-    let kl = &pt * (&lt - &ls) + (pt.neg() + 1.0) * (&lnt - &lns);
-    let per_loc = kl.sum_dim_intlist(1, false, Kind::Float) * (temperature * temperature); // [B, L]
+    let per_loc = class_kl_per_location(
+        &student.slice(1, 0, k, 1),
+        &teacher.slice(1, 0, k, 1),
+        temperature,
+    ); // [B, L]
     let w = foreground_weights(teacher, targets, k);
     Ok((per_loc * &w).sum_dim_intlist(1, false, Kind::Float)
         / w.sum_dim_intlist(1, false, Kind::Float).clamp_min(1e-6))
@@ -197,6 +193,8 @@ pub fn detection_signals(
 fn class_kl_per_location(student: &Tensor, teacher: &Tensor, temperature: f64) -> Tensor {
     let s = student / temperature;
     let t = teacher.detach() / temperature;
+    // KL(Bern(p_t) || Bern(p_s)) = p_t (log p_t - log p_s) + (1 - p_t) (log(1 - p_t) - log(1 - p_s)),
+    // with log sigmoid for stability: log(1 - sigmoid(x)) = log sigmoid(-x).
     let (lt, lnt) = (t.log_sigmoid(), t.neg().log_sigmoid());
     let (ls, lns) = (s.log_sigmoid(), s.neg().log_sigmoid());
     let pt = t.sigmoid();
