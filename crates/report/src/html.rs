@@ -569,8 +569,11 @@ impl<'a> Page<'a> {
         let mut out = String::from(
             "<p class=\"how\">Rows are the true classes of the training samples, columns the \
              teachers: each cell is the teacher's mean weight on the samples of that class in the \
-             last epoch (colour on a fixed 0 to 1 scale, darker = more trust). The last column is \
-             the student's final test accuracy on the class.</p>\n",
+             last epoch (colour on a fixed 0 to 1 scale, darker = more trust). When the strategy \
+             weights each pixel or detector location (the agent's meta mode on segmentation and \
+             detection, fixed per-class tables on segmentation), the logit weights are read per \
+             pixel or per assigned box by its own class; the feature weights stay per image. The \
+             last column is the student's final test accuracy on the class.</p>\n",
         );
         match last_with(|r| &r.class_weights) {
             Some(r) => {
