@@ -32,8 +32,9 @@ use crate::shared::Layout;
 
 /// What a step did.
 pub enum StepOutcome {
-    /// The update was applied; with distillation, what the records keep of it.
-    Applied(Option<Distilled>),
+    /// The update was applied; with distillation, what the records keep of it (boxed: the
+    /// signals are large).
+    Applied(Option<Box<Distilled>>),
     /// The loss was not finite (the message names what): nothing was applied, and BatchNorm's
     /// running statistics were put back when `restore_buffers` asked for it.
     NonFinite(String),
@@ -337,10 +338,10 @@ impl DistillStep {
         };
         self.distiller.observe(&terms, &feedback, (epoch, step))?;
         sums.strategy_seconds += t5.elapsed().as_secs_f64();
-        Ok(StepOutcome::Applied(Some(Distilled {
+        Ok(StepOutcome::Applied(Some(Box::new(Distilled {
             weights: full,
             signals: terms.signals,
-        })))
+        }))))
     }
 
     /// Keep only the teachers at `active` (full pool positions, increasing); the strategy
