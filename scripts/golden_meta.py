@@ -11,8 +11,10 @@ takes a *real* virtual SGD step (`torch.autograd.grad(..., create_graph=True)`) 
 weights w held as a leaf, the quiz loss is the cross-entropy of the virtually updated classifier
 on the previous batch, and the credit is `-d quiz / d w`. The policy's features, running
 normaliser, credit RMS, loss and `torch.optim.Adam` follow the section. Three batches in order,
-for both quiz choices: with `previous`, the first only stores its quiz and the second and third
-each update the policy before their weights; with `current`, every batch is its own quiz.
+for each quiz choice: with `previous`, the first only stores its quiz and the second and third
+each update the policy before their weights; with `current`, every batch is its own quiz; with
+`own`, each sample is scored on a real virtual step of its own term of the batch loss, one
+sample at a time.
 """
 import json
 import sys
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lookahead_reference import lookahead_quiz_loss, random_batch, tensor  # noqa: E402
+from lookahead_reference import (  # noqa: E402
+    lookahead_own_loss, lookahead_quiz_loss, random_batch, tensor)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "crates/rl-weighting/tests/golden/meta.json"
@@ -87,12 +90,16 @@ def run(quiz_mode):
         feats = torch.stack([ce, kl, ent, torch.zeros_like(ce), ce - ce.mean(1, keepdim=True),
                              kl - kl.mean(1, keepdim=True)], 2)
         x = norm(feats.reshape(b * M, NF)).reshape(b, M, NF)
-        if quiz_mode == "current":
+        if quiz_mode in ("current", "own"):
             quiz = (h, y)
         if quiz is not None:
             w = policy(x)
             leaf = w.detach().clone().requires_grad_(True)
-            quiz_loss = lookahead_quiz_loss(leaf, zt, h, W, bias, y, quiz, T, ce_w, kd_w, inner_lr)
+            if quiz_mode == "own":
+                quiz_loss = lookahead_own_loss(leaf, zt, h, W, bias, y, T, ce_w, kd_w, inner_lr)
+            else:
+                quiz_loss = lookahead_quiz_loss(leaf, zt, h, W, bias, y, quiz, T, ce_w, kd_w,
+                                                inner_lr)
             (gw,) = torch.autograd.grad(quiz_loss, [leaf])
             credit = -gw / inner_lr  # per unit of the student's learning rate
             centred = credit - credit.mean(1, keepdim=True)
@@ -121,7 +128,7 @@ def run(quiz_mode):
 
 
 def main():
-    out = {"previous": run("previous"), "current": run("current")}
+    out = {"previous": run("previous"), "current": run("current"), "own": run("own")}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
 

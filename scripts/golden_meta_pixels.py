@@ -17,7 +17,9 @@ a real 1x1 convolution (W, b) on a head map followed by bilinear upsampling
 (`share_b` = B / labelled images on a labelled image, 0 on the others) with the per-pixel teacher
 weights w held as a leaf. The quiz loss is the pixel cross-entropy of the moved head, averaged
 over each labelled image's valid pixels, then over those images; the credit is
-`-d quiz / d w / lr * B n_b` at the valid pixels (0 elsewhere). The policy (shared MLP over the
+`-d quiz / d w / lr * B n_b` at the valid pixels (0 elsewhere). For `quiz = "own"` each quiz
+pixel is scored on a real virtual step of its own term of the training loss, one pixel at a time
+(`own_quiz_loss`, `own_credit`). The policy (shared MLP over the
 per-pixel features, learnt bias per teacher, softmax over teachers), the running normaliser, the
 credit RMS, the loss and `torch.optim.Adam` follow section 10. Three batches in order; batch 0 has
 pixels without a label (255) and its last image carries no label (a pseudo-labelled image).
@@ -139,6 +141,34 @@ def main():
         (gw,) = torch.autograd.grad(quiz_loss, [leaf])
         scale = (B * n_b).view(B, 1, 1).expand(B, H, W_).reshape(-1, 1) * valid.reshape(-1, 1)
         credit = -gw / inner_lr * scale
+        # quiz = "own": each quiz pixel scored on a real virtual step of its own term of the
+        # training loss, one pixel at a time.
+        own_leaf = wcur.clone().requires_grad_(True)
+        own_w = own_leaf.reshape(B, H, W_, M).permute(0, 3, 1, 2)
+        own_terms = []
+        n_quiz_images = (qn > 0).float().sum()
+        for bi in range(B):
+            for yy in range(H):
+                for xx in range(W_):
+                    if qmask[bi, yy, xx] == 0:
+                        continue
+                    Wv = Wc.clone().requires_grad_(True)
+                    bv = bc.clone().requires_grad_(True)
+                    zp = head_logits(fmap, Wv, bv, (H, W_))[bi, :, yy, xx]
+                    yp = y[bi, yy, xx]
+                    term = ce_w * share[bi] * F.cross_entropy(zp.unsqueeze(0), yp.view(1))
+                    lq = F.log_softmax(zp / T, 0)
+                    for m in range(M):
+                        pm = F.softmax(zt[m][bi, :, yy, xx] / T, 0)
+                        klm = (pm * (F.log_softmax(zt[m][bi, :, yy, xx] / T, 0) - lq)).sum() * T * T
+                        term = term + kd_w * own_w[bi, m, yy, xx] * klm
+                    term = term / n_b[bi] / B
+                    gWp, gbp = torch.autograd.grad(term, [Wv, bv], create_graph=True)
+                    zq_p = head_logits(fmap, Wc - inner_lr * gWp, bc - inner_lr * gbp, (H, W_))[bi, :, yy, xx]
+                    own_terms.append(F.cross_entropy(zq_p.unsqueeze(0), yp.view(1)) / qn[bi] / n_quiz_images)
+        own_quiz = torch.stack(own_terms).sum()
+        (gw_own,) = torch.autograd.grad(own_quiz, [own_leaf])
+        own_credit = -gw_own / inner_lr * scale
         sel = credit[vrows]
         centred = sel - sel.mean(1, keepdim=True)
         ms = ms * decay + centred.double().square().mean().item() * (1 - decay)
@@ -158,7 +188,8 @@ def main():
             "fmap": tensor(fmap), "weight": tensor(Wc), "bias": tensor(bc),
             "teachers": [tensor(z) for z in zt], "targets": y.reshape(-1).tolist(),
             "labelled": labelled.tolist(), "quiz_loss": quiz_loss.item(),
-            "credit_weights": tensor(wcur), "credit": tensor(credit), "params_after": {k: tensor(v) for k, v in params.items()},
+            "credit_weights": tensor(wcur), "credit": tensor(credit),
+            "own_quiz_loss": own_quiz.item(), "own_credit": tensor(own_credit), "params_after": {k: tensor(v) for k, v in params.items()},
             "pixel_weights": tensor(wp), "image_weights": tensor(per_image),
         })
 

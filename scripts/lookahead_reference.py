@@ -51,3 +51,25 @@ def lookahead_quiz_loss(w, zt, h, W, bias, y, quiz, T, ce_w, kd_w, inner_lr):
     gW, gb = torch.autograd.grad(loss, [Wv, bv], create_graph=True)
     zq = hq @ (W - inner_lr * gW).t() + (bias - inner_lr * gb)
     return F.cross_entropy(zq, yq)
+
+
+def lookahead_own_loss(w, zt, h, W, bias, y, T, ce_w, kd_w, inner_lr):
+    """The own-sample quiz: each sample b is scored on the classifier after a virtual SGD step
+    at `inner_lr` on its own term of the batch loss (the batch mean's 1/b share), and the loss
+    is the mean of those cross-entropies (differentiable in `w [b, M]`)."""
+    b, M = w.shape
+    losses = []
+    for i in range(b):
+        Wv = W.clone().requires_grad_(True)
+        bv = bias.clone().requires_grad_(True)
+        z = h[i:i + 1] @ Wv.t() + bv
+        logq = F.log_softmax(z / T, 1)
+        kd = torch.zeros(1)
+        for m in range(M):
+            p = F.softmax(zt[m][i:i + 1] / T, 1)
+            kd = kd + w[i, m] * (p * (torch.log(p) - logq)).sum(1) * T * T
+        loss = (ce_w * F.cross_entropy(z, y[i:i + 1], reduction="none") + kd_w * kd).sum() / b
+        gW, gb = torch.autograd.grad(loss, [Wv, bv], create_graph=True)
+        zq = h[i:i + 1] @ (W - inner_lr * gW).t() + (bias - inner_lr * gb)
+        losses.append(F.cross_entropy(zq, y[i:i + 1]))
+    return torch.stack(losses).mean()

@@ -400,37 +400,98 @@ pub fn lookahead_quiz_loss(
     ce_weight: f64,
     kd_weight: f64,
 ) -> Result<Tensor> {
-    let t = s.temperature;
-    let b = s.batch_size();
-    let h = head.embedding.detach().f_to_kind(Kind::Float)?;
-    let weight = head.weight.detach();
-    let k = weight.size()[0];
-    crate::error::check_shape("student classifier weight", &weight, &[-1, -1])?;
-    crate::error::check_shape("student embedding", &h, &[b, weight.size()[1]])?;
-    crate::error::check_shape("look-ahead teacher weights", w, &[b, s.num_teachers()])?;
-    let z = match &head.bias {
-        Some(bias) => h.f_matmul(&weight.tr())? + bias.detach(),
-        None => h.f_matmul(&weight.tr())?,
-    };
-    let onehot = s.labels.f_one_hot(k)?.f_to_kind(Kind::Float)?;
-    let mut g = (z.f_softmax(1, Kind::Float)? - onehot) * ce_weight;
-    if let Some(share) = s.ce_share()? {
-        g *= share.unsqueeze(1);
-    }
-    let q = (&z / t).f_softmax(1, Kind::Float)?;
-    for (m, zt) in s.teacher_logits.iter().enumerate() {
-        let p = (zt.detach() / t).f_softmax(1, Kind::Float)?;
-        g += w.select(1, m as i64).unsqueeze(1) * (&q - p) * (t * kd_weight);
-    }
-    let g = g / b as f64;
-    let new_weight = &weight - g.tr().f_matmul(&h)? * head.lr;
+    let step = VirtualStep::of(s, head, w, ce_weight, kd_weight)?;
+    let new_weight = &step.weight - step.g.tr().f_matmul(&step.h)? * head.lr;
     let (hq, yq) = quiz;
     let zq = hq.f_matmul(&new_weight.tr())?;
     let zq = match &head.bias {
-        Some(bias) => zq + (bias.detach() - g.sum_dim_intlist(0i64, false, Kind::Float) * head.lr),
+        Some(bias) => {
+            zq + (bias.detach() - step.g.sum_dim_intlist(0i64, false, Kind::Float) * head.lr)
+        }
         None => zq,
     };
     Ok(zq.f_cross_entropy_loss::<Tensor>(yq, None, Reduction::Mean, -100, 0.0)?)
+}
+
+/// The agent's own-sample quiz (`quiz = "own"`, docs/METHOD.md section 10): the same virtual
+/// step as [`lookahead_quiz_loss`], but each labelled sample is scored on the part of the step
+/// that its own gradient takes, `z'_b = z_b - lr (|h_b|^2 + 1) g_b` (`+ 1` only with a bias),
+/// so that the credit of `w[b, m]` is the alignment of teacher m's pull on sample b with b's
+/// own label and carries none of the other samples' gradients (the batch's cross terms
+/// `h_b . h_b'`). The loss is the mean cross-entropy over the labelled samples; `None` when
+/// the batch has none.
+///
+/// # Shapes
+/// `w [B, M]` -> scalar
+pub fn lookahead_own_loss(
+    s: &BatchSignals,
+    head: &StudentHead,
+    w: &Tensor,
+    ce_weight: f64,
+    kd_weight: f64,
+) -> Result<Option<Tensor>> {
+    let step = VirtualStep::of(s, head, w, ce_weight, kd_weight)?;
+    let mut norm = step.h.f_square()?.f_sum_dim_intlist(1, true, Kind::Float)?;
+    if head.bias.is_some() {
+        norm += 1.0;
+    }
+    let z_new = &step.z - step.g * norm * head.lr;
+    let ce = z_new.f_cross_entropy_loss::<Tensor>(&s.labels, None, Reduction::None, -100, 0.0)?;
+    match &s.labelled {
+        None => Ok(Some(ce.f_mean(Kind::Float)?)),
+        Some(l) => {
+            let l = l.f_to_kind(Kind::Float)?;
+            if l.f_sum(Kind::Float)?.f_double_value(&[])? == 0.0 {
+                return Ok(None);
+            }
+            Ok(Some((ce * &l).f_sum(Kind::Float)? / l.f_sum(Kind::Float)?))
+        }
+    }
+}
+
+/// The pieces of the look-ahead's virtual step: the detached embeddings `h [B, D]`, classifier
+/// weight `[K, D]` and logits `z [B, K]`, and the closed-form logit gradient `g [B, K]` of the
+/// training loss (already divided by B), differentiable in the teacher weights.
+struct VirtualStep {
+    h: Tensor,
+    weight: Tensor,
+    z: Tensor,
+    g: Tensor,
+}
+
+impl VirtualStep {
+    fn of(
+        s: &BatchSignals,
+        head: &StudentHead,
+        w: &Tensor,
+        ce_weight: f64,
+        kd_weight: f64,
+    ) -> Result<VirtualStep> {
+        let t = s.temperature;
+        let b = s.batch_size();
+        let h = head.embedding.detach().f_to_kind(Kind::Float)?;
+        let weight = head.weight.detach();
+        let k = weight.size()[0];
+        crate::error::check_shape("student classifier weight", &weight, &[-1, -1])?;
+        crate::error::check_shape("student embedding", &h, &[b, weight.size()[1]])?;
+        crate::error::check_shape("look-ahead teacher weights", w, &[b, s.num_teachers()])?;
+        let z = match &head.bias {
+            Some(bias) => h.f_matmul(&weight.tr())? + bias.detach(),
+            None => h.f_matmul(&weight.tr())?,
+        };
+        let onehot = s.labels.f_one_hot(k)?.f_to_kind(Kind::Float)?;
+        let mut g = (z.f_softmax(1, Kind::Float)? - onehot) * ce_weight;
+        if let Some(share) = s.ce_share()? {
+            g *= share.unsqueeze(1);
+        }
+        let q = (&z / t).f_softmax(1, Kind::Float)?;
+        for (m, zt) in s.teacher_logits.iter().enumerate() {
+            let p = (zt.detach() / t).f_softmax(1, Kind::Float)?;
+            g += w.select(1, m as i64).unsqueeze(1) * (&q - p) * (t * kd_weight);
+        }
+        let g = g / b as f64;
+        Ok(VirtualStep { h, weight, z, g })
+    }
 }
 
 impl WeightingStrategy for Mmkd {

@@ -53,6 +53,10 @@ pub enum Quiz {
     /// The batch being trained on (default: measured to route, docs/AGENT.md).
     #[default]
     Current,
+    /// Each labelled sample of the batch, scored on its own share of the virtual step (no cross
+    /// terms between samples: `mmkd::lookahead_own_loss`). Classification only; the dense
+    /// tasks keep theirs (docs/AGENT.md).
+    Own,
 }
 
 /// How the agent's output is combined with the hand-crafted components.

@@ -25,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use mtkd_distill_core::mmkd::{lookahead_quiz_loss, quiz_tensors, restore_quiz, AdamMoments};
+use mtkd_distill_core::mmkd::{
+    lookahead_own_loss, lookahead_quiz_loss, quiz_tensors, restore_quiz, AdamMoments,
+};
 use mtkd_distill_core::signals::{BatchSignals, StudentHead};
 use mtkd_distill_core::weighting::{
     restore_variable, sorted_variables, StrategyState, TeacherWeights, WeightingStrategy,
@@ -192,6 +194,30 @@ impl MetaAgent {
         let credit = -&g[0] / head.lr.max(1e-12);
         self.update_from_credit(x, &credit, &quiz_loss)
     }
+
+    /// One policy update from the own-sample credit (`quiz = "own"`), on the labelled rows.
+    fn update_own(&mut self, s: &BatchSignals, x: &Tensor) -> Result<()> {
+        let head = student_head(s)?;
+        let w = tch::no_grad(|| self.policy(x))?;
+        let leaf = w.set_requires_grad(true);
+        let Some(quiz_loss) = lookahead_own_loss(s, head, &leaf, self.ce_weight, self.kd_weight)?
+        else {
+            return Ok(());
+        };
+        let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
+        let credit = -&g[0] / head.lr.max(1e-12);
+        match &s.labelled {
+            None => self.update_from_credit(x, &credit, &quiz_loss),
+            Some(l) => {
+                let rows = l.f_nonzero()?.f_squeeze_dim(1)?;
+                self.update_from_credit(
+                    &x.f_index_select(0, &rows)?,
+                    &credit.f_index_select(0, &rows)?,
+                    &quiz_loss,
+                )
+            }
+        }
+    }
 }
 
 impl MetaAgent {
@@ -207,12 +233,30 @@ impl MetaAgent {
         let m = signals.num_teachers();
         let px = pixel_batch(signals, px_in, FEATURES)?;
         let (b, h, w) = px.dims;
-        let (x, sel) = self.dense_inputs(&px.features, &px.valid)?;
+        // The own-pixel quiz gives credit only where it scores: the labelled pixels of the
+        // images that carry their labels (pseudo-labelled pixels would read a zero credit).
+        let rows = match (&signals.labelled, self.cfg.quiz) {
+            (Some(l), Quiz::Own) => {
+                &px.valid
+                    * l.f_to_kind(Kind::Float)?
+                        .f_view([b, 1])?
+                        .f_expand([b, h * w], false)?
+                        .f_reshape([-1])?
+            }
+            _ => px.valid.shallow_clone(),
+        };
+        let (x, sel) = self.dense_inputs(&px.features, &rows)?;
         if let Some(sel) = &sel {
             let current = tch::no_grad(|| self.policy(&x))?;
-            if let Some((credit, quiz_loss)) =
-                pixel_credit(signals, &px, head, &current, self.ce_weight, self.kd_weight)?
-            {
+            if let Some((credit, quiz_loss)) = pixel_credit(
+                signals,
+                &px,
+                head,
+                &current,
+                self.ce_weight,
+                self.kd_weight,
+                self.cfg.quiz == Quiz::Own,
+            )? {
                 self.update_from_credit(
                     &x.f_index_select(0, sel)?,
                     &credit.f_index_select(0, sel)?,
@@ -450,8 +494,11 @@ impl WeightingStrategy for MetaAgent {
                 .as_ref()
                 .map(|(h, y)| (h.shallow_clone(), y.shallow_clone())),
             (Quiz::Current, c) => c,
+            (Quiz::Own, _) => None,
         };
-        if let Some(q) = quiz {
+        if self.cfg.quiz == Quiz::Own {
+            self.update_own(signals, &x)?;
+        } else if let Some(q) = quiz {
             self.update(signals, &x, &q)?;
         }
         let w = tch::no_grad(|| self.policy(&x))?;

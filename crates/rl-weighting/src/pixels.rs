@@ -127,7 +127,9 @@ pub fn pixel_batch(s: &BatchSignals, px: &PixelInputs, features: i64) -> Result<
 }
 
 /// The look-ahead credit `[N, M]` of per-pixel weights `w [N, M]` (no gradient in or out), and
-/// the quiz loss (a scalar). `None` when the batch has no labelled pixel to quiz on.
+/// the quiz loss (a scalar). `None` when the batch has no labelled pixel to quiz on. With
+/// `own`, each quiz pixel is scored on its own share of the virtual step,
+/// `z'_p = z_p - lr (|h_p|^2 + 1) g_p` (no cross terms between pixels; `quiz = "own"`).
 pub fn pixel_credit(
     s: &BatchSignals,
     px: &PixelBatch,
@@ -135,6 +137,7 @@ pub fn pixel_credit(
     w: &Tensor,
     ce_weight: f64,
     kd_weight: f64,
+    own: bool,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let (b, h, wd) = px.dims;
     let emb = head
@@ -202,13 +205,21 @@ pub fn pixel_credit(
             .f_sum_dim_intlist(1, false, Kind::Float)?;
     let g = (g_ce + pull * (kd_weight * t)) * px.share.f_unsqueeze(1)?;
     let lr = head.lr;
-    let w_new = &weight - g.tr().f_matmul(&hp)? * lr;
-    let z_new = match &head.bias {
-        Some(bias) => {
-            hp.f_matmul(&w_new.tr())? + bias.detach()
-                - g.f_sum_dim_intlist(0, false, Kind::Float)? * lr
+    let z_new = if own {
+        let mut norm = hp.f_square()?.f_sum_dim_intlist(1, true, Kind::Float)?;
+        if head.bias.is_some() {
+            norm += 1.0;
         }
-        None => hp.f_matmul(&w_new.tr())?,
+        &z - g * norm * lr
+    } else {
+        let w_new = &weight - g.tr().f_matmul(&hp)? * lr;
+        match &head.bias {
+            Some(bias) => {
+                hp.f_matmul(&w_new.tr())? + bias.detach()
+                    - g.f_sum_dim_intlist(0, false, Kind::Float)? * lr
+            }
+            None => hp.f_matmul(&w_new.tr())?,
+        }
     };
     let ce_new =
         z_new.f_cross_entropy_loss::<&Tensor>(&px.targets, None, Reduction::None, -100, 0.0)?;

@@ -439,6 +439,7 @@ fn meta_agent_with(g: &Value, quiz: Quiz) -> mtkd_rl_weighting::meta::MetaAgent 
 fn meta_mode_credit_update_and_weights_match_pytorch() {
     meta_matches_pytorch("previous", Quiz::Previous, 2.0);
     meta_matches_pytorch("current", Quiz::Current, 3.0);
+    meta_matches_pytorch("own", Quiz::Own, 3.0);
 }
 
 fn meta_matches_pytorch(which: &str, quiz: Quiz, updates: f64) {

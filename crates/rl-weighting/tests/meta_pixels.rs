@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::signals::{BatchSignals, PixelInputs, StudentHead};
 use mtkd_distill_core::weighting::WeightingStrategy;
 use mtkd_distill_core::ModelOutput;
-use mtkd_rl_weighting::agent::{AgentConfig, Mode};
+use mtkd_rl_weighting::agent::{AgentConfig, Mode, Quiz};
 use mtkd_rl_weighting::meta::{MetaAgent, FEATURES};
 use mtkd_rl_weighting::pixels::{pixel_batch, pixel_credit};
 
@@ -100,6 +100,7 @@ fn signals(g: &Value, b: &Value) -> BatchSignals {
 fn agent(g: &Value) -> MetaAgent {
     let cfg = AgentConfig {
         mode: Mode::Meta,
+        quiz: Quiz::Current,
         hidden: g["hidden"].as_i64().unwrap(),
         meta_lr: g["meta_lr"].as_f64().unwrap(),
         entropy: g["entropy"].as_f64().unwrap(),
@@ -123,29 +124,43 @@ fn agent(g: &Value) -> MetaAgent {
 fn pixel_credit_matches_autograd_through_a_real_virtual_step() {
     let g = golden();
     let m = g["M"].as_i64().unwrap();
-    for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
-        let s = signals(&g, b);
-        let px = pixel_batch(&s, s.pixels.as_ref().unwrap(), FEATURES).unwrap();
-        // The weights the credit is taken at: the policy's at this step, as PyTorch computed them.
-        let w = tensor(&b["credit_weights"]).to_kind(Kind::Float);
-        let (credit, quiz) = pixel_credit(
-            &s,
-            &px,
-            s.student_head.as_ref().unwrap(),
-            &w,
-            g["ce_weight"].as_f64().unwrap(),
-            g["kd_weight"].as_f64().unwrap(),
-        )
-        .unwrap()
-        .expect("the batch has labelled pixels");
-        assert_eq!(credit.size()[1], m);
-        assert_close_to_stored(&format!("batch {i} credit"), &credit, &b["credit"], 1e-4);
-        let q = quiz.double_value(&[]);
-        let want = b["quiz_loss"].as_f64().unwrap();
-        assert!(
-            (q - want).abs() < 1e-5 * (1.0 + want),
-            "batch {i} quiz {q} vs {want}"
-        );
+    // quiz = "current" (the whole moved classifier) and quiz = "own" (each pixel on its own
+    // share of the step, PyTorch one pixel at a time).
+    for (own, credit_key, quiz_key) in [
+        (false, "credit", "quiz_loss"),
+        (true, "own_credit", "own_quiz_loss"),
+    ] {
+        for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
+            let s = signals(&g, b);
+            let px = pixel_batch(&s, s.pixels.as_ref().unwrap(), FEATURES).unwrap();
+            // The weights the credit is taken at: the policy's at this step, as PyTorch
+            // computed them.
+            let w = tensor(&b["credit_weights"]).to_kind(Kind::Float);
+            let (credit, quiz) = pixel_credit(
+                &s,
+                &px,
+                s.student_head.as_ref().unwrap(),
+                &w,
+                g["ce_weight"].as_f64().unwrap(),
+                g["kd_weight"].as_f64().unwrap(),
+                own,
+            )
+            .unwrap()
+            .expect("the batch has labelled pixels");
+            assert_eq!(credit.size()[1], m);
+            assert_close_to_stored(
+                &format!("batch {i} {credit_key}"),
+                &credit,
+                &b[credit_key],
+                1e-4,
+            );
+            let q = quiz.double_value(&[]);
+            let want = b[quiz_key].as_f64().unwrap();
+            assert!(
+                (q - want).abs() < 1e-5 * (1.0 + want),
+                "batch {i} {quiz_key} {q} vs {want}"
+            );
+        }
     }
 }
 
