@@ -5,7 +5,7 @@
 use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::signals::{BatchSignals, PixelInputs};
+use crate::signals::{BatchSignals, LocationSignals, PixelInputs};
 
 /// Weights for one batch.
 ///
@@ -492,6 +492,38 @@ impl Fixed {
     }
 }
 
+impl Fixed {
+    /// Detection, per class: the row of the class of the box each pyramid location is assigned
+    /// to; a location assigned to no box takes the mean of the rows (background belongs to no
+    /// class: in a class-subset pool, every owner was trained to call it background). An
+    /// image's weights are their mean over its locations.
+    fn per_location(&self, loc: &LocationSignals) -> Result<TeacherWeights> {
+        let c = loc.classes.to_device(self.table.device());
+        let size = c.size();
+        let (b, l) = (size[0], size[1]);
+        let m = self.table.size()[1];
+        let assigned = c.f_ge(0)?.f_unsqueeze(-1)?;
+        let rows = self
+            .table
+            .f_index_select(0, &c.f_clamp_min(0)?.f_reshape([-1])?)?
+            .f_view([b, l, m])?;
+        let background = self
+            .table
+            .f_mean_dim(0, true, Kind::Float)?
+            .f_view([1, 1, m])?;
+        let w = rows
+            .f_where_self(&assigned, &background)?
+            .f_permute([0, 2, 1])?
+            .f_contiguous()?; // [B, M, L]
+        let per_image = w.f_mean_dim(2, false, Kind::Float)?;
+        Ok(TeacherWeights {
+            feature: per_image.copy(),
+            logit: per_image,
+            pixel: Some(w),
+        })
+    }
+}
+
 impl WeightingStrategy for Fixed {
     fn retain_teachers(&mut self, keep: &[usize]) -> Result<()> {
         self.retain(keep)
@@ -501,6 +533,10 @@ impl WeightingStrategy for Fixed {
     }
     /// Per class on segmentation: each pixel by its own class.
     fn wants_pixels(&self) -> bool {
+        self.per_class
+    }
+    /// Per class on detection: each location by its box's class.
+    fn wants_locations(&self) -> bool {
         self.per_class
     }
     fn weights(&mut self, signals: &BatchSignals) -> Result<TeacherWeights> {
@@ -514,6 +550,9 @@ impl WeightingStrategy for Fixed {
         }
         if let (true, Some(px)) = (self.per_class, &signals.pixels) {
             return self.per_pixel(px, signals);
+        }
+        if let (true, Some(loc)) = (self.per_class, &signals.locations) {
+            return self.per_location(loc);
         }
         let b = signals.batch_size();
         let w = if self.per_class {

@@ -486,3 +486,70 @@ fn fixed_per_class_weights_each_pixel_of_a_segmentation_batch() {
         .unwrap()
         .wants_pixels());
 }
+
+/// A per-class table on detection weights each pyramid location by the class of the box it is
+/// assigned to; a location assigned to no box takes the mean of the rows; an image's weights
+/// are the mean over its locations.
+#[test]
+fn fixed_per_class_weights_each_location_of_a_detection_batch() {
+    use mtkd_distill_core::signals::LocationSignals;
+    use mtkd_distill_core::weighting::{Fixed, FixedWeights};
+    let (b, m, l, k) = (2i64, 3i64, 4i64, 2i64);
+    let z = || Tensor::zeros([b, m, l], (Kind::Float, tch::Device::Cpu));
+    let teachers: Vec<ModelOutput> = (0..m)
+        .map(|_| ModelOutput {
+            logits: Tensor::zeros([b, k], (Kind::Float, tch::Device::Cpu)),
+            features: None,
+        })
+        .collect();
+    let student = Tensor::zeros([b, k], (Kind::Float, tch::Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1]);
+    let mut s =
+        BatchSignals::compute(&student, &[None, None, None], &teachers, &labels, 1.0).unwrap();
+    s.locations = Some(LocationSignals {
+        ce: z(),
+        kl: z(),
+        entropy: z(),
+        credit: z(),
+        quiz_loss: Tensor::from(0.0f32),
+        valid: Tensor::ones([b, l], (Kind::Float, tch::Device::Cpu)),
+        classes: Tensor::from_slice(&[0i64, 1, -1, 0, -1, -1, 1, 1]).view([b, l]),
+    });
+    // Class 0 -> teacher 0, class 1 -> teachers 1 and 2 (normalised to 1/2 each).
+    let cfg = FixedWeights {
+        weights: None,
+        per_class: Some(vec![vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 1.0]]),
+    };
+    let mut f = Fixed::new(&cfg, m as usize, k as usize, tch::Device::Cpu).unwrap();
+    assert!(f.wants_locations());
+    let w = f.weights(&s).unwrap();
+    let loc = w.pixel.expect("per-location weights");
+    assert_eq!(loc.size(), [b, m, l]);
+    // Image 0, locations: class 0, class 1, background (mean of the rows), class 0.
+    assert_close_values(
+        "image 0 teacher 0",
+        &values(&loc.get(0).get(0)),
+        &[1.0, 0.0, 0.5, 1.0],
+        1e-6,
+    );
+    assert_close_values(
+        "image 0 teacher 2",
+        &values(&loc.get(0).get(2)),
+        &[0.0, 0.5, 0.25, 0.0],
+        1e-6,
+    );
+    // Every location's weights sum to 1 (AVER's total KD weight).
+    assert_close_values(
+        "sums",
+        &values(&loc.sum_dim_intlist(1, false, Kind::Float)),
+        &[1.0; 8],
+        1e-6,
+    );
+    // Image 1: background, background, class 1, class 1 -> teacher 0 gets (0.5 + 0.5) / 4.
+    assert_close_values(
+        "image weights",
+        &values(&w.logit),
+        &[0.625, 0.1875, 0.1875, 0.25, 0.375, 0.375],
+        1e-6,
+    );
+}

@@ -35,7 +35,7 @@ use mtkd_distill_core::weighting::{
 use mtkd_distill_core::{Error, Result};
 
 use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm};
-use crate::pixels::{pixel_batch, pixel_credit};
+use crate::pixels::{pixel_batch, pixel_credit, PixelQuiz};
 
 /// Per-teacher features of the policy.
 pub const FEATURES: i64 = 6;
@@ -247,21 +247,35 @@ impl MetaAgent {
         };
         let (x, sel) = self.dense_inputs(&px.features, &rows)?;
         if let Some(sel) = &sel {
-            let current = tch::no_grad(|| self.policy(&x))?;
-            if let Some((credit, quiz_loss)) = pixel_credit(
-                signals,
-                &px,
-                head,
-                &current,
-                self.ce_weight,
-                self.kd_weight,
-                self.cfg.quiz == Quiz::Own,
-            )? {
-                self.update_from_credit(
-                    &x.f_index_select(0, sel)?,
-                    &credit.f_index_select(0, sel)?,
-                    &quiz_loss,
-                )?;
+            let xs = x.f_index_select(0, sel)?;
+            let credit = if self.cfg.quiz == Quiz::Own {
+                // Each pixel is its own quiz: the policy and the credit at the update's rows only.
+                let current = tch::no_grad(|| self.policy(&xs))?;
+                pixel_credit(
+                    signals,
+                    &px,
+                    head,
+                    &current,
+                    self.ce_weight,
+                    self.kd_weight,
+                    PixelQuiz::Own(sel),
+                )?
+            } else {
+                let current = tch::no_grad(|| self.policy(&x))?;
+                pixel_credit(
+                    signals,
+                    &px,
+                    head,
+                    &current,
+                    self.ce_weight,
+                    self.kd_weight,
+                    PixelQuiz::Current,
+                )?
+                .map(|(c, q)| -> Result<(Tensor, Tensor)> { Ok((c.f_index_select(0, sel)?, q)) })
+                .transpose()?
+            };
+            if let Some((credit, quiz_loss)) = credit {
+                self.update_from_credit(&xs, &credit, &quiz_loss)?;
             }
         }
         let wp = tch::no_grad(|| self.policy(&x))?; // [N, M]

@@ -126,10 +126,21 @@ pub fn pixel_batch(s: &BatchSignals, px: &PixelInputs, features: i64) -> Result<
     })
 }
 
-/// The look-ahead credit `[N, M]` of per-pixel weights `w [N, M]` (no gradient in or out), and
-/// the quiz loss (a scalar). `None` when the batch has no labelled pixel to quiz on. With
-/// `own`, each quiz pixel is scored on its own share of the virtual step,
-/// `z'_p = z_p - lr (|h_p|^2 + 1) g_p` (no cross terms between pixels; `quiz = "own"`).
+/// Which quiz the per-pixel credit scores ([`pixel_credit`]).
+pub enum PixelQuiz<'a> {
+    /// The whole moved classifier on every quiz pixel (`quiz = "current"`): the credit of a
+    /// pixel carries the other pixels' terms through `h_p . h_q`; weights and credit `[N, M]`.
+    Current,
+    /// Each quiz pixel on its own share of the virtual step, `z'_p = z_p - lr (|h_p|^2 + 1) g_p`
+    /// (`quiz = "own"`): no cross terms, so only these rows `[S]` (indices into the `N` pixels)
+    /// are computed; weights and credit `[S, M]`.
+    Own(&'a Tensor),
+}
+
+/// The look-ahead credit of per-pixel weights `w` (no gradient in or out; rows as `quiz` says),
+/// and the quiz loss (a scalar; with [`PixelQuiz::Own`] its estimate from the rows read, the
+/// quiz-weighted mean of their own terms times the total quiz weight). `None` when the batch has
+/// no labelled pixel to quiz on.
 pub fn pixel_credit(
     s: &BatchSignals,
     px: &PixelBatch,
@@ -137,7 +148,7 @@ pub fn pixel_credit(
     w: &Tensor,
     ce_weight: f64,
     kd_weight: f64,
-    own: bool,
+    quiz: PixelQuiz<'_>,
 ) -> Result<Option<(Tensor, Tensor)>> {
     let (b, h, wd) = px.dims;
     let emb = head
@@ -157,13 +168,6 @@ pub fn pixel_credit(
             got: format!("{es:?}"),
         });
     }
-    let hp = to_rows(&emb.detach().f_to_kind(Kind::Float)?)?; // [N, D]
-    let weight = head.weight.detach().f_to_kind(Kind::Float)?; // [K, D]
-    let k = weight.size()[0];
-    let z = match &head.bias {
-        Some(bias) => hp.f_matmul(&weight.tr())? + bias.detach(),
-        None => hp.f_matmul(&weight.tr())?,
-    };
     // Which pixels the quiz reads: the labelled pixels of images that carry their labels.
     let quiz_rows = match &s.labelled {
         None => px.valid.shallow_clone(),
@@ -184,53 +188,80 @@ pub fn pixel_credit(
         return Ok(None);
     }
     let quiz_w = (per_img / n_b.f_clamp_min(1.0)? / images).f_reshape([-1])?;
-    let t = s.temperature;
-    let onehot = px.targets.f_one_hot(k)?.f_to_kind(Kind::Float)?;
-    let leaf = w.detach().set_requires_grad(true);
     // The CE term's share per pixel: labelled images only, scaled as the step scales it.
     let ce_rows = match s.ce_share()? {
         Some(share) => share
             .f_view([b, 1])?
             .f_expand([b, h * wd], false)?
             .f_reshape([-1, 1])?,
-        None => Tensor::f_ones([1, 1], (Kind::Float, z.device()))?,
+        None => Tensor::f_ones([b * h * wd, 1], (Kind::Float, px.valid.device()))?,
     };
+    let hp = to_rows(&emb.detach().f_to_kind(Kind::Float)?)?; // [N, D]
+                                                              // The rows computed: every pixel, or the own quiz's selection.
+    let pick = |t: &Tensor| -> Result<Tensor> {
+        Ok(match &quiz {
+            PixelQuiz::Current => t.shallow_clone(),
+            PixelQuiz::Own(rows) => t.f_index_select(0, rows)?,
+        })
+    };
+    let (hp, targets, soft, share, quiz_w, ce_rows, valid) = (
+        pick(&hp)?,
+        pick(&px.targets)?,
+        pick(&px.teacher_soft)?,
+        pick(&px.share)?,
+        pick(&quiz_w)?,
+        pick(&ce_rows)?,
+        pick(&px.valid)?,
+    );
+    let weight = head.weight.detach().f_to_kind(Kind::Float)?; // [K, D]
+    let k = weight.size()[0];
+    let z = match &head.bias {
+        Some(bias) => hp.f_matmul(&weight.tr())? + bias.detach(),
+        None => hp.f_matmul(&weight.tr())?,
+    };
+    let t = s.temperature;
+    let onehot = targets.f_one_hot(k)?.f_to_kind(Kind::Float)?;
+    let leaf = w.detach().set_requires_grad(true);
     let g_ce = (z.f_softmax(1, Kind::Float)? - &onehot) * ce_rows * ce_weight;
     let q_t = (&z / t).f_softmax(1, Kind::Float)?;
     // sum_m w[n, m] (q_T - p_m,T) = q_T sum_m w - sum_m w p_m
     let pull = &q_t * leaf.f_sum_dim_intlist(1, true, Kind::Float)?
         - leaf
             .f_unsqueeze(2)?
-            .f_mul(&px.teacher_soft)?
+            .f_mul(&soft)?
             .f_sum_dim_intlist(1, false, Kind::Float)?;
-    let g = (g_ce + pull * (kd_weight * t)) * px.share.f_unsqueeze(1)?;
+    let g = (g_ce + pull * (kd_weight * t)) * share.f_unsqueeze(1)?;
     let lr = head.lr;
-    let z_new = if own {
-        let mut norm = hp.f_square()?.f_sum_dim_intlist(1, true, Kind::Float)?;
-        if head.bias.is_some() {
-            norm += 1.0;
-        }
-        &z - g * norm * lr
-    } else {
-        let w_new = &weight - g.tr().f_matmul(&hp)? * lr;
-        match &head.bias {
-            Some(bias) => {
-                hp.f_matmul(&w_new.tr())? + bias.detach()
-                    - g.f_sum_dim_intlist(0, false, Kind::Float)? * lr
+    let z_new = match &quiz {
+        PixelQuiz::Own(_) => {
+            let mut norm = hp.f_square()?.f_sum_dim_intlist(1, true, Kind::Float)?;
+            if head.bias.is_some() {
+                norm += 1.0;
             }
-            None => hp.f_matmul(&w_new.tr())?,
+            &z - g * norm * lr
+        }
+        PixelQuiz::Current => {
+            let w_new = &weight - g.tr().f_matmul(&hp)? * lr;
+            match &head.bias {
+                Some(bias) => {
+                    hp.f_matmul(&w_new.tr())? + bias.detach()
+                        - g.f_sum_dim_intlist(0, false, Kind::Float)? * lr
+                }
+                None => hp.f_matmul(&w_new.tr())?,
+            }
         }
     };
     let ce_new =
-        z_new.f_cross_entropy_loss::<&Tensor>(&px.targets, None, Reduction::None, -100, 0.0)?;
-    let quiz_loss = (ce_new * quiz_w).f_sum(Kind::Float)?;
+        z_new.f_cross_entropy_loss::<&Tensor>(&targets, None, Reduction::None, -100, 0.0)?;
+    let quiz_loss = (ce_new * &quiz_w).f_sum(Kind::Float)?;
     let grad = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
     // Per unit of learning rate and of the pixel's share of the training loss.
-    let scale = px
-        .share
-        .f_clamp_min(1e-30)?
-        .f_reciprocal()?
-        .f_mul(&px.valid)?;
+    let scale = share.f_clamp_min(1e-30)?.f_reciprocal()?.f_mul(&valid)?;
     let credit = (-&grad[0] / lr.max(1e-12)) * scale.f_unsqueeze(1)?;
+    let quiz_loss = match &quiz {
+        PixelQuiz::Current => quiz_loss,
+        // The rows read stand for every quiz pixel (the quiz weights sum to 1 over them all).
+        PixelQuiz::Own(_) => quiz_loss / quiz_w.f_sum(Kind::Float)?.f_clamp_min(1e-30)?,
+    };
     Ok(Some((credit.detach(), quiz_loss.detach())))
 }

@@ -11,7 +11,7 @@ use mtkd_distill_core::weighting::WeightingStrategy;
 use mtkd_distill_core::ModelOutput;
 use mtkd_rl_weighting::agent::{AgentConfig, Mode, Quiz};
 use mtkd_rl_weighting::meta::{MetaAgent, FEATURES};
-use mtkd_rl_weighting::pixels::{pixel_batch, pixel_credit};
+use mtkd_rl_weighting::pixels::{pixel_batch, pixel_credit, PixelQuiz};
 
 #[path = "../../../test-support/golden.rs"]
 mod support;
@@ -124,30 +124,34 @@ fn agent(g: &Value) -> MetaAgent {
 fn pixel_credit_matches_autograd_through_a_real_virtual_step() {
     let g = golden();
     let m = g["M"].as_i64().unwrap();
-    // quiz = "current" (the whole moved classifier) and quiz = "own" (each pixel on its own
-    // share of the step, PyTorch one pixel at a time).
-    for (own, credit_key, quiz_key) in [
-        (false, "credit", "quiz_loss"),
-        (true, "own_credit", "own_quiz_loss"),
-    ] {
-        for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
-            let s = signals(&g, b);
-            let px = pixel_batch(&s, s.pixels.as_ref().unwrap(), FEATURES).unwrap();
-            // The weights the credit is taken at: the policy's at this step, as PyTorch
-            // computed them.
-            let w = tensor(&b["credit_weights"]).to_kind(Kind::Float);
-            let (credit, quiz) = pixel_credit(
-                &s,
-                &px,
-                s.student_head.as_ref().unwrap(),
-                &w,
-                g["ce_weight"].as_f64().unwrap(),
-                g["kd_weight"].as_f64().unwrap(),
-                own,
-            )
-            .unwrap()
-            .expect("the batch has labelled pixels");
-            assert_eq!(credit.size()[1], m);
+    let credit_of = |b: &Value, w: &Tensor, quiz: PixelQuiz<'_>| {
+        let s = signals(&g, b);
+        let px = pixel_batch(&s, s.pixels.as_ref().unwrap(), FEATURES).unwrap();
+        pixel_credit(
+            &s,
+            &px,
+            s.student_head.as_ref().unwrap(),
+            w,
+            g["ce_weight"].as_f64().unwrap(),
+            g["kd_weight"].as_f64().unwrap(),
+            quiz,
+        )
+        .unwrap()
+        .expect("the batch has labelled pixels")
+    };
+    for (i, b) in g["batches"].as_array().unwrap().iter().enumerate() {
+        // The weights the credit is taken at: the policy's at this step, as PyTorch computed them.
+        let w = tensor(&b["credit_weights"]).to_kind(Kind::Float);
+        let n = w.size()[0];
+        // quiz = "current": the whole moved classifier; quiz = "own": each pixel on its own
+        // share of the step (PyTorch one pixel at a time), here at every row.
+        let every = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+        for (quiz, credit_key, quiz_key) in [
+            (PixelQuiz::Current, "credit", "quiz_loss"),
+            (PixelQuiz::Own(&every), "own_credit", "own_quiz_loss"),
+        ] {
+            let (credit, quiz) = credit_of(b, &w, quiz);
+            assert_eq!(credit.size(), [n, m]);
             assert_close_to_stored(
                 &format!("batch {i} {credit_key}"),
                 &credit,
@@ -161,6 +165,17 @@ fn pixel_credit_matches_autograd_through_a_real_virtual_step() {
                 "batch {i} {quiz_key} {q} vs {want}"
             );
         }
+        // The own quiz at a subset of rows computes those rows' credit alone.
+        let rows = Tensor::arange_start_step(1, n, 3, (Kind::Int64, Device::Cpu));
+        let (sub, _) = credit_of(b, &w.index_select(0, &rows), PixelQuiz::Own(&rows));
+        let full = tensor(&b["own_credit"]).to_kind(Kind::Float);
+        let want = full.index_select(0, &rows);
+        let err = (&sub - &want).abs().max().double_value(&[]);
+        let tol = 1e-4 * (1.0 + want.abs().max().double_value(&[]));
+        assert!(
+            err < tol,
+            "batch {i} own credit at a subset: max error {err}"
+        );
     }
 }
 
