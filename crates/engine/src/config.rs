@@ -650,6 +650,20 @@ impl DistillConfig {
         } else if self.box_kd_weight != 1.0 {
             return bad("distill.box_kd_weight", "is a detection setting".into());
         }
+        if meta
+            && task == TaskKind::Detection
+            && self
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.quiz != mtkd_rl_weighting::agent::Quiz::Own)
+        {
+            return bad(
+                "distill.agent.quiz",
+                "on detection the meta mode's credit is each location's own (docs/METHOD.md \
+                 section 14); remove quiz or set quiz = \"own\""
+                    .into(),
+            );
+        }
         if meta && task == TaskKind::Segmentation {
             if self.dense_kd != DenseKd::Kl {
                 return bad(
@@ -675,7 +689,8 @@ impl DistillConfig {
                 return bad(
                     "distill.agent.quiz",
                     "on segmentation the meta mode's quiz is the current batch's labelled \
-                     pixels (docs/METHOD.md section 10.7); remove quiz = \"previous\""
+                     pixels (docs/METHOD.md section 10.7); remove quiz = \"previous\" (\"own\", \
+                     the default, or \"current\")"
                         .into(),
                 );
             }

@@ -89,6 +89,15 @@ fn detection_config_errors_name_the_field() {
     let e = parse(&base.replace("strategy = \"mtkd-rl\"", "strategy = \"mmkd\"")).unwrap_err();
     assert!(e.contains("distill.strategy") && e.contains("mmkd"), "{e}");
     assert!(parse(&base.replace("mode = \"clean\"", "mode = \"meta\"")).is_ok());
+    // Its credit is each location's own: the cross-sample quizzes are refused.
+    for quiz in ["current", "previous"] {
+        let e = parse(&base.replace(
+            "mode = \"clean\"",
+            &format!("mode = \"meta\"\nquiz = \"{quiz}\""),
+        ))
+        .unwrap_err();
+        assert!(e.contains("distill.agent.quiz") && e.contains("own"), "{e}");
+    }
     let e = parse(
         &base
             .replace("kind = \"synthetic-detection\"", "kind = \"coco\"")

@@ -124,7 +124,7 @@ fn segmentation_config_errors_name_the_field() {
         e.contains("data.augment") && e.contains("keeps the image size"),
         "{e}"
     );
-    // The meta mode weights each pixel itself: no per-pixel rule on top, KL only, current quiz.
+    // The meta mode weights each pixel itself: no per-pixel rule on top, KL only, no held quiz.
     for (setting, field) in [
         ("pixel_weights = \"confidence\"", "distill.pixel_weights"),
         ("dense_kd = \"cwd\"", "distill.dense_kd"),

@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::signals::{BatchSignals, PixelInputs, StudentHead};
 use mtkd_distill_core::weighting::{Feedback, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
-use mtkd_rl_weighting::agent::{AgentConfig, Mode, MtkdAgent};
+use mtkd_rl_weighting::agent::{AgentConfig, Mode, MtkdAgent, Quiz};
 
 fn signals() -> BatchSignals {
     tch::manual_seed(0);
@@ -117,23 +117,31 @@ fn bench(c: &mut Criterion) {
         lr: 0.05,
         pixel_embedding: None,
     });
-    let cfg = AgentConfig {
-        mode: Mode::Meta,
-        ..Default::default()
-    };
-    let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
-    g.bench_function("Meta weights (credit + policy update)", |b| {
-        b.iter(|| a.weights(&s).unwrap())
-    });
+    for (quiz, name) in [(Quiz::Own, "own"), (Quiz::Current, "current")] {
+        let cfg = AgentConfig {
+            mode: Mode::Meta,
+            quiz,
+            ..Default::default()
+        };
+        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
+        g.bench_function(
+            format!("Meta weights (credit + policy update), quiz {name}"),
+            |b| b.iter(|| a.weights(&s).unwrap()),
+        );
+    }
     let dense = segmentation_signals();
-    let cfg = AgentConfig {
-        mode: Mode::Meta,
-        ..Default::default()
-    };
-    let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
-    g.bench_function("Meta per-pixel weights, segmentation 32 x 48 x 48", |b| {
-        b.iter(|| a.weights(&dense).unwrap())
-    });
+    for (quiz, name) in [(Quiz::Own, "own"), (Quiz::Current, "current")] {
+        let cfg = AgentConfig {
+            mode: Mode::Meta,
+            quiz,
+            ..Default::default()
+        };
+        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
+        g.bench_function(
+            format!("Meta per-pixel weights, segmentation 32 x 48 x 48, quiz {name}"),
+            |b| b.iter(|| a.weights(&dense).unwrap()),
+        );
+    }
     g.finish();
 }
 

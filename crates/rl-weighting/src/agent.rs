@@ -50,12 +50,12 @@ pub enum Mode {
 pub enum Quiz {
     /// The previous training batch (held out from this step's update).
     Previous,
-    /// The batch being trained on (default: measured to route, docs/AGENT.md).
-    #[default]
+    /// The batch being trained on: each sample's credit carries the other samples' terms.
     Current,
-    /// Each labelled sample of the batch, scored on its own share of the virtual step (no cross
-    /// terms between samples: `mmkd::lookahead_own_loss`). Classification only; the dense
-    /// tasks keep theirs (docs/AGENT.md).
+    /// Each labelled sample (pixel, location) of the batch, scored on its own share of the
+    /// virtual step, without the other samples' terms (default: measured across the pools of
+    /// the three tasks, docs/AGENT.md; `mmkd::lookahead_own_loss`).
+    #[default]
     Own,
 }
 
@@ -148,7 +148,7 @@ impl Default for AgentConfig {
             seed: 0,
             meta_lr: default_meta_lr(),
             entropy: default_entropy(),
-            quiz: Quiz::Current,
+            quiz: Quiz::Own,
         }
     }
 }
