@@ -117,30 +117,23 @@ fn bench(c: &mut Criterion) {
         lr: 0.05,
         pixel_embedding: None,
     });
-    for (quiz, name) in [(Quiz::Own, "own"), (Quiz::Current, "current")] {
-        let cfg = AgentConfig {
-            mode: Mode::Meta,
-            quiz,
-            ..Default::default()
-        };
-        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
-        g.bench_function(
-            format!("Meta weights (credit + policy update), quiz {name}"),
-            |b| b.iter(|| a.weights(&s).unwrap()),
-        );
-    }
     let dense = segmentation_signals();
-    for (quiz, name) in [(Quiz::Own, "own"), (Quiz::Current, "current")] {
-        let cfg = AgentConfig {
-            mode: Mode::Meta,
-            quiz,
-            ..Default::default()
-        };
-        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
-        g.bench_function(
-            format!("Meta per-pixel weights, segmentation 32 x 48 x 48, quiz {name}"),
-            |b| b.iter(|| a.weights(&dense).unwrap()),
-        );
+    for (batch, what) in [
+        (&s, "Meta weights (credit + policy update)"),
+        (&dense, "Meta per-pixel weights, segmentation 32 x 48 x 48"),
+    ] {
+        for (quiz, name) in [(Quiz::Own, "own"), (Quiz::Current, "current")] {
+            let cfg = AgentConfig {
+                mode: Mode::Meta,
+                quiz,
+                ..Default::default()
+            };
+            let mut a =
+                mtkd_rl_weighting::meta::MetaAgent::new(cfg, 3, 1.0, 1.0, Device::Cpu).unwrap();
+            g.bench_function(format!("{what}, quiz {name}"), |b| {
+                b.iter(|| a.weights(batch).unwrap())
+            });
+        }
     }
     g.finish();
 }

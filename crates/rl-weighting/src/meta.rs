@@ -248,31 +248,27 @@ impl MetaAgent {
         let (x, sel) = self.dense_inputs(&px.features, &rows)?;
         if let Some(sel) = &sel {
             let xs = x.f_index_select(0, sel)?;
-            let credit = if self.cfg.quiz == Quiz::Own {
-                // Each pixel is its own quiz: the policy and the credit at the update's rows only.
-                let current = tch::no_grad(|| self.policy(&xs))?;
-                pixel_credit(
-                    signals,
-                    &px,
-                    head,
-                    &current,
-                    self.ce_weight,
-                    self.kd_weight,
-                    PixelQuiz::Own(sel),
-                )?
+            // The own quiz scores each pixel alone: the policy and the credit at the update's
+            // rows only. The current quiz needs every pixel for its cross terms.
+            let own = self.cfg.quiz == Quiz::Own;
+            let (inputs, quiz) = if own {
+                (&xs, PixelQuiz::Own(sel))
             } else {
-                let current = tch::no_grad(|| self.policy(&x))?;
-                pixel_credit(
-                    signals,
-                    &px,
-                    head,
-                    &current,
-                    self.ce_weight,
-                    self.kd_weight,
-                    PixelQuiz::Current,
-                )?
-                .map(|(c, q)| -> Result<(Tensor, Tensor)> { Ok((c.f_index_select(0, sel)?, q)) })
-                .transpose()?
+                (&x, PixelQuiz::Current)
+            };
+            let current = tch::no_grad(|| self.policy(inputs))?;
+            let credit = pixel_credit(
+                signals,
+                &px,
+                head,
+                &current,
+                self.ce_weight,
+                self.kd_weight,
+                quiz,
+            )?;
+            let credit = match credit {
+                Some((c, q)) if !own => Some((c.f_index_select(0, sel)?, q)),
+                other => other,
             };
             if let Some((credit, quiz_loss)) = credit {
                 self.update_from_credit(&xs, &credit, &quiz_loss)?;
