@@ -441,10 +441,11 @@ pub fn lookahead_own_loss(
         None => Ok(Some(ce.f_mean(Kind::Float)?)),
         Some(l) => {
             let l = l.f_to_kind(Kind::Float)?;
-            if l.f_sum(Kind::Float)?.f_double_value(&[])? == 0.0 {
+            let n = l.f_sum(Kind::Float)?;
+            if n.f_double_value(&[])? == 0.0 {
                 return Ok(None);
             }
-            Ok(Some((ce * &l).f_sum(Kind::Float)? / l.f_sum(Kind::Float)?))
+            Ok(Some((ce * &l).f_sum(Kind::Float)? / n))
         }
     }
 }

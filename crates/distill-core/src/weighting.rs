@@ -490,9 +490,7 @@ impl Fixed {
             pixel: Some(w),
         })
     }
-}
 
-impl Fixed {
     /// Detection, per class: the row of the class of the box each pyramid location is assigned
     /// to; a location assigned to no box takes the mean of the rows (background belongs to no
     /// class: in a class-subset pool, every owner was trained to call it background). An

@@ -35,7 +35,7 @@ use mtkd_distill_core::weighting::{
 use mtkd_distill_core::{Error, Result};
 
 use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm};
-use crate::pixels::{pixel_batch, pixel_credit, PixelQuiz};
+use crate::pixels::{pixel_batch, pixel_credit, quiz_pixels, PixelQuiz};
 
 /// Per-teacher features of the policy.
 pub const FEATURES: i64 = 6;
@@ -181,34 +181,33 @@ impl MetaAgent {
         Ok((score + bias.unsqueeze(0)).f_softmax(1, Kind::Float)?)
     }
 
-    /// One policy update from the look-ahead credit on `quiz`.
-    fn update(&mut self, s: &BatchSignals, x: &Tensor, quiz: &(Tensor, Tensor)) -> Result<()> {
+    /// One policy update from the look-ahead credit: on a quiz batch, or each labelled sample
+    /// on its own share of the step (`None`, `quiz = "own"`; the update then reads the labelled
+    /// rows, the only ones that earn credit).
+    fn update(
+        &mut self,
+        s: &BatchSignals,
+        x: &Tensor,
+        quiz: Option<&(Tensor, Tensor)>,
+    ) -> Result<()> {
         let head = student_head(s)?;
         let w = tch::no_grad(|| self.policy(x))?;
         let leaf = w.set_requires_grad(true);
-        let quiz_loss = lookahead_quiz_loss(s, head, &leaf, quiz, self.ce_weight, self.kd_weight)?;
+        let (ce_w, kd_w) = (self.ce_weight, self.kd_weight);
+        let quiz_loss = match quiz {
+            Some(q) => lookahead_quiz_loss(s, head, &leaf, q, ce_w, kd_w)?,
+            None => match lookahead_own_loss(s, head, &leaf, ce_w, kd_w)? {
+                Some(l) => l,
+                None => return Ok(()),
+            },
+        };
         let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
         // Per unit of learning rate: the look-ahead's effect is proportional to the step size,
         // so a schedule's lr drop must not shrink the advantage (while the running RMS catches
         // up, the entropy term would pull the weights back toward uniform).
         let credit = -&g[0] / head.lr.max(1e-12);
-        self.update_from_credit(x, &credit, &quiz_loss)
-    }
-
-    /// One policy update from the own-sample credit (`quiz = "own"`), on the labelled rows.
-    fn update_own(&mut self, s: &BatchSignals, x: &Tensor) -> Result<()> {
-        let head = student_head(s)?;
-        let w = tch::no_grad(|| self.policy(x))?;
-        let leaf = w.set_requires_grad(true);
-        let Some(quiz_loss) = lookahead_own_loss(s, head, &leaf, self.ce_weight, self.kd_weight)?
-        else {
-            return Ok(());
-        };
-        let g = Tensor::f_run_backward(&[&quiz_loss], &[&leaf], false, false)?;
-        let credit = -&g[0] / head.lr.max(1e-12);
-        match &s.labelled {
-            None => self.update_from_credit(x, &credit, &quiz_loss),
-            Some(l) => {
+        match (quiz, &s.labelled) {
+            (None, Some(l)) => {
                 let rows = l.f_nonzero()?.f_squeeze_dim(1)?;
                 self.update_from_credit(
                     &x.f_index_select(0, &rows)?,
@@ -216,6 +215,7 @@ impl MetaAgent {
                     &quiz_loss,
                 )
             }
+            _ => self.update_from_credit(x, &credit, &quiz_loss),
         }
     }
 }
@@ -233,16 +233,10 @@ impl MetaAgent {
         let m = signals.num_teachers();
         let px = pixel_batch(signals, px_in, FEATURES)?;
         let (b, h, w) = px.dims;
-        // The own-pixel quiz gives credit only where it scores: the labelled pixels of the
-        // images that carry their labels (pseudo-labelled pixels would read a zero credit).
-        let rows = match (&signals.labelled, self.cfg.quiz) {
-            (Some(l), Quiz::Own) => {
-                &px.valid
-                    * l.f_to_kind(Kind::Float)?
-                        .f_view([b, 1])?
-                        .f_expand([b, h * w], false)?
-                        .f_reshape([-1])?
-            }
+        // The own-pixel quiz gives credit only where it scores (pseudo-labelled pixels would
+        // read a zero credit).
+        let rows = match self.cfg.quiz {
+            Quiz::Own => quiz_pixels(signals, &px)?,
             _ => px.valid.shallow_clone(),
         };
         let (x, sel) = self.dense_inputs(&px.features, &rows)?;
@@ -495,21 +489,23 @@ impl WeightingStrategy for MetaAgent {
                 .view([b, m, FEATURES]))
         })?;
         let head = student_head(signals)?;
-        // The quiz: the labelled samples of a batch (a batch without any keeps the last).
-        let current = signals.quiz(&head.embedding)?;
-        let quiz = match (self.cfg.quiz, current) {
-            (Quiz::Previous, Some(c)) => self.quiz.replace(c),
-            (Quiz::Previous, None) => self
-                .quiz
-                .as_ref()
-                .map(|(h, y)| (h.shallow_clone(), y.shallow_clone())),
-            (Quiz::Current, c) => c,
-            (Quiz::Own, _) => None,
+        // The quiz: the labelled samples of a batch (a batch without any keeps the last); the
+        // own quiz scores the batch's samples themselves, so no quiz batch is made.
+        let quiz = match self.cfg.quiz {
+            Quiz::Own => None,
+            Quiz::Current => signals.quiz(&head.embedding)?,
+            Quiz::Previous => match signals.quiz(&head.embedding)? {
+                Some(c) => self.quiz.replace(c),
+                None => self
+                    .quiz
+                    .as_ref()
+                    .map(|(h, y)| (h.shallow_clone(), y.shallow_clone())),
+            },
         };
-        if self.cfg.quiz == Quiz::Own {
-            self.update_own(signals, &x)?;
-        } else if let Some(q) = quiz {
-            self.update(signals, &x, &q)?;
+        match (self.cfg.quiz, &quiz) {
+            (Quiz::Own, _) => self.update(signals, &x, None)?,
+            (_, Some(q)) => self.update(signals, &x, Some(q))?,
+            (_, None) => {}
         }
         let w = tch::no_grad(|| self.policy(&x))?;
         let row = tch::no_grad(|| {

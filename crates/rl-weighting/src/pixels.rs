@@ -126,6 +126,22 @@ pub fn pixel_batch(s: &BatchSignals, px: &PixelInputs, features: i64) -> Result<
     })
 }
 
+/// The pixels the quiz reads `[N]` (1 or 0): the labelled pixels of the images that carry their
+/// labels (a pseudo-labelled image's pixels are valid for the features but not quizzed on).
+pub fn quiz_pixels(s: &BatchSignals, px: &PixelBatch) -> Result<Tensor> {
+    let (b, h, w) = px.dims;
+    Ok(match &s.labelled {
+        None => px.valid.shallow_clone(),
+        Some(l) => {
+            &px.valid
+                * l.f_to_kind(Kind::Float)?
+                    .f_view([b, 1])?
+                    .f_expand([b, h * w], false)?
+                    .f_reshape([-1])?
+        }
+    })
+}
+
 /// Which quiz the per-pixel credit scores ([`pixel_credit`]).
 pub enum PixelQuiz<'a> {
     /// The whole moved classifier on every quiz pixel (`quiz = "current"`): the credit of a
@@ -168,18 +184,7 @@ pub fn pixel_credit(
             got: format!("{es:?}"),
         });
     }
-    // Which pixels the quiz reads: the labelled pixels of images that carry their labels.
-    let quiz_rows = match &s.labelled {
-        None => px.valid.shallow_clone(),
-        Some(l) => {
-            let per_image = l
-                .f_to_kind(Kind::Float)?
-                .f_view([b, 1])?
-                .f_expand([b, h * wd], false)?
-                .f_reshape([-1])?;
-            &px.valid * per_image
-        }
-    };
+    let quiz_rows = quiz_pixels(s, px)?;
     // Per-pixel quiz weights: mean over each quiz image's labelled pixels, then over those images.
     let per_img = quiz_rows.f_view([b, h * wd])?;
     let n_b = per_img.f_sum_dim_intlist(1, true, Kind::Float)?;
@@ -188,29 +193,29 @@ pub fn pixel_credit(
         return Ok(None);
     }
     let quiz_w = (per_img / n_b.f_clamp_min(1.0)? / images).f_reshape([-1])?;
-    // The CE term's share per pixel: labelled images only, scaled as the step scales it.
-    let ce_rows = match s.ce_share()? {
-        Some(share) => share
-            .f_view([b, 1])?
-            .f_expand([b, h * wd], false)?
-            .f_reshape([-1, 1])?,
-        None => Tensor::f_ones([b * h * wd, 1], (Kind::Float, px.valid.device()))?,
-    };
-    let hp = to_rows(&emb.detach().f_to_kind(Kind::Float)?)?; // [N, D]
-                                                              // The rows computed: every pixel, or the own quiz's selection.
+    // The rows computed: every pixel, or the own quiz's selection.
     let pick = |t: &Tensor| -> Result<Tensor> {
         Ok(match &quiz {
             PixelQuiz::Current => t.shallow_clone(),
             PixelQuiz::Own(rows) => t.f_index_select(0, rows)?,
         })
     };
-    let (hp, targets, soft, share, quiz_w, ce_rows, valid) = (
-        pick(&hp)?,
+    // The CE term's share per pixel: labelled images only, scaled as the step scales it.
+    let ce_rows = match s.ce_share()? {
+        Some(share) => Some(pick(
+            &share
+                .f_view([b, 1])?
+                .f_expand([b, h * wd], false)?
+                .f_reshape([-1, 1])?,
+        )?),
+        None => None,
+    };
+    let hp = pick(&to_rows(&emb.detach().f_to_kind(Kind::Float)?)?)?; // [N or S, D]
+    let (targets, soft, share, quiz_w, valid) = (
         pick(&px.targets)?,
         pick(&px.teacher_soft)?,
         pick(&px.share)?,
         pick(&quiz_w)?,
-        pick(&ce_rows)?,
         pick(&px.valid)?,
     );
     let weight = head.weight.detach().f_to_kind(Kind::Float)?; // [K, D]
@@ -222,7 +227,10 @@ pub fn pixel_credit(
     let t = s.temperature;
     let onehot = targets.f_one_hot(k)?.f_to_kind(Kind::Float)?;
     let leaf = w.detach().set_requires_grad(true);
-    let g_ce = (z.f_softmax(1, Kind::Float)? - &onehot) * ce_rows * ce_weight;
+    let mut g_ce = (z.f_softmax(1, Kind::Float)? - &onehot) * ce_weight;
+    if let Some(rows) = &ce_rows {
+        g_ce *= rows;
+    }
     let q_t = (&z / t).f_softmax(1, Kind::Float)?;
     // sum_m w[n, m] (q_T - p_m,T) = q_T sum_m w - sum_m w p_m
     let pull = &q_t * leaf.f_sum_dim_intlist(1, true, Kind::Float)?
