@@ -43,12 +43,55 @@ impl Sgd {
 
     /// One update from the gradients currently stored in the parameters.
     pub fn step(&mut self) {
+        let grads: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|(_, p)| Some(p.grad()).filter(Tensor::defined))
+            .collect();
+        self.step_with(grads);
+    }
+
+    /// Data-parallel training: make the stored gradients the same on every rank (each rank's
+    /// scaled by `scale`, its share of the global batch, then summed: [`mtkd_dist::all_reduce_grads`])
+    /// and return them for [`Sgd::step_with`]. A parameter without a gradient on some rank
+    /// sends zeros; one without a gradient on every rank stays without one, as in one process.
+    pub fn sync_grads(
+        &self,
+        c: &dyn mtkd_dist::Collective,
+        scale: f64,
+    ) -> mtkd_dist::Result<Vec<Option<Tensor>>> {
+        let mut list: Vec<Tensor> = Vec::with_capacity(self.params.len() + 1);
+        let mut flags = Vec::with_capacity(self.params.len());
+        for (_, p) in &self.params {
+            let g = p.grad();
+            flags.push(if g.defined() { 1f32 } else { 0.0 });
+            list.push(if g.defined() { g } else { p.zeros_like() });
+        }
+        let flags_t = Tensor::from_slice(&flags).to_device(self.params[0].1.device());
+        list.push(flags_t.shallow_clone());
+        mtkd_dist::all_reduce_grads(c, &list, scale)?;
+        let any = Vec::<f32>::try_from(&flags_t.to_device(tch::Device::Cpu))?;
+        list.pop();
+        Ok(list
+            .into_iter()
+            .zip(any)
+            .map(|(g, f)| (f > 0.0).then_some(g))
+            .collect())
+    }
+
+    /// One update from `grads` (one per parameter, in order; `None`: no update, as for a
+    /// parameter without a gradient).
+    pub fn step_with(&mut self, grads: Vec<Option<Tensor>>) {
         tch::no_grad(|| {
-            for ((_, p), buf) in self.params.iter_mut().zip(self.buffers.iter_mut()) {
-                let g = p.grad();
-                if !g.defined() {
+            for (((_, p), buf), g) in self
+                .params
+                .iter_mut()
+                .zip(self.buffers.iter_mut())
+                .zip(grads)
+            {
+                let Some(g) = g else {
                     continue;
-                }
+                };
                 let mut d = if self.weight_decay != 0.0 {
                     &g + &*p * self.weight_decay
                 } else {

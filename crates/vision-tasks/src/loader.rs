@@ -46,6 +46,9 @@ pub struct Batch {
     /// An unlabelled sample's label and targets are placeholders
     /// ([`crate::data::ImageSet::labelled`]).
     pub labelled: Option<Tensor>,
+    /// The size of the global batch this batch is a rank's part of ([`BatchLoader::sharded`]);
+    /// the batch's own size when the loader is not sharded.
+    pub global_len: usize,
 }
 
 impl Batch {
@@ -103,6 +106,7 @@ struct CpuBatch {
     targets: CpuTargets,
     indices: Vec<usize>,
     labelled: Option<Vec<bool>>,
+    global_len: usize,
 }
 
 /// Splits a dataset into batches, epoch after epoch.
@@ -111,6 +115,8 @@ pub struct BatchLoader {
     set: Arc<ImageSet>,
     cfg: LoaderConfig,
     out_hw: (usize, usize),
+    /// `(rank, world)`: each batch is this rank's contiguous part of the global batch.
+    shard: (usize, usize),
 }
 
 /// SplitMix64 finaliser: decorrelates the counters that seed per-sample generators.
@@ -152,7 +158,21 @@ impl BatchLoader {
                 reason,
             });
         }
-        Ok(BatchLoader { set, cfg, out_hw })
+        Ok(BatchLoader {
+            set,
+            cfg,
+            out_hw,
+            shard: (0, 1),
+        })
+    }
+
+    /// Data-parallel loading: every batch becomes rank `rank`'s contiguous part of the global
+    /// batch of `batch_size` samples ([`mtkd_dist::shard`]), so that the ranks' parts, in rank
+    /// order, are the one-process batch with the same augmentation. A global batch with fewer
+    /// samples than ranks (an epoch's last) is left out on every rank.
+    pub fn sharded(mut self, rank: usize, world: usize) -> BatchLoader {
+        self.shard = (rank, world.max(1));
+        self
     }
 
     pub fn dataset(&self) -> &ImageSet {
@@ -193,11 +213,17 @@ impl BatchLoader {
         let set = Arc::clone(&self.set);
         let cfg = self.cfg.clone();
         let (oh, ow) = self.out_hw;
+        let (rank, world) = self.shard;
         let handle = std::thread::spawn(move || {
             let c = set.image_shape().0;
             let per = c * oh * ow;
             for b in start..total {
-                let idx: Vec<usize> = order[b * bs..((b + 1) * bs).min(order.len())].to_vec();
+                let global = &order[b * bs..((b + 1) * bs).min(order.len())];
+                if global.len() < world {
+                    continue;
+                }
+                let idx: Vec<usize> = global[mtkd_dist::shard(global.len(), rank, world)].to_vec();
+                let global_len = global.len();
                 let mut pixels = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
                 let mut masks = match set.annotations {
@@ -268,6 +294,7 @@ impl BatchLoader {
                         targets,
                         indices: idx,
                         labelled,
+                        global_len,
                     })
                     .is_err()
                 {
@@ -330,6 +357,7 @@ impl Iterator for EpochIter {
             targets,
             indices: cpu.indices,
             labelled,
+            global_len: cpu.global_len,
         })
     }
 }

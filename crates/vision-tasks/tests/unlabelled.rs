@@ -234,6 +234,7 @@ fn detection_pseudo_boxes_need_a_confident_ensemble() {
         targets: mtkd_vision_tasks::loader::BatchTargets::Objects(gt),
         indices: vec![0, 1],
         labelled: Some(Tensor::from_slice(&[true, false])),
+        global_len: 2,
     };
     let targets = task.targets(&batch).unwrap();
     let (t, img) = task
@@ -262,6 +263,7 @@ fn detection_pseudo_boxes_need_a_confident_ensemble() {
             images: batch.images.shallow_clone(),
             labels: batch.labels.shallow_clone(),
             indices: vec![0, 1],
+            global_len: 2,
         })
         .unwrap();
     assert!(t.get(1).equal(&none.get(1)));

@@ -339,6 +339,7 @@ fn main() -> std::process::ExitCode {
             RunOptions {
                 halt_after_steps,
                 teacher_outputs,
+                comm: None,
             },
         ),
     };
@@ -1000,13 +1001,62 @@ fn init_logging(log_file: Option<(File, PathBuf)>) {
         .try_init();
 }
 
+/// The exit status of a failed `mtkd train`.
+fn train_exit_code(e: &anyhow::Error) -> i32 {
+    if e.root_cause().downcast_ref::<trainer::Stopped>().is_some() {
+        i32::from(STOPPED_EXIT)
+    } else if e.root_cause().downcast_ref::<Interrupted>().is_some() {
+        3
+    } else {
+        1
+    }
+}
+
 fn train(
     config: Option<PathBuf>,
     resume: Option<PathBuf>,
     overrides: Vec<String>,
     out: Option<PathBuf>,
-    opts: RunOptions,
+    mut opts: RunOptions,
 ) -> Result<()> {
+    // Data-parallel: started by mpirun (or srun), this process is one rank. A rank that fails
+    // or panics ends the whole job at once (MPI_Abort), naming itself, so that no rank waits
+    // forever for it in a collective.
+    let env = mtkd_dist::DistEnv::detect()?;
+    if env.world > 1 {
+        let comm: std::rc::Rc<dyn mtkd_dist::Collective> = mtkd_dist::connect(&env)?.into();
+        let (rank, world) = (env.rank, env.world);
+        let default_hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default_hook(info);
+            eprintln!("mtkd (rank {rank} of {world}): panicked; ending the job");
+            // Leaving without MPI_Finalize: the launcher ends the other ranks.
+            std::process::exit(101);
+        }));
+        opts.comm = Some(std::rc::Rc::clone(&comm));
+        return match train_ranked(config, resume, overrides, out, opts, Some(&*comm)) {
+            Ok(()) => {
+                comm.barrier()?;
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("mtkd (rank {rank} of {world}): error: {e:#}");
+                comm.abort(train_exit_code(&e));
+            }
+        };
+    }
+    train_ranked(config, resume, overrides, out, opts, None)
+}
+
+fn train_ranked(
+    config: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    overrides: Vec<String>,
+    out: Option<PathBuf>,
+    opts: RunOptions,
+    comm: Option<&dyn mtkd_dist::Collective>,
+) -> Result<()> {
+    let rank = comm.map_or(0, |c| c.rank());
     // Check the whole config before any work.
     let mut created = false;
     let (cfg, dir) = match (&config, &resume) {
@@ -1024,16 +1074,25 @@ fn train(
             let cfg = Config::load(path, &overrides)?;
             let dir = match out {
                 Some(d) => {
-                    if !d.exists() {
+                    if !d.exists() && rank == 0 {
                         created = true;
                     }
                     std::fs::create_dir_all(&d)
                         .with_context(|| format!("cannot create {}", d.display()))?;
                     d
                 }
+                // Data-parallel: rank 0 picks the folder and tells the others.
                 None => {
-                    created = true;
-                    trainer::new_run_dir(&cfg)?
+                    created = rank == 0;
+                    let mine = if rank == 0 {
+                        trainer::new_run_dir(&cfg)?.display().to_string()
+                    } else {
+                        String::new()
+                    };
+                    match comm {
+                        Some(c) => PathBuf::from(mtkd_dist::broadcast_string(c, &mine)?),
+                        None => PathBuf::from(mine),
+                    }
                 }
             };
             (cfg, dir)
@@ -1042,7 +1101,7 @@ fn train(
             anyhow::bail!("give --config FILE (presets are in configs/) or --resume RUN_DIR")
         }
     };
-    let result = train_in(&cfg, &dir, &opts);
+    let result = train_in(&cfg, &dir, &opts, rank);
     // A start that failed before its first checkpoint (bad teacher, bad data, no device) leaves
     // no folder behind; a stopped run keeps its folder (it resumes), as does any run with a
     // checkpoint.
@@ -1063,7 +1122,13 @@ fn train(
     result
 }
 
-fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()> {
+fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions, rank: usize) -> Result<()> {
+    if rank > 0 {
+        // Data-parallel: rank 0 logs, shows progress and prints the results.
+        init_logging(None);
+        mtkd_engine::run(cfg, dir, opts, &mut mtkd_engine::Silent)?;
+        return Ok(());
+    }
     let log_path = dir.join("mtkd.log");
     let log = File::options()
         .create(true)
@@ -1072,6 +1137,14 @@ fn train_in(cfg: &Config, dir: &std::path::Path, opts: &RunOptions) -> Result<()
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     init_logging(Some((log, log_path)));
     eprintln!("mtkd: run folder {}", dir.display());
+    if let Some(c) = &opts.comm {
+        eprintln!(
+            "mtkd: data-parallel over {} ranks ({}); the global batch of {} is split between them",
+            c.world(),
+            c.name(),
+            cfg.train.batch_size
+        );
+    }
     let mut obs = Bars::default();
     let outcome = mtkd_engine::run(cfg, dir, opts, &mut obs)?;
     let s = &outcome.summary;

@@ -104,6 +104,41 @@ impl Sums {
         }
     }
 
+    /// Data-parallel training: the sums over every rank's samples (the weights' batch means
+    /// averaged over ranks); the timings stay this rank's.
+    pub(super) fn all_reduce(&mut self, c: &dyn mtkd_dist::Collective) -> Result<()> {
+        if c.world() == 1 {
+            return Ok(());
+        }
+        let device = self.loss.device();
+        let scalars = Tensor::stack(
+            &[
+                Tensor::from(self.n as f64).to_device(device),
+                self.unlabelled.shallow_clone(),
+                self.loss.shallow_clone(),
+                self.ce.shallow_clone(),
+                self.kd.shallow_clone(),
+                self.feat.shallow_clone(),
+                self.correct.shallow_clone(),
+            ],
+            0,
+        );
+        let all = Tensor::cat(&[scalars, self.weights.reshape([-1])], 0).to_device(Device::Cpu);
+        let mut v = Vec::<f64>::try_from(&all)?;
+        mtkd_dist::all_reduce_f64(c, &mut v)?;
+        let at = |i: usize| Tensor::from(v[i]).to_device(device);
+        self.n = v[0].round() as i64;
+        self.unlabelled = at(1);
+        self.loss = at(2);
+        self.ce = at(3);
+        self.kd = at(4);
+        self.feat = at(5);
+        self.correct = at(6);
+        self.weights = (Tensor::from_slice(&v[7..]).view_as(&self.weights) / c.world() as f64)
+            .to_device(device);
+        Ok(())
+    }
+
     /// The mean training loss over the applied steps' samples so far.
     pub fn mean_loss(&self) -> f64 {
         self.loss.double_value(&[]) / self.n.max(1) as f64

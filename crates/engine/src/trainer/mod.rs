@@ -4,6 +4,7 @@
 //! exported student).
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +24,7 @@ mod distiller;
 mod evaluate;
 mod export;
 mod pool;
+mod replicated;
 mod source;
 mod state;
 mod step;
@@ -65,6 +67,9 @@ pub struct RunOptions {
     /// Read the teachers' training outputs from this folder when a run with the same batches
     /// stored them there, else compute and store them ([`crate::shared`]).
     pub teacher_outputs: Option<PathBuf>,
+    /// Data-parallel training: this process is one rank of the collective's world
+    /// ([`mtkd_dist`]). Every rank runs the same run folder; rank 0 alone writes it.
+    pub comm: Option<Rc<dyn mtkd_dist::Collective>>,
 }
 
 /// Returned (as the error's root cause) when `halt_after_steps` stopped the run.
@@ -206,12 +211,42 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     if cfg.run.threads > 0 {
         tch::set_num_threads(cfg.run.threads as i32);
     }
-    let device = device_of(&cfg.run.device)?;
+    let comm = opts.comm.clone().filter(|c| c.world() > 1);
+    let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    let device = match &comm {
+        // One GPU per rank of a machine.
+        Some(c) if cfg.run.device == "cuda" => device_of(&format!("cuda:{}", c.local_rank()))?,
+        _ => device_of(&cfg.run.device)?,
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     // One process per run folder, for the whole run (released when this returns or the
-    // process ends).
-    let _lock = crate::fsio::DirLock::try_acquire(dir, "run folder")?;
-    let config_hash = write_resolved_config(dir, cfg)?;
+    // process ends); data-parallel: rank 0 holds it for the job.
+    let _lock = if writer {
+        Some(crate::fsio::DirLock::try_acquire(dir, "run folder")?)
+    } else {
+        None
+    };
+    let config_hash = if writer {
+        write_resolved_config(dir, cfg)?
+    } else {
+        let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
+        stable_hash(text.as_bytes())
+    };
+    if let Some(c) = &comm {
+        if cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
+            bail!(
+                "[distill.prune] does not run data-parallel yet (each rank would judge the \
+                 teachers on its own part of the data): train it in one process"
+            );
+        }
+        if opts.teacher_outputs.is_some() {
+            bail!(
+                "--teacher-outputs does not run data-parallel yet (the shared records hold \
+                 whole batches, each rank reads its part): leave it out with {} ranks",
+                c.world()
+            );
+        }
+    }
     // A changed configuration is refused before any work (data, teachers).
     let ckpt_dir = dir.join("checkpoints");
     if let Some(theirs) = checkpoint::latest_config_hash(&ckpt_dir) {
@@ -228,12 +263,26 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     let data = Datasets::load(&cfg.data)?;
     // Without teachers, unlabelled samples have nothing to teach (docs/METHOD.md section 15).
     let (data, pool) = if cfg.uses_teachers() {
-        let pool = build_pool(cfg, &data, device, obs)?;
-        (data, pool)
+        // Data-parallel: rank 0 trains or exports missing teachers into the cache first; the
+        // other ranks then find them there.
+        let first = comm.as_ref().is_some_and(|c| c.rank() == 0);
+        if let Some(c) = comm.as_ref().filter(|_| !first) {
+            c.barrier()?;
+        }
+        let pool = build_pool(cfg, &data, device, obs);
+        if let Some(c) = comm.as_ref().filter(|_| first) {
+            c.barrier()?;
+        }
+        (data, pool?)
     } else {
         (data.labelled_only(), Vec::new())
     };
-    Trainer::new(cfg, data, pool, device, dir.to_path_buf(), config_hash)?.fit(opts, obs)
+    let mut trainer = Trainer::new(cfg, data, pool, device, dir.to_path_buf(), config_hash)?;
+    if let Some(c) = comm {
+        trainer.step.data_parallel(c);
+        trainer.writer = writer;
+    }
+    trainer.fit(opts, obs)
 }
 
 /// The task a config trains.
@@ -269,6 +318,8 @@ struct Trainer<'a> {
     records: WeightRecords,
     /// Batches per training epoch (the skip budget is a share of them).
     epoch_batches: usize,
+    /// Whether this process writes the run folder (data-parallel: rank 0 only).
+    writer: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -295,6 +346,7 @@ impl<'a> Trainer<'a> {
             step,
             records: WeightRecords::default(),
             epoch_batches: 0,
+            writer: true,
         })
     }
 
@@ -381,17 +433,32 @@ impl<'a> Trainer<'a> {
             // Shared outputs serve every epoch: with them, an in-memory cache would never be read.
             _ => self.open_output_cache()?,
         }
-        let mut sink = MetricsSink::create(&self.dir.join("metrics.jsonl"), &meta.history)?;
-        if cfg.run.weight_log && !self.step.pool.is_empty() {
+        if let Some(c) = self.step.comm() {
+            // Every rank starts from rank 0's state (after a resume, all read the same
+            // checkpoint; the broadcast makes it so whatever the file system showed them).
+            mtkd_dist::broadcast_tensors(c, &state::replicated_state(&self.step)?)?;
+        }
+        let mut sink = if self.writer {
+            Some(MetricsSink::create(
+                &self.dir.join("metrics.jsonl"),
+                &meta.history,
+            )?)
+        } else {
+            None
+        };
+        if cfg.run.weight_log && !self.step.pool.is_empty() && self.writer {
             self.records.weight_log = Some(weights::open_weight_log(
                 &self.dir,
                 &self.step.pool,
                 meta.epoch,
             )?);
         }
-        let train_loader = self
+        let mut train_loader = self
             .data
             .train_loader(&cfg.data, tc.batch_size, cfg.run.seed)?;
+        if let Some(c) = self.step.comm() {
+            train_loader = train_loader.sharded(c.rank(), c.world());
+        }
         let test_loader = self.data.test_loader(&cfg.data, tc.eval_batch_size)?;
         self.epoch_batches = train_loader.num_batches();
         let session_start = Instant::now();
@@ -446,6 +513,19 @@ impl<'a> Trainer<'a> {
                 obs.batch(show.then_some(sums.last_loss));
             }
             let cached_batches = self.step.end_epoch(epoch)?;
+            if let Some(c) = self.step.comm() {
+                sums.all_reduce(c)?;
+                self.step.average_buffers()?;
+                let tensors = state::replicated_state(&self.step)?;
+                mtkd_dist::check_same(
+                    c,
+                    &format!(
+                        "the student, adapters, optimizer and strategy state after epoch {}",
+                        epoch + 1
+                    ),
+                    &tensors,
+                )?;
+            }
             let (report, test_loss) = self.evaluate(&test_loader)?;
             let mut rec = sums.record(
                 epoch + 1,
@@ -482,9 +562,13 @@ impl<'a> Trainer<'a> {
             meta.strategy_json = strategy_json;
             let mut tensors = state::state_tensors(&self.step);
             tensors.extend(strategy_tensors);
-            checkpoint::save(&ckpt_dir, &tensors, &meta, 0)
-                .with_context(|| format!("checkpointing epoch {}", epoch + 1))?;
-            sink.append(&rec)?;
+            if self.writer {
+                checkpoint::save(&ckpt_dir, &tensors, &meta, 0)
+                    .with_context(|| format!("checkpointing epoch {}", epoch + 1))?;
+            }
+            if let Some(sink) = sink.as_mut() {
+                sink.append(&rec)?;
+            }
             tracing::info!(
                 epoch = epoch + 1,
                 test = rec.test.value,
@@ -594,7 +678,80 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// The run's summary.json.
+    fn summary(&self, meta: &Meta, report: &MetricReport) -> Summary {
+        let dir = &self.dir;
+        // The first epoch with the highest primary metric.
+        let best_rec = meta
+            .history
+            .iter()
+            .fold(None::<&EpochRecord>, |a, r| match a {
+                Some(a) if a.test.value >= r.test.value => Some(a),
+                _ => Some(r),
+            });
+        let (best_epoch, best, best_report) = match best_rec {
+            Some(r) => (r.epoch, r.test.value, r.test.clone()),
+            None => (0, f64::MIN, report.clone()),
+        };
+        Summary {
+            run: dir.display().to_string(),
+            strategy: if self.step.distiller.settings().is_some() {
+                self.step.distiller.strategy.name().to_owned()
+            } else {
+                "no-kd".into()
+            },
+            student: if self.cfg.student.head != mtkd_student::HeadKind::Classifier {
+                format!("{} + {}", self.cfg.student.arch, self.cfg.student.head)
+            } else {
+                self.cfg.student.arch.to_string()
+            },
+            student_parameters: mtkd_student::arch::parameter_count(&self.step.student_vs),
+            seed: self.cfg.run.seed,
+            metric: report.primary.clone(),
+            final_value: report.value,
+            best_value: best,
+            best_epoch,
+            final_report: report.clone(),
+            best_report,
+            epochs: meta.epoch,
+            wall_seconds: meta.elapsed_seconds,
+            teachers: self
+                .step
+                .pool
+                .members
+                .iter()
+                .map(|p| TeacherSummary {
+                    name: p.teacher.name().to_owned(),
+                    source: p.source.clone(),
+                    test_value: p.test_value,
+                })
+                .collect(),
+            mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
+            device: format!("{:?}", self.step.device),
+            peak_rss_mb: crate::record::peak_rss_mb(),
+            labelled: self.data.labelled,
+            init: self.cfg.student.init.as_ref().map(|p| {
+                format!(
+                    "{}{}",
+                    p.display(),
+                    if self.cfg.student.init_strategy {
+                        " (strategy state included)"
+                    } else {
+                        ""
+                    }
+                )
+            }),
+        }
+    }
+
     fn finish(mut self, meta: &Meta, report: &MetricReport) -> Result<Outcome> {
+        if !self.writer {
+            // Data-parallel: rank 0 writes the folder's files.
+            return Ok(Outcome {
+                summary: self.summary(meta, report),
+                dir: self.dir.clone(),
+            });
+        }
         let dir = &self.dir;
         let weights = dir.join("student.safetensors");
         let named = state::contiguous_vars(&self.step.student_vs);
@@ -643,67 +800,7 @@ impl<'a> Trainer<'a> {
             write_json_atomic(&dir.join("audit.json"), &audit)?;
         }
         self.records.sync_weight_log()?;
-        // The first epoch with the highest primary metric.
-        let best_rec = meta
-            .history
-            .iter()
-            .fold(None::<&EpochRecord>, |a, r| match a {
-                Some(a) if a.test.value >= r.test.value => Some(a),
-                _ => Some(r),
-            });
-        let (best_epoch, best, best_report) = match best_rec {
-            Some(r) => (r.epoch, r.test.value, r.test.clone()),
-            None => (0, f64::MIN, report.clone()),
-        };
-        let summary = Summary {
-            run: dir.display().to_string(),
-            strategy: if self.step.distiller.settings().is_some() {
-                self.step.distiller.strategy.name().to_owned()
-            } else {
-                "no-kd".into()
-            },
-            student: if self.cfg.student.head != mtkd_student::HeadKind::Classifier {
-                format!("{} + {}", self.cfg.student.arch, self.cfg.student.head)
-            } else {
-                self.cfg.student.arch.to_string()
-            },
-            student_parameters: mtkd_student::arch::parameter_count(&self.step.student_vs),
-            seed: self.cfg.run.seed,
-            metric: report.primary.clone(),
-            final_value: report.value,
-            best_value: best,
-            best_epoch,
-            final_report: report.clone(),
-            best_report,
-            epochs: meta.epoch,
-            wall_seconds: meta.elapsed_seconds,
-            teachers: self
-                .step
-                .pool
-                .members
-                .iter()
-                .map(|p| TeacherSummary {
-                    name: p.teacher.name().to_owned(),
-                    source: p.source.clone(),
-                    test_value: p.test_value,
-                })
-                .collect(),
-            mtkd_version: env!("CARGO_PKG_VERSION").to_owned(),
-            device: format!("{:?}", self.step.device),
-            peak_rss_mb: crate::record::peak_rss_mb(),
-            labelled: self.data.labelled,
-            init: self.cfg.student.init.as_ref().map(|p| {
-                format!(
-                    "{}{}",
-                    p.display(),
-                    if self.cfg.student.init_strategy {
-                        " (strategy state included)"
-                    } else {
-                        ""
-                    }
-                )
-            }),
-        };
+        let summary = self.summary(meta, report);
         write_json_atomic(&dir.join("summary.json"), &summary)?;
         // The audit page is a view of the files above: a failure is reported, the run stands.
         match crate::report::write_report(dir) {

@@ -28,6 +28,15 @@ pub(super) fn state_tensors(step: &DistillStep) -> Vec<(String, Tensor)> {
     out
 }
 
+/// Everything data-parallel ranks must hold alike (the checkpoint's tensors and the
+/// strategy's), sorted by name: the same list on every rank, whatever order maps gave.
+pub(super) fn replicated_state(step: &DistillStep) -> Result<Vec<Tensor>> {
+    let mut all = state_tensors(step);
+    all.extend(strategy_state(step)?.0);
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(all.into_iter().map(|(_, t)| t).collect())
+}
+
 /// The strategy's state: tensors prefixed `strategy.` and its JSON bookkeeping.
 pub(super) fn strategy_state(step: &DistillStep) -> Result<(Vec<(String, Tensor)>, String)> {
     let st = step.distiller.strategy.save_state()?;

@@ -4,12 +4,14 @@
 //! data-parallel ranks drive this same step; what it applied comes back as a [`StepOutcome`]
 //! and the loop keeps the records.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+use mtkd_dist::Collective;
 use mtkd_distill_core::loss;
 use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::{Feedback, TeacherWeights};
@@ -65,6 +67,8 @@ pub struct DistillStep {
     /// Copy the buffers before each step, to put them back when the loss is not finite
     /// (`train.on_nonfinite = "skip"`).
     pub(crate) restore_buffers: bool,
+    /// Data-parallel training: the ranks' collective ([`DistillStep::data_parallel`]).
+    pub(crate) comm: Option<Rc<dyn Collective>>,
 }
 
 impl DistillStep {
@@ -116,10 +120,14 @@ impl DistillStep {
         }
         let t = &cfg.train;
         let opt = Sgd::new(params, t.lr, t.momentum, t.nesterov, t.weight_decay);
-        let buffers = student_vs
-            .variables()
-            .into_values()
-            .chain(distiller.adapter_vs.variables().into_values())
+        // Sorted by name: data-parallel ranks average them in the same order.
+        let sorted = |vs: &VarStore| {
+            let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v.into_iter().map(|(_, t)| t)
+        };
+        let buffers = sorted(&student_vs)
+            .chain(sorted(&distiller.adapter_vs))
             .filter(|t| !t.requires_grad())
             .collect();
         let single = pool.len() > 1
@@ -138,6 +146,7 @@ impl DistillStep {
             layout,
             buffers,
             restore_buffers: cfg.train.on_nonfinite == NonFinitePolicy::Skip,
+            comm: None,
         };
         // Single-teacher KD inside a pool runs only its teacher: the others would get weight 0
         // (docs/ARCHITECTURE.md, performance).
@@ -146,6 +155,54 @@ impl DistillStep {
             step.set_active(vec![idx])?;
         }
         Ok(step)
+    }
+
+    /// Train data-parallel over `comm`'s ranks: each step then takes this rank's part of the
+    /// global batch ([`mtkd_vision_tasks::loader::BatchLoader::sharded`]), its gradients are
+    /// all-reduced before the (identical) optimizer step, a non-finite loss on any rank skips
+    /// or stops the step on every rank, and a strategy that reads the whole batch or learns
+    /// runs replicated on the gathered global batch ([`super::replicated`]). The parameters
+    /// are not broadcast here: the trainer does it after a resume.
+    pub fn data_parallel(&mut self, comm: Rc<dyn Collective>) {
+        let constant = matches!(
+            self.distiller.settings().map(|d| d.strategy),
+            None | Some(
+                StrategyKind::None
+                    | StrategyKind::Equal
+                    | StrategyKind::Single
+                    | StrategyKind::Fixed
+            )
+        );
+        if comm.world() > 1 && !constant {
+            let inner = std::mem::replace(
+                &mut self.distiller.strategy,
+                Box::new(mtkd_distill_core::weighting::Equal),
+            );
+            self.distiller.strategy =
+                Box::new(super::replicated::Replicated::new(inner, Rc::clone(&comm)));
+        }
+        self.comm = Some(comm);
+    }
+
+    /// Data-parallel training: average BatchNorm's running statistics (and any other float
+    /// buffer) over the ranks, which each kept from their own parts of the batches; done
+    /// before every evaluation and checkpoint (docs/ARCHITECTURE.md, "Data-parallel training").
+    pub fn average_buffers(&self) -> Result<()> {
+        if let Some(c) = self.comm.as_deref().filter(|c| c.world() > 1) {
+            let floats: Vec<Tensor> = self
+                .buffers
+                .iter()
+                .filter(|t| t.is_floating_point())
+                .map(Tensor::shallow_clone)
+                .collect();
+            mtkd_dist::all_reduce_grads(c, &floats, 1.0 / c.world() as f64)?;
+        }
+        Ok(())
+    }
+
+    /// The ranks' collective when training data-parallel.
+    pub fn comm(&self) -> Option<&dyn Collective> {
+        self.comm.as_deref()
     }
 
     /// Keep the teachers' outputs in memory across epochs when the config asks for it
@@ -277,14 +334,27 @@ impl DistillStep {
             Some(t) => t.total.mean(Kind::Float),
             None => ce.mean(Kind::Float),
         };
-        // One check per step; the diagnosis runs only when it fails.
-        if loss::ensure_finite("loss", &loss).is_err() {
+        // One check per step; the diagnosis runs only when it fails. Data-parallel ranks agree:
+        // a non-finite loss on any rank skips (or stops) the step on all of them.
+        let bad_here = loss::ensure_finite("loss", &loss).is_err();
+        let mut bad = bad_here;
+        if let Some(c) = self.comm.as_deref().filter(|c| c.world() > 1) {
+            let mut flag = [f64::from(u8::from(bad_here))];
+            mtkd_dist::all_reduce_f64(c, &mut flag)?;
+            bad = flag[0] > 0.0;
+        }
+        if bad {
             if let Some(saved) = saved {
                 tch::no_grad(|| {
                     for (var, copy) in self.buffers.iter_mut().zip(&saved) {
                         var.copy_(copy);
                     }
                 });
+            }
+            if !bad_here {
+                return Ok(StepOutcome::NonFinite(
+                    "the loss of another data-parallel rank".to_owned(),
+                ));
             }
             return Ok(StepOutcome::NonFinite(self.diagnose(&ce, terms.as_ref())));
         }
@@ -296,7 +366,14 @@ impl DistillStep {
         };
         self.opt.zero_grad();
         loss.backward();
-        self.opt.step();
+        match self.comm.as_deref().filter(|c| c.world() > 1) {
+            None => self.opt.step(),
+            Some(c) => {
+                let share = batch.indices.len() as f64 / batch.global_len.max(1) as f64;
+                let grads = self.opt.sync_grads(c, share)?;
+                self.opt.step_with(grads);
+            }
+        }
         let score = self.task.train_score(&out.logits.detach(), &targets)?;
         let correct = match &batch.labelled {
             None => score.sum(Kind::Double),
