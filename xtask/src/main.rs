@@ -5,6 +5,7 @@
 
 mod bench;
 mod data;
+mod mpi;
 mod nuclei;
 mod torch;
 
@@ -21,7 +22,8 @@ Commands:
   env                print shell exports so that plain `cargo build` / `cargo test` work too
   data               fetch the full Fashion-MNIST (Debian package dataset-fashion-mnist) into the cache
   train [ARGS]       build mtkd in release and run `mtkd train`; ARGS go to it
-                     (default: --config configs/default.toml)
+                     (default: --config configs/default.toml); --nproc N trains data-parallel
+                     on N local processes (mpirun; installs OpenMPI from Debian as root)
   doctor             build mtkd and print libtorch, thread and CUDA information
   test [ARGS]        run the whole test suite (release build); ARGS go to `cargo test`
   ci                 cargo fmt --check, clippy with warnings denied, then the test suite
@@ -37,6 +39,10 @@ Commands:
                      step against eager PyTorch (scripts/bench_eager.py), interleaved, per mode
                      (--rounds N, --warmup N, --steps N, --no-criterion, --no-dense,
                      --only SETTING,..., --out FILE)
+  bench-dist [ARGS]  the data-parallel scaling report docs/SCALING.md: the all-reduce's cost per
+                     size on N local ranks, one epoch of a config on 1 process and on N ranks,
+                     a model of more ranks (--nproc N, default 2; --config FILE, default
+                     configs/default.toml; other ARGS go to both `mtkd train`s)
   golden             regenerate the golden files of the tests with PyTorch (scripts/golden*.py,
                      scripts/student_zoo.py)
 
@@ -92,6 +98,8 @@ fn run() -> Result<()> {
         }
         "train" => {
             let torch = torch::ensure()?;
+            let mut rest = rest;
+            let nproc = mpi::take_nproc(&mut rest)?;
             let mut train_args = vec!["train".to_owned()];
             if !rest
                 .iter()
@@ -102,11 +110,33 @@ fn run() -> Result<()> {
             }
             train_args.extend(rest);
             data::ensure_for_config(&config_path(&train_args), torch.python().as_deref())?;
-            run_mtkd(&torch, &train_args)
+            match nproc {
+                Some(n) if n > 1 => {
+                    mpi::ensure()?;
+                    let mut build = cargo(&torch);
+                    build.args(["build", "--release", "-p", "mtkd-cli", "--bin", "mtkd"]);
+                    build.args(mpi::feature_args("mtkd-cli"));
+                    step("cargo build (mtkd with MPI)", &mut build)?;
+                    let mtkd = target_dir()?.join("release").join("mtkd");
+                    let mut cmd = mpi::mpirun(n, &mtkd, &train_args);
+                    for (k, v) in torch.cargo_env() {
+                        cmd.env(k, v);
+                    }
+                    if std::env::var_os("MTKD_DATA_DIR").is_none() {
+                        cmd.env("MTKD_DATA_DIR", data::data_dir()?);
+                    }
+                    step(&format!("mpirun -n {n} mtkd train"), &mut cmd)
+                }
+                _ => run_mtkd(&torch, &train_args),
+            }
         }
         "bench" => {
             let torch = torch::ensure()?;
             bench::bench(&torch, &rest)
+        }
+        "bench-dist" => {
+            let torch = torch::ensure()?;
+            bench_dist(&torch, rest)
         }
         "doctor" => {
             let torch = torch::ensure()?;
@@ -179,15 +209,10 @@ fn run() -> Result<()> {
             )?;
             step(
                 "cargo clippy",
-                cargo(&torch).args([
-                    "clippy",
-                    "--release",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]),
+                cargo(&torch)
+                    .args(["clippy", "--release", "--workspace", "--all-targets"])
+                    .args(mpi::feature_args("mtkd-cli"))
+                    .args(["--", "-D", "warnings"]),
             )?;
             test(&torch, &rest)
         }
@@ -203,10 +228,13 @@ fn run() -> Result<()> {
 /// the crates' examples run as a user runs them (the engine as a library distils on the
 /// committed subset; the teacher crate alone classifies an image with the student it exported).
 fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
+    // The data-parallel tests run two local MPI ranks.
+    mpi::ensure()?;
     step(
         "cargo test",
         cargo(torch)
             .args(["test", "--release", "--workspace"])
+            .args(mpi::feature_args("mtkd-cli"))
             .args(extra),
     )?;
     if !extra.is_empty() {
@@ -217,16 +245,13 @@ fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let example = |pkg: &str, name: &str, args: &[&str]| -> Result<String> {
         let output = cargo(torch)
-            .args([
-                "run",
-                "--release",
-                "--quiet",
-                "-p",
-                pkg,
-                "--example",
-                name,
-                "--",
-            ])
+            .args(["run", "--release", "--quiet", "-p", pkg, "--example", name])
+            .args(if pkg == "mtkd-engine" {
+                mpi::feature_args(pkg)
+            } else {
+                Vec::new()
+            })
+            .arg("--")
             .args(args)
             .output()
             .with_context(|| format!("running the example {name}"))?;
@@ -305,10 +330,108 @@ fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
         "mtkd-cli",
         "--bin",
         "mtkd",
-        "--",
     ]);
+    cmd.args(mpi::feature_args("mtkd-cli"));
+    cmd.arg("--");
     cmd.args(args);
     step("mtkd", &mut cmd)
+}
+
+/// `cargo xtask bench-dist`: see HELP.
+fn bench_dist(torch: &torch::Torch, mut rest: Vec<String>) -> Result<()> {
+    mpi::ensure()?;
+    let n = mpi::take_nproc(&mut rest)?.unwrap_or(2).max(2);
+    let mut train = vec!["train".to_owned()];
+    if config_path(&rest).is_none() {
+        train.extend(["--config".to_owned(), "configs/default.toml".to_owned()]);
+    }
+    // One epoch, one libtorch thread per process: the ranks' cores against one process's.
+    train.extend(
+        ["--set", "train.epochs=1", "--set", "run.threads=1"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    train.extend(rest.iter().cloned());
+    data::ensure_for_config(&config_path(&train), torch.python().as_deref())?;
+    let features = mpi::feature_args("mtkd-cli");
+    step(
+        "cargo build (mtkd with MPI)",
+        cargo(torch)
+            .args(["build", "--release", "-p", "mtkd-cli", "--bin", "mtkd"])
+            .args(&features),
+    )?;
+    step(
+        "cargo build (the all-reduce example)",
+        cargo(torch).args([
+            "build",
+            "--release",
+            "-p",
+            "mtkd-dist",
+            "--features",
+            "mpi",
+            "--example",
+            "allreduce",
+        ]),
+    )?;
+    let target = target_dir()?.join("release");
+    let out = PathBuf::from("target/bench-dist");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let env = |cmd: &mut Command| -> Result<()> {
+        for (k, v) in torch.cargo_env() {
+            cmd.env(k, v);
+        }
+        if std::env::var_os("MTKD_DATA_DIR").is_none() {
+            cmd.env("MTKD_DATA_DIR", data::data_dir()?);
+        }
+        Ok(())
+    };
+    let mut ar = mpi::mpirun(n, &target.join("examples").join("allreduce"), &[]);
+    env(&mut ar)?;
+    let output = ar.output().context("running the all-reduce example")?;
+    if !output.status.success() {
+        bail!(
+            "the all-reduce example failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let allreduce = out.join("allreduce.jsonl");
+    std::fs::write(&allreduce, &output.stdout)?;
+    let mtkd = target.join("mtkd");
+    let with_out = |dir: &str| {
+        let mut a = train.clone();
+        a.extend(["--out".to_owned(), out.join(dir).display().to_string()]);
+        a
+    };
+    let mut one = Command::new(&mtkd);
+    one.args(with_out("one")).env("OMP_NUM_THREADS", "1");
+    env(&mut one)?;
+    step("mtkd train (one process)", &mut one)?;
+    let mut many = mpi::mpirun(n, &mtkd, &with_out("many"));
+    env(&mut many)?;
+    step(&format!("mpirun -n {n} mtkd train"), &mut many)?;
+    let shown = std::iter::once(format!("cargo xtask bench-dist --nproc {n}"))
+        .chain(rest.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    step(
+        "mtkd scaling-report",
+        Command::new(&mtkd).args([
+            "scaling-report",
+            "--allreduce",
+            &allreduce.display().to_string(),
+            "--one",
+            &out.join("one").display().to_string(),
+            "--many",
+            &out.join("many").display().to_string(),
+            "--command",
+            &shown,
+            "--out",
+            "docs/SCALING.md",
+        ]),
+    )?;
+    println!("docs/SCALING.md written");
+    Ok(())
 }
 
 /// Run a project script with the Python that provides libtorch (the same torch as the build).

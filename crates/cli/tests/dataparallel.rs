@@ -25,7 +25,14 @@ const END_WITHIN: Duration = Duration::from_secs(60);
 fn mpirun(n: usize) -> Command {
     let mut cmd = Command::new("mpirun");
     cmd.args(["-n", &n.to_string(), "--bind-to", "none", "--oversubscribe"])
-        .args(["--mca", "btl", "self,vader", "--mca", "oob_tcp_if_include", "lo"])
+        .args([
+            "--mca",
+            "btl",
+            "self,vader",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+        ])
         .args(["-x", "OMP_NUM_THREADS=1"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
@@ -133,7 +140,10 @@ fn two_ranks_match_one_process_with_aver_and_the_meta_agent() {
     let s = scratch("dp-match");
     for strategy in ["equal", "mtkd-rl"] {
         let cfg = config(&s, strategy, 3);
-        let (one, two) = (s.join(format!("{strategy}-1")), s.join(format!("{strategy}-2")));
+        let (one, two) = (
+            s.join(format!("{strategy}-1")),
+            s.join(format!("{strategy}-2")),
+        );
         one_process(&cfg, &one);
         let out = two_ranks(&cfg, &two);
         assert!(out.contains("data-parallel over 2 ranks (mpi)"), "{out}");
@@ -200,14 +210,22 @@ fn a_failing_or_killed_rank_ends_the_job_and_the_run_resumes() {
     assert_ne!(code, Some(0), "{out}");
     assert!(out.contains("mtkd (rank 1 of 2): error"), "{out}");
     eprintln!("a raising rank ended the job in {:?}", start.elapsed());
-    assert_eq!(epochs(&dir).len(), 1, "epoch 1 is checkpointed, epoch 2 was cut");
+    assert_eq!(
+        epochs(&dir).len(),
+        1,
+        "epoch 1 is checkpointed, epoch 2 was cut"
+    );
     let out = Command::new(mtkd())
         .arg("train")
         .arg("--resume")
         .arg(&dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(summary(&dir).epochs, 3);
 
     // SIGKILL one rank once epoch 1 is checkpointed.
@@ -249,12 +267,7 @@ fn a_failing_or_killed_rank_ends_the_job_and_the_run_resumes() {
     let done = epochs(&dir).len();
     assert!(done < 6, "the run finished before the kill landed");
     let (code, out) = wait(
-        spawn(
-            mpirun(2)
-                .arg(mtkd())
-                .args(["train", "--resume"])
-                .arg(&dir),
-        ),
+        spawn(mpirun(2).arg(mtkd()).args(["train", "--resume"]).arg(&dir)),
         Duration::from_secs(300),
         "the resumed two-rank run",
     );

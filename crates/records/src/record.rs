@@ -47,6 +47,10 @@ pub struct EpochRecord {
     /// shared outputs).
     #[serde(default, deserialize_with = "nan_null::f64")]
     pub teacher_seconds: f64,
+    /// Data-parallel runs: the ranks and rank 0's time in the step's collectives; absent for
+    /// one process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_parallel: Option<DataParallel>,
     /// Mean feature weight per teacher over the epoch (full pool order, 0 for a pruned teacher);
     /// empty without teachers.
     #[serde(
@@ -80,6 +84,18 @@ pub struct EpochRecord {
     /// Teachers still in the pool during this epoch, by name (absent: the whole pool).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_teachers: Option<Vec<String>>,
+}
+
+/// A data-parallel epoch's figures ([`EpochRecord::data_parallel`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataParallel {
+    /// How many processes trained.
+    pub ranks: usize,
+    /// Seconds rank 0 spent in the step's collectives: the gradient all-reduce (with the
+    /// gradients' copies in and out) and the finite-loss agreement. The strategy's gathers
+    /// count in its own time.
+    #[serde(deserialize_with = "nan_null::f64")]
+    pub allreduce_seconds: f64,
 }
 
 /// `audit.json`: what a person needs to check the teachers' trust that the metrics lines do not
@@ -294,6 +310,10 @@ mod tests {
             skipped_batches: 0,
             seconds: 1.0,
             teacher_seconds: 0.5,
+            data_parallel: Some(DataParallel {
+                ranks: 2,
+                allreduce_seconds: 0.25,
+            }),
             teacher_feature_weights: vec![f64::NAN],
             class_weights: vec![vec![f64::NAN, 1.0]],
             class_feature_weights: Vec::new(),

@@ -1474,6 +1474,7 @@ pub(crate) mod tests {
             skipped_batches: 0,
             seconds: 10.0,
             teacher_seconds: 4.0,
+            data_parallel: None,
             teacher_feature_weights: Vec::new(),
             class_weights: Vec::new(),
             class_feature_weights: Vec::new(),

@@ -190,6 +190,23 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Write the data-parallel scaling report (run by `cargo xtask bench-dist`).
+    ScalingReport {
+        /// The output of `crates/dist/examples/allreduce.rs` under mpirun (JSON lines).
+        #[arg(long)]
+        allreduce: PathBuf,
+        /// A one-process run folder.
+        #[arg(long)]
+        one: PathBuf,
+        /// The same config's run folder on several ranks.
+        #[arg(long)]
+        many: PathBuf,
+        /// The command to print in the report.
+        #[arg(long, default_value = "cargo xtask bench-dist")]
+        command: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write the performance report (markdown) from the JSON files of `cargo xtask bench`.
     BenchReport {
         /// Folder of `<setting>-mtkd-r<N>.json` and `<setting>-eager-r<N>.json` files.
@@ -242,6 +259,13 @@ fn main() -> std::process::ExitCode {
     install_stop_handler();
     let result = match cli.cmd {
         Cmd::Doctor => doctor(),
+        Cmd::ScalingReport {
+            allreduce,
+            one,
+            many,
+            command,
+            out,
+        } => mtkd_cli::scaling::write_report(&allreduce, &one, &many, &command, &out),
         Cmd::BenchReport {
             raw,
             criterion,

@@ -78,6 +78,8 @@ pub struct Sums {
     /// Wall time of the student's eval-mode forward passes for a strategy that asks for them
     /// (the clean and meta agents' reward).
     pub(super) reward_seconds: f64,
+    /// Data-parallel runs: the ranks and this rank's seconds in the step's collectives.
+    pub(super) data_parallel: Option<mtkd_records::record::DataParallel>,
 }
 
 impl Sums {
@@ -101,6 +103,7 @@ impl Sums {
             signal_seconds: 0.0,
             strategy_seconds: 0.0,
             reward_seconds: 0.0,
+            data_parallel: None,
         }
     }
 
@@ -137,6 +140,17 @@ impl Sums {
         self.weights = (Tensor::from_slice(&v[7..]).view_as(&self.weights) / c.world() as f64)
             .to_device(device);
         Ok(())
+    }
+
+    /// Time spent in a step's collectives on `ranks` ranks.
+    pub(super) fn add_collective(&mut self, ranks: usize, seconds: f64) {
+        let d = self
+            .data_parallel
+            .get_or_insert(mtkd_records::record::DataParallel {
+                ranks,
+                allreduce_seconds: 0.0,
+            });
+        d.allreduce_seconds += seconds;
     }
 
     /// The mean training loss over the applied steps' samples so far.
@@ -223,6 +237,7 @@ impl Sums {
             skipped_batches: self.skipped,
             seconds,
             teacher_seconds: self.teacher_seconds,
+            data_parallel: self.data_parallel.clone(),
         }
     }
 }

@@ -339,9 +339,11 @@ impl DistillStep {
         let bad_here = loss::ensure_finite("loss", &loss).is_err();
         let mut bad = bad_here;
         if let Some(c) = self.comm.as_deref().filter(|c| c.world() > 1) {
+            let t = Instant::now();
             let mut flag = [f64::from(u8::from(bad_here))];
             mtkd_dist::all_reduce_f64(c, &mut flag)?;
             bad = flag[0] > 0.0;
+            sums.add_collective(c.world(), t.elapsed().as_secs_f64());
         }
         if bad {
             if let Some(saved) = saved {
@@ -369,8 +371,10 @@ impl DistillStep {
         match self.comm.as_deref().filter(|c| c.world() > 1) {
             None => self.opt.step(),
             Some(c) => {
+                let t = Instant::now();
                 let share = batch.indices.len() as f64 / batch.global_len.max(1) as f64;
                 let grads = self.opt.sync_grads(c, share)?;
+                sums.add_collective(c.world(), t.elapsed().as_secs_f64());
                 self.opt.step_with(grads);
             }
         }

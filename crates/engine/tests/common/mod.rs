@@ -67,6 +67,7 @@ pub fn strip_time(h: &[EpochRecord]) -> String {
         .map(|r| EpochRecord {
             seconds: 0.0,
             teacher_seconds: 0.0,
+            data_parallel: None,
             ..r.clone()
         })
         .collect();
