@@ -4,7 +4,7 @@ teachers, on the plan that `mtkd bench-steps` prints (student, input, classes, b
 teacher files).
 
     $MTKD_TORCH_PYTHON scripts/bench_eager.py --plan PLAN.json --modes ce,kd1,aver,mtkd-rl \
-        --warmup 3 --steps 10 --json OUT.json [--flops]
+        --warmup 3 --steps 10 --json OUT.json [--flops] [--device cuda]
 
 The step (docs/METHOD.md sections 2-5): teachers in torch.no_grad (eval mode); the student
 (scripts/student_zoo.py, its PyTorch twin) in train mode; per-sample CE; per teacher the
@@ -17,6 +17,8 @@ softmax(KL) / softmax(COS) as (a + c + d) / 3; the state and the loss are kept f
 update at the end of the epoch (one SGD step per stored batch, reward clamp((r - mean) / std, 0, 1)),
 which is timed with the steps as mtkd's is. SGD with momentum, Nesterov and weight decay as the
 plan says. Inputs are random (the step's cost does not depend on pixel values).
+--device cuda runs everything on the GPU (torch.set_default_device; the random inputs are drawn
+on the CPU with the same generator and moved), and times each step to a torch.cuda.synchronize().
 --flops counts the floating-point operations of one step per mode (torch.utils.flop_counter,
 2 per multiply-add; the teachers' TorchScript graphs are counted too) for the GFLOP/s figures.
 
@@ -490,8 +492,8 @@ class DenseStep(StepSetup):
                     state = self.norm(state)
                     h = F.relu(self.agent.stem(state))
                     mu_l, mu_f = self.agent.logit_head(h), self.agent.feature_head(h)
-                    u_l = mu_l + torch.randn(mu_l.shape, generator=self.noise) * self.sigma
-                    u_f = mu_f + torch.randn(mu_f.shape, generator=self.noise) * self.sigma
+                    u_l = mu_l + torch.randn(mu_l.shape, generator=self.noise, device="cpu").to(mu_l.device) * self.sigma
+                    u_f = mu_f + torch.randn(mu_f.shape, generator=self.noise, device="cpu").to(mu_f.device) * self.sigma
                     a_l, a_f = F.softmax(u_l, 1), F.softmax(u_f, 1)
                     stored = (state, u_l, u_f)
                 else:
@@ -650,7 +652,17 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--flops", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.set_default_device(dev)
+
+    def now():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
     plan = json.loads(args.plan.read_text())
     plan = plan.get("plan", plan)
     if args.threads:
@@ -662,7 +674,7 @@ def main():
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan.get("teacher_precision", "fp32")]
     for f, native, head in zip(plan["teachers"], natives, heads):
         if f is not None:
-            t = torch.jit.load(f, map_location="cpu").eval()
+            t = torch.jit.load(f, map_location=dev).eval()
             if dtype != torch.float32:
                 with torch.no_grad():
                     t = torch.jit.trace(InPrecision(t, dtype).eval(), torch.zeros(2, c, h, w))
@@ -674,12 +686,15 @@ def main():
     b = plan["batch_size"]
     g = torch.Generator().manual_seed(0)
     n = args.warmup + args.steps
-    xs = [torch.randn(b, c, h, w, generator=g) for _ in range(n)]
     dense = plan.get("task", "classification") != "classification"
-    if dense:
-        ys = dense_targets(plan, n, g)
-    else:
-        ys = [torch.randint(0, plan["num_classes"], (b,), generator=g) for _ in range(n)]
+    with torch.device("cpu"):
+        xs = [torch.randn(b, c, h, w, generator=g) for _ in range(n)]
+        if dense:
+            ys = dense_targets(plan, n, g)
+        else:
+            ys = [torch.randint(0, plan["num_classes"], (b,), generator=g) for _ in range(n)]
+    xs = [x.to(dev) for x in xs]
+    ys = [y.to(dev) for y in ys]
     out = []
     for mode in args.modes.split(","):
         step = (DenseStep if dense else Step)(plan, mode, teachers)
@@ -688,19 +703,19 @@ def main():
         step.end_epoch()
         times, teacher_s = [], 0.0
         for i in range(args.warmup, n):
-            t0 = time.perf_counter()
+            t0 = now()
             step(xs[i], ys[i])
-            times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+            times.append(now() - t0)
+        t0 = now()
         step.end_epoch()
-        end = time.perf_counter() - t0
+        end = now() - t0
         # The teachers' share, timed apart (the same forwards, after the steps).
         if step.teachers:
             with torch.no_grad():
-                t0 = time.perf_counter()
+                t0 = now()
                 for i in range(args.warmup, n):
                     [m(xs[i]) for m in step.teachers]
-                teacher_s = time.perf_counter() - t0
+                teacher_s = now() - t0
         rec = {
             "mode": mode,
             "batch_size": b,
@@ -721,7 +736,7 @@ def main():
                 rec["teacher_flops_per_step"] = ft.get_total_flops()
         out.append(rec)
         print(f"eager {mode}: {rec['images_per_second']:.1f} images/s", file=sys.stderr)
-    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "timings": out}
+    res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev), "timings": out}
     text = json.dumps(res, indent=1)
     if args.json:
         args.json.write_text(text)

@@ -5,6 +5,7 @@
 
 mod bench;
 mod data;
+mod gpu;
 mod mpi;
 mod nuclei;
 mod torch;
@@ -18,7 +19,8 @@ const HELP: &str = "\
 cargo xtask <COMMAND> [ARGS]
 
 Commands:
-  setup              install (or find) libtorch 2.13.0 for tch 0.26 and print where it is
+  setup [--nccl]     install (or find) libtorch 2.13.0 for tch 0.26 and print where it is;
+                     --nccl adds the CUDA header packages the NCCL backend compiles with
   env                print shell exports so that plain `cargo build` / `cargo test` work too
   data               fetch the full Fashion-MNIST (Debian package dataset-fashion-mnist) into the cache
   train [ARGS]       build mtkd in release and run `mtkd train`; ARGS go to it
@@ -43,6 +45,10 @@ Commands:
                      size on N local ranks, one epoch of a config on 1 process and on N ranks,
                      a model of more ranks (--nproc N, default 2; --config FILE, default
                      configs/default.toml; other ARGS go to both `mtkd train`s)
+  gpu-bundle --torch-version V
+                     build mtkd and its NCCL tests against the PyPI wheel's libtorch V (a GPU
+                     machine's PyTorch, e.g. 2.11.0; torch-sys's wrappers of ops V lacks are
+                     replaced by errors) into gpu/, for scripts/gpu_check.sh there
   golden             regenerate the golden files of the tests with PyTorch (scripts/golden*.py,
                      scripts/student_zoo.py)
 
@@ -72,6 +78,12 @@ fn run() -> Result<()> {
     match cmd.as_str() {
         "setup" => {
             let torch = torch::ensure()?;
+            if rest.iter().any(|a| a == "--nccl") {
+                torch.ensure_nccl_headers()?;
+                println!(
+                    "CUDA and NCCL headers for the NCCL backend (cargo feature nccl): installed"
+                );
+            }
             println!("{}", torch.describe());
             Ok(())
         }
@@ -115,7 +127,7 @@ fn run() -> Result<()> {
                     mpi::ensure()?;
                     let mut build = cargo(&torch);
                     build.args(["build", "--release", "-p", "mtkd-cli", "--bin", "mtkd"]);
-                    build.args(mpi::feature_args("mtkd-cli"));
+                    build.args(mpi::feature_args("mtkd-cli", &torch));
                     step("cargo build (mtkd with MPI)", &mut build)?;
                     let mtkd = target_dir()?.join("release").join("mtkd");
                     let mut cmd = mpi::mpirun(n, &mtkd, &train_args);
@@ -133,6 +145,10 @@ fn run() -> Result<()> {
         "bench" => {
             let torch = torch::ensure()?;
             bench::bench(&torch, &rest)
+        }
+        "gpu-bundle" => {
+            let torch = torch::ensure()?;
+            gpu::bundle(&torch, &rest)
         }
         "bench-dist" => {
             let torch = torch::ensure()?;
@@ -211,7 +227,7 @@ fn run() -> Result<()> {
                 "cargo clippy",
                 cargo(&torch)
                     .args(["clippy", "--release", "--workspace", "--all-targets"])
-                    .args(mpi::feature_args("mtkd-cli"))
+                    .args(mpi::feature_args("mtkd-cli", &torch))
                     .args(["--", "-D", "warnings"]),
             )?;
             test(&torch, &rest)
@@ -228,13 +244,17 @@ fn run() -> Result<()> {
 /// the crates' examples run as a user runs them (the engine as a library distils on the
 /// committed subset; the teacher crate alone classifies an image with the student it exported).
 fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
-    // The data-parallel tests run two local MPI ranks.
+    // The data-parallel tests run two local MPI ranks; the NCCL backend is compiled and linked
+    // (its tests need a GPU and are ignored elsewhere).
     mpi::ensure()?;
+    if let Err(e) = torch.ensure_nccl_headers() {
+        eprintln!("xtask: the NCCL backend is not compiled: {e:#}");
+    }
     step(
         "cargo test",
         cargo(torch)
             .args(["test", "--release", "--workspace"])
-            .args(mpi::feature_args("mtkd-cli"))
+            .args(mpi::feature_args("mtkd-cli", &torch))
             .args(extra),
     )?;
     if !extra.is_empty() {
@@ -247,7 +267,7 @@ fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
         let output = cargo(torch)
             .args(["run", "--release", "--quiet", "-p", pkg, "--example", name])
             .args(if pkg == "mtkd-engine" {
-                mpi::feature_args(pkg)
+                mpi::feature_args(pkg, torch)
             } else {
                 Vec::new()
             })
@@ -331,7 +351,7 @@ fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
         "--bin",
         "mtkd",
     ]);
-    cmd.args(mpi::feature_args("mtkd-cli"));
+    cmd.args(mpi::feature_args("mtkd-cli", &torch));
     cmd.arg("--");
     cmd.args(args);
     step("mtkd", &mut cmd)
@@ -353,7 +373,7 @@ fn bench_dist(torch: &torch::Torch, mut rest: Vec<String>) -> Result<()> {
     );
     train.extend(rest.iter().cloned());
     data::ensure_for_config(&config_path(&train), torch.python().as_deref())?;
-    let features = mpi::feature_args("mtkd-cli");
+    let features = mpi::feature_args("mtkd-cli", &torch);
     step(
         "cargo build (mtkd with MPI)",
         cargo(torch)

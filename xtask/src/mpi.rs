@@ -103,14 +103,22 @@ pub fn ensure() -> Result<()> {
     Ok(())
 }
 
-/// The cargo arguments that build `package` (mtkd-cli or mtkd-engine) with the `mpi` feature
-/// when this machine has MPI (the same features for tests, `train` and `mtkd`, so that one
-/// build serves them all).
-pub fn feature_args(package: &str) -> Vec<String> {
+/// The cargo arguments that build `package` (mtkd-cli, mtkd-engine or mtkd-dist) with the
+/// `mpi` feature when this machine has MPI and the `nccl` feature when the NCCL shim's headers
+/// are installed (the same features for tests, `train` and `mtkd`, so that one build serves
+/// them all).
+pub fn feature_args(package: &str, torch: &crate::torch::Torch) -> Vec<String> {
+    let mut features = Vec::new();
     if available() {
-        vec!["--features".into(), format!("{package}/mpi")]
-    } else {
+        features.push(format!("{package}/mpi"));
+    }
+    if torch.has_nccl_headers() {
+        features.push(format!("{package}/nccl"));
+    }
+    if features.is_empty() {
         Vec::new()
+    } else {
+        vec!["--features".into(), features.join(",")]
     }
 }
 

@@ -89,6 +89,69 @@ impl Torch {
     }
 }
 
+/// The pip packages of CUDA headers that the NCCL shim (`mtkd-dist`'s `nccl` feature) needs
+/// beside the wheel's own (`crt/host_config.h`, CCCL's `nv/target`); versions of the CUDA 13.0
+/// that torch 2.13.0+cu130 ships.
+pub const NCCL_HEADER_PACKAGES: [&str; 2] =
+    ["nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85"];
+
+impl Torch {
+    /// The folder of CUDA headers beside the torch package (`nvidia/cu13/include`).
+    fn cuda_include(&self) -> Option<PathBuf> {
+        match self {
+            Torch::User { .. } => None,
+            Torch::Venv { torch_dir, .. } => torch_dir
+                .parent()
+                .map(|site| site.join("nvidia").join("cu13").join("include")),
+        }
+    }
+
+    /// Whether the NCCL shim can compile here: the wheel's CUDA headers with the two header
+    /// packages, or `MTKD_CUDA_INCLUDE` for your own libtorch.
+    pub fn has_nccl_headers(&self) -> bool {
+        match self.cuda_include() {
+            Some(inc) => {
+                inc.join("crt").join("host_config.h").is_file()
+                    && inc.join("cccl").join("nv").join("target").is_file()
+            }
+            None => std::env::var_os("MTKD_CUDA_INCLUDE").is_some(),
+        }
+    }
+
+    /// Install the header packages into the set-up's venv (`cargo xtask setup --nccl`).
+    pub fn ensure_nccl_headers(&self) -> Result<()> {
+        if self.has_nccl_headers() {
+            return Ok(());
+        }
+        let Torch::Venv { venv, .. } = self else {
+            bail!(
+                "the NCCL backend compiles against CUDA's and NCCL's headers: with your own \
+                 libtorch, set MTKD_CUDA_INCLUDE to their folders (colon-separated)"
+            );
+        };
+        let python = venv.join("bin").join("python");
+        let status = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-deps",
+            ])
+            .args(NCCL_HEADER_PACKAGES)
+            .status()
+            .with_context(|| format!("cannot run {} -m pip", python.display()))?;
+        if !status.success() || !self.has_nccl_headers() {
+            bail!(
+                "pip could not install {} into {}",
+                NCCL_HEADER_PACKAGES.join(" "),
+                venv.display()
+            );
+        }
+        Ok(())
+    }
+}
+
 /// Find or install libtorch. Idempotent and quick when it is already there.
 pub fn ensure() -> Result<Torch> {
     if let Some(libtorch) = std::env::var_os("LIBTORCH") {

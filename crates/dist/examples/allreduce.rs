@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use mtkd_dist::{all_reduce_grads, connect, Collective, DistEnv};
+use mtkd_dist::{all_reduce_grads, connect, DistEnv};
 use tch::{Device, Kind, Tensor};
 
 fn main() -> anyhow::Result<()> {

@@ -6,8 +6,9 @@
 //!   `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`).
 //! - [`Collective`] is what the engine needs of a communication library: all-reduce (sum),
 //!   all-gather of rows, broadcast, barrier and abort, on tensors. [`Solo`] is the one-process
-//!   implementation; `Mpi` (cargo feature `mpi`) runs over an MPI library (OpenMPI, MPICH).
-//!   There is no home-made transport.
+//!   implementation; `Mpi` (cargo feature `mpi`) runs over an MPI library (OpenMPI, MPICH);
+//!   `Nccl` (cargo feature `nccl`) over libtorch's own `c10d::ProcessGroupNCCL` on GPUs. There
+//!   is no home-made transport.
 //! - On top of it, engine-independent helpers: the bucketed mean all-reduce of gradients
 //!   ([`all_reduce_grads`]), f64 statistics ([`all_reduce_f64`]), row gathers in the global
 //!   batch's order ([`all_gather_rows`]), parameter broadcast ([`broadcast_tensors`]), the
@@ -22,6 +23,10 @@ use tch::{Device, Kind, Tensor};
 mod mpi_backend;
 #[cfg(feature = "mpi")]
 pub use mpi_backend::Mpi;
+#[cfg(feature = "nccl")]
+mod nccl_backend;
+#[cfg(feature = "nccl")]
+pub use nccl_backend::Nccl;
 
 /// Errors of the collective layer.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +204,20 @@ pub fn connect(env: &DistEnv) -> Result<Box<dyn Collective>> {
     if env.world == 1 {
         return Ok(Box::new(Solo));
     }
+    // torchrun's launches (or any with MTKD_DIST_BACKEND=nccl) meet over NCCL.
+    #[cfg(feature = "nccl")]
+    {
+        let wants = std::env::var("MTKD_DIST_BACKEND").ok();
+        if wants.as_deref() == Some("nccl")
+            || (env.launcher == Launcher::Torchrun && wants.as_deref() != Some("mpi"))
+        {
+            let timeout = std::env::var("MTKD_DIST_TIMEOUT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(600);
+            return Ok(Box::new(Nccl::init(env, timeout)?));
+        }
+    }
     #[cfg(feature = "mpi")]
     {
         if env.launcher != Launcher::Torchrun {
@@ -218,8 +237,8 @@ pub fn connect(env: &DistEnv) -> Result<Box<dyn Collective>> {
     Err(Error::Env(format!(
         "this process was started as rank {} of {} by {:?}, but this mtkd has no collective \
          backend for it: build with `--features mpi` and launch with mpirun (or srun --mpi), \
-         e.g. `cargo xtask train --nproc {}` (README, \"Several processes\"); the NCCL backend \
-         for torchrun on GPUs is not built yet",
+         e.g. `cargo xtask train --nproc {}` (README, \"Several processes\"), or, for torchrun \
+         on GPUs, with `--features nccl`",
         env.rank, env.world, env.launcher, env.world
     )))
 }

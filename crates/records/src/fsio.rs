@@ -280,6 +280,7 @@ mod tests {
         assert_eq!(left.len(), 1, "{left:?}");
         write_atomic(&p, b"new").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
