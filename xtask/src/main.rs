@@ -254,7 +254,7 @@ fn test(torch: &torch::Torch, extra: &[String]) -> Result<()> {
         "cargo test",
         cargo(torch)
             .args(["test", "--release", "--workspace"])
-            .args(mpi::feature_args("mtkd-cli", &torch))
+            .args(mpi::feature_args("mtkd-cli", torch))
             .args(extra),
     )?;
     if !extra.is_empty() {
@@ -351,7 +351,7 @@ fn run_mtkd(torch: &torch::Torch, args: &[String]) -> Result<()> {
         "--bin",
         "mtkd",
     ]);
-    cmd.args(mpi::feature_args("mtkd-cli", &torch));
+    cmd.args(mpi::feature_args("mtkd-cli", torch));
     cmd.arg("--");
     cmd.args(args);
     step("mtkd", &mut cmd)
@@ -373,7 +373,7 @@ fn bench_dist(torch: &torch::Torch, mut rest: Vec<String>) -> Result<()> {
     );
     train.extend(rest.iter().cloned());
     data::ensure_for_config(&config_path(&train), torch.python().as_deref())?;
-    let features = mpi::feature_args("mtkd-cli", &torch);
+    let features = mpi::feature_args("mtkd-cli", torch);
     step(
         "cargo build (mtkd with MPI)",
         cargo(torch)

@@ -142,6 +142,8 @@ pub fn mpirun(n: usize, program: &Path, args: &[String]) -> Command {
         "oob_tcp_if_include",
         "lo",
     ])
+    // Ranks waiting in a collective (e.g. while rank 0 trains teachers) yield their core.
+    .args(["--mca", "mpi_yield_when_idle", "1"])
     .args(["-x", &format!("OMP_NUM_THREADS={threads}")])
     .args(["-x", "MTKD_DATA_DIR", "-x", "RUST_LOG"])
     .arg(program)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <c10/cuda/CUDAFunctions.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -59,7 +60,14 @@ void* mtkd_nccl_new(const char* host, int port, int rank, int world, int device,
     opts.numWorkers = static_cast<std::size_t>(world);
     opts.waitWorkers = client_only == 0;
     opts.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s) * 1000);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    // Under torchrun, one key space per restart attempt (as torch's rendezvous does), so that
+    // a restarted job never reads the last attempt's NCCL ids.
+    if (const char* attempt = std::getenv("TORCHELASTIC_RESTART_COUNT")) {
+      store = c10::make_intrusive<c10d::PrefixStore>(
+          std::string("/worker/attempt_") + attempt, store);
+    }
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_s) * 1000);
     auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
@@ -97,10 +105,6 @@ int mtkd_nccl_broadcast(void* group, at::Tensor* t, int root, char** err) {
     o.rootRank = root;
     static_cast<Group*>(group)->pg->broadcast(ts, o)->wait();
   });
-}
-
-int mtkd_nccl_barrier(void* group, char** err) {
-  return guarded(err, [&] { static_cast<Group*>(group)->pg->barrier()->wait(); });
 }
 
 }  // extern "C"

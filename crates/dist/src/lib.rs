@@ -3,7 +3,7 @@
 //!
 //! - [`DistEnv`] reads who this process is from the launcher's environment: torchrun
 //!   (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), OpenMPI's `mpirun` (`OMPI_COMM_WORLD_*`) or Slurm's
-//!   `srun` (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`).
+//!   `srun` (`SLURM_PROCID`, `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`).
 //! - [`Collective`] is what the engine needs of a communication library: all-reduce (sum),
 //!   all-gather of rows, broadcast, barrier and abort, on tensors. [`Solo`] is the one-process
 //!   implementation; `Mpi` (cargo feature `mpi`) runs over an MPI library (OpenMPI, MPICH);
@@ -85,8 +85,8 @@ impl DistEnv {
 
     /// Read the launcher's variables through `var`, in this order: torchrun's (`RANK`,
     /// `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), OpenMPI's
-    /// (`OMPI_COMM_WORLD_RANK`, `_SIZE`, `_LOCAL_RANK`), Slurm's (`SLURM_PROCID`,
-    /// `SLURM_NTASKS`, `SLURM_LOCALID`); none of them: one process. A variable that is set but
+    /// (`OMPI_COMM_WORLD_RANK`, `_SIZE`, `_LOCAL_RANK`), srun's (`SLURM_PROCID`,
+    /// `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`); none of them: one process. A variable that is set but
     /// not a number, or a rank outside the world, is an error that names it.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<DistEnv> {
         let num = |name: &str| -> Result<Option<usize>> {
@@ -109,9 +109,11 @@ impl DistEnv {
                     "OMPI_COMM_WORLD_LOCAL_RANK",
                 ],
             ),
+            // SLURM_STEP_NUM_TASKS: set by srun for its tasks, not in a batch script's own shell
+            // (where SLURM_PROCID and SLURM_NTASKS are set too).
             (
                 Launcher::Slurm,
-                ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"],
+                ["SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"],
             ),
         ];
         for (launcher, [r, w, l]) in sets {
@@ -430,7 +432,9 @@ pub fn check_same(c: &dyn Collective, what: &str, tensors: &[Tensor]) -> Result<
     let all = c.all_gather(&Tensor::from_slice(&mine), &vec![2; c.world()])?;
     let all = Vec::<f64>::try_from(&all)?;
     let differ: Vec<usize> = (1..c.world())
-        .filter(|&r| all[2 * r] != all[0] || all[2 * r + 1] != all[1])
+        .filter(|&r| {
+            all[2 * r].to_bits() != all[0].to_bits() || all[2 * r + 1].to_bits() != all[1].to_bits()
+        })
         .collect();
     if differ.is_empty() {
         return Ok(());
@@ -494,7 +498,7 @@ mod tests {
         );
         let s = env(&[
             ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "6"),
+            ("SLURM_STEP_NUM_TASKS", "6"),
             ("SLURM_LOCALID", "1"),
         ])
         .unwrap();
@@ -502,6 +506,9 @@ mod tests {
             (s.rank, s.world, s.local_rank, s.launcher),
             (5, 6, 1, Launcher::Slurm)
         );
+        // A batch script's own shell is one process, whatever the allocation's task count.
+        let batch = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8")]).unwrap();
+        assert_eq!(batch, DistEnv::solo());
     }
 
     #[test]

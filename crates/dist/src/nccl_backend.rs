@@ -45,7 +45,6 @@ extern "C" {
         root: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn mtkd_nccl_barrier(group: *mut c_void, err: *mut *mut c_char) -> c_int;
 }
 
 /// A NCCL process group of the job's ranks, one CUDA device each.
@@ -195,6 +194,16 @@ impl Collective for Nccl {
         // NCCL gathers equal parts: pad every rank's to the largest, then cut.
         let max = counts.iter().copied().max().unwrap_or(0);
         let mine = self.staged(t)?;
+        if counts.len() != self.world || mine.size()[0] != counts[self.rank] {
+            return Err(Error::Invalid {
+                what: "NCCL all-gather".into(),
+                reason: format!(
+                    "rank {} holds {} elements, the counts {counts:?} say otherwise",
+                    self.rank,
+                    mine.size()[0]
+                ),
+            });
+        }
         let mut input = Tensor::f_zeros([max], (mine.kind(), self.device()))?;
         input.f_narrow(0, 0, mine.size()[0])?.f_copy_(&mine)?;
         let mut output = Tensor::f_zeros([max * self.world as i64], (mine.kind(), self.device()))?;
@@ -228,15 +237,17 @@ impl Collective for Nccl {
     }
 
     fn barrier(&self) -> Result<()> {
-        let mut err: *mut c_char = std::ptr::null_mut();
-        // SAFETY: the group is alive; the call waits.
-        let rc = unsafe { mtkd_nccl_barrier(self.group, &mut err) };
-        self.check("barrier", rc, err)
+        // A one-element all-reduce on this rank's device: c10d's own barrier guesses the device
+        // from the rank when no collective has bound one yet.
+        let one = Tensor::f_ones([1], (tch::Kind::Float, self.device()))?;
+        self.all_reduce_sum(&one).map(|_| ())
     }
 
     fn abort(&self, code: i32) -> ! {
-        // The other ranks' NCCL watchdog ends them (TORCH_NCCL_ASYNC_ERROR_HANDLING), and
-        // torchrun stops the job when a worker exits non-zero.
-        std::process::exit(code)
+        // No destructors while NCCL's watchdog threads run: abort the process. torchrun stops
+        // the other workers when one dies; under srun, NCCL's watchdog ends them after
+        // MTKD_DIST_TIMEOUT.
+        tracing::error!(code, "aborting the NCCL job");
+        std::process::abort()
     }
 }

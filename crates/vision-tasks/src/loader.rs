@@ -49,6 +49,9 @@ pub struct Batch {
     /// The size of the global batch this batch is a rank's part of ([`BatchLoader::sharded`]);
     /// the batch's own size when the loader is not sharded.
     pub global_len: usize,
+    /// How many samples of the global batch carry their label (`global_len` when the set
+    /// labels every sample): the task loss of a rank's part is averaged over them.
+    pub global_labelled: usize,
 }
 
 impl Batch {
@@ -107,6 +110,7 @@ struct CpuBatch {
     indices: Vec<usize>,
     labelled: Option<Vec<bool>>,
     global_len: usize,
+    global_labelled: usize,
 }
 
 /// Splits a dataset into batches, epoch after epoch.
@@ -224,6 +228,10 @@ impl BatchLoader {
                 }
                 let idx: Vec<usize> = global[mtkd_dist::shard(global.len(), rank, world)].to_vec();
                 let global_len = global.len();
+                let global_labelled = set
+                    .labelled
+                    .as_ref()
+                    .map_or(global_len, |l| global.iter().filter(|&&i| l[i]).count());
                 let mut pixels = vec![0f32; idx.len() * per];
                 let mut labels = Vec::with_capacity(idx.len());
                 let mut masks = match set.annotations {
@@ -295,6 +303,7 @@ impl BatchLoader {
                         indices: idx,
                         labelled,
                         global_len,
+                        global_labelled,
                     })
                     .is_err()
                 {
@@ -358,6 +367,7 @@ impl Iterator for EpochIter {
             indices: cpu.indices,
             labelled,
             global_len: cpu.global_len,
+            global_labelled: cpu.global_labelled,
         })
     }
 }

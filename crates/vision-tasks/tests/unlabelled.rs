@@ -235,6 +235,7 @@ fn detection_pseudo_boxes_need_a_confident_ensemble() {
         indices: vec![0, 1],
         labelled: Some(Tensor::from_slice(&[true, false])),
         global_len: 2,
+        global_labelled: 1,
     };
     let targets = task.targets(&batch).unwrap();
     let (t, img) = task
@@ -264,6 +265,7 @@ fn detection_pseudo_boxes_need_a_confident_ensemble() {
             labels: batch.labels.shallow_clone(),
             indices: vec![0, 1],
             global_len: 2,
+            global_labelled: 2,
         })
         .unwrap();
     assert!(t.get(1).equal(&none.get(1)));

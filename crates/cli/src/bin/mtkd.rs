@@ -1063,6 +1063,12 @@ fn train(
                 comm.barrier()?;
                 Ok(())
             }
+            // A stop on request: the ranks agreed on it (the trainer's stop level), so they all
+            // stop here together and leave normally.
+            Err(e) if e.root_cause().downcast_ref::<trainer::Stopped>().is_some() => {
+                comm.barrier()?;
+                Err(e)
+            }
             Err(e) => {
                 eprintln!("mtkd (rank {rank} of {world}): error: {e:#}");
                 comm.abort(train_exit_code(&e));

@@ -214,8 +214,10 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     let comm = opts.comm.clone().filter(|c| c.world() > 1);
     let writer = comm.as_ref().is_none_or(|c| c.rank() == 0);
     let device = match &comm {
-        // One GPU per rank of a machine.
-        Some(c) if cfg.run.device == "cuda" => device_of(&format!("cuda:{}", c.local_rank()))?,
+        // One GPU per rank of a machine: `cuda` or `cuda:N` means the rank's local GPU.
+        Some(c) if cfg.run.device.starts_with("cuda") => {
+            device_of(&format!("cuda:{}", c.local_rank()))?
+        }
         _ => device_of(&cfg.run.device)?,
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -434,8 +436,17 @@ impl<'a> Trainer<'a> {
             _ => self.open_output_cache()?,
         }
         if let Some(c) = self.step.comm() {
-            // Every rank starts from rank 0's state (after a resume, all read the same
-            // checkpoint; the broadcast makes it so whatever the file system showed them).
+            // Every rank starts from rank 0's state. After a resume each has read the
+            // checkpoint itself: the ranks first check that they read the same one (epoch, step,
+            // the strategy's bookkeeping), then take rank 0's tensors.
+            let json = stable_hash(meta.strategy_json.as_bytes());
+            let json_bits = u64::from_str_radix(&json[..json.len().min(13)], 16).unwrap_or(0);
+            let read = Tensor::from_slice(&[meta.epoch as f64, meta.step as f64, json_bits as f64]);
+            mtkd_dist::check_same(
+                c,
+                "the checkpoint each rank resumed from (epoch, step, strategy state)",
+                &[read],
+            )?;
             mtkd_dist::broadcast_tensors(c, &state::replicated_state(&self.step)?)?;
         }
         let mut sink = if self.writer {
@@ -483,7 +494,7 @@ impl<'a> Trainer<'a> {
                         return Err(anyhow::Error::new(Interrupted(session_steps)));
                     }
                 }
-                if crate::stop::level() >= 2 {
+                if self.stop_level()? >= 2 {
                     return Err(anyhow::Error::new(Stopped {
                         dir: self.dir.clone(),
                         completed: epoch,
@@ -578,7 +589,7 @@ impl<'a> Trainer<'a> {
             );
             obs.epoch_end(&rec);
             last_report = Some(report);
-            if crate::stop::level() >= 1 && epoch + 1 < tc.epochs {
+            if self.stop_level()? >= 1 && epoch + 1 < tc.epochs {
                 return Err(anyhow::Error::new(Stopped {
                     dir: self.dir.clone(),
                     completed: epoch + 1,
@@ -592,6 +603,27 @@ impl<'a> Trainer<'a> {
             None => self.evaluate(&test_loader)?.0,
         };
         self.finish(&meta, &report)
+    }
+
+    /// The stop request ([`crate::stop`]); data-parallel ranks agree on the highest of theirs,
+    /// so that they all stop at the same step or epoch (a signal may reach them one by one).
+    fn stop_level(&self) -> Result<u8> {
+        let mine = crate::stop::level();
+        let Some(c) = self.step.comm() else {
+            return Ok(mine);
+        };
+        let mut any = [
+            f64::from(u8::from(mine >= 1)),
+            f64::from(u8::from(mine >= 2)),
+        ];
+        mtkd_dist::all_reduce_f64(c, &mut any)?;
+        Ok(if any[1] > 0.0 {
+            2
+        } else if any[0] > 0.0 {
+            1
+        } else {
+            0
+        })
     }
 
     /// `[distill.prune]` at the end of an epoch: the teachers whose weight stayed low leave

@@ -294,15 +294,14 @@ impl DistillStep {
         let ce_all = self.task.loss(&out.logits, &targets)?;
         // The task loss reads the labelled samples only, averaged over them: a batch's labelled
         // samples weigh as a fully labelled batch would (docs/METHOD.md section 15). `scored`
-        // is what the records keep (0 on unlabelled samples). No host sync: the count stays a
-        // tensor.
+        // is what the records keep (0 on unlabelled samples). The count is the global batch's
+        // (the loader's), so that data-parallel ranks average over the same samples as one
+        // process does, and no host sync is needed.
         let (ce, scored) = match &batch.labelled {
             None => (ce_all.shallow_clone(), ce_all.shallow_clone()),
             Some(l) => {
                 let masked = ce_all.where_self(l, &Tensor::zeros_like(&ce_all));
-                let n = l.sum(Kind::Float).clamp_min(1.0);
-                let scale =
-                    Tensor::full([], batch.indices.len() as f64, (Kind::Float, n.device())) / n;
+                let scale = batch.global_len as f64 / batch.global_labelled.max(1) as f64;
                 (&masked * scale, masked)
             }
         };
