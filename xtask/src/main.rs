@@ -31,7 +31,8 @@ Commands:
   ci                 cargo fmt --check, clippy with warnings denied, then the test suite
   mtkd [ARGS]        build and run the mtkd binary with ARGS
   compare [ARGS]     run every weighting strategy with identical settings and seeds and write a
-                     markdown table (default: --config configs/default.toml --seeds 3)
+                     markdown table (default: --config configs/default.toml --seeds 3);
+                     --nproc N runs each row on N local processes (mpirun)
   teachers [ARGS]    train (or take from the cache) and evaluate a config's teacher pool
                      (default: --config configs/default.toml)
   export-teacher ARGS  wrap a PyTorch model as a TorchScript teacher (scripts/export_teacher.py)
@@ -160,12 +161,32 @@ fn run() -> Result<()> {
         }
         "compare" => {
             let torch = torch::ensure()?;
+            let mut rest = rest;
+            let nproc = mpi::take_nproc(&mut rest)?.filter(|&n| n > 1);
             let mut args = vec!["compare".to_owned()];
             if config_path(&rest).is_none() {
                 args.extend(["--config".to_owned(), "configs/default.toml".to_owned()]);
             }
             args.extend(rest);
             data::ensure_for_config(&config_path(&args), torch.python().as_deref())?;
+            if let Some(n) = nproc {
+                // Every row on N local ranks: mpirun's command line as the rows' launcher.
+                mpi::ensure()?;
+                let line = mpi::mpirun(n, std::path::Path::new(""), &[]);
+                let mut launcher: Vec<String> =
+                    vec![line.get_program().to_string_lossy().into_owned()];
+                launcher.extend(
+                    line.get_args()
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .filter(|a| !a.is_empty()),
+                );
+                args.extend(["--launcher".to_owned(), launcher.join(" ")]);
+                for (k, v) in line.get_envs() {
+                    if let (k, Some(v)) = (k.to_string_lossy(), v) {
+                        std::env::set_var(k.as_ref(), v);
+                    }
+                }
+            }
             run_mtkd(&torch, &args)
         }
         "teachers" => {

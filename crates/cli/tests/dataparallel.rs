@@ -274,3 +274,109 @@ fn a_failing_or_killed_rank_ends_the_job_and_the_run_resumes() {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(summary(&dir).epochs, 6);
 }
+
+/// Teacher outputs shared through a folder (`mtkd share-teachers`, one process) serve two
+/// ranks, each reading its rows; 257 samples make the epoch's last global batch a single
+/// sample, which the ranks leave out and the reader skips. The run matches the two-rank run
+/// whose teachers run live. Without the files, the ranks refuse to write them.
+#[test]
+fn shared_teacher_outputs_serve_two_ranks() {
+    let _serial = serial();
+    let s = scratch("dp-shared");
+    let cfg = config(&s, "mtkd-rl", 2);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("train_subset = 256", "train_subset = 257");
+    std::fs::write(&cfg, text).unwrap();
+    let shared = s.join("shared");
+    let out = Command::new(mtkd())
+        .args(["share-teachers", "--config"])
+        .arg(&cfg)
+        .arg("--into")
+        .arg(&shared)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = s.join("read");
+    let (code, log) = wait(
+        spawn(
+            mpirun(2)
+                .arg(mtkd())
+                .args(train_args(&cfg, &read))
+                .arg("--teacher-outputs")
+                .arg(&shared),
+        ),
+        Duration::from_secs(300),
+        "two ranks reading shared outputs",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    let live = s.join("live");
+    two_ranks(&cfg, &live);
+    let (a, b) = (epochs(&read), epochs(&live));
+    for (x, y) in a.iter().zip(&b) {
+        eprintln!(
+            "epoch {}: shared {:.2} live {:.2}, weights {:?} / {:?}",
+            x.epoch, x.test.value, y.test.value, x.teacher_weights, y.teacher_weights
+        );
+        assert!((x.test.value - y.test.value).abs() <= TOP1_TOLERANCE);
+        for (wx, wy) in x.teacher_weights.iter().zip(&y.teacher_weights) {
+            assert!((wx - wy).abs() <= WEIGHT_TOLERANCE);
+        }
+    }
+    let (code, log) = wait(
+        spawn(
+            mpirun(2)
+                .arg(mtkd())
+                .args(train_args(&cfg, &s.join("none")))
+                .arg("--teacher-outputs")
+                .arg(s.join("empty")),
+        ),
+        END_WITHIN,
+        "two ranks without shared outputs",
+    );
+    assert_ne!(code, Some(0), "{log}");
+    assert!(log.contains("mtkd share-teachers"), "{log}");
+}
+
+/// `mtkd compare --launcher "mpirun -n 2 ..."`: the teacher pass in one process, every row on
+/// two ranks reading the shared outputs, the table saying so.
+#[test]
+fn compare_runs_its_rows_on_two_ranks() {
+    let _serial = serial();
+    let s = scratch("dp-compare");
+    let cfg = config(&s, "equal", 1);
+    let out = s.join("cmp");
+    let launcher = "mpirun -n 2 --bind-to none --oversubscribe --mca btl self,vader --mca oob_tcp_if_include lo -x OMP_NUM_THREADS=1";
+    let (code, log) = wait(
+        spawn(
+            Command::new(mtkd())
+                .args(["compare", "--config"])
+                .arg(&cfg)
+                .args(["--seeds", "1", "--only", "equal-aver,mtkd-rl-meta", "--out"])
+                .arg(&out)
+                .args(["--launcher", launcher])
+                .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+        ),
+        Duration::from_secs(300),
+        "mtkd compare --launcher",
+    );
+    assert_eq!(code, Some(0), "{log}");
+    let table = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    assert!(
+        table.contains("Each row ran data-parallel under `mpirun -n 2"),
+        "{table}"
+    );
+    for row in ["equal-aver-seed3", "mtkd-rl-meta-seed3"] {
+        let e = epochs(&out.join(row));
+        assert_eq!(
+            e[0].data_parallel.as_ref().map(|d| d.ranks),
+            Some(2),
+            "{row} did not run on two ranks"
+        );
+    }
+}

@@ -219,11 +219,110 @@ impl EpochOutputs {
         }
     }
 
+    /// Data-parallel ranks: this rank's rows of the next batch, whose whole record the file
+    /// holds (`part` = `(rank, world)`, the loader's contiguous shard). `indices` are the
+    /// rank's samples, checked against their place in the stored batch. Only a complete file
+    /// can be read this way: ranks never write shared outputs.
+    pub fn batch_part(
+        &mut self,
+        indices: &[usize],
+        (rank, world): (usize, usize),
+        device: Device,
+    ) -> Result<Vec<ModelOutput>> {
+        let EpochOutputs::Read {
+            path,
+            file,
+            layout,
+            batches,
+        } = self
+        else {
+            bail!(
+                "data-parallel ranks read shared teacher outputs but do not write them: this \
+                 epoch's file is missing; compute them first in one process (mtkd \
+                 share-teachers --config ... --into DIR), or leave --teacher-outputs out"
+            );
+        };
+        let at = *batches;
+        let context = |path: &Path| {
+            format!(
+                "shared teacher outputs {} (batch {at}); delete the file to recompute it",
+                path.display()
+            )
+        };
+        // The loader leaves out a global batch smaller than the world (the epoch's last).
+        let (stored, outs) = loop {
+            let (stored, outs) =
+                read_any_record(file, layout, device).with_context(|| context(path))?;
+            *batches += 1;
+            if stored.len() >= world {
+                break (stored, outs);
+            }
+        };
+        let part = mtkd_dist::shard(stored.len(), rank, world);
+        if stored[part.clone()] != *indices {
+            return Err(anyhow!(
+                "rank {rank}'s samples differ from its part of the stored batch: the file was made \
+                 for other batches"
+            ))
+            .with_context(|| context(path));
+        }
+        Ok(outs
+            .into_iter()
+            .map(|o| ModelOutput {
+                logits: o.logits.narrow(0, part.start as i64, part.len() as i64),
+                features: o
+                    .features
+                    .map(|f| f.narrow(0, part.start as i64, part.len() as i64)),
+            })
+            .collect())
+    }
+
     /// End of the epoch: a writer makes its file complete (flush, sync, rename); a reader checks
-    /// that the file has no batches left over.
-    pub fn finish(self) -> Result<()> {
+    /// that the file has no batches left over (`world` > 1: but a last batch smaller than the
+    /// world, which data-parallel loaders leave out).
+    pub fn finish(self, world: usize) -> Result<()> {
         match self {
-            EpochOutputs::Read { path, mut file, .. } => {
+            EpochOutputs::Read {
+                path,
+                mut file,
+                layout,
+                ..
+            } => {
+                if world > 1 {
+                    let mut peek = [0u8; 8];
+                    let mut got = 0;
+                    while got < 8 {
+                        let n = file.read(&mut peek[got..])?;
+                        if n == 0 {
+                            break;
+                        }
+                        got += n;
+                    }
+                    if got == 0 {
+                        return Ok(());
+                    }
+                    let n = u64::from_le_bytes(peek) as usize;
+                    if got == 8 && n < world {
+                        // Skip that record: its indices and tensors.
+                        let mut rest = (&mut file).take(8 * n as u64);
+                        std::io::copy(&mut rest, &mut std::io::sink())?;
+                        let n = n as i64;
+                        for shape in &layout.features {
+                            let mut bytes = layout.batch_logits(n).iter().product::<i64>();
+                            if let Some((c, h, w)) = shape {
+                                bytes += n * c * h * w;
+                            }
+                            let mut rest = (&mut file).take(4 * bytes as u64);
+                            std::io::copy(&mut rest, &mut std::io::sink())?;
+                        }
+                    } else {
+                        bail!(
+                            "shared teacher outputs {} hold more batches than this run's epoch; \
+                             delete the file to recompute it",
+                            path.display()
+                        );
+                    }
+                }
                 let mut probe = [0u8; 1];
                 if file.read(&mut probe)? != 0 {
                     bail!(
@@ -303,34 +402,23 @@ fn write_tensor(file: &mut impl Write, t: &Tensor, shape: &[i64], m: usize) -> R
     Ok(())
 }
 
-fn read_record(
+/// The next record, whatever its samples: their indices and the outputs.
+fn read_any_record(
     file: &mut impl Read,
-    indices: &[usize],
     layout: &Layout,
     device: Device,
-) -> Result<Vec<ModelOutput>> {
+) -> Result<(Vec<usize>, Vec<ModelOutput>)> {
     let mut word = [0u8; 8];
     file.read_exact(&mut word)
         .context("the file ends before this batch")?;
     let n = u64::from_le_bytes(word) as usize;
-    if n != indices.len() {
-        bail!(
-            "a batch of {n} samples where this run has {}: the file was made for other batches",
-            indices.len()
-        );
-    }
     let mut stored = vec![0u8; 8 * n];
     file.read_exact(&mut stored)
         .context("the file ends inside a batch")?;
-    let same = stored
+    let indices: Vec<usize> = stored
         .chunks_exact(8)
-        .zip(indices)
-        .all(|(c, &i)| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) == i as u64);
-    if !same {
-        bail!(
-            "its sample indices differ from this run's batch: the file was made for other batches"
-        );
-    }
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize)
+        .collect();
     let n = n as i64;
     let mut out = Vec::with_capacity(layout.features.len());
     for shape in &layout.features {
@@ -340,6 +428,28 @@ fn read_record(
             None => None,
         };
         out.push(ModelOutput { logits, features });
+    }
+    Ok((indices, out))
+}
+
+fn read_record(
+    file: &mut impl Read,
+    indices: &[usize],
+    layout: &Layout,
+    device: Device,
+) -> Result<Vec<ModelOutput>> {
+    let (stored, out) = read_any_record(file, layout, device)?;
+    if stored.len() != indices.len() {
+        bail!(
+            "a batch of {} samples where this run has {}: the file was made for other batches",
+            stored.len(),
+            indices.len()
+        );
+    }
+    if stored != indices {
+        bail!(
+            "its sample indices differ from this run's batch: the file was made for other batches"
+        );
     }
     Ok(out)
 }

@@ -104,6 +104,11 @@ enum Cmd {
         /// more runs without sharing.
         #[arg(long, value_name = "GB", default_value_t = 50.0)]
         shared_teachers_max_gb: f64,
+        /// Run each row data-parallel under this launcher, e.g. "mpirun -n 2 --bind-to none"
+        /// (split at spaces; `mtkd train ...` follows it). Rows with [distill.prune] run in one
+        /// process.
+        #[arg(long, value_name = "COMMAND")]
+        launcher: Option<String>,
     },
     /// Evaluate a model on a split of a dataset: top-1, top-5, per-class accuracy, confusion
     /// matrix. MODEL: a run folder, a student .safetensors (with --arch) or a TorchScript .pt.
@@ -332,6 +337,7 @@ fn main() -> std::process::ExitCode {
             only,
             no_shared_teachers,
             shared_teachers_max_gb,
+            launcher,
             ..
         } => compare(
             config,
@@ -340,6 +346,7 @@ fn main() -> std::process::ExitCode {
             out,
             only,
             (!no_shared_teachers).then_some(shared_teachers_max_gb),
+            launcher,
         ),
         Cmd::Teachers { config, overrides } => teachers(config, overrides),
         Cmd::ShareTeachers {
@@ -734,8 +741,15 @@ fn compare(
     out: Option<PathBuf>,
     only: Option<Vec<String>>,
     share_max_gb: Option<f64>,
+    launcher: Option<String>,
 ) -> Result<()> {
     let share = share_max_gb.is_some();
+    let launcher: Vec<String> = launcher
+        .as_deref()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
     use mtkd_cli::compare;
     let cfg = Config::load(&config, &overrides)?;
     let plan = compare::plan(&cfg, seeds.max(1), only.as_deref())?;
@@ -792,7 +806,16 @@ fn compare(
                     p.strategy,
                     p.seed
                 );
-                let mut cmd = std::process::Command::new(&exe);
+                // Data-parallel rows: `LAUNCHER... mtkd train ...` (pruning runs in one process).
+                let prunes = p.config.distill.as_ref().is_some_and(|d| d.prune.is_some());
+                let mut cmd = match launcher.split_first() {
+                    Some((program, args)) if !prunes => {
+                        let mut c = std::process::Command::new(program);
+                        c.args(args).arg(&exe);
+                        c
+                    }
+                    _ => std::process::Command::new(&exe),
+                };
                 cmd.arg("train");
                 if dir.join("config.toml").is_file() {
                     cmd.arg("--resume").arg(&dir);
@@ -904,6 +927,14 @@ fn compare(
             "Some seeds ran without shared outputs (over --shared-teachers-max-gb or no run \
              needed a pass); their rows include the teachers' forward passes.\n",
         );
+    }
+    if !launcher.is_empty() {
+        md.push_str(&format!(
+            "Each row ran data-parallel under `{}` (rows with [distill.prune] in one process): \
+             its s / epoch is the ranks' wall time, and its figures differ from one process's \
+             within the data-parallel tolerance (README, \"Several processes\").\n",
+            launcher.join(" ")
+        ));
     }
     // Each run's audit page gains the comparison now that all its siblings exist.
     for p in &plan {

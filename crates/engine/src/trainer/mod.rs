@@ -234,20 +234,11 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
         let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
         stable_hash(text.as_bytes())
     };
-    if let Some(c) = &comm {
-        if cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
-            bail!(
-                "[distill.prune] does not run data-parallel yet (each rank would judge the \
-                 teachers on its own part of the data): train it in one process"
-            );
-        }
-        if opts.teacher_outputs.is_some() {
-            bail!(
-                "--teacher-outputs does not run data-parallel yet (the shared records hold \
-                 whole batches, each rank reads its part): leave it out with {} ranks",
-                c.world()
-            );
-        }
+    if comm.is_some() && cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
+        bail!(
+            "[distill.prune] does not run data-parallel yet (each rank would judge the teachers \
+             on its own part of the data): train it in one process"
+        );
     }
     // A changed configuration is refused before any work (data, teachers).
     let ckpt_dir = dir.join("checkpoints");
@@ -430,7 +421,8 @@ impl<'a> Trainer<'a> {
                     .map(|p| p.file.clone())
                     .collect();
                 let dir = crate::shared::key_dir(root, cfg, &files, self.step.device)?;
-                self.step.source = Box::new(Shared::new(dir));
+                let part = self.step.comm().map(|c| (c.rank(), c.world()));
+                self.step.source = Box::new(Shared::new(dir, part));
             }
             // Shared outputs serve every epoch: with them, an in-memory cache would never be read.
             _ => self.open_output_cache()?,

@@ -232,7 +232,7 @@ pub fn share_teacher_outputs(
             }
             Ok(())
         })?;
-        out.finish()?;
+        out.finish(1)?;
         seconds.push(t0.elapsed().as_secs_f64());
         obs.phase(&format!(
             "teacher outputs of epoch {} stored in {:.1} s",

@@ -45,14 +45,21 @@ impl TeacherSource for Live {
 /// The teachers' outputs of this run's batches, stored under a key folder
 /// ([`crate::shared`]): read when another run stored them, else computed and written.
 /// Records hold the whole pool; a pruned teacher's column is dropped here.
+/// Data-parallel ranks (`part` = `(rank, world)`) read their rows of complete files and write
+/// none.
 pub(crate) struct Shared {
     dir: PathBuf,
     epoch: Option<EpochOutputs>,
+    part: Option<(usize, usize)>,
 }
 
 impl Shared {
-    pub(crate) fn new(dir: PathBuf) -> Shared {
-        Shared { dir, epoch: None }
+    pub(crate) fn new(dir: PathBuf, part: Option<(usize, usize)>) -> Shared {
+        Shared {
+            dir,
+            epoch: None,
+            part,
+        }
     }
 }
 
@@ -67,9 +74,12 @@ impl TeacherSource for Shared {
             .epoch
             .as_mut()
             .context("shared teacher outputs read outside an epoch")?;
-        let all = file.batch(&batch.indices, batch.images.device(), || {
-            pool.run(&pool.all(), &batch.images)
-        })?;
+        let all = match self.part {
+            Some(part) => file.batch_part(&batch.indices, part, batch.images.device())?,
+            None => file.batch(&batch.indices, batch.images.device(), || {
+                pool.run(&pool.all(), &batch.images)
+            })?,
+        };
         if pool.active.len() == all.len() {
             return Ok(all);
         }
@@ -83,7 +93,7 @@ impl TeacherSource for Shared {
 
     fn end_epoch(&mut self, _epoch: usize) -> Result<Option<u64>> {
         if let Some(file) = self.epoch.take() {
-            file.finish()?;
+            file.finish(self.part.map_or(1, |(_, world)| world))?;
         }
         Ok(None)
     }
