@@ -106,18 +106,6 @@ fn command_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|s| s.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 /// Write the report to `out` from the `allreduce` example's output (`allreduce`, JSON lines),
 /// a one-process run folder and a data-parallel one, printing `command` as the way to
 /// reproduce it.
@@ -172,7 +160,7 @@ pub fn write_report(
         "Written by `{command}` on {} ({} cores), {}, {}, mtkd {}. Figures are one run each \
          on a machine whose ranks share its cores: read them as this machine's, not as a \
          cluster's.\n",
-        cpu_model(),
+        mtkd_engine::trainer::bench::cpu_model(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         command_line("mpirun", &["--version"]),
         lines[0].backend,

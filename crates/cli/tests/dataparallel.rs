@@ -5,7 +5,7 @@
 #![cfg(feature = "mpi")]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mtkd_engine::record::{EpochRecord, Summary};
@@ -13,6 +13,9 @@ use mtkd_engine::record::{EpochRecord, Summary};
 #[path = "../../engine/tests/common/mod.rs"]
 mod common;
 use common::*;
+#[path = "../../../test-support/mpirun.rs"]
+mod mpirun;
+use mpirun::{mpirun, spawn, wait};
 
 /// Tolerances of a two-rank run against one process (docs/ARCHITECTURE.md, "Data-parallel
 /// training"): BatchNorm's batch statistics come from each rank's half of the batch, and sums
@@ -22,55 +25,8 @@ const WEIGHT_TOLERANCE: f64 = 0.02;
 /// A job whose rank failed must end within this.
 const END_WITHIN: Duration = Duration::from_secs(60);
 
-fn mpirun(n: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-n", &n.to_string(), "--bind-to", "none", "--oversubscribe"])
-        .args([
-            "--mca",
-            "btl",
-            "self,vader",
-            "--mca",
-            "oob_tcp_if_include",
-            "lo",
-        ])
-        .args(["-x", "OMP_NUM_THREADS=1"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    cmd
-}
-
 fn mtkd() -> &'static str {
     env!("CARGO_BIN_EXE_mtkd")
-}
-
-/// Wait for `child` at most `limit`; its exit code, or a test failure naming `what`.
-fn wait(mut child: Child, limit: Duration, what: &str) -> (Option<i32>, String) {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            let out = child.wait_with_output().unwrap();
-            return (
-                out.status.code(),
-                format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            );
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{what} did not end within {limit:?}: a rank hangs");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn spawn(cmd: &mut Command) -> Child {
-    cmd.stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("mpirun (Debian: openmpi-bin) must be installed for the data-parallel tests")
 }
 
 fn train_args(config: &Path, dir: &Path) -> Vec<std::ffi::OsString> {

@@ -3,8 +3,7 @@
 //! selected by name), with loopback-only transports, under a time limit.
 #![cfg(feature = "mpi")]
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mtkd_dist::{
     all_gather_rows, all_reduce_f64, all_reduce_grads, broadcast_string, broadcast_tensors,
@@ -15,58 +14,30 @@ use tch::{Device, Kind, Tensor};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// The mpirun command that runs `worker` (a test of this file) on `n` local ranks.
-fn mpirun(n: usize, worker: &str) -> Command {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-n", &n.to_string(), "--bind-to", "none", "--oversubscribe"])
-        .args([
-            "--mca",
-            "btl",
-            "self,vader",
-            "--mca",
-            "oob_tcp_if_include",
-            "lo",
-        ])
-        .arg(exe)
-        .args([
-            "--exact",
-            worker,
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("MTKD_MPI_WORKER", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMP_NUM_THREADS", "1");
-    cmd
-}
+#[path = "../../../test-support/mpirun.rs"]
+mod mpirun;
 
-/// Run `worker` on two ranks; returns (success, output), failing the test on a hang.
+/// Run `worker` (a test of this file) on two ranks in worker mode; returns (success, output),
+/// failing the test on a hang.
 fn launch(worker: &str) -> (bool, String) {
-    let mut child = mpirun(2, worker)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("mpirun (Debian: openmpi-bin) must be installed for the MPI tests");
-    let start = Instant::now();
-    loop {
-        if let Some(_status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return (out.status.success(), text);
-        }
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            panic!("mpirun {worker} did not finish within {LIMIT:?}: a rank hangs");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let exe = std::env::current_exe().unwrap();
+    let (code, out) = mpirun::wait(
+        mpirun::spawn(
+            mpirun::mpirun(2)
+                .arg(exe)
+                .args([
+                    "--exact",
+                    worker,
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("MTKD_MPI_WORKER", "1"),
+        ),
+        LIMIT,
+        &format!("mpirun {worker}"),
+    );
+    (code == Some(0), out)
 }
 
 fn worker() -> Option<Mpi> {
