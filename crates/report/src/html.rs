@@ -339,6 +339,15 @@ impl<'a> Page<'a> {
 
     // --- 1. header --------------------------------------------------------------------------
 
+    /// The number of data-parallel ranks that trained the run (`None`: one process).
+    fn ranks(&self) -> Option<usize> {
+        self.inp
+            .metrics
+            .last()
+            .and_then(|r| r.data_parallel.as_ref())
+            .map(|d| d.ranks)
+    }
+
     /// How people read the run's primary metric (`top-1`, `mIoU`, `AP`).
     fn metric(&self) -> &str {
         mtkd_records::metric::metric_label(&self.inp.summary.metric)
@@ -374,7 +383,13 @@ impl<'a> Page<'a> {
                 format!("{} (epoch {})", pct(s.best_value), s.best_epoch),
             ),
             ("epochs", s.epochs.to_string()),
-            ("device", s.device.clone()),
+            (
+                "device",
+                match self.ranks() {
+                    Some(n) => format!("{} × {n} ranks", s.device),
+                    None => s.device.clone(),
+                },
+            ),
             ("wall time", duration(s.wall_seconds)),
             (
                 "peak memory",
@@ -397,6 +412,15 @@ impl<'a> Page<'a> {
             ));
         }
         out.push_str("</div>\n");
+        if let Some(n) = self.ranks() {
+            out.push_str(&format!(
+                "<p class=\"note\">Trained data-parallel on {n} ranks (README, \"Several \
+                 processes\"): the losses, accuracies and mean weights per epoch are the ranks' \
+                 together; the weights per class, <code>weights.csv</code> and the samples where \
+                 the teachers disagree most come from rank 0's part of every batch (1/{n} of the \
+                 data).</p>\n"
+            ));
+        }
         if self.has_teachers {
             out.push_str(&self.teachers_block());
         } else {
@@ -1625,6 +1649,21 @@ pub(crate) mod tests {
         let mut no_prune = inputs();
         no_prune.metrics[0].pruned.clear();
         assert!(render(&no_prune).contains("No teacher left the pool."));
+    }
+
+    #[test]
+    fn report_says_a_run_was_data_parallel() {
+        let mut inp = inputs();
+        assert!(!render(&inp).contains("data-parallel"));
+        for r in &mut inp.metrics {
+            r.data_parallel = Some(mtkd_records::record::DataParallel {
+                ranks: 2,
+                allreduce_seconds: 0.5,
+            });
+        }
+        let html = render(&inp);
+        assert!(html.contains("Trained data-parallel on 2 ranks"), "note");
+        assert!(html.contains("× 2 ranks"), "device card");
     }
 
     #[test]
