@@ -132,12 +132,7 @@ fn run() -> Result<()> {
                     step("cargo build (mtkd with MPI)", &mut build)?;
                     let mtkd = target_dir()?.join("release").join("mtkd");
                     let mut cmd = mpi::mpirun(n, &mtkd, &train_args);
-                    for (k, v) in torch.cargo_env() {
-                        cmd.env(k, v);
-                    }
-                    if std::env::var_os("MTKD_DATA_DIR").is_none() {
-                        cmd.env("MTKD_DATA_DIR", data::data_dir()?);
-                    }
+                    torch_env(&mut cmd, &torch);
                     step(&format!("mpirun -n {n} mtkd train"), &mut cmd)
                 }
                 _ => run_mtkd(&torch, &train_args),
@@ -172,19 +167,11 @@ fn run() -> Result<()> {
             if let Some(n) = nproc {
                 // Every row on N local ranks: mpirun's command line as the rows' launcher.
                 mpi::ensure()?;
-                let line = mpi::mpirun(n, std::path::Path::new(""), &[]);
-                let mut launcher: Vec<String> =
-                    vec![line.get_program().to_string_lossy().into_owned()];
-                launcher.extend(
-                    line.get_args()
-                        .map(|a| a.to_string_lossy().into_owned())
-                        .filter(|a| !a.is_empty()),
-                );
-                args.extend(["--launcher".to_owned(), launcher.join(" ")]);
-                for (k, v) in line.get_envs() {
-                    if let (k, Some(v)) = (k.to_string_lossy(), v) {
-                        std::env::set_var(k.as_ref(), v);
-                    }
+                let (line, env) = mpi::mpirun_line(n);
+                args.extend(["--launcher".to_owned(), line.join(" ")]);
+                // Inherited by the rows' mpirun through mtkd compare.
+                for (k, v) in env {
+                    std::env::set_var(k, v);
                 }
             }
             run_mtkd(&torch, &args)
@@ -418,17 +405,8 @@ fn bench_dist(torch: &torch::Torch, mut rest: Vec<String>) -> Result<()> {
     let out = PathBuf::from("target/bench-dist");
     let _ = std::fs::remove_dir_all(&out);
     std::fs::create_dir_all(&out)?;
-    let env = |cmd: &mut Command| -> Result<()> {
-        for (k, v) in torch.cargo_env() {
-            cmd.env(k, v);
-        }
-        if std::env::var_os("MTKD_DATA_DIR").is_none() {
-            cmd.env("MTKD_DATA_DIR", data::data_dir()?);
-        }
-        Ok(())
-    };
     let mut ar = mpi::mpirun(n, &target.join("examples").join("allreduce"), &[]);
-    env(&mut ar)?;
+    torch_env(&mut ar, torch);
     let output = ar.output().context("running the all-reduce example")?;
     if !output.status.success() {
         bail!(
@@ -446,10 +424,10 @@ fn bench_dist(torch: &torch::Torch, mut rest: Vec<String>) -> Result<()> {
     };
     let mut one = Command::new(&mtkd);
     one.args(with_out("one")).env("OMP_NUM_THREADS", "1");
-    env(&mut one)?;
+    torch_env(&mut one, torch);
     step("mtkd train (one process)", &mut one)?;
     let mut many = mpi::mpirun(n, &mtkd, &with_out("many"));
-    env(&mut many)?;
+    torch_env(&mut many, torch);
     step(&format!("mpirun -n {n} mtkd train"), &mut many)?;
     let shown = std::iter::once(format!("cargo xtask bench-dist --nproc {n}"))
         .chain(rest.iter().cloned())
@@ -521,6 +499,12 @@ fn target_dir() -> Result<PathBuf> {
 fn cargo(torch: &torch::Torch) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
+    torch_env(&mut cmd, torch);
+    cmd
+}
+
+/// The libtorch environment and the data directory, for cargo and for the binaries it built.
+fn torch_env(cmd: &mut Command, torch: &torch::Torch) {
     for (k, v) in torch.cargo_env() {
         cmd.env(k, v);
     }
@@ -529,7 +513,6 @@ fn cargo(torch: &torch::Torch) -> Command {
             cmd.env("MTKD_DATA_DIR", dir);
         }
     }
-    cmd
 }
 
 fn step(what: &str, cmd: &mut Command) -> Result<()> {

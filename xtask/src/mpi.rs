@@ -122,36 +122,57 @@ pub fn feature_args(package: &str, torch: &crate::torch::Torch) -> Vec<String> {
     }
 }
 
-/// `mpirun -n N` on this machine for `program args`: loopback transports, no core binding (the
-/// ranks share the cores: each gets cores / N threads through OMP_NUM_THREADS unless the
-/// environment sets it), allowed to run as root.
-pub fn mpirun(n: usize, program: &Path, args: &[String]) -> Command {
+/// `mpirun -n N` on this machine: loopback transports, no core binding (the ranks share the
+/// cores: each gets cores / N threads through OMP_NUM_THREADS unless the environment sets it),
+/// idle ranks yielding their core. Returns the command line (program first) and the
+/// environment it needs (allowed to run as root).
+pub fn mpirun_line(n: usize) -> (Vec<String>, Vec<(&'static str, &'static str)>) {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let threads =
         std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / n).max(1).to_string());
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-n", &n.to_string(), "--bind-to", "none"]);
+    let mut line: Vec<String> = ["mpirun", "-n", &n.to_string(), "--bind-to", "none"]
+        .map(String::from)
+        .to_vec();
     if n > cores {
-        cmd.arg("--oversubscribe");
+        line.push("--oversubscribe".into());
     }
-    cmd.args([
-        "--mca",
-        "btl",
-        "self,vader",
-        "--mca",
-        "oob_tcp_if_include",
-        "lo",
-    ])
-    // Ranks waiting in a collective (e.g. while rank 0 trains teachers) yield their core.
-    .args(["--mca", "mpi_yield_when_idle", "1"])
-    .args(["-x", &format!("OMP_NUM_THREADS={threads}")])
-    .args(["-x", "MTKD_DATA_DIR", "-x", "RUST_LOG"])
-    .arg(program)
-    .args(args);
-    if is_root() {
-        cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
-    }
+    line.extend(
+        [
+            "--mca",
+            "btl",
+            "self,vader",
+            "--mca",
+            "oob_tcp_if_include",
+            "lo",
+            // Ranks waiting in a collective (e.g. while rank 0 trains teachers) yield their core.
+            "--mca",
+            "mpi_yield_when_idle",
+            "1",
+            "-x",
+            &format!("OMP_NUM_THREADS={threads}"),
+            "-x",
+            "MTKD_DATA_DIR",
+            "-x",
+            "RUST_LOG",
+        ]
+        .map(String::from),
+    );
+    let env = if is_root() {
+        vec![
+            ("OMPI_ALLOW_RUN_AS_ROOT", "1"),
+            ("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1"),
+        ]
+    } else {
+        Vec::new()
+    };
+    (line, env)
+}
+
+/// [`mpirun_line`] running `program args`.
+pub fn mpirun(n: usize, program: &Path, args: &[String]) -> Command {
+    let (line, env) = mpirun_line(n);
+    let mut cmd = Command::new(&line[0]);
+    cmd.args(&line[1..]).arg(program).args(args).envs(env);
     cmd
 }
 

@@ -39,16 +39,18 @@ fn train_args(config: &Path, dir: &Path) -> Vec<std::ffi::OsString> {
     ]
 }
 
-fn one_process(config: &Path, dir: &Path) {
-    let out = Command::new(mtkd())
-        .args(train_args(config, dir))
-        .output()
-        .unwrap();
+/// Run `cmd` (one process) and require success, showing its stderr otherwise.
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn one_process(config: &Path, dir: &Path) {
+    run_ok(Command::new(mtkd()).args(train_args(config, dir)));
 }
 
 fn two_ranks(config: &Path, dir: &Path) -> String {
@@ -171,17 +173,7 @@ fn a_failing_or_killed_rank_ends_the_job_and_the_run_resumes() {
         1,
         "epoch 1 is checkpointed, epoch 2 was cut"
     );
-    let out = Command::new(mtkd())
-        .arg("train")
-        .arg("--resume")
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new(mtkd()).arg("train").arg("--resume").arg(&dir));
     assert_eq!(summary(&dir).epochs, 3);
 
     // SIGKILL one rank once epoch 1 is checkpointed.
@@ -245,17 +237,12 @@ fn shared_teacher_outputs_serve_two_ranks() {
         .replace("train_subset = 256", "train_subset = 257");
     std::fs::write(&cfg, text).unwrap();
     let shared = s.join("shared");
-    let out = Command::new(mtkd())
-        .args(["share-teachers", "--config"])
-        .arg(&cfg)
-        .arg("--into")
-        .arg(&shared)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(mtkd())
+            .args(["share-teachers", "--config"])
+            .arg(&cfg)
+            .arg("--into")
+            .arg(&shared),
     );
     let read = s.join("read");
     let (code, log) = wait(

@@ -63,10 +63,45 @@ fn unsupported(op: &str, kind: Kind) -> Error {
     }
 }
 
-fn host(t: &Tensor) -> Result<Tensor> {
-    Ok(t.f_to_device(Device::Cpu)?
+/// `f` on `t`'s values as a host vector of its element type; the result back on `t`'s device.
+fn on_host<T>(t: &Tensor, f: impl FnOnce(Vec<T>) -> Vec<T>) -> Result<Tensor>
+where
+    T: tch::kind::Element + Equivalence,
+{
+    let h = t
+        .f_to_device(Device::Cpu)?
         .f_contiguous()?
-        .f_reshape([-1])?)
+        .f_reshape([-1])?;
+    let mut values = vec![T::ZERO; h.numel()];
+    h.f_copy_data(&mut values, h.numel())?;
+    let out = f(values);
+    Ok(Tensor::from_slice(&out).f_to_device(t.device())?)
+}
+
+/// [`on_host`] with `$T` the element type of `$t`'s kind (Float, Double, Int64, Uint8); other
+/// kinds are refused, naming the operation `$what`.
+macro_rules! by_kind {
+    ($what:expr, $t:expr, $T:ident, $f:expr) => {
+        match $t.kind() {
+            Kind::Float => {
+                type $T = f32;
+                on_host::<$T>($t, $f)
+            }
+            Kind::Double => {
+                type $T = f64;
+                on_host::<$T>($t, $f)
+            }
+            Kind::Int64 => {
+                type $T = i64;
+                on_host::<$T>($t, $f)
+            }
+            Kind::Uint8 => {
+                type $T = u8;
+                on_host::<$T>($t, $f)
+            }
+            k => Err(unsupported($what, k)),
+        }
+    };
 }
 
 fn displacements(counts: &[i32]) -> Vec<i32> {
@@ -111,32 +146,12 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let h = host(t)?;
-        let out = match h.kind() {
-            Kind::Float => {
-                let v = Vec::<f32>::try_from(&h)?;
-                let mut r = vec![0f32; v.len()];
-                self.world
-                    .all_reduce_into(&v[..], &mut r[..], SystemOperation::sum());
-                Tensor::from_slice(&r)
-            }
-            Kind::Double => {
-                let v = Vec::<f64>::try_from(&h)?;
-                let mut r = vec![0f64; v.len()];
-                self.world
-                    .all_reduce_into(&v[..], &mut r[..], SystemOperation::sum());
-                Tensor::from_slice(&r)
-            }
-            Kind::Int64 => {
-                let v = Vec::<i64>::try_from(&h)?;
-                let mut r = vec![0i64; v.len()];
-                self.world
-                    .all_reduce_into(&v[..], &mut r[..], SystemOperation::sum());
-                Tensor::from_slice(&r)
-            }
-            k => return Err(unsupported("all-reduce", k)),
-        };
-        Ok(out.f_to_device(t.device())?)
+        by_kind!("all-reduce", t, T, |v: Vec<T>| {
+            let mut r = vec![T::default(); v.len()];
+            self.world
+                .all_reduce_into(&v[..], &mut r[..], SystemOperation::sum());
+            r
+        })
     }
 
     fn all_gather(&self, t: &Tensor, counts: &[i64]) -> Result<Tensor> {
@@ -146,56 +161,27 @@ impl Collective for Mpi {
                 reason: format!("{} counts for {} ranks", counts.len(), self.world()),
             });
         }
-        let h = host(t)?;
-        if h.size()[0] != counts[self.rank()] {
+        if t.numel() as i64 != counts[self.rank()] {
             return Err(Error::Invalid {
                 what: "MPI all-gather".into(),
                 reason: format!(
                     "rank {} holds {} elements, its count says {}",
                     self.rank(),
-                    h.size()[0],
+                    t.numel(),
                     counts[self.rank()]
                 ),
             });
         }
         let c32: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
-        let out = match h.kind() {
-            Kind::Float => Tensor::from_slice(&self.gather_vec(&Vec::<f32>::try_from(&h)?, &c32)),
-            Kind::Double => Tensor::from_slice(&self.gather_vec(&Vec::<f64>::try_from(&h)?, &c32)),
-            Kind::Int64 => Tensor::from_slice(&self.gather_vec(&Vec::<i64>::try_from(&h)?, &c32)),
-            Kind::Uint8 => Tensor::from_slice(&self.gather_vec(&Vec::<u8>::try_from(&h)?, &c32)),
-            k => return Err(unsupported("all-gather", k)),
-        };
-        Ok(out.f_to_device(t.device())?)
+        by_kind!("all-gather", t, T, |v: Vec<T>| self.gather_vec(&v, &c32))
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        let h = host(t)?;
         let root = self.world.process_at_rank(root as i32);
-        let out = match h.kind() {
-            Kind::Float => {
-                let mut v = Vec::<f32>::try_from(&h)?;
-                root.broadcast_into(&mut v[..]);
-                Tensor::from_slice(&v)
-            }
-            Kind::Double => {
-                let mut v = Vec::<f64>::try_from(&h)?;
-                root.broadcast_into(&mut v[..]);
-                Tensor::from_slice(&v)
-            }
-            Kind::Int64 => {
-                let mut v = Vec::<i64>::try_from(&h)?;
-                root.broadcast_into(&mut v[..]);
-                Tensor::from_slice(&v)
-            }
-            Kind::Uint8 => {
-                let mut v = Vec::<u8>::try_from(&h)?;
-                root.broadcast_into(&mut v[..]);
-                Tensor::from_slice(&v)
-            }
-            k => return Err(unsupported("broadcast", k)),
-        };
-        Ok(out.f_to_device(t.device())?)
+        by_kind!("broadcast", t, T, |mut v: Vec<T>| {
+            root.broadcast_into(&mut v[..]);
+            v
+        })
     }
 
     fn barrier(&self) -> Result<()> {
