@@ -896,6 +896,11 @@ pub struct TeacherConfig {
     /// keeps every class).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classes: Option<Vec<usize>>,
+    /// Segmentation specialists (`classes`) only: what the other classes' pixels become in its
+    /// training masks: `"background"` (default: it learns to call them background) or
+    /// `"ignore"` (unlabelled: the loss skips them, so it never sees them as background).
+    #[serde(default, skip_serializing_if = "OtherClasses::is_background")]
+    pub others: OtherClasses,
     /// `arch` teachers only: then on N of the remaining training samples, seeded and stratified
     /// by class (0 = all).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -921,6 +926,24 @@ pub struct TeacherConfig {
     /// batch (default: the student's batch as it is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<TeacherInput>,
+}
+
+/// What a segmentation specialist's training masks make of the classes it does not own
+/// (`[[teachers]] others`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OtherClasses {
+    /// Their pixels become background (class 0).
+    #[default]
+    Background,
+    /// Their pixels become unlabelled (the ignore index): the loss skips them.
+    Ignore,
+}
+
+impl OtherClasses {
+    fn is_background(&self) -> bool {
+        *self == OtherClasses::Background
+    }
 }
 
 /// How a teacher's input is made from the student's (normalised, augmented) batch: the batch is
@@ -1090,6 +1113,17 @@ impl Config {
                     &format!("teachers[{i}].classes"),
                     "lists the foreground classes a segmentation specialist keeps; class 0 \
                      (background) is always kept"
+                        .into(),
+                );
+            }
+            if t.others == OtherClasses::Ignore
+                && (task != TaskKind::Segmentation || t.classes.is_none())
+            {
+                return bad(
+                    &format!("teachers[{i}].others"),
+                    "\"ignore\" unlabels the pixels of the classes a segmentation specialist \
+                     does not own: it needs a segmentation task and `classes` (a detection \
+                     specialist's other boxes are always dropped)"
                         .into(),
                 );
             }

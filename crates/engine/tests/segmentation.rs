@@ -156,9 +156,20 @@ fn segmentation_config_errors_name_the_field() {
         )
     };
     assert!(parse(&specialist("[1, 2]")).is_ok());
+    assert!(parse(&specialist("[1, 2]\nothers = \"ignore\"")).is_ok());
     let e = parse(&specialist("[0, 1]")).unwrap_err();
     assert!(
         e.contains("teachers[0].classes") && e.contains("background"),
+        "{e}"
+    );
+    // `others = "ignore"` unlabels the classes a specialist does not own: it needs `classes`.
+    let e = parse(&seg_scenes(
+        &SEG_POOL.replace("head = \"aspp\"", "head = \"aspp\"\nothers = \"ignore\""),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains("teachers[0].others") && e.contains("classes"),
         "{e}"
     );
     let no_scenes = seg_scenes("", &s).replace("scenes = {", "# scenes = {");

@@ -210,11 +210,12 @@ impl ImageSet {
 
     /// A dense set whose annotations keep only the classes in `classes` (a specialist
     /// teacher's training set, docs/METHOD.md section 12): a mask's pixels of any other
-    /// foreground class become background (class 0), a detection image's objects of any other
-    /// class are dropped, as if nobody had annotated them. Every image is kept. Returns the set
-    /// and the number of pixels or objects changed; classification sets are refused (their
-    /// class subset drops samples instead).
-    pub fn keep_classes(&self, classes: &[usize]) -> Result<(ImageSet, usize)> {
+    /// foreground class become background (class 0), or unlabelled (ignored by the loss) with
+    /// `ignore_others`; a detection image's objects of any other class are dropped, as if nobody
+    /// had annotated them (detection has no ignore regions: `ignore_others` is refused). Every
+    /// image is kept. Returns the set and the number of pixels or objects changed;
+    /// classification sets are refused (their class subset drops samples instead).
+    pub fn keep_classes(&self, classes: &[usize], ignore_others: bool) -> Result<(ImageSet, usize)> {
         let mut out = self.clone();
         let mut changed = 0;
         match &mut out.annotations {
@@ -231,12 +232,21 @@ impl ImageSet {
                 for &c in classes {
                     keep[c.min(255)] = true;
                 }
+                let other = if ignore_others { crate::objects::IGNORE } else { 0 };
                 for v in m.iter_mut() {
                     if !keep[*v as usize] {
-                        *v = 0;
+                        *v = other;
                         changed += 1;
                     }
                 }
+            }
+            Annotations::Objects(_) if ignore_others => {
+                return Err(Error::Invalid {
+                    what: "others".into(),
+                    reason: "a detection set has no ignore regions: the other classes' boxes \
+                             are dropped (others = \"background\")"
+                        .into(),
+                })
             }
             Annotations::Objects(o) => {
                 for (i, objs) in o.iter_mut().enumerate() {

@@ -467,7 +467,7 @@ fn keep_classes_unannotates_the_other_classes_of_dense_sets() {
     let masks =
         Array3::from_shape_vec((2, 2, 3), vec![0, 1, 2, 3, IGNORE, 1, 3, 3, 0, 2, 2, 2]).unwrap();
     s.annotations = Annotations::Masks(masks);
-    let (kept, changed) = s.keep_classes(&[1, 3]).unwrap();
+    let (kept, changed) = s.keep_classes(&[1, 3], false).unwrap();
     assert_eq!(kept.len(), 2);
     assert_eq!(changed, 4, "the four pixels of class 2");
     assert_eq!(
@@ -479,6 +479,18 @@ fn keep_classes_unannotates_the_other_classes_of_dense_sets() {
             .collect::<Vec<_>>(),
         vec![0, 1, 0, 3, IGNORE, 1, 3, 3, 0, 0, 0, 0]
     );
+    // `others = "ignore"`: the same pixels become unlabelled instead of background.
+    let (kept, changed) = s.keep_classes(&[1, 3], true).unwrap();
+    assert_eq!(changed, 4);
+    assert_eq!(
+        kept.annotations
+            .masks()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![0, 1, IGNORE, 3, IGNORE, 1, 3, 3, 0, IGNORE, IGNORE, IGNORE]
+    );
 
     let mut d = ImageSet::new(images.clone(), vec![0, 2], 3).unwrap();
     let ob = |class| Object {
@@ -488,7 +500,9 @@ fn keep_classes_unannotates_the_other_classes_of_dense_sets() {
     };
     d.annotations =
         Annotations::Objects(vec![vec![ob(0), ob(2), ob(0)], vec![ob(2), ob(2), ob(1)]]);
-    let (kept, changed) = d.keep_classes(&[1, 2]).unwrap();
+    let err = d.keep_classes(&[1, 2], true).unwrap_err().to_string();
+    assert!(err.contains("no ignore regions"), "{err}");
+    let (kept, changed) = d.keep_classes(&[1, 2], false).unwrap();
     assert_eq!(changed, 2);
     let objs = kept.annotations.objects().unwrap();
     assert_eq!(objs[0].iter().map(|o| o.class).collect::<Vec<_>>(), [2]);
@@ -500,5 +514,5 @@ fn keep_classes_unannotates_the_other_classes_of_dense_sets() {
     );
 
     let c = ImageSet::new(images, vec![0, 1], 2).unwrap();
-    assert!(c.keep_classes(&[0]).is_err());
+    assert!(c.keep_classes(&[0], false).is_err());
 }

@@ -547,6 +547,9 @@ pub(super) fn ensure_native_teacher(
         label_noise: f64,
         flip_pairs: &'k [[usize; 2]],
         permute_labels: bool,
+        /// Absent when "background" (the keys specialists always had).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        others: Option<crate::config::OtherClasses>,
     }
     #[derive(serde::Serialize)]
     struct Key<'k> {
@@ -576,6 +579,7 @@ pub(super) fn ensure_native_teacher(
             label_noise: t.label_noise,
             flip_pairs: &t.flip_pairs,
             permute_labels: t.permute_labels,
+            others: (t.others != crate::config::OtherClasses::Background).then_some(t.others),
         }),
     };
     let key = stable_hash(toml::to_string(&key)?.as_bytes());
@@ -625,9 +629,9 @@ pub(super) fn ensure_native_teacher(
         if let Some(classes) = edits.classes.take() {
             let (train, changed) = data
                 .train
-                .keep_classes(&classes)
+                .keep_classes(&classes, t.others == crate::config::OtherClasses::Ignore)
                 .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
-            tracing::info!(teacher = %t.name, changed, "annotations of the other classes removed");
+            tracing::info!(teacher = %t.name, changed, others = ?t.others, "annotations of the other classes removed");
             obs.phase(&format!(
                 "teacher `{}` trains on classes {classes:?} only: {changed} annotated pixels or objects of the other classes removed",
                 t.name
