@@ -12,7 +12,8 @@ over each labelled image's locations and classes, divided by its positive count 
 the labelled images; each teacher's KD term is the foreground-weighted binary KL of the class
 logits at temperature T (times T^2), averaged over the batch; the credit at a location is
 `kd_weight * B^2 * <d quiz / d z, d KD_m / d z>` over the classes there. Box KD is off
-(`box_kd_weight = 0`) in the weighted term checked here.
+(`box_kd_weight = 0`) in the weighted term checked here. The `*_balanced_ce` values are the quiz
+loss and credit of `location_quiz = "balanced-ce"`: the same focal loss with gamma 0.
 """
 import json
 from pathlib import Path
@@ -68,7 +69,9 @@ def main():
     rows = labelled.float()
     quiz = ((focal(z, onehot).sum((1, 2)) / npos) * rows).sum() / rows.sum().clamp_min(1.0)
     (gq,) = torch.autograd.grad(quiz, [z])
-    ce, kl, ent, credit, fg = [], [], [], [], []
+    quiz_bce = ((focal(z, onehot, gamma=0.0).sum((1, 2)) / npos) * rows).sum() / rows.sum().clamp_min(1.0)
+    (gq_bce,) = torch.autograd.grad(quiz_bce, [z])
+    ce, kl, ent, credit, credit_bce, fg = [], [], [], [], [], []
     for t in teachers:
         tc = t[:, :K]
         f = torch.maximum(torch.sigmoid(tc).amax(1), pos)
@@ -76,6 +79,7 @@ def main():
         kd = ((per_loc * f).sum(1) / f.sum(1).clamp_min(1e-6)).sum() / B
         (gk,) = torch.autograd.grad(kd, [z])
         credit.append((gq * gk).sum(1) * kd_w * B * B)
+        credit_bce.append((gq_bce * gk).sum(1) * kd_w * B * B)
         kl.append(per_loc.detach())
         ce.append(focal(tc, onehot).sum(1))
         p = torch.sigmoid(tc)
@@ -93,6 +97,8 @@ def main():
         "quiz_loss": quiz.item(),
         "ce": tensor(torch.stack(ce, 1)), "kl": tensor(torch.stack(kl, 1)),
         "entropy": tensor(torch.stack(ent, 1)), "credit": tensor(torch.stack(credit, 1)),
+        "quiz_loss_balanced_ce": quiz_bce.item(),
+        "credit_balanced_ce": tensor(torch.stack(credit_bce, 1)),
         "weights": tensor(w), "weighted_kd": tensor(weighted), "torch": torch.__version__,
     }
     OUT.write_text(json.dumps(data, indent=1) + "\n")

@@ -47,6 +47,30 @@ pub struct BatchSignals {
     pub locations: Option<LocationSignals>,
 }
 
+/// The classification loss a detection look-ahead credit is scored on (`[distill.agent]
+/// location_quiz`, docs/METHOD.md section 14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LocationQuiz {
+    /// The task's own: sigmoid focal loss (alpha 0.25, gamma 2).
+    #[default]
+    Focal,
+    /// Focal loss without the focusing factor (gamma 0, alpha 0.25): alpha-balanced binary
+    /// cross-entropy, whose gradient at an easy background location is the student's score
+    /// there rather than about its cube.
+    BalancedCe,
+}
+
+impl LocationQuiz {
+    /// The focal loss's focusing exponent gamma of this quiz.
+    pub fn gamma(self) -> f64 {
+        match self {
+            LocationQuiz::Focal => 2.0,
+            LocationQuiz::BalancedCe => 0.0,
+        }
+    }
+}
+
 /// Per-location signals of a detection batch (detached), computed by the task.
 ///
 /// # Shapes

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use mtkd_distill_core::signals::BatchSignals;
+use mtkd_distill_core::signals::{BatchSignals, LocationQuiz};
 use mtkd_distill_core::weighting::{
     restore_variable, Feedback, StrategyState, TeacherWeights, WeightingStrategy,
 };
@@ -106,6 +106,14 @@ pub struct AgentConfig {
     /// meta: the batch the look-ahead is scored on.
     #[serde(default)]
     pub quiz: Quiz,
+    /// meta on detection: the classification loss the per-location credit is scored on
+    /// (docs/METHOD.md section 14).
+    #[serde(default, skip_serializing_if = "is_focal")]
+    pub location_quiz: LocationQuiz,
+}
+
+fn is_focal(q: &LocationQuiz) -> bool {
+    *q == LocationQuiz::Focal
 }
 
 fn default_meta_lr() -> f64 {
@@ -149,6 +157,7 @@ impl Default for AgentConfig {
             meta_lr: default_meta_lr(),
             entropy: default_entropy(),
             quiz: Quiz::Own,
+            location_quiz: LocationQuiz::Focal,
         }
     }
 }

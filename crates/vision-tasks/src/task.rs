@@ -174,6 +174,7 @@ pub trait Task: std::fmt::Debug + Send + Sync {
         _labelled: Option<&Tensor>,
         _temperature: f64,
         _kd_weight: f64,
+        _quiz: mtkd_distill_core::signals::LocationQuiz,
     ) -> Result<Option<mtkd_distill_core::signals::LocationSignals>> {
         Ok(None)
     }
@@ -592,6 +593,7 @@ impl Task for Detection {
         labelled: Option<&Tensor>,
         temperature: f64,
         kd_weight: f64,
+        quiz: mtkd_distill_core::signals::LocationQuiz,
     ) -> Result<Option<mtkd_distill_core::signals::LocationSignals>> {
         let k = self.classes(student)?;
         let rows = match labelled {
@@ -606,6 +608,7 @@ impl Task for Detection {
             k,
             temperature,
             kd_weight,
+            quiz,
         )?))
     }
     fn signals(&self, i: &SignalInputs) -> Result<BatchSignals> {

@@ -49,6 +49,8 @@ struct TermSettings {
     feature_weight: f64,
     pixel_weights: PixelWeights,
     feature_loss: FeatureLoss,
+    /// The loss a detection look-ahead credit is scored on (`[distill.agent] location_quiz`).
+    location_quiz: mtkd_distill_core::signals::LocationQuiz,
 }
 
 /// Where a step is, for the strategy's errors: `(epoch, global step)`, epoch 0-based.
@@ -111,6 +113,11 @@ impl Distiller {
             feature_weight: d.feature_weight,
             pixel_weights: d.pixel_weights,
             feature_loss: d.feature_loss,
+            location_quiz: d
+                .agent
+                .as_ref()
+                .map(|a| a.location_quiz)
+                .unwrap_or_default(),
         });
         Ok(Distiller {
             settings,
@@ -251,6 +258,7 @@ impl Distiller {
                 labelled,
                 d.temperature,
                 d.kd_weight,
+                d.location_quiz,
             )?;
         }
         sums.signal_seconds += t1.elapsed().as_secs_f64();

@@ -15,7 +15,7 @@ use tch::{Kind, Reduction, Tensor};
 use super::boxes::giou_loss;
 use super::layout::{DetLayout, Targets};
 use crate::error::Result;
-use mtkd_distill_core::signals::{BatchSignals, LocationSignals, TeacherColumns};
+use mtkd_distill_core::signals::{BatchSignals, LocationQuiz, LocationSignals, TeacherColumns};
 use mtkd_distill_core::ModelOutput;
 
 pub const FOCAL_ALPHA: f64 = 0.25;
@@ -265,6 +265,7 @@ pub fn location_signals(
     num_classes: i64,
     temperature: f64,
     kd_weight: f64,
+    quiz_loss: LocationQuiz,
 ) -> Result<LocationSignals> {
     let k = num_classes;
     let b = student.size()[0];
@@ -279,7 +280,7 @@ pub fn location_signals(
     let npos = positives(targets);
     let rows = quiz_rows.to_kind(Kind::Float);
     let n_quiz = rows.sum(Kind::Float).clamp_min(1.0);
-    let focal = sigmoid_focal(&z, &onehot, FOCAL_ALPHA, FOCAL_GAMMA)?;
+    let focal = sigmoid_focal(&z, &onehot, FOCAL_ALPHA, quiz_loss.gamma())?;
     let quiz = ((focal.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float) / &npos) * &rows)
         .sum(Kind::Float)
         / &n_quiz;
