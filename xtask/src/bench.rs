@@ -14,6 +14,8 @@ use crate::torch::Torch;
 struct Setting {
     label: &'static str,
     config: PathBuf,
+    /// `--set KEY=VALUE` overrides of the config for this setting.
+    sets: Vec<&'static str>,
     eager: bool,
 }
 
@@ -151,6 +153,7 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
                 _ => "cifar-bf16",
             },
             config: cfg,
+            sets: Vec::new(),
             eager: true,
         });
     }
@@ -160,34 +163,20 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
     )?;
     // The MTKD-RL row measures the published agent (parity mode), which the eager reference
     // implements; the default run's own mode (meta) is measured by the criterion benches.
-    let text =
-        std::fs::read_to_string("configs/default.toml").context("reading configs/default.toml")?;
-    if !text.contains("\n[distill]\n") || !text.contains("\nmode = \"meta\"\n") {
-        bail!("configs/default.toml has no [distill] table with [distill.agent] mode = \"meta\"");
-    }
-    let text = text.replacen("\nmode = \"meta\"\n", "\nmode = \"parity\"\n", 1);
-    let parity = work.join("default-parity.toml");
-    std::fs::write(&parity, &text)?;
+    const PARITY: &str = "distill.agent.mode=\"parity\"";
     settings.push(Setting {
         label: "fmnist-default",
-        config: parity,
+        config: PathBuf::from("configs/default.toml"),
+        sets: vec![PARITY],
         eager: true,
     });
     if native_bf16() {
         // The same teachers (trained by mtkd in fp32) run in bfloat16 by mtkd itself
         // (`distill.teacher_precision`); the eager reference casts its twins the same way.
-        let p = work.join("default-bf16.toml");
-        std::fs::write(
-            &p,
-            text.replacen(
-                "\n[distill]\n",
-                "\n[distill]\nteacher_precision = \"bf16\"\n",
-                1,
-            ),
-        )?;
         settings.push(Setting {
             label: "fmnist-default-bf16",
-            config: p,
+            config: PathBuf::from("configs/default.toml"),
+            sets: vec![PARITY, "distill.teacher_precision=\"bf16\""],
             eager: true,
         });
     }
@@ -199,13 +188,10 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
             crate::data::ensure_for_config(&Some(PathBuf::from(cfg)), Some(Path::new(&py)))?;
             // The eager reference has the clean agent for dense tasks: a preset in meta mode
             // is measured in clean mode (the meta mode's per-pixel cost is a criterion bench).
-            let text = std::fs::read_to_string(cfg).with_context(|| format!("reading {cfg}"))?;
-            let text = text.replacen("\nmode = \"meta\"\n", "\nmode = \"clean\"\n", 1);
-            let p = work.join(format!("{label}-clean.toml"));
-            std::fs::write(&p, text)?;
             settings.push(Setting {
                 label,
-                config: p,
+                config: PathBuf::from(cfg),
+                sets: vec!["distill.agent.mode=\"clean\""],
                 eager: true,
             });
         }
@@ -239,6 +225,10 @@ pub fn bench(torch: &Torch, args: &[String]) -> Result<()> {
                     "--json".to_owned(),
                     mtkd_json.display().to_string(),
                 ];
+                for s in &st.sets {
+                    a.push("--set".to_owned());
+                    a.push((*s).to_owned());
+                }
                 if st.label == "cifar-fp32" {
                     a.push("--peak".to_owned());
                 }
