@@ -498,8 +498,17 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
                 }
                 _ => p["student"].as_str().unwrap_or("?").to_owned(),
             };
+            let sets: String = v["overrides"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str())
+                        .map(|s| format!(" `--set {s}`"))
+                        .collect()
+                })
+                .unwrap_or_default();
             md.push_str(&format!(
-                "Config `{}`: student {}, input {}, {} classes, batch {}, {} teachers, \
+                "Config `{}`{sets}: student {}, input {}, {} classes, batch {}, {} teachers, \
                  feature KD weight {}, agent mode {}.\n\n",
                 v["config"].as_str().unwrap_or("?"),
                 student,

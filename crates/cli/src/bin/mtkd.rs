@@ -677,6 +677,7 @@ fn bench_steps(
     let (plan, timings) = bench::bench_steps(&cfg, &modes, warmup, steps, &mut Bars::default())?;
     let out = serde_json::json!({
         "config": config.display().to_string(),
+        "overrides": overrides,
         "threads": tch::get_num_threads(),
         "plan": plan,
         "timings": timings,
