@@ -19,8 +19,9 @@ pub fn root() -> PathBuf {
         .unwrap()
 }
 
-/// An empty folder for one test of this test binary and process.
-pub fn scratch(name: &str) -> PathBuf {
+/// An empty folder for one test of this test binary and process, removed when the test ends
+/// (kept when it fails, to be looked at).
+pub fn scratch(name: &str) -> Scratch {
     let d = std::env::temp_dir().join(format!(
         "mtkd-{}-{}-{name}",
         env!("CARGO_CRATE_NAME"),
@@ -28,7 +29,31 @@ pub fn scratch(name: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    Scratch(d)
+}
+
+/// A test's scratch folder ([`scratch`]).
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// libtorch's random generator (used to initialise networks after `manual_seed`) is global to
