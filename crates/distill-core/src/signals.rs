@@ -53,11 +53,12 @@ pub struct BatchSignals {
 #[serde(rename_all = "kebab-case")]
 pub enum LocationQuiz {
     /// The task's own: sigmoid focal loss (alpha 0.25, gamma 2).
-    #[default]
     Focal,
     /// Focal loss without the focusing factor (gamma 0, alpha 0.25): alpha-balanced binary
     /// cross-entropy, whose gradient at an easy background location is the student's score
-    /// there rather than about its cube.
+    /// there rather than about its cube (default: measured on the detection pools,
+    /// docs/AGENT.md).
+    #[default]
     BalancedCe,
 }
 

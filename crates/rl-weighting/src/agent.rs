@@ -108,19 +108,19 @@ pub struct AgentConfig {
     pub quiz: Quiz,
     /// meta on detection: the classification loss the per-location credit is scored on
     /// (docs/METHOD.md section 14).
-    #[serde(default, skip_serializing_if = "is_focal")]
+    #[serde(default, skip_serializing_if = "is_default_location_quiz")]
     pub location_quiz: LocationQuiz,
 }
 
-fn is_focal(q: &LocationQuiz) -> bool {
-    *q == LocationQuiz::Focal
+fn is_default_location_quiz(q: &LocationQuiz) -> bool {
+    *q == LocationQuiz::default()
 }
 
 fn default_meta_lr() -> f64 {
     1e-2
 }
 fn default_entropy() -> f64 {
-    0.1
+    0.05
 }
 
 fn default_hidden() -> i64 {
@@ -157,7 +157,7 @@ impl Default for AgentConfig {
             meta_lr: default_meta_lr(),
             entropy: default_entropy(),
             quiz: Quiz::Own,
-            location_quiz: LocationQuiz::Focal,
+            location_quiz: LocationQuiz::default(),
         }
     }
 }
