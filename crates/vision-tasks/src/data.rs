@@ -215,7 +215,11 @@ impl ImageSet {
     /// had annotated them (detection has no ignore regions: `ignore_others` is refused). Every
     /// image is kept. Returns the set and the number of pixels or objects changed;
     /// classification sets are refused (their class subset drops samples instead).
-    pub fn keep_classes(&self, classes: &[usize], ignore_others: bool) -> Result<(ImageSet, usize)> {
+    pub fn keep_classes(
+        &self,
+        classes: &[usize],
+        ignore_others: bool,
+    ) -> Result<(ImageSet, usize)> {
         let mut out = self.clone();
         let mut changed = 0;
         match &mut out.annotations {
@@ -232,7 +236,11 @@ impl ImageSet {
                 for &c in classes {
                     keep[c.min(255)] = true;
                 }
-                let other = if ignore_others { crate::objects::IGNORE } else { 0 };
+                let other = if ignore_others {
+                    crate::objects::IGNORE
+                } else {
+                    0
+                };
                 for v in m.iter_mut() {
                     if !keep[*v as usize] {
                         *v = other;

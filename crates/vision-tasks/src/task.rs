@@ -166,6 +166,7 @@ pub trait Task: std::fmt::Debug + Send + Sync {
     /// Detection: the per-location signals and look-ahead credit of a batch for strategies that
     /// weight each location (`labelled [B]`: which images the quiz reads; `None`: all).
     /// `None` for the other tasks.
+    #[allow(clippy::too_many_arguments)]
     fn location_signals(
         &self,
         _student: &Tensor,
@@ -585,6 +586,7 @@ impl Task for Detection {
             self.box_kd_weight,
         )
     }
+    #[allow(clippy::too_many_arguments)]
     fn location_signals(
         &self,
         student: &Tensor,

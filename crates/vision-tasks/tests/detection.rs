@@ -611,11 +611,19 @@ fn per_location_signals_credit_and_weighted_kd_match_pytorch() {
         mtkd_distill_core::signals::LocationQuiz::BalancedCe,
     )
     .unwrap();
-    support::assert_close_to_stored("credit_balanced_ce", &s2.credit, &g["credit_balanced_ce"], 1e-4);
+    support::assert_close_to_stored(
+        "credit_balanced_ce",
+        &s2.credit,
+        &g["credit_balanced_ce"],
+        1e-4,
+    );
     let q = s2.quiz_loss.double_value(&[]);
     let want = g["quiz_loss_balanced_ce"].as_f64().unwrap();
     assert!((q - want).abs() < 1e-5 * (1.0 + want), "quiz {q} vs {want}");
-    let (c1, c2) = (s.credit.abs().mean(Kind::Double), s2.credit.abs().mean(Kind::Double));
+    let (c1, c2) = (
+        s.credit.abs().mean(Kind::Double),
+        s2.credit.abs().mean(Kind::Double),
+    );
     assert!(
         c1.double_value(&[]) != c2.double_value(&[]),
         "the two quizzes give the same credit"
