@@ -650,6 +650,18 @@ impl DistillConfig {
         } else if self.box_kd_weight != 1.0 {
             return bad("distill.box_kd_weight", "is a detection setting".into());
         }
+        if task != TaskKind::Detection
+            && self.agent.as_ref().is_some_and(|a| {
+                a.location_quiz != mtkd_distill_core::signals::LocationQuiz::default()
+            })
+        {
+            return bad(
+                "distill.agent.location_quiz",
+                "is a detection setting (the quiz of the meta mode's per-location credit); \
+                 remove it"
+                    .into(),
+            );
+        }
         if meta
             && task == TaskKind::Detection
             && self

@@ -111,6 +111,38 @@ fn detection_config_errors_name_the_field() {
     ))
     .unwrap_err();
     assert!(e.contains("teachers[0].head"), "{e}");
+    // The detection credit's quiz: balanced by default, the focal loss on request.
+    let meta = base.replace("mode = \"clean\"", "mode = \"meta\"");
+    let cfg = parse(&meta).unwrap();
+    let quiz = |c: &mtkd_engine::config::Config| {
+        c.distill
+            .as_ref()
+            .unwrap()
+            .agent
+            .as_ref()
+            .unwrap()
+            .location_quiz
+    };
+    assert_eq!(
+        quiz(&cfg),
+        mtkd_distill_core::signals::LocationQuiz::BalancedCe
+    );
+    let focal = parse(&meta.replace(
+        "mode = \"meta\"",
+        "mode = \"meta\"\nlocation_quiz = \"focal\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        quiz(&focal),
+        mtkd_distill_core::signals::LocationQuiz::Focal
+    );
+    // A detection specialist's other boxes are dropped: nothing to leave unlabelled.
+    let e = parse(&base.replace(
+        "name = \"r8-fcos\"\narch = \"resnet8\"\nhead = \"fcos\"",
+        "name = \"r8-fcos\"\narch = \"resnet8\"\nhead = \"fcos\"\nclasses = [0, 1]\nothers = \"ignore\"",
+    ))
+    .unwrap_err();
+    assert!(e.contains("teachers[0].others"), "{e}");
     let _ = std::fs::remove_dir_all(&s);
 }
 

@@ -172,6 +172,16 @@ fn segmentation_config_errors_name_the_field() {
         e.contains("teachers[0].others") && e.contains("classes"),
         "{e}"
     );
+    // The detection credit's quiz is a detection setting.
+    let e = parse(&seg_scenes(
+        &SEG_POOL.replace(
+            "mode = \"meta\"",
+            "mode = \"meta\"\nlocation_quiz = \"focal\"",
+        ),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(e.contains("distill.agent.location_quiz"), "{e}");
     let no_scenes = seg_scenes("", &s).replace("scenes = {", "# scenes = {");
     assert!(parse(&no_scenes).unwrap_err().contains("data.scenes"));
     let classif = seg_scenes("", &s)

@@ -322,6 +322,39 @@ fn fp32_base(setting: &str) -> Option<&'static str> {
     }
 }
 
+/// The line that says what a setting ran: its config, the `--set` overrides (absent in files of
+/// mtkd before they were recorded) and the plan's student, input, pool and agent mode.
+fn setting_line(v: &serde_json::Value) -> String {
+    let p = &v["plan"];
+    let student = match p["student_head"].as_str() {
+        Some(h) if h != "classifier" => {
+            format!("{} with the {h} head", p["student"].as_str().unwrap_or("?"))
+        }
+        _ => p["student"].as_str().unwrap_or("?").to_owned(),
+    };
+    let sets: String = v["overrides"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str())
+                .map(|s| format!(" `--set {s}`"))
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "Config `{}`{sets}: student {}, input {}, {} classes, batch {}, {} teachers, \
+                 feature KD weight {}, agent mode {}.\n\n",
+        v["config"].as_str().unwrap_or("?"),
+        student,
+        p["input"],
+        p["num_classes"],
+        p["batch_size"],
+        p["teachers"].as_array().map(|a| a.len()).unwrap_or(0),
+        p["feature_weight"],
+        p["agent_mode"].as_str().unwrap_or("?"),
+    )
+}
+
 pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &Path) -> Result<()> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(raw)
         .with_context(|| format!("reading {}", raw.display()))?
@@ -491,34 +524,7 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
         // The plan and the agent's buffer, from the setting's first mtkd file.
         let first: Option<serde_json::Value> = m.first().map(|f| read_json(f)).transpose()?;
         if let Some(v) = &first {
-            let p = &v["plan"];
-            let student = match p["student_head"].as_str() {
-                Some(h) if h != "classifier" => {
-                    format!("{} with the {h} head", p["student"].as_str().unwrap_or("?"))
-                }
-                _ => p["student"].as_str().unwrap_or("?").to_owned(),
-            };
-            let sets: String = v["overrides"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|s| s.as_str())
-                        .map(|s| format!(" `--set {s}`"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            md.push_str(&format!(
-                "Config `{}`{sets}: student {}, input {}, {} classes, batch {}, {} teachers, \
-                 feature KD weight {}, agent mode {}.\n\n",
-                v["config"].as_str().unwrap_or("?"),
-                student,
-                p["input"],
-                p["num_classes"],
-                p["batch_size"],
-                p["teachers"].as_array().map(|a| a.len()).unwrap_or(0),
-                p["feature_weight"],
-                p["agent_mode"].as_str().unwrap_or("?"),
-            ));
+            md.push_str(&setting_line(v));
         }
         let has_eager = !ef.is_empty();
         if has_eager {
@@ -728,6 +734,33 @@ pub fn write_report(raw: &Path, criterion: Option<&Path>, command: &str, out: &P
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_setting_line_names_its_overrides_and_reads_older_files_without_them() {
+        let plan = serde_json::json!({
+            "student": "cnn-small", "student_head": "classifier", "input": [1, 28, 28],
+            "num_classes": 10, "batch_size": 64, "teachers": ["a", "b", "c"],
+            "feature_weight": 5.0, "agent_mode": "parity"
+        });
+        let with = serde_json::json!({
+            "config": "configs/default.toml", "plan": plan,
+            "overrides": ["distill.agent.mode=\"parity\"", "distill.teacher_precision=\"bf16\""]
+        });
+        let line = setting_line(&with);
+        assert!(
+            line.starts_with(
+                "Config `configs/default.toml` `--set distill.agent.mode=\"parity\"` \
+                 `--set distill.teacher_precision=\"bf16\"`: student cnn-small,"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains("3 teachers") && line.contains("agent mode parity"),
+            "{line}"
+        );
+        let older = serde_json::json!({"config": "x.toml", "plan": plan});
+        assert!(setting_line(&older).starts_with("Config `x.toml`: student cnn-small,"));
+    }
 
     #[test]
     fn the_breakdown_shows_each_part_and_the_reward_share() {

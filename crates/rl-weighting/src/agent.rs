@@ -107,13 +107,10 @@ pub struct AgentConfig {
     #[serde(default)]
     pub quiz: Quiz,
     /// meta on detection: the classification loss the per-location credit is scored on
-    /// (docs/METHOD.md section 14).
-    #[serde(default, skip_serializing_if = "is_default_location_quiz")]
+    /// (docs/METHOD.md section 14). Always written, so that a run folder keeps the quiz it
+    /// ran with when the default changes.
+    #[serde(default)]
     pub location_quiz: LocationQuiz,
-}
-
-fn is_default_location_quiz(q: &LocationQuiz) -> bool {
-    *q == LocationQuiz::default()
 }
 
 fn default_meta_lr() -> f64 {

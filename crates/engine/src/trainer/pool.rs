@@ -633,8 +633,9 @@ pub(super) fn ensure_native_teacher(
                 .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
             tracing::info!(teacher = %t.name, changed, others = ?t.others, "annotations of the other classes removed");
             obs.phase(&format!(
-                "teacher `{}` trains on classes {classes:?} only: {changed} annotated pixels or objects of the other classes removed",
-                t.name
+                "teacher `{}` trains on classes {classes:?} only: {changed} annotated pixels or objects of the other classes {}",
+                t.name,
+                if t.others == crate::config::OtherClasses::Ignore { "left unlabelled" } else { "removed" }
             ));
             data.train = std::sync::Arc::new(train);
         }

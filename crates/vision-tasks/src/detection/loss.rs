@@ -251,11 +251,14 @@ pub fn location_weighted_kd(
 ///   over classes; `kl`: its class KD term there ([`class_kd`] before pooling); `entropy`: the
 ///   binary entropy of its class probabilities, summed over classes.
 /// - The credit is a virtual SGD step in logit space: the student's class logits move by
-///   `-lr (dCE/dz + kd_weight sum_m w_m dKD_m/dz)`, and the quiz loss is the classification
-///   term of the FCOS loss (focal, over the labelled images `quiz_rows [B]`, averaged over
-///   them). To first order `-d quiz / d w[b, m, l] / lr = kd_weight <dFocal/dz, dKD_m/dz>` at
-///   that location: teacher m earns credit where its pull on the logits points the way the
-///   task loss's does. Scaled by `B^2` so that it does not depend on the batch size.
+///   `-lr (dCE/dz + kd_weight sum_m w_m dKD_m/dz)`, and the quiz loss `quiz_loss` is a sigmoid
+///   focal loss over the labelled images `quiz_rows [B]` (summed over an image's locations and
+///   classes, divided by its positives, averaged over the images): the FCOS classification
+///   term (`LocationQuiz::Focal`, gamma 2) or the same without its focusing factor
+///   (`LocationQuiz::BalancedCe`, gamma 0, the default). To first order
+///   `-d quiz / d w[b, m, l] / lr = kd_weight <dQuiz/dz, dKD_m/dz>` at that location: teacher m
+///   earns credit where its pull on the logits points the way the quiz's does. Scaled by `B^2`
+///   so that it does not depend on the batch size.
 #[allow(clippy::too_many_arguments)]
 pub fn location_signals(
     student: &Tensor,
