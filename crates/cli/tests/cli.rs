@@ -101,12 +101,13 @@ fn write_one_epoch(file: &Path, s: &Path) {
 }
 
 /// A scratch folder `name` with a one-epoch config `c.toml` in it, and the run folder to be
-/// (`run/`): `(config, run folder)`.
-fn one_epoch_setup(name: &str) -> (PathBuf, PathBuf) {
+/// (`run/`): `(scratch folder, config, run folder)`; the folder goes when the first is dropped.
+fn one_epoch_setup(name: &str) -> (common::Scratch, PathBuf, PathBuf) {
     let s = scratch(name);
     let path = s.join("c.toml");
     write_one_epoch(&path, &s);
-    (path, s.join("run"))
+    let run = s.join("run");
+    (s, path, run)
 }
 
 /// `mtkd train --config config --out dir`; returns (exit code, stderr).
@@ -206,7 +207,7 @@ fn a_live_run_folder_is_refused_and_a_cache_entry_waits_for_its_trainer() {
 #[test]
 fn a_full_disk_keeps_the_previous_outputs_and_ends_with_an_error() {
     let _serial = serial();
-    let (path, dir) = one_epoch_setup("fulldisk");
+    let (_scratch, path, dir) = one_epoch_setup("fulldisk");
     let (code, err) = train_into(&path, &dir);
     assert_eq!(code, Some(0), "{err}");
     let before: Vec<Vec<u8>> = ["student.safetensors", "student.pt", "summary.json"]
@@ -518,7 +519,7 @@ fn eval_and_predict_use_a_trained_student_without_a_training_config() {
 #[test]
 fn a_commented_config_resumes_and_a_changed_one_is_refused_before_any_work() {
     let _serial = serial();
-    let (path, dir) = one_epoch_setup("configresume");
+    let (_scratch, path, dir) = one_epoch_setup("configresume");
     let train = |extra: &[&str]| {
         let mut args = vec![os("train"), os("--resume"), dir.as_os_str()];
         args.extend(extra.iter().map(|a| os(a)));
@@ -563,7 +564,7 @@ fn a_commented_config_resumes_and_a_changed_one_is_refused_before_any_work() {
 #[test]
 fn a_checkpoint_that_cannot_be_written_leaves_no_temporary_folder() {
     let _serial = serial();
-    let (path, dir) = one_epoch_setup("fullckpt");
+    let (_scratch, path, dir) = one_epoch_setup("fullckpt");
     std::fs::create_dir_all(&dir).unwrap();
     let out = std::process::Command::new("bash")
         .arg("-c")
