@@ -528,14 +528,9 @@ pub fn teacher_config(cfg: &Config, t: &TeacherConfig) -> Result<Config> {
     })
 }
 
-/// Train (or find in the cache) an `arch` teacher: returns its weights and test top-1.
-pub(super) fn ensure_native_teacher(
-    cfg: &Config,
-    index: usize,
-    t: &TeacherConfig,
-    obs: &mut dyn Observer,
-) -> Result<(PathBuf, f64)> {
-    let tcfg = teacher_config(cfg, t)?;
+/// The cache folder of an `arch` teacher (`tcfg`: its training config, [`teacher_config`]),
+/// `<teacher_cache>/<name>-<arch>-<first 12 hex digits of the key>`, and the whole key.
+fn teacher_cache_dir(cfg: &Config, t: &TeacherConfig, tcfg: &Config) -> Result<(PathBuf, String)> {
     // The cache key covers exactly what changes the teacher: data, architecture, training
     // settings and seed (not the device, threads, names or folders).
     // The training-set edits (hard pools) join the key only when there are any, so a plain
@@ -587,6 +582,18 @@ pub(super) fn ensure_native_teacher(
         cfg.run
             .teacher_cache
             .join(format!("{}-{}-{}", t.name, tcfg.student.arch, &key[..12]));
+    Ok((dir, key))
+}
+
+/// Train (or find in the cache) an `arch` teacher: returns its weights and test top-1.
+pub(super) fn ensure_native_teacher(
+    cfg: &Config,
+    index: usize,
+    t: &TeacherConfig,
+    obs: &mut dyn Observer,
+) -> Result<(PathBuf, f64)> {
+    let tcfg = teacher_config(cfg, t)?;
+    let (dir, key) = teacher_cache_dir(cfg, t, &tcfg)?;
     let summary_path = dir.join("summary.json");
     // One process trains a cache entry; another one that needs it waits, then finds it done.
     let _lock = crate::fsio::DirLock::acquire_waiting(&dir, |holder| {
@@ -624,7 +631,7 @@ pub(super) fn ensure_native_teacher(
     let hash = key.clone();
     let mut data = Datasets::load(&tcfg.data)?;
     // A dense specialist keeps every image; the other classes lose their annotations.
-    let mut edits = edits;
+    let mut edits = t.label_edits();
     if !tcfg.data.task().labels_are_targets() {
         if let Some(classes) = edits.classes.take() {
             let (train, changed) = data
@@ -657,4 +664,29 @@ pub(super) fn ensure_native_teacher(
         .with_label(format!("teacher {}", t.name))
         .fit(&RunOptions::default(), obs)?;
     Ok((dir.join("student.safetensors"), out.summary.final_value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A teacher's cache key must not move when an option it does not set is added: the
+    /// specialists of configs/pool-seg-specialists.toml keep the folders they were trained into
+    /// with the other classes as background (before `others` existed), and get new ones with
+    /// `others = "ignore"`.
+    #[test]
+    fn a_specialist_keeps_its_cache_key_unless_it_sets_others() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let cfg = Config::load(&root.join("configs/pool-seg-specialists.toml"), &[]).unwrap();
+        let mut t = cfg.teachers[0].clone();
+        assert_eq!(t.others, crate::config::OtherClasses::Ignore);
+        let name = |t: &TeacherConfig| {
+            let tcfg = teacher_config(&cfg, t).unwrap();
+            let (dir, _) = teacher_cache_dir(&cfg, t, &tcfg).unwrap();
+            dir.file_name().unwrap().to_string_lossy().into_owned()
+        };
+        assert_eq!(name(&t), "tops-resnet14-257ce01e3d6b");
+        t.others = crate::config::OtherClasses::Background;
+        assert_eq!(name(&t), "tops-resnet14-f80ca02beea7");
+    }
 }
