@@ -62,16 +62,6 @@ pub enum LocationQuiz {
     BalancedCe,
 }
 
-impl LocationQuiz {
-    /// The focal loss's focusing exponent gamma of this quiz.
-    pub fn gamma(self) -> f64 {
-        match self {
-            LocationQuiz::Focal => 2.0,
-            LocationQuiz::BalancedCe => 0.0,
-        }
-    }
-}
-
 /// Per-location signals of a detection batch (detached), computed by the task.
 ///
 /// # Shapes

@@ -343,7 +343,7 @@ fn setting_line(v: &serde_json::Value) -> String {
         .unwrap_or_default();
     format!(
         "Config `{}`{sets}: student {}, input {}, {} classes, batch {}, {} teachers, \
-                 feature KD weight {}, agent mode {}.\n\n",
+         feature KD weight {}, agent mode {}.\n\n",
         v["config"].as_str().unwrap_or("?"),
         student,
         p["input"],

@@ -16,7 +16,10 @@ mod support;
 use support::{floats, ints, values};
 #[path = "../../../test-support/outputs.rs"]
 mod outputs;
+#[path = "../../../test-support/scratch.rs"]
+mod scratch_dir;
 use outputs::{float32_logits, max_diff};
+use scratch_dir::Scratch;
 
 fn python() -> String {
     std::env::var("MTKD_TORCH_PYTHON")
@@ -27,30 +30,9 @@ fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts")
 }
 
-/// A scratch folder under the temp dir, removed when the test ends (kept when it fails, to be
-/// looked at): the exported models take about 100 MB per test.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
+/// A scratch folder for one test; the exported models take about 100 MB per test.
 fn scratch(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("mtkd-teachers-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
+    Scratch::new("mtkd-teachers", name)
 }
 
 fn py(args: &[&str]) {

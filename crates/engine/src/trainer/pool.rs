@@ -634,15 +634,16 @@ pub(super) fn ensure_native_teacher(
     let mut edits = t.label_edits();
     if !tcfg.data.task().labels_are_targets() {
         if let Some(classes) = edits.classes.take() {
+            let ignore = t.others == crate::config::OtherClasses::Ignore;
             let (train, changed) = data
                 .train
-                .keep_classes(&classes, t.others == crate::config::OtherClasses::Ignore)
+                .keep_classes(&classes, ignore)
                 .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
             tracing::info!(teacher = %t.name, changed, others = ?t.others, "annotations of the other classes removed");
             obs.phase(&format!(
                 "teacher `{}` trains on classes {classes:?} only: {changed} annotated pixels or objects of the other classes {}",
                 t.name,
-                if t.others == crate::config::OtherClasses::Ignore { "left unlabelled" } else { "removed" }
+                if ignore { "left unlabelled" } else { "removed" }
             ));
             data.train = std::sync::Arc::new(train);
         }

@@ -12,6 +12,10 @@ use mtkd_engine::config::Config;
 use mtkd_engine::record::EpochRecord;
 use mtkd_engine::trainer::{self, Interrupted, RunOptions, Silent};
 
+#[path = "../../../../test-support/scratch.rs"]
+mod scratch_dir;
+pub use scratch_dir::Scratch;
+
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../..")
@@ -22,38 +26,7 @@ pub fn root() -> PathBuf {
 /// An empty folder for one test of this test binary and process, removed when the test ends
 /// (kept when it fails, to be looked at).
 pub fn scratch(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!(
-        "mtkd-{}-{}-{name}",
-        env!("CARGO_CRATE_NAME"),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
-}
-
-/// A test's scratch folder ([`scratch`]).
-pub struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = PathBuf;
-    fn deref(&self) -> &PathBuf {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    Scratch::new(&format!("mtkd-{}", env!("CARGO_CRATE_NAME")), name)
 }
 
 /// libtorch's random generator (used to initialise networks after `manual_seed`) is global to

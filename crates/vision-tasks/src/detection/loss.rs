@@ -283,7 +283,11 @@ pub fn location_signals(
     let npos = positives(targets);
     let rows = quiz_rows.to_kind(Kind::Float);
     let n_quiz = rows.sum(Kind::Float).clamp_min(1.0);
-    let focal = sigmoid_focal(&z, &onehot, FOCAL_ALPHA, quiz_loss.gamma())?;
+    let gamma = match quiz_loss {
+        LocationQuiz::Focal => FOCAL_GAMMA,
+        LocationQuiz::BalancedCe => 0.0,
+    };
+    let focal = sigmoid_focal(&z, &onehot, FOCAL_ALPHA, gamma)?;
     let quiz = ((focal.sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float) / &npos) * &rows)
         .sum(Kind::Float)
         / &n_quiz;
