@@ -19,7 +19,8 @@ weights w held as a leaf. The quiz loss is the pixel cross-entropy of the moved 
 over each labelled image's valid pixels, then over those images; the credit is
 `-d quiz / d w / lr * B n_b` at the valid pixels (0 elsewhere). For `quiz = "own"` each quiz
 pixel is scored on a real virtual step of its own term of the training loss, one pixel at a time
-(`own_quiz_loss`, `own_credit`). The policy (shared MLP over the
+(`own_quiz_loss`, `own_credit`). `neutral`: the same agent with `unlabelled_ce = "neutral"`
+(the two `ce` features held at 0 on the unlabelled image's pixels). The policy (shared MLP over the
 per-pixel features, learnt bias per teacher, softmax over teachers), the running normaliser, the
 credit RMS, the loss and `torch.optim.Adam` follow section 10. Three batches in order; batch 0 has
 pixels without a label (255) and its last image carries no label (a pseudo-labelled image).
@@ -84,14 +85,12 @@ def main():
     params = {"l1.weight": l1.weight, "l1.bias": l1.bias, "l2.weight": l2.weight,
               "teacher_bias": teacher_bias}
     init = {k: tensor(v) for k, v in params.items()}
-    opt = torch.optim.Adam(list(params.values()), lr=lr, eps=1e-8)
-    norm = Norm(NF)
-    ms, count = 0.0, 0
+    start = {k: v.detach().clone() for k, v in params.items()}
 
     def policy(x):
         return F.softmax(l2(F.relu(l1(x))).squeeze(-1) + teacher_bias, -1)
 
-    batches = []
+    data = []
     for i in range(3):
         fmap = torch.rand(B, D, h, w, generator=g)
         Wc = torch.randn(K, D, generator=g) * 0.5
@@ -102,6 +101,26 @@ def main():
         if i == 0:
             y[0, :2, :] = IGNORE
             labelled[B - 1] = False
+        data.append((fmap, Wc, bc, zt, y, labelled))
+
+    def run(neutral):
+        """The agent over the three batches from the same start; `neutral`: the two `ce`
+        features held at 0 (after the normaliser) on the pixels of unlabelled images
+        (`unlabelled_ce = "neutral"`), without the own-quiz values."""
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(start[k])
+        opt = torch.optim.Adam(list(params.values()), lr=lr, eps=1e-8)
+        norm = Norm(NF)
+        ms, count = 0.0, 0
+        batches = []
+        for fmap, Wc, bc, zt, y, labelled in data:
+            batches.append(step(fmap, Wc, bc, zt, y, labelled, neutral, opt, norm, (ms, count)))
+            ms, count = batches[-1].pop("_ms"), batches[-1].pop("_count")
+        return batches
+
+    def step(fmap, Wc, bc, zt, y, labelled, neutral, opt, norm, rms_state):
+        ms, count = rms_state
         zs = head_logits(fmap, Wc, bc, (H, W_))
         valid = (y != IGNORE).float()
         n_b = valid.sum((1, 2)).clamp_min(1.0)
@@ -116,6 +135,11 @@ def main():
         vrows = valid.reshape(-1) > 0
         norm.update(rows[vrows].reshape(-1, NF))
         x = norm.apply(rows.reshape(-1, NF)).reshape(-1, M, NF)
+        if neutral:
+            unl = (~labelled).float().view(B, 1).expand(B, H * W_).reshape(-1, 1, 1)
+            cols = torch.zeros(1, 1, NF)
+            cols[0, 0, [0, 4]] = 1.0
+            x = x * (1 - unl * cols)
         wcur = policy(x).detach()
         leaf = wcur.clone().requires_grad_(True)
         wpix = leaf.reshape(B, H, W_, M).permute(0, 3, 1, 2)  # [B, M, H, W]
@@ -143,6 +167,11 @@ def main():
         credit = -gw / inner_lr * scale
         # quiz = "own": each quiz pixel scored on a real virtual step of its own term of the
         # training loss, one pixel at a time.
+        own_quiz, own_credit = (None, None) if neutral else own(fmap, Wc, bc, zt, y, wcur, share, qmask, qn, n_b, scale)
+        return finish(credit, x, vrows, valid, n_b, opt, ms, count, fmap, Wc, bc, zt, y, labelled,
+                      quiz_loss, wcur, own_quiz, own_credit)
+
+    def own(fmap, Wc, bc, zt, y, wcur, share, qmask, qn, n_b, scale):
         own_leaf = wcur.clone().requires_grad_(True)
         own_w = own_leaf.reshape(B, H, W_, M).permute(0, 3, 1, 2)
         own_terms = []
@@ -169,6 +198,10 @@ def main():
         own_quiz = torch.stack(own_terms).sum()
         (gw_own,) = torch.autograd.grad(own_quiz, [own_leaf])
         own_credit = -gw_own / inner_lr * scale
+        return own_quiz, own_credit
+
+    def finish(credit, x, vrows, valid, n_b, opt, ms, count, fmap, Wc, bc, zt, y, labelled,
+               quiz_loss, wcur, own_quiz, own_credit):
         sel = credit[vrows]
         centred = sel - sel.mean(1, keepdim=True)
         ms = ms * decay + centred.double().square().mean().item() * (1 - decay)
@@ -184,19 +217,30 @@ def main():
         with torch.no_grad():
             wp = policy(x).reshape(B, H, W_, M).permute(0, 3, 1, 2)
             per_image = (wp * valid.unsqueeze(1)).sum((2, 3)) / n_b.unsqueeze(1)
-        batches.append({
+        out = {
             "fmap": tensor(fmap), "weight": tensor(Wc), "bias": tensor(bc),
             "teachers": [tensor(z) for z in zt], "targets": y.reshape(-1).tolist(),
             "labelled": labelled.tolist(), "quiz_loss": quiz_loss.item(),
             "credit_weights": tensor(wcur), "credit": tensor(credit),
-            "own_quiz_loss": own_quiz.item(), "own_credit": tensor(own_credit), "params_after": {k: tensor(v) for k, v in params.items()},
+            "params_after": {k: tensor(v) for k, v in params.items()},
             "pixel_weights": tensor(wp), "image_weights": tensor(per_image),
-        })
+            "_ms": ms, "_count": count,
+        }
+        if own_quiz is not None:
+            out["own_quiz_loss"] = own_quiz.item()
+            out["own_credit"] = tensor(own_credit)
+        return out
+
+    batches = run(False)
+    neutral = run(True)
 
     out = {
         "M": M, "K": K, "hidden": HID, "dims": [B, H, W_], "temperature": T, "ce_weight": ce_w,
         "kd_weight": kd_w, "inner_lr": inner_lr, "meta_lr": lr, "entropy": tau, "init": init,
         "ignore": IGNORE, "batches": batches, "torch": torch.__version__,
+        # unlabelled_ce = "neutral", quiz = "current": credit, parameters and weights per batch.
+        "neutral": [{k: b[k] for k in ("credit", "params_after", "pixel_weights", "image_weights")}
+                    for b in neutral],
     }
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")

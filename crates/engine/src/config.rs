@@ -662,6 +662,18 @@ impl DistillConfig {
                     .into(),
             );
         }
+        if !cfg.data.has_unlabelled()
+            && self.agent.as_ref().is_some_and(|a| {
+                a.unlabelled_ce != mtkd_rl_weighting::agent::UnlabelledCe::default()
+            })
+        {
+            return bad(
+                "distill.agent.unlabelled_ce",
+                "is a setting for runs with unlabelled samples (data.labels or \
+                 data.unlabelled), which this run has none of; remove it"
+                    .into(),
+            );
+        }
         if meta
             && task == TaskKind::Detection
             && self

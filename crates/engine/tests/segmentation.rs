@@ -182,6 +182,19 @@ fn segmentation_config_errors_name_the_field() {
     ))
     .unwrap_err();
     assert!(e.contains("distill.agent.location_quiz"), "{e}");
+    // What the policy reads on unlabelled pixels needs unlabelled pixels.
+    let e = parse(&seg_scenes(
+        &SEG_POOL.replace(
+            "mode = \"meta\"",
+            "mode = \"meta\"\nunlabelled_ce = \"pseudo\"",
+        ),
+        &s,
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains("distill.agent.unlabelled_ce") && e.contains("data.labels"),
+        "{e}"
+    );
     let no_scenes = seg_scenes("", &s).replace("scenes = {", "# scenes = {");
     assert!(parse(&no_scenes).unwrap_err().contains("data.scenes"));
     let classif = seg_scenes("", &s)

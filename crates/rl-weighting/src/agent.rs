@@ -59,6 +59,23 @@ pub enum Quiz {
     Own,
 }
 
+/// Meta mode, on a run with unlabelled samples (`[data] labels`): what the policy's two
+/// label-reading features (a teacher's loss against the target, and that loss minus the pool's
+/// mean) hold on an unlabelled sample, pixel or location (docs/METHOD.md section 15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnlabelledCe {
+    /// The loss against the teachers' pseudo-targets (the ensemble's argmax, or its boxes that
+    /// clear the pseudo-box score): the behaviour before step 11's fourth pass.
+    Pseudo,
+    /// The running mean of the labelled rows (0 after standardisation): where nothing can check
+    /// a teacher, only the label-free features (KL to the student, entropy, cosine) tell the
+    /// teachers apart (the default: measured on the three tasks' few-label settings,
+    /// docs/RESULTS.md "fourth pass").
+    #[default]
+    Neutral,
+}
+
 /// How the agent's output is combined with the hand-crafted components.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -111,6 +128,10 @@ pub struct AgentConfig {
     /// ran with when the default changes.
     #[serde(default)]
     pub location_quiz: LocationQuiz,
+    /// meta, with unlabelled samples: the label-reading features there (docs/METHOD.md section
+    /// 15). Always written, as `location_quiz` is.
+    #[serde(default)]
+    pub unlabelled_ce: UnlabelledCe,
 }
 
 fn default_meta_lr() -> f64 {
@@ -155,6 +176,7 @@ impl Default for AgentConfig {
             entropy: default_entropy(),
             quiz: Quiz::Own,
             location_quiz: LocationQuiz::default(),
+            unlabelled_ce: UnlabelledCe::default(),
         }
     }
 }

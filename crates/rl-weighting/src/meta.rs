@@ -4,8 +4,9 @@
 //! - **Policy.** One small MLP, shared by all teachers, reads the features of teacher m for
 //!   sample b, `f[b,m] = [ce_m, kl_m, entropy_m, cos_m, ce_m - mean_j ce_j, kl_m - mean_j kl_j]`
 //!   (standardised with running statistics pooled over teachers, so teachers stay comparable;
-//!   clipped to ±5), and gives a score; a learnt bias per teacher is added and the weights are
-//!   the softmax over teachers. The output layer and the biases start at zero: the policy starts
+//!   clipped to ±5; on an unlabelled sample the two `ce` features are held at 0, their running
+//!   mean, unless `unlabelled_ce = "pseudo"`), and gives a score; a learnt bias per teacher is
+//!   added and the weights are the softmax over teachers. The output layer and the biases start at zero: the policy starts
 //!   at AVER's weights (each step updates it before giving the batch its weights). The same weights route the logit and the feature term, and they always
 //!   sum to 1 (AVER's total KD weight).
 //! - **Credit.** At every step, a virtual SGD step of the student's classifier with the current
@@ -34,15 +35,32 @@ use mtkd_distill_core::weighting::{
 };
 use mtkd_distill_core::{Error, Result};
 
-use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm};
+use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm, UnlabelledCe};
 use crate::pixels::{pixel_batch, pixel_credit, quiz_pixels, PixelQuiz};
 
 /// Per-teacher features of the policy.
 pub const FEATURES: i64 = 6;
+/// The features that read the label: `ce_m` and `ce_m - mean_j ce_j`.
+const LABEL_FEATURES: [usize; 2] = [0, 4];
 const RMS_DECAY: f64 = 0.99;
 /// Segmentation: the labelled pixels one policy update reads at most (a stride over the
 /// batch's labelled pixels whose offset moves by one every step).
 pub const UPDATE_PIXELS: i64 = 8192;
+
+/// Normalised inputs `x [N, M, F]` with the label-reading features at their running mean (0)
+/// on the rows where `labelled [N]` (bool or 0/1) is false (`unlabelled_ce = "neutral"`).
+pub fn neutral_where_unlabelled(x: &Tensor, labelled: &Tensor) -> Result<Tensor> {
+    let f = x.size()[2];
+    let mut cols = vec![0f32; f as usize];
+    for c in LABEL_FEATURES {
+        cols[c] = 1.0;
+    }
+    let cols = Tensor::from_slice(&cols)
+        .to_device(x.device())
+        .f_view([1, 1, f])?;
+    let unlabelled = (labelled.f_to_kind(Kind::Float)?.f_neg()? + 1.0).f_view([-1, 1, 1])?;
+    Ok(x * (unlabelled * cols).f_neg()?.f_add_scalar(1.0)?)
+}
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -240,6 +258,16 @@ impl MetaAgent {
             _ => px.valid.shallow_clone(),
         };
         let (x, sel) = self.dense_inputs(&px.features, &rows)?;
+        let x = match (&signals.labelled, self.cfg.unlabelled_ce) {
+            (Some(l), UnlabelledCe::Neutral) => {
+                let per_pixel = l
+                    .f_view([b, 1])?
+                    .f_expand([b, h * w], false)?
+                    .f_reshape([-1])?;
+                neutral_where_unlabelled(&x, &per_pixel)?
+            }
+            _ => x,
+        };
         if let Some(sel) = &sel {
             let xs = x.f_index_select(0, sel)?;
             // The own quiz scores each pixel alone: the policy and the credit at the update's
@@ -314,6 +342,11 @@ impl MetaAgent {
         })?;
         let valid = loc.valid.to_kind(Kind::Float).reshape([-1]);
         let (x, sel) = self.dense_inputs(&features, &valid)?;
+        // The update's rows (`valid`) are the labelled images' locations.
+        let x = match (&signals.labelled, self.cfg.unlabelled_ce) {
+            (Some(_), UnlabelledCe::Neutral) => neutral_where_unlabelled(&x, &valid)?,
+            _ => x,
+        };
         if let Some(sel) = &sel {
             let credit = loc.credit.permute([0, 2, 1]).reshape([b * l, m]);
             self.update_from_credit(
@@ -483,10 +516,27 @@ impl WeightingStrategy for MetaAgent {
         }
         let x = tch::no_grad(|| -> Result<Tensor> {
             let f = features(signals)?;
-            Ok(self
-                .norm
-                .update_and_apply(&f.view([b * m, FEATURES]))
-                .view([b, m, FEATURES]))
+            Ok(match (&signals.labelled, self.cfg.unlabelled_ce) {
+                // Neutral: nothing of an unlabelled sample's label-reading features is read,
+                // not even by the normaliser (it reads the labelled rows, as the dense paths'
+                // does).
+                (Some(l), UnlabelledCe::Neutral) => {
+                    let rows = l.f_nonzero()?.f_squeeze_dim(1)?;
+                    if rows.size()[0] > 0 {
+                        self.norm
+                            .update(&f.f_index_select(0, &rows)?.f_reshape([-1, FEATURES])?);
+                    }
+                    let x = self
+                        .norm
+                        .apply(&f.f_reshape([b * m, FEATURES])?)
+                        .f_view([b, m, FEATURES])?;
+                    neutral_where_unlabelled(&x, l)?
+                }
+                _ => self
+                    .norm
+                    .update_and_apply(&f.view([b * m, FEATURES]))
+                    .view([b, m, FEATURES]),
+            })
         })?;
         let head = student_head(signals)?;
         // The quiz: the labelled samples of a batch (a batch without any keeps the last); the

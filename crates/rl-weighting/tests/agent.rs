@@ -513,3 +513,73 @@ fn meta_mode_drops_pruned_teachers_and_refuses_a_wrong_pool() {
     assert!(state.json.contains("\"active\":[0,2]"), "{}", state.json);
     assert!(a.retain_teachers(&[5]).is_err());
 }
+
+/// `unlabelled_ce = "neutral"`: nothing of an unlabelled sample's label-reading features (its
+/// teachers' losses against a pseudo-label) reaches any weight, its own or another sample's;
+/// with `"pseudo"` (the behaviour before it) they move its weights.
+#[test]
+fn meta_mode_neutral_ignores_the_pseudo_labels_losses_of_unlabelled_samples() {
+    use mtkd_rl_weighting::agent::UnlabelledCe;
+    let g = meta_golden_of("own");
+    let batches = g["batches"].as_array().unwrap();
+    let labelled = |s: &mut BatchSignals| {
+        let b = s.batch_size();
+        let l: Vec<bool> = (0..b).map(|i| i < b / 2).collect();
+        s.labelled = Some(Tensor::from_slice(&l));
+    };
+    // The same batches, with other losses on the unlabelled samples (teachers' order reversed).
+    let edited = |s: &mut BatchSignals| {
+        let b = s.batch_size();
+        let rows = Tensor::arange_start(b / 2, b, (Kind::Int64, Device::Cpu));
+        let other = s.ce.index_select(0, &rows).flip([1]) * 3.0 + 1.0;
+        s.ce = s.ce.index_copy(0, &rows, &other);
+    };
+    let run = |ce: UnlabelledCe, edit: bool| -> Vec<Tensor> {
+        let mut cfg = meta_config(&g, Quiz::Own);
+        cfg.unlabelled_ce = ce;
+        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(
+            cfg,
+            g["M"].as_u64().unwrap() as usize,
+            g["ce_weight"].as_f64().unwrap(),
+            g["kd_weight"].as_f64().unwrap(),
+            Device::Cpu,
+        )
+        .unwrap();
+        for (name, v) in g["init"].as_object().unwrap() {
+            a.set_parameter(name, &tensor(v)).unwrap();
+        }
+        batches
+            .iter()
+            .map(|b| {
+                let mut s = lookahead::signals(&g, b);
+                labelled(&mut s);
+                if edit {
+                    edited(&mut s);
+                }
+                a.weights(&s).unwrap().logit
+            })
+            .collect()
+    };
+    let same = |x: &[Tensor], y: &[Tensor]| {
+        x.iter()
+            .zip(y)
+            .all(|(p, q)| p.allclose(q, 1e-6, 1e-7, false))
+    };
+    let (n, n_edit) = (
+        run(UnlabelledCe::Neutral, false),
+        run(UnlabelledCe::Neutral, true),
+    );
+    assert!(
+        same(&n, &n_edit),
+        "neutral: the unlabelled samples' losses moved a weight"
+    );
+    let (p, p_edit) = (
+        run(UnlabelledCe::Pseudo, false),
+        run(UnlabelledCe::Pseudo, true),
+    );
+    assert!(
+        !same(&p, &p_edit),
+        "pseudo: the unlabelled samples' losses moved no weight"
+    );
+    assert!(!same(&n, &p), "neutral and pseudo gave the same weights");
+}

@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::signals::{BatchSignals, PixelInputs, StudentHead};
 use mtkd_distill_core::weighting::WeightingStrategy;
 use mtkd_distill_core::ModelOutput;
-use mtkd_rl_weighting::agent::{AgentConfig, Mode, Quiz};
+use mtkd_rl_weighting::agent::{AgentConfig, Mode, Quiz, UnlabelledCe};
 use mtkd_rl_weighting::meta::{MetaAgent, FEATURES};
 use mtkd_rl_weighting::pixels::{pixel_batch, pixel_credit, PixelQuiz};
 
@@ -98,12 +98,19 @@ fn signals(g: &Value, b: &Value) -> BatchSignals {
 }
 
 fn agent(g: &Value) -> MetaAgent {
+    agent_with(g, UnlabelledCe::Pseudo)
+}
+
+/// The golden's agent (`quiz = "current"`) with `unlabelled_ce` as given (the golden's
+/// `batches` read the pseudo-masks, its `neutral` holds the other setting's values).
+fn agent_with(g: &Value, unlabelled_ce: UnlabelledCe) -> MetaAgent {
     let cfg = AgentConfig {
         mode: Mode::Meta,
         quiz: Quiz::Current,
         hidden: g["hidden"].as_i64().unwrap(),
         meta_lr: g["meta_lr"].as_f64().unwrap(),
         entropy: g["entropy"].as_f64().unwrap(),
+        unlabelled_ce,
         ..AgentConfig::default()
     };
     let mut a = MetaAgent::new(
@@ -222,6 +229,52 @@ fn per_pixel_weights_and_updates_match_pytorch() {
         .unwrap()
         .1;
     assert_eq!(updates, 3.0);
+}
+
+/// `unlabelled_ce = "neutral"`: the two `ce` features at 0 on the unlabelled image's pixels
+/// (batch 0's last image); the credit, the policy after each update and the weights against
+/// PyTorch, and different from the pseudo-mask run's where that image is in the batch.
+#[test]
+fn neutral_per_pixel_weights_and_updates_match_pytorch() {
+    let g = golden();
+    let batches = g["batches"].as_array().unwrap();
+    let neutral = g["neutral"].as_array().unwrap();
+    let mut a = agent_with(&g, UnlabelledCe::Neutral);
+    for (i, (b, want)) in batches.iter().zip(neutral).enumerate() {
+        let out = a.weights(&signals(&g, b)).unwrap();
+        for (name, p) in a.parameters() {
+            assert_close_to_stored(
+                &format!("neutral batch {i} {name}"),
+                &p,
+                &want["params_after"][&name],
+                1e-4,
+            );
+        }
+        let pixel = out.pixel.as_ref().expect("per-pixel weights");
+        assert_close_to_stored(
+            &format!("neutral batch {i} pixel weights"),
+            pixel,
+            &want["pixel_weights"],
+            1e-4,
+        );
+        assert_close_to_stored(
+            &format!("neutral batch {i} image weights"),
+            &out.logit,
+            &want["image_weights"],
+            1e-4,
+        );
+    }
+    // The check can fail: on batch 0 the unlabelled image's weights differ between the settings.
+    let (n, p) = (
+        tensor(&neutral[0]["image_weights"]),
+        tensor(&batches[0]["image_weights"]),
+    );
+    let last = n.size()[0] - 1;
+    let gap = (n.get(last) - p.get(last)).abs().max().double_value(&[]);
+    assert!(
+        gap > 1e-3,
+        "neutral and pseudo agree on the unlabelled image ({gap})"
+    );
 }
 
 #[test]
