@@ -1315,4 +1315,32 @@ pub fn differences(a: &Config, b: &Config) -> Result<Vec<String>, toml::ser::Err
     Ok(out)
 }
 
+/// The keys (dotted paths) that TOML text `new` has and `old` lacks: the settings a run folder's
+/// config.toml, written by an older mtkd, does not name. Unparsable text gives none.
+pub fn keys_missing_from(old: &str, new: &str) -> Vec<String> {
+    fn walk(prefix: &str, old: &toml::Table, new: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in new {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match (old.get(k), v) {
+                (None, _) => out.push(key),
+                (Some(toml::Value::Table(o)), toml::Value::Table(n)) => walk(&key, o, n, out),
+                _ => {}
+            }
+        }
+    }
+    let (Ok(old), Ok(new)) = (
+        toml::from_str::<toml::Table>(old),
+        toml::from_str::<toml::Table>(new),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    walk("", &old, &new, &mut out);
+    out
+}
+
 pub use mtkd_records::fsio::stable_hash;

@@ -68,7 +68,8 @@ pub enum UnlabelledCe {
     /// The loss against the teachers' pseudo-targets (the ensemble's argmax, or its boxes that
     /// clear the pseudo-box score): the behaviour before step 11's fourth pass.
     Pseudo,
-    /// The running mean of the labelled rows (0 after standardisation): where nothing can check
+    /// Their running mean (0 after standardisation; the normaliser reads the rows the policy
+    /// learns on, the labelled ones under the default quiz): where nothing can check
     /// a teacher, only the label-free features (KL to the student, entropy, cosine) tell the
     /// teachers apart (the default: measured on the three tasks' few-label settings,
     /// docs/RESULTS.md "fourth pass").

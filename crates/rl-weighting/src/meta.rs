@@ -518,8 +518,8 @@ impl WeightingStrategy for MetaAgent {
             let f = features(signals)?;
             Ok(match (&signals.labelled, self.cfg.unlabelled_ce) {
                 // Neutral: nothing of an unlabelled sample's label-reading features is read,
-                // not even by the normaliser (it reads the labelled rows, as the dense paths'
-                // does).
+                // not even by the normaliser (it reads the labelled rows, as the dense paths' does
+                // under the default own quiz).
                 (Some(l), UnlabelledCe::Neutral) => {
                     let rows = l.f_nonzero()?.f_squeeze_dim(1)?;
                     if rows.size()[0] > 0 {

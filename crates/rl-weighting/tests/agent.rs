@@ -583,3 +583,97 @@ fn meta_mode_neutral_ignores_the_pseudo_labels_losses_of_unlabelled_samples() {
     );
     assert!(!same(&n, &p), "neutral and pseudo gave the same weights");
 }
+
+/// The same on detection's per-location path: the unlabelled image's locations read nothing
+/// of their teachers' losses against the pseudo-boxes under `"neutral"`, and do under `"pseudo"`.
+#[test]
+fn meta_mode_neutral_per_location_ignores_the_pseudo_boxes_losses() {
+    use mtkd_distill_core::signals::LocationSignals;
+    use mtkd_rl_weighting::agent::UnlabelledCe;
+    let (b, m, l) = (4i64, 3i64, 10i64);
+    // Images 0 and 1 labelled, 2 and 3 not; `valid` is the labelled images' locations.
+    let labelled = Tensor::from_slice(&[true, true, false, false]);
+    let batch = |seed: i64, edit: bool| {
+        // Deterministic inputs (the global RNG is shared with the tests running beside this one);
+        // the per-location path reads only the location signals and the labelled flags.
+        let mut s = random_signals(m, b, seed);
+        s.cos = None;
+        let mut k = 0.0;
+        let mut r = || {
+            k += 1.0;
+            (Tensor::arange(b * m * l, (Kind::Float, Device::Cpu))
+                * (0.37 * k + 0.11 * seed as f64))
+                .sin()
+                .view([b, m, l])
+                * 0.5
+                + 0.5
+        };
+        let mut ce = r() * 2.0;
+        if edit {
+            let rows = Tensor::from_slice(&[2i64, 3]);
+            let other = ce.index_select(0, &rows).flip([1]) * 3.0 + 1.0;
+            ce = ce.index_copy(0, &rows, &other);
+        }
+        s.locations = Some(LocationSignals {
+            ce,
+            kl: r(),
+            entropy: r(),
+            credit: (r() - 0.5)
+                * labelled
+                    .to_kind(Kind::Float)
+                    .view([b, 1, 1])
+                    .expand([b, m, l], false),
+            quiz_loss: Tensor::from(1.0f32),
+            valid: labelled
+                .to_kind(Kind::Float)
+                .view([b, 1])
+                .expand([b, l], false)
+                .contiguous(),
+            classes: Tensor::full([b, l], -1, (Kind::Int64, Device::Cpu)),
+        });
+        s.labelled = Some(labelled.shallow_clone());
+        s
+    };
+    // One initial policy for every run (a new agent draws its first layer from the global RNG,
+    // which the tests running beside this one move).
+    let init = mtkd_rl_weighting::meta::MetaAgent::new(
+        AgentConfig {
+            mode: Mode::Meta,
+            ..AgentConfig::default()
+        },
+        m as usize,
+        1.0,
+        1.0,
+        Device::Cpu,
+    )
+    .unwrap()
+    .parameters();
+    let run = |ce: UnlabelledCe, edit: bool| -> Vec<Tensor> {
+        let cfg = AgentConfig {
+            mode: Mode::Meta,
+            unlabelled_ce: ce,
+            ..AgentConfig::default()
+        };
+        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, m as usize, 1.0, 1.0, Device::Cpu)
+            .unwrap();
+        for (name, v) in &init {
+            a.set_parameter(name, v).unwrap();
+        }
+        (0..4)
+            .map(|i| a.weights(&batch(i, edit)).unwrap().pixel.unwrap())
+            .collect()
+    };
+    let same = |x: &[Tensor], y: &[Tensor]| x.iter().zip(y).all(|(p, q)| p.equal(q));
+    let n = run(UnlabelledCe::Neutral, false);
+    assert!(
+        same(&n, &run(UnlabelledCe::Neutral, true)),
+        "neutral read the pseudo-boxes' losses"
+    );
+    let p = run(UnlabelledCe::Pseudo, false);
+    assert!(
+        !same(&p, &run(UnlabelledCe::Pseudo, true)),
+        "pseudo read no loss"
+    );
+    // The policy moved off AVER's weights (the check has something to compare).
+    assert!(!n[3].allclose(&Tensor::full_like(&n[3], 1.0 / 3.0), 1e-4, 1e-4, false));
+}

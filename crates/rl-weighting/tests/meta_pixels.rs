@@ -232,8 +232,7 @@ fn per_pixel_weights_and_updates_match_pytorch() {
 }
 
 /// `unlabelled_ce = "neutral"`: the two `ce` features at 0 on the unlabelled image's pixels
-/// (batch 0's last image); the credit, the policy after each update and the weights against
-/// PyTorch, and different from the pseudo-mask run's where that image is in the batch.
+/// (batch 0's last image); the policy after each update and the weights against PyTorch, and different from the pseudo-mask run's where that image is in the batch.
 #[test]
 fn neutral_per_pixel_weights_and_updates_match_pytorch() {
     let g = golden();

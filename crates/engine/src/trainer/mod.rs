@@ -175,8 +175,9 @@ pub use crate::config::stable_hash;
 
 /// Write the resolved config into the run folder (before the first step). A folder that has
 /// one already keeps it when it holds the same configuration (comments and layout aside); when
-/// it holds another, the run is refused with the keys that differ. Returns the config's hash.
-pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
+/// it holds another, the run is refused with the keys that differ. Returns the config's hash
+/// (of its serialization), and [`older_hash`]'s for a folder written by an older mtkd.
+pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<(String, Option<String>)> {
     let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
     let path = dir.join("config.toml");
     if path.exists() {
@@ -200,10 +201,47 @@ pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<String> {
                 dir.display()
             );
         }
-    } else {
-        crate::fsio::write_atomic(&path, text.as_bytes())?;
+        let older = older_hash(&old_text, &text, &path);
+        return Ok((stable_hash(text.as_bytes()), older));
     }
-    Ok(stable_hash(text.as_bytes()))
+    crate::fsio::write_atomic(&path, text.as_bytes())?;
+    Ok((stable_hash(text.as_bytes()), None))
+}
+
+/// A run folder written by an older mtkd: its `config.toml` (`old_text`) lacks settings that
+/// this version writes (their defaults fill them in), so its checkpoints carry the hash of the
+/// text that version wrote, which is `text` without those settings' lines. That hash, and a
+/// warning naming the settings; `None` when nothing is missing.
+fn older_hash(old_text: &str, text: &str, path: &Path) -> Option<String> {
+    let added = crate::config::keys_missing_from(old_text, text);
+    if added.is_empty() {
+        return None;
+    }
+    tracing::warn!(
+        "{} predates these settings, which take their current defaults: {}",
+        path.display(),
+        added.join(", ")
+    );
+    let mut table = String::new();
+    let mut kept = String::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').to_owned();
+        } else if let Some((k, _)) = t.split_once(" = ") {
+            let key = if table.is_empty() {
+                k.to_owned()
+            } else {
+                format!("{table}.{k}")
+            };
+            if added.contains(&key) {
+                continue;
+            }
+        }
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    Some(stable_hash(kept.as_bytes()))
 }
 
 /// Run (or resume) the run whose folder is `dir`.
@@ -228,11 +266,15 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     } else {
         None
     };
-    let config_hash = if writer {
+    let (mut config_hash, older) = if writer {
         write_resolved_config(dir, cfg)?
     } else {
         let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
-        stable_hash(text.as_bytes())
+        let path = dir.join("config.toml");
+        let older = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| older_hash(&old, &text, &path));
+        (stable_hash(text.as_bytes()), older)
     };
     if comm.is_some() && cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
         bail!(
@@ -243,6 +285,10 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     // A changed configuration is refused before any work (data, teachers).
     let ckpt_dir = dir.join("checkpoints");
     if let Some(theirs) = checkpoint::latest_config_hash(&ckpt_dir) {
+        // A folder of an older mtkd resumes with the hash its checkpoints were made with.
+        if older.as_deref() == Some(theirs.as_str()) {
+            config_hash = theirs.clone();
+        }
         if theirs != config_hash {
             bail!(
                 "the checkpoints in {} belong to another configuration than {} (was it edited \
