@@ -16,6 +16,10 @@ use mtkd_vision_tasks::data::ImageSet;
 
 /// How many samples the audit keeps.
 pub const KEEP: usize = 12;
+/// How many candidates the last epoch keeps for them: more than [`KEEP`], because copies of one
+/// image (a labelled sample repeated in a few-label epoch, each copy augmented on its own, is a
+/// sample of its own) count once on the page.
+const CANDIDATES: usize = 4 * KEEP;
 
 /// A kept sample before its image is attached.
 #[derive(Debug, Clone)]
@@ -27,7 +31,7 @@ pub struct Candidate {
     pub teachers: Vec<Option<AuditTeacher>>,
 }
 
-/// Merge a batch's most disagreed-on samples into `kept` (at most [`KEEP`], most disagreed
+/// Merge a batch's most disagreed-on samples into `kept` (at most `4 KEEP`, most disagreed
 /// first; ties by sample index, so the choice is deterministic). `full` are the batch's weights
 /// in full pool order, `active` the pool positions of the signals' teachers.
 pub fn collect(
@@ -97,12 +101,13 @@ pub fn collect(
             .then(a.index.cmp(&b.index))
     });
     kept.dedup_by_key(|c| c.index);
-    kept.truncate(KEEP);
+    kept.truncate(CANDIDATES);
     Ok(())
 }
 
 /// The audit with each sample's un-augmented image as a PNG (`dense`: a segmentation or
-/// detection run, whose disagreement reads pooled logits).
+/// detection run, whose disagreement reads pooled logits): the [`KEEP`] most disagreed-on
+/// candidates, one per image (a copy of an image already shown is passed over).
 pub fn finish(
     kept: &[Candidate],
     train: &ImageSet,
@@ -112,8 +117,16 @@ pub fn finish(
 ) -> Result<Audit> {
     let (c, h, w) = train.image_shape();
     let mut samples = Vec::new();
+    let mut shown: Vec<ndarray::ArrayView3<u8>> = Vec::new();
     for k in kept {
+        if samples.len() == KEEP {
+            break;
+        }
         let img = train.images.slice(ndarray::s![k.index, .., .., ..]);
+        if shown.contains(&img) {
+            continue;
+        }
+        shown.push(img);
         let mut png = Vec::new();
         let buf: Vec<u8> = (0..h)
             .flat_map(|y| (0..w).flat_map(move |x| (0..c).map(move |ch| (y, x, ch))))
@@ -170,4 +183,37 @@ pub fn picture_base64(dir: &std::path::Path) -> Result<Option<String>> {
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A labelled image repeated as another sample (a few-label epoch's copies) is shown once,
+    /// and the page still fills up from the candidates after it.
+    #[test]
+    fn a_copy_of_an_image_already_shown_is_passed_over() {
+        let n = KEEP + 2;
+        let mut images = ndarray::Array4::<u8>::zeros((n, 1, 2, 2));
+        for i in 0..n {
+            images[[i, 0, 0, 0]] = i as u8;
+        }
+        // Sample n - 1 is a copy of sample 0.
+        images[[n - 1, 0, 0, 0]] = 0;
+        let train = ImageSet::new(images, vec![0; n], 2).unwrap();
+        let candidate = |index: usize, disagreement: f64| Candidate {
+            index,
+            label: 0,
+            disagreement,
+            teachers: vec![],
+        };
+        let mut kept = vec![candidate(0, 1.0), candidate(n - 1, 0.99)];
+        kept.extend((1..n - 1).map(|i| candidate(i, 0.5 - i as f64 * 0.01)));
+        let audit = finish(&kept, &train, &[], 1, false).unwrap();
+        let shown: Vec<usize> = audit.samples.iter().map(|s| s.index).collect();
+        assert_eq!(shown.len(), KEEP);
+        assert_eq!(shown[0], 0);
+        assert!(!shown.contains(&(n - 1)), "{shown:?}");
+        assert_eq!(shown[1..], (1..KEEP).collect::<Vec<_>>()[..]);
+    }
 }

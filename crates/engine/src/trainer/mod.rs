@@ -853,9 +853,9 @@ impl<'a> Trainer<'a> {
                 dense,
             )?;
             if dense {
-                let indices: Vec<usize> = self
-                    .records
-                    .audit
+                // The page's samples (one per image), not the raw candidates.
+                let indices: Vec<usize> = audit
+                    .samples
                     .iter()
                     .take(crate::audit::PICTURED)
                     .map(|c| c.index)
