@@ -421,8 +421,13 @@ fn meta_config(g: &Value, quiz: Quiz) -> AgentConfig {
 }
 
 fn meta_agent_with(g: &Value, quiz: Quiz) -> mtkd_rl_weighting::meta::MetaAgent {
+    meta_agent_of(g, meta_config(g, quiz))
+}
+
+/// A meta agent with settings `cfg`, started from the golden file's initial policy.
+fn meta_agent_of(g: &Value, cfg: AgentConfig) -> mtkd_rl_weighting::meta::MetaAgent {
     let mut a = mtkd_rl_weighting::meta::MetaAgent::new(
-        meta_config(g, quiz),
+        cfg,
         g["M"].as_u64().unwrap() as usize,
         g["ce_weight"].as_f64().unwrap(),
         g["kd_weight"].as_f64().unwrap(),
@@ -535,19 +540,13 @@ fn meta_mode_neutral_ignores_the_pseudo_labels_losses_of_unlabelled_samples() {
         s.ce = s.ce.index_copy(0, &rows, &other);
     };
     let run = |ce: UnlabelledCe, edit: bool| -> Vec<Tensor> {
-        let mut cfg = meta_config(&g, Quiz::Own);
-        cfg.unlabelled_ce = ce;
-        let mut a = mtkd_rl_weighting::meta::MetaAgent::new(
-            cfg,
-            g["M"].as_u64().unwrap() as usize,
-            g["ce_weight"].as_f64().unwrap(),
-            g["kd_weight"].as_f64().unwrap(),
-            Device::Cpu,
-        )
-        .unwrap();
-        for (name, v) in g["init"].as_object().unwrap() {
-            a.set_parameter(name, &tensor(v)).unwrap();
-        }
+        let mut a = meta_agent_of(
+            &g,
+            AgentConfig {
+                unlabelled_ce: ce,
+                ..meta_config(&g, Quiz::Own)
+            },
+        );
         batches
             .iter()
             .map(|b| {
