@@ -201,7 +201,7 @@ pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<(String, Option
                 dir.display()
             );
         }
-        let older = older_hash(&old_text, &text, &path);
+        let older = older_hash(&old_text, &text, &path, true);
         return Ok((stable_hash(text.as_bytes()), older));
     }
     crate::fsio::write_atomic(&path, text.as_bytes())?;
@@ -211,17 +211,20 @@ pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<(String, Option
 /// A run folder written by an older mtkd: its `config.toml` (`old_text`) lacks settings that
 /// this version writes (their defaults fill them in), so its checkpoints carry the hash of the
 /// text that version wrote, which is `text` without those settings' lines. That hash, and a
-/// warning naming the settings; `None` when nothing is missing.
-fn older_hash(old_text: &str, text: &str, path: &Path) -> Option<String> {
+/// warning naming the settings (`warn`: one process of a data-parallel job logs it); `None`
+/// when nothing is missing.
+fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<String> {
     let added = crate::config::keys_missing_from(old_text, text);
     if added.is_empty() {
         return None;
     }
-    tracing::warn!(
-        "{} predates these settings, which take their current defaults: {}",
-        path.display(),
-        added.join(", ")
-    );
+    if warn {
+        tracing::warn!(
+            "{} predates these settings, which take their current defaults: {}",
+            path.display(),
+            added.join(", ")
+        );
+    }
     let mut table = String::new();
     let mut kept = String::new();
     for line in text.lines() {
@@ -273,7 +276,7 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
         let path = dir.join("config.toml");
         let older = std::fs::read_to_string(&path)
             .ok()
-            .and_then(|old| older_hash(&old, &text, &path));
+            .and_then(|old| older_hash(&old, &text, &path, false));
         (stable_hash(text.as_bytes()), older)
     };
     if comm.is_some() && cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
