@@ -933,7 +933,8 @@ pub struct TeacherConfig {
     /// class (symmetric noise; fixed per sample by the teacher's seed).
     #[serde(default, skip_serializing_if = "is_zero_f64")]
     pub label_noise: f64,
-    /// `arch` teachers only: labels of each pair of classes swapped.
+    /// `arch` teachers only: labels of each pair of classes swapped (segmentation: the masks'
+    /// pixels of foreground classes; detection: the boxes' classes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flip_pairs: Vec<[usize; 2]>,
     /// `arch` teachers only: every label mapped through a seeded permutation without fixed
@@ -1120,14 +1121,21 @@ impl Config {
             );
         }
         for (i, t) in self.teachers.iter().enumerate() {
-            if !task.labels_are_targets()
-                && (t.label_noise > 0.0 || !t.flip_pairs.is_empty() || t.permute_labels)
-            {
+            if !task.labels_are_targets() && (t.label_noise > 0.0 || t.permute_labels) {
                 return bad(
                     &format!("teachers[{i}]"),
-                    "label_noise, flip_pairs and permute_labels edit image labels, not masks or boxes; \
+                    "label_noise and permute_labels edit image labels, not masks or boxes; \
                      a segmentation or detection teacher's set can be cut (train_subset), trained shorter \
-                     (epochs) or kept to some classes (classes: the others lose their annotations)"
+                     (epochs), kept to some classes (classes: the others lose their annotations) \
+                     or have pairs of classes swapped in its annotations (flip_pairs)"
+                        .into(),
+                );
+            }
+            if task == TaskKind::Segmentation && t.flip_pairs.iter().flatten().any(|&c| c == 0) {
+                return bad(
+                    &format!("teachers[{i}].flip_pairs"),
+                    "swaps foreground classes of a segmentation teacher's masks; class 0 \
+                     (background) stays background"
                         .into(),
                 );
             }

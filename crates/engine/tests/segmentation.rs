@@ -162,6 +162,22 @@ fn segmentation_config_errors_name_the_field() {
         e.contains("teachers[0].classes") && e.contains("background"),
         "{e}"
     );
+    // Swapped classes: foreground pairs only.
+    let swapped = |pairs: &str| {
+        seg_scenes(
+            &SEG_POOL.replace(
+                "head = \"aspp\"",
+                &format!("head = \"aspp\"\nflip_pairs = {pairs}"),
+            ),
+            &s,
+        )
+    };
+    assert!(parse(&swapped("[[1, 7], [3, 5]]")).is_ok());
+    let e = parse(&swapped("[[0, 1]]")).unwrap_err();
+    assert!(
+        e.contains("teachers[0].flip_pairs") && e.contains("background"),
+        "{e}"
+    );
     // `others = "ignore"` unlabels the classes a specialist does not own: it needs `classes`.
     let e = parse(&seg_scenes(
         &SEG_POOL.replace("head = \"aspp\"", "head = \"aspp\"\nothers = \"ignore\""),

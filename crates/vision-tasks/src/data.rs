@@ -268,6 +268,78 @@ impl ImageSet {
         Ok((out, changed))
     }
 
+    /// A dense set whose annotations have the classes of each pair in `pairs` swapped (a
+    /// teacher with systematically wrong annotations, docs/METHOD.md section 12): a mask's
+    /// pixels of one class of a pair take the other's, an object of one takes the other's
+    /// class (its box stays). Unlabelled pixels stay unlabelled. Returns the set and the number
+    /// of pixels or objects changed. A class outside `0..num_classes`, a pair of one class or a
+    /// class in two pairs is refused, and so is a classification set (its labels are edited by
+    /// `classification::labels::apply`).
+    pub fn swap_classes(&self, pairs: &[[usize; 2]]) -> Result<(ImageSet, usize)> {
+        let k = self.num_classes;
+        let mut map: Vec<usize> = (0..k).collect();
+        let mut seen = vec![false; k];
+        for p in pairs {
+            if p[0] >= k || p[1] >= k || p[0] == p[1] || seen[p[0]] || seen[p[1]] {
+                return Err(Error::Invalid {
+                    what: "flip_pairs".into(),
+                    reason: format!(
+                        "pair {p:?} needs two different classes in 0..{k}, each in one pair only"
+                    ),
+                });
+            }
+            seen[p[0]] = true;
+            seen[p[1]] = true;
+            map.swap(p[0], p[1]);
+        }
+        let mut out = self.clone();
+        let mut changed = 0;
+        match &mut out.annotations {
+            Annotations::Classes => {
+                return Err(Error::Invalid {
+                    what: "flip_pairs".into(),
+                    reason: "a classification set's labels are swapped by \
+                             classification::labels::apply"
+                        .into(),
+                })
+            }
+            Annotations::Masks(m) => {
+                let mut lut: [u8; 256] = std::array::from_fn(|v| v as u8);
+                for (c, &to) in map.iter().enumerate().take(256) {
+                    lut[c] = to as u8;
+                }
+                lut[crate::objects::IGNORE as usize] = crate::objects::IGNORE;
+                for v in m.iter_mut() {
+                    let to = lut[*v as usize];
+                    if to != *v {
+                        *v = to;
+                        changed += 1;
+                    }
+                }
+                // An image's label (its most frequent class) is swapped with its pixels.
+                for l in out.labels.iter_mut() {
+                    if let Some(&to) = map.get(*l as usize) {
+                        *l = to as i64;
+                    }
+                }
+            }
+            Annotations::Objects(o) => {
+                for (i, objs) in o.iter_mut().enumerate() {
+                    for ob in objs.iter_mut() {
+                        if let Some(&to) = map.get(ob.class) {
+                            if to != ob.class {
+                                ob.class = to;
+                                changed += 1;
+                            }
+                        }
+                    }
+                    out.labels[i] = crate::objects::image_label(objs);
+                }
+            }
+        }
+        Ok((out, changed))
+    }
+
     /// This set followed by `images` `[N, C, H, W]` without labels (placeholders as
     /// [`ImageSet::hide_labels`] writes them). The images must have this set's shape.
     pub fn with_unlabelled(&self, images: &Array4<u8>) -> Result<ImageSet> {

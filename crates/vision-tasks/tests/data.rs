@@ -516,3 +516,73 @@ fn keep_classes_unannotates_the_other_classes_of_dense_sets() {
     let c = ImageSet::new(images, vec![0, 1], 2).unwrap();
     assert!(c.keep_classes(&[0], false).is_err());
 }
+
+/// A dense teacher with swapped classes (docs/METHOD.md section 12): the pixels or objects of
+/// each pair trade classes, unlabelled pixels and boxes stay, image labels follow; bad pairs and
+/// classification sets are refused.
+#[test]
+fn swap_classes_trades_the_classes_of_each_pair_in_dense_sets() {
+    use mtkd_vision_tasks::data::{Annotations, ImageSet};
+    use mtkd_vision_tasks::objects::{Object, IGNORE};
+    use ndarray::{Array3, Array4};
+
+    let images = Array4::<u8>::zeros((2, 1, 2, 3));
+    let mut s = ImageSet::new(images.clone(), vec![1, 3], 5).unwrap();
+    let masks =
+        Array3::from_shape_vec((2, 2, 3), vec![0, 1, 2, 3, IGNORE, 1, 3, 3, 0, 2, 4, 4]).unwrap();
+    s.annotations = Annotations::Masks(masks);
+    let (sw, changed) = s.swap_classes(&[[1, 3]]).unwrap();
+    assert_eq!(changed, 5, "two pixels of class 1, three of class 3");
+    assert_eq!(
+        sw.annotations
+            .masks()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![0, 3, 2, 1, IGNORE, 3, 1, 1, 0, 2, 4, 4]
+    );
+    assert_eq!(
+        sw.labels,
+        vec![3, 1],
+        "the most frequent foreground class after the swap"
+    );
+    // Swapping twice gives the set back.
+    let (back, _) = sw.swap_classes(&[[3, 1]]).unwrap();
+    assert_eq!(back.annotations.masks(), s.annotations.masks());
+    for bad in [vec![[1, 1]], vec![[1, 5]], vec![[1, 2], [2, 3]]] {
+        let e = s.swap_classes(&bad).unwrap_err().to_string();
+        assert!(e.contains("flip_pairs"), "{e}");
+    }
+
+    let mut d = ImageSet::new(images.clone(), vec![0, 2], 3).unwrap();
+    let ob = |class, x| Object {
+        class,
+        bbox: [x, 0.0, x + 1.0, 1.0],
+        area: 1.0,
+    };
+    d.annotations = Annotations::Objects(vec![
+        vec![ob(0, 0.0), ob(2, 1.0), ob(0, 2.0)],
+        vec![ob(2, 0.0), ob(2, 1.0), ob(1, 2.0)],
+    ]);
+    let (sw, changed) = d.swap_classes(&[[0, 2]]).unwrap();
+    assert_eq!(changed, 5);
+    let objs = sw.annotations.objects().unwrap();
+    assert_eq!(
+        objs[0].iter().map(|o| o.class).collect::<Vec<_>>(),
+        [2, 0, 2]
+    );
+    assert_eq!(
+        objs[1].iter().map(|o| o.class).collect::<Vec<_>>(),
+        [0, 0, 1]
+    );
+    assert_eq!(
+        objs[0].iter().map(|o| o.bbox[0]).collect::<Vec<_>>(),
+        [0.0, 1.0, 2.0],
+        "boxes stay where they are"
+    );
+    assert_eq!(sw.labels, vec![2, 0]);
+
+    let c = ImageSet::new(images, vec![0, 1], 2).unwrap();
+    assert!(c.swap_classes(&[[0, 1]]).is_err());
+}

@@ -647,6 +647,20 @@ pub(super) fn ensure_native_teacher(
             ));
             data.train = std::sync::Arc::new(train);
         }
+        // Swapped classes: the masks' pixels or the boxes' classes of each pair trade places.
+        if !edits.flip_pairs.is_empty() {
+            let pairs = std::mem::take(&mut edits.flip_pairs);
+            let (train, changed) = data
+                .train
+                .swap_classes(&pairs)
+                .with_context(|| format!("teacher `{}` (teachers[{index}])", t.name))?;
+            tracing::info!(teacher = %t.name, changed, pairs = ?pairs, "classes swapped in the annotations");
+            obs.phase(&format!(
+                "teacher `{}` trains with classes {pairs:?} swapped: {changed} annotated pixels or objects changed",
+                t.name
+            ));
+            data.train = std::sync::Arc::new(train);
+        }
     }
     if !edits.is_identity() {
         let (train, report) =
@@ -689,5 +703,27 @@ mod tests {
         assert_eq!(name(&t), "tops-resnet14-257ce01e3d6b");
         t.others = crate::config::OtherClasses::Background;
         assert_eq!(name(&t), "tops-resnet14-f80ca02beea7");
+    }
+
+    /// A dense teacher with swapped classes is its own cache entry: the same teacher without
+    /// the swaps, or with other pairs, is another.
+    #[test]
+    fn a_dense_teacher_with_swapped_classes_has_its_own_cache_key() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let cfg = Config::load(&root.join("configs/pool-det-swapped.toml"), &[]).unwrap();
+        let key = |t: &TeacherConfig| {
+            let tcfg = teacher_config(&cfg, t).unwrap();
+            teacher_cache_dir(&cfg, t, &tcfg).unwrap().1
+        };
+        let mut t = cfg.teachers[0].clone();
+        assert_eq!(t.flip_pairs, vec![[0, 6], [2, 4]]);
+        let swapped = key(&t);
+        t.flip_pairs = vec![[1, 3], [5, 9]];
+        let other_pairs = key(&t);
+        t.flip_pairs.clear();
+        let plain = key(&t);
+        assert_ne!(swapped, other_pairs);
+        assert_ne!(swapped, plain);
+        assert_ne!(other_pairs, plain);
     }
 }
