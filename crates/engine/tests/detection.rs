@@ -143,6 +143,20 @@ fn detection_config_errors_name_the_field() {
     ))
     .unwrap_err();
     assert!(e.contains("teachers[0].others"), "{e}");
+    // Swapped classes edit boxes' classes (any two classes); label noise and permutations
+    // edit image labels and stay refused.
+    let teacher = |edit: &str| {
+        base.replace(
+            "name = \"r8-fcos\"\narch = \"resnet8\"\nhead = \"fcos\"",
+            &format!("name = \"r8-fcos\"\narch = \"resnet8\"\nhead = \"fcos\"\n{edit}"),
+        )
+    };
+    assert!(parse(&teacher("flip_pairs = [[0, 6], [2, 4]]")).is_ok());
+    let e = parse(&teacher("permute_labels = true")).unwrap_err();
+    assert!(
+        e.contains("teachers[0]") && e.contains("not masks or boxes"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&s);
 }
 

@@ -413,7 +413,7 @@ fn a_segmentation_specialist_and_the_per_pixel_oracle() {
     let s = scratch("oracle");
     let pool = |distill: &str| {
         format!(
-            "{distill}\n[[teachers]]\nname = \"tops\"\narch = \"resnet8\"\nhead = \"aspp\"\nclasses = [1, 2, 3, 4, 5]\n\n[[teachers]]\nname = \"small-fcn\"\narch = \"cnn-small\"\n"
+            "{distill}\n[[teachers]]\nname = \"tops\"\narch = \"resnet8\"\nhead = \"aspp\"\nclasses = [1, 2, 3, 4, 5]\n\n[[teachers]]\nname = \"small-fcn\"\narch = \"cnn-small\"\nflip_pairs = [[1, 6]]\n"
         )
     };
     let rows = std::iter::once("[1, 1]".to_owned())
@@ -432,7 +432,28 @@ fn a_segmentation_specialist_and_the_per_pixel_oracle() {
     };
     let a = parse(&one_epoch(seg_scenes(&oracle, &s))).unwrap();
     let b = parse(&one_epoch(seg_scenes(&even, &s))).unwrap();
-    trainer::run(&a, &s.join("oracle"), &RunOptions::default(), &mut Silent).unwrap();
+    // The second teacher trains with T-shirt/top and Sandal swapped in its masks.
+    #[derive(Default)]
+    struct Phases(Vec<String>);
+    impl trainer::Observer for Phases {
+        fn phase(&mut self, message: &str) {
+            self.0.push(message.to_owned());
+        }
+    }
+    let mut phases = Phases::default();
+    trainer::run(&a, &s.join("oracle"), &RunOptions::default(), &mut phases).unwrap();
+    let swapped = phases
+        .0
+        .iter()
+        .find(|p| p.contains("`small-fcn` trains with classes [[1, 6]] swapped"))
+        .unwrap_or_else(|| panic!("no swap reported: {:?}", phases.0));
+    let changed: usize = swapped
+        .split(": ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{swapped}"));
+    assert!(changed > 0, "{swapped}");
     trainer::run(&b, &s.join("even"), &RunOptions::default(), &mut Silent).unwrap();
     let (ha, hb) = (history(&s.join("oracle")), history(&s.join("even")));
     let w: f64 = ha[0].teacher_weights.iter().sum();

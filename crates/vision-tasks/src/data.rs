@@ -270,8 +270,9 @@ impl ImageSet {
 
     /// A dense set whose annotations have the classes of each pair in `pairs` swapped (a
     /// teacher with systematically wrong annotations, docs/METHOD.md section 12): a mask's
-    /// pixels of one class of a pair take the other's, an object of one takes the other's
-    /// class (its box stays). Unlabelled pixels stay unlabelled. Returns the set and the number
+    /// pixels of one class of a pair take the other's (foreground classes only), an object of
+    /// one takes the other's class (its box stays); image labels are recomputed from the result.
+    /// Unlabelled pixels stay unlabelled. Returns the set and the number
     /// of pixels or objects changed. A class outside `0..num_classes`, a pair of one class or a
     /// class in two pairs is refused, and so is a classification set (its labels are edited by
     /// `classification::labels::apply`).
@@ -303,6 +304,14 @@ impl ImageSet {
                         .into(),
                 })
             }
+            Annotations::Masks(_) if pairs.iter().flatten().any(|&c| c == 0) => {
+                return Err(Error::Invalid {
+                    what: "flip_pairs".into(),
+                    reason: "swaps foreground classes of masks; class 0 (background) stays \
+                             background"
+                        .into(),
+                })
+            }
             Annotations::Masks(m) => {
                 let mut lut: [u8; 256] = std::array::from_fn(|v| v as u8);
                 for (c, &to) in map.iter().enumerate().take(256) {
@@ -316,11 +325,8 @@ impl ImageSet {
                         changed += 1;
                     }
                 }
-                // An image's label (its most frequent class) is swapped with its pixels.
-                for l in out.labels.iter_mut() {
-                    if let Some(&to) = map.get(*l as usize) {
-                        *l = to as i64;
-                    }
+                for (i, l) in out.labels.iter_mut().enumerate() {
+                    *l = crate::objects::mask_label(m.slice(s![i, .., ..]), k);
                 }
             }
             Annotations::Objects(o) => {

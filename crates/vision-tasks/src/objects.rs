@@ -10,6 +10,26 @@ use tch::Tensor;
 /// no metric.
 pub const IGNORE: u8 = 255;
 
+/// The label of a whole image from its mask: the most frequent class other than 0 (class 0 is
+/// the background in every layout mtkd reads), 0 when only background or nothing is labelled.
+/// Ties go to the smaller class. This is what subsets stratify by and what per-class weight
+/// records group images by (`segmentation::image_label`).
+pub fn mask_label(mask: ndarray::ArrayView2<u8>, num_classes: usize) -> i64 {
+    let mut counts = vec![0usize; num_classes.max(1)];
+    for &v in mask.iter() {
+        if v != IGNORE && (v as usize) < counts.len() {
+            counts[v as usize] += 1;
+        }
+    }
+    let mut best = 0usize;
+    for c in 1..counts.len() {
+        if counts[c] > 0 && (best == 0 || counts[c] > counts[best]) {
+            best = c;
+        }
+    }
+    best as i64
+}
+
 /// One ground-truth object of an image: class index, box `[x1, y1, x2, y2]` in pixels, area
 /// (the annotation's, which COCO's size ranges use; the box's when it has none).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -550,10 +550,20 @@ fn swap_classes_trades_the_classes_of_each_pair_in_dense_sets() {
     // Swapping twice gives the set back.
     let (back, _) = sw.swap_classes(&[[3, 1]]).unwrap();
     assert_eq!(back.annotations.masks(), s.annotations.masks());
-    for bad in [vec![[1, 1]], vec![[1, 5]], vec![[1, 2], [2, 3]]] {
+    for bad in [
+        vec![[1, 1]],
+        vec![[1, 5]],
+        vec![[1, 2], [2, 3]],
+        vec![[0, 1]],
+    ] {
         let e = s.swap_classes(&bad).unwrap_err().to_string();
         assert!(e.contains("flip_pairs"), "{e}");
     }
+    // Image labels are recomputed, ties to the smaller class: a tie of classes 1 and 2 is
+    // labelled 1, and after 1 <-> 4 it is a tie of 2 and 4, labelled 2 (not 4).
+    let mut tie = ImageSet::new(Array4::<u8>::zeros((1, 1, 1, 3)), vec![1], 5).unwrap();
+    tie.annotations = Annotations::Masks(Array3::from_shape_vec((1, 1, 3), vec![1, 2, 0]).unwrap());
+    assert_eq!(tie.swap_classes(&[[1, 4]]).unwrap().0.labels, vec![2]);
 
     let mut d = ImageSet::new(images.clone(), vec![0, 2], 3).unwrap();
     let ob = |class, x| Object {
