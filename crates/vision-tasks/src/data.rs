@@ -278,20 +278,13 @@ impl ImageSet {
     /// `classification::labels::apply`).
     pub fn swap_classes(&self, pairs: &[[usize; 2]]) -> Result<(ImageSet, usize)> {
         let k = self.num_classes;
+        check_pairs(pairs, k).map_err(|reason| Error::Invalid {
+            what: "flip_pairs".into(),
+            reason,
+        })?;
         let mut map: Vec<usize> = (0..k).collect();
-        let mut seen = vec![false; k];
-        for p in pairs {
-            if p[0] >= k || p[1] >= k || p[0] == p[1] || seen[p[0]] || seen[p[1]] {
-                return Err(Error::Invalid {
-                    what: "flip_pairs".into(),
-                    reason: format!(
-                        "pair {p:?} needs two different classes in 0..{k}, each in one pair only"
-                    ),
-                });
-            }
-            seen[p[0]] = true;
-            seen[p[1]] = true;
-            map.swap(p[0], p[1]);
+        for [a, b] in pairs {
+            map.swap(*a, *b);
         }
         let mut out = self.clone();
         let mut changed = 0;
@@ -829,6 +822,23 @@ fn mix(seed: u64, i: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Checks pairs of classes to swap (`flip_pairs`) against `k` classes: each pair two different
+/// classes in `0..k`, each class in one pair at most. `Err` says which rule a pair breaks.
+pub fn check_pairs(pairs: &[[usize; 2]], k: usize) -> std::result::Result<(), String> {
+    for p in pairs {
+        if p[0] >= k || p[1] >= k || p[0] == p[1] {
+            return Err(format!("pair {p:?} needs two different classes in 0..{k}"));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in pairs.iter().flatten() {
+        if !seen.insert(*c) {
+            return Err(format!("class {c} appears in two pairs"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

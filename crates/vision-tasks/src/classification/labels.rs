@@ -62,20 +62,7 @@ impl LabelEdits {
                 return Err(("classes", format!("class {bad} outside 0..{k}")));
             }
         }
-        for p in &self.flip_pairs {
-            if p[0] >= k || p[1] >= k || p[0] == p[1] {
-                return Err((
-                    "flip_pairs",
-                    format!("pair {p:?} needs two different classes in 0..{k}"),
-                ));
-            }
-        }
-        let mut seen = std::collections::HashSet::new();
-        for c in self.flip_pairs.iter().flatten() {
-            if !seen.insert(*c) {
-                return Err(("flip_pairs", format!("class {c} appears in two pairs")));
-            }
-        }
+        crate::data::check_pairs(&self.flip_pairs, k).map_err(|r| ("flip_pairs", r))?;
         if !(0.0..=1.0).contains(&self.noise) {
             return Err((
                 "label_noise",
