@@ -60,7 +60,8 @@ pub struct EpochRecord {
     )]
     pub teacher_feature_weights: Vec<f64>,
     /// Mean logit weight per true class (rows, K) and teacher (columns, full pool order) over the
-    /// epoch's samples; empty without teachers.
+    /// epoch's samples; empty without teachers. A class with no samples in the epoch is NaN
+    /// (written as null).
     #[serde(
         default,
         skip_serializing_if = "Vec::is_empty",

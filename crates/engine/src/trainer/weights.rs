@@ -152,8 +152,12 @@ impl WeightRecords {
     pub(super) fn class_weights_into(&self, rec: &mut EpochRecord, m: usize) -> Result<()> {
         if let Some((sums, fsums, counts, fcounts)) = &self.per_class {
             let m = m.max(1);
+            // A class with no samples (no pixel, box or image of it this epoch; e.g. background
+            // for the per-image feature weights of a segmentation run) has no mean: NaN, which
+            // the records write as null and the report shows as n/a.
             let grid = |t: &Tensor, counts: &Tensor| -> Result<Vec<Vec<f64>>> {
-                let mean = t / counts.clamp_min(1.0).unsqueeze(1);
+                let c = counts.unsqueeze(1);
+                let mean = (t / c.clamp_min(1.0)).where_self(&c.gt(0.0), &t.full_like(f64::NAN));
                 let v: Vec<f64> = Vec::try_from(&mean.to_device(Device::Cpu).flatten(0, -1))?;
                 Ok(v.chunks(m).map(<[f64]>::to_vec).collect())
             };
