@@ -688,11 +688,15 @@ mod tests {
     /// A teacher's cache key must not move when an option it does not set is added: the
     /// specialists of configs/pool-seg-specialists.toml keep the folders they were trained into
     /// with the other classes as background (before `others` existed), and get new ones with
-    /// `others = "ignore"`.
+    /// `others = "ignore"`. (Their 8 training epochs of then: the config trains 16 since.)
     #[test]
     fn a_specialist_keeps_its_cache_key_unless_it_sets_others() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let cfg = Config::load(&root.join("configs/pool-seg-specialists.toml"), &[]).unwrap();
+        let then = [
+            "teacher_training.epochs=8".to_owned(),
+            "teacher_training.milestones=[6]".to_owned(),
+        ];
+        let cfg = Config::load(&root.join("configs/pool-seg-specialists.toml"), &then).unwrap();
         let mut t = cfg.teachers[0].clone();
         assert_eq!(t.others, crate::config::OtherClasses::Ignore);
         let name = |t: &TeacherConfig| {
@@ -703,6 +707,12 @@ mod tests {
         assert_eq!(name(&t), "tops-resnet14-257ce01e3d6b");
         t.others = crate::config::OtherClasses::Background;
         assert_eq!(name(&t), "tops-resnet14-f80ca02beea7");
+        // The training epochs are part of the key: the 16-epoch specialist is another folder.
+        let now = Config::load(&root.join("configs/pool-seg-specialists.toml"), &[]).unwrap();
+        let t = now.teachers[0].clone();
+        let tcfg = teacher_config(&now, &t).unwrap();
+        let (dir, _) = teacher_cache_dir(&now, &t, &tcfg).unwrap();
+        assert_eq!(dir.file_name().unwrap(), "tops-resnet14-0f3ab6458cf0");
     }
 
     /// A dense teacher with swapped classes is its own cache entry: the same teacher without
