@@ -685,46 +685,49 @@ pub(super) fn ensure_native_teacher(
 mod tests {
     use super::*;
 
+    /// A config of the repository's `configs/` folder, with `sets` applied.
+    fn repo_config(name: &str, sets: &[String]) -> Config {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        Config::load(&root.join("configs").join(name), sets).unwrap()
+    }
+
+    /// Teacher `t`'s cache folder name and key under `cfg`.
+    fn cache_entry(cfg: &Config, t: &TeacherConfig) -> (String, String) {
+        let tcfg = teacher_config(cfg, t).unwrap();
+        let (dir, key) = teacher_cache_dir(cfg, t, &tcfg).unwrap();
+        (dir.file_name().unwrap().to_string_lossy().into_owned(), key)
+    }
+
     /// A teacher's cache key must not move when an option it does not set is added: the
     /// specialists of configs/pool-seg-specialists.toml keep the folders they were trained into
     /// with the other classes as background (before `others` existed), and get new ones with
     /// `others = "ignore"`. (Their 8 training epochs of then: the config trains 16 since.)
     #[test]
     fn a_specialist_keeps_its_cache_key_unless_it_sets_others() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let then = [
             "teacher_training.epochs=8".to_owned(),
             "teacher_training.milestones=[6]".to_owned(),
         ];
-        let cfg = Config::load(&root.join("configs/pool-seg-specialists.toml"), &then).unwrap();
+        let cfg = repo_config("pool-seg-specialists.toml", &then);
         let mut t = cfg.teachers[0].clone();
         assert_eq!(t.others, crate::config::OtherClasses::Ignore);
-        let name = |t: &TeacherConfig| {
-            let tcfg = teacher_config(&cfg, t).unwrap();
-            let (dir, _) = teacher_cache_dir(&cfg, t, &tcfg).unwrap();
-            dir.file_name().unwrap().to_string_lossy().into_owned()
-        };
-        assert_eq!(name(&t), "tops-resnet14-257ce01e3d6b");
+        assert_eq!(cache_entry(&cfg, &t).0, "tops-resnet14-257ce01e3d6b");
         t.others = crate::config::OtherClasses::Background;
-        assert_eq!(name(&t), "tops-resnet14-f80ca02beea7");
+        assert_eq!(cache_entry(&cfg, &t).0, "tops-resnet14-f80ca02beea7");
         // The training epochs are part of the key: the 16-epoch specialist is another folder.
-        let now = Config::load(&root.join("configs/pool-seg-specialists.toml"), &[]).unwrap();
-        let t = now.teachers[0].clone();
-        let tcfg = teacher_config(&now, &t).unwrap();
-        let (dir, _) = teacher_cache_dir(&now, &t, &tcfg).unwrap();
-        assert_eq!(dir.file_name().unwrap(), "tops-resnet14-0f3ab6458cf0");
+        let now = repo_config("pool-seg-specialists.toml", &[]);
+        assert_eq!(
+            cache_entry(&now, &now.teachers[0]).0,
+            "tops-resnet14-0f3ab6458cf0"
+        );
     }
 
     /// A dense teacher with swapped classes is its own cache entry: the same teacher without
     /// the swaps, or with other pairs, is another.
     #[test]
     fn a_dense_teacher_with_swapped_classes_has_its_own_cache_key() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let cfg = Config::load(&root.join("configs/pool-det-swapped.toml"), &[]).unwrap();
-        let key = |t: &TeacherConfig| {
-            let tcfg = teacher_config(&cfg, t).unwrap();
-            teacher_cache_dir(&cfg, t, &tcfg).unwrap().1
-        };
+        let cfg = repo_config("pool-det-swapped.toml", &[]);
+        let key = |t: &TeacherConfig| cache_entry(&cfg, t).1;
         let mut t = cfg.teachers[0].clone();
         assert_eq!(t.flip_pairs, vec![[0, 6], [2, 4]]);
         let swapped = key(&t);
