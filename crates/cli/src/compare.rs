@@ -148,9 +148,17 @@ pub fn names(base: &Config) -> Result<Vec<String>> {
     Ok(v)
 }
 
-/// Every (strategy, seed) run: seeds `base.run.seed .. base.run.seed + seeds`. `only` keeps the
-/// rows it names (see [`names`]); a name that selects no row is an error listing the names.
-pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Planned>> {
+/// Every (strategy, seed) run: seeds `first .. first + seeds`, where `first` defaults to
+/// `base.run.seed` (the teachers' seeds stay those of `base.run.seed` whatever `first` is, so
+/// that comparisons split over seeds share one teacher pool). `only` keeps the rows it names
+/// (see [`names`]); a name that selects no row is an error listing the names.
+pub fn plan(
+    base: &Config,
+    first: Option<u64>,
+    seeds: u64,
+    only: Option<&[String]>,
+) -> Result<Vec<Planned>> {
+    let first = first.unwrap_or(base.run.seed);
     let mut out = Vec::new();
     let strategies = strategies(base)?;
     if let Some(only) = only {
@@ -180,7 +188,7 @@ pub fn plan(base: &Config, seeds: u64, only: Option<&[String]>) -> Result<Vec<Pl
             }
             let mut c = base.clone();
             c.distill = Some(distill.clone());
-            c.run.seed = base.run.seed + s;
+            c.run.seed = first + s;
             // Teachers stay the same across seeds: pin their seeds to the base run's defaults.
             for t in c.teachers.iter_mut() {
                 if t.arch.is_some() && t.seed.is_none() {

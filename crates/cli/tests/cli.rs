@@ -374,7 +374,7 @@ fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
     use mtkd_cli::compare::plan;
     let rows = |only: &[&str]| -> Result<Vec<String>, String> {
         let only: Vec<String> = only.iter().map(|o| (*o).to_owned()).collect();
-        plan(&cfg, 1, Some(&only))
+        plan(&cfg, None, 1, Some(&only))
             .map(|p| p.into_iter().map(|r| r.strategy).collect())
             .map_err(|e| format!("{e:#}"))
     };
@@ -389,6 +389,37 @@ fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
                 && err.contains("mtkd-rl-meta-prune"),
             "{err}"
         );
+    }
+}
+
+#[test]
+fn compare_first_seed_moves_the_student_seeds_and_keeps_the_teachers() {
+    let s = scratch("firstseed");
+    let extra = "[distill]\nstrategy = \"equal\"\n\
+         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
+         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
+         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
+    let cfg = parse(&tiny(extra, &s)).unwrap();
+    use mtkd_cli::compare::plan;
+    let only = vec!["equal-aver".to_owned()];
+    let from_base = plan(&cfg, None, 3, Some(&only)).unwrap();
+    let from_two = plan(&cfg, Some(cfg.run.seed + 2), 2, Some(&only)).unwrap();
+    let seeds = |p: &[mtkd_cli::compare::Planned]| -> Vec<u64> { p.iter().map(|r| r.seed).collect() };
+    let base = cfg.run.seed;
+    assert_eq!(seeds(&from_base), vec![base, base + 1, base + 2]);
+    assert_eq!(seeds(&from_two), vec![base + 2, base + 3]);
+    // The same run folder name as the full comparison's seed, so the runs can share one folder.
+    assert_eq!(from_two[0].dir_name, from_base[2].dir_name);
+    assert_eq!(from_two[0].config.run.seed, base + 2);
+    // Every run's teachers carry the base seed's teacher seeds, set and equal.
+    let teacher_seeds = |r: &mtkd_cli::compare::Planned| -> Vec<Option<u64>> {
+        r.config.teachers.iter().map(|t| t.seed).collect()
+    };
+    let expected = teacher_seeds(&from_base[0]);
+    assert!(expected.iter().all(Option::is_some), "{expected:?}");
+    assert_ne!(expected[0], expected[1]);
+    for r in from_base.iter().chain(&from_two) {
+        assert_eq!(teacher_seeds(r), expected, "{}", r.dir_name);
     }
 }
 

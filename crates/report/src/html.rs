@@ -259,6 +259,9 @@ struct Page<'a> {
     has_weights: bool,
     /// Leading epochs in which every teacher has weight 1 (parity agent, AVER control).
     ones_epochs: usize,
+    /// The run has a feature term (`distill.feature_weight` is not 0, or the config is not
+    /// there to say): without one the strategy's feature weights do nothing and are not shown.
+    feature_term: bool,
 }
 
 impl<'a> Page<'a> {
@@ -288,6 +291,9 @@ impl<'a> Page<'a> {
         } else {
             0
         };
+        let feature_term = cfg_path(&cfg, &["distill", "feature_weight"])
+            .and_then(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+            .is_none_or(|w| w != 0.0);
         Page {
             inp,
             cfg,
@@ -296,6 +302,7 @@ impl<'a> Page<'a> {
             has_teachers,
             has_weights,
             ones_epochs,
+            feature_term,
         }
     }
 
@@ -435,7 +442,8 @@ impl<'a> Page<'a> {
 
     fn teachers_block(&self) -> String {
         let last = self.inp.metrics.last();
-        let has_fw = last.is_some_and(|r| !r.teacher_feature_weights.is_empty());
+        let has_fw =
+            self.feature_term && last.is_some_and(|r| !r.teacher_feature_weights.is_empty());
         let mut t = String::from(
             "<h3>Teachers</h3>\n<p class=\"how\">Each teacher's accuracy on the test set, and the \
              mean weight the strategy gave its logits (and features) over the last epoch's \
@@ -557,11 +565,12 @@ impl<'a> Page<'a> {
         out.push_str(&notes);
         out.push_str("<div class=\"charts\">\n");
         out.push_str(&self.weight_chart(Weights::Logit));
-        if self
-            .inp
-            .metrics
-            .iter()
-            .any(|r| !r.teacher_feature_weights.is_empty())
+        if self.feature_term
+            && self
+                .inp
+                .metrics
+                .iter()
+                .any(|r| !r.teacher_feature_weights.is_empty())
         {
             out.push_str(&self.weight_chart(Weights::Feature));
         }
@@ -612,7 +621,8 @@ impl<'a> Page<'a> {
                 out.push_str(&self.class_table(&[], acc, None));
             }
         }
-        if let Some(r) = last_with(|r| &r.class_feature_weights) {
+        let feature_rows = last_with(|r| &r.class_feature_weights).filter(|_| self.feature_term);
+        if let Some(r) = feature_rows {
             out.push_str(&format!("<h3>Feature weights (epoch {})</h3>\n", r.epoch));
             out.push_str(&self.class_table(
                 &r.class_feature_weights,
@@ -620,9 +630,13 @@ impl<'a> Page<'a> {
                 r.active_teachers.as_ref(),
             ));
         }
-        if last_with(|r| &r.class_weights).is_some()
-            || last_with(|r| &r.class_feature_weights).is_some()
-        {
+        if !self.feature_term && last_with(|r| &r.class_feature_weights).is_some() {
+            out.push_str(
+                "<p class=\"muted\">This run has no feature term (distill.feature_weight = 0), so \
+                 the strategy's feature weights change nothing and are not shown.</p>\n",
+            );
+        }
+        if last_with(|r| &r.class_weights).is_some() || feature_rows.is_some() {
             out.push_str(&colour_bar());
         }
         section("classes", "Weights per class (last epoch)", &out)
@@ -1638,6 +1652,25 @@ pub(crate) mod tests {
         assert!(!html.contains("NaN"));
         assert!(!html.contains("<script"));
         assert!(!html.contains("http://") && !html.contains("https://"));
+    }
+
+    #[test]
+    fn report_hides_feature_weights_of_a_run_without_a_feature_term() {
+        let mut inp = inputs();
+        inp.metrics[1].class_feature_weights = vec![vec![0.2, 0.8, 0.0]; 10];
+        let with = render(&inp);
+        assert!(with.contains("<h3>Feature weights"));
+        assert!(with.contains("feature weight, last epoch"));
+        assert!(!with.contains("no feature term"));
+        inp.config_text = Some(CONFIG.replace(
+            "strategy = \"mtkd-rl\"\n",
+            "strategy = \"mtkd-rl\"\nfeature_weight = 0.0\n",
+        ));
+        let without = render(&inp);
+        assert!(!without.contains("<h3>Feature weights"));
+        assert!(!without.contains("feature weight, last epoch"));
+        assert!(without.contains("no feature term (distill.feature_weight = 0)"));
+        assert!(without.contains("<h3>Logit weights"), "the logit weights stay");
     }
 
     #[test]

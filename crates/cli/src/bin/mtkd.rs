@@ -77,9 +77,14 @@ enum Cmd {
         /// The base config (its [distill] section gives temperature and loss weights).
         #[arg(long)]
         config: PathBuf,
-        /// Seeds per strategy (run.seed, run.seed + 1, ...).
+        /// Seeds per strategy (run.seed, run.seed + 1, ...; from --first-seed if given).
         #[arg(long, default_value_t = 3)]
         seeds: u64,
+        /// The first student seed (default: run.seed). The teachers keep run.seed's seeds, so
+        /// `--first-seed 2 --seeds 1` runs seed 2 of a table with the same cached teachers
+        /// (`--set run.seed=2` would give the teachers other seeds and train them again).
+        #[arg(long)]
+        first_seed: Option<u64>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         /// Comparison folder (default: <run.out_dir>/compare-<run.name>); finished runs in it are reused.
@@ -332,6 +337,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Compare {
             config,
             seeds,
+            first_seed,
             overrides,
             out,
             only,
@@ -341,6 +347,7 @@ fn main() -> std::process::ExitCode {
             ..
         } => compare(
             config,
+            first_seed,
             seeds,
             overrides,
             out,
@@ -737,6 +744,7 @@ fn share_teachers(
 
 fn compare(
     config: PathBuf,
+    first_seed: Option<u64>,
     seeds: u64,
     overrides: Vec<String>,
     out: Option<PathBuf>,
@@ -753,7 +761,7 @@ fn compare(
         .collect();
     use mtkd_cli::compare;
     let cfg = Config::load(&config, &overrides)?;
-    let plan = compare::plan(&cfg, seeds.max(1), only.as_deref())?;
+    let plan = compare::plan(&cfg, first_seed, seeds.max(1), only.as_deref())?;
     let out_arg = out.clone();
     let out = out.unwrap_or_else(|| cfg.run.out_dir.join(format!("compare-{}", cfg.run.name)));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -870,8 +878,11 @@ fn compare(
     let mut md = String::new();
     md.push_str(&format!("# Strategy comparison: {}\n\n", cfg.run.name));
     md.push_str(&format!(
-        "Command: `mtkd compare --config {} --seeds {}{}`  \nStudent: {}; {} epochs; data: {:?} {}\n\n",
+        "Command: `mtkd compare --config {}{} --seeds {}{}`  \nStudent: {}; {} epochs; data: {:?} {}\n\n",
         config.display(),
+        first_seed
+            .map(|f| format!(" --first-seed {f}"))
+            .unwrap_or_default(),
         seeds,
         overrides
             .iter()
