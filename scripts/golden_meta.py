@@ -14,7 +14,8 @@ normaliser, credit RMS, loss and `torch.optim.Adam` follow the section. Three ba
 for each quiz choice: with `previous`, the first only stores its quiz and the second and third
 each update the policy before their weights; with `current`, every batch is its own quiz; with
 `own`, each sample is scored on a real virtual step of its own term of the batch loss, one
-sample at a time.
+sample at a time. `own-per-sample` is `own` with `advantage = "per-sample"` (each sample's
+centred credit divided by its own RMS over the teachers instead of the running RMS).
 """
 import json
 import sys
@@ -53,7 +54,7 @@ class Norm:
         return ((x - self.mean) / (self.var + 1e-4).sqrt()).clamp(-5.0, 5.0)
 
 
-def run(quiz_mode):
+def run(quiz_mode, advantage="running-rms"):
     g = torch.Generator().manual_seed(20261202)
     M, K, D, H, NF = 3, 5, 4, 8, 6
     T, ce_w, kd_w, inner_lr, lr, tau, decay = 4.0, 1.0, 0.7, 0.1, 0.01, 0.2, 0.99
@@ -106,7 +107,13 @@ def run(quiz_mode):
             ms = ms * decay + centred.double().square().mean().item() * (1 - decay)
             count += 1
             rms = (ms / (1 - decay ** count)) ** 0.5
-            adv = (centred / rms).detach()
+            if advantage == "per-sample":
+                # Each sample's centred credit over its own RMS across teachers, floored at a
+                # thousandth of the running RMS (`advantage = "per-sample"`).
+                own = centred.square().mean(1, keepdim=True).sqrt()
+                adv = (centred / own.clamp_min(rms * 1e-3)).detach()
+            else:
+                adv = (centred / rms).detach()
             entropy = -(w * w.clamp_min(1e-12).log()).sum(1)
             pl = -(w * adv).sum(1).mean() - tau * entropy.mean()
             opt.zero_grad()
@@ -128,7 +135,8 @@ def run(quiz_mode):
 
 
 def main():
-    out = {"previous": run("previous"), "current": run("current"), "own": run("own")}
+    out = {"previous": run("previous"), "current": run("current"), "own": run("own"),
+           "own-per-sample": run("own", "per-sample")}
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")
 

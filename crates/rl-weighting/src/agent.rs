@@ -77,6 +77,22 @@ pub enum UnlabelledCe {
     Neutral,
 }
 
+/// Meta mode: how the centred credit becomes the policy's advantage (docs/AGENT.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Advantage {
+    /// Divided by its running RMS over every sample and teacher: one scale for the run, so a
+    /// sample (pixel, location) whose credit is large pulls the policy harder than one whose
+    /// credit is small.
+    #[default]
+    RunningRms,
+    /// Each sample's centred credit divided by its own RMS over the teachers: every sample
+    /// votes with the same strength for the direction its credit points (a sample whose credit
+    /// is under a thousandth of the running RMS keeps that scale instead, so rounding noise
+    /// does not vote).
+    PerSample,
+}
+
 /// How the agent's output is combined with the hand-crafted components.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -133,6 +149,10 @@ pub struct AgentConfig {
     /// 15). Always written, as `location_quiz` is.
     #[serde(default)]
     pub unlabelled_ce: UnlabelledCe,
+    /// meta: how the centred credit is scaled into the advantage. Always written, as
+    /// `location_quiz` is.
+    #[serde(default)]
+    pub advantage: Advantage,
 }
 
 fn default_meta_lr() -> f64 {
@@ -178,6 +198,7 @@ impl Default for AgentConfig {
             quiz: Quiz::Own,
             location_quiz: LocationQuiz::default(),
             unlabelled_ce: UnlabelledCe::default(),
+            advantage: Advantage::default(),
         }
     }
 }

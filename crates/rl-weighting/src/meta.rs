@@ -35,7 +35,7 @@ use mtkd_distill_core::weighting::{
 };
 use mtkd_distill_core::{Error, Result};
 
-use crate::agent::{update_counts, AgentConfig, Quiz, RunningNorm, UnlabelledCe};
+use crate::agent::{update_counts, Advantage, AgentConfig, Quiz, RunningNorm, UnlabelledCe};
 use crate::pixels::{pixel_batch, pixel_credit, quiz_pixels, PixelQuiz};
 
 /// Per-teacher features of the policy.
@@ -455,7 +455,17 @@ impl MetaAgent {
         self.credit_count += 1;
         let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
         let rms = (&self.credit_ms / correction).sqrt().to_kind(Kind::Float) + 1e-20;
-        let adv = (centred / rms).detach();
+        let adv = match self.cfg.advantage {
+            Advantage::RunningRms => (centred / rms).detach(),
+            Advantage::PerSample => {
+                let own = centred
+                    .f_square()?
+                    .f_mean_dim(1, true, Kind::Float)?
+                    .f_sqrt()?;
+                let floor = &rms * 1e-3;
+                (&centred / own.f_maximum(&floor)?).detach()
+            }
+        };
         let w = self.policy(x)?;
         let entropy = -(&w * w.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
         let loss = -(&w * adv)

@@ -11,7 +11,7 @@ use mtkd_distill_core::signals::BatchSignals;
 use mtkd_distill_core::weighting::{Feedback, TeacherWeights, WeightingStrategy};
 use mtkd_distill_core::ModelOutput;
 use mtkd_rl_weighting::agent::{
-    build_state, parity_reward, AgentConfig, Mix, Mode, MtkdAgent, Quiz,
+    build_state, parity_reward, Advantage, AgentConfig, Mix, Mode, MtkdAgent, Quiz,
 };
 
 #[path = "../../../test-support/golden.rs"]
@@ -445,6 +445,28 @@ fn meta_mode_credit_update_and_weights_match_pytorch() {
     meta_matches_pytorch("previous", Quiz::Previous, 2.0);
     meta_matches_pytorch("current", Quiz::Current, 3.0);
     meta_matches_pytorch("own", Quiz::Own, 3.0);
+}
+
+#[test]
+fn meta_mode_per_sample_advantage_matches_pytorch() {
+    let g = meta_golden_of("own-per-sample");
+    let mut a = meta_agent_of(
+        &g,
+        AgentConfig {
+            advantage: Advantage::PerSample,
+            ..meta_config(&g, Quiz::Own)
+        },
+    );
+    check_batches(
+        &g,
+        "own-per-sample ",
+        &mut a,
+        mtkd_rl_weighting::meta::MetaAgent::parameters,
+    );
+    // The two advantages move the policy differently from the same start.
+    let own = meta_golden_of("own");
+    let last = |g: &Value| g["batches"][2]["params_after"]["l2.weight"].clone();
+    assert_ne!(last(&g), last(&own));
 }
 
 fn meta_matches_pytorch(which: &str, quiz: Quiz, updates: f64) {
