@@ -20,7 +20,8 @@ over each labelled image's valid pixels, then over those images; the credit is
 `-d quiz / d w / lr * B n_b` at the valid pixels (0 elsewhere). For `quiz = "own"` each quiz
 pixel is scored on a real virtual step of its own term of the training loss, one pixel at a time
 (`own_quiz_loss`, `own_credit`). `neutral`: the same agent with `unlabelled_ce = "neutral"`
-(the two `ce` features held at 0 on the unlabelled image's pixels). The policy (shared MLP over the
+(the two `ce` features held at 0 on the unlabelled image's pixels). `per_sample`: the same agent
+with `advantage = "per-sample"` (each pixel's centred credit over its own RMS). The policy (shared MLP over the
 per-pixel features, learnt bias per teacher, softmax over teachers), the running normaliser, the
 credit RMS, the loss and `torch.optim.Adam` follow section 10. Three batches in order; batch 0 has
 pixels without a label (255) and its last image carries no label (a pseudo-labelled image).
@@ -103,10 +104,12 @@ def main():
             labelled[B - 1] = False
         data.append((fmap, Wc, bc, zt, y, labelled))
 
-    def run(neutral):
+    def run(neutral, per_sample=False):
         """The agent over the three batches from the same start; `neutral`: the two `ce`
         features held at 0 (after the normaliser) on the pixels of unlabelled images
-        (`unlabelled_ce = "neutral"`), without the own-quiz values."""
+        (`unlabelled_ce = "neutral"`), without the own-quiz values; `per_sample`: each pixel's
+        centred credit over its own RMS across the teachers (`advantage = "per-sample"`, what
+        `"auto"` is on segmentation)."""
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(start[k])
@@ -115,11 +118,12 @@ def main():
         ms, count = 0.0, 0
         batches = []
         for fmap, Wc, bc, zt, y, labelled in data:
-            batches.append(step(fmap, Wc, bc, zt, y, labelled, neutral, opt, norm, (ms, count)))
+            batches.append(step(fmap, Wc, bc, zt, y, labelled, neutral, opt, norm, (ms, count),
+                                per_sample))
             ms, count = batches[-1].pop("_ms"), batches[-1].pop("_count")
         return batches
 
-    def step(fmap, Wc, bc, zt, y, labelled, neutral, opt, norm, rms_state):
+    def step(fmap, Wc, bc, zt, y, labelled, neutral, opt, norm, rms_state, per_sample):
         ms, count = rms_state
         zs = head_logits(fmap, Wc, bc, (H, W_))
         valid = (y != IGNORE).float()
@@ -169,7 +173,7 @@ def main():
         # training loss, one pixel at a time.
         own_quiz, own_credit = (None, None) if neutral else own(fmap, Wc, bc, zt, y, wcur, share, qmask, qn, n_b, scale)
         return finish(credit, x, vrows, valid, n_b, opt, ms, count, fmap, Wc, bc, zt, y, labelled,
-                      quiz_loss, wcur, own_quiz, own_credit)
+                      quiz_loss, wcur, own_quiz, own_credit, per_sample)
 
     def own(fmap, Wc, bc, zt, y, wcur, share, qmask, qn, n_b, scale):
         own_leaf = wcur.clone().requires_grad_(True)
@@ -201,13 +205,17 @@ def main():
         return own_quiz, own_credit
 
     def finish(credit, x, vrows, valid, n_b, opt, ms, count, fmap, Wc, bc, zt, y, labelled,
-               quiz_loss, wcur, own_quiz, own_credit):
+               quiz_loss, wcur, own_quiz, own_credit, per_sample):
         sel = credit[vrows]
         centred = sel - sel.mean(1, keepdim=True)
         ms = ms * decay + centred.double().square().mean().item() * (1 - decay)
         count += 1
         rms = (ms / (1 - decay ** count)) ** 0.5
-        adv = (centred / rms).detach()
+        if per_sample:
+            own_rms = centred.square().mean(1, keepdim=True).sqrt()
+            adv = (centred / own_rms.clamp_min(rms * 1e-3)).detach()
+        else:
+            adv = (centred / rms).detach()
         wsel = policy(x[vrows])
         entropy = -(wsel * wsel.clamp_min(1e-12).log()).sum(1)
         pl = -(wsel * adv).sum(1).mean() - tau * entropy.mean()
@@ -233,6 +241,7 @@ def main():
 
     batches = run(False)
     neutral = run(True)
+    per_sample = run(False, per_sample=True)
 
     out = {
         "M": M, "K": K, "hidden": HID, "dims": [B, H, W_], "temperature": T, "ce_weight": ce_w,
@@ -241,6 +250,9 @@ def main():
         # unlabelled_ce = "neutral", quiz = "current": credit, parameters and weights per batch.
         "neutral": [{k: b[k] for k in ("credit", "params_after", "pixel_weights", "image_weights")}
                     for b in neutral],
+        # advantage = "per-sample", quiz = "current": the same, per batch.
+        "per_sample": [{k: b[k] for k in ("credit", "params_after", "pixel_weights",
+                                          "image_weights")} for b in per_sample],
     }
     OUT.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {OUT.relative_to(ROOT)}")

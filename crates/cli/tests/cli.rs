@@ -404,7 +404,8 @@ fn compare_first_seed_moves_the_student_seeds_and_keeps_the_teachers() {
     let only = vec!["equal-aver".to_owned()];
     let from_base = plan(&cfg, None, 3, Some(&only)).unwrap();
     let from_two = plan(&cfg, Some(cfg.run.seed + 2), 2, Some(&only)).unwrap();
-    let seeds = |p: &[mtkd_cli::compare::Planned]| -> Vec<u64> { p.iter().map(|r| r.seed).collect() };
+    let seeds =
+        |p: &[mtkd_cli::compare::Planned]| -> Vec<u64> { p.iter().map(|r| r.seed).collect() };
     let base = cfg.run.seed;
     assert_eq!(seeds(&from_base), vec![base, base + 1, base + 2]);
     assert_eq!(seeds(&from_two), vec![base + 2, base + 3]);

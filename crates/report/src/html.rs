@@ -1670,7 +1670,10 @@ pub(crate) mod tests {
         assert!(!without.contains("<h3>Feature weights"));
         assert!(!without.contains("feature weight, last epoch"));
         assert!(without.contains("no feature term (distill.feature_weight = 0)"));
-        assert!(without.contains("<h3>Logit weights"), "the logit weights stay");
+        assert!(
+            without.contains("<h3>Logit weights"),
+            "the logit weights stay"
+        );
     }
 
     #[test]

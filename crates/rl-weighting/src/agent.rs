@@ -77,14 +77,18 @@ pub enum UnlabelledCe {
     Neutral,
 }
 
-/// Meta mode: how the centred credit becomes the policy's advantage (docs/AGENT.md).
+/// Meta mode: how the centred credit becomes the policy's advantage (docs/AGENT.md,
+/// "Settings"; measured across the pools of the three tasks in docs/RESULTS.md, eighth pass).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Advantage {
+    /// `per-sample` on segmentation (the weights per pixel), `running-rms` on classification
+    /// and detection: what measured best on each task's pools.
+    #[default]
+    Auto,
     /// Divided by its running RMS over every sample and teacher: one scale for the run, so a
     /// sample (pixel, location) whose credit is large pulls the policy harder than one whose
     /// credit is small.
-    #[default]
     RunningRms,
     /// Each sample's centred credit divided by its own RMS over the teachers: every sample
     /// votes with the same strength for the direction its credit points (a sample whose credit
@@ -150,7 +154,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub unlabelled_ce: UnlabelledCe,
     /// meta: how the centred credit is scaled into the advantage. Always written, as
-    /// `location_quiz` is.
+    /// `location_quiz` is (runs written before it existed ran `running-rms`).
     #[serde(default)]
     pub advantage: Advantage,
 }

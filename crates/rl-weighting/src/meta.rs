@@ -231,9 +231,10 @@ impl MetaAgent {
                     &x.f_index_select(0, &rows)?,
                     &credit.f_index_select(0, &rows)?,
                     &quiz_loss,
+                    Advantage::RunningRms,
                 )
             }
-            _ => self.update_from_credit(x, &credit, &quiz_loss),
+            _ => self.update_from_credit(x, &credit, &quiz_loss, Advantage::RunningRms),
         }
     }
 }
@@ -293,7 +294,7 @@ impl MetaAgent {
                 other => other,
             };
             if let Some((credit, quiz_loss)) = credit {
-                self.update_from_credit(&xs, &credit, &quiz_loss)?;
+                self.update_from_credit(&xs, &credit, &quiz_loss, Advantage::PerSample)?;
             }
         }
         let wp = tch::no_grad(|| self.policy(&x))?; // [N, M]
@@ -353,6 +354,7 @@ impl MetaAgent {
                 &x.f_index_select(0, sel)?,
                 &credit.f_index_select(0, sel)?,
                 &loc.quiz_loss,
+                Advantage::RunningRms,
             )?;
         }
         let wp = tch::no_grad(|| self.policy(&x))?; // [N, M]
@@ -434,11 +436,13 @@ impl MetaAgent {
     /// One Adam step of the policy on inputs `x [S, M, F]` (normalised) toward the credit
     /// `credit [S, M]` (centred over teachers here, scaled by the running RMS), with the
     /// entropy bonus; `quiz_loss` is recorded. A non-finite credit or quiz loss skips the step.
+    /// `auto` is the advantage `advantage = "auto"` stands for on this task.
     fn update_from_credit(
         &mut self,
         x: &Tensor,
         credit: &Tensor,
         quiz_loss: &Tensor,
+        auto: Advantage,
     ) -> Result<()> {
         let centred = credit - credit.f_mean_dim(1, true, Kind::Float)?;
         let batch_ms = centred.f_square()?.f_mean(Kind::Double)?;
@@ -455,8 +459,12 @@ impl MetaAgent {
         self.credit_count += 1;
         let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
         let rms = (&self.credit_ms / correction).sqrt().to_kind(Kind::Float) + 1e-20;
-        let adv = match self.cfg.advantage {
-            Advantage::RunningRms => (centred / rms).detach(),
+        let advantage = match self.cfg.advantage {
+            Advantage::Auto => auto,
+            chosen => chosen,
+        };
+        let adv = match advantage {
+            Advantage::RunningRms | Advantage::Auto => (centred / rms).detach(),
             Advantage::PerSample => {
                 let own = centred
                     .f_square()?

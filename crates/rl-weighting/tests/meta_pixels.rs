@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use mtkd_distill_core::signals::{BatchSignals, PixelInputs, StudentHead};
 use mtkd_distill_core::weighting::WeightingStrategy;
 use mtkd_distill_core::ModelOutput;
-use mtkd_rl_weighting::agent::{AgentConfig, Mode, Quiz, UnlabelledCe};
+use mtkd_rl_weighting::agent::{Advantage, AgentConfig, Mode, Quiz, UnlabelledCe};
 use mtkd_rl_weighting::meta::{MetaAgent, FEATURES};
 use mtkd_rl_weighting::pixels::{pixel_batch, pixel_credit, PixelQuiz};
 
@@ -101,9 +101,14 @@ fn agent(g: &Value) -> MetaAgent {
     agent_with(g, UnlabelledCe::Pseudo)
 }
 
-/// The golden's agent (`quiz = "current"`) with `unlabelled_ce` as given (the golden's
-/// `batches` read the pseudo-masks, its `neutral` holds the other setting's values).
+/// The golden's agent (`quiz = "current"`, `advantage = "running-rms"`) with `unlabelled_ce` as
+/// given (the golden's `batches` read the pseudo-masks, its `neutral` holds the other setting's
+/// values).
 fn agent_with(g: &Value, unlabelled_ce: UnlabelledCe) -> MetaAgent {
+    agent_of(g, unlabelled_ce, Advantage::RunningRms)
+}
+
+fn agent_of(g: &Value, unlabelled_ce: UnlabelledCe, advantage: Advantage) -> MetaAgent {
     let cfg = AgentConfig {
         mode: Mode::Meta,
         quiz: Quiz::Current,
@@ -111,6 +116,7 @@ fn agent_with(g: &Value, unlabelled_ce: UnlabelledCe) -> MetaAgent {
         meta_lr: g["meta_lr"].as_f64().unwrap(),
         entropy: g["entropy"].as_f64().unwrap(),
         unlabelled_ce,
+        advantage,
         ..AgentConfig::default()
     };
     let mut a = MetaAgent::new(
@@ -274,6 +280,43 @@ fn neutral_per_pixel_weights_and_updates_match_pytorch() {
         gap > 1e-3,
         "neutral and pseudo agree on the unlabelled image ({gap})"
     );
+}
+
+/// `advantage = "per-sample"`, and `"auto"`, which is per-sample on segmentation: each pixel's
+/// centred credit over its own RMS; the policy after each update and the weights against
+/// PyTorch, and different from the running-RMS run's.
+#[test]
+fn per_sample_advantage_per_pixel_matches_pytorch_and_is_the_auto_choice() {
+    let g = golden();
+    let batches = g["batches"].as_array().unwrap();
+    let want_all = g["per_sample"].as_array().unwrap();
+    for advantage in [Advantage::PerSample, Advantage::Auto] {
+        let mut a = agent_of(&g, UnlabelledCe::Pseudo, advantage);
+        for (i, (b, want)) in batches.iter().zip(want_all).enumerate() {
+            let out = a.weights(&signals(&g, b)).unwrap();
+            for (name, p) in a.parameters() {
+                assert_close_to_stored(
+                    &format!("{advantage:?} batch {i} {name}"),
+                    &p,
+                    &want["params_after"][&name],
+                    1e-4,
+                );
+            }
+            assert_close_to_stored(
+                &format!("{advantage:?} batch {i} pixel weights"),
+                out.pixel.as_ref().expect("per-pixel weights"),
+                &want["pixel_weights"],
+                1e-4,
+            );
+        }
+    }
+    // The check can fail: after three updates the two advantages give other weights.
+    let (r, p) = (
+        tensor(&batches[2]["pixel_weights"]),
+        tensor(&want_all[2]["pixel_weights"]),
+    );
+    let gap = (r - p).abs().max().double_value(&[]);
+    assert!(gap > 1e-4, "per-sample and running-rms agree ({gap})");
 }
 
 #[test]
