@@ -742,6 +742,7 @@ fn share_teachers(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compare(
     config: PathBuf,
     first_seed: Option<u64>,
