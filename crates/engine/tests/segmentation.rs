@@ -66,6 +66,54 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
     let _ = std::fs::remove_dir_all(&s);
 }
 
+/// A segmentation meta run from an mtkd before `advantage` ran the running RMS; resumed by this
+/// one (its config.toml without the line, read back as `"auto"`, per-sample here) it keeps the
+/// running RMS and ends as the uninterrupted running-RMS run does, not as the per-sample one.
+#[test]
+fn a_run_from_before_the_advantage_setting_resumes_with_its_running_rms() {
+    let _g = serial();
+    let s = scratch("advantage-older");
+    let with = |advantage: &str| {
+        parse(&seg_scenes(
+            &SEG_POOL.replace(
+                "mode = \"meta\"\n",
+                &format!("mode = \"meta\"\nadvantage = \"{advantage}\"\n"),
+            ),
+            &s,
+        ))
+        .unwrap()
+    };
+    let (rms, per_sample) = (with("running-rms"), with("per-sample"));
+    run_in(&rms, &s.join("rms"), &RunOptions::default()).unwrap();
+    run_in(&per_sample, &s.join("per-sample"), &RunOptions::default()).unwrap();
+    let (h_rms, h_ps) = (history(&s.join("rms")), history(&s.join("per-sample")));
+    assert_ne!(
+        strip_time(&h_rms),
+        strip_time(&h_ps),
+        "the two advantages differ"
+    );
+    // Halted as an older mtkd's run, then resumed from its own config.toml.
+    let older = s.join("older");
+    halt_run(&rms, &older, 5);
+    as_if_written_before(&older, &["advantage"]);
+    let text = std::fs::read_to_string(older.join("config.toml")).unwrap();
+    let cfg = parse(&text).unwrap();
+    let auto = mtkd_rl_weighting::agent::Advantage::Auto;
+    assert_eq!(
+        cfg.distill
+            .as_ref()
+            .unwrap()
+            .agent
+            .as_ref()
+            .unwrap()
+            .advantage,
+        auto
+    );
+    run_in(&cfg, &older, &RunOptions::default()).unwrap();
+    assert_eq!(strip_time(&h_rms), strip_time(&history(&older)), "resumed");
+    let _ = std::fs::remove_dir_all(&s);
+}
+
 #[test]
 fn the_parity_agent_without_feature_kd_reads_shared_outputs_exactly() {
     // Without feature KD no feature maps are shared: the agent's state must be the same whether

@@ -291,9 +291,14 @@ impl<'a> Page<'a> {
         } else {
             0
         };
-        let feature_term = cfg_path(&cfg, &["distill", "feature_weight"])
-            .and_then(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
-            .is_none_or(|w| w != 0.0);
+        // `feature_weight` defaults to 0 in a `[distill]` table; without one (or without the
+        // config) the page cannot tell, and shows what the records hold.
+        let feature_term = match cfg_path(&cfg, &["distill"]) {
+            Some(_) => cfg_path(&cfg, &["distill", "feature_weight"])
+                .and_then(|v| v.as_float().or_else(|| v.as_integer().map(|i| i as f64)))
+                .is_some_and(|w| w != 0.0),
+            None => true,
+        };
         Page {
             inp,
             cfg,
@@ -1566,7 +1571,7 @@ pub(crate) mod tests {
 
     const CONFIG: &str = "[data]\nclass_names = [\"T-shirt/top\", \"Trouser\", \"Pullover\", \
         \"Dress\", \"Coat\", \"Sandal\", \"Shirt\", \"Sneaker\", \"Bag\", \"Ankle boot\"]\n\
-        [distill]\nstrategy = \"mtkd-rl\"\n[distill.agent]\nmode = \"meta\"\n";
+        [distill]\nstrategy = \"mtkd-rl\"\nfeature_weight = 1.0\n[distill.agent]\nmode = \"meta\"\n";
 
     /// Three teachers, two epochs, per-class weights, a pruning event after epoch 1.
     pub(crate) fn inputs() -> ReportInputs {
@@ -1662,11 +1667,11 @@ pub(crate) mod tests {
         assert!(with.contains("<h3>Feature weights"));
         assert!(with.contains("feature weight, last epoch"));
         assert!(!with.contains("no feature term"));
-        inp.config_text = Some(CONFIG.replace(
-            "strategy = \"mtkd-rl\"\n",
-            "strategy = \"mtkd-rl\"\nfeature_weight = 0.0\n",
-        ));
+        inp.config_text = Some(CONFIG.replace("feature_weight = 1.0", "feature_weight = 0.0"));
         let without = render(&inp);
+        // A [distill] table without the key: its default, 0.
+        inp.config_text = Some(CONFIG.replace("feature_weight = 1.0\n", ""));
+        assert!(!render(&inp).contains("<h3>Feature weights"));
         assert!(!without.contains("<h3>Feature weights"));
         assert!(!without.contains("feature weight, last epoch"));
         assert!(without.contains("no feature term (distill.feature_weight = 0)"));

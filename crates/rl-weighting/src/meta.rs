@@ -14,8 +14,9 @@
 //!   sample b is `C[b,m] = -dL_quiz/dw[b,m] / lr`: how much more weight on that teacher for that
 //!   sample would lower the quiz loss, per unit of the student's learning rate (so that a
 //!   schedule's lr drop does not shrink it). It is centred over teachers (the softmax ignores a shift)
-//!   and divided by a running RMS (EMA 0.99, bias-corrected), which makes the entropy
-//!   coefficient scale-free.
+//!   and divided by a scale, which makes the entropy coefficient scale-free: a running RMS (EMA
+//!   0.99, bias-corrected), or each sample's own RMS over the teachers (`advantage`, whose
+//!   default `"auto"` is the latter on segmentation's pixels only).
 //! - **Update.** Adam on `-mean_b sum_m w[b,m] A[b,m] - tau mean_b H(w[b,.])`: to first order the
 //!   look-ahead meta-gradient (as MMKD), with a per-sample optimum `w ~ exp(A / tau)`, so the
 //!   weights concentrate only where the credit differs between teachers.
@@ -434,7 +435,7 @@ impl MetaAgent {
     }
 
     /// One Adam step of the policy on inputs `x [S, M, F]` (normalised) toward the credit
-    /// `credit [S, M]` (centred over teachers here, scaled by the running RMS), with the
+    /// `credit [S, M]` (centred over teachers here, scaled by [`scaled_advantage`]), with the
     /// entropy bonus; `quiz_loss` is recorded. A non-finite credit or quiz loss skips the step.
     /// `auto` is the advantage `advantage = "auto"` stands for on this task.
     fn update_from_credit(
@@ -463,17 +464,7 @@ impl MetaAgent {
             Advantage::Auto => auto,
             chosen => chosen,
         };
-        let adv = match advantage {
-            Advantage::RunningRms | Advantage::Auto => (centred / rms).detach(),
-            Advantage::PerSample => {
-                let own = centred
-                    .f_square()?
-                    .f_mean_dim(1, true, Kind::Float)?
-                    .f_sqrt()?;
-                let floor = &rms * 1e-3;
-                (&centred / own.f_maximum(&floor)?).detach()
-            }
-        };
+        let adv = scaled_advantage(&centred, &rms, advantage)?.detach();
         let w = self.policy(x)?;
         let entropy = -(&w * w.clamp_min(1e-12).log()).sum_dim_intlist(1, false, Kind::Float);
         let loss = -(&w * adv)
@@ -492,6 +483,23 @@ impl MetaAgent {
         });
         Ok(())
     }
+}
+
+/// The advantage from the credit centred over the teachers `centred [S, M]` and the running RMS
+/// `rms` (a scalar): `centred / rms`, or with `PerSample` each row over its own RMS across the
+/// teachers, floored at `1e-3 rms` (a row whose credit is rounding noise does not vote at full
+/// strength). `Auto` must be resolved before.
+fn scaled_advantage(centred: &Tensor, rms: &Tensor, advantage: Advantage) -> Result<Tensor> {
+    Ok(match advantage {
+        Advantage::RunningRms | Advantage::Auto => centred / rms,
+        Advantage::PerSample => {
+            let own = centred
+                .f_square()?
+                .f_mean_dim(1, true, Kind::Float)?
+                .f_sqrt()?;
+            centred / own.f_maximum(&(rms * 1e-3))?
+        }
+    })
 }
 
 impl WeightingStrategy for MetaAgent {
@@ -671,5 +679,34 @@ impl WeightingStrategy for MetaAgent {
         self.credit_count = book.credit_count;
         self.active = book.active;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_sample_advantage_gives_each_row_unit_rms_above_the_floor() {
+        // Rows: a large credit, a small one, one under a thousandth of the running RMS, zeros.
+        let centred = Tensor::from_slice(&[
+            2.0f32, -1.0, -1.0, 0.02, -0.01, -0.01, 2e-6, -1e-6, -1e-6, 0.0, 0.0, 0.0,
+        ])
+        .view([4, 3]);
+        let rms = Tensor::from(1.0f32);
+        let at = |t: &Tensor, r: i64, c: i64| t.double_value(&[r, c]);
+        let run = scaled_advantage(&centred, &rms, Advantage::RunningRms).unwrap();
+        assert!((at(&run, 0, 0) - 2.0).abs() < 1e-6 && (at(&run, 1, 0) - 0.02).abs() < 1e-7);
+        let own = scaled_advantage(&centred, &rms, Advantage::PerSample).unwrap();
+        // Rows 0 and 1 point the same way at different scales: the same per-sample advantage.
+        let unit = 2.0 / (2.0f64).sqrt();
+        for r in 0..2 {
+            assert!((at(&own, r, 0) - unit).abs() < 1e-5, "row {r}: {own}");
+            assert!((at(&own, r, 1) + unit / 2.0).abs() < 1e-5, "row {r}: {own}");
+        }
+        // Row 2's own RMS (1.4e-6) is under the floor (1e-3): divided by the floor instead.
+        assert!((at(&own, 2, 0) - 2e-3).abs() < 1e-7, "{own}");
+        assert!(own.isfinite().all().int64_value(&[]) == 1);
+        assert_eq!(at(&own, 3, 0), 0.0);
     }
 }

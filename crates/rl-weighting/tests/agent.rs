@@ -669,10 +669,11 @@ fn meta_mode_neutral_per_location_ignores_the_pseudo_boxes_losses() {
     )
     .unwrap()
     .parameters();
-    let run = |ce: UnlabelledCe, edit: bool| -> Vec<Tensor> {
+    let run_with = |ce: UnlabelledCe, edit: bool, advantage: Advantage| -> Vec<Tensor> {
         let cfg = AgentConfig {
             mode: Mode::Meta,
             unlabelled_ce: ce,
+            advantage,
             ..AgentConfig::default()
         };
         let mut a = mtkd_rl_weighting::meta::MetaAgent::new(cfg, m as usize, 1.0, 1.0, Device::Cpu)
@@ -684,8 +685,18 @@ fn meta_mode_neutral_per_location_ignores_the_pseudo_boxes_losses() {
             .map(|i| a.weights(&batch(i, edit)).unwrap().pixel.unwrap())
             .collect()
     };
+    let run = |ce: UnlabelledCe, edit: bool| run_with(ce, edit, Advantage::Auto);
     let same = |x: &[Tensor], y: &[Tensor]| x.iter().zip(y).all(|(p, q)| p.equal(q));
     let n = run(UnlabelledCe::Neutral, false);
+    // `advantage = "auto"` is the running RMS on detection, not per-sample.
+    assert!(same(
+        &n,
+        &run_with(UnlabelledCe::Neutral, false, Advantage::RunningRms)
+    ));
+    assert!(!same(
+        &n,
+        &run_with(UnlabelledCe::Neutral, false, Advantage::PerSample)
+    ));
     assert!(
         same(&n, &run(UnlabelledCe::Neutral, true)),
         "neutral read the pseudo-boxes' losses"

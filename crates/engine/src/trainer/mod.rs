@@ -247,6 +247,33 @@ fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<Str
     Some(stable_hash(kept.as_bytes()))
 }
 
+/// A run folder of an mtkd from before `[distill.agent] advantage` existed ran the running RMS;
+/// resumed with the default `"auto"` (per-sample on segmentation) it would change its update
+/// mid-run. `cfg` with `advantage = "running-rms"` for such a folder (its `config.toml` lacks the
+/// key, and `cfg` says `"auto"`), `None` otherwise. Its config hash is unchanged: the hash of an
+/// older folder is taken without the lines it lacks ([`older_hash`]).
+fn advantage_of_an_older_run(cfg: &Config, dir: &Path) -> Option<Config> {
+    use mtkd_rl_weighting::agent::Advantage;
+    let agent = cfg.distill.as_ref()?.agent.as_ref()?;
+    if agent.advantage != Advantage::Auto {
+        return None;
+    }
+    let old = std::fs::read_to_string(dir.join("config.toml")).ok()?;
+    let text = toml::to_string_pretty(cfg).ok()?;
+    let missing = crate::config::keys_missing_from(&old, &text);
+    if !missing.iter().any(|k| k == "distill.agent.advantage") {
+        return None;
+    }
+    tracing::warn!(
+        "{} predates distill.agent.advantage: it resumes with the running RMS it ran with, not \
+         \"auto\"",
+        dir.display()
+    );
+    let mut pinned = cfg.clone();
+    pinned.distill.as_mut()?.agent.as_mut()?.advantage = Advantage::RunningRms;
+    Some(pinned)
+}
+
 /// Run (or resume) the run whose folder is `dir`.
 pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) -> Result<Outcome> {
     if cfg.run.threads > 0 {
@@ -278,6 +305,14 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
             .ok()
             .and_then(|old| older_hash(&old, &text, &path, false));
         (stable_hash(text.as_bytes()), older)
+    };
+    let pinned;
+    let cfg = match advantage_of_an_older_run(cfg, dir) {
+        Some(c) => {
+            pinned = c;
+            &pinned
+        }
+        None => cfg,
     };
     if comm.is_some() && cfg.distill.as_ref().is_some_and(|d| d.prune.is_some()) {
         bail!(

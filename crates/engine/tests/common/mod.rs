@@ -327,3 +327,43 @@ pub fn assert_resume_and_shared_outputs_repeat(
     run_in(cfg, &read, &opts).unwrap();
     assert_eq!(strip_time(h), strip_time(&history(&read)), "shared outputs");
 }
+
+/// Make run folder `dir` look as an mtkd from before the settings `keys` (of `[distill.agent]`,
+/// by name) left it: its config.toml without their lines, its checkpoints hashed with that text.
+pub fn as_if_written_before(dir: &Path, keys: &[&str]) {
+    let path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let old: String = text
+        .lines()
+        .filter(|l| !keys.iter().any(|k| l.starts_with(&format!("{k} = "))))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(
+        text.lines().count(),
+        old.lines().count() + keys.len(),
+        "{text}"
+    );
+    std::fs::write(&path, &old).unwrap();
+    let (new_hash, old_hash) = (
+        mtkd_engine::trainer::stable_hash(text.as_bytes()),
+        mtkd_engine::trainer::stable_hash(old.as_bytes()),
+    );
+    for e in std::fs::read_dir(dir.join("checkpoints")).unwrap() {
+        let ckpt = e.unwrap().path();
+        let meta = ckpt.join("meta.json");
+        if !meta.is_file() {
+            continue;
+        }
+        // The hash in place (same length), and the checkpoint's checksum of meta.json with it.
+        let data = std::fs::read_to_string(&meta).unwrap();
+        assert!(data.contains(&new_hash), "{data}");
+        let data = data.replace(&new_hash, &old_hash);
+        std::fs::write(&meta, &data).unwrap();
+        let sums_path = ckpt.join("checksums.json");
+        let mut sums: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&sums_path).unwrap()).unwrap();
+        sums["files"]["meta.json"]["crc32"] =
+            format!("{:08x}", crc32fast::hash(data.as_bytes())).into();
+        std::fs::write(&sums_path, serde_json::to_vec_pretty(&sums).unwrap()).unwrap();
+    }
+}
