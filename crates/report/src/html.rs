@@ -761,11 +761,15 @@ impl<'a> Page<'a> {
         let mut c = format!(
             "<div class=\"card\"><div class=\"card-top\">{img}<div>true class: <b>{}</b><br>\
              disagreement: <b>{}</b><br><span class=\"muted\">training sample #{}</span></div></div>\n\
-             <table><tr><th>teacher</th><th>predicts</th><th>p(true)</th><th>logit weight</th>\
-             <th>feature weight</th></tr>\n",
+             <table><tr><th>teacher</th><th>predicts</th><th>p(true)</th><th>logit weight</th>{}</tr>\n",
             escape(&self.audit_class(a, s.label)),
             fixed(s.disagreement, 3),
-            s.index
+            s.index,
+            if self.feature_term {
+                "<th>feature weight</th>"
+            } else {
+                ""
+            }
         );
         for (i, t) in s.teachers.iter().enumerate() {
             let name = a
@@ -781,7 +785,10 @@ impl<'a> Page<'a> {
             ));
             match t {
                 Some(t) => c.push_str(&self.audit_teacher_cells(a, s, t, colour_index)),
-                None => c.push_str("<td colspan=\"4\" class=\"muted\">pruned</td>"),
+                None => c.push_str(&format!(
+                    "<td colspan=\"{}\" class=\"muted\">pruned</td>",
+                    if self.feature_term { 4 } else { 3 }
+                )),
             }
             c.push_str("</tr>\n");
         }
@@ -802,16 +809,20 @@ impl<'a> Page<'a> {
         } else {
             0.0
         };
+        let feature = if self.feature_term {
+            format!("<td class=\"num\">{}</td>", fixed(t.feature_weight, 2))
+        } else {
+            String::new()
+        };
         format!(
             "<td class=\"cls {verdict}\">{}</td><td class=\"num\">{}</td><td class=\"num\">\
              <span class=\"bar\"><span style=\"width:{:.0}%;background:{}\"></span></span>{}</td>\
-             <td class=\"num\">{}</td>",
+             {feature}",
             escape(&self.audit_class(a, t.predicted)),
             fixed(t.prob_true, 2),
             w * 100.0,
             teacher_colour(ci),
             fixed(t.logit_weight, 2),
-            fixed(t.feature_weight, 2)
         )
     }
 
@@ -1773,8 +1784,16 @@ pub(crate) mod tests {
         assert!(html.contains("src=\"data:image/png;base64,iVBORw0KGgo=\""));
         assert!(html.contains("true class: <b>Coat</b>"));
         assert!(html.contains("<td class=\"cls bad\">Shirt</td>"));
-        assert!(html.contains(">pruned</td>"));
+        assert!(html.contains("<td colspan=\"4\" class=\"muted\">pruned</td>"));
         assert!(html.contains("width:70%"));
+        assert!(html.contains("<th>feature weight</th>") && html.contains(">0.20</td>"));
+        // Without a feature term the cards have no feature-weight column.
+        let mut plain = inp.clone();
+        plain.config_text = Some(CONFIG.replace("feature_weight = 1.0", "feature_weight = 0.0"));
+        let page = render(&plain);
+        assert!(page.contains("true class: <b>Coat</b>"));
+        assert!(!page.contains("<th>feature weight</th>") && !page.contains(">0.20</td>"));
+        assert!(page.contains("<td colspan=\"3\" class=\"muted\">pruned</td>"));
         // A dense run's picture of the samples (truth, student, teachers) comes first.
         if let Some(a) = &mut inp.audit {
             a.overlays_png_base64 = Some("iVBORw0KGgoAAA=".into());
