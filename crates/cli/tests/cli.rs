@@ -363,14 +363,19 @@ fn sigint_finishes_the_epoch_then_resumes_and_a_second_one_stops_at_the_step() {
     assert_eq!(metric_lines(&a), 40);
 }
 
-#[test]
-fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
-    let s = scratch("only");
+/// A tiny config with two teachers (t1, t2) for the comparison planner's tests (nothing trains).
+fn two_teacher_config(s: &Path) -> mtkd_engine::config::Config {
     let extra = "[distill]\nstrategy = \"equal\"\n\
          [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
          [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
          [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
-    let cfg = parse(&tiny(extra, &s)).unwrap();
+    parse(&tiny(extra, s)).unwrap()
+}
+
+#[test]
+fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
+    let s = scratch("only");
+    let cfg = two_teacher_config(&s);
     use mtkd_cli::compare::plan;
     let rows = |only: &[&str]| -> Result<Vec<String>, String> {
         let only: Vec<String> = only.iter().map(|o| (*o).to_owned()).collect();
@@ -395,11 +400,7 @@ fn compare_only_takes_exact_row_names_and_refuses_unknown_ones() {
 #[test]
 fn compare_first_seed_moves_the_student_seeds_and_keeps_the_teachers() {
     let s = scratch("firstseed");
-    let extra = "[distill]\nstrategy = \"equal\"\n\
-         [[teachers]]\nname = \"t1\"\narch = \"cnn-small\"\n\
-         [[teachers]]\nname = \"t2\"\narch = \"resnet8\"\n\
-         [teacher_training]\nepochs = 1\nbatch_size = 32\nlr = 0.05\n";
-    let cfg = parse(&tiny(extra, &s)).unwrap();
+    let cfg = two_teacher_config(&s);
     use mtkd_cli::compare::plan;
     let only = vec!["equal-aver".to_owned()];
     let from_base = plan(&cfg, None, 3, Some(&only)).unwrap();

@@ -177,7 +177,7 @@ pub use crate::config::stable_hash;
 /// one already keeps it when it holds the same configuration (comments and layout aside); when
 /// it holds another, the run is refused with the keys that differ. Returns the config's hash
 /// (of its serialization), and [`older_hash`]'s for a folder written by an older mtkd.
-pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<(String, Option<String>)> {
+pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<(String, Option<OlderFolder>)> {
     let text = toml::to_string_pretty(cfg).context("serialising the resolved config")?;
     let path = dir.join("config.toml");
     if path.exists() {
@@ -208,12 +208,22 @@ pub fn write_resolved_config(dir: &Path, cfg: &Config) -> Result<(String, Option
     Ok((stable_hash(text.as_bytes()), None))
 }
 
+/// A run folder written by an older mtkd: the settings its `config.toml` lacks, and the hash its
+/// checkpoints carry.
+#[derive(Debug, Clone)]
+pub struct OlderFolder {
+    /// The hash of the text that version wrote.
+    pub hash: String,
+    /// The settings this version writes and that folder lacks (`table.key`).
+    pub added: Vec<String>,
+}
+
 /// A run folder written by an older mtkd: its `config.toml` (`old_text`) lacks settings that
 /// this version writes (their defaults fill them in), so its checkpoints carry the hash of the
-/// text that version wrote, which is `text` without those settings' lines. That hash, and a
-/// warning naming the settings (`warn`: one process of a data-parallel job logs it); `None`
-/// when nothing is missing.
-fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<String> {
+/// text that version wrote, which is `text` without those settings' lines. That hash and the
+/// settings, and a warning naming them (`warn`: one process of a data-parallel job logs it);
+/// `None` when nothing is missing.
+fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<OlderFolder> {
     let added = crate::config::keys_missing_from(old_text, text);
     if added.is_empty() {
         return None;
@@ -244,24 +254,27 @@ fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<Str
         kept.push_str(line);
         kept.push('\n');
     }
-    Some(stable_hash(kept.as_bytes()))
+    Some(OlderFolder {
+        hash: stable_hash(kept.as_bytes()),
+        added,
+    })
 }
 
 /// A run folder of an mtkd from before `[distill.agent] advantage` existed ran the running RMS;
 /// resumed with the default `"auto"` (per-sample on segmentation) it would change its update
-/// mid-run. `cfg` with `advantage = "running-rms"` for such a folder (its `config.toml` lacks the
-/// key, and `cfg` says `"auto"`), `None` otherwise. Its config hash is unchanged: the hash of an
-/// older folder is taken without the lines it lacks ([`older_hash`]).
-fn advantage_of_an_older_run(cfg: &Config, dir: &Path) -> Option<Config> {
+/// mid-run. `cfg` with `advantage = "running-rms"` for such a folder (`older` lists the key as
+/// added, and `cfg` says `"auto"`), `None` otherwise. Its config hash is unchanged: the hash of
+/// an older folder is taken without the lines it lacks ([`older_hash`]).
+fn advantage_of_an_older_run(
+    cfg: &Config,
+    older: Option<&OlderFolder>,
+    dir: &Path,
+) -> Option<Config> {
     use mtkd_rl_weighting::agent::Advantage;
-    let agent = cfg.distill.as_ref()?.agent.as_ref()?;
-    if agent.advantage != Advantage::Auto {
+    if !older?.added.iter().any(|k| k == "distill.agent.advantage") {
         return None;
     }
-    let old = std::fs::read_to_string(dir.join("config.toml")).ok()?;
-    let text = toml::to_string_pretty(cfg).ok()?;
-    let missing = crate::config::keys_missing_from(&old, &text);
-    if !missing.iter().any(|k| k == "distill.agent.advantage") {
+    if cfg.distill.as_ref()?.agent.as_ref()?.advantage != Advantage::Auto {
         return None;
     }
     tracing::warn!(
@@ -307,7 +320,7 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
         (stable_hash(text.as_bytes()), older)
     };
     let pinned;
-    let cfg = match advantage_of_an_older_run(cfg, dir) {
+    let cfg = match advantage_of_an_older_run(cfg, older.as_ref(), dir) {
         Some(c) => {
             pinned = c;
             &pinned
@@ -324,7 +337,7 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
     let ckpt_dir = dir.join("checkpoints");
     if let Some(theirs) = checkpoint::latest_config_hash(&ckpt_dir) {
         // A folder of an older mtkd resumes with the hash its checkpoints were made with.
-        if older.as_deref() == Some(theirs.as_str()) {
+        if older.as_ref().map(|o| o.hash.as_str()) == Some(theirs.as_str()) {
             config_hash = theirs.clone();
         }
         if theirs != config_hash {
