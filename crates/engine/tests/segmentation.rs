@@ -73,44 +73,15 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
 fn a_run_from_before_the_advantage_setting_resumes_with_its_running_rms() {
     let _g = serial();
     let s = scratch("advantage-older");
-    let with = |advantage: &str| {
+    let with = |line: &str| {
         parse(&seg_scenes(
-            &SEG_POOL.replace(
-                "mode = \"meta\"\n",
-                &format!("mode = \"meta\"\nadvantage = \"{advantage}\"\n"),
-            ),
+            &SEG_POOL.replace("mode = \"meta\"\n", &format!("mode = \"meta\"\n{line}")),
             &s,
         ))
         .unwrap()
     };
-    let (rms, per_sample) = (with("running-rms"), with("per-sample"));
-    run_in(&rms, &s.join("rms"), &RunOptions::default()).unwrap();
-    run_in(&per_sample, &s.join("per-sample"), &RunOptions::default()).unwrap();
-    let (h_rms, h_ps) = (history(&s.join("rms")), history(&s.join("per-sample")));
-    assert_ne!(
-        strip_time(&h_rms),
-        strip_time(&h_ps),
-        "the two advantages differ"
-    );
-    // Halted as an older mtkd's run, then resumed from its own config.toml.
-    let older = s.join("older");
-    halt_run(&rms, &older, 5);
-    as_if_written_before(&older, &["advantage"]);
-    let text = std::fs::read_to_string(older.join("config.toml")).unwrap();
-    let cfg = parse(&text).unwrap();
-    let auto = mtkd_rl_weighting::agent::Advantage::Auto;
-    assert_eq!(
-        cfg.distill
-            .as_ref()
-            .unwrap()
-            .agent
-            .as_ref()
-            .unwrap()
-            .advantage,
-        auto
-    );
-    run_in(&cfg, &older, &RunOptions::default()).unwrap();
-    assert_eq!(strip_time(&h_rms), strip_time(&history(&older)), "resumed");
+    let (ran, today) = (with("advantage = \"running-rms\"\n"), with(""));
+    assert_an_older_folder_resumes_as_it_ran(&ran, &today, &s, &["advantage"], 5);
     let _ = std::fs::remove_dir_all(&s);
 }
 

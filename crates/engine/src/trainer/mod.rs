@@ -260,30 +260,59 @@ fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<Old
     })
 }
 
-/// A run folder of an mtkd from before `[distill.agent] advantage` existed ran the running RMS;
-/// resumed with the default `"auto"` (per-sample on segmentation) it would change its update
-/// mid-run. `cfg` with `advantage = "running-rms"` for such a folder (`older` lists the key as
-/// added, and `cfg` says `"auto"`), `None` otherwise. Its config hash is unchanged: the hash of
-/// an older folder is taken without the lines it lacks ([`older_hash`]).
-fn advantage_of_an_older_run(
+/// A run folder of an older mtkd lacks the settings added since (`older.added`), and reading its
+/// `config.toml` back fills them with today's defaults. Where a default is not what that mtkd
+/// did, resuming with it would change the run mid-way. `cfg` with each such setting set to the
+/// behaviour the folder ran with, `None` when none applies:
+///
+/// - `distill.agent.advantage`: `"running-rms"` (before it existed the advantage was the
+///   centred credit over one running RMS; `"auto"` is per-sample on segmentation);
+/// - `distill.agent.unlabelled_ce`: `"pseudo"`, on a run with unlabelled samples (before it
+///   existed the label-reading features read the teachers' pseudo-targets there);
+/// - `distill.agent.location_quiz`: `"focal"`, on detection (the quiz before it existed, and
+///   the only value left out of a folder's config while it was written only when not focal).
+///
+/// The config hash is unchanged: the hash of an older folder is taken without the lines it
+/// lacks ([`older_hash`]).
+fn settings_of_an_older_run(
     cfg: &Config,
     older: Option<&OlderFolder>,
     dir: &Path,
 ) -> Option<Config> {
-    use mtkd_rl_weighting::agent::Advantage;
-    if !older?.added.iter().any(|k| k == "distill.agent.advantage") {
-        return None;
+    use mtkd_distill_core::signals::LocationQuiz;
+    use mtkd_rl_weighting::agent::{Advantage, UnlabelledCe};
+    let added = &older?.added;
+    let lacks = |key: &str| added.iter().any(|k| k == key);
+    let mut pinned = cfg.clone();
+    let agent = pinned.distill.as_mut()?.agent.as_mut()?;
+    let mut kept = Vec::new();
+    if lacks("distill.agent.advantage") && agent.advantage == Advantage::Auto {
+        agent.advantage = Advantage::RunningRms;
+        kept.push("advantage = \"running-rms\"");
     }
-    if cfg.distill.as_ref()?.agent.as_ref()?.advantage != Advantage::Auto {
+    if lacks("distill.agent.unlabelled_ce")
+        && cfg.data.has_unlabelled()
+        && agent.unlabelled_ce == UnlabelledCe::Neutral
+    {
+        agent.unlabelled_ce = UnlabelledCe::Pseudo;
+        kept.push("unlabelled_ce = \"pseudo\"");
+    }
+    if lacks("distill.agent.location_quiz")
+        && cfg.data.task() == mtkd_vision_tasks::task::TaskKind::Detection
+        && agent.location_quiz == LocationQuiz::BalancedCe
+    {
+        agent.location_quiz = LocationQuiz::Focal;
+        kept.push("location_quiz = \"focal\"");
+    }
+    if kept.is_empty() {
         return None;
     }
     tracing::warn!(
-        "{} predates distill.agent.advantage: it resumes with the running RMS it ran with, not \
-         \"auto\"",
-        dir.display()
+        "{} predates these [distill.agent] settings and resumes with what it ran with, not \
+         today's defaults: {}",
+        dir.display(),
+        kept.join(", ")
     );
-    let mut pinned = cfg.clone();
-    pinned.distill.as_mut()?.agent.as_mut()?.advantage = Advantage::RunningRms;
     Some(pinned)
 }
 
@@ -320,7 +349,7 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
         (stable_hash(text.as_bytes()), older)
     };
     let pinned;
-    let cfg = match advantage_of_an_older_run(cfg, older.as_ref(), dir) {
+    let cfg = match settings_of_an_older_run(cfg, older.as_ref(), dir) {
         Some(c) => {
             pinned = c;
             &pinned

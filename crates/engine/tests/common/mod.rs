@@ -282,7 +282,9 @@ pub fn run_in(cfg: &Config, dir: &Path, opts: &RunOptions) -> anyhow::Result<tra
     trainer::run(cfg, dir, opts, &mut Silent)
 }
 
-/// Run `cfg` in `dir` and stop it after `steps` optimizer steps, as if killed.
+/// Run `cfg` in `dir` and stop it after `steps` optimizer steps, as if killed. `steps` must be
+/// past the first epoch's end, so that the run resumes from a checkpoint (a run killed in its
+/// first epoch starts again from nothing, which tests no resume).
 pub fn halt_run(cfg: &Config, dir: &Path, steps: u64) {
     let opts = RunOptions {
         halt_after_steps: Some(steps),
@@ -292,6 +294,11 @@ pub fn halt_run(cfg: &Config, dir: &Path, steps: u64) {
     assert!(
         err.root_cause().downcast_ref::<Interrupted>().is_some(),
         "{err:#}"
+    );
+    assert!(
+        mtkd_engine::checkpoint::latest_config_hash(&dir.join("checkpoints")).is_some(),
+        "halted after {steps} steps, {} holds no checkpoint to resume from: halt later",
+        dir.display()
     );
 }
 
@@ -366,4 +373,38 @@ pub fn as_if_written_before(dir: &Path, keys: &[&str]) {
             format!("{:08x}", crc32fast::hash(data.as_bytes())).into();
         std::fs::write(&sums_path, serde_json::to_vec_pretty(&sums).unwrap()).unwrap();
     }
+}
+
+/// A run folder of an older mtkd resumes with the behaviour it ran with. `ran` sets the
+/// settings `lacks` (of `[distill.agent]`) to what that mtkd did; `today` is the same run at
+/// today's defaults, which must train differently (or the check could not fail). `ran`, halted
+/// after `steps` optimizer steps, stripped of those lines (its config then reads back with
+/// today's defaults), and resumed from its own config.toml ends as its uninterrupted run does.
+pub fn assert_an_older_folder_resumes_as_it_ran(
+    ran: &Config,
+    today: &Config,
+    s: &Path,
+    lacks: &[&str],
+    steps: u64,
+) {
+    run_in(ran, &s.join("ran"), &RunOptions::default()).unwrap();
+    run_in(today, &s.join("today"), &RunOptions::default()).unwrap();
+    let h_ran = strip_time(&history(&s.join("ran")));
+    assert_ne!(
+        h_ran,
+        strip_time(&history(&s.join("today"))),
+        "the older behaviour and today's default differ"
+    );
+    let older = s.join("older");
+    halt_run(ran, &older, steps);
+    as_if_written_before(&older, lacks);
+    let text = std::fs::read_to_string(older.join("config.toml")).unwrap();
+    let read_back = parse(&text).unwrap();
+    assert_eq!(
+        read_back.distill.as_ref().unwrap().agent,
+        today.distill.as_ref().unwrap().agent,
+        "the stripped folder reads back with today's defaults"
+    );
+    run_in(&read_back, &older, &RunOptions::default()).unwrap();
+    assert_eq!(h_ran, strip_time(&history(&older)), "resumed");
 }
