@@ -230,7 +230,13 @@ fn a_run_from_before_the_location_quiz_setting_resumes_with_the_focal_quiz() {
         parse(&det_scenes(&pool, &s)).unwrap()
     };
     let (ran, today) = (with("location_quiz = \"focal\"\n"), with(""));
-    assert_an_older_folder_resumes_as_it_ran(&ran, &today, &s, &["location_quiz", "advantage"], 5);
+    assert_an_older_folder_resumes_as_it_ran(
+        &ran,
+        &today,
+        &s,
+        &["location_quiz", "unlabelled_ce", "advantage"],
+        5,
+    );
     let _ = std::fs::remove_dir_all(&s);
 }
 

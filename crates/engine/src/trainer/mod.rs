@@ -270,14 +270,19 @@ fn older_hash(old_text: &str, text: &str, path: &Path, warn: bool) -> Option<Old
 /// - `distill.agent.unlabelled_ce`: `"pseudo"`, on a run with unlabelled samples (before it
 ///   existed the label-reading features read the teachers' pseudo-targets there);
 /// - `distill.agent.location_quiz`: `"focal"`, on detection (the quiz before it existed, and
-///   the only value left out of a folder's config while it was written only when not focal).
+///   the only value left out of a folder's config while it was written only when not focal;
+///   the one commit that left `"balanced-ce"` out instead, 322b35e, was replaced in the same
+///   session and never landed).
 ///
+/// Only a meta run reads them; `warn`: this process logs the warning (one rank of a
+/// data-parallel job does).
 /// The config hash is unchanged: the hash of an older folder is taken without the lines it
 /// lacks ([`older_hash`]).
 fn settings_of_an_older_run(
     cfg: &Config,
     older: Option<&OlderFolder>,
     dir: &Path,
+    warn: bool,
 ) -> Option<Config> {
     use mtkd_distill_core::signals::LocationQuiz;
     use mtkd_rl_weighting::agent::{Advantage, UnlabelledCe};
@@ -285,6 +290,9 @@ fn settings_of_an_older_run(
     let lacks = |key: &str| added.iter().any(|k| k == key);
     let mut pinned = cfg.clone();
     let agent = pinned.distill.as_mut()?.agent.as_mut()?;
+    if agent.mode != mtkd_rl_weighting::agent::Mode::Meta {
+        return None;
+    }
     let mut kept = Vec::new();
     if lacks("distill.agent.advantage") && agent.advantage == Advantage::Auto {
         agent.advantage = Advantage::RunningRms;
@@ -307,12 +315,14 @@ fn settings_of_an_older_run(
     if kept.is_empty() {
         return None;
     }
-    tracing::warn!(
-        "{} predates these [distill.agent] settings and resumes with what it ran with, not \
+    if warn {
+        tracing::warn!(
+            "{} predates these [distill.agent] settings and resumes with what it ran with, not \
          today's defaults: {}",
-        dir.display(),
-        kept.join(", ")
-    );
+            dir.display(),
+            kept.join(", ")
+        );
+    }
     Some(pinned)
 }
 
@@ -349,7 +359,7 @@ pub fn run(cfg: &Config, dir: &Path, opts: &RunOptions, obs: &mut dyn Observer) 
         (stable_hash(text.as_bytes()), older)
     };
     let pinned;
-    let cfg = match settings_of_an_older_run(cfg, older.as_ref(), dir) {
+    let cfg = match settings_of_an_older_run(cfg, older.as_ref(), dir, writer) {
         Some(c) => {
             pinned = c;
             &pinned
