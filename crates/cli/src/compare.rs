@@ -365,9 +365,15 @@ pub fn table(results: &[RunResult]) -> String {
             );
         }
         None => {
+            let missing = match (mean_final(ORACLE).is_some(), mean_final(AVER).is_some()) {
+                (false, false) => "neither the oracle row nor AVER's",
+                (false, true) => "no oracle row",
+                _ => "no AVER row",
+            };
             let _ = writeln!(
                 out,
-                "\nThis pool names no oracle (`[distill.oracle]`): no headroom to read the rows against."
+                "\nNo headroom to read the rows against: the table has {missing} (the pool names \
+                 no oracle in `[distill.oracle]`, or `--only` left the row out)."
             );
         }
     }

@@ -71,6 +71,42 @@ struct Stats {
     /// `[entropy, max weight]` summed over batches.
     weights: Option<Tensor>,
     batches: u64,
+    /// Segmentation: per pixel class `k`, over the pixels the policy learnt from, `[K, 1 + 2M]`
+    /// (double): the pixels, then per teacher those where it earned the highest credit, then
+    /// the policy's weight there summed (before that step's update).
+    class_credit: Option<Tensor>,
+}
+
+/// Add a batch of update pixels to the per-class credit record ([`Stats::class_credit`]):
+/// `targets` `[N]` their classes, `credit` and `weights` `[N, M]`.
+fn add_class_credit(
+    acc: &mut Option<Tensor>,
+    targets: &Tensor,
+    credit: &Tensor,
+    weights: &Tensor,
+    classes: i64,
+) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let m = credit.size()[1];
+        let top = credit
+            .f_argmax(1, false)?
+            .f_one_hot(m)?
+            .f_to_kind(Kind::Double)?;
+        let rows = Tensor::f_cat(
+            &[
+                top.f_select(1, 0)?.f_ones_like()?.f_unsqueeze(1)?,
+                top,
+                weights.f_to_kind(Kind::Double)?,
+            ],
+            1,
+        )?;
+        let sum = match acc.take() {
+            Some(a) => a,
+            None => Tensor::f_zeros([classes, 1 + 2 * m], (Kind::Double, credit.device()))?,
+        };
+        *acc = Some(sum.f_index_add(0, &targets.f_to_kind(Kind::Int64)?, &rows)?);
+        Ok(())
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -295,6 +331,18 @@ impl MetaAgent {
                 other => other,
             };
             if let Some((credit, quiz_loss)) = credit {
+                let before = if own {
+                    current.shallow_clone()
+                } else {
+                    current.f_index_select(0, sel)?
+                };
+                add_class_credit(
+                    &mut self.stats.class_credit,
+                    &px.targets.f_index_select(0, sel)?,
+                    &credit,
+                    &before,
+                    px.teacher_soft.size()[2],
+                )?;
                 self.update_from_credit(&xs, &credit, &quiz_loss, Advantage::PerSample)?;
             }
         }
@@ -502,6 +550,34 @@ fn scaled_advantage(centred: &Tensor, rms: &Tensor, advantage: Advantage) -> Res
     })
 }
 
+/// The epoch's per-class credit record ([`Stats::class_credit`]) as one `info` event per
+/// class that had update pixels (a run's `mtkd.log`): where the per-pixel credit points
+/// (the share of the class's pixels where each teacher earned the highest credit, which the
+/// per-pixel optimum of the policy's objective would weight almost alone) beside the policy's
+/// mean weight on the same pixels. They differ where the policy cannot tell those pixels apart
+/// from its features; they agree where the credit itself is split.
+fn log_class_credit(c: &Tensor) {
+    let rows = Vec::<Vec<f64>>::try_from(&c.to_device(Device::Cpu)).unwrap_or_default();
+    for (k, r) in rows.iter().enumerate() {
+        let n = r.first().copied().unwrap_or(0.0);
+        if n <= 0.0 {
+            continue;
+        }
+        let m = (r.len() - 1) / 2;
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{:.2}", x / n))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        tracing::info!(
+            "meta credit, pixel class {k}: {n} update pixels; highest credit {}; policy weight {}",
+            fmt(&r[1..1 + m]),
+            fmt(&r[1 + m..])
+        );
+    }
+}
+
 impl WeightingStrategy for MetaAgent {
     fn name(&self) -> &str {
         "mtkd-rl-meta"
@@ -634,6 +710,9 @@ impl WeightingStrategy for MetaAgent {
                 out.push(("weight_max".to_owned(), v[1] / n));
             }
         }
+        if let Some(c) = s.class_credit {
+            log_class_credit(&c);
+        }
         if self.credit_count > 0 {
             let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
             out.push((
@@ -685,6 +764,31 @@ impl WeightingStrategy for MetaAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_class_credit_record_counts_each_class_top_teacher_and_weights() {
+        // Two batches; pixel classes 0, 2, 2 then 2; two teachers.
+        let mut acc = None;
+        let credit = Tensor::from_slice(&[1.0f32, -1.0, -0.5, 0.5, -2.0, 3.0]).view([3, 2]);
+        let weights = Tensor::from_slice(&[0.9f32, 0.1, 0.3, 0.7, 0.2, 0.8]).view([3, 2]);
+        let targets = Tensor::from_slice(&[0i64, 2, 2]);
+        add_class_credit(&mut acc, &targets, &credit, &weights, 3).unwrap();
+        let credit = Tensor::from_slice(&[4.0f32, 1.0]).view([1, 2]);
+        let weights = Tensor::from_slice(&[0.6f32, 0.4]).view([1, 2]);
+        add_class_credit(&mut acc, &Tensor::from_slice(&[2i64]), &credit, &weights, 3).unwrap();
+        let rows = Vec::<Vec<f64>>::try_from(&acc.unwrap()).unwrap();
+        // [pixels, top teacher 0, top teacher 1, weight 0, weight 1]
+        let want = [
+            [1.0, 1.0, 0.0, 0.9, 0.1],
+            [0.0; 5],
+            [3.0, 1.0, 2.0, 1.1, 1.9],
+        ];
+        for (r, w) in rows.iter().zip(want) {
+            for (a, b) in r.iter().zip(w) {
+                assert!((a - b).abs() < 1e-6, "{rows:?}");
+            }
+        }
+    }
 
     #[test]
     fn per_sample_advantage_gives_each_row_unit_rms_above_the_floor() {
