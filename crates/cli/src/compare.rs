@@ -365,15 +365,20 @@ pub fn table(results: &[RunResult]) -> String {
             );
         }
         None => {
-            let missing = match (mean_final(ORACLE).is_some(), mean_final(AVER).is_some()) {
-                (false, false) => "neither the oracle row nor AVER's",
-                (false, true) => "no oracle row",
-                _ => "no AVER row",
+            let why = match (mean_final(ORACLE).is_some(), mean_final(AVER).is_some()) {
+                (false, false) => {
+                    "neither the oracle row nor AVER's (the pool names no oracle in \
+                     `[distill.oracle]`, or `--only` left the rows out)"
+                }
+                (false, true) => {
+                    "no oracle row (the pool names no oracle in `[distill.oracle]`, or `--only` \
+                     left the row out)"
+                }
+                _ => "no AVER row (`--only` left it out)",
             };
             let _ = writeln!(
                 out,
-                "\nNo headroom to read the rows against: the table has {missing} (the pool names \
-                 no oracle in `[distill.oracle]`, or `--only` left the row out)."
+                "\nNo headroom to read the rows against: the table has {why}."
             );
         }
     }
