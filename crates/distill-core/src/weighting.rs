@@ -119,6 +119,14 @@ pub trait WeightingStrategy {
         Vec::new()
     }
 
+    /// Per class of the samples (pixels) the strategy learnt from since the last call, and per
+    /// teacher of the current pool: the share of them where that teacher earned the strategy's
+    /// highest credit (NaN for a class with none). Empty when the strategy keeps no such
+    /// record (all but the agent's meta mode on segmentation). Draining.
+    fn take_class_credit(&mut self) -> Vec<Vec<f64>> {
+        Vec::new()
+    }
+
     /// The strategy's learnable and bookkeeping state, for checkpoints.
     fn save_state(&self) -> Result<StrategyState> {
         Ok(StrategyState::default())

@@ -42,7 +42,18 @@ fn segmentation_distills_resumes_exactly_and_shares_teacher_outputs() {
             (w - 1.0).abs() < 1e-4,
             "meta weights sum to 1 per image: {w}"
         );
+        // Where the credit points, per pixel class: shares of the class's update pixels that
+        // sum to 1 over the teachers, background always among them.
+        assert_eq!(r.class_credit.len(), 11, "{:?}", r.class_credit);
+        let seen: Vec<&Vec<f64>> = r.class_credit.iter().filter(|c| !c[0].is_nan()).collect();
+        assert!(!r.class_credit[0][0].is_nan() && seen.len() > 1);
+        for c in seen {
+            let total: f64 = c.iter().sum();
+            assert!((total - 1.0).abs() < 1e-9 && c.iter().all(|&v| (0.0..=1.0).contains(&v)));
+        }
     }
+    let report = std::fs::read_to_string(full.join("report.html")).unwrap();
+    assert!(report.contains("Where the agent's credit points"));
     for p in [
         "overlays.png",
         "class_iou.png",

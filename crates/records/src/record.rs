@@ -75,6 +75,16 @@ pub struct EpochRecord {
         deserialize_with = "nan_null::grid"
     )]
     pub class_feature_weights: Vec<Vec<f64>>,
+    /// The agent's meta mode on segmentation: per pixel class (rows, K) and teacher (columns,
+    /// full pool order), the share of the class's pixels the agent learnt from this epoch where
+    /// that teacher earned the highest credit (docs/METHOD.md section 10.7); NaN (null) for a
+    /// class with none; empty for every other strategy and task.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "nan_null::grid"
+    )]
+    pub class_credit: Vec<Vec<f64>>,
     /// Teachers that left the pool at the end of this epoch (`[distill.prune]`), by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pruned: Vec<String>,
@@ -318,6 +328,7 @@ mod tests {
             teacher_feature_weights: vec![f64::NAN],
             class_weights: vec![vec![f64::NAN, 1.0]],
             class_feature_weights: Vec::new(),
+            class_credit: Vec::new(),
             pruned: Vec::new(),
             cached_batches: None,
             active_teachers: None,

@@ -641,6 +641,18 @@ impl<'a> Page<'a> {
                  the strategy's feature weights change nothing and are not shown.</p>\n",
             );
         }
+        if let Some(r) = last_with(|r| &r.class_credit) {
+            out.push_str(&format!(
+                "<h3>Where the agent's credit points (epoch {})</h3>\n<p class=\"how\">Of the \
+                 pixels of each class the agent learnt from, the share where each teacher earned \
+                 the highest credit (the per-pixel optimum of the agent's objective weights that \
+                 teacher almost alone). Next to the logit weights above: where the two agree the \
+                 agent gives each teacher what its credit ranks first, and a split weight is a \
+                 split credit (docs/METHOD.md section 10.7).</p>\n",
+                r.epoch
+            ));
+            out.push_str(&self.class_table(&r.class_credit, acc, r.active_teachers.as_ref()));
+        }
         if last_with(|r| &r.class_weights).is_some() || feature_rows.is_some() {
             out.push_str(&colour_bar());
         }
@@ -1532,6 +1544,7 @@ pub(crate) mod tests {
             teacher_feature_weights: Vec::new(),
             class_weights: Vec::new(),
             class_feature_weights: Vec::new(),
+            class_credit: Vec::new(),
             pruned: Vec::new(),
             cached_batches: None,
             active_teachers: None,
@@ -1668,6 +1681,24 @@ pub(crate) mod tests {
         assert!(!html.contains("NaN"));
         assert!(!html.contains("<script"));
         assert!(!html.contains("http://") && !html.contains("https://"));
+    }
+
+    #[test]
+    fn report_shows_where_the_credit_points_when_the_run_records_it() {
+        let mut inp = inputs();
+        assert!(!render(&inp).contains("Where the agent's credit points"));
+        inp.metrics[1].class_credit = vec![vec![0.125, 0.75, 0.125]; 10];
+        inp.metrics[1].class_credit[3] = vec![f64::NAN; 3];
+        let html = render(&inp);
+        let at = html
+            .find("<h3>Where the agent's credit points (epoch 2)</h3>")
+            .expect("the credit table");
+        let table = &html[at..at + html[at..].find("</table>").unwrap()];
+        assert!(
+            table.contains(">0.75<") && table.contains(">0.12<"),
+            "{table}"
+        );
+        assert!(table.contains(">n/a<"), "a class without pixels: {table}");
     }
 
     #[test]

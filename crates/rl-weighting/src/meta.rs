@@ -71,13 +71,9 @@ struct Stats {
     /// `[entropy, max weight]` summed over batches.
     weights: Option<Tensor>,
     batches: u64,
-    /// Segmentation: per pixel class `k`, over the pixels the policy learnt from, `[K, 1 + 2M]`
-    /// (double): the pixels, then per teacher those where it earned the highest credit, then
-    /// the policy's weight there summed (before that step's update).
-    class_credit: Option<Tensor>,
 }
 
-/// Add a batch of update pixels to the per-class credit record ([`Stats::class_credit`]):
+/// Add a batch of update pixels to the per-class credit record (`MetaAgent::class_credit`):
 /// `targets` `[N]` their classes, `credit` and `weights` `[N, M]`.
 fn add_class_credit(
     acc: &mut Option<Tensor>,
@@ -140,6 +136,11 @@ pub struct MetaAgent {
     quiz: Option<(Tensor, Tensor)>,
     calls: u64,
     stats: Stats,
+    /// Segmentation: per pixel class `k`, over the pixels the policy learnt from this epoch,
+    /// `[K, 1 + 2M]` (double): the pixels, then per teacher those where it earned the highest
+    /// credit, then the policy's weight there summed (before that step's update). A record, not
+    /// state: an epoch replayed after a resume builds it again.
+    class_credit: Option<Tensor>,
 }
 
 /// The student's classifier the look-ahead reads (the engine sets it for this strategy).
@@ -214,6 +215,7 @@ impl MetaAgent {
             quiz: None,
             calls: 0,
             stats: Stats::default(),
+            class_credit: None,
         })
     }
 
@@ -337,7 +339,7 @@ impl MetaAgent {
                     current.f_index_select(0, sel)?
                 };
                 add_class_credit(
-                    &mut self.stats.class_credit,
+                    &mut self.class_credit,
                     &px.targets.f_index_select(0, sel)?,
                     &credit,
                     &before,
@@ -550,14 +552,12 @@ fn scaled_advantage(centred: &Tensor, rms: &Tensor, advantage: Advantage) -> Res
     })
 }
 
-/// The epoch's per-class credit record ([`Stats::class_credit`]) as one `info` event per
-/// class that had update pixels (a run's `mtkd.log`): where the per-pixel credit points
-/// (the share of the class's pixels where each teacher earned the highest credit, which the
-/// per-pixel optimum of the policy's objective would weight almost alone) beside the policy's
-/// mean weight on the same pixels. They differ where the policy cannot tell those pixels apart
-/// from its features; they agree where the credit itself is split.
-fn log_class_credit(c: &Tensor) {
-    let rows = Vec::<Vec<f64>>::try_from(&c.to_device(Device::Cpu)).unwrap_or_default();
+/// The epoch's per-class credit record (`MetaAgent::class_credit`, rows `[pixels, top.., weight..]`)
+/// as one `info` event per class that had update pixels (a run's `mtkd.log`): where the
+/// per-pixel credit points (the share of the class's pixels where each teacher earned the
+/// highest credit, which the per-pixel optimum of the policy's objective would weight almost
+/// alone) beside the policy's mean weight on the same pixels (docs/METHOD.md section 10.7).
+fn log_class_credit(rows: &[Vec<f64>]) {
     for (k, r) in rows.iter().enumerate() {
         let n = r.first().copied().unwrap_or(0.0);
         if n <= 0.0 {
@@ -710,9 +710,6 @@ impl WeightingStrategy for MetaAgent {
                 out.push(("weight_max".to_owned(), v[1] / n));
             }
         }
-        if let Some(c) = s.class_credit {
-            log_class_credit(&c);
-        }
         if self.credit_count > 0 {
             let correction = 1.0 - RMS_DECAY.powi(self.credit_count.min(100_000) as i32);
             out.push((
@@ -721,6 +718,24 @@ impl WeightingStrategy for MetaAgent {
             ));
         }
         out
+    }
+
+    fn take_class_credit(&mut self) -> Vec<Vec<f64>> {
+        let Some(c) = self.class_credit.take() else {
+            return Vec::new();
+        };
+        let rows = Vec::<Vec<f64>>::try_from(&c.to_device(Device::Cpu)).unwrap_or_default();
+        log_class_credit(&rows);
+        rows.iter()
+            .map(|r| {
+                let n = r.first().copied().unwrap_or(0.0);
+                let m = r.len().saturating_sub(1) / 2;
+                r[1..1 + m]
+                    .iter()
+                    .map(|&x| if n > 0.0 { x / n } else { f64::NAN })
+                    .collect()
+            })
+            .collect()
     }
 
     fn save_state(&self) -> Result<StrategyState> {

@@ -230,6 +230,7 @@ impl Sums {
             teacher_feature_weights: feature_weights,
             class_weights: Vec::new(),
             class_feature_weights: Vec::new(),
+            class_credit: Vec::new(),
             pruned: Vec::new(),
             cached_batches: None,
             active_teachers: None,
