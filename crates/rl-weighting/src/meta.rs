@@ -83,15 +83,14 @@ fn add_class_credit(
     classes: i64,
 ) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
-        let m = credit.size()[1];
-        let top = credit
-            .f_argmax(1, false)?
-            .f_one_hot(m)?
-            .f_to_kind(Kind::Double)?;
+        let (n, m) = (credit.size()[0], credit.size()[1]);
         let rows = Tensor::f_cat(
             &[
-                top.f_select(1, 0)?.f_ones_like()?.f_unsqueeze(1)?,
-                top,
+                Tensor::f_ones([n, 1], (Kind::Double, credit.device()))?,
+                credit
+                    .f_argmax(1, false)?
+                    .f_one_hot(m)?
+                    .f_to_kind(Kind::Double)?,
                 weights.f_to_kind(Kind::Double)?,
             ],
             1,

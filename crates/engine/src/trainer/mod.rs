@@ -683,29 +683,14 @@ impl<'a> Trainer<'a> {
             rec.cached_batches = cached_batches;
             self.records
                 .class_weights_into(&mut rec, self.step.pool.len())?;
-            // The strategy's columns are the current pool's; the record's the full pool's (a
-            // pruned teacher earns nothing: 0).
-            let (full, active) = (self.step.pool.len(), &self.step.pool.active);
+            // The strategy's columns are the current pool's; the record's the full pool's.
             rec.class_credit = self
                 .step
                 .distiller
                 .strategy
                 .take_class_credit()
-                .into_iter()
-                .map(|row| {
-                    let mut out = vec![
-                        if row.iter().any(|v| v.is_nan()) {
-                            f64::NAN
-                        } else {
-                            0.0
-                        };
-                        full
-                    ];
-                    for (&i, v) in active.iter().zip(row) {
-                        out[i] = v;
-                    }
-                    out
-                })
+                .iter()
+                .map(|row| self.step.pool.row_to_full(row))
                 .collect();
             if self.step.pool.active.len() < self.step.pool.len() {
                 rec.active_teachers = Some(self.step.pool.active_names());

@@ -85,6 +85,21 @@ impl Pool {
         teacher_outputs_of(&self.members, which, images)
     }
 
+    /// A row over the active teachers spread over the full pool: 0 for a pruned teacher, or NaN
+    /// when the row is NaN (a class without samples).
+    pub(crate) fn row_to_full(&self, row: &[f64]) -> Vec<f64> {
+        let fill = if row.iter().any(|v| v.is_nan()) {
+            f64::NAN
+        } else {
+            0.0
+        };
+        let mut out = vec![fill; self.members.len()];
+        for (&i, &v) in self.active.iter().zip(row) {
+            out[i] = v;
+        }
+        out
+    }
+
     /// Weights of the active teachers `[B, M_active]` spread over the full pool `[B, M]` (0 for
     /// a pruned teacher), detached.
     pub(crate) fn to_full(&self, w: &TeacherWeights, device: Device) -> Result<TeacherWeights> {
